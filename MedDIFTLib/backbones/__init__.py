@@ -1,0 +1,30 @@
+"""Backbones, chosen by name: ``mind`` (weight-free MIND-SSC) and ``maisi`` (diffusion features)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..errors import BadInputError
+from .base import FeatureLevel, FeaturePyramid, Featurizer
+
+BACKBONES = {
+    "mind": ("MedDIFTLib.backbones.mind", "MindFeaturizer"),
+    "maisi": ("MedDIFTLib.backbones.maisi", "MaisiFeaturizer"),
+}
+
+
+def available_backbones() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def create_featurizer(name: str, **options: Any) -> Featurizer:
+    """Build the backbone ``name`` with its options (e.g. ``device``); unknown names are rejected."""
+    if name not in BACKBONES:
+        raise BadInputError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
+    module_name, class_name = BACKBONES[name]
+    featurizer_class = getattr(importlib.import_module(module_name), class_name)
+    return featurizer_class(**options)
+
+
+__all__ = ["FeatureLevel", "FeaturePyramid", "Featurizer", "available_backbones", "create_featurizer"]

@@ -1,0 +1,70 @@
+"""The backbone contract: a :class:`Featurizer` turns a volume into a :class:`FeaturePyramid`.
+
+Each level holds a ``(C, K, J, I)`` float tensor on its own grid (a :class:`Geometry` whose
+``affine_ijk_to_lps`` maps level voxels to LPS mm) and a fusion weight. Matching reads only
+this contract, never a backbone's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..geometry import Geometry
+from ..io.volumes import Volume
+from ..progress import ProgressFn, no_progress
+
+
+@dataclass
+class FeatureLevel:
+    """One level: ``features`` is ``(C, K, J, I)``; ``geometry`` places its voxels in LPS mm."""
+
+    name: str
+    features: torch.Tensor
+    geometry: Geometry
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 4 or tuple(self.features.shape[1:]) != self.geometry.shape_kji:
+            raise ValueError(
+                f"level {self.name}: features {tuple(self.features.shape)} do not fit grid {self.geometry.shape_kji}"
+            )
+
+    @property
+    def channels(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+
+@dataclass
+class FeaturePyramid:
+    """Descriptor levels of one volume; ``image_geometry`` is the original image grid."""
+
+    levels: list[FeatureLevel]
+    image_geometry: Geometry
+    backbone: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(level.nbytes for level in self.levels)
+
+    def to(self, device: torch.device | str) -> FeaturePyramid:
+        levels = [FeatureLevel(lv.name, lv.features.to(device), lv.geometry, lv.weight) for lv in self.levels]
+        return FeaturePyramid(levels, self.image_geometry, self.backbone, dict(self.config))
+
+
+class Featurizer(Protocol):
+    """A backbone. ``config`` must identify the features fully (it keys the feature cache)."""
+
+    name: str
+
+    @property
+    def config(self) -> dict[str, Any]: ...
+
+    def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid: ...

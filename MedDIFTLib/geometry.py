@@ -1,0 +1,88 @@
+"""Voxel grids in LPS world millimetres.
+
+A :class:`Geometry` is the SimpleITK image geometry: ``shape_ijk`` (sizes along i, j, k; i
+fastest), ``spacing_mm`` along i, j, k, ``origin_lps_mm`` (centre of voxel 0,0,0) and
+``direction`` (3x3, column n is the LPS direction of axis n). Arrays holding voxel data use
+the SimpleITK/NumPy order ``[k, j, i]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Geometry:
+    shape_ijk: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    origin_lps_mm: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major 3x3
+
+    @staticmethod
+    def create(shape_ijk, spacing_mm, origin_lps_mm=(0.0, 0.0, 0.0), direction=None) -> Geometry:
+        """Build a geometry from array-likes; ``direction`` defaults to identity."""
+        direction_matrix = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+        return Geometry(
+            tuple(int(n) for n in shape_ijk),
+            tuple(float(s) for s in spacing_mm),
+            tuple(float(o) for o in origin_lps_mm),
+            tuple(float(d) for d in direction_matrix.ravel()),
+        )
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, float).reshape(3, 3)
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        """Array shape of the voxel data, ``[k, j, i]``."""
+        return self.shape_ijk[::-1]
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.shape_ijk))
+
+    @property
+    def affine_ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix mapping homogeneous ``ijk`` (column vector) to LPS mm."""
+        affine = np.eye(4)
+        affine[:3, :3] = self.direction_matrix * np.asarray(self.spacing_mm)[None, :]
+        affine[:3, 3] = self.origin_lps_mm
+        return affine
+
+    def ijk_to_lps(self, ijk) -> np.ndarray:
+        """Continuous voxel indices (N, 3) -> LPS mm (N, 3)."""
+        ijk = np.asarray(ijk, float)
+        affine = self.affine_ijk_to_lps
+        return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+    def lps_to_ijk(self, points_lps_mm) -> np.ndarray:
+        """LPS mm (N, 3) -> continuous voxel indices (N, 3)."""
+        points = np.asarray(points_lps_mm, float)
+        affine = self.affine_ijk_to_lps
+        return np.linalg.solve(affine[:3, :3], (points - affine[:3, 3]).T).T
+
+    def contains_lps(self, points_lps_mm, margin_voxels: float = 0.5) -> np.ndarray:
+        """True for points inside the grid's extent (voxel centres +- ``margin_voxels``)."""
+        ijk = self.lps_to_ijk(np.atleast_2d(points_lps_mm))
+        upper = np.asarray(self.shape_ijk) - 1 + margin_voxels
+        return np.all((ijk >= -margin_voxels) & (ijk <= upper), axis=1)
+
+    def downsampled(self, factor: int) -> Geometry:
+        """The grid of ``factor``-times average pooling (voxel n covers voxels n*f .. n*f+f-1).
+
+        Its voxel centres sit where ``torch.nn.functional.interpolate(..., align_corners=False)``
+        places them, so upsampling a pooled level by ``factor`` lands back on this grid.
+        """
+        spacing = np.asarray(self.spacing_mm) * factor
+        shift_ijk = np.full(3, (factor - 1) / 2.0)
+        origin = self.ijk_to_lps(shift_ijk[None])[0]
+        shape = [max(1, n // factor) for n in self.shape_ijk]
+        return Geometry.create(shape, spacing, origin, self.direction_matrix)
+
+    def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:
+        return self.shape_ijk == other.shape_ijk and np.allclose(
+            self.affine_ijk_to_lps, other.affine_ijk_to_lps, atol=tol
+        )

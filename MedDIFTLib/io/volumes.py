@@ -1,0 +1,102 @@
+"""3D volumes with their geometry, read and written with SimpleITK.
+
+Formats: anything SimpleITK reads by extension (NIfTI, NRRD, MHA/MHD, ...) and a DICOM
+series folder. Voxel data are float32 in array order ``[k, j, i]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import BadInputError
+from ..geometry import Geometry
+from .atomic import atomic_output
+
+
+@dataclass(frozen=True)
+class Volume:
+    """Scalar voxel data ``[k, j, i]`` (float32) on a :class:`Geometry` in LPS mm."""
+
+    voxels: np.ndarray
+    geometry: Geometry
+    name: str = ""
+    _digest: list = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.voxels.shape != self.geometry.shape_kji:
+            raise ValueError(f"voxel array {self.voxels.shape} does not fit grid {self.geometry.shape_kji}")
+
+    @staticmethod
+    def from_sitk(image: sitk.Image, name: str = "") -> Volume:
+        """Convert a SimpleITK image; rejects non-3D, multi-component and non-finite images."""
+        label = name or "image"
+        if image.GetDimension() != 3:
+            raise BadInputError(f"{label}: expected a 3D volume, got a {image.GetDimension()}D image")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise BadInputError(
+                f"{label}: expected a scalar volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel"
+            )
+        size = image.GetSize()
+        if min(size) < 2:
+            raise BadInputError(f"{label}: expected a 3D volume, got size {size} (a 2D slice?)")
+        voxels = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        if not np.isfinite(voxels).all():
+            count = int((~np.isfinite(voxels)).sum())
+            raise BadInputError(f"{label}: {count} voxels are NaN or infinite")
+        geometry = Geometry.create(size, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+        return Volume(np.ascontiguousarray(voxels), geometry, name)
+
+    def to_sitk(self, pixel_type: int | None = None) -> sitk.Image:
+        image = sitk.GetImageFromArray(self.voxels)
+        image.SetSpacing(self.geometry.spacing_mm)
+        image.SetOrigin(self.geometry.origin_lps_mm)
+        image.SetDirection(self.geometry.direction)
+        if pixel_type is not None:
+            image = sitk.Cast(image, pixel_type)
+        return image
+
+    def content_hash(self) -> str:
+        """SHA-1 of voxel values and geometry: the feature-cache key of this volume."""
+        if not self._digest:
+            digest = hashlib.sha1(np.ascontiguousarray(self.voxels).tobytes())
+            digest.update(repr(self.geometry).encode())
+            self._digest.append(digest.hexdigest())
+        return self._digest[0]
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise BadInputError(f"{folder}: folder holds no DICOM series")
+    if len(series_ids) > 1:
+        raise BadInputError(
+            f"{folder}: folder holds {len(series_ids)} DICOM series; point to a folder with one series"
+        )
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    return reader.Execute()
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3D scalar volume file or DICOM series folder, keeping its LPS geometry."""
+    source = Path(path)
+    if not source.exists():
+        raise BadInputError(f"{source}: no such file or folder")
+    try:
+        image = _read_dicom_folder(source) if source.is_dir() else sitk.ReadImage(str(source))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unknown error"
+        raise BadInputError(f"{source}: cannot read as an image ({first_line})") from None
+    return Volume.from_sitk(image, name=source.name)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, pixel_type: int | None = None) -> None:
+    """Write ``volume`` atomically; the format follows the extension."""
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(volume.to_sitk(pixel_type), str(tmp), True)
