@@ -39,6 +39,7 @@ class MatchOptions:
     lattice of ``coarse_step_mm``, then a local refinement). ``coarse_to_fine``: in local mode,
     search the sphere on the coarse lattice first, then at full resolution around the best.
     ``confidence_threshold``: matches below it are flagged unreliable (never dropped).
+    ``level_weights`` / ``patch_radius``: override the backbone's per-level advice.
     ``memory_budget_mb``: bound on the working tensors of one batch of points.
     """
 
@@ -49,6 +50,7 @@ class MatchOptions:
     exact: bool = False
     subvoxel: bool = True
     level_weights: tuple[float, ...] | None = None
+    patch_radius: int | None = None
     backward_check: bool = True
     fb_scale_mm: float = 3.0
     confidence_threshold: float = 0.5
@@ -123,16 +125,28 @@ def _level_coords(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.
     return torch.as_tensor(ijk, dtype=torch.float32, device=device)
 
 
+def _patch_offsets_ijk(radius: int) -> np.ndarray:
+    """(n, 3) integer offsets of a (2r+1)^3 patch in ``[k, j, i]`` raster order (i fastest)."""
+    steps = np.arange(-radius, radius + 1)
+    k, j, i = np.meshgrid(steps, steps, steps, indexing="ij")
+    return np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+
+
 def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
-    """L2-normalised descriptors (N, C) of ``level`` at LPS points (trilinear)."""
+    """L2-normalised descriptors (..., C) of ``level`` at LPS points (..., 3), trilinear."""
+    points = np.asarray(points_lps_mm, float)
     features = level.features
-    coords = _level_coords(level, np.asarray(points_lps_mm, float), features.device)
+    coords = _level_coords(level, points.reshape(-1, 3), features.device)
     samples = _interpolate(features[None].float(), coords[None], level.geometry.shape_ijk)[0].T
-    return F.normalize(samples, dim=1)
+    return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)
 
 
 class _Scorer:
-    """Fused similarity of fixed descriptors against moving candidates, batch by batch."""
+    """Fused similarity of fixed descriptors against moving candidates, batch by batch.
+
+    A level's similarity is the mean cosine over a patch of the moving level's voxels
+    (``patch_radius`` r; r = 0 is the plain voxel cosine of the paper).
+    """
 
     def __init__(self, fixed: FeaturePyramid, moving: FeaturePyramid, options: MatchOptions) -> None:
         if len(fixed.levels) != len(moving.levels):
@@ -146,27 +160,48 @@ class _Scorer:
         self.fixed = fixed
         self.moving = moving
         self.weights = [w / total for w in weights]
+        self.radii = [
+            int(options.patch_radius if options.patch_radius is not None else level.patch_radius)
+            for level in moving.levels
+        ]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
-        return [sample_descriptors(level, points_lps_mm) for level in self.fixed.levels]
+        """Per level, (B, n_patch, C) fixed descriptors on the moving level's patch offsets."""
+        descriptors = []
+        for fixed_level, moving_level, radius in zip(self.fixed.levels, self.moving.levels, self.radii):
+            offsets_mm = _patch_offsets_ijk(radius) @ moving_level.geometry.affine_ijk_to_lps[:3, :3].T
+            positions = points_lps_mm[:, None, :] + offsets_mm[None]
+            descriptors.append(sample_descriptors(fixed_level, positions))
+        return descriptors
 
-    def _box_half(self, level: FeatureLevel, lattice: _Lattice) -> np.ndarray:
-        """Half-size (ijk, level voxels) of a box that holds every lattice candidate's corners."""
+    def _box_layout(self, level: FeatureLevel, lattice: _Lattice) -> tuple[np.ndarray, np.ndarray]:
+        """Stride and half-count (ijk, level voxels) of the similarity samples for one lattice.
+
+        Where the lattice steps over several level voxels along an axis (and the axes agree),
+        the level is scored only every ``stride`` voxels; ``half`` samples each side of the
+        centre cover every candidate plus one sample for interpolation.
+        """
         image = self.moving.image_geometry
         image_to_level = np.linalg.solve(level.geometry.affine_ijk_to_lps[:3, :3], image.affine_ijk_to_lps[:3, :3])
         extent = np.abs(image_to_level) @ (lattice.half * lattice.stride + 0.5)
-        return np.ceil(extent).astype(int) + 1
+        aligned = np.allclose(image_to_level, np.diag(np.diag(image_to_level)), atol=1e-6)
+        step = np.abs(np.diag(image_to_level)) * lattice.stride
+        stride = np.maximum(1, np.floor(step + 1e-6)).astype(int) if aligned else np.ones(3, int)
+        half = np.ceil(extent / stride).astype(int) + 1
+        return stride, half
 
     def batch_size(self, lattice: _Lattice, num_candidates: int) -> int:
         per_point = 0
-        for level in self.moving.levels:
+        for level, radius in zip(self.moving.levels, self.radii):
+            patch = (2 * radius + 1) ** 3
             if self.exact:
-                per_point = max(per_point, level.channels * num_candidates * 4 * 2)
+                per_point = max(per_point, level.channels * num_candidates * patch * 4 * 2)
             else:
-                box = np.prod(2 * self._box_half(level, lattice) + 2)
-                per_point = max(per_point, (level.channels * 2 + 1) * int(box) * 4 + num_candidates * 16)
+                stride, half = self._box_layout(level, lattice)
+                box = int(np.prod(2 * (radius + stride * half) + 2))
+                per_point = max(per_point, (level.channels * 2 + 2) * box * 4 + num_candidates * 16)
         return max(1, int(self.budget_bytes // max(per_point, 1)))
 
     def score(
@@ -181,21 +216,23 @@ class _Scorer:
         Without a ``lattice`` (arbitrary candidates) every level is scored the exact way.
         """
         fused = None
-        for level, descriptor, weight in zip(self.moving.levels, descriptors, self.weights):
+        for level, descriptor, weight, radius in zip(self.moving.levels, descriptors, self.weights, self.radii):
             coords = _level_coords(level, candidates_lps_mm, level.features.device)
             if self.exact or lattice is None:
-                similarity = self._score_exact(level, descriptor, coords)
+                similarity = self._score_exact(level, descriptor, coords, radius)
             else:
-                similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice)
+                similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice, radius)
             fused = weight * similarity if fused is None else fused + weight * similarity
         return fused
 
     @staticmethod
-    def _score_exact(level: FeatureLevel, descriptor: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def _score_exact(level: FeatureLevel, descriptor: torch.Tensor, coords: torch.Tensor, radius: int) -> torch.Tensor:
         batch, count, _ = coords.shape
-        samples = _interpolate(level.features[None].float(), coords.reshape(1, -1, 3), level.geometry.shape_ijk)[0]
-        samples = F.normalize(samples.reshape(level.channels, batch, count), dim=0)
-        return torch.einsum("cbn,bc->bn", samples, descriptor)
+        offsets = torch.as_tensor(_patch_offsets_ijk(radius), dtype=coords.dtype, device=coords.device)
+        positions = (coords[:, :, None, :] + offsets[None, None]).reshape(1, -1, 3)
+        samples = _interpolate(level.features[None].float(), positions, level.geometry.shape_ijk)[0]
+        samples = F.normalize(samples.reshape(level.channels, batch, count, len(offsets)), dim=0)
+        return torch.einsum("cbnd,bdc->bn", samples, descriptor) / len(offsets)
 
     def _score_native(
         self,
@@ -204,21 +241,31 @@ class _Scorer:
         coords: torch.Tensor,
         centres_lps_mm: np.ndarray,
         lattice: _Lattice,
+        radius: int,
     ) -> torch.Tensor:
+        """Patch cosine on the level's own voxels (every ``stride``), interpolated at candidates."""
         device = level.features.device
         shape_ijk = level.geometry.shape_ijk
-        half = self._box_half(level, lattice)
-        centre = np.floor(level.geometry.lps_to_ijk(centres_lps_mm)).astype(int)
-        start = torch.as_tensor(centre - half, device=device)
-        box = [torch.arange(2 * h + 2, device=device) for h in half]
+        stride, half = self._box_layout(level, lattice)
+        centre = np.floor(level.geometry.lps_to_ijk(centres_lps_mm) + 1e-6).astype(int)
+        first = centre - stride * half
+        start = torch.as_tensor(first - radius, device=device)
+        box = [torch.arange(2 * (radius + s * h) + 2, device=device) for s, h in zip(stride, half)]
         index = [(start[:, axis, None] + box[axis][None]).clamp(0, shape_ijk[axis] - 1) for axis in range(3)]
         features = level.features[:, index[2][:, :, None, None], index[1][:, None, :, None], index[0][:, None, None, :]]
         features = F.normalize(features.float(), dim=0)
-        similarity = torch.einsum("cbkji,bc->bkji", features, descriptor)
+        batch = features.shape[1]
+        width = 2 * radius + 1
+        kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, width, width, width)
+        inputs = features.transpose(0, 1).reshape(1, batch * level.channels, *features.shape[2:])
+        similarity = F.conv3d(inputs, kernels, stride=tuple(int(v) for v in stride[::-1]), groups=batch)[0]
+        similarity = similarity / width**3
         upper = torch.tensor(shape_ijk, dtype=coords.dtype, device=device) - 1
-        relative = coords.clamp(min=torch.zeros_like(upper), max=upper) - start[:, None, :].to(coords.dtype)
-        box_shape = tuple(int(2 * h + 2) for h in half)
-        return _interpolate(similarity[:, None], relative, box_shape)[:, 0]
+        origin = torch.as_tensor(first, dtype=coords.dtype, device=device)[:, None, :]
+        step = torch.as_tensor(stride, dtype=coords.dtype, device=device)
+        relative = (coords.clamp(min=torch.zeros_like(upper), max=upper) - origin) / step
+        samples_shape = tuple(int(n) for n in similarity.shape[1:][::-1])
+        return _interpolate(similarity[:, None], relative, samples_shape)[:, 0]
 
 
 def _subvoxel_offsets(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -262,7 +309,8 @@ def _search(
     candidates_lps = geometry.ijk_to_lps(candidates_ijk.reshape(-1, 3)).reshape(candidates_ijk.shape)
     inside = np.all((candidates_ijk >= 0) & (candidates_ijk <= np.asarray(geometry.shape_ijk) - 1), axis=2)
     within = np.linalg.norm(candidates_lps - priors_lps_mm[:, None, :], axis=2) <= lattice.radius_mm + 1e-6
-    scores = scorer.score(descriptors, candidates_lps, priors_lps_mm, lattice)
+    centres_lps = geometry.ijk_to_lps(centre_ijk)
+    scores = scorer.score(descriptors, candidates_lps, centres_lps, lattice)
     valid = torch.as_tensor(inside & within, device=scores.device)
     scores = scores.masked_fill(~valid, float("-inf"))
     best_score, best = scores.max(dim=1)
@@ -277,27 +325,36 @@ def _search(
 
 
 def _global_priors(scorer: _Scorer, descriptors: list[torch.Tensor], step_mm: float) -> np.ndarray:
-    """Best position (B, 3) over the whole moving volume on a ``step_mm`` lattice, in chunks."""
+    """Best position (B, 3) over the whole moving volume, on a lattice of ``step_mm``.
+
+    Each level whose voxels are at least half the step is correlated densely with the batch's
+    patch descriptors (one ``conv3d``, the points as output channels) at its own resolution;
+    finer levels would only alias at this step, so they wait for the local refinement.
+    """
     geometry = scorer.moving.image_geometry
     stride = np.maximum(1, np.round(step_mm / np.asarray(geometry.spacing_mm))).astype(int)
     axes = [np.arange(0, n, s) for n, s in zip(geometry.shape_ijk, stride)]
     k, j, i = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     lattice_lps = geometry.ijk_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
-    batch = len(descriptors[0])
-    channels = sum(level.channels for level in scorer.moving.levels)
-    chunk = max(1, int(scorer.budget_bytes // (channels * batch * 4 * 2)))
-    best_score = np.full(batch, -np.inf)
-    best_lps = np.zeros((batch, 3))
-    for begin in range(0, len(lattice_lps), chunk):
-        block = lattice_lps[begin : begin + chunk]
-        candidates = np.ascontiguousarray(np.broadcast_to(block, (batch, *block.shape)))
-        scores = scorer.score(descriptors, candidates, candidates[:, 0], None)
-        chunk_score, chunk_best = scores.max(dim=1)
-        chunk_score = chunk_score.cpu().numpy()
-        better = chunk_score > best_score
-        best_score[better] = chunk_score[better]
-        best_lps[better] = lattice_lps[begin + chunk_best.cpu().numpy()[better]]
-    return best_lps
+    levels = scorer.moving.levels
+    coarse = [n for n, level in enumerate(levels) if min(level.geometry.spacing_mm) >= step_mm / 2]
+    if not coarse:
+        coarse = [int(np.argmax([np.prod(level.geometry.spacing_mm) for level in levels]))]
+    total = sum(scorer.weights[n] for n in coarse)
+    fused = None
+    for n in coarse:
+        level, radius = levels[n], scorer.radii[n]
+        width = 2 * radius + 1
+        batch = descriptors[n].shape[0]
+        kernels = descriptors[n].transpose(1, 2).reshape(batch, level.channels, width, width, width)
+        features = F.normalize(level.features.float(), dim=0)[None]
+        similarity = F.conv3d(features, kernels.to(features.dtype), padding=radius)[0] / width**3
+        coords = _level_coords(level, lattice_lps, similarity.device)
+        sampled = _interpolate(similarity[None], coords[None], level.geometry.shape_ijk)[0]
+        weighted = sampled * (scorer.weights[n] / total)
+        fused = weighted if fused is None else fused + weighted
+    best = fused.argmax(dim=1).cpu().numpy()
+    return lattice_lps[best]
 
 
 def _confidence(forward_backward_mm: np.ndarray, similarity: np.ndarray, options: MatchOptions) -> np.ndarray:
@@ -329,6 +386,9 @@ def _match_one_way(
         fine_lattice = _Lattice.around(geometry, options.search_radius_mm)
     lattices = [lat for lat in (coarse_lattice, fine_lattice) if lat is not None]
     batch = min(scorer.batch_size(lat, len(lat.offsets_ijk())) for lat in lattices)
+    if options.mode == "global":
+        largest = max(level.geometry.num_voxels for level in target.levels)
+        batch = min(batch, max(1, int(scorer.budget_bytes // (largest * 4 * 3))))
     positions = np.zeros_like(points_lps_mm)
     scores = np.zeros(len(points_lps_mm))
     for begin in range(0, len(points_lps_mm), batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from ..errors import BadInputError
@@ -24,6 +25,13 @@ def create_featurizer(name: str, **options: Any) -> Featurizer:
         raise BadInputError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
     module_name, class_name = BACKBONES[name]
     featurizer_class = getattr(importlib.import_module(module_name), class_name)
+    try:
+        inspect.signature(featurizer_class).bind(**options)
+    except TypeError:
+        accepted = ", ".join(inspect.signature(featurizer_class).parameters)
+        raise BadInputError(
+            f"backbone {name!r} does not take option(s) {', '.join(options)}; it takes: {accepted}"
+        ) from None
     return featurizer_class(**options)
 
 

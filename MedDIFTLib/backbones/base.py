@@ -7,7 +7,7 @@ this contract, never a backbone's internals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -19,12 +19,18 @@ from ..progress import ProgressFn, no_progress
 
 @dataclass
 class FeatureLevel:
-    """One level: ``features`` is ``(C, K, J, I)``; ``geometry`` places its voxels in LPS mm."""
+    """One level: ``features`` is ``(C, K, J, I)``; ``geometry`` places its voxels in LPS mm.
+
+    ``weight`` is the level's share in the fused similarity. ``patch_radius`` (level voxels) is
+    the backbone's advice for matching: average the cosine over a (2r+1)^3 patch. Descriptors
+    with a wide receptive field (diffusion features) need 0; very local ones (MIND) need more.
+    """
 
     name: str
     features: torch.Tensor
     geometry: Geometry
     weight: float = 1.0
+    patch_radius: int = 0
 
     def __post_init__(self) -> None:
         if self.features.dim() != 4 or tuple(self.features.shape[1:]) != self.geometry.shape_kji:
@@ -55,7 +61,7 @@ class FeaturePyramid:
         return sum(level.nbytes for level in self.levels)
 
     def to(self, device: torch.device | str) -> FeaturePyramid:
-        levels = [FeatureLevel(lv.name, lv.features.to(device), lv.geometry, lv.weight) for lv in self.levels]
+        levels = [replace(level, features=level.features.to(device)) for level in self.levels]
         return FeaturePyramid(levels, self.image_geometry, self.backbone, dict(self.config))
 
 

@@ -65,6 +65,7 @@ class MindFeaturizer:
         weights: tuple[float, ...] | None = None,
         dilation: int = 1,
         patch_radius: int = 1,
+        match_patch_radius: int = 2,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
         device: str = "cpu",
     ) -> None:
@@ -74,6 +75,7 @@ class MindFeaturizer:
         self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(self.scales)
         self.dilation = int(dilation)
         self.patch_radius = int(patch_radius)
+        self.match_patch_radius = int(match_patch_radius)
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
         self.device = torch.device(device)
 
@@ -84,6 +86,7 @@ class MindFeaturizer:
             "weights": list(self.weights),
             "dilation": self.dilation,
             "patch_radius": self.patch_radius,
+            "match_patch_radius": self.match_patch_radius,
             "hu_window": list(self.hu_window),
         }
 
@@ -96,6 +99,7 @@ class MindFeaturizer:
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
             pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
             features = mind_ssc(pooled, self.dilation, self.patch_radius).cpu()
-            levels.append(FeatureLevel(f"mind_1/{scale}", features, volume.geometry.downsampled(scale), weight))
+            geometry = volume.geometry.downsampled(scale)
+            levels.append(FeatureLevel(f"mind_1/{scale}", features, geometry, weight, self.match_patch_radius))
         progress("features", 1.0, "MIND-SSC done")
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)

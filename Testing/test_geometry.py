@@ -1,0 +1,41 @@
+"""Geometry: LPS <-> ijk and the pooled-level convention used by every backbone."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from MedDIFTLib.geometry import Geometry
+
+
+def test_ijk_lps_round_trip_with_oblique_direction(oblique_geometry):
+    ijk = np.array([[0.0, 0.0, 0.0], [3.5, 2.25, 7.0], [11.0, 9.0, 0.5]])
+    lps = oblique_geometry.ijk_to_lps(ijk)
+    np.testing.assert_allclose(lps[0], oblique_geometry.origin_lps_mm)
+    np.testing.assert_allclose(oblique_geometry.lps_to_ijk(lps), ijk, atol=1e-9)
+    step = oblique_geometry.ijk_to_lps([[0.0, 0.0, 1.0]])[0] - lps[0]
+    np.testing.assert_allclose(step, [0.0, 0.0, -2.5], atol=1e-9)
+
+
+def test_contains_uses_half_voxel_margin(oblique_geometry):
+    inside = oblique_geometry.ijk_to_lps([[-0.4, 0.0, 0.0], [11.4, 9.0, 7.0]])
+    outside = oblique_geometry.ijk_to_lps([[-0.6, 0.0, 0.0], [5.0, 9.6, 3.0]])
+    assert oblique_geometry.contains_lps(inside).all()
+    assert not oblique_geometry.contains_lps(outside).any()
+
+
+def test_downsampled_grid_matches_trilinear_upsampling():
+    """A pooled level upsampled with align_corners=False lands back on the image grid."""
+    geometry = Geometry.create((8, 8, 8), (1.0, 2.0, 3.0), (5.0, -5.0, 0.0))
+    level = geometry.downsampled(2)
+    values = torch.rand(1, 1, 4, 4, 4, dtype=torch.float64)
+    upsampled = F.interpolate(values, scale_factor=2, mode="trilinear", align_corners=False)[0, 0]
+    ijk_image = np.array([3.0, 4.0, 2.0])
+    ijk_level = level.lps_to_ijk(geometry.ijk_to_lps(ijk_image[None]))[0]
+    corner = np.floor(ijk_level).astype(int)
+    fraction = ijk_level - corner
+    expected = 0.0
+    for offset in np.ndindex(2, 2, 2):
+        weight = np.prod(np.where(offset, fraction, 1 - fraction))
+        i, j, k = corner + offset
+        expected += weight * float(values[0, 0, k, j, i])
+    assert abs(float(upsampled[2, 4, 3]) - expected) < 1e-12

@@ -1,0 +1,111 @@
+"""Volume I/O keeps LPS geometry and rejects unusable images with a clear message."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedDIFTLib.errors import BadInputError
+from MedDIFTLib.io import Volume, read_volume, write_volume
+
+
+def _image(geometry, values=None):
+    voxels = np.arange(np.prod(geometry.shape_kji), dtype=np.float32).reshape(geometry.shape_kji) if values is None \
+        else values
+    return Volume(voxels, geometry)
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd", ".mha"])
+def test_round_trip_keeps_geometry(tmp_path, oblique_geometry, extension):
+    volume = _image(oblique_geometry)
+    path = tmp_path / f"volume{extension}"
+    write_volume(volume, path)
+    loaded = read_volume(path)
+    assert loaded.geometry.same_grid(oblique_geometry)
+    np.testing.assert_array_equal(loaded.voxels, volume.voxels)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_dicom_folder(tmp_path):
+    """A DICOM series folder (one file per slice) reads back with its spacing and origin."""
+    size, spacing, origin = (6, 5, 4), (0.7, 0.7, 2.0), (-20.0, 10.0, 30.0)
+    voxels = (np.arange(np.prod(size)).reshape(size[::-1]) % 200).astype(np.int16)
+    for k in range(size[2]):
+        slice_image = sitk.GetImageFromArray(voxels[k : k + 1])
+        slice_image.SetSpacing(spacing)
+        position = (origin[0], origin[1], origin[2] + k * spacing[2])
+        for tag, value in {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in position),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": str(spacing[2]),
+            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+        }.items():
+            slice_image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    loaded = read_volume(tmp_path)
+    assert loaded.geometry.shape_ijk == size
+    np.testing.assert_allclose(loaded.geometry.spacing_mm, spacing, atol=1e-4)
+    np.testing.assert_allclose(loaded.geometry.origin_lps_mm, origin, atol=1e-4)
+    np.testing.assert_array_equal(loaded.voxels, voxels)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BadInputError, match="no such file"):
+        read_volume(tmp_path / "absent.nii.gz")
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(BadInputError, match="cannot read as an image"):
+        read_volume(path)
+
+
+def test_2d_image_rejected(tmp_path):
+    path = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(path))
+    with pytest.raises(BadInputError, match="3D"):
+        read_volume(path)
+
+
+def test_single_slice_volume_rejected(tmp_path):
+    path = tmp_path / "thin.nii.gz"
+    sitk.WriteImage(sitk.Image(16, 16, 1, sitk.sitkInt16), str(path))
+    with pytest.raises(BadInputError, match="2D slice"):
+        read_volume(path)
+
+
+def test_nan_voxels_rejected(tmp_path, oblique_geometry):
+    """NRRD keeps NaN on disk (ITK's NIfTI writer does not), so the check is exercised for real."""
+    values = np.zeros(oblique_geometry.shape_kji, np.float32)
+    values[2, 3, 4] = np.nan
+    path = tmp_path / "nan.nrrd"
+    write_volume(_image(oblique_geometry, values), path)
+    with pytest.raises(BadInputError, match="1 voxels are NaN"):
+        read_volume(path)
+
+
+def test_vector_image_rejected(tmp_path):
+    path = tmp_path / "vector.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3), str(path))
+    with pytest.raises(BadInputError, match="scalar"):
+        read_volume(path)
+
+
+def test_failed_write_leaves_nothing(tmp_path, oblique_geometry):
+    with pytest.raises(RuntimeError):
+        write_volume(_image(oblique_geometry), tmp_path / "volume.unknownformat")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_content_hash_follows_voxels_and_geometry(oblique_geometry):
+    first = _image(oblique_geometry)
+    same = _image(oblique_geometry)
+    changed = _image(oblique_geometry, first.voxels + 1)
+    assert first.content_hash() == same.content_hash() != changed.content_hash()

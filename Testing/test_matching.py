@@ -1,0 +1,155 @@
+"""Matching: exactness against the naive full-resolution matcher, recovery of known motion,
+search modes, bounded memory, confidence and input checks."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from MedDIFTLib.backbones import FeatureLevel, FeaturePyramid, create_featurizer
+from MedDIFTLib.errors import BadInputError
+from MedDIFTLib.evaluation import naive_full_resolution_similarity, tre_stats
+from MedDIFTLib.geometry import Geometry
+from MedDIFTLib.io import Volume
+from MedDIFTLib.matching import MatchOptions, match_points
+from MedDIFTLib.simulate import forstner_keypoints
+
+IMAGE = Geometry.create((32, 24, 16), (1.0, 1.25, 2.0), (10.0, -20.0, 5.0))
+
+
+def _everywhere(volume: Volume) -> np.ndarray:
+    return np.ones(volume.voxels.shape, bool)
+
+
+def _random_pyramid(seed: int) -> FeaturePyramid:
+    generator = torch.Generator().manual_seed(seed)
+    levels = []
+    for scale, channels, weight in ((1, 3, 1.0), (2, 5, 0.5), (4, 7, 2.0)):
+        geometry = IMAGE.downsampled(scale)
+        features = torch.rand((channels, *geometry.shape_kji), generator=generator) - 0.3
+        levels.append(FeatureLevel(f"1/{scale}", features, geometry, weight))
+    return FeaturePyramid(levels, IMAGE, "random")
+
+
+def test_exact_mode_equals_naive_upsampling():
+    fixed, moving = _random_pyramid(1), _random_pyramid(2)
+    fixed_ijk = np.array([[5, 6, 4], [20, 12, 8], [30, 3, 14], [16, 20, 1]])
+    points = IMAGE.ijk_to_lps(fixed_ijk.astype(float))
+    radius = 6.0
+    options = MatchOptions(search_radius_mm=radius, exact=True, subvoxel=False, backward_check=False)
+    result = match_points(fixed, moving, points, options=options)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in IMAGE.shape_kji], indexing="ij")
+    voxels_lps = IMAGE.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*IMAGE.shape_kji, 3)
+    for point, ijk, similarity, matched in zip(points, fixed_ijk, result.similarity, result.points_lps_mm):
+        naive = naive_full_resolution_similarity(fixed, moving, ijk).numpy()
+        window = np.linalg.norm(voxels_lps - point, axis=-1) <= radius
+        best = np.unravel_index(np.argmax(np.where(window, naive, -np.inf)), naive.shape)
+        assert abs(similarity - naive[best]) < 1e-5
+        np.testing.assert_allclose(matched, voxels_lps[best], atol=1e-6)
+
+
+def test_native_mode_finds_the_same_voxels_on_smooth_features():
+    fixed = _random_pyramid(3)
+    moving = FeaturePyramid([FeatureLevel(lv.name, torch.roll(lv.features, 1, dims=3), lv.geometry, lv.weight)
+                             for lv in fixed.levels[:1]], IMAGE, "random")
+    fixed = FeaturePyramid(fixed.levels[:1], IMAGE, "random")
+    points = IMAGE.ijk_to_lps(np.array([[8.0, 8.0, 6.0], [20.0, 10.0, 9.0]]))
+    options = MatchOptions(search_radius_mm=4.0, subvoxel=False, backward_check=False)
+    native = match_points(fixed, moving, points, options=options)
+    exact = match_points(fixed, moving, points, options=MatchOptions(**{**options.__dict__, "exact": True}))
+    np.testing.assert_allclose(native.points_lps_mm, exact.points_lps_mm)
+    np.testing.assert_allclose(native.points_lps_mm, points + [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(native.similarity, 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shifted_pair(pulmonary_ct):
+    """The real pulmonary CT crop and a copy shifted by a sub-voxel translation, with keypoints."""
+    shift_ijk = np.array([2.4, -1.7, 3.2])
+    moved = ndimage.shift(pulmonary_ct.voxels, shift_ijk[::-1], order=3, mode="nearest")
+    moving = Volume(moved.astype(np.float32), pulmonary_ct.geometry)
+    points = forstner_keypoints(pulmonary_ct, _everywhere(pulmonary_ct), 30, margin_mm=15.0)
+    truth = pulmonary_ct.geometry.ijk_to_lps(pulmonary_ct.geometry.lps_to_ijk(points) + shift_ijk)
+    featurizer = create_featurizer("mind")
+    return featurizer.extract(pulmonary_ct), featurizer.extract(moving), points, truth
+
+
+def test_subvoxel_translation_recovered(shifted_pair):
+    fixed, moving, points, truth = shifted_pair
+    result = match_points(fixed, moving, points, options=MatchOptions(search_radius_mm=10.0))
+    stats = tre_stats(result.points_lps_mm, truth)
+    assert stats["mean"] < 0.5, stats
+    assert result.reliable.mean() > 0.8
+    assert np.all((result.confidence >= 0) & (result.confidence <= 1))
+
+
+def test_without_subvoxel_refinement_error_is_larger(shifted_pair):
+    fixed, moving, points, truth = shifted_pair
+    coarse = match_points(fixed, moving, points, options=MatchOptions(search_radius_mm=10.0, subvoxel=False))
+    refined = match_points(fixed, moving, points, options=MatchOptions(search_radius_mm=10.0))
+    assert tre_stats(refined.points_lps_mm, truth)["mean"] < tre_stats(coarse.points_lps_mm, truth)["mean"]
+
+
+def test_memory_budget_only_changes_batching(shifted_pair):
+    fixed, moving, points, _ = shifted_pair
+    roomy = match_points(fixed, moving, points[:8], options=MatchOptions(search_radius_mm=6.0))
+    tight = match_points(fixed, moving, points[:8], options=MatchOptions(search_radius_mm=6.0, memory_budget_mb=0.5))
+    np.testing.assert_allclose(roomy.points_lps_mm, tight.points_lps_mm, atol=1e-5)
+
+
+def test_global_mode_finds_a_large_shift(pulmonary_ct):
+    shift_ijk = np.array([0, 22, 0])
+    moved = np.roll(pulmonary_ct.voxels, shift_ijk[::-1], axis=(0, 1, 2))
+    moving = Volume(moved, pulmonary_ct.geometry)
+    points = forstner_keypoints(pulmonary_ct, _everywhere(pulmonary_ct), 6, margin_mm=40.0)
+    truth = pulmonary_ct.geometry.ijk_to_lps(pulmonary_ct.geometry.lps_to_ijk(points) + shift_ijk)
+    featurizer = create_featurizer("mind", scales=(1, 2))
+    fixed_features, moving_features = featurizer.extract(pulmonary_ct), featurizer.extract(moving)
+    local = match_points(fixed_features, moving_features, points, options=MatchOptions(search_radius_mm=10.0))
+    found = match_points(fixed_features, moving_features, points,
+                         options=MatchOptions(search_radius_mm=10.0, mode="global", coarse_step_mm=6.0))
+    assert tre_stats(local.points_lps_mm, truth)["mean"] > 10.0
+    assert tre_stats(found.points_lps_mm, truth)["p50"] < 1.0
+
+
+def test_coarse_to_fine_agrees_with_full_search(shifted_pair):
+    fixed, moving, points, truth = shifted_pair
+    options = MatchOptions(search_radius_mm=10.0, coarse_to_fine=True, coarse_step_mm=3.0)
+    result = match_points(fixed, moving, points, options=options)
+    assert tre_stats(result.points_lps_mm, truth)["p50"] < 0.5
+
+
+def test_erased_region_is_flagged_unreliable(pulmonary_ct):
+    """Points whose anatomy is gone from the moving image get a low confidence, and are kept."""
+    moved = pulmonary_ct.voxels.copy()
+    moved[:, :, : moved.shape[2] // 2] = -1000.0
+    moving = Volume(moved, pulmonary_ct.geometry)
+    points = forstner_keypoints(pulmonary_ct, _everywhere(pulmonary_ct), 40, margin_mm=10.0)
+    erased = pulmonary_ct.geometry.lps_to_ijk(points)[:, 0] < moved.shape[2] // 2 - 10
+    featurizer = create_featurizer("mind", scales=(1, 2))
+    result = match_points(featurizer.extract(pulmonary_ct), featurizer.extract(moving), points,
+                          options=MatchOptions(search_radius_mm=8.0))
+    assert len(result.points_lps_mm) == len(points)
+    assert erased.any() and (~erased).any()
+    assert result.confidence[erased].mean() < 0.5 * result.confidence[~erased].mean()
+    assert result.reliable[erased].mean() < 0.5
+
+
+def test_points_outside_the_fixed_volume_are_rejected():
+    pyramid = _random_pyramid(4)
+    outside = IMAGE.ijk_to_lps(np.array([[5.0, 5.0, 5.0], [40.0, 5.0, 5.0]]))
+    with pytest.raises(BadInputError, match="1 of 2 points lie outside the fixed volume"):
+        match_points(pyramid, pyramid, outside)
+    with pytest.raises(BadInputError, match="no points"):
+        match_points(pyramid, pyramid, np.zeros((0, 3)))
+
+
+@pytest.mark.parametrize("options, message", [
+    (MatchOptions(mode="sideways"), "unknown search mode"),
+    (MatchOptions(search_radius_mm=-1.0), "search radius"),
+    (MatchOptions(level_weights=(1.0,)), "level weights"),
+])
+def test_bad_options(options, message):
+    pyramid = _random_pyramid(5)
+    with pytest.raises(BadInputError, match=message):
+        match_points(pyramid, pyramid, IMAGE.ijk_to_lps(np.array([[5.0, 5.0, 5.0]])), options=options)
