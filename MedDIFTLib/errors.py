@@ -13,6 +13,12 @@ class BadInputError(MedDIFTError):
     kind = "bad_input"
 
 
+class BadRequestError(BadInputError):
+    """A worker request that is malformed, too large or of an unknown type."""
+
+    kind = "bad_request"
+
+
 class MissingWeightsError(MedDIFTError):
     """Pretrained weights needed by a backbone are not on this machine."""
 
