@@ -1,0 +1,1052 @@
+"""MedDIFT: find where points of one CT lie in another, training-free, from pretrained features.
+
+The Slicer module (GUI and wiring). The work runs in a background worker process
+(``PythonSlicer -m MedDIFTLib.worker``); torch and monai are never imported in Slicer's process.
+Scene conversions live in ``MedDIFTLib.mrml``, which is tested without Slicer.
+"""
+
+import enum
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from typing import Annotated
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _putMedDIFTLibOnPath() -> None:
+    """An installed extension has MedDIFTLib beside this file; a source checkout one folder up."""
+    if importlib.util.find_spec("MedDIFTLib") is None:
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(checkout, "MedDIFTLib")):
+            sys.path.insert(0, checkout)
+
+
+_putMedDIFTLibOnPath()
+
+WEIGHTS_DIRECTORY_SETTING = "MedDIFT/WeightsDirectory"
+TORCH_REQUIREMENT = ">=2.2"
+# (module imported by the worker, pip requirement); torch comes through the PyTorch extension.
+PYTHON_REQUIREMENTS = (
+    ("numpy", "numpy>=1.24"),
+    ("scipy", "scipy>=1.10"),
+    ("SimpleITK", "SimpleITK>=2.3"),
+    ("monai", "monai>=1.4,<1.7"),
+    ("einops", "einops>=0.7"),
+    ("tqdm", "tqdm>=4.60"),
+    ("psutil", "psutil>=5.9"),
+)
+POLL_INTERVAL_MS = 100
+LIVE_DELAY_MS = 300
+
+
+#
+# MedDIFT
+#
+
+
+class MedDIFT(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedDIFT")
+        self.parent.categories = [_("Registration")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedDIFT contributors"]
+        self.parent.helpText = _("""
+Finds where landmarks of a fixed CT lie in a moving CT, without training, by matching pretrained
+network features (MAISI diffusion UNet activations, or weight-free MIND-SSC descriptors) with
+cosine similarity. Optionally computes a dense displacement field (a transform that resamples
+the moving volume onto the fixed one). Every match carries a confidence; unreliable matches are
+kept, flagged and coloured.
+""")
+        self.parent.acknowledgementText = _("""
+Method: MedDIFT (arXiv 2512.05571). Diffusion features from the MONAI MAISI models (NVIDIA, MONAI).
+""")
+
+
+#
+# Parameter node
+#
+
+
+class Backbone(enum.Enum):
+    """Feature extractor; the value is the worker's backbone name."""
+
+    WEIGHT_FREE = "mind"
+    DIFFUSION = "maisi"
+
+    def label(self) -> str:
+        return {Backbone.WEIGHT_FREE: _("Weight-free (MIND-SSC)"), Backbone.DIFFUSION: _("Diffusion (MAISI)")}[self]
+
+
+class Device(enum.Enum):
+    """Where the worker runs the network; the value is the worker's device name."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "cuda"
+
+    def label(self) -> str:
+        return {Device.AUTO: _("Automatic"), Device.CPU: _("CPU"), Device.GPU: _("GPU (CUDA)")}[self]
+
+
+class SearchMode(enum.Enum):
+    """Where a point is searched: near its fixed position, or in the whole moving volume."""
+
+    LOCAL = "local"
+    GLOBAL = "global"
+
+    def label(self) -> str:
+        return {SearchMode.LOCAL: _("Local (sphere)"), SearchMode.GLOBAL: _("Global (whole volume)")}[self]
+
+
+class BodyRegion(enum.Enum):
+    """Body region the diffusion UNet is conditioned on; the value is the backbone's region name."""
+
+    HEAD = "head"
+    CHEST = "chest"
+    ABDOMEN = "abdomen"
+    PELVIS = "pelvis"
+
+    def label(self) -> str:
+        return {
+            BodyRegion.HEAD: _("Head"),
+            BodyRegion.CHEST: _("Chest"),
+            BodyRegion.ABDOMEN: _("Abdomen"),
+            BodyRegion.PELVIS: _("Pelvis"),
+        }[self]
+
+
+@parameterNodeWrapper
+class MedDIFTParameterNode:
+    """Inputs, outputs (created on Apply when None) and options; distances in mm."""
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedLandmarks: vtkMRMLMarkupsFiducialNode
+    movingLandmarks: vtkMRMLMarkupsFiducialNode
+    computeTransform: bool = True
+    outputTransform: vtkMRMLTransformNode
+    computeWarped: bool = False
+    warpedVolume: vtkMRMLScalarVolumeNode
+    backbone: Backbone = Backbone.WEIGHT_FREE
+    device: Device = Device.AUTO
+    searchRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = 15.0
+    livePropagation: bool = False
+    searchMode: SearchMode = SearchMode.LOCAL
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    coarseToFine: bool = True
+    exactSimilarity: bool = False
+    registrationIterations: Annotated[int, WithinRange(0, 500)] = 60
+    diffusionTimestep: Annotated[int, WithinRange(0, 999)] = 20
+    bodyRegion: BodyRegion = BodyRegion.CHEST
+
+
+#
+# MedDIFTWidget
+#
+
+
+class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = None
+        self._liveTimer = None
+        self._observedLandmarks = None
+        self._pendingLiveIds = set()
+        self._landmarksInteracting = False
+        self._runningLiveJob = None
+        self._pairRows = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDIFT.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedDIFTLogic()
+
+        self.ui.progressBar.hide()
+        placeWidget = self.ui.fixedLandmarksPlaceWidget
+        placeWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        self.ui.pairsTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.weightsDirectoryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.weightsDirectoryPathLineEdit.currentPath = MedDIFTLogic.weightsDirectory()
+        self.ui.weightsDirectoryPathLineEdit.connect("currentPathChanged(QString)", self.onWeightsDirectoryChanged)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self._liveTimer = qt.QTimer()
+        self._liveTimer.setSingleShot(True)
+        self._liveTimer.setInterval(LIVE_DELAY_MS)
+        self._liveTimer.connect("timeout()", self.onLiveTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.pairsTableWidget.connect("cellClicked(int,int)", self.onPairClicked)
+        self.ui.pairViewsButton.connect("clicked(bool)", self.onPairViewsButton)
+        self.ui.warpMovingButton.connect("toggled(bool)", self.onWarpMovingToggled)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+            self._liveTimer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.logic.isRunning:
+            self.logic.cancelJob()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume:
+            self._parameterNode.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self.updateGuiFromParameterNode()
+
+    def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
+        parameterNode = self._parameterNode
+        running = self.logic.isRunning
+        if parameterNode is None:
+            self.ui.applyButton.enabled = running
+            self._observeFixedLandmarks(None)
+            return
+        self.ui.outputTransformSelector.enabled = parameterNode.computeTransform
+        self.ui.warpedVolumeSelector.enabled = parameterNode.computeWarped
+        self.ui.computeWarpedCheckBox.enabled = parameterNode.computeTransform
+        self.ui.fixedLandmarksPlaceWidget.setCurrentNode(parameterNode.fixedLandmarks)
+        diffusion = parameterNode.backbone == Backbone.DIFFUSION
+        for diffusionWidget in (
+            self.ui.weightsDirectoryPathLineEdit,
+            self.ui.diffusionTimestepSpinBox,
+            self.ui.bodyRegionComboBox,
+        ):
+            diffusionWidget.enabled = diffusion
+        ready = parameterNode.fixedVolume and parameterNode.movingVolume and (
+            parameterNode.fixedLandmarks or parameterNode.computeTransform
+        )
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running job; nothing is changed in the scene.")
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = _("Apply")
+            self.ui.applyButton.toolTip = (
+                _("Match the fixed landmarks and compute the selected outputs.")
+                if ready
+                else _("Select fixed and moving volumes, and fixed landmarks or the transform output.")
+            )
+            self.ui.applyButton.enabled = bool(ready)
+        canWarp = bool(parameterNode.outputTransform and parameterNode.movingVolume)
+        self.ui.warpMovingButton.enabled = canWarp
+        wasBlocked = self.ui.warpMovingButton.blockSignals(True)
+        self.ui.warpMovingButton.checked = canWarp and (
+            parameterNode.movingVolume.GetParentTransformNode() is parameterNode.outputTransform
+        )
+        self.ui.warpMovingButton.blockSignals(wasBlocked)
+        live = parameterNode.livePropagation and parameterNode.fixedLandmarks is not None
+        self._observeFixedLandmarks(parameterNode.fixedLandmarks if live else None)
+        self.refreshPairsTable()
+
+    # ------------------------------------------------------------------ running
+
+    def onApplyButton(self) -> None:
+        if self.logic.isRunning:
+            self.logic.cancelJob()
+            return
+        if not self.ensureDependencies():
+            return
+        self.startJob()
+
+    def startJob(self, controlPointIndices=None) -> None:
+        """Start a full run, or a live update of some fixed control points; returns at once."""
+        from MedDIFTLib.errors import MedDIFTError
+
+        parameterNode = self._parameterNode
+        self._runningLiveJob = controlPointIndices is not None
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.showStatus(_("Running...") if self.logic.workerRunning else _("Starting the MedDIFT worker..."))
+        try:
+            self.logic.startJob(
+                MedDIFTLogic.jobInputs(parameterNode),
+                MedDIFTLogic.runSettings(parameterNode),
+                onDone=self.onJobDone,
+                onProgress=self.onJobProgress,
+                onLog=self.onWorkerLog,
+                controlPointIndices=controlPointIndices,
+            )
+        except MedDIFTError as error:
+            self._runningLiveJob = None
+            self.ui.progressBar.hide()
+            self.showStatus(str(error))
+            if controlPointIndices is None:
+                slicer.util.errorDisplay(str(error), windowTitle=_("MedDIFT"))
+            return
+        if self.logic.isRunning:
+            self._pollTimer.start()
+        self.updateGuiFromParameterNode()
+
+    def onPollTimer(self) -> None:
+        self.logic.pollJob()
+        if not self.logic.isRunning:
+            self._pollTimer.stop()
+
+    def onJobProgress(self, stage: str, fraction: float, message: str) -> None:
+        self.ui.progressBar.value = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        self.showStatus(f"{stage}: {message}" if message else stage)
+
+    def onWorkerLog(self, level: str, message: str) -> None:
+        self.appendLog(f"[worker {level}] {message}")
+
+    def onJobDone(self, outputs, error) -> None:
+        from MedDIFTLib.errors import CancelledError, MedDIFTError, MissingWeightsError
+
+        live = self._runningLiveJob
+        self._runningLiveJob = None
+        self.ui.progressBar.hide()
+        if error is None:
+            self.storeCreatedOutputs(outputs)
+            summary = MedDIFTLogic.describeOutputs(outputs)
+            self.showStatus(summary)
+            self.appendLog(summary)
+        elif isinstance(error, CancelledError):
+            self.showStatus(_("Cancelled; the scene is unchanged."))
+        elif isinstance(error, MissingWeightsError) and not live:
+            self.showStatus(str(error))
+            if self.offerWeights(str(error)):
+                self.startJob()
+        elif isinstance(error, MedDIFTError):
+            self.showStatus(str(error))
+            self.appendLog(f"Error: {error}")
+            if not live:
+                slicer.util.errorDisplay(str(error), windowTitle=_("MedDIFT"))
+        else:
+            logging.error("MedDIFT failed", exc_info=(type(error), error, error.__traceback__))
+            self.showStatus(_("Unexpected error: {error}").format(error=error))
+            slicer.util.errorDisplay(
+                _("Unexpected error: {error}\nSee the Python console for details.").format(error=error),
+                windowTitle=_("MedDIFT"),
+            )
+        self.updateGuiFromParameterNode()
+        if self._pendingLiveIds and self._parameterNode and self._parameterNode.livePropagation:
+            self._liveTimer.start()
+
+    def storeCreatedOutputs(self, outputs) -> None:
+        """Select the output nodes a run created, so the next run fills them instead of adding more."""
+        parameterNode = self._parameterNode
+        if parameterNode is None:
+            return
+        if outputs.moving_landmarks is not None and parameterNode.movingLandmarks is None:
+            parameterNode.movingLandmarks = outputs.moving_landmarks
+        if outputs.transform is not None and parameterNode.outputTransform is None:
+            parameterNode.outputTransform = outputs.transform
+        if outputs.warped_volume is not None and parameterNode.warpedVolume is None:
+            parameterNode.warpedVolume = outputs.warped_volume
+
+    def showStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+
+    def appendLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(f"{qt.QTime.currentTime().toString('hh:mm:ss')}  {text}")
+
+    # ------------------------------------------------------------------ dependencies and weights
+
+    def ensureDependencies(self) -> bool:
+        """Install missing Python packages on first use, with the user's consent."""
+        missing = MedDIFTLogic.missingPythonPackages()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            _(
+                "MedDIFT runs its networks in a separate Python process that needs these packages:\n\n{packages}\n\n"
+                "PyTorch is installed by the PyTorch extension (matching your GPU); the others with pip. "
+                "This downloads up to a few GB and may take several minutes. Install now?"
+            ).format(packages="\n".join(missing)),
+            windowTitle=_("MedDIFT: install Python packages"),
+        ):
+            self.showStatus(_("Python packages were not installed; MedDIFT cannot run without them."))
+            return False
+        try:
+            with slicer.util.WaitCursor():
+                self.logic.installPythonPackages(missing)
+        except Exception as error:
+            logging.error("Installing MedDIFT dependencies failed", exc_info=True)
+            slicer.util.errorDisplay(
+                _(
+                    "Installing the Python packages failed:\n{error}\n\n"
+                    "Restart Slicer and press Apply again. If it keeps failing, install the PyTorch extension "
+                    "from the Extensions Manager, check the internet connection, and see the Python console."
+                ).format(error=error),
+                windowTitle=_("MedDIFT"),
+            )
+            return False
+        still_missing = MedDIFTLogic.missingPythonPackages()
+        if still_missing:
+            slicer.util.errorDisplay(
+                _("These packages are still missing: {packages}. Restart Slicer and press Apply again.").format(
+                    packages=", ".join(still_missing)
+                ),
+                windowTitle=_("MedDIFT"),
+            )
+            return False
+        return True
+
+    def offerWeights(self, reason: str) -> bool:
+        """Ask how to get the diffusion weights: download (with consent) or copy from files. True when done."""
+        folder = MedDIFTLogic.weightsDirectory()
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setWindowTitle(_("MedDIFT: diffusion weights"))
+        box.setIcon(qt.QMessageBox.Question)
+        box.setText(
+            _(
+                "The diffusion features need the pretrained MAISI weights (large files published by NVIDIA/MONAI "
+                "under the NVIDIA Open Model License):\n{reason}\n\nDownload them now, or "
+                "load files you already have? They are stored in:\n{folder}\n(change this under Advanced)."
+            ).format(reason=reason, folder=folder)
+        )
+        downloadButton = box.addButton(_("Download"), qt.QMessageBox.AcceptRole)
+        fileButton = box.addButton(_("Load from file..."), qt.QMessageBox.ActionRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.exec_()
+        clicked = box.clickedButton()
+        try:
+            if clicked == downloadButton:
+                self.showStatus(_("Downloading the diffusion weights..."))
+                self.ui.progressBar.setRange(0, 0)
+                self.ui.progressBar.show()
+                try:
+                    self.logic.downloadWeights(folder, onLine=self.onWeightsOutput)
+                finally:
+                    self.ui.progressBar.setRange(0, 100)
+                    self.ui.progressBar.hide()
+                return True
+            if clicked == fileButton:
+                paths = qt.QFileDialog.getOpenFileNames(
+                    slicer.util.mainWindow(),
+                    _("Choose the MAISI checkpoint files"),
+                    "",
+                    _("PyTorch checkpoints (*.pt *.pth *.ckpt);;All files (*)"),
+                )
+                if not paths:
+                    return False
+                with slicer.util.WaitCursor():
+                    self.logic.importWeightFiles(list(paths), folder, onLine=self.appendLog)
+                return True
+        except Exception as error:
+            logging.error("Getting the MedDIFT weights failed", exc_info=True)
+            slicer.util.errorDisplay(
+                _("Could not get the weights:\n{error}").format(error=error), windowTitle=_("MedDIFT")
+            )
+        return False
+
+    def onWeightsOutput(self, line: str) -> None:
+        self.showStatus(line)
+        self.appendLog(line)
+
+    def onWeightsDirectoryChanged(self, path: str) -> None:
+        if path:
+            qt.QSettings().setValue(WEIGHTS_DIRECTORY_SETTING, path)
+
+    # ------------------------------------------------------------------ live propagation
+
+    def _observeFixedLandmarks(self, markupsNode) -> None:
+        if markupsNode is self._observedLandmarks:
+            return
+        if self._observedLandmarks is not None:
+            for event, method in self._landmarkObservations():
+                self.removeObserver(self._observedLandmarks, event, method)
+        self._observedLandmarks = markupsNode
+        self._pendingLiveIds.clear()
+        if markupsNode is not None:
+            for event, method in self._landmarkObservations():
+                self.addObserver(markupsNode, event, method)
+
+    def _landmarkObservations(self):
+        markups = slicer.vtkMRMLMarkupsNode
+        return (
+            (markups.PointModifiedEvent, self.onLandmarkModified),
+            (markups.PointPositionDefinedEvent, self.onLandmarkModified),
+            (markups.PointStartInteractionEvent, self.onLandmarkInteractionStarted),
+            (markups.PointEndInteractionEvent, self.onLandmarkInteractionEnded),
+        )
+
+    @vtk.calldata_type(vtk.VTK_INT)
+    def onLandmarkModified(self, caller, event, controlPointIndex) -> None:
+        if controlPointIndex is None or not 0 <= controlPointIndex < caller.GetNumberOfControlPoints():
+            return
+        self._pendingLiveIds.add(caller.GetNthControlPointID(controlPointIndex))
+        if not self._landmarksInteracting:
+            self._liveTimer.start()
+
+    def onLandmarkInteractionStarted(self, caller, event) -> None:
+        self._landmarksInteracting = True
+        self._liveTimer.stop()
+
+    def onLandmarkInteractionEnded(self, caller, event) -> None:
+        self._landmarksInteracting = False
+        self._liveTimer.start()
+
+    def onLiveTimer(self) -> None:
+        """Re-match the fixed landmarks placed or moved since the last update (features are cached)."""
+        parameterNode = self._parameterNode
+        if not self._pendingLiveIds or parameterNode is None or not parameterNode.livePropagation:
+            return
+        if self.logic.isRunning or MedDIFTLogic.missingPythonPackages():
+            return
+        if not (parameterNode.fixedVolume and parameterNode.movingVolume and parameterNode.fixedLandmarks):
+            return
+        landmarks = parameterNode.fixedLandmarks
+        indices = sorted(
+            index
+            for index in (landmarks.GetControlPointIndexByID(pointId) for pointId in self._pendingLiveIds)
+            if index >= 0
+            and landmarks.GetNthControlPointPositionStatus(index) == slicer.vtkMRMLMarkupsNode.PositionDefined
+        )
+        self._pendingLiveIds.clear()
+        if indices:
+            self.startJob(controlPointIndices=indices)
+
+    # ------------------------------------------------------------------ visual QA
+
+    def refreshPairsTable(self) -> None:
+        """One row per matched pair (label, confidence, forward-backward mm), coloured by confidence."""
+        from MedDIFTLib import mrml
+
+        parameterNode = self._parameterNode
+        table = self.ui.pairsTableWidget
+        rows = []
+        if parameterNode is not None and parameterNode.fixedLandmarks and parameterNode.movingLandmarks:
+            rows = mrml.pair_rows(parameterNode.fixedLandmarks, parameterNode.movingLandmarks)
+        self._pairRows = rows
+        table.setRowCount(len(rows))
+        for rowIndex, row in enumerate(rows):
+            color = qt.QColor.fromRgbF(*mrml.confidence_color(row.confidence))
+            color.setAlphaF(0.35)
+            cells = (
+                row.label,
+                "-" if math.isnan(row.confidence) else f"{row.confidence:.2f}",
+                "-" if math.isnan(row.forward_backward_mm) else f"{row.forward_backward_mm:.1f}",
+            )
+            for column, text in enumerate(cells):
+                item = qt.QTableWidgetItem(text)
+                item.setBackground(qt.QBrush(color))
+                if not row.reliable:
+                    item.setToolTip(_("Unreliable or missing match"))
+                table.setItem(rowIndex, column, item)
+
+    def onPairViewsButton(self) -> None:
+        self.showPairViews()
+
+    def showPairViews(self) -> None:
+        """Side-by-side layout: fixed volume on the left (Red), moving volume on the right (Yellow)."""
+        from MedDIFTLib import mrml
+
+        parameterNode = self._parameterNode
+        if parameterNode is None:
+            return
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        mrml.show_volumes_in_pair_views(slicer.mrmlScene, parameterNode.fixedVolume, parameterNode.movingVolume)
+
+    def onPairClicked(self, rowIndex: int, column: int) -> None:
+        from MedDIFTLib import mrml
+
+        if not 0 <= rowIndex < len(self._pairRows):
+            return
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager.layout != slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView:
+            self.showPairViews()
+        mrml.jump_to_pair(slicer.mrmlScene, self._pairRows[rowIndex])
+
+    def onWarpMovingToggled(self, checked: bool) -> None:
+        """Show the moving volume through the transform (resampled onto the fixed one), or as it is."""
+        parameterNode = self._parameterNode
+        if parameterNode is None or not parameterNode.movingVolume or not parameterNode.outputTransform:
+            return
+        moving, transform = parameterNode.movingVolume, parameterNode.outputTransform
+        parent = moving.GetParentTransformNode()
+        if checked:
+            if parent is not None and parent is not transform:
+                slicer.util.errorDisplay(
+                    _(
+                        "The moving volume is already under the transform '{parent}'. Place '{parent}' under "
+                        "'{transform}' in the Transforms module to see the result."
+                    ).format(parent=parent.GetName(), transform=transform.GetName()),
+                    windowTitle=_("MedDIFT"),
+                )
+                self.ui.warpMovingButton.checked = False
+                return
+            moving.SetAndObserveTransformNodeID(transform.GetID())
+        elif parent is transform:
+            moving.SetAndObserveTransformNodeID(None)
+
+
+#
+# MedDIFTLogic
+#
+
+
+class MedDIFTLogic(ScriptedLoadableModuleLogic):
+    """Runs MedDIFT jobs in a background worker process that stays alive between runs (features
+    stay cached). Non-blocking: :meth:`startJob` then :meth:`pollJob` from a timer. Blocking:
+    :meth:`run`, for scripts and tests."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._client = None
+        self._folder = None
+        self._runner = None
+        self._starter = None
+        self._startError = None
+        self._pendingJob = None
+
+    def getParameterNode(self):
+        return MedDIFTParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------ settings
+
+    @staticmethod
+    def weightsDirectory() -> str:
+        """Folder of the diffusion weights: setting ``MedDIFT/WeightsDirectory``, by default the
+        folder the ``meddift`` command line uses too."""
+        from MedDIFTLib.weights import default_weights_dir
+
+        return str(qt.QSettings().value(WEIGHTS_DIRECTORY_SETTING, str(default_weights_dir())))
+
+    @staticmethod
+    def runSettings(parameterNode):
+        """Worker options from the parameter node."""
+        from MedDIFTLib import mrml
+
+        backbone = parameterNode.backbone.value
+        backboneOptions = {}
+        if parameterNode.backbone == Backbone.DIFFUSION:
+            backboneOptions = {
+                "weights_dir": MedDIFTLogic.weightsDirectory(),
+                "timestep": int(parameterNode.diffusionTimestep),
+                "top_region": parameterNode.bodyRegion.value,
+                "bottom_region": parameterNode.bodyRegion.value,
+            }
+        return mrml.RunSettings(
+            backbone=backbone,
+            backbone_options=backboneOptions,
+            device=parameterNode.device.value,
+            match_options={
+                "search_radius_mm": float(parameterNode.searchRadiusMm),
+                "mode": parameterNode.searchMode.value,
+                "confidence_threshold": float(parameterNode.confidenceThreshold),
+                "coarse_to_fine": bool(parameterNode.coarseToFine),
+                "exact": bool(parameterNode.exactSimilarity),
+            },
+            register_options={"optimise_iterations": int(parameterNode.registrationIterations)},
+        )
+
+    @staticmethod
+    def jobInputs(parameterNode):
+        """Scene nodes of a run from the parameter node."""
+        from MedDIFTLib import mrml
+
+        return mrml.JobInputs(
+            fixed_volume=parameterNode.fixedVolume,
+            moving_volume=parameterNode.movingVolume,
+            fixed_landmarks=parameterNode.fixedLandmarks,
+            moving_landmarks=parameterNode.movingLandmarks,
+            transform=parameterNode.outputTransform,
+            warped_volume=parameterNode.warpedVolume,
+            compute_landmarks=parameterNode.fixedLandmarks is not None,
+            compute_transform=parameterNode.computeTransform,
+            compute_warped=parameterNode.computeTransform and parameterNode.computeWarped,
+        )
+
+    @staticmethod
+    def describeOutputs(outputs) -> str:
+        """One line about a finished run: matches, unreliable ones, time, Jacobian of the field."""
+        parts = []
+        matches = outputs.matches
+        if matches is not None:
+            found = sum(matches.found(row) for row in range(len(matches)))
+            unreliable = int((~matches.reliable).sum())
+            cached = _(", features cached") if matches.features_cached else ""
+            parts.append(
+                _("{found} of {total} landmarks matched, {unreliable} unreliable ({seconds:.1f} s{cached})").format(
+                    found=found, total=len(matches), unreliable=unreliable, seconds=matches.seconds, cached=cached
+                )
+            )
+        jacobian = (outputs.register_summary or {}).get("jacobian") or {}
+        if jacobian:
+            parts.append(
+                _("transform Jacobian {low:.2f} to {high:.2f}, {folding:.3%} folding").format(
+                    low=jacobian.get("min", float("nan")),
+                    high=jacobian.get("max", float("nan")),
+                    folding=jacobian.get("fraction_folding", float("nan")),
+                )
+            )
+        return "; ".join(parts) if parts else _("Done.")
+
+    # ------------------------------------------------------------------ dependencies and weights
+
+    @staticmethod
+    def missingPythonPackages() -> list:
+        """Requirements the worker needs that are not installed (checked without importing them)."""
+        missing = [f"torch{TORCH_REQUIREMENT}"] if importlib.util.find_spec("torch") is None else []
+        missing += [
+            requirement for module, requirement in PYTHON_REQUIREMENTS if importlib.util.find_spec(module) is None
+        ]
+        return missing
+
+    @staticmethod
+    def installPythonPackages(requirements) -> None:
+        """Install torch through the PyTorch extension (right build for the GPU), the rest with pip."""
+        from MedDIFTLib.errors import MedDIFTError
+
+        others = [requirement for requirement in requirements if not requirement.startswith("torch")]
+        if len(others) != len(requirements):
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise MedDIFTError(
+                    _("Install the 'PyTorch' extension from the Extensions Manager, restart Slicer and try again.")
+                ) from None
+            torchModule = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
+            )
+            if torchModule is None:
+                raise MedDIFTError(_("PyTorch was not installed."))
+        if others:
+            slicer.util.pip_install(others)
+        importlib.invalidate_caches()
+
+    def _runWeightsCommand(self, arguments, onLine=None) -> None:
+        """Run ``meddift weights ...`` in a separate process (it may open checkpoints with torch)."""
+        command = [self.pythonExecutable(), "-m", "MedDIFTLib", "weights", *arguments]
+        process = slicer.util.launchConsoleProcess(
+            command, useStartupEnvironment=False, updateEnvironment=self.libraryEnvironment()
+        )
+        slicer.util.logProcessOutput(process, logCallback=onLine)
+
+    def downloadWeights(self, folder: str, onLine=None) -> None:
+        """Download the registered diffusion weights into ``folder`` (the user consented in the dialog);
+        ``onLine`` receives the command's output lines."""
+        self._runWeightsCommand(["download", "--weights-dir", folder, "--yes"], onLine)
+
+    def importWeightFiles(self, paths, folder: str, onLine=None) -> None:
+        """Copy checkpoint files the user already has into ``folder`` (layout and checksums checked)."""
+        for path in paths:
+            self._runWeightsCommand(["import", path, "--weights-dir", folder], onLine)
+
+    # ------------------------------------------------------------------ worker
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        return shutil.which("PythonSlicer") or sys.executable
+
+    @staticmethod
+    def libraryEnvironment() -> dict:
+        """Slicer's environment with the folder holding MedDIFTLib first on PYTHONPATH (for child processes)."""
+        import MedDIFTLib
+
+        packageParent = os.path.dirname(os.path.dirname(os.path.abspath(MedDIFTLib.__file__)))
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in (packageParent, environment.get("PYTHONPATH")) if p)
+        return environment
+
+    @property
+    def workerRunning(self) -> bool:
+        return self._client is not None and self._client.running
+
+    @property
+    def isRunning(self) -> bool:
+        return self._pendingJob is not None or self._runner is not None
+
+    def _jobFolder(self):
+        from MedDIFTLib import mrml
+
+        if self._folder is None:
+            self._folder = mrml.JobFolder(tempfile.mkdtemp(prefix="MedDIFT-"))
+        return self._folder
+
+    def _newClient(self):
+        """A fresh worker client; volumes loaded by an earlier worker are forgotten."""
+        from MedDIFTLib.worker_client import WorkerClient
+
+        if self._client is not None:
+            self._client.kill()
+        self._jobFolder().clear()
+        self._client = WorkerClient(python_executable=self.pythonExecutable(), env=self.libraryEnvironment())
+        return self._client
+
+    def _sceneJob(self, inputs, settings):
+        from MedDIFTLib import mrml
+
+        return mrml.SceneJob(slicer.mrmlScene, inputs, settings, self._jobFolder())
+
+    def startJob(self, inputs, settings, onDone, onProgress=None, onLog=None, controlPointIndices=None) -> None:
+        """Check the inputs, then run the job in the background (starting the worker if needed).
+
+        ``onDone(outputs, error)`` is called from :meth:`pollJob` when the job ends.
+        ``controlPointIndices``: re-match only these fixed control points (live propagation).
+        Raises MedDIFTError at once for bad inputs or when a job is already running.
+        """
+        from MedDIFTLib.errors import MedDIFTError
+
+        if self.isRunning:
+            raise MedDIFTError(_("A MedDIFT job is already running."))
+        job = self._sceneJob(inputs, settings)
+        job.validate(controlPointIndices)
+        steps = job.steps() if controlPointIndices is None else job.point_steps(controlPointIndices)
+        self._pendingJob = (steps, onDone, onProgress, onLog)
+        if self.workerRunning:
+            self._beginPendingJob()
+            return
+        client = self._newClient()
+        self._startError = None
+
+        def startWorker():
+            try:
+                client.start(timeout=180)
+            except Exception as error:
+                self._startError = error
+
+        self._starter = threading.Thread(target=startWorker, name="MedDIFT worker start", daemon=True)
+        self._starter.start()
+
+    def _beginPendingJob(self) -> None:
+        from MedDIFTLib import mrml
+
+        steps, onDone, onProgress, onLog = self._pendingJob
+        self._pendingJob = None
+
+        def finished(outputs, error):
+            self._runner = None
+            onDone(outputs, error)
+
+        self._runner = mrml.JobRunner(self._client, steps, on_done=finished, on_progress=onProgress, on_log=onLog)
+        self._runner.start()
+
+    def pollJob(self) -> bool:
+        """Advance the running job (call from a GUI timer); False once it has ended."""
+        if self._starter is not None:
+            if self._starter.is_alive():
+                return True
+            self._starter = None
+            if self._startError is not None or not self.workerRunning:
+                from MedDIFTLib.errors import MedDIFTError
+
+                steps, onDone, _onProgress, _onLog = self._pendingJob
+                self._pendingJob = None
+                steps.close()
+                error = self._startError or MedDIFTError(_("The MedDIFT worker did not start."))
+                onDone(None, error if isinstance(error, MedDIFTError) else MedDIFTError(str(error)))
+                return False
+            self._beginPendingJob()
+        if self._runner is None:
+            return False
+        return self._runner.poll()
+
+    def cancelJob(self) -> None:
+        """Kill the worker's process tree; the job ends with CancelledError and the scene is unchanged."""
+        if self._runner is not None:
+            self._runner.cancel()
+        elif self._pendingJob is not None and self._client is not None:
+            from MedDIFTLib.errors import CancelledError
+
+            self._client.kill()
+            if self._starter is not None:
+                self._starter.join()
+                self._starter = None
+                self._client.kill()
+            steps, onDone, _onProgress, _onLog = self._pendingJob
+            self._pendingJob = None
+            steps.close()
+            onDone(None, CancelledError(_("cancelled by the user")))
+
+    def run(
+        self,
+        fixedVolume,
+        movingVolume,
+        fixedLandmarks=None,
+        movingLandmarks=None,
+        outputTransform=None,
+        warpedVolume=None,
+        computeTransform=False,
+        computeWarped=False,
+        settings=None,
+        controlPointIndices=None,
+        progress=None,
+        timeout=None,
+    ):
+        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.mrml.JobOutputs``.
+
+        ``settings``: a ``MedDIFTLib.mrml.RunSettings`` (default: weight-free backbone, automatic
+        device). ``controlPointIndices``: update only the partners of these fixed control points.
+        ``progress(stage, fraction, message)`` receives progress; ``timeout`` bounds the wait for
+        each worker event (s). Raises MedDIFTError on failure, leaving the scene unchanged.
+        """
+        from MedDIFTLib import mrml
+        from MedDIFTLib.errors import MedDIFTError
+
+        if self.isRunning:
+            raise MedDIFTError(_("A MedDIFT job is already running."))
+        inputs = mrml.JobInputs(
+            fixed_volume=fixedVolume,
+            moving_volume=movingVolume,
+            fixed_landmarks=fixedLandmarks,
+            moving_landmarks=movingLandmarks,
+            transform=outputTransform,
+            warped_volume=warpedVolume,
+            compute_landmarks=fixedLandmarks is not None,
+            compute_transform=computeTransform,
+            compute_warped=computeWarped,
+        )
+        job = self._sceneJob(inputs, settings or mrml.RunSettings())
+        job.validate(controlPointIndices)
+        if not self.workerRunning:
+            self._newClient().start(timeout=180)
+        steps = job.steps() if controlPointIndices is None else job.point_steps(controlPointIndices)
+        return mrml.run_blocking(self._client, steps, progress=progress, timeout=timeout)
+
+    def shutdown(self) -> None:
+        """Stop the worker and delete the job files."""
+        if self.isRunning:
+            self.cancelJob()
+        if self._client is not None:
+            self._client.stop()
+            self._client = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder.path, ignore_errors=True)
+            self._folder = None
+
+
+#
+# MedDIFTTest
+#
+
+
+class MedDIFTTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer: the logic on synthetic volumes with the weight-free backbone (real worker)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_MatchShiftedVolume()
+
+    def _syntheticPair(self, shiftVoxelsKji):
+        """A smooth random CT-like volume (2 mm voxels) and a copy shifted by whole voxels."""
+        import numpy as np
+
+        rng = np.random.default_rng(7)
+        noise = rng.normal(size=(32, 32, 32))
+        kernel = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
+        smooth = noise
+        for axis in range(3):
+            smooth = np.apply_along_axis(lambda line: np.convolve(line, kernel, mode="same"), axis, smooth)
+        fixedArray = (smooth / smooth.std() * 300.0).astype(np.float32)
+        movingArray = np.roll(fixedArray, shiftVoxelsKji, axis=(0, 1, 2))
+        ijkToRas = np.diag([2.0, 2.0, 2.0, 1.0])
+        fixed = slicer.util.addVolumeFromArray(fixedArray, ijkToRas, name="fixed")
+        moving = slicer.util.addVolumeFromArray(movingArray, ijkToRas, name="moving")
+        return fixed, moving
+
+    def test_MatchShiftedVolume(self):
+        import numpy as np
+
+        from MedDIFTLib import mrml
+
+        self.delayDisplay("Checking Python packages")
+        logic = MedDIFTLogic()
+        missing = logic.missingPythonPackages()
+        if missing:
+            logic.installPythonPackages(missing)
+        self.assertEqual(logic.missingPythonPackages(), [])
+
+        shiftKji = (2, -1, 3)
+        fixed, moving = self._syntheticPair(shiftKji)
+        expectedShiftRas = np.array([shiftKji[2], shiftKji[1], shiftKji[0]]) * 2.0
+        landmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+        for label, ijk in (("a", (12, 16, 14)), ("b", (20, 14, 18)), ("c", (16, 20, 12))):
+            landmarks.AddControlPointWorld([2.0 * value for value in ijk], label)
+
+        self.delayDisplay("Matching with the weight-free backbone")
+        settings = mrml.RunSettings(
+            backbone="mind",
+            device="cpu",
+            match_options={"search_radius_mm": 12.0},
+            register_options={"optimise_iterations": 0},
+        )
+        try:
+            outputs = logic.run(fixed, moving, landmarks, computeTransform=True, settings=settings, timeout=600)
+            movingLandmarks = outputs.moving_landmarks
+            self.assertEqual(
+                [movingLandmarks.GetNthControlPointLabel(i) for i in range(3)], ["a", "b", "c"]
+            )
+            for index in range(3):
+                fixedRas, movingRas = [0.0] * 3, [0.0] * 3
+                landmarks.GetNthControlPointPositionWorld(index, fixedRas)
+                movingLandmarks.GetNthControlPointPositionWorld(index, movingRas)
+                np.testing.assert_allclose(np.subtract(movingRas, fixedRas), expectedShiftRas, atol=1.0)
+                mapped = outputs.transform.GetTransformFromParent().TransformPoint(fixedRas)
+                np.testing.assert_allclose(mapped, movingRas, atol=1.5)
+
+            self.delayDisplay("Live update of one landmark")
+            landmarks.SetNthControlPointPositionWorld(1, 30.0, 34.0, 26.0)
+            logic.run(
+                fixed, moving, landmarks, movingLandmarks, settings=settings, controlPointIndices=[1], timeout=600
+            )
+            movingRas = [0.0] * 3
+            movingLandmarks.GetNthControlPointPositionWorld(1, movingRas)
+            np.testing.assert_allclose(np.subtract(movingRas, [30.0, 34.0, 26.0]), expectedShiftRas, atol=1.0)
+        finally:
+            logic.shutdown()
+        self.delayDisplay("Test passed")

@@ -1,0 +1,412 @@
+"""Checks of the Slicer extension that run without Slicer.
+
+Static: MedDIFT.py compiles and imports nothing heavy at top level; the .ui and the parameter
+node agree; every file named in the CMake lists exists and every MedDIFTLib .py file is listed;
+the .s4ext has its keys. Dynamic: MedDIFT.py's Logic and its self-test (MedDIFTTest) run against
+Slicer's real MRML (``slicer-core``) and the real worker, with Slicer's Qt layer replaced by
+stand-ins (Qt widgets cannot exist without the application).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import struct
+import subprocess
+import sys
+import types
+import unittest
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE_FILE = ROOT / "MedDIFT" / "MedDIFT.py"
+UI_FILE = ROOT / "MedDIFT" / "Resources" / "UI" / "MedDIFT.ui"
+ICON_FILE = ROOT / "MedDIFT" / "Resources" / "Icons" / "MedDIFT.png"
+S4EXT_FILE = ROOT / "MedDIFT.s4ext"
+CMAKE_FILES = {
+    "top": ROOT / "CMakeLists.txt",
+    "module": ROOT / "MedDIFT" / "CMakeLists.txt",
+    "library": ROOT / "MedDIFTLib" / "CMakeLists.txt",
+    "testing": ROOT / "Testing" / "Python" / "CMakeLists.txt",
+}
+HEAVY_MODULES = ("torch", "monai", "SimpleITK", "scipy", "numpy", "einops")
+NEVER_IN_SLICER = ("torch", "monai")
+
+
+@pytest.fixture(scope="module")
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(), filename=str(MODULE_FILE))
+
+
+def imported_modules(nodes) -> list[str]:
+    names = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def top_level_statements(tree: ast.Module):
+    """Statements run at import: the module body, including bodies of top-level if/try blocks."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        yield node
+        if isinstance(node, (ast.If, ast.Try)):
+            pending += node.body + node.orelse + getattr(node, "handlers", []) + getattr(node, "finalbody", [])
+        elif isinstance(node, ast.ExceptHandler):
+            pending += node.body
+
+
+def module_classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+# ------------------------------------------------------------------------------------ MedDIFT.py
+
+
+def test_module_file_compiles():
+    compile(MODULE_FILE.read_text(), str(MODULE_FILE), "exec")
+
+
+def test_nothing_heavy_is_imported_at_module_level(module_tree):
+    top_level = imported_modules(top_level_statements(module_tree))
+    heavy = [name for name in top_level if name.split(".")[0] in HEAVY_MODULES or name.startswith("MedDIFTLib")]
+    assert heavy == [], f"MedDIFT.py imports {heavy} when Slicer loads it; import them where they are used"
+    anywhere = imported_modules(ast.walk(module_tree))
+    assert [name for name in anywhere if name.split(".")[0] in NEVER_IN_SLICER] == []
+
+
+def is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_library_modules_used_by_the_module_do_not_import_torch(module_tree):
+    candidates = set()
+    for node in ast.walk(module_tree):
+        if isinstance(node, ast.Import):
+            candidates |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            candidates |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    used = sorted(name for name in candidates if name.startswith("MedDIFTLib") and is_module(name))
+    assert "MedDIFTLib.mrml" in used and "MedDIFTLib.worker_client" in used
+    script = (
+        "import importlib, sys\n"
+        f"for name in {used!r}: importlib.import_module(name)\n"
+        f"loaded = sorted(name for name in {NEVER_IN_SLICER!r} if name in sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_module_defines_the_slicer_classes(module_tree):
+    classes = module_classes(module_tree)
+    expected_bases = {
+        "MedDIFT": "ScriptedLoadableModule",
+        "MedDIFTWidget": "ScriptedLoadableModuleWidget",
+        "MedDIFTLogic": "ScriptedLoadableModuleLogic",
+        "MedDIFTTest": "ScriptedLoadableModuleTest",
+    }
+    for name, base in expected_bases.items():
+        assert name in classes, f"MedDIFT.py lacks class {name}"
+        assert base in [ast.unparse(b) for b in classes[name].bases]
+    test_methods = [n.name for n in classes["MedDIFTTest"].body if isinstance(n, ast.FunctionDef)]
+    assert "runTest" in test_methods and any(name.startswith("test_") for name in test_methods)
+
+
+# ------------------------------------------------------------------------------------ parameter node and .ui
+
+
+def parameter_fields(tree: ast.Module) -> dict[str, str]:
+    """Fields of the @parameterNodeWrapper class: name -> annotation source."""
+    wrapped = [
+        node
+        for node in module_classes(tree).values()
+        if any(ast.unparse(decorator) == "parameterNodeWrapper" for decorator in node.decorator_list)
+    ]
+    assert len(wrapped) == 1, "MedDIFT.py needs exactly one @parameterNodeWrapper class"
+    return {
+        node.target.id: ast.unparse(node.annotation)
+        for node in wrapped[0].body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+
+
+def enum_names(tree: ast.Module) -> set[str]:
+    return {name for name, node in module_classes(tree).items() if "enum.Enum" in [ast.unparse(b) for b in node.bases]}
+
+
+@pytest.fixture(scope="module")
+def ui_root() -> ElementTree.Element:
+    return ElementTree.parse(UI_FILE).getroot()
+
+
+def ui_widgets(root: ElementTree.Element) -> dict[str, ElementTree.Element]:
+    return {widget.get("name"): widget for widget in root.iter("widget")}
+
+
+def widget_property(widget: ElementTree.Element, name: str) -> ElementTree.Element | None:
+    return next((prop for prop in widget.findall("property") if prop.get("name") == name), None)
+
+
+def bound_widgets(root: ElementTree.Element) -> dict[str, ElementTree.Element]:
+    """SlicerParameterName -> widget."""
+    bound = {}
+    for widget in root.iter("widget"):
+        prop = widget_property(widget, "SlicerParameterName")
+        if prop is not None:
+            name = prop.findtext("string")
+            assert name not in bound, f"two widgets are bound to {name}"
+            bound[name] = widget
+    return bound
+
+
+def test_every_ui_parameter_is_a_parameter_node_field_and_vice_versa(module_tree, ui_root):
+    fields = set(parameter_fields(module_tree))
+    bound = set(bound_widgets(ui_root))
+    assert bound - fields == set(), f"the .ui binds names the parameter node lacks: {sorted(bound - fields)}"
+    assert fields - bound == set(), f"parameter node fields without a widget: {sorted(fields - bound)}"
+
+
+WIDGETS_FOR_TYPE = {
+    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "ctkCheckablePushButton"},
+    "int": {"QSpinBox", "QSlider", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "ctkDoubleSlider"},
+    "enum": {"QComboBox", "ctkComboBox"},
+    "node": {"qMRMLNodeComboBox"},
+}
+
+
+def test_each_bound_widget_can_show_its_parameter_type(module_tree, ui_root):
+    enums = enum_names(module_tree)
+    for name, annotation in parameter_fields(module_tree).items():
+        widget = bound_widgets(ui_root)[name]
+        base = annotation.removeprefix("Annotated[").split(",")[0].rstrip("]")
+        kind = "node" if base.startswith("vtkMRML") else "enum" if base in enums else base
+        assert kind in WIDGETS_FOR_TYPE, f"{name}: no known widget for type {annotation}"
+        assert widget.get("class") in WIDGETS_FOR_TYPE[kind], f"{name} ({annotation}) bound to {widget.get('class')}"
+        if widget.get("class") == "ctkSliderWidget":
+            assert "WithinRange(" in annotation, f"{name}: a ctkSliderWidget needs a WithinRange bound"
+        if kind == "node":
+            node_types = widget_property(widget, "nodeTypes")
+            assert node_types is not None and base in [s.text for s in node_types.iter("string")]
+
+
+def test_widgets_used_in_code_exist_in_the_ui(ui_root):
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    missing = used - set(ui_widgets(ui_root))
+    assert missing == set(), f"MedDIFT.py uses widgets the .ui lacks: {sorted(missing)}"
+
+
+def test_ui_custom_widgets_and_scene_connections(ui_root):
+    declared = {custom.findtext("class") for custom in ui_root.iter("customwidget")}
+    used_classes = {widget.get("class") for widget in ui_root.iter("widget")}
+    undeclared = {name for name in used_classes if not name.startswith("Q")} - declared
+    assert undeclared == set(), f"custom widget classes not declared: {sorted(undeclared)}"
+    widgets = ui_widgets(ui_root)
+    connections = ui_root.iter("connection")
+    receivers = {c.findtext("receiver") for c in connections if "mrmlSceneChanged" in c.findtext("signal")}
+    assert receivers <= set(widgets)
+    scene_widgets = {name for name, w in widgets.items() if w.get("class") in ("qMRMLNodeComboBox",
+                                                                                "qSlicerMarkupsPlaceWidget")}
+    assert scene_widgets <= receivers, f"widgets that never get the scene: {sorted(scene_widgets - receivers)}"
+
+
+# ------------------------------------------------------------------------------------ CMake and .s4ext
+
+
+CMAKE_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\(|\)|[^\s()"]+')
+MACRO_KEYWORDS = {"NAME", "SCRIPTS", "RESOURCES", "WITH_GENERIC_TESTS", "WITH_SUBDIR", "VERBOSE"}
+
+
+def cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """``(command, arguments)`` of a CMakeLists.txt; quoted arguments keep their quotes."""
+    lines = [re.sub(r'^([^"#]*(?:"[^"]*"[^"#]*)*)#.*$', r"\1", line) for line in path.read_text().splitlines()]
+    tokens = CMAKE_TOKEN.findall("\n".join(lines))
+    commands, position = [], 0
+    while position < len(tokens):
+        name = tokens[position]
+        assert tokens[position + 1] == "(", f"{path}: expected '(' after {name}"
+        depth, arguments, position = 1, [], position + 2
+        while depth:
+            token = tokens[position]
+            depth += {"(": 1, ")": -1}.get(token, 0)
+            if depth and token not in "()":
+                arguments.append(token)
+            position += 1
+        commands.append((name.lower(), arguments))
+    return commands
+
+
+def cmake_variables(commands) -> dict[str, list[str]]:
+    variables: dict[str, list[str]] = {}
+    for name, args in commands:
+        if name == "set" and args:
+            values = [re.sub(r"\$\{(\w+)\}", lambda m: " ".join(variables.get(m.group(1), [])), v) for v in args[1:]]
+            variables[args[0]] = [v.strip('"') for v in values]
+    return variables
+
+
+def listed_files(path: Path) -> list[str]:
+    """Files given to slicerMacroBuildScriptedModule (SCRIPTS and RESOURCES), relative to the folder."""
+    commands = cmake_commands(path)
+    variables = cmake_variables(commands)
+    files = []
+    for name, args in commands:
+        if name == "slicermacrobuildscriptedmodule":
+            section = None
+            for arg in args:
+                if arg in MACRO_KEYWORDS:
+                    section = arg
+                elif section in ("SCRIPTS", "RESOURCES"):
+                    reference = re.fullmatch(r"\$\{(\w+)\}", arg)
+                    files += variables[reference.group(1)] if reference else [arg]
+    return files
+
+
+def test_every_file_named_in_cmake_exists():
+    for path in CMAKE_FILES.values():
+        assert path.is_file(), f"{path} is missing"
+        if path.parent.name in ("MedDIFT", "MedDIFTLib"):
+            assert listed_files(path), f"{path.relative_to(ROOT)} lists no files"
+        for name in listed_files(path):
+            assert (path.parent / name).is_file(), f"{path.relative_to(ROOT)} lists {name}, which does not exist"
+        for command, args in cmake_commands(path):
+            if command == "add_subdirectory":
+                assert (path.parent / args[0] / "CMakeLists.txt").is_file(), f"no CMakeLists.txt in {args[0]}"
+    unittest_scripts = [
+        args[1] for command, args in cmake_commands(CMAKE_FILES["testing"]) if command == "slicer_add_python_unittest"
+    ]
+    assert unittest_scripts == ["${MedDIFT_SOURCE_DIR}/MedDIFT/MedDIFT.py"]
+    assert MODULE_FILE.is_file()
+
+
+def test_every_library_file_is_installed_with_the_extension():
+    tomllib = pytest.importorskip("tomllib")
+    library = ROOT / "MedDIFTLib"
+    listed = set(listed_files(CMAKE_FILES["library"]))
+    python_files = {p.relative_to(library).as_posix() for p in library.rglob("*.py") if "__pycache__" not in p.parts}
+    assert python_files - listed == set(), f"add these to MedDIFTLib/CMakeLists.txt: {sorted(python_files - listed)}"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data_files = {p.relative_to(library).as_posix() for pattern in package_data.get("MedDIFTLib", [])
+                  for p in library.glob(pattern)}
+    unlisted = sorted(data_files - listed)
+    assert unlisted == [], f"add these resources to MedDIFTLib/CMakeLists.txt: {unlisted}"
+
+
+def test_build_macros_and_extension_dependencies():
+    module_commands = dict(cmake_commands(CMAKE_FILES["module"]))
+    assert "WITH_GENERIC_TESTS" in module_commands["slicermacrobuildscriptedmodule"]
+    library_commands = dict(cmake_commands(CMAKE_FILES["library"]))
+    assert "WITH_SUBDIR" in library_commands["slicermacrobuildscriptedmodule"]
+    top = cmake_commands(CMAKE_FILES["top"])
+    assert ("project", ["MedDIFT"]) in top
+    subdirectories = [args[0] for command, args in top if command == "add_subdirectory"]
+    assert subdirectories[:2] == ["MedDIFTLib", "MedDIFT"]
+    assert cmake_variables(top)["EXTENSION_DEPENDS"] == ["PyTorch"]
+
+
+def read_s4ext() -> dict[str, str]:
+    entries = {}
+    for line in S4EXT_FILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            entries[key] = value.strip()
+    return entries
+
+
+def test_s4ext_has_the_required_keys_and_agrees_with_cmake():
+    entries = read_s4ext()
+    required = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "screenshoturls", "enabled")
+    assert [key for key in required if not entries.get(key)] == []
+    assert entries["category"] == "Registration"
+    assert "PyTorch" in entries["depends"].split()
+    assert entries["scmurl"].startswith("https://") and entries["iconurl"].endswith(".png")
+    variables = {k: " ".join(v) for k, v in cmake_variables(cmake_commands(CMAKE_FILES["top"])).items()}
+    for key, variable in (("homepage", "EXTENSION_HOMEPAGE"), ("category", "EXTENSION_CATEGORY"),
+                          ("description", "EXTENSION_DESCRIPTION"), ("iconurl", "EXTENSION_ICONURL"),
+                          ("contributors", "EXTENSION_CONTRIBUTORS"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
+                          ("depends", "EXTENSION_DEPENDS")):
+        assert entries[key] == variables[variable], f".s4ext {key} differs from CMake {variable}"
+
+
+def test_icon_is_a_128_pixel_png():
+    data = ICON_FILE.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (128, 128)
+
+
+def test_worker_requirements_cover_the_project_dependencies(module_tree):
+    tomllib = pytest.importorskip("tomllib")
+    declared = next(
+        node.value for node in module_tree.body
+        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["PYTHON_REQUIREMENTS"]
+    )
+    requirements = {re.split(r"[<>=!~ ]", pair[1])[0].lower() for pair in ast.literal_eval(declared)}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    needed = {re.split(r"[<>=!~ \[]", spec)[0].lower() for spec in project} - {"torch"}
+    assert needed - requirements == set(), f"add to PYTHON_REQUIREMENTS in MedDIFT.py: {sorted(needed - requirements)}"
+
+
+# ------------------------------------------------------------------------------------ logic on slicer-core
+
+
+def qt_stand_ins(monkeypatch, slicer_module, scene) -> None:
+    """Replace the parts of Slicer that need the Qt application; keep MRML and slicer.util real."""
+    for name in ("qt", "ctk"):
+        monkeypatch.setitem(sys.modules, name, mock.MagicMock(name=name))
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class SelfTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
+        setattr(scripted, name, type(name, (Base,), {}))
+    scripted.ScriptedLoadableModuleTest = SelfTest
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.WithinRange = lambda minimum, maximum: (minimum, maximum)
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    for module in (scripted, wrapper, i18n):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(slicer_module, "mrmlScene", scene, raising=False)
+
+
+def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatch):
+    pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML without Qt) is not installed")
+    pytest.importorskip("torch")
+    import slicer
+    import slicer_core
+
+    scene = slicer_core.vtkMRMLScene()
+    qt_stand_ins(monkeypatch, slicer, scene)
+    spec = importlib.util.spec_from_file_location("MedDIFT", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    assert module.MedDIFTLogic.missingPythonPackages() == []
+    self_test = module.MedDIFTTest("test_MatchShiftedVolume")
+    result = unittest.TestResult()
+    self_test.run(result)
+    assert result.wasSuccessful(), result.failures + result.errors
+    moving_landmarks = scene.GetFirstNodeByName("F in moving")
+    assert moving_landmarks is not None and moving_landmarks.GetNumberOfControlPoints() == 3
+    assert scene.GetNodesByClass("vtkMRMLGridTransformNode").GetNumberOfItems() == 1
