@@ -62,7 +62,7 @@ class Geometry:
         """LPS mm (N, 3) -> continuous voxel indices (N, 3)."""
         points = np.asarray(points_lps_mm, float)
         affine = self.affine_ijk_to_lps
-        return np.linalg.solve(affine[:3, :3], (points - affine[:3, 3]).T).T
+        return (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
 
     def contains_lps(self, points_lps_mm, margin_voxels: float = 0.5) -> np.ndarray:
         """True for points inside the grid's extent (voxel centres +- ``margin_voxels``)."""
@@ -70,16 +70,18 @@ class Geometry:
         upper = np.asarray(self.shape_ijk) - 1 + margin_voxels
         return np.all((ijk >= -margin_voxels) & (ijk <= upper), axis=1)
 
-    def downsampled(self, factor: int) -> Geometry:
+    def downsampled(self, factor: int | tuple[int, int, int]) -> Geometry:
         """The grid of ``factor``-times average pooling (voxel n covers voxels n*f .. n*f+f-1).
 
-        Its voxel centres sit where ``torch.nn.functional.interpolate(..., align_corners=False)``
-        places them, so upsampling a pooled level by ``factor`` lands back on this grid.
+        ``factor`` is one integer or one per axis (ijk). Voxel centres sit where
+        ``torch.nn.functional.interpolate(..., align_corners=False)`` places them, so upsampling
+        a pooled level by ``factor`` lands back on this grid.
         """
-        spacing = np.asarray(self.spacing_mm) * factor
-        shift_ijk = np.full(3, (factor - 1) / 2.0)
+        factors = np.broadcast_to(np.asarray(factor, int), (3,))
+        spacing = np.asarray(self.spacing_mm) * factors
+        shift_ijk = (factors - 1) / 2.0
         origin = self.ijk_to_lps(shift_ijk[None])[0]
-        shape = [max(1, n // factor) for n in self.shape_ijk]
+        shape = [max(1, n // f) for n, f in zip(self.shape_ijk, factors)]
         return Geometry.create(shape, spacing, origin, self.direction_matrix)
 
     def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:

@@ -7,7 +7,8 @@ is the weighted mean over levels of the cosine similarity.
 
 Two ways to score a level, both memory-bounded (nothing is ever upsampled to the full image):
 - native (default): cosine at the level's own voxels inside a box around the window, then
-  trilinear interpolation of that similarity map at the candidates;
+  trilinear interpolation of that similarity map at the candidates (when every level is wider
+  than the candidate step, those levels are scored the exact way instead);
 - exact: trilinear interpolation of the features at the candidates, then cosine. This equals
   "upsample all channels to the image grid, then cosine" (the reference implementation).
 
@@ -36,8 +37,9 @@ class MatchOptions:
     """How to search. Distances in mm.
 
     ``mode``: ``local`` (sphere around the prior) or ``global`` (whole moving volume on a
-    lattice of ``coarse_step_mm``, then a local refinement). ``coarse_to_fine``: in local mode,
-    search the sphere on the coarse lattice first, then at full resolution around the best.
+    lattice of ``coarse_step_mm``, then a local refinement). ``coarse_to_fine`` (default): in
+    local mode, search the sphere on the coarse lattice first, then at full resolution around the
+    best; off, every voxel of the sphere is scored.
     ``confidence_threshold``: matches below it are flagged unreliable (never dropped).
     ``level_weights`` / ``patch_radius``: override the backbone's per-level advice.
     ``memory_budget_mb``: bound on the working tensors of one batch of points.
@@ -45,7 +47,7 @@ class MatchOptions:
 
     search_radius_mm: float = 15.0
     mode: str = "local"
-    coarse_to_fine: bool = False
+    coarse_to_fine: bool = True
     coarse_step_mm: float = 4.0
     exact: bool = False
     subvoxel: bool = True
@@ -54,7 +56,7 @@ class MatchOptions:
     backward_check: bool = True
     fb_scale_mm: float = 3.0
     confidence_threshold: float = 0.5
-    memory_budget_mb: float = 256.0
+    memory_budget_mb: float = 64.0
 
     def validate(self) -> None:
         if self.mode not in ("local", "global"):
@@ -192,11 +194,31 @@ class _Scorer:
         half = np.ceil(extent / stride).astype(int) + 1
         return stride, half
 
+    def _coarser_than(self, level: FeatureLevel, lattice: _Lattice) -> bool:
+        """True where the level's voxels are wider than the lattice step along some axis."""
+        image = self.moving.image_geometry
+        image_to_level = np.linalg.solve(level.geometry.affine_ijk_to_lps[:3, :3], image.affine_ijk_to_lps[:3, :3])
+        step_in_level_voxels = np.linalg.norm(image_to_level * lattice.stride[None, :], axis=0)
+        return bool(np.any(step_in_level_voxels < 1.0 - 1e-6))
+
+    def _exact_levels(self, lattice: _Lattice | None) -> list[bool]:
+        """Which levels to score the exact way on this lattice.
+
+        Interpolating a similarity map cannot place a peak between voxels wider than the lattice
+        step. When some level is fine enough (MIND's full-resolution level), it localises the
+        peak and coarser levels only add context, so all stay native. When none is (the
+        diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored exactly.
+        """
+        if self.exact or lattice is None:
+            return [True] * len(self.moving.levels)
+        coarse = [self._coarser_than(level, lattice) for level in self.moving.levels]
+        return coarse if all(coarse) else [False] * len(coarse)
+
     def batch_size(self, lattice: _Lattice, num_candidates: int) -> int:
         per_point = 0
-        for level, radius in zip(self.moving.levels, self.radii):
+        for level, radius, exact in zip(self.moving.levels, self.radii, self._exact_levels(lattice)):
             patch = (2 * radius + 1) ** 3
-            if self.exact:
+            if exact:
                 per_point = max(per_point, level.channels * num_candidates * patch * 4 * 2)
             else:
                 stride, half = self._box_layout(level, lattice)
@@ -216,9 +238,12 @@ class _Scorer:
         Without a ``lattice`` (arbitrary candidates) every level is scored the exact way.
         """
         fused = None
-        for level, descriptor, weight, radius in zip(self.moving.levels, descriptors, self.weights, self.radii):
+        exact_levels = self._exact_levels(lattice)
+        for level, descriptor, weight, radius, exact in zip(
+            self.moving.levels, descriptors, self.weights, self.radii, exact_levels
+        ):
             coords = _level_coords(level, candidates_lps_mm, level.features.device)
-            if self.exact or lattice is None:
+            if exact:
                 similarity = self._score_exact(level, descriptor, coords, radius)
             else:
                 similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice, radius)
@@ -405,6 +430,20 @@ def _match_one_way(
     return positions, scores
 
 
+def check_points(geometry: Geometry, points_lps_mm: np.ndarray) -> np.ndarray:
+    """The points as an (N, 3) array; rejects none, non-finite ones and ones outside ``geometry``."""
+    points = np.asarray(points_lps_mm, float).reshape(-1, 3)
+    if len(points) == 0:
+        raise BadInputError("no points to match")
+    if not np.isfinite(points).all():
+        raise BadInputError("some points have non-finite coordinates")
+    outside = np.flatnonzero(~geometry.contains_lps(points))
+    if len(outside):
+        listed = ", ".join(str(n + 1) for n in outside[:10]) + (" ..." if len(outside) > 10 else "")
+        raise BadInputError(f"{len(outside)} of {len(points)} points lie outside the fixed volume (points {listed})")
+    return points
+
+
 def match_points(
     fixed: FeaturePyramid,
     moving: FeaturePyramid,
@@ -420,15 +459,7 @@ def match_points(
     returned at its prior with confidence 0.
     """
     options.validate()
-    points = np.asarray(points_lps_mm, float).reshape(-1, 3)
-    if len(points) == 0:
-        raise BadInputError("no points to match")
-    if not np.isfinite(points).all():
-        raise BadInputError("some points have non-finite coordinates")
-    outside = np.flatnonzero(~fixed.image_geometry.contains_lps(points))
-    if len(outside):
-        listed = ", ".join(str(n + 1) for n in outside[:10]) + (" ..." if len(outside) > 10 else "")
-        raise BadInputError(f"{len(outside)} of {len(points)} points lie outside the fixed volume (points {listed})")
+    points = check_points(fixed.image_geometry, points_lps_mm)
     priors = points if priors_lps_mm is None else np.asarray(priors_lps_mm, float).reshape(points.shape)
     forward_share = 0.5 if options.backward_check else 1.0
     with torch.inference_mode():

@@ -41,12 +41,13 @@ class SyntheticPair:
     moving: Volume
     fixed_points: PointSet
     moving_points: PointSet
-    pull_field_lps_mm: np.ndarray  # [k, j, i, 3] on moving.geometry: M(y) = F(y + v(y))
+    pull_field_lps_mm: np.ndarray  # [k, j, i, 3] on field_geometry (trilinear): M(y) = F(y + v(y))
+    field_geometry: Geometry
     jacobian_min: float
 
     def true_moving_points(self, fixed_points_lps_mm: np.ndarray) -> np.ndarray:
         """Ground-truth moving position (N, 3) of fixed points (N, 3), LPS mm."""
-        return invert_pull_field(self.pull_field_lps_mm, self.moving.geometry, fixed_points_lps_mm)
+        return invert_pull_field(self.pull_field_lps_mm, self.field_geometry, fixed_points_lps_mm)
 
 
 def _sample_field(field_lps_mm: np.ndarray, geometry: Geometry, points_lps_mm: np.ndarray) -> np.ndarray:
@@ -80,12 +81,20 @@ def lung_mask(volume: Volume) -> np.ndarray:
     return air & ~np.isin(labels, outside)
 
 
-def forstner_keypoints(volume: Volume, mask: np.ndarray, count: int, margin_mm: float, seed: int = 0) -> np.ndarray:
+def forstner_keypoints(
+    volume: Volume, mask: np.ndarray, count: int, margin_mm: float, seed: int = 0, min_spacing_mm: float = 2.0
+) -> np.ndarray:
     """Up to ``count`` distinctive points (LPS mm) inside ``mask``: Förstner corner maxima.
 
     The response is det/trace of the gradient structure tensor (integration 2 mm); maxima are
-    kept at least ~4 voxels apart and ``margin_mm`` inside the grid.
+    kept at least ~4 voxels apart and ``margin_mm`` inside the grid. Fine grids are first
+    averaged to voxels of at least ``min_spacing_mm`` (keypoints need no finer placement).
     """
+    factors = np.maximum(1, np.floor(min_spacing_mm / np.asarray(volume.geometry.spacing_mm))).astype(int)
+    if (factors > 1).any():
+        geometry = volume.geometry.downsampled(tuple(factors))
+        volume = Volume(_block_mean(volume.voxels, factors[::-1]), geometry, volume.name)
+        mask = _block_mean(mask, factors[::-1]) > 0.5
     spacing_kji = np.asarray(volume.geometry.spacing_mm)[::-1]
     image = ndimage.gaussian_filter(volume.voxels, 1.0 / np.maximum(spacing_kji, 1e-6))
     gradients = [ndimage.sobel(image, axis=a) / spacing_kji[a] for a in range(3)]
@@ -131,32 +140,44 @@ def _world_axes(geometry: Geometry) -> np.ndarray:
     return ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
-def breathing_pull_field(fixed: Volume, moving_geometry: Geometry, seed: int) -> np.ndarray:
-    """Unscaled breathing-like pull field [k, j, i, 3] (LPS mm) on ``moving_geometry``, peak ~1 mm."""
-    lungs = lung_mask(fixed).astype(np.float32)
+def _block_mean(values: np.ndarray, factors_kji: np.ndarray) -> np.ndarray:
+    """Average over blocks of ``factors_kji`` voxels (the grid of ``Geometry.downsampled``)."""
+    shape = [n // f for n, f in zip(values.shape, factors_kji)]
+    cropped = values[: shape[0] * factors_kji[0], : shape[1] * factors_kji[1], : shape[2] * factors_kji[2]]
+    blocks = cropped.reshape(shape[0], factors_kji[0], shape[1], factors_kji[1], shape[2], factors_kji[2])
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def breathing_pull_field(fixed: Volume, seed: int, step_mm: float = 4.0) -> tuple[Geometry, np.ndarray]:
+    """Unscaled breathing-like pull field [k, j, i, 3] (LPS mm, peak ~1 mm) and its grid.
+
+    The motion is smooth on a scale of centimetres, so it lives on a grid of about ``step_mm``
+    covering the fixed image; trilinear interpolation defines it everywhere.
+    """
+    factors = np.maximum(1, np.floor(step_mm / np.asarray(fixed.geometry.spacing_mm))).astype(int)
+    coarse = fixed.geometry.downsampled(tuple(factors))
+    lungs = lung_mask(fixed)
     if lungs.mean() < 0.01:
-        lungs = (fixed.voxels < LUNG_HU).astype(np.float32)
-    spacing_kji = np.asarray(fixed.geometry.spacing_mm)[::-1]
-    weight = ndimage.gaussian_filter(lungs, 15.0 / spacing_kji)
+        lungs = fixed.voxels < LUNG_HU
+    lung_fraction = _block_mean(lungs, factors[::-1])
+    spacing_kji = np.asarray(coarse.spacing_mm)[::-1]
+    weight = ndimage.gaussian_filter(lung_fraction, 15.0 / spacing_kji)
     weight /= max(float(weight.max()), 1e-6)
-    world = _world_axes(fixed.geometry)
-    lung_s = world[..., 2][lungs > 0] if lungs.any() else world[..., 2].ravel()
-    top, bottom = float(lung_s.max()), float(lung_s.min())
+    world = _world_axes(coarse)
+    in_lung = lung_fraction > 0.5
+    lung_world = world[in_lung] if in_lung.any() else world.reshape(-1, 3)
+    top, bottom = float(lung_world[:, 2].max()), float(lung_world[:, 2].min())
     towards_base = np.clip((top - world[..., 2]) / max(top - bottom, 1e-6), 0.0, 1.0) ** 1.2
-    lung_p = world[..., 1][lungs > 0] if lungs.any() else world[..., 1].ravel()
-    towards_front = np.clip((float(lung_p.max()) - world[..., 1]) / max(float(np.ptp(lung_p)), 1e-6), 0.0, 1.0)
-    field = np.zeros((*fixed.voxels.shape, 3), np.float32)
+    front = float(lung_world[:, 1].max())
+    towards_front = np.clip((front - world[..., 1]) / max(float(np.ptp(lung_world[:, 1])), 1e-6), 0.0, 1.0)
+    field = np.zeros((*coarse.shape_kji, 3), np.float32)
     field[..., 2] = -weight * towards_base
     field[..., 1] = 0.3 * weight * towards_base * towards_front
     rng = np.random.default_rng(seed)
     for c in range(3):
-        noise = ndimage.gaussian_filter(rng.standard_normal(fixed.voxels.shape).astype(np.float32), 20.0 / spacing_kji)
+        noise = ndimage.gaussian_filter(rng.standard_normal(coarse.shape_kji).astype(np.float32), 20.0 / spacing_kji)
         field[..., c] += 0.15 * weight * noise / max(float(np.abs(noise).max()), 1e-6)
-    del world
-    if moving_geometry.same_grid(fixed.geometry):
-        return field
-    points = _world_axes(moving_geometry).reshape(-1, 3)
-    return _sample_field(field, fixed.geometry, points).reshape(*moving_geometry.shape_kji, 3).astype(np.float32)
+    return coarse, field
 
 
 def jacobian_determinant(field_lps_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -191,7 +212,7 @@ def make_synthetic_pair(
     if mean_motion_mm < 0:
         raise BadInputError(f"mean motion must be >= 0 mm, got {mean_motion_mm}")
     moving_geometry = _moving_geometry(volume.geometry, moving_spacing_factor)
-    unit_field = breathing_pull_field(volume, moving_geometry, seed)
+    field_geometry, unit_field = breathing_pull_field(volume, seed)
     if points_lps_mm is None:
         mask = lung_mask(volume)
         if mask.mean() < 0.01:
@@ -202,27 +223,31 @@ def make_synthetic_pair(
     labels = labels if labels is not None else [str(n + 1) for n in range(len(points))]
     scale = 1.0
     for _ in range(4):
-        motion = np.linalg.norm(invert_pull_field(unit_field * scale, moving_geometry, points) - points, axis=1).mean()
+        motion = np.linalg.norm(invert_pull_field(unit_field * scale, field_geometry, points) - points, axis=1).mean()
         if motion < 1e-6 * scale:
             raise BadInputError("the points lie where the synthetic motion is zero (outside the lungs?)")
         scale *= mean_motion_mm / motion
     pull_field = unit_field * np.float32(scale)
-    determinant = jacobian_determinant(pull_field, moving_geometry)
+    determinant = jacobian_determinant(pull_field, field_geometry)
 
-    sample_lps = _world_axes(moving_geometry)
-    sample_lps += pull_field
-    source_kji = volume.geometry.lps_to_ijk(sample_lps.reshape(-1, 3))[:, ::-1].T
+    sample_lps = _world_axes(moving_geometry).reshape(-1, 3)
+    field_kji = field_geometry.lps_to_ijk(sample_lps)[:, ::-1].T
+    for c in range(3):
+        sample_lps[:, c] += ndimage.map_coordinates(pull_field[..., c], field_kji, order=1, mode="nearest")
+    volume_change = ndimage.map_coordinates(determinant, field_kji, order=1, mode="nearest")
+    del field_kji
+    source_kji = volume.geometry.lps_to_ijk(sample_lps)[:, ::-1].T
     del sample_lps
     low = float(volume.voxels.min())
     moving = ndimage.map_coordinates(volume.voxels, source_kji, order=1, mode="constant", cval=low)
-    moving = moving.reshape(moving_geometry.shape_kji).astype(np.float32)
     del source_kji
     lung_density = moving < LUNG_DENSITY_HU
-    moving[lung_density] = (moving[lung_density] + 1000.0) * determinant[lung_density] - 1000.0
+    moving[lung_density] = (moving[lung_density] + 1000.0) * volume_change[lung_density] - 1000.0
+    moving = moving.reshape(moving_geometry.shape_kji).astype(np.float32)
     moving += np.random.default_rng(seed + 1).normal(0.0, noise_hu, moving.shape).astype(np.float32)
 
     moving_volume = Volume(moving, moving_geometry, name=f"{volume.name or 'volume'}_moved_seed{seed}")
-    true_points = invert_pull_field(pull_field, moving_geometry, points)
+    true_points = invert_pull_field(pull_field, field_geometry, points)
     keep = moving_geometry.contains_lps(true_points, margin_voxels=0.0)
     kept_labels = [label for label, kept in zip(labels, keep) if kept]
     return SyntheticPair(
@@ -231,5 +256,31 @@ def make_synthetic_pair(
         fixed_points=PointSet(points[keep], kept_labels),
         moving_points=PointSet(true_points[keep], kept_labels),
         pull_field_lps_mm=pull_field,
+        field_geometry=field_geometry,
         jacobian_min=float(determinant.min()),
     )
+
+
+def phantom_ct(seed: int = 0) -> Volume:
+    """A small synthetic chest-like CT in HU (64 x 56 x 48 voxels of 2.5 mm): a soft-tissue body,
+    two lungs at -850 HU and vessel-like bright tubes and nodules inside them. It stands in for a
+    real scan when none is at hand (``meddift demo`` without ../shared/data)."""
+    rng = np.random.default_rng(seed)
+    geometry = Geometry.create((64, 56, 48), (2.5, 2.5, 2.5), (-80.0, -70.0, -60.0))
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in geometry.shape_kji], indexing="ij")
+    centre = np.asarray(geometry.shape_ijk, np.float32) / 2
+    body = ((i - centre[0]) / 30) ** 2 + ((j - centre[1]) / 25) ** 2 < 1
+    voxels = np.where(body, 40.0, -1000.0).astype(np.float32)
+    for side in (-1, 1):
+        lung = (((i - centre[0] - side * 13) / 11) ** 2 + ((j - centre[1]) / 17) ** 2 + ((k - centre[2]) / 21) ** 2) < 1
+        voxels[lung] = -850.0
+    lungs = voxels == -850.0
+    for _ in range(60):
+        start, direction = rng.uniform([8, 8, 8], np.asarray(geometry.shape_ijk) - 8), rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        for step in np.linspace(0, rng.uniform(6, 18), 40):
+            x, y, z = start + step * direction
+            near = (i - x) ** 2 + (j - y) ** 2 + (k - z) ** 2 < rng.uniform(0.6, 1.8) ** 2
+            voxels[near & lungs] = 30.0
+    voxels = ndimage.gaussian_filter(voxels, 0.7) + rng.normal(0.0, 10.0, voxels.shape).astype(np.float32)
+    return Volume(voxels.astype(np.float32), geometry, name="phantom")

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import DIRLAB_DIR, require
+
 from MedDIFTLib.errors import BadInputError
 from MedDIFTLib.evaluation import tre_stats
 from MedDIFTLib.geometry import Geometry

@@ -36,7 +36,8 @@ def test_exact_mode_equals_naive_upsampling():
     fixed_ijk = np.array([[5, 6, 4], [20, 12, 8], [30, 3, 14], [16, 20, 1]])
     points = IMAGE.ijk_to_lps(fixed_ijk.astype(float))
     radius = 6.0
-    options = MatchOptions(search_radius_mm=radius, exact=True, subvoxel=False, backward_check=False)
+    options = MatchOptions(search_radius_mm=radius, exact=True, subvoxel=False, backward_check=False,
+                           coarse_to_fine=False)
     result = match_points(fixed, moving, points, options=options)
     k, j, i = np.meshgrid(*[np.arange(n) for n in IMAGE.shape_kji], indexing="ij")
     voxels_lps = IMAGE.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*IMAGE.shape_kji, 3)
@@ -54,7 +55,7 @@ def test_native_mode_finds_the_same_voxels_on_smooth_features():
                              for lv in fixed.levels[:1]], IMAGE, "random")
     fixed = FeaturePyramid(fixed.levels[:1], IMAGE, "random")
     points = IMAGE.ijk_to_lps(np.array([[8.0, 8.0, 6.0], [20.0, 10.0, 9.0]]))
-    options = MatchOptions(search_radius_mm=4.0, subvoxel=False, backward_check=False)
+    options = MatchOptions(search_radius_mm=4.0, subvoxel=False, backward_check=False, coarse_to_fine=False)
     native = match_points(fixed, moving, points, options=options)
     exact = match_points(fixed, moving, points, options=MatchOptions(**{**options.__dict__, "exact": True}))
     np.testing.assert_allclose(native.points_lps_mm, exact.points_lps_mm)
@@ -94,7 +95,7 @@ def test_memory_budget_only_changes_batching(shifted_pair):
     fixed, moving, points, _ = shifted_pair
     roomy = match_points(fixed, moving, points[:8], options=MatchOptions(search_radius_mm=6.0))
     tight = match_points(fixed, moving, points[:8], options=MatchOptions(search_radius_mm=6.0, memory_budget_mb=0.5))
-    np.testing.assert_allclose(roomy.points_lps_mm, tight.points_lps_mm, atol=1e-5)
+    np.testing.assert_allclose(roomy.points_lps_mm, tight.points_lps_mm, atol=1e-3)  # float32 sums, in mm
 
 
 def test_global_mode_finds_a_large_shift(pulmonary_ct):
@@ -114,8 +115,10 @@ def test_global_mode_finds_a_large_shift(pulmonary_ct):
 
 def test_coarse_to_fine_agrees_with_full_search(shifted_pair):
     fixed, moving, points, truth = shifted_pair
+    full = match_points(fixed, moving, points, options=MatchOptions(search_radius_mm=10.0, coarse_to_fine=False))
     options = MatchOptions(search_radius_mm=10.0, coarse_to_fine=True, coarse_step_mm=3.0)
     result = match_points(fixed, moving, points, options=options)
+    assert np.mean(np.linalg.norm(result.points_lps_mm - full.points_lps_mm, axis=1) < 0.1) > 0.9
     assert tre_stats(result.points_lps_mm, truth)["p50"] < 0.5
 
 

@@ -28,9 +28,10 @@ def create_featurizer(name: str, **options: Any) -> Featurizer:
     try:
         inspect.signature(featurizer_class).bind(**options)
     except TypeError:
-        accepted = ", ".join(inspect.signature(featurizer_class).parameters)
+        accepted = list(inspect.signature(featurizer_class).parameters)
+        unknown = [option for option in options if option not in accepted]
         raise BadInputError(
-            f"backbone {name!r} does not take option(s) {', '.join(options)}; it takes: {accepted}"
+            f"backbone {name!r} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(accepted)}"
         ) from None
     return featurizer_class(**options)
 

@@ -66,9 +66,15 @@ class FeaturePyramid:
 
 
 class Featurizer(Protocol):
-    """A backbone. ``config`` must identify the features fully (it keys the feature cache)."""
+    """A backbone. ``config`` must identify the features fully (it keys the feature cache).
+
+    ``requires_weights`` tells whether it needs pretrained files; such a backbone also offers
+    ``weights_status(**options) -> (present, message)`` and raises ``MissingWeightsError`` when
+    built without them.
+    """
 
     name: str
+    requires_weights: bool
 
     @property
     def config(self) -> dict[str, Any]: ...

@@ -58,6 +58,7 @@ class MindFeaturizer:
     """MIND-SSC pyramid: level ``n`` is MIND-SSC of the image average-pooled by ``scales[n]``."""
 
     name = "mind"
+    requires_weights = False
 
     def __init__(
         self,
@@ -65,7 +66,7 @@ class MindFeaturizer:
         weights: tuple[float, ...] | None = None,
         dilation: int = 1,
         patch_radius: int = 1,
-        match_patch_radius: int = 2,
+        match_patch_radius: int = 3,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
         device: str = "cpu",
     ) -> None:

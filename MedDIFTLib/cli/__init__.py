@@ -15,7 +15,7 @@ import sys
 from .. import __version__
 from ..errors import MedDIFTError
 
-SUBCOMMANDS = ("match", "simulate", "weights")
+SUBCOMMANDS = ("demo", "match", "simulate", "weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

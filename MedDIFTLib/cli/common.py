@@ -11,12 +11,15 @@ POINT_EXTENSIONS = (".mrk.json", ".json", ".fcsv", ".csv")
 
 
 class ProgressBar:
-    """A tqdm bar on stderr that implements the progress callback ``(stage, fraction, message)``."""
+    """A tqdm bar on stderr that implements the progress callback ``(stage, fraction, message)``.
+
+    It shows only on a terminal, so logs and pipes stay clean.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=100, file=sys.stderr, disable=not enabled, leave=False,
+        self._bar = tqdm(total=100, file=sys.stderr, disable=None if enabled else True, leave=False,
                          bar_format="{desc:<28}{percentage:3.0f}%|{bar}| {elapsed} {postfix}")
         self._stage = ""
 

@@ -22,17 +22,38 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="matched points: .mrk.json, .fcsv or .csv")
     parser.add_argument("--backbone", default="mind", help="feature backbone: mind (weight-free) or maisi")
     parser.add_argument("--weights-dir", help="folder holding the backbone's pretrained weights")
+    parser.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a backbone option, VALUE in JSON (e.g. precision=\"bf16\", timestep=20); repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--search-radius-mm", type=float, default=25.0, help="local search radius (default 25)")
     parser.add_argument("--mode", choices=("local", "global"), default="local",
                         help="local: around the same world position; global: the whole moving volume")
-    parser.add_argument("--coarse-to-fine", action="store_true", help="search a coarse lattice first")
+    parser.add_argument("--full-search", action="store_true",
+                        help="score every voxel of the search sphere (default: a coarse lattice first, then refine)")
     parser.add_argument("--exact", action="store_true",
                         help="interpolate features before the cosine (slower; as upsampling all features)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="matches below this confidence are flagged unreliable (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
+
+
+def parse_backbone_options(pairs: list[str]) -> dict:
+    """``["timestep=20", "precision=bf16"]`` -> options; values are JSON, else plain strings."""
+    import json
+
+    from ..errors import BadInputError
+
+    options = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip():
+            raise BadInputError(f"backbone option {pair!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def _describe(confidence: float, forward_backward_mm: float, reliable: bool) -> str:
@@ -46,14 +67,14 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import create_featurizer
     from ..devices import out_of_memory_as_error, resolve_device
     from ..io import PointSet, read_points, read_volume, write_points
-    from ..matching import MatchOptions, match_points
+    from ..matching import MatchOptions, check_points, match_points
     from ..progress import scaled
 
     output = check_point_output(args.out)
     options = MatchOptions(
         search_radius_mm=args.search_radius_mm,
         mode=args.mode,
-        coarse_to_fine=args.coarse_to_fine,
+        coarse_to_fine=not args.full_search,
         exact=args.exact,
         confidence_threshold=args.confidence_threshold,
     )
@@ -62,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     points = read_points(args.points, fixed.geometry)
-    backbone_options = {"device": str(device)}
+    check_points(fixed.geometry, points.points_lps_mm)
+    backbone_options = {**parse_backbone_options(args.backbone_option), "device": str(device)}
     if args.weights_dir:
         backbone_options["weights_dir"] = args.weights_dir
     featurizer = create_featurizer(args.backbone, **backbone_options)

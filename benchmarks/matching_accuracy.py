@@ -1,0 +1,108 @@
+"""Accuracy, time and memory of ``match`` on realistic synthetic pairs from the real CTs.
+
+Each case is a real CT from ../shared/data warped by a known breathing-like motion (mean 7 mm at
+the points; lung density change, noise, a 1.1x coarser moving grid; see MedDIFTLib.simulate).
+Points: the 51 real anatomical landmarks of the elastix crop; Förstner keypoints in the lungs of
+the pulmonary crop and of the POPI thorax. Every case runs in its own process so its peak memory
+(RSS) is its own. Printed: a Markdown table with the identity error (no registration) beside.
+
+    python benchmarks/matching_accuracy.py                         # all cases, seed 0
+    python benchmarks/matching_accuracy.py --cases elastix --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestct_single_real"
+CASES = {
+    "elastix": "elastix_lung_baseline_small",
+    "pulmonary": "totalseg_pulmonary_crop",
+    "popi": "popi_4dct_phase00",
+}
+
+
+def _child(case: str, seed: int, backbone: str, radius_mm: float) -> dict:
+    from MedDIFTLib.backbones import create_featurizer
+    from MedDIFTLib.evaluation import tre_stats
+    from MedDIFTLib.io import read_points, read_volume
+    from MedDIFTLib.matching import MatchOptions, match_points
+    from MedDIFTLib.simulate import make_synthetic_pair
+
+    folder = DATA / CASES[case]
+    volume = read_volume(folder / "image.nii.gz")
+    landmarks = folder / "landmarks.csv"
+    if landmarks.exists():
+        points = read_points(landmarks, volume.geometry)
+        pair = make_synthetic_pair(volume, seed=seed, points_lps_mm=points.points_lps_mm, labels=points.labels)
+    else:
+        pair = make_synthetic_pair(volume, seed=seed)
+    featurizer = create_featurizer(backbone)
+    started = time.perf_counter()
+    fixed, moving = featurizer.extract(pair.fixed), featurizer.extract(pair.moving)
+    features_seconds = time.perf_counter() - started
+    result = match_points(fixed, moving, pair.fixed_points.points_lps_mm,
+                          options=MatchOptions(search_radius_mm=radius_mm))
+    match_seconds = time.perf_counter() - started - features_seconds
+    truth = pair.moving_points.points_lps_mm
+    return {
+        "case": case,
+        "seed": seed,
+        "points": len(truth),
+        "grid": list(volume.geometry.shape_ijk),
+        "identity": tre_stats(pair.fixed_points.points_lps_mm, truth),
+        "matched": tre_stats(result.points_lps_mm, truth),
+        "reliable": float(result.reliable.mean()),
+        "features_seconds": features_seconds,
+        "match_seconds": match_seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["elastix", "pulmonary", "popi"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--backbone", default="mind")
+    parser.add_argument("--radius-mm", type=float, default=25.0)
+    parser.add_argument("--json", help="also write all figures to this file")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm)
+        Path(args.out).write_text(json.dumps(record))
+        return
+    if not DATA.exists():
+        sys.exit(f"shared data not found at {DATA}")
+    records = []
+    for case in args.cases:
+        for seed in args.seeds:
+            with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+                subprocess.run([sys.executable, __file__, "--child", case, str(seed), "--backbone", args.backbone,
+                                "--radius-mm", str(args.radius_mm), "--out", handle.name], check=True)
+                records.append(json.loads(Path(handle.name).read_text()))
+    print(f"backbone {args.backbone}, search radius {args.radius_mm} mm, errors in mm")
+    print()
+    print("| case | seed | points | identity mean | mean | p50 | p95 | max | reliable | features s | match s | "
+          "peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        m = r["matched"]
+        print(f"| {r['case']} {'x'.join(map(str, r['grid']))} | {r['seed']} | {r['points']} | "
+              f"{r['identity']['mean']:.2f} | {m['mean']:.2f} | {m['p50']:.2f} | {m['p95']:.2f} | {m['max']:.2f} | "
+              f"{r['reliable']:.0%} | {r['features_seconds']:.1f} | {r['match_seconds']:.1f} | "
+              f"{r['peak_rss_gb']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    main()
