@@ -15,7 +15,7 @@ import sys
 from .. import __version__
 from ..errors import MedDIFTError
 
-SUBCOMMANDS = ("demo", "match", "simulate", "weights")
+SUBCOMMANDS = ("demo", "eval", "match", "register", "simulate", "weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,11 @@
-"""``meddift simulate CT OUT``: a realistic synthetic pair with known motion from one real CT."""
+"""``meddift simulate CT OUT``: a realistic synthetic pair with known motion from one real CT.
+
+``meddift simulate --manifest FOLDER OUT``: one pair per CT of a folder and ``OUT/manifest.csv`` for
+``meddift eval`` (see :func:`MedDIFTLib.datasets.build_synthetic_manifest`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -18,9 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="warp a real CT with a known breathing-like motion into a test pair",
         description="Write OUT/fixed.nii.gz (the CT), OUT/moving.nii.gz (warped, with lung density change, "
         "noise and a slightly coarser grid), OUT/fixed_points.csv, OUT/moving_points_true.csv (ground truth, "
-        "LPS mm, same labels) and OUT/pair.json. OUT must not exist yet or be empty.",
+        "LPS mm, same labels) and OUT/pair.json. OUT must not exist yet or be empty. With --manifest, CT is a "
+        "folder of CTs (volume files, or subfolders with one volume or DICOM series and optionally one landmark "
+        "file): each becomes OUT/<case>/ as above, and OUT/manifest.csv lists them for meddift eval.",
     )
-    parser.add_argument("ct", help="a real CT volume in HU (NIfTI, NRRD, MHA or DICOM folder)")
+    parser.add_argument("ct", help="a real CT volume in HU (NIfTI, NRRD, MHA or DICOM folder); with --manifest, "
+                        "a folder of CTs")
     parser.add_argument("out", help="output folder (created; must be new or empty)")
     parser.add_argument("--points", help="fixed points to use (default: automatic keypoints in the lungs)")
     parser.add_argument("--seed", type=int, default=0, help="motion and noise seed (default 0)")
@@ -29,53 +34,102 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--noise-hu", type=float, default=20.0, help="Gaussian noise in HU (default 20)")
     parser.add_argument("--spacing-factor", type=float, default=1.1,
                         help="moving voxel size relative to the CT (default 1.1)")
+    parser.add_argument("--manifest", action="store_true",
+                        help="CT is a folder of CTs: write one pair per CT and OUT/manifest.csv")
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import SimpleITK as sitk
+def _pair_maker(args: argparse.Namespace):
+    """``(volume, points_lps_mm, labels) -> SyntheticPair`` with the command's settings."""
+    from ..simulate import make_synthetic_pair
 
+    def make_pair(volume, points_lps_mm, labels):
+        return make_synthetic_pair(
+            volume,
+            seed=args.seed,
+            mean_motion_mm=args.mean_motion_mm,
+            points_lps_mm=points_lps_mm,
+            labels=labels,
+            num_keypoints=args.num_keypoints,
+            noise_hu=args.noise_hu,
+            moving_spacing_factor=args.spacing_factor,
+        )
+
+    return make_pair
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"seed": args.seed, "noise_hu": args.noise_hu, "spacing_factor": args.spacing_factor}
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished staging folder onto ``out`` (new or empty)."""
+    if out.exists():
+        out.rmdir()
+    os.replace(staging, out)
+
+
+def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
+    import sys
+
+    from ..datasets import build_synthetic_manifest
+    from ..errors import BadInputError
+    from .common import ProgressBar
+
+    if args.points:
+        raise BadInputError("--points cannot be used with --manifest: put a landmark file beside each CT instead")
+    with ProgressBar() as progress:
+        summaries, problems = build_synthetic_manifest(
+            args.ct, staging, _pair_maker(args), _settings(args),
+            lambda name, done, total: progress("simulate", done / max(total, 1), name),
+        )
+    if not summaries:
+        raise BadInputError(f"{args.ct}: no synthetic pair could be made: " + "; ".join(problems))
+    _publish(staging, out)
+    for summary in summaries:
+        motion = summary["motion_mm"]
+        print(f"{summary['case']}: {summary['points']} points{' (landmarks)' if summary['landmarks'] else ''}, "
+              f"motion mean {motion['mean']:.2f} mm (max {motion['max']:.2f}), "
+              f"Jacobian min {summary['jacobian_min']:.2f}")
+    print(f"Wrote {len(summaries)} pairs and manifest.csv to {out}; evaluate with: "
+          f"meddift eval {out / 'manifest.csv'} --methods identity mind --out RESULTS")
+    for problem in problems:
+        print(f"meddift: skipped {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..datasets import write_synthetic_pair
     from ..errors import BadInputError
     from ..evaluation import tre_stats
-    from ..io import read_points, read_volume, write_points, write_volume
-    from ..simulate import make_synthetic_pair
+    from ..io import read_points, read_volume
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInputError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.manifest:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            return _run_manifest(args, out, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     volume = read_volume(args.ct)
     points = read_points(args.points, volume.geometry) if args.points else None
-    pair = make_synthetic_pair(
-        volume,
-        seed=args.seed,
-        mean_motion_mm=args.mean_motion_mm,
-        points_lps_mm=None if points is None else points.points_lps_mm,
-        labels=None if points is None else points.labels,
-        num_keypoints=args.num_keypoints,
-        noise_hu=args.noise_hu,
-        moving_spacing_factor=args.spacing_factor,
-    )
+    pair = _pair_maker(args)(volume, None if points is None else points.points_lps_mm,
+                             None if points is None else points.labels)
     motion = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_volume(pair.fixed, staging / "fixed.nii.gz", sitk.sitkInt16)
-        write_volume(pair.moving, staging / "moving.nii.gz", sitk.sitkInt16)
-        write_points(pair.fixed_points, staging / "fixed_points.csv")
-        write_points(pair.moving_points, staging / "moving_points_true.csv")
         summary = {
             "source": str(Path(args.ct).resolve()),
-            "seed": args.seed,
             "points": len(pair.fixed_points),
             "motion_mm": motion,
             "jacobian_min": pair.jacobian_min,
-            "noise_hu": args.noise_hu,
-            "spacing_factor": args.spacing_factor,
+            **_settings(args),
         }
-        (staging / "pair.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+        write_synthetic_pair(pair, staging, summary)
+        _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"Synthetic pair from {volume.name}: {len(pair.fixed_points)} points, "

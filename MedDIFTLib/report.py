@@ -1,0 +1,337 @@
+"""Evaluation reports: per-point tables, summary tables (CSV, JSON, Markdown) and plots (PNG).
+
+A run is a list of records, one per (case, method): ``status`` (``ok``, ``failed``, ``skipped``),
+``error``, ``points``, TRE statistics in mm (``mean``, ``std``, ``p50``, ``p95``, ``max``), the
+initial (no registration) mean, ``folding_fraction`` (share of field voxels with a Jacobian
+determinant <= 0; None without a field), ``seconds`` (wall time of the method) and
+``peak_rss_mb`` (peak resident memory of the process that ran it). The overall row of a method
+pools the TRE over every point of its successful cases. Plots need matplotlib (Agg backend, imported
+only here); without it the tables are still written and the plots are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+from .io.atomic import atomic_output
+
+STATISTICS = ("mean", "std", "p50", "p95", "max")
+CSV_COLUMNS = ("case", "method", "status", "points", "initial_mean_mm", "mean_mm", "std_mm", "p50_mm", "p95_mm",
+               "max_mm", "folding_fraction", "seconds", "peak_rss_mb", "peak_gpu_mb", "error")
+POINT_COLUMNS = ("label", "fixed_l", "fixed_p", "fixed_s", "true_l", "true_p", "true_s", "predicted_l",
+                 "predicted_p", "predicted_s", "initial_mm", "error_mm")
+OVERALL = "ALL"
+HU_WINDOW = (-1000.0, 400.0)
+
+
+@dataclass
+class PointTable:
+    """Per point of one case and method: label, fixed, true and predicted moving position (N, 3, LPS mm)."""
+
+    labels: list[str]
+    fixed_lps_mm: np.ndarray
+    true_lps_mm: np.ndarray
+    predicted_lps_mm: np.ndarray
+
+    @property
+    def initial_mm(self) -> np.ndarray:
+        return np.linalg.norm(self.true_lps_mm - self.fixed_lps_mm, axis=1)
+
+    @property
+    def error_mm(self) -> np.ndarray:
+        return np.linalg.norm(self.predicted_lps_mm - self.true_lps_mm, axis=1)
+
+
+def error_statistics(errors_mm: np.ndarray) -> dict[str, float]:
+    """Mean, std, median, 95th percentile and max of errors in mm."""
+    errors = np.asarray(errors_mm, float)
+    return {
+        "mean": float(errors.mean()),
+        "std": float(errors.std()),
+        "p50": float(np.percentile(errors, 50)),
+        "p95": float(np.percentile(errors, 95)),
+        "max": float(errors.max()),
+    }
+
+
+def write_point_table(table: PointTable, path: str | os.PathLike) -> None:
+    """Write a :class:`PointTable` as CSV (LPS mm, errors in mm), atomically."""
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(POINT_COLUMNS)
+        for n, label in enumerate(table.labels):
+            writer.writerow([label, *[f"{v:.4f}" for v in table.fixed_lps_mm[n]],
+                             *[f"{v:.4f}" for v in table.true_lps_mm[n]],
+                             *[f"{v:.4f}" for v in table.predicted_lps_mm[n]],
+                             f"{table.initial_mm[n]:.4f}", f"{table.error_mm[n]:.4f}"])
+
+
+def read_point_table(path: str | os.PathLike) -> PointTable:
+    """Read a table written by :func:`write_point_table`."""
+    source = Path(path)
+    try:
+        with source.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        values = np.array([[float(row[c]) for c in POINT_COLUMNS[1:10]] for row in rows], float).reshape(-1, 9)
+    except (OSError, KeyError, ValueError) as error:
+        raise BadInputError(f"{source}: not a point table ({error})") from None
+    return PointTable([row["label"] for row in rows], values[:, 0:3], values[:, 3:6], values[:, 6:9])
+
+
+def summarise(records: list[dict], tables: dict[tuple[str, str], PointTable], methods: list[str]) -> list[dict]:
+    """One overall record per method: TRE pooled over the points of its successful cases, mean of case
+    means, mean folding fraction, mean seconds per case and the largest peak memory."""
+    overall = []
+    for method in methods:
+        own = [r for r in records if r["method"] == method]
+        done = [r for r in own if r["status"] == "ok"]
+        entry = {"case": OVERALL, "method": method, "cases_ok": len(done), "cases": len(own),
+                 "status": "ok" if done else (own[0]["status"] if own else "skipped"),
+                 "error": "" if done else next((r["error"] for r in own if r.get("error")), "")}
+        errors = [tables[(r["case"], method)].error_mm for r in done if (r["case"], method) in tables]
+        initial = [tables[(r["case"], method)].initial_mm for r in done if (r["case"], method) in tables]
+        if errors:
+            pooled = np.concatenate(errors)
+            entry.update(error_statistics(pooled), points=int(len(pooled)),
+                         initial_mean=float(np.concatenate(initial).mean()),
+                         mean_of_case_means=float(np.mean([r["mean"] for r in done])))
+        folds = [r["folding_fraction"] for r in done if r.get("folding_fraction") is not None]
+        entry["folding_fraction"] = float(np.mean(folds)) if folds else None
+        entry["seconds"] = float(np.mean([r["seconds"] for r in done])) if done else None
+        memories = [r["peak_rss_mb"] for r in done if r.get("peak_rss_mb") is not None]
+        entry["peak_rss_mb"] = float(max(memories)) if memories else None
+        gpu = [r["peak_gpu_mb"] for r in done if r.get("peak_gpu_mb") is not None]
+        entry["peak_gpu_mb"] = float(max(gpu)) if gpu else None
+        overall.append(entry)
+    return overall
+
+
+def _number(value, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _csv_row(record: dict) -> list[str]:
+    return [
+        record["case"], record["method"], record["status"], str(record.get("points", "")),
+        _number(record.get("initial_mean"), 4), *[_number(record.get(k), 4) for k in STATISTICS],
+        _number(record.get("folding_fraction"), 6), _number(record.get("seconds"), 2),
+        _number(record.get("peak_rss_mb"), 1), _number(record.get("peak_gpu_mb"), 1), record.get("error") or "",
+    ]
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.3f}"
+
+
+def _memory_gb(value) -> str:
+    return "" if value is None else f"{value / 1024:.2f}"
+
+
+def markdown_tables(records: list[dict], overall: list[dict]) -> str:
+    """The overall table (one row per method) and the per-case table, in Markdown."""
+    lines = ["| method | cases | points | initial mean | mean | std | p50 | p95 | max | folding % | s / case | "
+             "peak RSS GB | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in overall:
+        failed = row["cases"] - row["cases_ok"]
+        note = f"{failed} failed: {row['error']}" if failed and row.get("error") else ""
+        note = note.replace("|", "/").replace("\n", " ")
+        if "mean" not in row:
+            lines.append(f"| {row['method']} | 0/{row['cases']} | | | | | | | | | | | {row['status']}: "
+                         f"{row['error']} |".replace("\n", " "))
+            continue
+        lines.append(
+            f"| {row['method']} | {row['cases_ok']}/{row['cases']} | {row['points']} | {row['initial_mean']:.2f} | "
+            + " | ".join(f"{row[k]:.2f}" for k in STATISTICS)
+            + f" | {_percent(row['folding_fraction'])} | {_number(row['seconds'], 1)} | "
+            f"{_memory_gb(row['peak_rss_mb'])} | {note} |"
+        )
+    lines += ["", "| case | method | points | initial mean | mean | std | p50 | p95 | max | folding % | s | "
+              "peak RSS GB | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in records:
+        if row["status"] != "ok":
+            note = f"{row['status']}: {row.get('error', '')}".replace("|", "/").replace("\n", " ")
+            lines.append(f"| {row['case']} | {row['method']} | | | | | | | | | | | {note} |")
+            continue
+        published = row.get("published_initial_mm")
+        note = f"published initial {published:.2f}" if published is not None and row["method"] == "identity" else ""
+        lines.append(
+            f"| {row['case']} | {row['method']} | {row['points']} | {row['initial_mean']:.2f} | "
+            + " | ".join(f"{row[k]:.2f}" for k in STATISTICS)
+            + f" | {_percent(row.get('folding_fraction'))} | {_number(row['seconds'], 1)} | "
+            f"{_memory_gb(row.get('peak_rss_mb'))} | {note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, payload: dict) -> None:
+    """``results.json`` (``payload``), ``results.csv`` (per case, then ``ALL`` rows) and ``results.md``."""
+    records, overall = payload["cases"], payload["overall"]
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(_csv_row(r) for r in [*records, *overall])
+    with atomic_output(out / "results.csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    header = (f"# MedDIFT evaluation: {payload['dataset']['path']} ({payload['dataset']['layout']}, "
+              f"{len({r['case'] for r in records})} cases)\n\nTarget registration error in mm over the points of "
+              "each case; the overall rows pool all points of a method's successful cases. Folding: share of "
+              "voxels of the method's displacement field with a Jacobian determinant <= 0 (– when the method "
+              "makes no field). Time: wall seconds of the method per case; memory: peak resident memory of the "
+              "process that ran it.\n\n")
+    with atomic_output(out / "results.md") as tmp:
+        tmp.write_text(header + markdown_tables(records, overall))
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(figure, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp)
+
+
+def plot_boxplots(path: Path, errors_by_method: dict[str, np.ndarray]) -> None:
+    """Box plot of the point errors (mm) of each method, all cases pooled."""
+    names = [m for m, e in errors_by_method.items() if len(e)]
+    figure = _figure(max(4.0, 1.3 * len(names) + 1.5), 4.0)
+    axes = figure.add_subplot()
+    axes.boxplot([errors_by_method[m] for m in names], showfliers=True, flierprops={"markersize": 3})
+    axes.set_xticks(range(1, len(names) + 1), names, rotation=20, ha="right")
+    axes.set_ylabel("target registration error (mm)")
+    axes.set_title("Error per point, all cases")
+    axes.grid(axis="y", alpha=0.3)
+    _save(figure, path)
+
+
+def plot_error_vs_initial(path: Path, points_by_method: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Scatter of each point's error against its initial displacement (mm), one colour per method; the
+    dashed diagonal is no registration."""
+    figure = _figure(6.0, 4.5)
+    axes = figure.add_subplot()
+    largest = 1.0
+    for method, (initial, errors) in points_by_method.items():
+        if len(initial):
+            axes.scatter(initial, errors, s=8, alpha=0.6, label=method)
+            largest = max(largest, float(initial.max()), float(errors.max()))
+    axes.plot([0, largest], [0, largest], color="grey", linewidth=0.8, linestyle="--", label="no registration")
+    axes.set_xlabel("initial displacement (mm)")
+    axes.set_ylabel("target registration error (mm)")
+    axes.set_title("Error vs initial displacement")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _axial_slice(volume, point_lps_mm: np.ndarray):
+    """The array slice ``k`` nearest to a point, its extent in mm (i, j scaled) and the point's (i, j, k)."""
+    ijk = volume.geometry.lps_to_ijk(np.asarray(point_lps_mm, float)[None])[0]
+    k = int(np.clip(np.round(ijk[2]), 0, volume.geometry.shape_ijk[2] - 1))
+    spacing = volume.geometry.spacing_mm
+    size_i, size_j = volume.geometry.shape_ijk[:2]
+    extent = (-0.5 * spacing[0], (size_i - 0.5) * spacing[0], (size_j - 0.5) * spacing[1], -0.5 * spacing[1])
+    return volume.voxels[k], extent, ijk, k
+
+
+def _in_plane(volume, point_lps_mm: np.ndarray) -> tuple[float, float, float]:
+    ijk = volume.geometry.lps_to_ijk(np.asarray(point_lps_mm, float)[None])[0]
+    spacing = volume.geometry.spacing_mm
+    return ijk[0] * spacing[0], ijk[1] * spacing[1], ijk[2]
+
+
+def plot_worst_points(path: Path, method: str, worst: list[dict], load_volumes: Callable) -> None:
+    """One row per worst point of ``method``: the fixed image through the fixed point, and the moving
+    image through the true point with the true and predicted positions (axial array slices).
+
+    ``worst`` items: ``case``, ``label``, ``error``, ``fixed``, ``true``, ``predicted`` (LPS mm);
+    ``load_volumes(case)`` returns the case's (fixed, moving) :class:`Volume`.
+    """
+    figure = _figure(8.0, 3.6 * len(worst))
+    for row, item in enumerate(worst):
+        fixed, moving = load_volumes(item["case"])
+        left = figure.add_subplot(len(worst), 2, 2 * row + 1)
+        image, extent, _, k = _axial_slice(fixed, item["fixed"])
+        left.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], extent=extent)
+        x, y, _ = _in_plane(fixed, item["fixed"])
+        left.plot(x, y, "o", markersize=9, markerfacecolor="none", markeredgecolor="deepskyblue", label="fixed")
+        left.set_title(f"{item['case']} · point {item['label']} · fixed slice {k}", fontsize=9)
+        left.legend(fontsize=7, loc="lower right")
+        right = figure.add_subplot(len(worst), 2, 2 * row + 2)
+        image, extent, _, k = _axial_slice(moving, item["true"])
+        right.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], extent=extent)
+        x, y, _ = _in_plane(moving, item["true"])
+        right.plot(x, y, "+", markersize=12, markeredgewidth=2, color="lime", label="true")
+        x, y, depth = _in_plane(moving, item["predicted"])
+        right.plot(x, y, "x", markersize=10, markeredgewidth=2, color="red",
+                   label=f"{method} ({depth - k:+.1f} slices)")
+        right.set_title(f"moving slice {k} · error {item['error']:.1f} mm", fontsize=9)
+        right.legend(fontsize=7, loc="lower right")
+        for axes in (left, right):
+            axes.set_xticks([])
+            axes.set_yticks([])
+    _save(figure, path)
+
+
+def make_plots(
+    out: Path,
+    records: list[dict],
+    tables: dict[tuple[str, str], PointTable],
+    methods: list[str],
+    load_volumes: Callable,
+    slugs: dict[str, str],
+    worst_count: int = 3,
+) -> list[str]:
+    """Write ``plots/tre_boxplot.png``, ``plots/error_vs_initial.png`` and ``plots/worst_<method>.png``
+    (the last two for methods other than identity).
+
+    Returns notes for the user (e.g. matplotlib missing, a case whose images could not be shown).
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ["matplotlib is not installed: plots skipped (pip install matplotlib)"]
+    notes = []
+    folder = out / "plots"
+    done = {m: [tables[(r["case"], m)] for r in records if r["method"] == m and r["status"] == "ok"
+                and (r["case"], m) in tables] for m in methods}
+    with_points = {m: t for m, t in done.items() if t}
+    if not with_points:
+        return ["no method succeeded on any case: no plots"]
+    plot_boxplots(folder / "tre_boxplot.png", {m: np.concatenate([t.error_mm for t in ts])
+                                               for m, ts in with_points.items()})
+    registered = {m: ts for m, ts in with_points.items() if m != "identity"}
+    if registered:
+        plot_error_vs_initial(folder / "error_vs_initial.png", {
+            m: (np.concatenate([t.initial_mm for t in ts]), np.concatenate([t.error_mm for t in ts]))
+            for m, ts in registered.items()})
+    for method in with_points:
+        if method == "identity":
+            continue
+        candidates = []
+        for record in records:
+            table = tables.get((record["case"], method))
+            if record["method"] != method or record["status"] != "ok" or table is None:
+                continue
+            for n in np.argsort(table.error_mm)[::-1][:worst_count]:
+                candidates.append({"case": record["case"], "label": table.labels[n], "error": float(table.error_mm[n]),
+                                   "fixed": table.fixed_lps_mm[n], "true": table.true_lps_mm[n],
+                                   "predicted": table.predicted_lps_mm[n]})
+        worst = sorted(candidates, key=lambda item: -item["error"])[:worst_count]
+        try:
+            plot_worst_points(folder / f"worst_{slugs[method]}.png", method, worst, load_volumes)
+        except BadInputError as error:
+            notes.append(f"worst-point view of {method} skipped: {error}")
+    return notes

@@ -1,0 +1,397 @@
+"""``meddift eval`` and its parts: dataset layouts (DIR-Lab, COPDgene, Learn2Reg, manifest) on small
+fixtures made here, the baselines' direction convention, the reports, and the error paths."""
+
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import DIRLAB_DIR, require
+
+from MedDIFTLib.baselines import bspline, convexadam, parse_method, run_method, unavailable_reason
+from MedDIFTLib.cli import main
+from MedDIFTLib.datasets import (
+    DIRLAB_4DCT,
+    RawGeometry,
+    detect_layout,
+    load_case,
+    open_dataset,
+    read_raw_volume,
+)
+from MedDIFTLib.errors import BadInputError
+from MedDIFTLib.geometry import Geometry
+from MedDIFTLib.io import PointSet, Volume, write_points, write_volume
+from MedDIFTLib.report import PointTable, make_plots, markdown_tables, summarise, write_tables
+from MedDIFTLib.simulate import phantom_ct
+
+
+def _sparse(path, size):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        handle.truncate(size)
+
+
+def _write_lines(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(str(v) for v in row) + "\n" for row in rows))
+
+
+def _raw_size(geometry: RawGeometry) -> int:
+    return int(np.prod(geometry.shape_ijk)) * 2
+
+
+def _small_volume(origin=(-20.0, 10.0, 30.0)) -> Volume:
+    voxels = np.random.default_rng(0).normal(0, 100, (6, 8, 10)).astype(np.float32)
+    return Volume(voxels, Geometry.create((10, 8, 6), (1.5, 1.5, 2.0), origin))
+
+
+# ---------------------------------------------------------------- dataset layouts
+
+
+def test_dirlab_layout_uses_published_geometry_and_names_missing_files(tmp_path):
+    _sparse(tmp_path / "Case1Pack" / "Images" / "case1_T00_s.img", _raw_size(DIRLAB_4DCT[1]))
+    _sparse(tmp_path / "Case1Pack" / "Images" / "case1_T50_s.img", _raw_size(DIRLAB_4DCT[1]))
+    _write_lines(tmp_path / "Case1Pack" / "ExtremePhases" / "Case1_300_T00_xyz.txt", [(10, 20, 5), (1, 1, 1)])
+    _write_lines(tmp_path / "Case1Pack" / "ExtremePhases" / "Case1_300_T50_xyz.txt", [(12, 20, 6), (1, 2, 1)])
+    _sparse(tmp_path / "Case8Deploy" / "Images" / "case8_T00.img", 10)
+    _write_lines(tmp_path / "Case8Deploy" / "extremePhases" / "case8_dirLab300_T00_xyz.txt", [(1, 1, 1)])
+    assert detect_layout(tmp_path) == "dirlab"
+    dataset = open_dataset(tmp_path)
+    assert [case.name for case in dataset.cases] == ["case1", "case8"]
+    case1 = dataset.cases[0]
+    assert case1.fixed_image.endswith("case1_T00_s.img") and case1.moving_points.endswith("T50_xyz.txt")
+    assert case1.published_initial_mm == pytest.approx(3.89)
+    data = load_case(case1, images=False)
+    np.testing.assert_allclose(data.fixed_points.points_lps_mm[0], [9 * 0.97, 19 * 0.97, 4 * 2.5])
+    np.testing.assert_allclose(data.moving_points.points_lps_mm[1] - data.fixed_points.points_lps_mm[1],
+                               [0, 0.97, 0])
+    with pytest.raises(BadInputError, match=r"case8 has no .*T50 image.*T50 landmark file"):
+        load_case(dataset.cases[1])
+
+
+def test_raw_volume_is_read_in_ijk_order_shifted_to_hu_and_size_checked(tmp_path):
+    raw = RawGeometry((4, 3, 2), (1.0, 1.0, 2.0))
+    values = np.arange(24, dtype="<i2") + 1024
+    path = tmp_path / "case_T00.img"
+    values.tofile(path)
+    volume = read_raw_volume(path, raw)
+    assert volume.voxels.shape == (2, 3, 4)
+    assert volume.voxels[0, 0, 1] == 1 and volume.voxels[1, 2, 3] == 23
+    assert volume.geometry.spacing_mm == (1.0, 1.0, 2.0)
+    values[:-1].tofile(path)
+    with pytest.raises(BadInputError, match=r"case_T00.img: 46 bytes, but the published 4x3x2 int16 volume has 48"):
+        read_raw_volume(path, raw)
+
+
+@pytest.mark.parametrize("case, published", [(1, 3.89), (2, 4.34)])
+def test_dirlab_reader_reproduces_the_published_initial_error(tmp_path, case, published, capsys):
+    """The real DIR-Lab landmark files (back in their published 1-based txt form) on blank images of the
+    published size: ``meddift eval --methods identity`` must give the published initial distance."""
+    folder = require(DIRLAB_DIR / f"case{case}")
+    pack = tmp_path / f"Case{case}Pack"
+    for phase in ("T00", "T50"):
+        rows = np.loadtxt(folder / f"case{case}_{phase}_landmarks.csv", delimiter=",", skiprows=1).astype(int) + 1
+        _write_lines(pack / "ExtremePhases" / f"Case{case}_300_{phase}_xyz.txt", rows)
+        _sparse(pack / "Images" / f"case{case}_{phase}_s.img", _raw_size(DIRLAB_4DCT[case]))
+    out = tmp_path / "results"
+    assert main(["eval", str(tmp_path), "--methods", "identity", "--out", str(out), "--in-process", "--quiet"]) == 0
+    record = json.loads((out / "results.json").read_text())["cases"][0]
+    assert record["points"] == 300
+    assert record["mean"] == pytest.approx(published, abs=0.005)
+    assert f"published initial {published:.2f}" in (out / "results.md").read_text()
+
+
+def test_copdgene_layout_pairs_inspiration_with_expiration(tmp_path):
+    geometry = RawGeometry((512, 512, 121), (0.625, 0.625, 2.5))
+    folder = tmp_path / "copd1" / "copd1"
+    for phase in ("i", "e"):
+        _sparse(folder / f"copd1_{phase}BHCT.img", _raw_size(geometry))
+    _write_lines(folder / "copd1_300_iBH_xyz_r1.txt", [(100, 200, 50)])
+    _write_lines(folder / "copd1_300_eBH_xyz_r1.txt", [(100, 210, 40)])
+    dataset = open_dataset(tmp_path)
+    assert dataset.layout == "copdgene"
+    case = dataset.cases[0]
+    assert case.name == "copd1" and case.fixed_image.endswith("copd1_iBHCT.img")
+    data = load_case(case, images=False)
+    np.testing.assert_allclose(data.moving_points.points_lps_mm - data.fixed_points.points_lps_mm,
+                               [[0, 10 * 0.625, -10 * 2.5]])
+    (folder / "copd1_300_eBH_xyz_r1.txt").unlink()
+    with pytest.raises(BadInputError, match="copd1 has no eBH landmark file"):
+        load_case(open_dataset(tmp_path).cases[0])
+
+
+def test_learn2reg_layout_reads_json_pairs_keypoints_and_masks(tmp_path):
+    fixed, moving = _small_volume(), _small_volume(origin=(-19.0, 10.0, 30.0))
+    for name, volume in (("Lung_0001_0000", fixed), ("Lung_0001_0001", moving), ("Lung_0002_0000", fixed),
+                         ("Lung_0002_0001", moving)):
+        write_volume(volume, tmp_path / "imagesTr" / f"{name}.nii.gz")
+    mask = Volume(np.ones((6, 8, 10), np.float32), fixed.geometry)
+    write_volume(mask, tmp_path / "masksTr" / "Lung_0001_0000.nii.gz")
+    (tmp_path / "keypointsTr").mkdir()
+    (tmp_path / "keypointsTr" / "Lung_0001_0000.csv").write_text("1.0,2.0,3.0\n4.5,5.0,1.0\n")
+    (tmp_path / "keypointsTr" / "Lung_0001_0001.csv").write_text("1.0,2.0,3.0\n4.0,5.0,1.0\n")
+    def pairs(n: int) -> list[dict]:
+        return [{"fixed": f"./imagesTr/Lung_000{n}_0000.nii.gz", "moving": f"./imagesTr/Lung_000{n}_0001.nii.gz"}]
+
+    (tmp_path / "LungCT_dataset.json").write_text(json.dumps({"registration_val": pairs(1),
+                                                              "training_paired_images": pairs(2)}))
+    dataset = open_dataset(tmp_path)
+    assert dataset.layout == "learn2reg" and [c.name for c in dataset.cases] == ["Lung_0001_0000-0001"]
+    data = load_case(dataset.cases[0])
+    np.testing.assert_allclose(data.fixed_points.points_lps_mm, fixed.geometry.ijk_to_lps([[1, 2, 3], [4.5, 5, 1]]))
+    np.testing.assert_allclose(data.moving_points.points_lps_mm[0] - data.fixed_points.points_lps_mm[0], [1, 0, 0])
+    assert data.fixed_mask is not None and data.fixed_mask.voxels.sum() == 480
+    train = open_dataset(tmp_path, split="train").cases[0]
+    with pytest.raises(BadInputError, match="no keypoint files Lung_0002_0000.csv and Lung_0002_0001.csv"):
+        load_case(train)
+
+
+def test_manifest_pairs_points_by_label_and_names_bad_files(tmp_path):
+    volume = _small_volume()
+    write_volume(volume, tmp_path / "img" / "fixed.nii.gz")
+    write_volume(volume, tmp_path / "img" / "moving.nii.gz")
+    points = volume.geometry.ijk_to_lps([[1, 1, 1], [5, 4, 3], [8, 6, 4]])
+    write_points(PointSet(points, ["a", "b", "c"]), tmp_path / "fixed.csv")
+    write_points(PointSet(points[::-1] + [0, 0, 2], ["c", "b", "a"]), tmp_path / "moving.csv")
+    write_points(PointSet(points[:2], ["a", "b"]), tmp_path / "two.csv")
+    rows = [["case", "fixed", "moving", "fixed_points", "moving_points"],
+            ["good", "img/fixed.nii.gz", "img/moving.nii.gz", "fixed.csv", "moving.csv"],
+            ["short", "img/fixed.nii.gz", "img/moving.nii.gz", "fixed.csv", "two.csv"],
+            ["absent", "img/fixed.nii.gz", "img/nothing.nii.gz", "fixed.csv", "moving.csv"]]
+    with (tmp_path / "pairs.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    dataset = open_dataset(tmp_path / "pairs.csv")
+    assert dataset.layout == "manifest" and [c.name for c in dataset.cases] == ["good", "short", "absent"]
+    good = load_case(dataset.cases[0])
+    assert good.moving_points.labels == ["a", "b", "c"]
+    np.testing.assert_allclose(good.moving_points.points_lps_mm - good.fixed_points.points_lps_mm, [[0, 0, 2]] * 3)
+    with pytest.raises(BadInputError, match=r"two.csv: 2 points, but .*fixed.csv has 3"):
+        load_case(dataset.cases[1])
+    with pytest.raises(BadInputError, match=r"nothing.nii.gz: no such file"):
+        load_case(dataset.cases[2])
+    (tmp_path / "bad.csv").write_text("fixed,moving\na.nii.gz,b.nii.gz\n")
+    with pytest.raises(BadInputError, match=r"bad.csv: manifest lacks column\(s\) fixed_points, moving_points"):
+        open_dataset(tmp_path / "bad.csv")
+    with pytest.raises(BadInputError, match="no case named nope"):
+        dataset.select(["nope"])
+
+
+def test_unknown_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BadInputError, match=r"unknown dataset layout; expected a DIR-Lab 4DCT folder"):
+        open_dataset(tmp_path)
+    with pytest.raises(BadInputError, match="no such file or folder"):
+        open_dataset(tmp_path / "absent")
+
+
+# ---------------------------------------------------------------- methods
+
+
+def test_method_specs_are_parsed_and_checked():
+    spec = parse_method("mind:search_radius_mm=15,patch_radius=2")
+    assert spec.name == "mind" and spec.options == {"search_radius_mm": 15, "patch_radius": 2}
+    assert spec.slug == "mind_search_radius_mm-15_patch_radius-2"
+    assert parse_method("bspline:control_spacing_mm=12").options == {"control_spacing_mm": 12}
+    with pytest.raises(BadInputError, match="unknown method 'elastix'"):
+        parse_method("elastix")
+    with pytest.raises(BadInputError, match="method 'bspline' does not take option.*grid"):
+        parse_method("bspline:grid=3")
+    with pytest.raises(BadInputError, match="is not KEY=VALUE"):
+        parse_method("mind:15")
+    with pytest.raises(BadInputError, match="a metric in meansquares, correlation, mattes"):
+        bspline(None, None, np.zeros((1, 3)), metric="ssd")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return phantom_ct(seed=1)
+
+
+@pytest.fixture(scope="module")
+def shifted_phantom(phantom):
+    """The phantom and a copy whose world position moved by ``shift``: M(y) = F(y - shift), so a fixed
+    point x lies at x + shift in the moving image (what every method must predict). The shift differs
+    along every axis, so a swapped axis or sign shows."""
+    fixed = phantom
+    shift = np.array([6.0, -1.0, -3.0])
+    moving = Volume(fixed.voxels.copy(), Geometry.create(fixed.geometry.shape_ijk, fixed.geometry.spacing_mm,
+                                                         np.asarray(fixed.geometry.origin_lps_mm) + shift))
+    points = fixed.geometry.ijk_to_lps(np.array([[24, 28, 24], [40, 28, 20], [32, 20, 28], [30, 36, 22]], float))
+    return fixed, moving, points, shift
+
+
+@pytest.mark.parametrize("metric", ["meansquares", "correlation"])
+def test_bspline_predicts_moving_points_in_the_itk_direction(shifted_phantom, metric):
+    fixed, moving, points, shift = shifted_phantom
+    output = bspline(fixed, moving, points, iterations=20, samples=3000, metric=metric)
+    assert np.abs(output.points_lps_mm - (points + shift)).max() < 1.0
+    np.testing.assert_allclose(output.field.transform_points(points), output.points_lps_mm, atol=0.2)
+
+
+@pytest.mark.skipif(unavailable_reason("convexadam") is not None, reason="convexAdam not installed")
+def test_convexadam_voxel_steps_become_lps_mm_on_the_working_grid(shifted_phantom, monkeypatch):
+    """ConvexAdam's output is voxel steps along the array axes [k, j, i] of the working grid: a step of
+    (1, 2, 3) voxels of 2.5 mm is 2.5 * (3, 2, 1) mm in LPS (identity direction)."""
+    import convexAdam.convex_adam_MIND as module
+
+    fixed, moving, points, _ = shifted_phantom
+    calls = {}
+
+    def fake_convex_adam_pt(img_fixed, img_moving, **options):
+        calls.update(shape=tuple(img_fixed.shape), moving_shape=tuple(img_moving.shape), **options)
+        return np.broadcast_to(np.array([1.0, 2.0, 3.0]), (*img_fixed.shape, 3)).copy()
+
+    monkeypatch.setattr(module, "convex_adam_pt", fake_convex_adam_pt)
+    output = convexadam(fixed, moving, points, working_spacing_mm=2.5, grid_sp=4)
+    np.testing.assert_allclose(output.points_lps_mm - points, [[7.5, 5.0, 2.5]] * len(points), atol=1e-5)
+    assert calls["shape"] == calls["moving_shape"] == (48, 56, 64) and calls["grid_sp"] == 4
+    assert calls["lambda_weight"] == 1.25 and output.field.geometry.spacing_mm == (2.5, 2.5, 2.5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(unavailable_reason("convexadam") is not None, reason="convexAdam not installed")
+def test_convexadam_predicts_moving_points_in_the_itk_direction(shifted_phantom):
+    fixed, moving, points, shift = shifted_phantom
+    output = convexadam(fixed, moving, points, working_spacing_mm=2.5)
+    assert np.linalg.norm(output.points_lps_mm - (points + shift), axis=1).mean() < 1.5
+
+
+def test_meddift_and_identity_through_run_method(shifted_phantom):
+    fixed, moving, points, shift = shifted_phantom
+
+    class Data:
+        fixed_points = PointSet(points, ["1", "2", "3", "4"])
+        fixed_mask = None
+
+    Data.fixed, Data.moving = fixed, moving
+    np.testing.assert_array_equal(run_method(parse_method("identity"), Data).points_lps_mm, points)
+    matched = run_method(parse_method("mind:search_radius_mm=10"), Data, device="cpu")
+    assert np.linalg.norm(matched.points_lps_mm - (points + shift), axis=1).mean() < 1.0
+    assert 0.0 <= matched.details["reliable_fraction"] <= 1.0 and matched.field is None
+
+
+# ---------------------------------------------------------------- reports
+
+
+def _table(error_mm: float, count: int = 4) -> PointTable:
+    fixed = np.zeros((count, 3))
+    true = np.tile([3.0, 4.0, 0.0], (count, 1))
+    return PointTable([str(n) for n in range(count)], fixed, true, true + [error_mm, 0, 0])
+
+
+def test_report_tables_pool_points_and_record_failures(tmp_path):
+    records = [
+        {"case": "a", "method": "identity", "status": "ok", "points": 4, "initial_mean": 5.0, "mean": 5.0,
+         "std": 0.0, "p50": 5.0, "p95": 5.0, "max": 5.0, "folding_fraction": None, "seconds": 0.1,
+         "peak_rss_mb": 300.0},
+        {"case": "a", "method": "bspline", "status": "ok", "points": 4, "initial_mean": 5.0, "mean": 1.0,
+         "std": 0.0, "p50": 1.0, "p95": 1.0, "max": 1.0, "folding_fraction": 0.001, "seconds": 3.0,
+         "peak_rss_mb": 900.0},
+        {"case": "b", "method": "identity", "status": "ok", "points": 4, "initial_mean": 5.0, "mean": 5.0,
+         "std": 0.0, "p50": 5.0, "p95": 5.0, "max": 5.0, "folding_fraction": None, "seconds": 0.1,
+         "peak_rss_mb": 310.0},
+        {"case": "b", "method": "bspline", "status": "failed", "error": "b/moving.nii.gz: no such file"},
+    ]
+    tables = {("a", "identity"): _table(5.0), ("a", "bspline"): _table(1.0), ("b", "identity"): _table(5.0)}
+    overall = summarise(records, tables, ["identity", "bspline"])
+    assert overall[0]["points"] == 8 and overall[0]["mean"] == pytest.approx(5.0)
+    assert overall[1]["cases_ok"] == 1 and overall[1]["mean"] == pytest.approx(1.0)
+    assert overall[1]["folding_fraction"] == pytest.approx(0.001) and overall[1]["peak_rss_mb"] == 900.0
+    payload = {"dataset": {"path": "x", "layout": "manifest"}, "cases": records, "overall": overall}
+    write_tables(tmp_path, payload)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["case"], r["method"], r["status"]) for r in rows][-2:] == [("ALL", "identity", "ok"),
+                                                                           ("ALL", "bspline", "ok")]
+    assert rows[3]["error"] == "b/moving.nii.gz: no such file"
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| bspline | 1/2 | 4 | 5.00 | 1.00 |" in markdown and "failed: b/moving.nii.gz: no such file" in markdown
+    assert json.loads((tmp_path / "results.json").read_text())["overall"][1]["method"] == "bspline"
+    assert markdown_tables(records, overall).count("\n| a |") == 2
+
+
+def test_plots_are_written_and_skipped_cleanly_without_matplotlib(tmp_path, monkeypatch, phantom):
+    volume = phantom
+    records = [{"case": "a", "method": m, "status": "ok"} for m in ("identity", "mind")]
+    centre = volume.geometry.ijk_to_lps([[30, 28, 24]] * 4)
+    table = PointTable(list("abcd"), centre, centre + [2, 0, 0], centre + [2, 1, 0])
+    tables = {("a", "identity"): table, ("a", "mind"): table}
+    notes = make_plots(tmp_path, records, tables, ["identity", "mind"], lambda case: (volume, volume),
+                       {"identity": "identity", "mind": "mind"}, worst_count=2)
+    assert notes == []
+    for name in ("tre_boxplot.png", "error_vs_initial.png", "worst_mind.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    notes = make_plots(tmp_path / "none", records, tables, ["identity", "mind"], lambda case: (volume, volume),
+                       {"identity": "identity", "mind": "mind"})
+    assert "matplotlib is not installed" in notes[0] and not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_simulate_manifest_then_eval_keeps_going_past_a_bad_case(tmp_path, capsys, phantom):
+    cts = tmp_path / "cts"
+    write_volume(phantom, cts / "alpha.nii.gz", sitk.sitkInt16)
+    volume = phantom
+    write_volume(volume, cts / "beta" / "image.nii.gz", sitk.sitkInt16)
+    write_points(PointSet(volume.geometry.ijk_to_lps([[20, 28, 24], [44, 28, 24], [32, 20, 18]]), ["x", "y", "z"]),
+                 cts / "beta" / "landmarks.csv")
+    (cts / "broken.nii.gz").write_text("not an image")
+    pairs = tmp_path / "pairs"
+    assert main(["simulate", "--manifest", str(cts), str(pairs), "--num-keypoints", "20", "--seed", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped broken: " in captured.err and "broken.nii.gz" in captured.err
+    rows = list(csv.DictReader((pairs / "manifest.csv").open()))
+    assert [r["case"] for r in rows] == ["alpha", "beta"]
+    assert json.loads((pairs / "beta" / "pair.json").read_text())["points"] == 3
+    with (pairs / "manifest.csv").open("a") as handle:
+        handle.write("gamma,alpha/fixed.nii.gz,gamma/missing.nii.gz,alpha/fixed_points.csv,"
+                     "alpha/moving_points_true.csv\n")
+    out = tmp_path / "results"
+    code = main(["eval", str(pairs / "manifest.csv"), "--methods", "identity", "mind", "--out", str(out),
+                 "--device", "cpu", "--quiet", "--in-process"])
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    status = {(r["case"], r["method"]): r for r in results["cases"]}
+    assert status[("alpha", "mind")]["status"] == "ok" and status[("beta", "identity")]["points"] == 3
+    assert status[("gamma", "mind")]["status"] == "failed"
+    assert "gamma/missing.nii.gz: no such file" in status[("gamma", "mind")]["error"]
+    assert status[("alpha", "mind")]["peak_rss_mb"] > 50
+    overall = {r["method"]: r for r in results["overall"]}
+    assert overall["mind"]["mean"] < 0.5 * overall["identity"]["mean"] and overall["mind"]["cases_ok"] == 2
+    assert (out / "points" / "beta" / "mind.csv").is_file()
+    assert (out / "plots" / "worst_mind.png").is_file()
+    assert "| mind | 2/3 |" in capsys.readouterr().out
+
+
+def test_eval_runs_each_case_in_its_own_process_and_records_a_timeout(tmp_path):
+    volume = _small_volume()
+    write_volume(volume, tmp_path / "f.nii.gz")
+    write_points(PointSet(volume.geometry.ijk_to_lps([[2, 2, 2], [5, 4, 3]]), ["p", "q"]), tmp_path / "p.csv")
+    (tmp_path / "m.csv").write_text("fixed,moving,fixed_points,moving_points\nf.nii.gz,f.nii.gz,p.csv,p.csv\n")
+    out = tmp_path / "out"
+    ballast = np.ones(2**27)  # 1 GiB in this (parent) process: the run's own peak must not include it
+    assert main(["eval", str(tmp_path / "m.csv"), "--methods", "identity", "--out", str(out), "--quiet"]) == 0
+    del ballast
+    record = json.loads((out / "results.json").read_text())["cases"][0]
+    assert record["status"] == "ok" and record["points"] == 2 and record["mean"] == 0.0
+    assert 20 < record["peak_rss_mb"] < 700 and (out / "logs" / "case1__identity.log").is_file()
+    assert main(["eval", str(tmp_path / "m.csv"), "--methods", "identity", "--out", str(tmp_path / "again"),
+                 "--timeout-s", "0.01", "--quiet"]) == 1
+    record = json.loads((tmp_path / "again" / "results.json").read_text())["cases"][0]
+    assert record["status"] == "failed" and record["error"].startswith("timed out after")
+
+
+def test_eval_bad_arguments_end_with_a_message_and_no_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "m.csv").write_text("fixed,moving,fixed_points,moving_points\n")
+    assert main(["eval", str(tmp_path / "m.csv"), "--methods", "nonsense", "--out", str(out)]) == 2
+    assert "unknown method 'nonsense'" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", str(tmp_path / "m.csv"), "--out", str(out)]) == 2
+    assert "no cases found" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "old.txt").write_text("keep")
+    assert main(["eval", str(tmp_path / "m.csv"), "--out", str(out)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
