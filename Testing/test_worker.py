@@ -262,13 +262,14 @@ def test_feature_cache_is_bounded_and_evicts_the_least_recently_used(client, loa
 
 
 def _quick_field_options() -> dict:
-    """Registration options for a seconds-long run: one coarse matching level, no optimisation."""
+    """Registration options for a seconds-long run: one 6 mm matching level, no optimisation, no mask
+    (the lung crop is mostly below the body-mask threshold)."""
     from MedDIFTLib.field import FieldOptions
 
     defaults = FieldOptions()
     level = dataclasses.asdict(defaults.levels[0])
-    level.update(grid_spacing_mm=24.0, search_radius_mm=10.0, smoothness_mm=24.0)
-    return {"levels": [level], "optimise_iterations": 0}
+    level.update(spacing_mm=6.0, search_radius_mm=10.0, smoothness_mm=24.0)
+    return {"levels": [level], "optimise_iterations": 0, "mask_threshold_hu": None}
 
 
 @pytest.mark.skipif(not HAS_FIELD, reason="MedDIFTLib.field is not in this installation")

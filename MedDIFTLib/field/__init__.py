@@ -1,0 +1,37 @@
+"""Dense displacement fields from feature matches: fit, refine, invert, warp, check and save.
+
+See :mod:`MedDIFTLib.field.register` for the method and :mod:`MedDIFTLib.field.displacement`
+for the field's convention (ITK: fixed grid, maps fixed points to moving points, LPS mm).
+"""
+
+from .displacement import (
+    DisplacementField,
+    invert,
+    jacobian_determinant,
+    jacobian_stats,
+    read_field,
+    to_sitk_image,
+    transform_points,
+    warp_volume,
+    write_field,
+)
+from .register import FieldLevel, FieldOptions, Mask, body_mask, mask_from_volume, register, register_and_write
+
+__all__ = [
+    "DisplacementField",
+    "FieldLevel",
+    "FieldOptions",
+    "Mask",
+    "body_mask",
+    "invert",
+    "jacobian_determinant",
+    "jacobian_stats",
+    "mask_from_volume",
+    "read_field",
+    "register",
+    "register_and_write",
+    "to_sitk_image",
+    "transform_points",
+    "warp_volume",
+    "write_field",
+]

@@ -1,0 +1,124 @@
+"""Grid helpers for displacement fields: coarse node grids, index maps and trilinear sampling.
+
+Tensors holding a vector or feature field are ``(C, K, J, I)`` on a :class:`Geometry`; points
+are LPS mm ``(N, 3)``; voxel coordinates are continuous ``ijk`` (SimpleITK order, 0-based).
+Sampling is trilinear; outside the grid the border value is repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..geometry import Geometry
+
+SLAB_VOXELS = 2**21
+
+
+def node_grid(geometry: Geometry, spacing_mm: float) -> Geometry:
+    """A coarser grid whose nodes sit on voxels of ``geometry`` and cover all of it.
+
+    Per axis the step is the whole number of voxels closest to ``spacing_mm`` (at least one);
+    node 0 is voxel 0 and the last node lies at or beyond the last voxel.
+    """
+    factors = np.maximum(1, np.round(spacing_mm / np.asarray(geometry.spacing_mm))).astype(int)
+    shape = np.ceil((np.asarray(geometry.shape_ijk) - 1) / factors).astype(int) + 1
+    spacing = np.asarray(geometry.spacing_mm) * factors
+    return Geometry.create(shape, spacing, geometry.origin_lps_mm, geometry.direction_matrix)
+
+
+def pooled_grid(geometry: Geometry, factors_ijk: np.ndarray) -> Geometry:
+    """The grid of :func:`pool` with per-axis ``factors_ijk``: cell ``n`` covers voxels
+    ``n*f .. n*f+f-1`` (the last cell may be partial), its node is the cells' centre."""
+    factors = np.asarray(factors_ijk, int)
+    origin = geometry.ijk_to_lps(((factors - 1) / 2.0)[None])[0]
+    shape = -(-np.asarray(geometry.shape_ijk) // factors)
+    return Geometry.create(shape, np.asarray(geometry.spacing_mm) * factors, origin, geometry.direction_matrix)
+
+
+def cell_grid(geometry: Geometry, spacing_mm: float) -> Geometry:
+    """The :func:`pooled_grid` whose cells are closest to ``spacing_mm`` (whole voxels per axis)."""
+    return pooled_grid(geometry, pool_factors(geometry, spacing_mm))
+
+
+def pool(values: torch.Tensor, factors_ijk: np.ndarray) -> torch.Tensor:
+    """Average ``(C, K, J, I)`` over cells of ``factors_ijk`` voxels (partial cells at the end)."""
+    kernel = tuple(int(f) for f in np.asarray(factors_ijk)[::-1])
+    if max(kernel) == 1:
+        return values
+    return F.avg_pool3d(values[None], kernel, stride=kernel, ceil_mode=True)[0]
+
+
+def pool_factors(geometry: Geometry, spacing_mm: float) -> np.ndarray:
+    """Per-axis whole factors (ijk) that bring ``geometry``'s voxels closest to ``spacing_mm``."""
+    return np.maximum(1, np.round(spacing_mm / np.asarray(geometry.spacing_mm))).astype(int)
+
+
+def index_map(source: Geometry, target: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix, offset)`` with ``source_ijk = matrix @ target_ijk + offset``."""
+    source_affine = source.affine_ijk_to_lps
+    target_affine = target.affine_ijk_to_lps
+    matrix = np.linalg.solve(source_affine[:3, :3], target_affine[:3, :3])
+    offset = np.linalg.solve(source_affine[:3, :3], target_affine[:3, 3] - source_affine[:3, 3])
+    return matrix, offset
+
+
+def normalised(ijk: torch.Tensor, shape_ijk: tuple[int, int, int]) -> torch.Tensor:
+    """Voxel coordinates -> ``grid_sample``'s [-1, 1] (``align_corners=True``)."""
+    sizes = torch.tensor(shape_ijk, dtype=ijk.dtype, device=ijk.device)
+    return torch.where(sizes > 1, 2.0 * ijk / (sizes - 1).clamp(min=1) - 1.0, torch.zeros_like(ijk))
+
+
+def sample(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``(N, C)`` of ``values`` ``(C, K, J, I)`` at voxel coordinates ``(N, 3)``."""
+    shape_ijk = tuple(values.shape[1:][::-1])
+    grid = normalised(ijk.to(values.dtype), shape_ijk).reshape(1, -1, 1, 1, 3)
+    samples = F.grid_sample(values[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return samples[0, :, :, 0, 0].T
+
+
+def sample_lps(values: torch.Tensor, geometry: Geometry, points_lps_mm: np.ndarray) -> torch.Tensor:
+    """Trilinear samples ``(N, C)`` of ``values`` on ``geometry`` at LPS points ``(N, 3)``."""
+    ijk = geometry.lps_to_ijk(np.asarray(points_lps_mm, float).reshape(-1, 3))
+    return sample(values, torch.as_tensor(ijk, dtype=values.dtype, device=values.device))
+
+
+def slabs(geometry: Geometry, max_voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int]]:
+    """``(k_start, k_stop)`` ranges of whole ``k`` slices holding at most ``max_voxels`` each."""
+    size_k = geometry.shape_ijk[2]
+    per_slice = geometry.shape_ijk[0] * geometry.shape_ijk[1]
+    step = max(1, max_voxels // max(per_slice, 1))
+    for start in range(0, size_k, step):
+        yield start, min(start + step, size_k)
+
+
+def slab_ijk(geometry: Geometry, k_start: int, k_stop: int, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates ``(n, 3)`` of slices ``k_start:k_stop`` in ``[k, j, i]`` raster order."""
+    axes = [
+        torch.arange(k_start, k_stop, dtype=dtype),
+        torch.arange(geometry.shape_ijk[1], dtype=dtype),
+        torch.arange(geometry.shape_ijk[0], dtype=dtype),
+    ]
+    k, j, i = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([i.reshape(-1), j.reshape(-1), k.reshape(-1)], dim=1)
+
+
+def slab_lps(geometry: Geometry, k_start: int, k_stop: int) -> torch.Tensor:
+    """LPS mm ``(n, 3)`` (float64) of the voxel centres of slices ``k_start:k_stop``."""
+    affine = torch.as_tensor(geometry.affine_ijk_to_lps)
+    return slab_ijk(geometry, k_start, k_stop, torch.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def resample(values: torch.Tensor, source: Geometry, target: Geometry) -> torch.Tensor:
+    """``values`` ``(C, K, J, I)`` on ``source`` resampled (trilinear) onto ``target``'s voxels."""
+    matrix, offset = index_map(source, target)
+    matrix_t = torch.as_tensor(matrix.T, dtype=torch.float32)
+    offset_t = torch.as_tensor(offset, dtype=torch.float32)
+    output = torch.empty((values.shape[0], *target.shape_kji), dtype=values.dtype)
+    for k_start, k_stop in slabs(target):
+        source_ijk = slab_ijk(target, k_start, k_stop) @ matrix_t + offset_t
+        output[:, k_start:k_stop] = sample(values, source_ijk).T.reshape(-1, k_stop - k_start, *target.shape_kji[1:])
+    return output

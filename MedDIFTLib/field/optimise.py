@@ -1,0 +1,274 @@
+"""Instance optimisation: refine a displacement field on the descriptor similarity itself.
+
+The search gives matches on a lattice and the fit smooths them; this step optimises the field
+directly, as ConvexAdam does with MIND-SSC, on the energy
+
+    E(u) = sum_nodes |g(x + u(x)) - f(x)|^2  +  regularisation * sum_edges |du / dx|^2
+
+where ``f`` / ``g`` are the fixed / moving descriptors of the pyramid's finest level (L2-normalised
+per voxel and averaged over the cells of the node grid, as ConvexAdam pools MIND to half
+resolution), ``u`` the displacement (mm) on that node grid, the data term taken at the nodes
+inside the mask and the diffusion term (mm/mm) over the whole grid.
+
+It is minimised by Levenberg-Marquardt (Gauss-Newton with an adaptive damping) instead of
+ConvexAdam's Adam: every step linearises the moving descriptors (their spatial gradients are
+sampled with them) and solves the sparse, positive definite system
+``(H + regularisation * L + damping) du = -(b + regularisation * L u)`` by block-Jacobi conjugate
+gradients; a step that raises E is refused and the damping raised. Ten steps bring the field to
+the energy's minimum on our test pairs, where Adam needs many more gradient steps, which keeps
+this stage cheap on a CPU. The diffusion term keeps the field smooth and free of folds. A level
+with many channels is first projected on its leading principal components (as DINO-Reg does with
+foundation features), so the cost does not grow with the backbone's width; any pyramid works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones.base import FeaturePyramid
+from ..geometry import Geometry
+from ..progress import ProgressFn, no_progress
+from . import grids
+
+MAX_CHANNELS = 16
+CG_ITERATIONS = 25
+MAX_STEP_VOXELS = 0.5
+
+
+@dataclass
+class _LevelTerm:
+    """One pyramid level's similarity term at the sample nodes."""
+
+    fixed_features: torch.Tensor  # (N, C) pooled, normalised fixed descriptors at the nodes
+    moving_base_ijk: torch.Tensor  # (N, 3) the nodes in pooled moving-level voxel coordinates
+    mm_to_moving_ijk: torch.Tensor  # (3, 3): moving_ijk = base + u @ this
+    moving_stack: torch.Tensor  # (4C, K, J, I): moving descriptors, then their d/di, d/dj, d/dk
+    weight: float
+
+    @property
+    def channels(self) -> int:
+        return int(self.fixed_features.shape[1])
+
+
+def pooled_descriptors(features: torch.Tensor, geometry: Geometry, spacing_mm: float) -> tuple[torch.Tensor, Geometry]:
+    """Descriptors L2-normalised per voxel, then averaged over cells of about ``spacing_mm``."""
+    factors = grids.pool_factors(geometry, spacing_mm)
+    return grids.pool(F.normalize(features.float(), dim=0), factors), grids.pooled_grid(geometry, factors)
+
+
+def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
+    """(C, count) projection on the leading principal directions of both volumes' descriptors."""
+    channels = fixed.shape[0]
+    if channels <= count:
+        return None
+    samples = torch.cat([fixed.reshape(channels, -1), moving.reshape(channels, -1)], dim=1)
+    stride = max(1, samples.shape[1] // 200_000)
+    samples = samples[:, ::stride]
+    samples = samples - samples.mean(dim=1, keepdim=True)
+    _, vectors = torch.linalg.eigh(samples @ samples.T)
+    return vectors[:, -count:]
+
+
+def _project(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    if projection is None:
+        return features
+    return torch.einsum("ckji,cd->dkji", features, projection).contiguous()
+
+
+def _level_terms(
+    fixed: FeaturePyramid,
+    moving: FeaturePyramid,
+    param_grid: Geometry,
+    node_index: torch.Tensor,
+    nodes_lps_mm: np.ndarray,
+) -> list[_LevelTerm]:
+    """Similarity terms at the nodes ``node_index`` (flat, raster order) of ``param_grid``.
+
+    Only the finest level takes part: this step is for precision, the coarser levels have
+    already given the capture range (with them the optimum blurs: 0.85 instead of 0.77 mm mean
+    error on the pulmonary test pair). Descriptors are pooled to the grid's cells; a level pooled
+    onto exactly ``param_grid`` is taken as is, so fixed and moving descriptors are pooled alike.
+    """
+    spacing_mm = float(np.min(param_grid.spacing_mm))
+    finest = int(np.argmin([np.prod(level.geometry.spacing_mm) for level in fixed.levels]))
+    terms = []
+    for fixed_level, moving_level in [(fixed.levels[finest], moving.levels[finest])]:
+        fixed_features, fixed_geometry = pooled_descriptors(fixed_level.features, fixed_level.geometry, spacing_mm)
+        moving_features, moving_geometry = pooled_descriptors(
+            moving_level.features, moving_level.geometry, spacing_mm
+        )
+        projection = _principal_projection(fixed_features, moving_features, MAX_CHANNELS)
+        fixed_features = _project(fixed_features, projection)
+        moving_features = _project(moving_features, projection)
+        derivatives = [
+            torch.gradient(moving_features, dim=axis)[0] if moving_features.shape[axis] > 1
+            else torch.zeros_like(moving_features)
+            for axis in (3, 2, 1)
+        ]
+        moving_affine = moving_geometry.affine_ijk_to_lps
+        moving_ijk = np.linalg.solve(moving_affine[:3, :3], (nodes_lps_mm - moving_affine[:3, 3]).T).T
+        if fixed_geometry.same_grid(param_grid):
+            fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index].T
+        else:
+            fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm)
+        terms.append(
+            _LevelTerm(
+                fixed_features=fixed_at_nodes.contiguous(),
+                moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
+                mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
+                moving_stack=torch.cat([moving_features, *derivatives]).contiguous(),
+                weight=1.0,
+            )
+        )
+    return terms
+
+
+def _linearise(terms: list[_LevelTerm], displacement: torch.Tensor):
+    """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N)."""
+    count = displacement.shape[0]
+    energy = 0.0
+    gradient = displacement.new_zeros((count, 3))
+    hessian = displacement.new_zeros((count, 3, 3))
+    for term in terms:
+        channels = term.channels
+        samples = grids.sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk)
+        residual = samples[:, :channels] - term.fixed_features
+        derivative_ijk = samples[:, channels:].reshape(count, 3, channels)
+        energy += term.weight * float(residual.pow(2).sum())
+        gradient_ijk = torch.bmm(derivative_ijk, residual[:, :, None])[:, :, 0]
+        hessian_ijk = torch.bmm(derivative_ijk, derivative_ijk.transpose(1, 2))
+        to_mm = term.mm_to_moving_ijk
+        gradient += term.weight * (gradient_ijk @ to_mm.T)
+        hessian += term.weight * (to_mm @ hessian_ijk @ to_mm.T)
+    return energy, gradient.T.contiguous(), hessian.permute(1, 2, 0).contiguous()
+
+
+def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Per-node 3x3 products: ``matrices`` (3, 3, N) times ``vectors`` (3, N)."""
+    return torch.stack([(matrices[row] * vectors).sum(dim=0) for row in range(3)])
+
+
+class _Laplacian:
+    """Graph Laplacian of the node grid (edges weighted 1/h^2, mm), free boundaries."""
+
+    def __init__(self, spacing_kji: tuple[float, float, float]) -> None:
+        self.weights = [1.0 / s**2 for s in spacing_kji]
+
+    def __call__(self, field: torch.Tensor) -> torch.Tensor:
+        """``L u`` for ``u`` of shape ``(3, K, J, I)``."""
+        result = torch.zeros_like(field)
+        for axis, weight in enumerate(self.weights):
+            dim = axis + 1
+            size = field.shape[dim]
+            if size < 2:
+                continue
+            difference = torch.diff(field, dim=dim) * weight
+            result.narrow(dim, 0, size - 1).sub_(difference)
+            result.narrow(dim, 1, size - 1).add_(difference)
+        return result
+
+    @property
+    def diagonal(self) -> float:
+        return 2.0 * sum(self.weights)
+
+
+def _solve_step(
+    hessian: torch.Tensor,
+    rhs: torch.Tensor,
+    node_index: torch.Tensor,
+    laplacian: _Laplacian,
+    regularisation: float,
+    damping: float,
+) -> torch.Tensor:
+    """Solve ``(H + r L + d) x = rhs`` on the grid ``(3, K, J, I)`` by block-Jacobi CG.
+
+    ``hessian`` (3, 3, N) acts at the grid nodes ``node_index``.
+    """
+    shift = regularisation * laplacian.diagonal + damping
+    block = hessian + torch.eye(3)[:, :, None] * shift
+    block_inverse = torch.linalg.inv(block.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
+
+    def apply(vector: torch.Tensor) -> torch.Tensor:
+        result = regularisation * laplacian(vector) + damping * vector
+        flat, source = result.view(3, -1), vector.view(3, -1)
+        flat[:, node_index] += _matvec(hessian, source[:, node_index])
+        return result
+
+    def precondition(vector: torch.Tensor) -> torch.Tensor:
+        result = vector / shift
+        result.view(3, -1)[:, node_index] = _matvec(block_inverse, vector.view(3, -1)[:, node_index])
+        return result
+
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    preconditioned = precondition(residual)
+    direction = preconditioned.clone()
+    product = float((residual * preconditioned).sum())
+    for _ in range(CG_ITERATIONS):
+        image = apply(direction)
+        curvature = float((direction * image).sum())
+        if curvature <= 0 or product <= 0:
+            break
+        step = product / curvature
+        solution += step * direction
+        residual -= step * image
+        preconditioned = precondition(residual)
+        new_product = float((residual * preconditioned).sum())
+        direction = preconditioned + (new_product / product) * direction
+        product = new_product
+    return solution
+
+
+def instance_optimise(
+    fixed: FeaturePyramid,
+    moving: FeaturePyramid,
+    initial: torch.Tensor,
+    param_grid: Geometry,
+    inside: Callable[[np.ndarray], np.ndarray],
+    iterations: int,
+    regularisation: float,
+    progress: ProgressFn = no_progress,
+) -> torch.Tensor:
+    """Refine ``initial`` node values ``(3, K, J, I)`` (LPS mm) on ``param_grid``.
+
+    The data term is taken at the nodes where ``inside(points_lps_mm)`` holds (the body or a
+    user mask); ``iterations`` counts Levenberg-Marquardt steps, refused ones included.
+    """
+    kji = np.argwhere(np.ones(param_grid.shape_kji, bool))
+    nodes = param_grid.ijk_to_lps(kji[:, ::-1].astype(float))
+    keep = inside(nodes)
+    field = initial.clone().float()
+    if iterations <= 0 or not keep.any():
+        return field
+    spacing_mm = float(np.min(param_grid.spacing_mm))
+    node_index = torch.as_tensor(np.flatnonzero(keep))
+    terms = _level_terms(fixed, moving, param_grid, node_index, nodes[keep])
+    laplacian = _Laplacian(tuple(float(s) for s in param_grid.spacing_mm[::-1]))
+    max_step_mm = MAX_STEP_VOXELS * spacing_mm
+
+    def energy_of(values: torch.Tensor):
+        data, gradient, hessian = _linearise(terms, values.reshape(3, -1)[:, node_index].T)
+        smoothness = float((values * laplacian(values)).sum())
+        return data + regularisation * smoothness, gradient, hessian
+
+    energy, gradient, hessian = energy_of(field)
+    damping = 1e-3 * float(hessian.diagonal(dim1=0, dim2=1).mean()) + 1e-9
+    for iteration in range(iterations):
+        rhs = -regularisation * laplacian(field)
+        rhs.view(3, -1)[:, node_index] -= gradient
+        step = _solve_step(hessian, rhs, node_index, laplacian, regularisation, damping)
+        step *= (max_step_mm / step.norm(dim=0).clamp(min=1e-12)).clamp(max=1.0)
+        candidate = field + step
+        candidate_energy, candidate_gradient, candidate_hessian = energy_of(candidate)
+        if candidate_energy < energy:
+            field, energy, gradient, hessian = candidate, candidate_energy, candidate_gradient, candidate_hessian
+            damping /= 3.0
+        else:
+            damping *= 10.0
+        progress("optimise", (iteration + 1) / iterations, f"step {iteration + 1}/{iterations}")
+    return field

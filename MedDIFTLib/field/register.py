@@ -1,0 +1,329 @@
+"""From two feature pyramids to a dense displacement field, and the ``register`` outputs.
+
+Pipeline (each step reads only the :class:`FeaturePyramid` contract, so any backbone works):
+
+1. Local search: every node of a regular lattice of the fixed image (``FieldLevel.spacing_mm``)
+   is searched within ``search_radius_mm`` of the field so far, on the fused multi-level cosine
+   similarity, with a forward-backward check and a confidence (:mod:`.search`).
+2. Robust fit: a smooth field is fitted to the matches inside the body (or a user mask), each
+   weighted by its confidence and by a robust weight, so bad matches do not pull it (:mod:`.fit`).
+3. Coarse to fine: a further level searches a finer lattice around the field so far (the moving
+   descriptors are sampled through it), and its fitted residual is composed with the field.
+4. Instance optimisation on the descriptor similarity with a diffusion penalty (:mod:`.optimise`).
+   The search gives the capture range (tens of mm) but lattice-limited, smoothed answers; the
+   optimisation uses every node of the mask and halves the error on our test pairs (pulmonary
+   crop: 1.6 -> 0.76 mm mean), so it is on by default. A second, finer search level instead
+   costs more and gains less (1.07 mm without optimisation), so the default uses one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..backbones.base import FeaturePyramid
+from ..errors import BadInputError
+from ..geometry import Geometry
+from ..io.volumes import Volume, write_volume
+from ..progress import ProgressFn, no_progress, scaled
+from . import grids
+from .displacement import (
+    DisplacementField,
+    check_field_path,
+    invert,
+    jacobian_stats,
+    warp_volume,
+    write_field,
+)
+from .fit import robust_fit
+from .optimise import instance_optimise
+from .search import lattice_search
+
+MIN_POINTS = 8
+
+
+@dataclass(frozen=True)
+class FieldLevel:
+    """One coarse-to-fine search level (mm): lattice step (descriptors are pooled to it), search
+    radius around the field so far, smoothness length of the fitted field, and the half-width
+    (lattice nodes) of the box over which similarities are averaged."""
+
+    spacing_mm: float
+    search_radius_mm: float
+    smoothness_mm: float
+    aggregation_nodes: int = 1
+
+
+@dataclass(frozen=True)
+class FieldOptions:
+    """How to build the field. Distances in mm.
+
+    ``levels``: search levels, coarse to fine (the first searches from identity, so its radius
+    bounds the motion that can be found). ``robust_iterations``: reweighting passes of the fit.
+    ``optimise_iterations``: Levenberg-Marquardt steps of the instance optimisation (0: off);
+    ``optimise_spacing_mm``: its node (and descriptor pooling) spacing; ``optimise_regularisation``:
+    weight of its diffusion penalty. ``mask_threshold_hu``: the automatic body mask keeps voxels
+    above it (None: the whole image). ``inverse_spacing_mm``: grid on which the inverse is solved.
+    """
+
+    levels: tuple[FieldLevel, ...] = (FieldLevel(6.0, 24.0, 10.0, 1),)
+    robust_iterations: int = 3
+    optimise_iterations: int = 10
+    optimise_spacing_mm: float = 3.0
+    optimise_regularisation: float = 0.1
+    mask_threshold_hu: float | None = -500.0
+    inverse_spacing_mm: float = 2.0
+
+    def validate(self) -> None:
+        if not self.levels and self.optimise_iterations <= 0:
+            raise BadInputError("the field needs at least one matching level or instance optimisation")
+        for level in self.levels:
+            values = (level.spacing_mm, level.search_radius_mm, level.smoothness_mm)
+            if not all(math.isfinite(v) and v > 0 for v in values) or level.aggregation_nodes < 0:
+                raise BadInputError(f"field level distances must be positive numbers of mm, got {level}")
+        positive = {
+            "optimisation spacing": self.optimise_spacing_mm,
+            "inverse spacing": self.inverse_spacing_mm,
+        }
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise BadInputError(f"{name} must be a positive number, got {value}")
+        if self.optimise_iterations < 0 or self.robust_iterations < 0:
+            raise BadInputError("iteration counts must be >= 0")
+        if not (math.isfinite(self.optimise_regularisation) and self.optimise_regularisation >= 0):
+            raise BadInputError(f"optimisation regularisation must be >= 0, got {self.optimise_regularisation}")
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A binary mask ``[k, j, i]`` on a grid; ``contains`` looks points up (nearest voxel)."""
+
+    inside: np.ndarray
+    geometry: Geometry
+
+    def contains(self, points_lps_mm: np.ndarray) -> np.ndarray:
+        ijk = np.round(self.geometry.lps_to_ijk(np.asarray(points_lps_mm, float).reshape(-1, 3))).astype(int)
+        valid = np.all((ijk >= 0) & (ijk < np.asarray(self.geometry.shape_ijk)), axis=1)
+        result = np.zeros(len(ijk), bool)
+        result[valid] = self.inside[ijk[valid, 2], ijk[valid, 1], ijk[valid, 0]]
+        return result
+
+    @property
+    def fraction(self) -> float:
+        return float(self.inside.mean())
+
+
+def body_mask(volume: Volume, threshold_hu: float = -500.0, spacing_mm: float = 3.0) -> Mask:
+    """The body in a CT (HU): voxels above ``threshold_hu`` at about ``spacing_mm``, largest
+    component, holes (lungs, airways) filled slice by slice across the body axis, one voxel grown.
+
+    Falls back to the whole grid when the threshold finds almost nothing (not a CT in HU).
+    """
+    geometry = volume.geometry
+    factors = grids.pool_factors(geometry, spacing_mm)
+    pooled = grids.pool(torch.from_numpy(volume.voxels)[None], factors)[0].numpy()
+    mask_geometry = grids.pooled_grid(geometry, factors)
+    inside = pooled > threshold_hu
+    labels, count = ndimage.label(inside)
+    if count == 0 or inside.mean() < 0.01:
+        return Mask(np.ones(mask_geometry.shape_kji, bool), mask_geometry)
+    sizes = ndimage.sum_labels(inside, labels, index=np.arange(1, count + 1))
+    inside = labels == (1 + int(np.argmax(sizes)))
+    body_axis_ijk = int(np.argmax(np.abs(geometry.direction_matrix[2])))
+    array_axis = 2 - body_axis_ijk
+    for index in range(inside.shape[array_axis]):
+        selector = [slice(None)] * 3
+        selector[array_axis] = index
+        inside[tuple(selector)] = ndimage.binary_fill_holes(inside[tuple(selector)])
+    inside = ndimage.binary_dilation(inside, iterations=1)
+    return Mask(inside, mask_geometry)
+
+
+def mask_from_volume(mask: Volume) -> Mask:
+    """A user mask: non-zero voxels are inside."""
+    inside = mask.voxels != 0
+    if not inside.any():
+        raise BadInputError(f"{mask.name or 'mask'}: the mask is empty")
+    return Mask(inside, mask.geometry)
+
+
+def _compose(residual: torch.Tensor, previous: torch.Tensor | None, grid: Geometry, previous_grid: Geometry | None):
+    """Node values on ``grid`` of ``x -> r(x) + u(x + r(x))`` (the residual, then the field so far)."""
+    if previous is None:
+        return residual
+    points = grid.ijk_to_lps(np.argwhere(np.ones(grid.shape_kji, bool))[:, ::-1].astype(float))
+    shifted = points + residual.reshape(3, -1).T.double().numpy()
+    values = residual.reshape(3, -1).T + grids.sample_lps(previous, previous_grid, shifted)
+    return values.T.reshape(residual.shape).contiguous()
+
+
+def register(
+    fixed_pyramid: FeaturePyramid,
+    moving_pyramid: FeaturePyramid,
+    fixed: Volume | None = None,
+    options: FieldOptions | None = None,
+    mask: Volume | None = None,
+    progress: ProgressFn = no_progress,
+) -> DisplacementField:
+    """Dense displacement field (ITK convention, fixed grid, LPS mm) from two feature pyramids.
+
+    ``fixed`` (the fixed CT in HU) gives the automatic body mask; ``mask`` (non-zero = inside,
+    any grid) replaces it. Without either, the whole fixed grid is used.
+    """
+    options = options or FieldOptions()
+    options.validate()
+    if len(fixed_pyramid.levels) != len(moving_pyramid.levels):
+        raise BadInputError("fixed and moving features come from different backbone configurations")
+    geometry = fixed_pyramid.image_geometry
+    if fixed is not None and not fixed.geometry.same_grid(geometry):
+        raise BadInputError("the fixed volume and the fixed features are on different grids")
+    if mask is not None:
+        region = mask_from_volume(mask)
+    elif fixed is not None and options.mask_threshold_hu is not None:
+        region = body_mask(fixed, options.mask_threshold_hu)
+    else:
+        region = Mask(np.ones(geometry.shape_kji, bool), geometry)
+    level_count = len(options.levels)
+    matching_share = 0.7 if options.optimise_iterations > 0 else 0.95
+    values: torch.Tensor | None = None
+    values_grid: Geometry | None = None
+    with torch.no_grad():
+        for index, level in enumerate(options.levels):
+            report = scaled(progress, matching_share * index / level_count, matching_share * (index + 1) / level_count)
+            prior = None if values is None else (values, values_grid)
+            matches = lattice_search(
+                fixed_pyramid,
+                moving_pyramid,
+                level.spacing_mm,
+                level.search_radius_mm,
+                level.aggregation_nodes,
+                prior,
+                scaled(report, 0.0, 0.8),
+            )
+            grid = matches.grid
+            nodes = grid.ijk_to_lps(np.argwhere(np.ones(grid.shape_kji, bool))[:, ::-1].astype(float))
+            inside = torch.as_tensor(region.contains(nodes).reshape(grid.shape_kji))
+            if int(inside.sum()) < MIN_POINTS:
+                raise BadInputError(
+                    f"only {int(inside.sum())} lattice nodes of {level.spacing_mm} mm fall inside the mask; "
+                    "use a larger mask or a finer lattice"
+                )
+            report("fit", 0.8, f"level {index + 1}: fitting {int(inside.sum())} matches")
+            residual, _ = robust_fit(
+                matches.shift_lps_mm,
+                matches.confidence * inside,
+                grid,
+                level.smoothness_mm,
+                robust_iterations=options.robust_iterations,
+            )
+            values = _compose(residual, values, grid, values_grid)
+            values_grid = grid
+            report("fit", 1.0, f"level {index + 1} done")
+    param_grid = grids.cell_grid(geometry, options.optimise_spacing_mm)
+    if values is None:
+        initial = torch.zeros((3, *param_grid.shape_kji))
+    else:
+        initial = grids.resample(values, values_grid, param_grid)
+    if options.optimise_iterations > 0:
+        initial = instance_optimise(
+            fixed_pyramid,
+            moving_pyramid,
+            initial,
+            param_grid,
+            region.contains,
+            options.optimise_iterations,
+            options.optimise_regularisation,
+            scaled(progress, matching_share, 0.97),
+        )
+    progress("field", 0.98, "dense field on the fixed grid")
+    dense = grids.resample(initial, param_grid, geometry)
+    progress("field", 1.0, "done")
+    return DisplacementField.from_tensor(dense, geometry)
+
+
+def register_and_write(
+    fixed: Volume,
+    moving: Volume,
+    fixed_pyramid: FeaturePyramid,
+    moving_pyramid: FeaturePyramid,
+    out_transform: str | os.PathLike,
+    out_inverse: str | os.PathLike | None = None,
+    out_warped: str | os.PathLike | None = None,
+    options: FieldOptions | None = None,
+    progress: ProgressFn = no_progress,
+    *,
+    mask: Volume | None = None,
+) -> dict:
+    """Register, then write the field, its inverse and the warped moving image (each optional but
+    the field). Every output is computed before any is written, and each is written atomically.
+
+    Returns a JSON-serialisable summary: output paths, Jacobian statistics of the field,
+    displacement magnitudes (mm) and seconds per step.
+    """
+    options = options or FieldOptions()
+    check_field_path(out_transform)
+    if out_inverse is not None:
+        check_field_path(out_inverse)
+    if not moving.geometry.same_grid(moving_pyramid.image_geometry):
+        raise BadInputError("the moving volume and the moving features are on different grids")
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    has_inverse, has_warped = out_inverse is not None, out_warped is not None
+    register_share = 0.8 - 0.1 * has_inverse - 0.05 * has_warped
+    displacement = register(
+        fixed_pyramid, moving_pyramid, fixed, options, mask, scaled(progress, 0.0, register_share)
+    )
+    seconds["register"] = time.perf_counter() - start
+    mark = time.perf_counter()
+    progress("jacobian", register_share, "Jacobian determinant")
+    stats = jacobian_stats(displacement)
+    seconds["jacobian"] = time.perf_counter() - mark
+    inverse = warped = None
+    if has_inverse:
+        mark = time.perf_counter()
+        inverse = invert(
+            displacement,
+            moving.geometry,
+            options.inverse_spacing_mm,
+            progress=scaled(progress, register_share, register_share + 0.1),
+        )
+        seconds["inverse"] = time.perf_counter() - mark
+    if has_warped:
+        mark = time.perf_counter()
+        warped = warp_volume(moving, displacement, progress=scaled(progress, 0.85, 0.9))
+        seconds["warp"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    progress("write", 0.9, "writing outputs")
+    write_field(displacement, out_transform)
+    if inverse is not None:
+        write_field(inverse, out_inverse)
+    if warped is not None:
+        write_volume(warped, out_warped)
+    seconds["write"] = time.perf_counter() - mark
+    seconds["total"] = time.perf_counter() - start
+    progress("write", 1.0, "done")
+    magnitude = np.linalg.norm(displacement.displacement_lps_mm, axis=-1)
+    return {
+        "transform": str(out_transform),
+        "inverse": None if out_inverse is None else str(out_inverse),
+        "warped": None if out_warped is None else str(out_warped),
+        "jacobian": stats,
+        "displacement_mm": {"mean": float(magnitude.mean()), "max": float(magnitude.max())},
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+    }
+
+
+__all__ = [
+    "FieldLevel",
+    "FieldOptions",
+    "Mask",
+    "body_mask",
+    "register",
+    "register_and_write",
+]
