@@ -454,7 +454,8 @@ def match_points(
 ) -> MatchResult:
     """Find each fixed point (N, 3 LPS mm) in the moving volume.
 
-    ``priors_lps_mm`` centres the local search (default: the same world position). Points
+    ``priors_lps_mm`` centres the local search (default: the same world position); the backward
+    check then starts from each match minus the same prior offset. Points
     outside the fixed volume are rejected; a point whose window misses the moving volume is
     returned at its prior with confidence 0.
     """
@@ -467,8 +468,9 @@ def match_points(
             fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match"
         )
         if options.backward_check:
+            back_priors = matched - (priors - points)
             back, _ = _match_one_way(
-                moving, fixed, matched, matched, options, scaled(progress, forward_share, 1.0), "backward check"
+                moving, fixed, matched, back_priors, options, scaled(progress, forward_share, 1.0), "backward check"
             )
             forward_backward = np.linalg.norm(back - points, axis=1)
         else:

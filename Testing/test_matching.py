@@ -156,3 +156,17 @@ def test_bad_options(options, message):
     pyramid = _random_pyramid(5)
     with pytest.raises(BadInputError, match=message):
         match_points(pyramid, pyramid, IMAGE.ijk_to_lps(np.array([[5.0, 5.0, 5.0]])), options=options)
+
+
+def test_backward_check_follows_the_priors(pulmonary_ct):
+    """With priors that carry a large shift, the backward search starts from the match minus that
+    shift, so correct matches keep a small forward-backward distance."""
+    shift_ijk = np.array([0, 14, 0])
+    moving = Volume(np.roll(pulmonary_ct.voxels, shift_ijk[::-1], axis=(0, 1, 2)), pulmonary_ct.geometry)
+    points = forstner_keypoints(pulmonary_ct, _everywhere(pulmonary_ct), 8, margin_mm=30.0)
+    offset = pulmonary_ct.geometry.ijk_to_lps(shift_ijk[None].astype(float))[0] - pulmonary_ct.geometry.origin_lps_mm
+    featurizer = create_featurizer("mind", scales=(1, 2))
+    result = match_points(featurizer.extract(pulmonary_ct), featurizer.extract(moving), points,
+                          priors_lps_mm=points + offset, options=MatchOptions(search_radius_mm=6.0))
+    np.testing.assert_allclose(np.median(result.points_lps_mm - points, axis=0), offset, atol=0.5)
+    assert np.median(result.forward_backward_mm) < 1.0
