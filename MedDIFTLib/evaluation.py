@@ -10,17 +10,22 @@ def tre_mm(predicted_lps_mm: np.ndarray, true_lps_mm: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(predicted_lps_mm, float) - np.asarray(true_lps_mm, float), axis=1)
 
 
-def tre_stats(predicted_lps_mm: np.ndarray, true_lps_mm: np.ndarray) -> dict[str, float]:
-    """Mean, std, median, 95th percentile and max of the TRE, in mm."""
-    errors = tre_mm(predicted_lps_mm, true_lps_mm)
+def error_stats(errors_mm: np.ndarray) -> dict[str, float]:
+    """Mean, std, median, 95th percentile and max of errors in mm."""
+    errors = np.asarray(errors_mm, float)
     return {
         "mean": float(errors.mean()),
         "std": float(errors.std()),
         "p50": float(np.percentile(errors, 50)),
         "p95": float(np.percentile(errors, 95)),
         "max": float(errors.max()),
-        "count": int(len(errors)),
     }
+
+
+def tre_stats(predicted_lps_mm: np.ndarray, true_lps_mm: np.ndarray) -> dict[str, float]:
+    """:func:`error_stats` of the TRE between corresponding points, plus their ``count``."""
+    errors = tre_mm(predicted_lps_mm, true_lps_mm)
+    return {**error_stats(errors), "count": int(len(errors))}
 
 
 def naive_full_resolution_similarity(fixed, moving, fixed_ijk, level_weights=None):

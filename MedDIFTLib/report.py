@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
+from .evaluation import error_stats
 from .io.atomic import atomic_output
 
 STATISTICS = ("mean", "std", "p50", "p95", "max")
@@ -50,17 +51,6 @@ class PointTable:
     def error_mm(self) -> np.ndarray:
         return np.linalg.norm(self.predicted_lps_mm - self.true_lps_mm, axis=1)
 
-
-def error_statistics(errors_mm: np.ndarray) -> dict[str, float]:
-    """Mean, std, median, 95th percentile and max of errors in mm."""
-    errors = np.asarray(errors_mm, float)
-    return {
-        "mean": float(errors.mean()),
-        "std": float(errors.std()),
-        "p50": float(np.percentile(errors, 50)),
-        "p95": float(np.percentile(errors, 95)),
-        "max": float(errors.max()),
-    }
 
 
 def write_point_table(table: PointTable, path: str | os.PathLike) -> None:
@@ -101,7 +91,7 @@ def summarise(records: list[dict], tables: dict[tuple[str, str], PointTable], me
         initial = [tables[(r["case"], method)].initial_mm for r in done if (r["case"], method) in tables]
         if errors:
             pooled = np.concatenate(errors)
-            entry.update(error_statistics(pooled), points=int(len(pooled)),
+            entry.update(error_stats(pooled), points=int(len(pooled)),
                          initial_mean=float(np.concatenate(initial).mean()),
                          mean_of_case_means=float(np.mean([r["mean"] for r in done])))
         folds = [r["folding_fraction"] for r in done if r.get("folding_fraction") is not None]

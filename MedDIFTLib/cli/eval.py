@@ -131,7 +131,8 @@ def evaluate(job: dict, isolated: bool) -> dict:
     from ..baselines import parse_method, run_method
     from ..datasets import Case, load_case
     from ..errors import MedDIFTError
-    from ..report import PointTable, error_statistics, write_point_table
+    from ..evaluation import error_stats
+    from ..report import PointTable, write_point_table
 
     case = Case.from_dict(job["case"])
     spec = parse_method(job["method"])
@@ -158,7 +159,7 @@ def evaluate(job: dict, isolated: bool) -> dict:
         if output.field is not None:
             folding, jacobian_min = _folding(output.field, data.fixed_mask)
         peak = _process_peak_rss_mb() if isolated else memory.peak_mb
-        record.update(error_statistics(table.error_mm), status="ok", points=len(table.labels),
+        record.update(error_stats(table.error_mm), status="ok", points=len(table.labels),
                       initial_mean=float(table.initial_mm.mean()), folding_fraction=folding,
                       jacobian_min=jacobian_min, seconds=seconds, peak_rss_mb=peak or memory.peak_mb,
                       peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None, **output.details)
