@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import BadInputError
 
@@ -49,3 +52,36 @@ def check_point_output(path: str) -> Path:
     if target.is_dir():
         raise BadInputError(f"{target}: is a folder, not a file name")
     return target
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and configure the feature backbone and the device."""
+    parser.add_argument("--backbone", default="mind", help="feature backbone: mind (weight-free) or maisi")
+    parser.add_argument("--weights-dir", help="folder holding the backbone's pretrained weights")
+    parser.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a backbone option, VALUE in JSON (e.g. precision=\"bf16\", timestep=20); repeatable")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def parse_backbone_options(pairs: list[str]) -> dict[str, Any]:
+    """``["timestep=20", "precision=bf16"]`` -> options; values are JSON, else plain strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip():
+            raise BadInputError(f"backbone option {pair!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def featurizer_from_args(args: argparse.Namespace, device: Any):
+    """The backbone chosen by :func:`add_backbone_arguments`, built for ``device``."""
+    from ..backbones import create_featurizer
+
+    options = {**parse_backbone_options(args.backbone_option), "device": str(device)}
+    if args.weights_dir:
+        options["weights_dir"] = args.weights_dir
+    return create_featurizer(args.backbone, **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import ProgressBar, check_point_output
+from .common import ProgressBar, add_backbone_arguments, check_point_output, featurizer_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,11 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("moving", help="moving volume: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("--points", required=True, help="fixed points: .mrk.json, .fcsv, .csv or DIR-Lab .txt")
     parser.add_argument("--out", required=True, help="matched points: .mrk.json, .fcsv or .csv")
-    parser.add_argument("--backbone", default="mind", help="feature backbone: mind (weight-free) or maisi")
-    parser.add_argument("--weights-dir", help="folder holding the backbone's pretrained weights")
-    parser.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a backbone option, VALUE in JSON (e.g. precision=\"bf16\", timestep=20); repeatable")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_backbone_arguments(parser)
     parser.add_argument("--search-radius-mm", type=float, default=25.0, help="local search radius (default 25)")
     parser.add_argument("--mode", choices=("local", "global"), default="local",
                         help="local: around the same world position; global: the whole moving volume")
@@ -38,24 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def parse_backbone_options(pairs: list[str]) -> dict:
-    """``["timestep=20", "precision=bf16"]`` -> options; values are JSON, else plain strings."""
-    import json
-
-    from ..errors import BadInputError
-
-    options = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key.strip():
-            raise BadInputError(f"backbone option {pair!r} is not KEY=VALUE")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
-
-
 def _describe(confidence: float, forward_backward_mm: float, reliable: bool) -> str:
     text = f"confidence {confidence:.2f}; forward-backward {forward_backward_mm:.2f} mm"
     return text if reliable else f"UNRELIABLE; {text}"
@@ -64,7 +42,6 @@ def _describe(confidence: float, forward_backward_mm: float, reliable: bool) -> 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..backbones import create_featurizer
     from ..devices import out_of_memory_as_error, resolve_device
     from ..io import PointSet, read_points, read_volume, write_points
     from ..matching import MatchOptions, check_points, match_points
@@ -84,10 +61,7 @@ def run(args: argparse.Namespace) -> int:
     moving = read_volume(args.moving)
     points = read_points(args.points, fixed.geometry)
     check_points(fixed.geometry, points.points_lps_mm)
-    backbone_options = {**parse_backbone_options(args.backbone_option), "device": str(device)}
-    if args.weights_dir:
-        backbone_options["weights_dir"] = args.weights_dir
-    featurizer = create_featurizer(args.backbone, **backbone_options)
+    featurizer = featurizer_from_args(args, device)
     started = time.perf_counter()
     with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
         fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.35)).to(device)

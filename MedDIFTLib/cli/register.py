@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import ProgressBar, check_point_output
+from .common import ProgressBar, add_backbone_arguments, check_point_output, featurizer_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,11 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--points", help="fixed points to carry to the moving volume (.mrk.json, .fcsv, .csv, .txt)")
     parser.add_argument("--out-points", help="the points pushed through the field (.mrk.json, .fcsv or .csv)")
     parser.add_argument("--mask", help="fixed-image mask (non-zero inside) replacing the automatic body mask")
-    parser.add_argument("--backbone", default="mind", help="feature backbone: mind (weight-free) or maisi")
-    parser.add_argument("--weights-dir", help="folder holding the backbone's pretrained weights")
-    parser.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a backbone option, VALUE in JSON; repeatable")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_backbone_arguments(parser)
     parser.add_argument("--search-radius-mm", type=float, default=24.0,
                         help="largest motion searched for, mm (default 24)")
     parser.add_argument("--grid-spacing-mm", type=float, default=6.0, help="lattice of searched points, mm (default 6)")
@@ -42,14 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backbones import create_featurizer
     from ..devices import out_of_memory_as_error, resolve_device
     from ..errors import BadInputError
     from ..field import FieldLevel, FieldOptions, register_and_write, transform_points
     from ..field.displacement import check_field_path, read_field
     from ..io import PointSet, read_points, read_volume, write_points
     from ..progress import scaled
-    from .match import parse_backbone_options
 
     if (args.points is None) != (args.out_points is None):
         raise BadInputError("--points and --out-points go together")
@@ -69,10 +63,7 @@ def run(args: argparse.Namespace) -> int:
     moving = read_volume(args.moving)
     mask = read_volume(args.mask) if args.mask else None
     points = read_points(args.points, fixed.geometry) if args.points else None
-    backbone_options = {**parse_backbone_options(args.backbone_option), "device": str(device)}
-    if args.weights_dir:
-        backbone_options["weights_dir"] = args.weights_dir
-    featurizer = create_featurizer(args.backbone, **backbone_options)
+    featurizer = featurizer_from_args(args, device)
     with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
         fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.2)).to("cpu")
         moving_features = featurizer.extract(moving, scaled(progress, 0.2, 0.4)).to("cpu")
