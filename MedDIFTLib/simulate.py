@@ -45,10 +45,6 @@ class SyntheticPair:
     field_geometry: Geometry
     jacobian_min: float
 
-    def true_moving_points(self, fixed_points_lps_mm: np.ndarray) -> np.ndarray:
-        """Ground-truth moving position (N, 3) of fixed points (N, 3), LPS mm."""
-        return invert_pull_field(self.pull_field_lps_mm, self.field_geometry, fixed_points_lps_mm)
-
 
 def _sample_field(field_lps_mm: np.ndarray, geometry: Geometry, points_lps_mm: np.ndarray) -> np.ndarray:
     """Trilinear samples (N, 3) of a [k, j, i, 3] field at LPS points; nearest-edge outside."""

@@ -778,14 +778,13 @@ def _backbone_status(name: str, options: dict[str, Any]) -> dict[str, Any]:
         featurizer_class = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
         return {"name": name, "available": False, "weights_present": False, "message": f"cannot be loaded: {error}"}
-    status = getattr(featurizer_class, "weights_status", None)
-    if callable(status):
-        try:
-            present, message = status(**options)
-        except Exception as error:
-            present, message = False, str(error)
-        return {"name": name, "available": True, "weights_present": bool(present), "message": str(message)}
-    return {"name": name, "available": True, "weights_present": True, "message": "needs no weights"}
+    if not featurizer_class.requires_weights:
+        return {"name": name, "available": True, "weights_present": True, "message": "needs no weights"}
+    try:
+        present, message = featurizer_class.weights_status(**options)
+    except Exception as error:
+        present, message = False, str(error)
+    return {"name": name, "available": True, "weights_present": bool(present), "message": str(message)}
 
 
 def _claim_stdout() -> BinaryIO:
