@@ -2,7 +2,7 @@
 
 The Slicer module (GUI and wiring). The work runs in a background worker process
 (``PythonSlicer -m MedDIFTLib.worker``); torch and monai are never imported in Slicer's process.
-Scene conversions live in ``MedDIFTLib.mrml``, which is tested without Slicer.
+Scene conversions live in ``MedDIFTLib.slicer.mrml``, which is tested without Slicer.
 """
 
 import enum
@@ -310,7 +310,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def startJob(self, controlPointIndices=None) -> None:
         """Start a full run, or a live update of some fixed control points; returns at once."""
-        from MedDIFTLib.errors import MedDIFTError
+        from MedDIFTLib.core.errors import MedDIFTError
 
         parameterNode = self._parameterNode
         self._runningLiveJob = controlPointIndices is not None
@@ -350,7 +350,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.appendLog(f"[worker {level}] {message}")
 
     def onJobDone(self, outputs, error) -> None:
-        from MedDIFTLib.errors import CancelledError, MedDIFTError, MissingWeightsError
+        from MedDIFTLib.core.errors import CancelledError, MedDIFTError, MissingWeightsError
 
         live = self._runningLiveJob
         self._runningLiveJob = None
@@ -561,7 +561,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshPairsTable(self) -> None:
         """One row per matched pair (label, confidence, forward-backward mm), coloured by confidence."""
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         parameterNode = self._parameterNode
         table = self.ui.pairsTableWidget
@@ -590,7 +590,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showPairViews(self) -> None:
         """Side-by-side layout: fixed volume on the left (Red), moving volume on the right (Yellow)."""
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         parameterNode = self._parameterNode
         if parameterNode is None:
@@ -599,7 +599,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mrml.show_volumes_in_pair_views(slicer.mrmlScene, parameterNode.fixedVolume, parameterNode.movingVolume)
 
     def onPairClicked(self, rowIndex: int, column: int) -> None:
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         if not 0 <= rowIndex < len(self._pairRows):
             return
@@ -666,7 +666,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def runSettings(parameterNode):
         """Worker options from the parameter node."""
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         backbone = parameterNode.backbone.value
         backboneOptions = {}
@@ -694,7 +694,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def jobInputs(parameterNode):
         """Scene nodes of a run from the parameter node."""
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         return mrml.JobInputs(
             fixed_volume=parameterNode.fixedVolume,
@@ -747,7 +747,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def installPythonPackages(requirements) -> None:
         """Install torch through the PyTorch extension (right build for the GPU), the rest with pip."""
-        from MedDIFTLib.errors import MedDIFTError
+        from MedDIFTLib.core.errors import MedDIFTError
 
         others = [requirement for requirement in requirements if not requirement.startswith("torch")]
         if len(others) != len(requirements):
@@ -809,7 +809,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         return self._pendingJob is not None or self._runner is not None
 
     def _jobFolder(self):
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         if self._folder is None:
             self._folder = mrml.JobFolder(tempfile.mkdtemp(prefix="MedDIFT-"))
@@ -817,7 +817,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
 
     def _newClient(self):
         """A fresh worker client; volumes loaded by an earlier worker are forgotten."""
-        from MedDIFTLib.worker_client import WorkerClient
+        from MedDIFTLib.worker.client import WorkerClient
 
         if self._client is not None:
             self._client.kill()
@@ -826,7 +826,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         return self._client
 
     def _sceneJob(self, inputs, settings):
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         return mrml.SceneJob(slicer.mrmlScene, inputs, settings, self._jobFolder())
 
@@ -837,7 +837,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         ``controlPointIndices``: re-match only these fixed control points (live propagation).
         Raises MedDIFTError at once for bad inputs or when a job is already running.
         """
-        from MedDIFTLib.errors import MedDIFTError
+        from MedDIFTLib.core.errors import MedDIFTError
 
         if self.isRunning:
             raise MedDIFTError(_("A MedDIFT job is already running."))
@@ -861,7 +861,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         self._starter.start()
 
     def _beginPendingJob(self) -> None:
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         steps, onDone, onProgress, onLog = self._pendingJob
         self._pendingJob = None
@@ -880,7 +880,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
                 return True
             self._starter = None
             if self._startError is not None or not self.workerRunning:
-                from MedDIFTLib.errors import MedDIFTError
+                from MedDIFTLib.core.errors import MedDIFTError
 
                 steps, onDone, _onProgress, _onLog = self._pendingJob
                 self._pendingJob = None
@@ -898,7 +898,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         if self._runner is not None:
             self._runner.cancel()
         elif self._pendingJob is not None and self._client is not None:
-            from MedDIFTLib.errors import CancelledError
+            from MedDIFTLib.core.errors import CancelledError
 
             self._client.kill()
             if self._starter is not None:
@@ -925,15 +925,15 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         progress=None,
         timeout=None,
     ):
-        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.mrml.JobOutputs``.
+        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.mrml.JobOutputs``.
 
-        ``settings``: a ``MedDIFTLib.mrml.RunSettings`` (default: weight-free backbone, automatic
+        ``settings``: a ``MedDIFTLib.slicer.mrml.RunSettings`` (default: weight-free backbone, automatic
         device). ``controlPointIndices``: update only the partners of these fixed control points.
         ``progress(stage, fraction, message)`` receives progress; ``timeout`` bounds the wait for
         each worker event (s). Raises MedDIFTError on failure, leaving the scene unchanged.
         """
-        from MedDIFTLib import mrml
-        from MedDIFTLib.errors import MedDIFTError
+        from MedDIFTLib.core.errors import MedDIFTError
+        from MedDIFTLib.slicer import mrml
 
         if self.isRunning:
             raise MedDIFTError(_("A MedDIFT job is already running."))
@@ -1002,7 +1002,7 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
     def test_MatchShiftedVolume(self):
         import numpy as np
 
-        from MedDIFTLib import mrml
+        from MedDIFTLib.slicer import mrml
 
         self.delayDisplay("Checking Python packages")
         logic = MedDIFTLogic()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import Volume, read_points, read_volume
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume, read_points, read_volume
 
 DATA_DIR = Path(os.environ.get("MEDDIFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CHEST_DIR = DATA_DIR / "chestct_single_real"

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from MedDIFTLib.cli import main
-from MedDIFTLib.evaluation import tre_stats
-from MedDIFTLib.io import PointSet, read_points, write_points, write_volume
-from MedDIFTLib.simulate import make_synthetic_pair
+from MedDIFTLib.core.io import PointSet, read_points, write_points, write_volume
+from MedDIFTLib.evaluation.metrics import tre_stats
+from MedDIFTLib.evaluation.simulate import make_synthetic_pair
 
 
 @pytest.fixture(scope="module")

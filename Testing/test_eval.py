@@ -10,9 +10,12 @@ import pytest
 import SimpleITK as sitk
 from conftest import DIRLAB_DIR, require
 
-from MedDIFTLib.baselines import bspline, convexadam, parse_method, run_method, unavailable_reason
 from MedDIFTLib.cli import main
-from MedDIFTLib.datasets import (
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import PointSet, Volume, write_points, write_volume
+from MedDIFTLib.evaluation.baselines import bspline, convexadam, parse_method, run_method, unavailable_reason
+from MedDIFTLib.evaluation.datasets import (
     DIRLAB_4DCT,
     RawGeometry,
     detect_layout,
@@ -20,11 +23,8 @@ from MedDIFTLib.datasets import (
     open_dataset,
     read_raw_volume,
 )
-from MedDIFTLib.errors import BadInputError
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import PointSet, Volume, write_points, write_volume
-from MedDIFTLib.report import PointTable, make_plots, markdown_tables, summarise, write_tables
-from MedDIFTLib.simulate import phantom_ct
+from MedDIFTLib.evaluation.report import PointTable, make_plots, markdown_tables, summarise, write_tables
+from MedDIFTLib.evaluation.simulate import phantom_ct
 
 
 def _sparse(path, size):

@@ -10,9 +10,11 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from MedDIFTLib.backbones import FeatureLevel, FeaturePyramid, create_featurizer
 from MedDIFTLib.cli import main
-from MedDIFTLib.errors import BadInputError
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import PointSet, Volume, read_points, read_volume, write_points, write_volume
+from MedDIFTLib.features import FeatureLevel, FeaturePyramid, create_featurizer
 from MedDIFTLib.field import (
     DisplacementField,
     FieldLevel,
@@ -27,8 +29,6 @@ from MedDIFTLib.field import (
     warp_volume,
     write_field,
 )
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import PointSet, Volume, read_points, read_volume, write_points, write_volume
 from MedDIFTLib.matching import MatchOptions, match_points
 
 SHAPE_IJK = (40, 36, 32)
@@ -285,7 +285,7 @@ def test_bad_outputs_and_options_fail_before_any_work(tmp_path, translated_pair)
     fixed, moving, fixed_pyramid, moving_pyramid, _, _ = translated_pair
     with pytest.raises(BadInputError, match="format"):
         register_and_write(fixed, moving, fixed_pyramid, moving_pyramid, tmp_path / "t.txt")
-    with pytest.raises(BadInputError, match="positive"):
+    with pytest.raises(BadInputError, match="'spacing_mm' must be > 0"):
         register(fixed_pyramid, moving_pyramid, fixed, FieldOptions(levels=(FieldLevel(0.0, 10.0, 5.0),)))
     with pytest.raises(BadInputError, match="different grids"):
         register(fixed_pyramid, moving_pyramid, _volume(fixed.voxels, Geometry.create(SHAPE_IJK, SPACING_MM)))
@@ -325,7 +325,7 @@ def test_cli_register_rejects_unpaired_point_options(tmp_path, capsys):
 def test_real_ct_synthetic_breathing_pair(elastix_ct):
     """The smallest real chest CT warped by the project's breathing simulation: the error falls to
     a fraction of the motion and the field does not fold."""
-    from MedDIFTLib.simulate import make_synthetic_pair
+    from MedDIFTLib.evaluation.simulate import make_synthetic_pair
 
     pair = make_synthetic_pair(elastix_ct, seed=0, mean_motion_mm=6.0)
     mind = create_featurizer("mind")

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from MedDIFTLib.geometry import Geometry
+from MedDIFTLib.core.geometry import Geometry
 
 
 def test_ijk_lps_round_trip_with_oblique_direction(oblique_geometry):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import DIRLAB_DIR, require
 
-from MedDIFTLib.errors import BadInputError
-from MedDIFTLib.evaluation import tre_stats
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import PointSet, read_dirlab_points, read_points, write_points
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import PointSet, read_dirlab_points, read_points, write_points
+from MedDIFTLib.evaluation.metrics import tre_stats
 
 POINTS = PointSet(
     np.array([[-12.5, 40.25, 101.0], [3.0, -7.5, 88.125], [0.0, 0.0, 0.0]]),

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedDIFTLib.errors import BadInputError
-from MedDIFTLib.io import Volume, read_volume, write_volume
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.io import Volume, read_volume, write_volume
 
 
 def _image(geometry, values=None):

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from MedDIFTLib.backbones import create_featurizer, maisi
-from MedDIFTLib.errors import BadInputError, CancelledError, MissingWeightsError, OutOfMemoryError
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import Volume
+from MedDIFTLib.core.errors import BadInputError, CancelledError, MissingWeightsError, OutOfMemoryError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume
+from MedDIFTLib.features import create_featurizer, maisi
 from MedDIFTLib.matching import MatchOptions, match_points, sample_descriptors
 
 
@@ -532,7 +532,7 @@ def test_matching_with_maisi_features_recovers_a_translation(tiny):
 @pytest.mark.skipif(importlib.util.find_spec("MedDIFTLib.cli.match") is None, reason="meddift match not written yet")
 def test_meddift_match_runs_with_maisi_and_reports_missing_weights(tiny, tmp_path, monkeypatch, capsys):
     from MedDIFTLib import cli
-    from MedDIFTLib.io import write_volume
+    from MedDIFTLib.core.io import write_volume
 
     weights_dir, config_path = tiny
     fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"

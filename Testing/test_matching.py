@@ -6,13 +6,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from MedDIFTLib.backbones import FeatureLevel, FeaturePyramid, create_featurizer
-from MedDIFTLib.errors import BadInputError
-from MedDIFTLib.evaluation import naive_full_resolution_similarity, tre_stats
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import Volume
-from MedDIFTLib.matching import MatchOptions, match_points
-from MedDIFTLib.simulate import forstner_keypoints
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume
+from MedDIFTLib.core.options import MatchOptions, parse_options
+from MedDIFTLib.evaluation.metrics import naive_full_resolution_similarity, tre_stats
+from MedDIFTLib.evaluation.simulate import forstner_keypoints
+from MedDIFTLib.features import FeatureLevel, FeaturePyramid, create_featurizer
+from MedDIFTLib.matching import match_points
 
 IMAGE = Geometry.create((32, 24, 16), (1.0, 1.25, 2.0), (10.0, -20.0, 5.0))
 
@@ -148,14 +149,32 @@ def test_points_outside_the_fixed_volume_are_rejected():
 
 
 @pytest.mark.parametrize("options, message", [
-    (MatchOptions(mode="sideways"), "unknown search mode"),
-    (MatchOptions(search_radius_mm=-1.0), "search radius"),
-    (MatchOptions(level_weights=(1.0,)), "level weights"),
+    ({"mode": "sideways"}, "'mode': 'sideways' is not one of local, global"),
+    ({"search_radius_mm": -1.0}, "'search_radius_mm' must be > 0"),
+    ({"search_radius_mm": float("nan")}, "'search_radius_mm' must be a finite number"),
+    ({"confidence_threshold": 1.5}, "'confidence_threshold' must be <= 1"),
 ])
-def test_bad_options(options, message):
-    pyramid = _random_pyramid(5)
+def test_bad_options_are_refused_naming_the_key(options, message):
     with pytest.raises(BadInputError, match=message):
-        match_points(pyramid, pyramid, IMAGE.ijk_to_lps(np.array([[5.0, 5.0, 5.0]])), options=options)
+        MatchOptions(**options)
+    with pytest.raises(BadInputError, match=message):
+        parse_options(MatchOptions, options)
+
+
+def test_option_parser_names_unknown_keys_and_wrong_types():
+    with pytest.raises(BadInputError, match="unknown match option.*radius_mm"):
+        parse_options(MatchOptions, {"radius_mm": 3}, "match")
+    with pytest.raises(BadInputError, match="'subvoxel': 'yes' is not true or false"):
+        parse_options(MatchOptions, {"subvoxel": "yes"}, "match")
+    assert parse_options(MatchOptions, {"level_weights": [1, 2], "patch_radius": 2.0}) == MatchOptions(
+        level_weights=(1.0, 2.0), patch_radius=2)
+
+
+def test_level_weights_must_fit_the_pyramid():
+    pyramid = _random_pyramid(5)
+    with pytest.raises(BadInputError, match="level weights"):
+        match_points(pyramid, pyramid, IMAGE.ijk_to_lps(np.array([[5.0, 5.0, 5.0]])),
+                     options=MatchOptions(level_weights=(1.0,)))
 
 
 def test_backward_check_follows_the_priors(pulmonary_ct):

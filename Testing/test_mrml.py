@@ -1,4 +1,4 @@
-"""Scene glue (MedDIFTLib.mrml) against Slicer's real MRML from the ``slicer-core`` wheel.
+"""Scene glue (MedDIFTLib.slicer.mrml) against Slicer's real MRML from the ``slicer-core`` wheel.
 
 Each test builds a fresh ``vtkMRMLScene``. RAS = LPS with x and y negated.
 """
@@ -13,10 +13,10 @@ import SimpleITK as sitk
 
 slicer_core = pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML without Qt) is not installed")
 
-from MedDIFTLib import mrml  # noqa: E402
-from MedDIFTLib.errors import BadInputError, CancelledError, MedDIFTError  # noqa: E402
-from MedDIFTLib.io import PointSet  # noqa: E402
-from MedDIFTLib.io.points import UNRELIABLE_TAG  # noqa: E402
+from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  # noqa: E402
+from MedDIFTLib.core.io import PointSet  # noqa: E402
+from MedDIFTLib.core.io.points import UNRELIABLE_TAG  # noqa: E402
+from MedDIFTLib.slicer import mrml  # noqa: E402
 
 RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
 ROTATED_DIRECTION = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -555,7 +555,7 @@ def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
 
 def test_field_written_by_the_library_moves_points_in_slicer_as_in_medDIFT(scene, tmp_path):
     field_module = pytest.importorskip("MedDIFTLib.field")
-    from MedDIFTLib.geometry import Geometry
+    from MedDIFTLib.core.geometry import Geometry
 
     geometry = Geometry.create((10, 9, 8), (2.0, 2.5, 3.0), (-10.0, 5.0, -4.0), ROTATED_DIRECTION)
     k, j, i = np.meshgrid(*(np.arange(n) for n in geometry.shape_kji), indexing="ij")

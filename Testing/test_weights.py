@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from MedDIFTLib import cli, weights
-from MedDIFTLib.errors import BadInputError, MissingWeightsError
+from MedDIFTLib.core.errors import BadInputError, MissingWeightsError
 
 
 def autoencoder_like(path: Path) -> Path:

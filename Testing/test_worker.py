@@ -5,7 +5,6 @@ shift, cached re-match, every error kind, cancel, kill mid-job, malformed and ov
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import os
@@ -22,18 +21,17 @@ from conftest import CHEST_DIR, require
 from scipy import ndimage
 
 import MedDIFTLib
-from MedDIFTLib.backbones import FeatureLevel, FeaturePyramid
-from MedDIFTLib.geometry import Geometry
-from MedDIFTLib.io import Volume, read_volume, write_volume
-from MedDIFTLib.worker import _json_safe, read_bounded_line
-from MedDIFTLib.worker_cache import CacheKey, FeatureCache
-from MedDIFTLib.worker_client import PACKAGE_PARENT, WorkerClient
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.features import FeatureLevel, FeaturePyramid
+from MedDIFTLib.worker.cache import CacheKey, FeatureCache
+from MedDIFTLib.worker.client import PACKAGE_PARENT, WorkerClient
+from MedDIFTLib.worker.server import _json_safe, read_bounded_line
 
 # Two MIND pyramids of the 57x78x64 crop (15.5 MB each) fit, three do not.
 CACHE_BYTES = 40_000_000
 SHIFT_KJI = (1, -1, 2)  # voxels: moving content = fixed content moved by this many voxels
 TIMEOUT_S = 120
-HAS_FIELD = importlib.util.find_spec("MedDIFTLib.field") is not None
 
 
 def _shifted(volume: Volume, shift_kji, name: str) -> Volume:
@@ -88,7 +86,7 @@ def _match_request(loaded: dict, points, **extra) -> dict:
 
 def test_client_imports_neither_torch_nor_qt():
     heavy = ("torch", "monai", "qt", "PythonQt", "PyQt5", "PySide2")
-    code = f"import sys, MedDIFTLib.worker_client; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    code = f"import sys, MedDIFTLib.worker.client; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert output.stdout.strip() == "[]"
@@ -194,7 +192,7 @@ def test_each_error_kind_is_reported_and_the_worker_keeps_serving(client, loaded
     params.update(changes)
     if params["backbone_options"] == "WEIGHTS_DIR":
         params["backbone_options"] = {"weights_dir": str(tmp_path)}
-    with pytest.raises(MedDIFTLib.errors.MedDIFTError) as raised:
+    with pytest.raises(MedDIFTLib.core.errors.MedDIFTError) as raised:
         client.call(request_type, timeout=TIMEOUT_S, **params)
     assert raised.value.kind == kind, str(raised.value)
     assert str(raised.value)
@@ -272,7 +270,6 @@ def _quick_field_options() -> dict:
     return {"levels": [level], "optimise_iterations": 0, "mask_threshold_hu": None}
 
 
-@pytest.mark.skipif(not HAS_FIELD, reason="MedDIFTLib.field is not in this installation")
 def test_register_writes_the_field_and_warped_image(client, loaded, pair, tmp_path):
     out = tmp_path / "out"
     summary = client.call(
@@ -293,13 +290,6 @@ def test_register_writes_the_field_and_warped_image(client, loaded, pair, tmp_pa
     np.testing.assert_allclose(np.median(interior, axis=0), pair["shift_lps"], atol=1.5)
 
 
-def test_register_is_refused_clearly_when_unavailable(client, loaded, tmp_path):
-    if HAS_FIELD:
-        pytest.skip("registration is available here")
-    with pytest.raises(MedDIFTLib.errors.BadInputError, match="not available"):
-        client.call("register", out_transform=str(tmp_path / "f.nii.gz"), **loaded)
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -318,13 +308,10 @@ def test_kill_mid_job_leaves_no_process_and_no_output_then_restart_and_stop(pair
             "moving_id": worker.call("load", path=pair["moving"], timeout=TIMEOUT_S)["volume_id"],
         }
         out = tmp_path / "out"
-        if HAS_FIELD:
-            job = worker.send(
-                "register", backbone="mind", device="cpu", out_transform=str(out / "field.nii.gz"),
-                out_inverse=str(out / "inverse.nii.gz"), out_warped=str(out / "warped.nii.gz"), **ids
-            )
-        else:
-            job = worker.send("match", **_long_match(ids, pair))
+        job = worker.send(
+            "register", backbone="mind", device="cpu", out_transform=str(out / "field.nii.gz"),
+            out_inverse=str(out / "inverse.nii.gz"), out_warped=str(out / "warped.nii.gz"), **ids
+        )
         events = worker.events(job, timeout=TIMEOUT_S)
         for event in events:
             if event["event"] == "progress" and event["stage"] not in ("features", "load"):
@@ -355,7 +342,7 @@ def test_internal_error_stdout_purity_and_shutdown_on_end_of_input():
     stdout; the worker keeps serving; EOF on stdin ends it with code 0."""
     code = "\n".join(
         [
-            "import os, MedDIFTLib.worker as w",
+            "import os, MedDIFTLib.worker.server as w",
             "def crash(self, params, progress):",
             "    return {}['no such key']",
             "def noisy(self, params, progress):",

@@ -33,7 +33,7 @@ def write_random_weights(folder: Path, config_name: str = "ddpm-ct", seed: int =
     """Full-size networks of ``config_name`` with random weights, saved in the official layouts."""
     import torch
 
-    from MedDIFTLib.backbones import maisi
+    from MedDIFTLib.features import maisi
 
     config = maisi.load_config(config_name)
     autoencoder_path = folder / config["autoencoder_file"]
@@ -53,8 +53,8 @@ def write_random_weights(folder: Path, config_name: str = "ddpm-ct", seed: int =
 
 
 def _case_volume(case: str):
-    from MedDIFTLib.geometry import Geometry
-    from MedDIFTLib.io import Volume, read_volume
+    from MedDIFTLib.core.geometry import Geometry
+    from MedDIFTLib.core.io import Volume, read_volume
 
     if case == "popi":
         return read_volume(POPI)
@@ -78,8 +78,8 @@ def run_one(case: str, precision: str, device: str, spacing: float | None, weigh
     """Extract features once and report time and memory (runs inside the subprocess)."""
     import torch
 
-    from MedDIFTLib.backbones.maisi import MaisiFeaturizer
-    from MedDIFTLib.errors import OutOfMemoryError
+    from MedDIFTLib.core.errors import OutOfMemoryError
+    from MedDIFTLib.features.maisi import MaisiFeaturizer
 
     volume = _case_volume(case)
     featurizer = MaisiFeaturizer(weights_dir=weights_dir, device=device, precision=precision, spacing_mm=spacing)

@@ -1,7 +1,7 @@
 """Accuracy, time and memory of ``match`` on realistic synthetic pairs from the real CTs.
 
 Each case is a real CT from ../shared/data warped by a known breathing-like motion (mean 7 mm at
-the points; lung density change, noise, a 1.1x coarser moving grid; see MedDIFTLib.simulate).
+the points; lung density change, noise, a 1.1x coarser moving grid; see MedDIFTLib.evaluation.simulate).
 Points: the 51 real anatomical landmarks of the elastix crop; Förstner keypoints in the lungs of
 the pulmonary crop and of the POPI thorax. Every case runs in its own process so its peak memory
 (RSS) is its own. Printed: a Markdown table with the identity error (no registration) beside.
@@ -30,11 +30,11 @@ CASES = {
 
 
 def _child(case: str, seed: int, backbone: str, radius_mm: float) -> dict:
-    from MedDIFTLib.backbones import create_featurizer
-    from MedDIFTLib.evaluation import tre_stats
-    from MedDIFTLib.io import read_points, read_volume
+    from MedDIFTLib.core.io import read_points, read_volume
+    from MedDIFTLib.evaluation.metrics import tre_stats
+    from MedDIFTLib.evaluation.simulate import make_synthetic_pair
+    from MedDIFTLib.features import create_featurizer
     from MedDIFTLib.matching import MatchOptions, match_points
-    from MedDIFTLib.simulate import make_synthetic_pair
 
     folder = DATA / CASES[case]
     volume = read_volume(folder / "image.nii.gz")

@@ -39,8 +39,8 @@ def _rss_bytes() -> int:
 def _pyramids(shape_ijk, seed: int, num_points: int):
     import torch
 
-    from MedDIFTLib.backbones import FeatureLevel, FeaturePyramid
-    from MedDIFTLib.geometry import Geometry
+    from MedDIFTLib.core.geometry import Geometry
+    from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 
     image = Geometry.create(shape_ijk, (1.5, 1.5, 1.5), (-100.0, -120.0, 40.0))
     generator = torch.Generator().manual_seed(seed)
@@ -60,7 +60,7 @@ def _pyramids(shape_ijk, seed: int, num_points: int):
 def _child(method: str, shape_ijk, seed: int, num_points: int, radius_mm: float) -> dict:
     import torch
 
-    from MedDIFTLib.evaluation import naive_full_resolution_similarity
+    from MedDIFTLib.evaluation.metrics import naive_full_resolution_similarity
     from MedDIFTLib.matching import MatchOptions, match_points
 
     torch.set_grad_enabled(False)

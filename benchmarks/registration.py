@@ -1,7 +1,7 @@
 """Dense registration benchmark: MedDIFT's field against identity, B-spline and ConvexAdam.
 
 Pairs are real CTs from ../shared/data warped by the project's breathing simulation
-(:func:`MedDIFTLib.simulate.make_synthetic_pair`: mean motion 7 mm at lung keypoints, density change,
+(:func:`MedDIFTLib.evaluation.simulate.make_synthetic_pair`: mean motion 7 mm at lung keypoints, density change,
 noise, 1.1x coarser moving grid), one per motion seed: the POPI thorax (resampled to
 ``--popi-spacing-mm`` isotropic to bound the CPU time) and the pulmonary crop (native 1.5 mm).
 Every method runs on the same pairs in its own fresh process, so wall time, CPU time (all threads)
@@ -11,7 +11,7 @@ and peak memory (the process's maximum resident set, pair included) are its own:
 - ``bspline``: SimpleITK B-spline, 3 levels (shrink 4/2/1, control grid doubling to 16 mm),
   correlation metric on HU clipped to [-1000, 1500], 50 000 random samples per level, L-BFGS 50
   iterations per level, images resampled to the fixed grid's voxels of at least 2 mm;
-- ``convexadam``: :func:`MedDIFTLib.baselines.convexadam` (the pip package, both images on one
+- ``convexadam``: :func:`MedDIFTLib.evaluation.baselines.convexadam` (the pip package, both images on one
   isotropic 2 mm grid, its voxel field turned into LPS mm);
 - ``meddift-<backbone>``: features of both volumes plus :func:`MedDIFTLib.field.register` with the
   default options, for every backbone that runs here (MAISI needs ``--weights-dir``).
@@ -56,7 +56,7 @@ def _set_threads(threads: int) -> None:
 def _load_case(name: str, popi_spacing_mm: float):
     import SimpleITK as sitk
 
-    from MedDIFTLib.io import Volume, read_volume
+    from MedDIFTLib.core.io import Volume, read_volume
 
     volume = read_volume(DATA_DIR / "chestct_single_real" / CASES[name] / "image.nii.gz")
     if name != "popi":
@@ -75,7 +75,7 @@ def _bspline(fixed, moving, points: np.ndarray):
     """SimpleITK B-spline (correlation, 3 levels); returns moved points and the field on a fixed grid."""
     import SimpleITK as sitk
 
-    from MedDIFTLib.baselines import working_geometry
+    from MedDIFTLib.evaluation.baselines import working_geometry
     from MedDIFTLib.field import DisplacementField
 
     def prepared(volume):
@@ -135,12 +135,12 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
     elif method == "bspline":
         moved, field = _bspline(fixed, moving, points)
     elif method == "convexadam":
-        from MedDIFTLib.baselines import convexadam
+        from MedDIFTLib.evaluation.baselines import convexadam
 
         output = convexadam(fixed, moving, points)
         moved, field = output.points_lps_mm, output.field
     else:
-        from MedDIFTLib.backbones import create_featurizer
+        from MedDIFTLib.features import create_featurizer
         from MedDIFTLib.field import register
 
         backbone = method.removeprefix("meddift-")
@@ -158,7 +158,7 @@ def _methods(weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
     """Methods that can run here, and the reason each other one is left out."""
     import importlib.util
 
-    from MedDIFTLib.backbones import available_backbones
+    from MedDIFTLib.features import available_backbones
 
     methods, skipped = ["identity", "bspline"], {}
     if importlib.util.find_spec("convexAdam") is None:
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import pickle
 
-    from MedDIFTLib.evaluation import tre_mm
-    from MedDIFTLib.simulate import make_synthetic_pair
+    from MedDIFTLib.evaluation.metrics import tre_mm
+    from MedDIFTLib.evaluation.simulate import make_synthetic_pair
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

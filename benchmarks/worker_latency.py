@@ -1,6 +1,6 @@
 """Worker latency: first ``match`` (feature extraction included) vs re-match on cached features.
 
-Drives the real worker subprocess through :class:`MedDIFTLib.worker_client.WorkerClient`, as the
+Drives the real worker subprocess through :class:`MedDIFTLib.worker.client.WorkerClient`, as the
 Slicer module does. Pair: the POPI 4DCT phase (512x512x141, ~0.98x0.98x2 mm) and a copy shifted
 by a smooth known displacement (a few mm), written to a temporary folder; backbone ``mind``.
 
@@ -27,8 +27,8 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from MedDIFTLib.io import read_volume  # noqa: E402
-from MedDIFTLib.worker_client import WorkerClient  # noqa: E402
+from MedDIFTLib.core.io import read_volume  # noqa: E402
+from MedDIFTLib.worker.client import WorkerClient  # noqa: E402
 
 SHIFT_STEP_MM = np.array([1.0, -1.0, 2.0])  # each repeat moves the points, as when a landmark is dragged
 CACHED_RUNS = (

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from .. import __version__
-from ..errors import MedDIFTError
+from ..core.errors import MedDIFTError
 
 SUBCOMMANDS = ("demo", "eval", "match", "register", "simulate", "weights")
 

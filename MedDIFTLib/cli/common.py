@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInputError
+from ..core.errors import BadInputError
 
 POINT_EXTENSIONS = (".mrk.json", ".json", ".fcsv", ".csv")
 
@@ -79,7 +79,7 @@ def parse_backbone_options(pairs: list[str]) -> dict[str, Any]:
 
 def featurizer_from_args(args: argparse.Namespace, device: Any):
     """The backbone chosen by :func:`add_backbone_arguments`, built for ``device``."""
-    from ..backbones import create_featurizer
+    from ..features import create_featurizer
 
     options = {**parse_backbone_options(args.backbone_option), "device": str(device)}
     if args.weights_dir:

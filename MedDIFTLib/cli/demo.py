@@ -30,13 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..backbones import create_featurizer
-    from ..devices import resolve_device
-    from ..evaluation import tre_stats
-    from ..io import PointSet, read_points, read_volume, write_points
+    from ..core.devices import resolve_device
+    from ..core.io import PointSet, read_points, read_volume, write_points
+    from ..core.progress import scaled
+    from ..evaluation.metrics import tre_stats
+    from ..evaluation.simulate import make_synthetic_pair, phantom_ct
+    from ..features import create_featurizer
     from ..matching import MatchOptions, match_points
-    from ..progress import scaled
-    from ..simulate import make_synthetic_pair, phantom_ct
     from .common import ProgressBar, check_point_output
 
     output = check_point_output(args.out) if args.out else None

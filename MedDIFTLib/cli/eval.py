@@ -128,11 +128,11 @@ def evaluate(job: dict, isolated: bool) -> dict:
     ``job``: ``case`` (:meth:`Case.to_dict`), ``method`` (spec text), ``device``, ``weights_dir``,
     ``points_out`` (where the per-point table goes).
     """
-    from ..baselines import parse_method, run_method
-    from ..datasets import Case, load_case
-    from ..errors import MedDIFTError
-    from ..evaluation import error_stats
-    from ..report import PointTable, write_point_table
+    from ..core.errors import MedDIFTError
+    from ..evaluation.baselines import parse_method, run_method
+    from ..evaluation.datasets import Case, load_case
+    from ..evaluation.metrics import error_stats
+    from ..evaluation.report import PointTable, write_point_table
 
     case = Case.from_dict(job["case"])
     spec = parse_method(job["method"])
@@ -184,7 +184,7 @@ def _run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> 
     """Run ``job`` in a fresh Python process; a crash or timeout becomes a failed record."""
     import subprocess
 
-    from ..io import atomic_output
+    from ..core.io import atomic_output
 
     job_path, result_path = folder / "job.json", folder / "result.json"
     job = {**job, "result": str(result_path)}
@@ -215,7 +215,7 @@ def _run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> 
 
 
 def _check_out(out: Path) -> None:
-    from ..errors import BadInputError
+    from ..core.errors import BadInputError
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInputError(f"{out}: already exists and is not an empty folder; choose a new output folder")
@@ -235,11 +235,11 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from .. import __version__
-    from ..baselines import parse_method, unavailable_reason
-    from ..datasets import open_dataset
-    from ..devices import resolve_device
-    from ..errors import BadInputError
-    from ..report import make_plots, markdown_tables, read_point_table, summarise, write_tables
+    from ..core.devices import resolve_device
+    from ..core.errors import BadInputError
+    from ..evaluation.baselines import parse_method, unavailable_reason
+    from ..evaluation.datasets import open_dataset
+    from ..evaluation.report import make_plots, markdown_tables, read_point_table, summarise, write_tables
     from .common import ProgressBar
 
     specs = [parse_method(text) for text in args.methods]
@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         cache: dict[str, tuple] = {}
 
         def load_volumes(name: str) -> tuple:
-            from ..datasets import load_case
+            from ..evaluation.datasets import load_case
 
             if name not in cache:
                 cache.clear()

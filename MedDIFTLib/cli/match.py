@@ -42,10 +42,10 @@ def _describe(confidence: float, forward_backward_mm: float, reliable: bool) -> 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..devices import out_of_memory_as_error, resolve_device
-    from ..io import PointSet, read_points, read_volume, write_points
+    from ..core.devices import out_of_memory_as_error, resolve_device
+    from ..core.io import PointSet, read_points, read_volume, write_points
+    from ..core.progress import scaled
     from ..matching import MatchOptions, check_points, match_points
-    from ..progress import scaled
 
     output = check_point_output(args.out)
     options = MatchOptions(
@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
         exact=args.exact,
         confidence_threshold=args.confidence_threshold,
     )
-    options.validate()
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)

@@ -38,12 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..devices import out_of_memory_as_error, resolve_device
-    from ..errors import BadInputError
+    from ..core.devices import out_of_memory_as_error, resolve_device
+    from ..core.errors import BadInputError
+    from ..core.io import PointSet, read_points, read_volume, write_points
+    from ..core.progress import scaled
     from ..field import FieldLevel, FieldOptions, register_and_write, transform_points
     from ..field.displacement import check_field_path, read_field
-    from ..io import PointSet, read_points, read_volume, write_points
-    from ..progress import scaled
 
     if (args.points is None) != (args.out_points is None):
         raise BadInputError("--points and --out-points go together")
@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
         optimise_iterations=args.optimise_iterations,
         optimise_regularisation=args.regularisation,
     )
-    options.validate()
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)

@@ -1,7 +1,7 @@
 """``meddift simulate CT OUT``: a realistic synthetic pair with known motion from one real CT.
 
 ``meddift simulate --manifest FOLDER OUT``: one pair per CT of a folder and ``OUT/manifest.csv`` for
-``meddift eval`` (see :func:`MedDIFTLib.datasets.build_synthetic_manifest`)."""
+``meddift eval`` (see :func:`MedDIFTLib.evaluation.datasets.build_synthetic_manifest`)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _pair_maker(args: argparse.Namespace):
     """``(volume, points_lps_mm, labels) -> SyntheticPair`` with the command's settings."""
-    from ..simulate import make_synthetic_pair
+    from ..evaluation.simulate import make_synthetic_pair
 
     def make_pair(volume, points_lps_mm, labels):
         return make_synthetic_pair(
@@ -72,8 +72,8 @@ def _publish(staging: Path, out: Path) -> None:
 def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
     import sys
 
-    from ..datasets import build_synthetic_manifest
-    from ..errors import BadInputError
+    from ..core.errors import BadInputError
+    from ..evaluation.datasets import build_synthetic_manifest
     from .common import ProgressBar
 
     if args.points:
@@ -99,10 +99,10 @@ def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import write_synthetic_pair
-    from ..errors import BadInputError
-    from ..evaluation import tre_stats
-    from ..io import read_points, read_volume
+    from ..core.errors import BadInputError
+    from ..core.io import read_points, read_volume
+    from ..evaluation.datasets import write_synthetic_pair
+    from ..evaluation.metrics import tre_stats
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..core.errors import BadInputError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -16,11 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..errors import BadInputError
-from ..geometry import Geometry
-from ..io.atomic import atomic_output
-from ..io.volumes import Volume
-from ..progress import ProgressFn, no_progress
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.io.atomic import atomic_output
+from ..core.io.volumes import Volume
+from ..core.progress import ProgressFn, no_progress
 from . import grids
 
 FIELD_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")

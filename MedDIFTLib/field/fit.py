@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..geometry import Geometry
+from ..core.geometry import Geometry
 
 FILL_WIDTH = 4.0
 FILL_SHARE = 1e-2

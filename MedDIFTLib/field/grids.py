@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..geometry import Geometry
+from ..core.geometry import Geometry
 
 SLAB_VOXELS = 2**21
 

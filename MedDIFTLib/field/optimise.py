@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones.base import FeaturePyramid
-from ..geometry import Geometry
-from ..progress import ProgressFn, no_progress
+from ..core.geometry import Geometry
+from ..core.progress import ProgressFn, no_progress
+from ..features.protocol import FeaturePyramid
 from . import grids
 
 MAX_CHANNELS = 16

@@ -18,7 +18,6 @@ Pipeline (each step reads only the :class:`FeaturePyramid` contract, so any back
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,11 +26,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..backbones.base import FeaturePyramid
-from ..errors import BadInputError
-from ..geometry import Geometry
-from ..io.volumes import Volume, write_volume
-from ..progress import ProgressFn, no_progress, scaled
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.io.volumes import Volume, write_volume
+from ..core.options import FieldLevel, FieldOptions
+from ..core.progress import ProgressFn, no_progress, scaled
+from ..features.protocol import FeaturePyramid
 from . import grids
 from .displacement import (
     DisplacementField,
@@ -46,58 +46,6 @@ from .optimise import instance_optimise
 from .search import lattice_search
 
 MIN_POINTS = 8
-
-
-@dataclass(frozen=True)
-class FieldLevel:
-    """One coarse-to-fine search level (mm): lattice step (descriptors are pooled to it), search
-    radius around the field so far, smoothness length of the fitted field, and the half-width
-    (lattice nodes) of the box over which similarities are averaged."""
-
-    spacing_mm: float
-    search_radius_mm: float
-    smoothness_mm: float
-    aggregation_nodes: int = 1
-
-
-@dataclass(frozen=True)
-class FieldOptions:
-    """How to build the field. Distances in mm.
-
-    ``levels``: search levels, coarse to fine (the first searches from identity, so its radius
-    bounds the motion that can be found). ``robust_iterations``: reweighting passes of the fit.
-    ``optimise_iterations``: Levenberg-Marquardt steps of the instance optimisation (0: off);
-    ``optimise_spacing_mm``: its node (and descriptor pooling) spacing; ``optimise_regularisation``:
-    weight of its diffusion penalty. ``mask_threshold_hu``: the automatic body mask keeps voxels
-    above it (None: the whole image). ``inverse_spacing_mm``: grid on which the inverse is solved.
-    """
-
-    levels: tuple[FieldLevel, ...] = (FieldLevel(6.0, 24.0, 10.0, 1),)
-    robust_iterations: int = 3
-    optimise_iterations: int = 10
-    optimise_spacing_mm: float = 3.0
-    optimise_regularisation: float = 0.1
-    mask_threshold_hu: float | None = -500.0
-    inverse_spacing_mm: float = 2.0
-
-    def validate(self) -> None:
-        if not self.levels and self.optimise_iterations <= 0:
-            raise BadInputError("the field needs at least one matching level or instance optimisation")
-        for level in self.levels:
-            values = (level.spacing_mm, level.search_radius_mm, level.smoothness_mm)
-            if not all(math.isfinite(v) and v > 0 for v in values) or level.aggregation_nodes < 0:
-                raise BadInputError(f"field level distances must be positive numbers of mm, got {level}")
-        positive = {
-            "optimisation spacing": self.optimise_spacing_mm,
-            "inverse spacing": self.inverse_spacing_mm,
-        }
-        for name, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise BadInputError(f"{name} must be a positive number, got {value}")
-        if self.optimise_iterations < 0 or self.robust_iterations < 0:
-            raise BadInputError("iteration counts must be >= 0")
-        if not (math.isfinite(self.optimise_regularisation) and self.optimise_regularisation >= 0):
-            raise BadInputError(f"optimisation regularisation must be >= 0, got {self.optimise_regularisation}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +125,6 @@ def register(
     any grid) replaces it. Without either, the whole fixed grid is used.
     """
     options = options or FieldOptions()
-    options.validate()
     if len(fixed_pyramid.levels) != len(moving_pyramid.levels):
         raise BadInputError("fixed and moving features come from different backbone configurations")
     geometry = fixed_pyramid.image_geometry

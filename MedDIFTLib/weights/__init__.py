@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInputError, MedDIFTError, MissingWeightsError
-from .io.atomic import atomic_output
-from .progress import ProgressFn, no_progress
+from ..core.errors import BadInputError, MedDIFTError, MissingWeightsError
+from ..core.io.atomic import atomic_output
+from ..core.progress import ProgressFn, no_progress
+from .checkpoints import describe_checkpoint, fetch_commands
 
 WEIGHTS_DIR_ENV = "MEDDIFT_WEIGHTS_DIR"
 HF_TOKEN_ENV = "HF_TOKEN"
@@ -175,12 +176,6 @@ def _is_registered(name: str) -> bool:
     return any(name in entry.all_names for entry in REGISTRY.values())
 
 
-def fetch_commands(config_name: str | None = None) -> str:
-    """The commands that put missing weights in place, for error messages."""
-    download = "meddift weights download" + (f" --config {config_name}" if config_name else "")
-    return f"fetch them with `{download}` or, if you already have a file, `meddift weights import FILE`"
-
-
 def missing_weights_error(missing: list[str], weights_dir: Path, config_name: str | None) -> MissingWeightsError:
     names = ", ".join(missing)
     return MissingWeightsError(
@@ -263,31 +258,6 @@ def verify(name: str, weights_dir: str | os.PathLike | None = None, progress: Pr
         except MedDIFTError as error:
             return Verification(entry.name, "mismatch", path, str(error), digests)
     return Verification(entry.name, status, path, message, digests)
-
-
-def describe_checkpoint(path: str | os.PathLike, role: str) -> str:
-    """Open a checkpoint safely and check its top-level layout for ``role``; a one-line summary.
-
-    Autoencoder: a plain state dict with ``encoder.*`` keys. Diffusion UNet: a dict with
-    ``unet_state_dict`` (and ``scale_factor``). Raises :class:`BadInputError` otherwise.
-    """
-    from .backbones.maisi import load_checkpoint
-
-    checkpoint = load_checkpoint(Path(path))
-    if role == "autoencoder":
-        if "unet_state_dict" in checkpoint:
-            raise BadInputError(
-                f"{path}: this is a diffusion UNet checkpoint (it has unet_state_dict), not an autoencoder"
-            )
-        if not any(str(key).startswith("encoder.") for key in checkpoint):
-            raise BadInputError(f"{path}: not an autoencoder state dict (no encoder.* keys)")
-        return f"autoencoder state dict, {len(checkpoint)} tensors"
-    if "unet_state_dict" not in checkpoint:
-        raise BadInputError(
-            f"{path}: not a MAISI diffusion UNet checkpoint (expected a dict with unet_state_dict; "
-            f"top-level keys: {', '.join(sorted(map(str, checkpoint))[:8])})"
-        )
-    return f"diffusion UNet checkpoint, {len(checkpoint['unet_state_dict'])} tensors"
 
 
 def _open_url(url: str) -> urllib.request.Request:

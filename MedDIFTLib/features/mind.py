@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io.volumes import Volume
-from ..progress import ProgressFn, no_progress
-from .base import FeatureLevel, FeaturePyramid
+from ..core.io.volumes import Volume
+from ..core.progress import ProgressFn, no_progress
+from .protocol import FeatureLevel, FeaturePyramid
 
 SIX_NEIGHBOURHOOD = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 SSC_PAIRS = [

@@ -19,54 +19,17 @@ and the peak's distinctiveness give a confidence in [0, 1].
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones.base import FeatureLevel, FeaturePyramid
-from .errors import BadInputError
-from .geometry import Geometry
-from .progress import ProgressFn, no_progress, scaled
-
-
-@dataclass(frozen=True)
-class MatchOptions:
-    """How to search. Distances in mm.
-
-    ``mode``: ``local`` (sphere around the prior) or ``global`` (whole moving volume on a
-    lattice of ``coarse_step_mm``, then a local refinement). ``coarse_to_fine`` (default): in
-    local mode, search the sphere on the coarse lattice first, then at full resolution around the
-    best; off, every voxel of the sphere is scored.
-    ``confidence_threshold``: matches below it are flagged unreliable (never dropped).
-    ``level_weights`` / ``patch_radius``: override the backbone's per-level advice.
-    ``memory_budget_mb``: bound on the working tensors of one batch of points.
-    """
-
-    search_radius_mm: float = 15.0
-    mode: str = "local"
-    coarse_to_fine: bool = True
-    coarse_step_mm: float = 4.0
-    exact: bool = False
-    subvoxel: bool = True
-    level_weights: tuple[float, ...] | None = None
-    patch_radius: int | None = None
-    backward_check: bool = True
-    fb_scale_mm: float = 3.0
-    confidence_threshold: float = 0.5
-    memory_budget_mb: float = 64.0
-
-    def validate(self) -> None:
-        if self.mode not in ("local", "global"):
-            raise BadInputError(f"unknown search mode {self.mode!r}; use 'local' or 'global'")
-        if not self.search_radius_mm > 0 or not math.isfinite(self.search_radius_mm):
-            raise BadInputError(f"search radius must be a positive number of mm, got {self.search_radius_mm}")
-        if not self.coarse_step_mm > 0:
-            raise BadInputError(f"coarse step must be positive, got {self.coarse_step_mm}")
-        if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise BadInputError(f"confidence threshold must lie in [0, 1], got {self.confidence_threshold}")
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.options import MatchOptions
+from ..core.progress import ProgressFn, no_progress, scaled
+from ..features.protocol import FeatureLevel, FeaturePyramid
 
 
 @dataclass
@@ -449,7 +412,7 @@ def match_points(
     moving: FeaturePyramid,
     points_lps_mm: np.ndarray,
     priors_lps_mm: np.ndarray | None = None,
-    options: MatchOptions = MatchOptions(),
+    options: MatchOptions | None = None,
     progress: ProgressFn = no_progress,
 ) -> MatchResult:
     """Find each fixed point (N, 3 LPS mm) in the moving volume.
@@ -459,7 +422,7 @@ def match_points(
     outside the fixed volume are rejected; a point whose window misses the moving volume is
     returned at its prior with confidence 0.
     """
-    options.validate()
+    options = options or MatchOptions()
     points = check_points(fixed.image_geometry, points_lps_mm)
     priors = points if priors_lps_mm is None else np.asarray(priors_lps_mm, float).reshape(points.shape)
     forward_share = 0.5 if options.backward_check else 1.0

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from .backbones.base import FeaturePyramid
+from ..features.protocol import FeaturePyramid
 
 DEFAULT_CACHE_BYTES = 4 * 2**30
 

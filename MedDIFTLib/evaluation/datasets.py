@@ -13,7 +13,7 @@ Layouts (see :func:`open_dataset`; ``detect_layout`` picks one from what is on d
   their image), optional masks in ``masks*Tr``.
 - ``manifest``: a CSV file with columns ``fixed,moving,fixed_points,moving_points`` (optional
   ``case``, ``fixed_mask``), paths relative to the manifest; point files in any format of
-  :func:`MedDIFTLib.io.read_points` (voxel formats use the geometry of their own image).
+  :func:`MedDIFTLib.core.io.read_points` (voxel formats use the geometry of their own image).
 
 World coordinates are LPS mm. A bare raw DIR-Lab volume has origin 0 and identity direction, so
 the TRE is index difference times spacing, as the DIR-Lab protocol defines it. Raw volumes
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
-from .geometry import Geometry
-from .io.points import PointSet, read_dirlab_points, read_points
-from .io.volumes import Volume, read_volume
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.io.points import PointSet, read_dirlab_points, read_points
+from ..core.io.volumes import Volume, read_volume
 
 LAYOUTS = ("dirlab", "copdgene", "learn2reg", "manifest")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -547,11 +547,11 @@ def find_cts(folder: str | os.PathLike) -> list[tuple[str, Path, Path | None]]:
 
 
 def write_synthetic_pair(pair, folder: Path, summary: dict) -> None:
-    """Write a :class:`MedDIFTLib.simulate.SyntheticPair` as ``fixed.nii.gz``, ``moving.nii.gz`` (int16 HU),
+    """Write a :class:`MedDIFTLib.evaluation.simulate.SyntheticPair` as ``fixed.nii.gz``, ``moving.nii.gz`` (int16 HU),
     ``fixed_points.csv``, ``moving_points_true.csv`` (LPS mm, same labels) and ``pair.json`` (``summary``)."""
     import SimpleITK as sitk
 
-    from .io import write_points, write_volume
+    from ..core.io import write_points, write_volume
 
     folder.mkdir(parents=True, exist_ok=True)
     write_volume(pair.fixed, folder / "fixed.nii.gz", sitk.sitkInt16)
@@ -575,7 +575,7 @@ def build_synthetic_manifest(
     ``pair.json``. A CT that fails is reported in the returned problems and left out of the manifest; the
     others go on. Returns (summaries, problems).
     """
-    from .evaluation import tre_stats
+    from .metrics import tre_stats
 
     cts = find_cts(folder)
     summaries, problems, rows = [], [], []

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInputError, CancelledError, MedDIFTError
-from .geometry import Geometry
-from .io.atomic import atomic_output
-from .io.points import RAS_FROM_LPS, UNRELIABLE_TAG, PointSet
-from .worker_client import error_from_event
+from ..core.errors import BadInputError, CancelledError, MedDIFTError
+from ..core.geometry import Geometry
+from ..core.io.atomic import atomic_output
+from ..core.io.points import RAS_FROM_LPS, UNRELIABLE_TAG, PointSet
+from ..worker.client import error_from_event
 
 REFERENCE_FIXED_VOLUME = "MedDIFT.fixedVolume"
 REFERENCE_MOVING_VOLUME = "MedDIFT.movingVolume"

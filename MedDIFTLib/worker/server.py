@@ -34,7 +34,7 @@ Jobs run one at a time, in arrival order, on the main thread; a reader thread an
 ``cancel`` at once (a running job stops at its next progress report) and queues everything
 else. EOF on stdin acts as ``shutdown`` after the queued jobs. Coordinates are LPS mm; geometry
 is reported in SimpleITK order (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major
-``direction``). Feature pyramids are cached on the CPU (see :mod:`MedDIFTLib.worker_cache`).
+``direction``). Feature pyramids are cached on the CPU (see :mod:`MedDIFTLib.worker.cache`).
 """
 
 from __future__ import annotations
@@ -63,13 +63,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, devices
-from .backbones import BACKBONES, FeaturePyramid, available_backbones, create_featurizer
-from .errors import BadInputError, BadRequestError, CancelledError, MedDIFTError, OutOfMemoryError
-from .io import Volume, read_volume
-from .matching import MatchOptions, match_points
-from .progress import ProgressFn
-from .worker_cache import DEFAULT_CACHE_BYTES, CacheKey, FeatureCache
+from .. import __version__
+from ..core import devices
+from ..core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError, OutOfMemoryError
+from ..core.io import Volume, read_volume
+from ..core.options import FieldOptions, MatchOptions, parse_options
+from ..core.progress import ProgressFn
+from ..features import BACKBONES, FeaturePyramid, available_backbones, create_featurizer
+from ..field import register_and_write
+from ..matching import match_points
+from .cache import DEFAULT_CACHE_BYTES, CacheKey, FeatureCache
 
 MAX_REQUEST_BYTES = 16 * 2**20
 MAX_POINTS = 100_000
@@ -171,81 +174,6 @@ def _system_memory() -> tuple[int | None, int | None]:
         return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None, None
-
-
-def _dataclass_options(options_class: type, raw: Any, what: str) -> Any:
-    """Build dataclass ``options_class`` from a JSON object, checking names and types against its fields."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise BadRequestError(f"{what} options must be a JSON object")
-    fields = {f.name: f for f in dataclasses.fields(options_class)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise BadRequestError(f"unknown {what} options: {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    values = {}
-    for name, value in raw.items():
-        field = fields[name]
-        annotation = field.type if isinstance(field.type, str) else str(field.type)
-        values[name] = _option_value(value, annotation, _field_default(field), f"{what} option {name!r}")
-    try:
-        return options_class(**values)
-    except TypeError as error:
-        raise BadRequestError(f"{what} options: {error}") from None
-
-
-def _field_default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None
-
-
-def _option_value(value: Any, annotation: str, default: Any, what: str) -> Any:
-    """``value`` (from JSON) converted to the field type named by ``annotation``; lists become tuples."""
-    bad = BadRequestError(f"{what}: {value!r} does not fit the type {annotation}")
-    scalar_types = re.sub(r"tuple\[[^\]]*\]", "", annotation)
-    if value is None:
-        if default is None or "None" in annotation:
-            return None
-        raise bad
-    if isinstance(value, list) and "tuple[" in annotation:
-        return _option_tuple(value, default, bad, what)
-    if isinstance(value, bool):
-        if re.search(r"\bbool\b", scalar_types):
-            return value
-        raise bad
-    if isinstance(value, (int, float)):
-        if re.search(r"\bfloat\b", scalar_types):
-            return float(value)
-        if re.search(r"\bint\b", scalar_types) and float(value).is_integer():
-            return int(value)
-        raise bad
-    if isinstance(value, str) and re.search(r"\bstr\b", scalar_types):
-        return value
-    raise bad
-
-
-def _option_tuple(items: list, default: Any, bad: Exception, what: str) -> tuple:
-    """A JSON list as an option tuple: numbers/strings, or nested dataclasses (objects or positional lists)."""
-    element = default[0] if isinstance(default, tuple) and default else None
-    if element is not None and dataclasses.is_dataclass(element):
-        nested = []
-        for item in items:
-            if isinstance(item, dict):
-                nested.append(_dataclass_options(type(element), item, what))
-            elif isinstance(item, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item):
-                try:
-                    nested.append(type(element)(*[float(v) for v in item]))
-                except TypeError:
-                    raise bad from None
-            else:
-                raise bad
-        return tuple(nested)
-    if not all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in items):
-        raise bad
-    return tuple(float(v) if isinstance(v, (int, float)) else v for v in items)
 
 
 @dataclasses.dataclass
@@ -723,8 +651,7 @@ class Worker:
         if not isinstance(labels, list) or len(labels) != len(points):
             raise BadRequestError(f"'labels' must be a list of {len(points)} labels, one per point")
         priors = self._points(params, "priors_lps_mm", count=len(points))
-        options = _dataclass_options(MatchOptions, params.get("options"), "match")
-        options.validate()
+        options = parse_options(MatchOptions, params.get("options"), "match")
         device = resolve_device(params.get("device", "auto"))
         _, _, (fixed_pyramid, moving_pyramid), cached = self._pair(params, device, progress)
         progress("match", 0.0, f"matching {len(points)} points")
@@ -745,9 +672,6 @@ class Worker:
 
     def _register(self, params: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         """Dense registration written to files (see :func:`MedDIFTLib.field.register_and_write`)."""
-        if importlib.util.find_spec(f"{__package__}.field") is None:
-            raise BadRequestError("registration is not available in this installation")
-        field_module = importlib.import_module(f"{__package__}.field")
         outputs = {}
         for name in ("out_transform", "out_inverse", "out_warped"):
             value = params.get(name)
@@ -755,14 +679,12 @@ class Worker:
                 outputs[name] = value
             else:
                 raise BadRequestError(f"'{name}' must be an output file path")
-        options = _dataclass_options(field_module.FieldOptions, params.get("options"), "registration")
-        if hasattr(options, "validate"):
-            options.validate()
+        options = parse_options(FieldOptions, params.get("options"), "registration")
         mask = self._volume(params, "mask_id") if params.get("mask_id") is not None else None
         device = resolve_device(params.get("device", "auto"))
         fixed, moving, (fixed_pyramid, moving_pyramid), _ = self._pair(params, device, progress)
         progress("register", 0.0, "registering")
-        return field_module.register_and_write(
+        return register_and_write(
             fixed, moving, fixed_pyramid, moving_pyramid, options=options, progress=progress, mask=mask, **outputs
         )
 
@@ -847,6 +769,3 @@ def exit_now(code: int) -> NoReturn:
     sys.stderr.flush()
     os._exit(code)
 
-
-if __name__ == "__main__":
-    exit_now(main())

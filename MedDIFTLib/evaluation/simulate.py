@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .errors import BadInputError
-from .geometry import Geometry
-from .io.points import PointSet
-from .io.volumes import Volume
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.io.points import PointSet
+from ..core.io.volumes import Volume
 
 LUNG_HU = -400.0
 LUNG_DENSITY_HU = -200.0

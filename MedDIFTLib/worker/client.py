@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import (
+from ..core.errors import (
     BadInputError,
     BadRequestError,
     CancelledError,
@@ -38,7 +38,7 @@ from .errors import (
     OutOfMemoryError,
 )
 
-PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 STDERR_TAIL_LINES = 400
 FINAL_EVENTS = ("result", "error")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
-from .evaluation import error_stats
-from .io.atomic import atomic_output
+from ..core.errors import BadInputError
+from ..core.io.atomic import atomic_output
+from .metrics import error_stats
 
 STATISTICS = ("mean", "std", "p50", "p95", "max")
 CSV_COLUMNS = ("case", "method", "status", "points", "initial_mean_mm", "mean_mm", "std_mm", "p50_mm", "p95_mm",

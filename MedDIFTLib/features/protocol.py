@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ..geometry import Geometry
-from ..io.volumes import Volume
-from ..progress import ProgressFn, no_progress
+from ..core.geometry import Geometry
+from ..core.io.volumes import Volume
+from ..core.progress import ProgressFn, no_progress
 
 
 @dataclass

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInputError
-from .geometry import Geometry
-from .progress import ProgressFn, no_progress, scaled
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.progress import ProgressFn, no_progress, scaled
 
 MEDDIFT_SEARCH_RADIUS_MM = 25.0
 CLIP_HU = (-1000.0, 1500.0)
@@ -131,9 +131,9 @@ def accepted_options(name: str) -> list[str]:
         return sorted(BSPLINE_DEFAULTS)
     if name == "convexadam":
         return sorted(CONVEXADAM_DEFAULTS)
-    from .backbones import BACKBONES
-    from .field import FieldOptions
-    from .matching import MatchOptions
+    from ..features import BACKBONES
+    from ..field import FieldOptions
+    from ..matching import MatchOptions
 
     module_name, class_name = BACKBONES[_backbone(name)]
     featurizer = getattr(importlib.import_module(module_name), class_name)
@@ -150,7 +150,7 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def _split_meddift_options(spec: MethodSpec) -> tuple[dict, dict]:
-    from .backbones import BACKBONES
+    from ..features import BACKBONES
 
     module_name, class_name = BACKBONES[_backbone(spec.name)]
     featurizer = getattr(importlib.import_module(module_name), class_name)
@@ -176,7 +176,7 @@ def meddift(
 ) -> MethodOutput:
     """MedDIFT on ``fixed``/``moving`` (:class:`Volume`): point matching (``mind``, ``maisi``) or the dense
     field (``mind-field``, ``maisi-field``) with the spec's options."""
-    from .backbones import create_featurizer
+    from ..features import create_featurizer
 
     backbone_options, search_options = _split_meddift_options(spec)
     backbone_options.setdefault("device", device)
@@ -186,12 +186,12 @@ def meddift(
     fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.3))
     moving_features = featurizer.extract(moving, scaled(progress, 0.3, 0.6))
     if spec.name.endswith("-field"):
-        from .field import FieldOptions, register
+        from ..field import FieldOptions, register
 
         options = FieldOptions(**search_options)
         displacement = register(fixed_features, moving_features, fixed, options, progress=scaled(progress, 0.6, 1.0))
         return MethodOutput(displacement.transform_points(fixed_points_lps_mm), displacement)
-    from .matching import MatchOptions, match_points
+    from ..matching import MatchOptions, match_points
 
     options = MatchOptions(**{"search_radius_mm": MEDDIFT_SEARCH_RADIUS_MM, **search_options})
     result = match_points(fixed_features, moving_features, fixed_points_lps_mm, options=options,
@@ -231,7 +231,7 @@ def _field_from_transform(transform, geometry: Geometry):
     """The displacement field of a SimpleITK transform sampled on ``geometry`` (LPS mm)."""
     import SimpleITK as sitk
 
-    from .field import DisplacementField
+    from ..field import DisplacementField
 
     image = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, [int(n) for n in geometry.shape_ijk],
                                               geometry.origin_lps_mm, geometry.spacing_mm, geometry.direction)
@@ -329,7 +329,7 @@ def convexadam(
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    from .field import DisplacementField
+    from ..field import DisplacementField
 
     settings = {**CONVEXADAM_DEFAULTS, **options}
     grid = working_geometry(fixed.geometry, float(settings.pop("working_spacing_mm")), isotropic=True)
@@ -358,7 +358,7 @@ def run_method(
     weights_dir: str | None = None,
     progress: ProgressFn = no_progress,
 ) -> MethodOutput:
-    """Run ``spec`` on a loaded case (:class:`MedDIFTLib.datasets.CaseData` with volumes)."""
+    """Run ``spec`` on a loaded case (:class:`MedDIFTLib.evaluation.datasets.CaseData` with volumes)."""
     points = data.fixed_points.points_lps_mm
     if spec.name == "identity":
         return identity(points)

@@ -1,7 +1,7 @@
 """Progress reporting shared by all pipeline stages.
 
 A progress callback receives ``(stage, fraction, message)`` with ``fraction`` in [0, 1].
-It may raise :class:`MedDIFTLib.errors.CancelledError` to stop the job at that point.
+It may raise :class:`MedDIFTLib.core.errors.CancelledError` to stop the job at that point.
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ import inspect
 import itertools
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +47,14 @@ import torch
 from scipy import ndimage
 
 from .. import weights as weight_registry
-from ..errors import BadInputError, MissingWeightsError, OutOfMemoryError
-from ..geometry import Geometry
-from ..io.volumes import Volume
-from ..progress import ProgressFn, no_progress
-from .base import FeatureLevel, FeaturePyramid
+from ..core.errors import BadInputError, OutOfMemoryError
+from ..core.geometry import Geometry
+from ..core.io.volumes import Volume
+from ..core.progress import ProgressFn, no_progress
+from ..weights.checkpoints import load_checkpoint
+from .protocol import FeatureLevel, FeaturePyramid
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "ddpm-ct"
 CONFIG_ENV = "MEDDIFT_MAISI_CONFIG"  # default configuration override, for tests and experiments
 BODY_REGIONS = ("head", "chest", "abdomen", "pelvis")  # order of MAISI's region one-hot vectors
@@ -174,36 +174,6 @@ def set_num_splits(autoencoder: torch.nn.Module, splits: int) -> None:
     for module in autoencoder.modules():
         if hasattr(module, "num_splits") and hasattr(module, "dim_split"):
             module.num_splits = splits
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a checkpoint dict; unreadable files become :class:`BadInputError`.
-
-    Files in PyTorch's zip format are memory-mapped, so loading does not hold a second copy.
-    """
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except FileNotFoundError:
-        raise MissingWeightsError(f"{path}: no such file; {weight_registry.fetch_commands()}") from None
-    zip_format = magic == b"PK\x03\x04"
-    if not zip_format and not magic.startswith(b"\x80"):
-        raise BadInputError(f"{path}: not a PyTorch checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
-    except pickle.UnpicklingError as error:
-        text = str(error)
-        if "Unsupported global" in text or "can still be loaded" in text:
-            raise BadInputError(
-                f"{path}: holds Python objects besides tensors and plain values; not loaded (weights_only=True)"
-            ) from None
-        raise BadInputError(f"{path}: not a PyTorch checkpoint") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BadInputError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
-    if not isinstance(checkpoint, dict):
-        raise BadInputError(f"{path}: expected a dict, found {type(checkpoint).__name__}")
-    return checkpoint
 
 
 def _key_summary(missing: list[str], unexpected: list[str], shown: int = 5) -> str:

@@ -6,12 +6,12 @@ import importlib
 import inspect
 from typing import Any
 
-from ..errors import BadInputError
-from .base import FeatureLevel, FeaturePyramid, Featurizer
+from ..core.errors import BadInputError
+from .protocol import Featurizer
 
 BACKBONES = {
-    "mind": ("MedDIFTLib.backbones.mind", "MindFeaturizer"),
-    "maisi": ("MedDIFTLib.backbones.maisi", "MaisiFeaturizer"),
+    "mind": ("MedDIFTLib.features.mind", "MindFeaturizer"),
+    "maisi": ("MedDIFTLib.features.maisi", "MaisiFeaturizer"),
 }
 
 
@@ -36,4 +36,4 @@ def create_featurizer(name: str, **options: Any) -> Featurizer:
     return featurizer_class(**options)
 
 
-__all__ = ["FeatureLevel", "FeaturePyramid", "Featurizer", "available_backbones", "create_featurizer"]
+__all__ = ["BACKBONES", "available_backbones", "create_featurizer"]

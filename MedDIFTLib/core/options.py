@@ -1,0 +1,260 @@
+"""Every user-facing knob, once: typed option dataclasses and the one parser that builds them.
+
+The CLI, the worker, the evaluation methods and the Slicer panel all take their defaults from
+these classes and build them through :func:`parse_options`, which checks names, types and
+ranges and names the bad key. Distances are in mm. This module imports neither torch nor
+numpy, so the Slicer side can read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import BadInputError, BadRequestError
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    help: str = "",
+) -> Any:
+    """A dataclass field with its range: ``minimum``/``maximum`` inclusive, ``above`` exclusive."""
+    metadata = {"minimum": minimum, "maximum": maximum, "above": above, "choices": choices, "help": help}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def describe(instance_or_class: Any, name: str) -> str:
+    """The help text of option ``name`` with its default, e.g. for ``--help``."""
+    cls = instance_or_class if isinstance(instance_or_class, type) else type(instance_or_class)
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f"{field.metadata.get('help', '')} (default {field.default})".strip()
+
+
+class Options:
+    """Base of the option classes: a value out of range is refused when the instance is made."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_range(type(self).__name__, field, getattr(self, field.name))
+
+
+def _check_range(owner: str, field: dataclasses.Field, value: Any) -> None:
+    meta = field.metadata
+    if value is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            if meta.get("choices") and item not in meta["choices"]:
+                raise BadInputError(f"option {field.name!r}: {item!r} is not one of {', '.join(meta['choices'])}")
+            continue
+        if not math.isfinite(item):
+            raise BadInputError(f"option {field.name!r} must be a finite number, got {item}")
+        if meta.get("minimum") is not None and item < meta["minimum"]:
+            raise BadInputError(f"option {field.name!r} must be >= {meta['minimum']}, got {item}")
+        if meta.get("maximum") is not None and item > meta["maximum"]:
+            raise BadInputError(f"option {field.name!r} must be <= {meta['maximum']}, got {item}")
+        if meta.get("above") is not None and not item > meta["above"]:
+            raise BadInputError(f"option {field.name!r} must be > {meta['above']}, got {item}")
+
+
+def parse_options(cls: type[T], raw: Mapping[str, Any] | None, what: str = "") -> T:
+    """Build option class ``cls`` from a JSON-like mapping.
+
+    An unknown key or a wrong type raises :class:`BadRequestError`, a value out of range
+    :class:`BadInputError`; both name the key. Lists become tuples; a nested option class comes
+    as an object or as a list of its fields in order."""
+    what = what or cls.__name__
+    if raw is None:
+        raw = {}
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise BadRequestError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise BadRequestError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _convert(value, hints[name], f"{what} option {name!r}") for name, value in raw.items()}
+    return cls(**values)
+
+
+def _convert(value: Any, annotation: Any, what: str) -> Any:
+    """``value`` from JSON converted to ``annotation`` (a type, union, tuple or option class)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+        if value is None and type(None) in members:
+            return None
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _convert(value, member, what)
+            except BadRequestError:
+                continue
+        raise BadRequestError(f"{what}: {value!r} does not fit {_type_name(annotation)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise BadRequestError(f"{what}: {value!r} is not a list")
+        element_types = typing.get_args(annotation)
+        if len(element_types) == 2 and element_types[1] is Ellipsis:
+            return tuple(_convert(item, element_types[0], what) for item in value)
+        if len(value) != len(element_types):
+            raise BadRequestError(f"{what}: needs {len(element_types)} values, got {len(value)}")
+        return tuple(_convert(item, kind, what) for item, kind in zip(value, element_types))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise BadRequestError(f"{what}: {value!r} is not an object")
+        return dict(value)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if isinstance(value, (list, tuple)):
+            names = [f.name for f in dataclasses.fields(annotation)]
+            if len(value) > len(names):
+                raise BadRequestError(f"{what}: {value!r} has more than {len(names)} values ({', '.join(names)})")
+            value = dict(zip(names, value))
+        return parse_options(annotation, value, what)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is Any:
+        return value
+    raise BadRequestError(f"{what}: {value!r} is not {_type_name(annotation)}")
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "true or false", float: "a number", int: "a whole number", str: "text"}
+    if annotation in names:
+        return names[annotation]
+    return str(annotation).replace("typing.", "")
+
+
+def parse_assignments(pairs: Iterable[str], what: str = "option") -> dict[str, Any]:
+    """``["timestep=20", "precision=bf16"]`` -> ``{"timestep": 20, "precision": "bf16"}``: each
+    VALUE is read as JSON, else kept as text."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip():
+            raise BadInputError(f"{what} {pair!r} is not KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return options
+
+
+def to_json(instance: Any) -> dict[str, Any]:
+    """An option instance as a JSON-ready dict (tuples become lists), the inverse of :func:`parse_options`."""
+    return json.loads(json.dumps(dataclasses.asdict(instance)))
+
+
+SEARCH_RADIUS_MM = 25.0
+
+
+@dataclass(frozen=True)
+class MatchOptions(Options):
+    """How the correspondence engine searches and scores (distances in mm)."""
+
+    search_radius_mm: float = option(SEARCH_RADIUS_MM, above=0.0, help="local search radius around the prior, mm")
+    mode: str = option("local", choices=("local", "global"),
+                       help="local: a sphere around the prior; global: the whole moving volume")
+    coarse_to_fine: bool = option(True, help="search a coarse lattice first, then refine at full resolution")
+    coarse_step_mm: float = option(4.0, above=0.0, help="step of the coarse lattice, mm")
+    exact: bool = option(False, help="interpolate features before the cosine (slower; for checks)")
+    subvoxel: bool = option(True, help="parabolic sub-voxel refinement of the best candidate")
+    level_weights: tuple[float, ...] | None = option(None, minimum=0.0,
+                                                     help="per-level fusion weights (default: the backbone's)")
+    patch_radius: int | None = option(None, minimum=0, help="patch radius in level voxels (default: the backbone's)")
+    backward_check: bool = option(True, help="match back from moving to fixed to measure consistency")
+    fb_scale_mm: float = option(3.0, above=0.0, help="forward-backward distance at which confidence falls to 0.61x")
+    confidence_threshold: float = option(0.5, minimum=0.0, maximum=1.0,
+                                         help="matches below this confidence are flagged unreliable")
+    memory_budget_mb: float = option(64.0, above=0.0, help="bound on the working tensors of one batch, MB")
+
+
+@dataclass(frozen=True)
+class FieldLevel(Options):
+    """One coarse-to-fine level of the field: lattice step (mm), search radius around the field so
+    far (mm), smoothness length of the fitted field (mm), and the half-width (lattice nodes) of the
+    box over which similarities are averaged."""
+
+    spacing_mm: float = option(6.0, above=0.0, help="lattice of searched points, mm")
+    search_radius_mm: float = option(SEARCH_RADIUS_MM, above=0.0, help="largest motion searched for, mm")
+    smoothness_mm: float = option(10.0, above=0.0, help="smoothing length of the fitted field, mm")
+    aggregation_nodes: int = option(1, minimum=0, help="half-width of the similarity aggregation box, nodes")
+
+
+@dataclass(frozen=True)
+class FieldOptions(Options):
+    """How the dense field is built (distances in mm).
+
+    ``levels``: coarse to fine; the first searches from identity, so its radius bounds the motion
+    that can be found. ``mask_threshold_hu``: the automatic body mask keeps voxels above it (None:
+    the whole image)."""
+
+    levels: tuple[FieldLevel, ...] = option((FieldLevel(),), help="search levels, coarse to fine")
+    robust_iterations: int = option(3, minimum=0, help="reweighting passes of the robust fit")
+    optimise_iterations: int = option(10, minimum=0, help="instance optimisation steps (0: off)")
+    optimise_spacing_mm: float = option(3.0, above=0.0, help="node spacing of the instance optimisation, mm")
+    optimise_regularisation: float = option(0.1, minimum=0.0, help="diffusion penalty of the instance optimisation")
+    mask_threshold_hu: float | None = option(-500.0, help="automatic body mask threshold, HU (None: whole image)")
+    inverse_spacing_mm: float = option(2.0, above=0.0, help="grid on which the inverse field is solved, mm")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.levels and self.optimise_iterations <= 0:
+            raise BadInputError("the field needs at least one matching level or instance optimisation")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunSettings(Options):
+    """How a job runs: backbone name and its options, device (``auto``, ``cpu``, ``cuda[:N]``),
+    and the match and field options."""
+
+    backbone: str = option("mind", help="feature backbone")
+    backbone_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    match: MatchOptions = dataclasses.field(default_factory=MatchOptions)
+    field: FieldOptions = dataclasses.field(default_factory=FieldOptions)
+
+
+__all__ = [
+    "SEARCH_RADIUS_MM",
+    "FieldLevel",
+    "FieldOptions",
+    "MatchOptions",
+    "Options",
+    "RunSettings",
+    "describe",
+    "option",
+    "parse_assignments",
+    "parse_options",
+    "to_json",
+]

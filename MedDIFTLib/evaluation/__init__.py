@@ -1,0 +1,1 @@
+"""Evaluation: datasets, synthetic pairs, baselines, metrics and reports."""
