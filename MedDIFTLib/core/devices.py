@@ -28,6 +28,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the CPU's or a GPU's out-of-memory failure, however torch or the allocator words it."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 @contextlib.contextmanager
 def out_of_memory_as_error(device: torch.device) -> Iterator[None]:
     """Re-raise the device's out-of-memory failure as :class:`OutOfMemoryError` with advice."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import inspect
 import json
 import re
 from dataclasses import dataclass, fields
@@ -131,13 +130,10 @@ def accepted_options(name: str) -> list[str]:
         return sorted(BSPLINE_DEFAULTS)
     if name == "convexadam":
         return sorted(CONVEXADAM_DEFAULTS)
-    from ..features import BACKBONES
-    from ..field import FieldOptions
-    from ..matching import MatchOptions
+    from ..core.options import FieldOptions, MatchOptions
+    from ..features import backbone_spec
 
-    module_name, class_name = BACKBONES[_backbone(name)]
-    featurizer = getattr(importlib.import_module(module_name), class_name)
-    backbone_keys = [key for key in inspect.signature(featurizer).parameters if key != "device"]
+    backbone_keys = [key for key in backbone_spec(_backbone(name)).option_names() if key != "device"]
     search_keys = [f.name for f in fields(MatchOptions if name in ("mind", "maisi") else FieldOptions)]
     return sorted(set(backbone_keys) | set(search_keys))
 
@@ -150,11 +146,9 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def _split_meddift_options(spec: MethodSpec) -> tuple[dict, dict]:
-    from ..features import BACKBONES
+    from ..features import backbone_spec
 
-    module_name, class_name = BACKBONES[_backbone(spec.name)]
-    featurizer = getattr(importlib.import_module(module_name), class_name)
-    backbone_keys = set(inspect.signature(featurizer).parameters)
+    backbone_keys = set(backbone_spec(_backbone(spec.name)).option_names())
     backbone = {k: v for k, v in spec.options.items() if k in backbone_keys}
     search = {k: v for k, v in spec.options.items() if k not in backbone_keys}
     return backbone, search

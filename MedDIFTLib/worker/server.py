@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -695,15 +693,13 @@ def _backbone_status(name: str, options: dict[str, Any]) -> dict[str, Any]:
     A featurizer class that ``requires_weights`` defines ``weights_status(**options) -> (present,
     message)``.
     """
-    module_name, class_name = BACKBONES[name]
+    spec = BACKBONES[name]
     try:
-        featurizer_class = getattr(importlib.import_module(module_name), class_name)
+        spec.featurizer_class()
     except (ImportError, AttributeError) as error:
         return {"name": name, "available": False, "weights_present": False, "message": f"cannot be loaded: {error}"}
-    if not featurizer_class.requires_weights:
-        return {"name": name, "available": True, "weights_present": True, "message": "needs no weights"}
     try:
-        present, message = featurizer_class.weights_status(**options)
+        present, message = spec.weights_status(**options)
     except Exception as error:
         present, message = False, str(error)
     return {"name": name, "available": True, "weights_present": bool(present), "message": str(message)}

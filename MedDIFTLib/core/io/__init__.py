@@ -2,7 +2,7 @@
 
 from .atomic import atomic_output
 from .points import PointSet, read_dirlab_points, read_points, write_points
-from .volumes import Volume, read_volume, write_volume
+from .volumes import Volume, read_volume, sitk_image, write_volume
 
 __all__ = [
     "PointSet",
@@ -11,6 +11,7 @@ __all__ = [
     "read_dirlab_points",
     "read_points",
     "read_volume",
+    "sitk_image",
     "write_points",
     "write_volume",
 ]

@@ -53,10 +53,7 @@ class Volume:
         return Volume(np.ascontiguousarray(voxels), geometry, name)
 
     def to_sitk(self, pixel_type: int | None = None) -> sitk.Image:
-        image = sitk.GetImageFromArray(self.voxels)
-        image.SetSpacing(self.geometry.spacing_mm)
-        image.SetOrigin(self.geometry.origin_lps_mm)
-        image.SetDirection(self.geometry.direction)
+        image = sitk_image(self.voxels, self.geometry)
         if pixel_type is not None:
             image = sitk.Cast(image, pixel_type)
         return image
@@ -68,6 +65,15 @@ class Volume:
             digest.update(repr(self.geometry).encode())
             self._digest.append(digest.hexdigest())
         return self._digest[0]
+
+
+def sitk_image(voxels: np.ndarray, geometry: Geometry, is_vector: bool = False) -> sitk.Image:
+    """A SimpleITK image of ``voxels`` (``[k, j, i]``, or ``[k, j, i, c]`` with ``is_vector``) on ``geometry``."""
+    image = sitk.GetImageFromArray(voxels, isVector=is_vector)
+    image.SetSpacing(geometry.spacing_mm)
+    image.SetOrigin(geometry.origin_lps_mm)
+    image.SetDirection(geometry.direction)
+    return image
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
