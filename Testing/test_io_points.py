@@ -116,3 +116,62 @@ def test_dirlab_initial_distance(tmp_path, case, expected_mm):
     stats = tre_stats(phases[0].points_lps_mm, phases[1].points_lps_mm)
     assert stats["count"] == 300
     assert round(stats["mean"], 2) == expected_mm
+
+
+def test_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefflabel,l,p,s\r\napex,1.5,-2,30\r\n".encode())
+    loaded = read_points(path)
+    assert loaded.labels == ["apex"]
+    np.testing.assert_allclose(loaded.points_lps_mm, [[1.5, -2.0, 30.0]])
+
+
+def test_voxel_columns_holding_millimetres_get_a_hint(tmp_path, oblique_geometry):
+    path = tmp_path / "mm_in_xyz.csv"
+    path.write_text("label,x,y,z\na,-120.5,80.25,-300\n")
+    with pytest.raises(BadInputError, match="x,y,z are 0-based voxel indices.*l,p,s"):
+        read_points(path, oblique_geometry)
+
+
+def test_voxel_and_world_columns_must_agree(tmp_path, oblique_geometry):
+    ijk = np.array([[1.0, 2.0, 3.0]])
+    lps = oblique_geometry.ijk_to_lps(ijk)[0]
+    agreeing = tmp_path / "both.csv"
+    agreeing.write_text(f"x,y,z,l,p,s\n1,2,3,{lps[0]},{lps[1]},{lps[2]}\n")
+    np.testing.assert_allclose(read_points(agreeing, oblique_geometry).points_lps_mm, [lps], atol=1e-9)
+    disagreeing = tmp_path / "disagree.csv"
+    disagreeing.write_text(f"x,y,z,l,p,s\n1,2,3,{lps[0] + 5},{lps[1]},{lps[2]}\n")
+    with pytest.raises(BadInputError, match="disagree on 1 of 1 points"):
+        read_points(disagreeing, oblique_geometry)
+
+
+@pytest.mark.parametrize("name", ["dup.csv", "dup.mrk.json", "dup.fcsv"])
+def test_duplicate_labels_are_refused_in_every_format(tmp_path, name):
+    path = tmp_path / name
+    write_points(PointSet(np.zeros((3, 3)), ["a", "b", "a"]), path)
+    with pytest.raises(BadInputError, match="labels must be unique.*repeated: a"):
+        read_points(path)
+
+
+def _markups(control_points, lists=1):
+    markup = {"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": control_points}
+    return {"markups": [dict(markup, name=f"list{n}") for n in range(lists)]}
+
+
+def test_unplaced_markups_are_skipped_with_a_note(tmp_path):
+    path = tmp_path / "partly.mrk.json"
+    points = [
+        {"label": "placed", "position": [1.0, 2.0, 3.0], "positionStatus": "defined"},
+        {"label": "later", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
+    ]
+    path.write_text(json.dumps(_markups(points)))
+    loaded = read_points(path)
+    assert loaded.labels == ["placed"]
+    assert len(loaded.notes) == 1 and "'later'" in loaded.notes[0] and "not placed" in loaded.notes[0]
+
+
+def test_a_second_markup_list_is_not_ignored_silently(tmp_path):
+    path = tmp_path / "two.mrk.json"
+    path.write_text(json.dumps(_markups([{"label": "a", "position": [1.0, 2.0, 3.0]}], lists=2)))
+    with pytest.raises(BadInputError, match="holds 2 markup lists.*one list per file"):
+        read_points(path)

@@ -1,11 +1,15 @@
 """Volume I/O keeps LPS geometry and rejects unusable images with a clear message."""
 
+import os
+import stat
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from MedDIFTLib.core.errors import BadInputError
-from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.core.io import Volume, check_volume_output, read_volume, write_volume
 
 
 def _image(geometry, values=None):
@@ -98,10 +102,58 @@ def test_vector_image_rejected(tmp_path):
         read_volume(path)
 
 
-def test_failed_write_leaves_nothing(tmp_path, oblique_geometry):
-    with pytest.raises(RuntimeError):
-        write_volume(_image(oblique_geometry), tmp_path / "volume.unknownformat")
-    assert list(tmp_path.iterdir()) == []
+def test_unwritable_outputs_are_refused_before_writing(tmp_path, oblique_geometry):
+    volume = _image(oblique_geometry)
+    regular_file = tmp_path / "file.txt"
+    regular_file.write_text("x")
+    cases = {
+        tmp_path / "volume.unknownformat": "must end in .nii.gz",
+        tmp_path / "warped.png": "must end in .nii.gz",
+        regular_file / "under.nii.gz": "is a file, not a folder",
+    }
+    (tmp_path / "folder.nii.gz").mkdir()
+    cases[tmp_path / "folder.nii.gz"] = "is a folder"
+    for path, message in cases.items():
+        with pytest.raises(BadInputError, match=message):
+            write_volume(volume, path)
+        with pytest.raises(BadInputError, match=message):
+            check_volume_output(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder.nii.gz"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody may create files")
+def test_a_folder_nobody_may_write_is_refused():
+    with pytest.raises(BadInputError, match="cannot write in /proc"):
+        check_volume_output("/proc/out.nii.gz")
+
+
+def test_outputs_follow_the_umask_and_keep_an_existing_mode(tmp_path, oblique_geometry):
+    volume = _image(oblique_geometry)
+    previous = os.umask(0o022)
+    try:
+        write_volume(volume, tmp_path / "new.nrrd")
+        assert stat.S_IMODE((tmp_path / "new.nrrd").stat().st_mode) == 0o644
+        os.umask(0o077)
+        write_volume(volume, tmp_path / "private.nrrd")
+        assert stat.S_IMODE((tmp_path / "private.nrrd").stat().st_mode) == 0o600
+        os.chmod(tmp_path / "new.nrrd", 0o640)
+        write_volume(volume, tmp_path / "new.nrrd")
+        assert stat.S_IMODE((tmp_path / "new.nrrd").stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
+
+
+def test_unreadable_inputs_give_one_clean_line(tmp_path, capfd):
+    not_image = tmp_path / "notes.nii.gz"
+    not_image.write_text("not an image")
+    with pytest.raises(BadInputError) as raised:
+        read_volume(not_image)
+    assert "not an image format" in str(raised.value) and ".cxx" not in str(raised.value)
+    empty = tmp_path / "dicom"
+    empty.mkdir()
+    with pytest.raises(BadInputError, match="folder is empty"):
+        read_volume(empty)
+    assert capfd.readouterr().err == ""
 
 
 def test_content_hash_follows_voxels_and_geometry(oblique_geometry):

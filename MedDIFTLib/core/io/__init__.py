@@ -1,13 +1,16 @@
 """Reading and writing volumes and point sets, keeping world geometry (LPS mm)."""
 
-from .atomic import atomic_output
+from .atomic import atomic_output, check_output_path
 from .points import PointSet, read_dirlab_points, read_points, write_points
-from .volumes import Volume, read_volume, sitk_image, write_volume
+from .volumes import VOLUME_EXTENSIONS, Volume, check_volume_output, read_volume, sitk_image, write_volume
 
 __all__ = [
+    "VOLUME_EXTENSIONS",
     "PointSet",
     "Volume",
     "atomic_output",
+    "check_output_path",
+    "check_volume_output",
     "read_dirlab_points",
     "read_points",
     "read_volume",

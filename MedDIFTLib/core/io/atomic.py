@@ -1,17 +1,56 @@
-"""Write-then-rename, so that a failed or killed job never leaves a partial output file."""
+"""Safe outputs: check a path before any work, write through a temporary file, rename on success.
+
+A failed or killed job never leaves a partial output, and an existing file is only replaced when
+the new one is complete. Files get the mode the user's umask gives (or keep an existing file's
+mode), not the private mode of a temporary file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..errors import BadInputError
 
 
 def _full_suffix(path: Path) -> str:
     """``.nii.gz`` for ``a.nii.gz``: writers choose their format by the whole suffix."""
     return "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+
+
+def default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode a plain ``open(path, "w")`` would give."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def check_output_path(path: str | os.PathLike, extensions: tuple[str, ...] | None = None) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a folder, a name under a
+    regular file, a folder without write permission, or (with ``extensions``) an unknown ending."""
+    target = Path(path)
+    if extensions is not None and not target.name.lower().endswith(extensions):
+        raise BadInputError(f"{target}: output must end in {', '.join(extensions)}")
+    if target.is_dir():
+        raise BadInputError(f"{target}: is a folder, not a file name")
+    parent = target.parent
+    existing = next((folder for folder in (parent, *parent.parents) if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise BadInputError(f"{target}: {existing} is a file, not a folder")
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(f"{target}: cannot write in {existing or parent}")
+    if existing == parent:
+        try:
+            handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
+        except OSError as error:
+            raise BadInputError(f"{target}: cannot write in {parent} ({error.strerror})") from None
+        os.close(handle)
+        os.unlink(probe)
+    return target
 
 
 @contextlib.contextmanager
@@ -22,14 +61,19 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     exception the temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".part{_full_suffix(target)}", dir=target.parent
-    )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=f".part{_full_suffix(target)}", dir=target.parent
+        )
+    except OSError as error:
+        raise BadInputError(f"{target}: cannot write there ({error.strerror})") from None
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else default_file_mode()
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -38,7 +38,8 @@ class PointSet:
 
     ``descriptions`` is free text per point; ``unreliable`` flags matches below the confidence
     threshold (kept, never dropped); ``attributes`` holds named per-point numbers written as
-    extra CSV columns (e.g. ``confidence``).
+    extra CSV columns (e.g. ``confidence``); ``notes`` says what a reader skipped (e.g. an
+    unplaced markup), for the user.
     """
 
     points_lps_mm: np.ndarray
@@ -46,6 +47,7 @@ class PointSet:
     descriptions: list[str] = field(default_factory=list)
     unreliable: np.ndarray | None = None
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.points_lps_mm = np.asarray(self.points_lps_mm, float).reshape(-1, 3)
@@ -76,31 +78,51 @@ def _require_points(points: PointSet, source: Path) -> PointSet:
         raise BadInputError(f"{source}: the file holds no points")
     if not np.isfinite(points.points_lps_mm).all():
         raise BadInputError(f"{source}: some point coordinates are not finite numbers")
+    seen: set[str] = set()
+    repeated = sorted({label for label in points.labels if label in seen or seen.add(label)})
+    if repeated:
+        shown = ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+        raise BadInputError(
+            f"{source}: labels must be unique, since they pair each input point with its output; repeated: {shown}"
+        )
     return points
+
+
+UNPLACED_STATUSES = ("undefined", "missing", "preview")
 
 
 def _read_markups_json(source: Path) -> PointSet:
     try:
-        document = json.loads(source.read_text())
-        markup = document["markups"][0]
+        document = json.loads(source.read_text(encoding="utf-8-sig"))
+        markups = document["markups"]
+        markup = markups[0]
     except (json.JSONDecodeError, KeyError, IndexError, TypeError) as error:
         raise BadInputError(f"{source}: not a Slicer markups file ({error})") from None
+    if len(markups) > 1:
+        names = ", ".join(repr(str(m.get("name", n + 1))) for n, m in enumerate(markups) if isinstance(m, dict))
+        raise BadInputError(f"{source}: holds {len(markups)} markup lists ({names}); save one list per file")
     system = str(markup.get("coordinateSystem", "LPS")).upper()
     if system not in ("LPS", "RAS"):
         raise BadInputError(f"{source}: unknown coordinateSystem {system!r}")
-    control_points = [p for p in markup.get("controlPoints", []) if "position" in p]
-    positions = np.array([p["position"] for p in control_points], float).reshape(-1, 3)
+    control_points, notes = [], []
+    for n, point in enumerate(markup.get("controlPoints", [])):
+        label = point.get("label") or str(n + 1)
+        if "position" not in point or str(point.get("positionStatus", "defined")).lower() in UNPLACED_STATUSES:
+            notes.append(f"skipped point {label!r}: not placed (positionStatus {point.get('positionStatus')!r})")
+            continue
+        control_points.append((label, point))
+    positions = np.array([p["position"] for _, p in control_points], float).reshape(-1, 3)
     if system == "RAS":
         positions = positions * RAS_FROM_LPS
-    labels = [p.get("label") or str(n + 1) for n, p in enumerate(control_points)]
-    descriptions = [p.get("description", "") for p in control_points]
-    return PointSet(positions, labels, descriptions)
+    labels = [label for label, _ in control_points]
+    descriptions = [p.get("description", "") for _, p in control_points]
+    return PointSet(positions, labels, descriptions, notes=notes)
 
 
 def _read_fcsv(source: Path) -> PointSet:
     system = "RAS"
     rows = []
-    for line in source.read_text().splitlines():
+    for line in source.read_text(encoding="utf-8-sig").splitlines():
         if line.startswith("#"):
             key, _, value = line[1:].partition("=")
             if key.strip().lower() == "coordinatesystem":
@@ -125,29 +147,58 @@ def _read_fcsv(source: Path) -> PointSet:
     return PointSet(points, labels, descriptions)
 
 
+CSV_LAYOUTS = {("l", "p", "s"): "lps", ("r", "a", "s"): "ras", ("x", "y", "z"): "voxel"}
+
+
+def _csv_columns(source: Path, rows: list[dict], columns: dict[str, str], names: tuple[str, ...]) -> np.ndarray:
+    try:
+        return np.array([[float(row[columns[name]]) for name in names] for row in rows], float).reshape(-1, 3)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{source}: non-numeric coordinate in columns {','.join(names)}") from None
+
+
+def _voxel_points(source: Path, ijk: np.ndarray, geometry: Geometry | None) -> np.ndarray:
+    if geometry is None:
+        raise BadInputError(f"{source}: voxel columns x,y,z need the volume they index")
+    upper = np.asarray(geometry.shape_ijk) - 0.5
+    outside = int(np.sum(np.any((ijk < -0.5) | (ijk > upper), axis=1)))
+    if outside:
+        raise BadInputError(
+            f"{source}: {outside} of {len(ijk)} points in columns x,y,z lie outside the volume's voxel grid "
+            f"{'x'.join(map(str, geometry.shape_ijk))}; x,y,z are 0-based voxel indices - for millimetres "
+            "name the columns l,p,s (LPS) or r,a,s (RAS)"
+        )
+    return geometry.ijk_to_lps(ijk)
+
+
 def _read_csv(source: Path, geometry: Geometry | None) -> PointSet:
-    with source.open(newline="") as handle:
+    with source.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             raise BadInputError(f"{source}: empty CSV file")
         columns = {name.strip().lower(): name for name in reader.fieldnames}
         rows = list(reader)
-    layouts = {("l", "p", "s"): "lps", ("r", "a", "s"): "ras", ("x", "y", "z"): "voxel"}
-    names = next((names for names in layouts if all(name in columns for name in names)), None)
-    if names is None:
+    present = [names for names in CSV_LAYOUTS if all(name in columns for name in names)]
+    if not present:
         raise BadInputError(
             f"{source}: CSV header needs columns l,p,s or r,a,s (mm) or x,y,z (voxel); got {reader.fieldnames}"
         )
-    try:
-        values = np.array([[float(row[columns[name]]) for name in names] for row in rows], float).reshape(-1, 3)
-    except (TypeError, ValueError):
-        raise BadInputError(f"{source}: non-numeric coordinate in columns {','.join(names)}") from None
-    if layouts[names] == "voxel":
-        if geometry is None:
-            raise BadInputError(f"{source}: voxel columns x,y,z need the volume they index")
-        points = geometry.ijk_to_lps(values)
+    world = [names for names in present if CSV_LAYOUTS[names] != "voxel"]
+    if len(world) > 1:
+        raise BadInputError(f"{source}: give either l,p,s or r,a,s columns, not both")
+    if world:
+        values = _csv_columns(source, rows, columns, world[0])
+        points = values * RAS_FROM_LPS if CSV_LAYOUTS[world[0]] == "ras" else values
+        if ("x", "y", "z") in present and geometry is not None:
+            from_voxels = geometry.ijk_to_lps(_csv_columns(source, rows, columns, ("x", "y", "z")))
+            disagree = np.linalg.norm(from_voxels - points, axis=1) > 0.01 + 1e-3 * np.abs(points).max(axis=1)
+            if disagree.any():
+                raise BadInputError(
+                    f"{source}: columns x,y,z (voxel indices) and {','.join(world[0])} (mm) disagree on "
+                    f"{int(disagree.sum())} of {len(points)} points; keep one set of columns"
+                )
     else:
-        points = values * RAS_FROM_LPS if layouts[names] == "ras" else values
+        points = _voxel_points(source, _csv_columns(source, rows, columns, ("x", "y", "z")), geometry)
     label_column = columns.get("label")
     labels = [row[label_column] for row in rows] if label_column else _default_labels(len(rows))
     description_column = columns.get("description")

@@ -6,8 +6,10 @@ series folder. Voxel data are float32 in array order ``[k, j, i]``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import SimpleITK as sitk
 
 from ..errors import BadInputError
 from ..geometry import Geometry
-from .atomic import atomic_output
+from .atomic import atomic_output, check_output_path
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,40 @@ def sitk_image(voxels: np.ndarray, geometry: Geometry, is_vector: bool = False) 
     return image
 
 
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def check_volume_output(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a volume output that cannot be written (see :func:`check_output_path`)."""
+    return check_output_path(path, VOLUME_EXTENSIONS)
+
+
+def _first_line(error: Exception) -> str:
+    """The reason in a SimpleITK/ITK error, without the paths into ITK's sources that it starts with."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Exception thrown", "/"))]
+    reason = (reasons or ["unknown error"])[0]
+    for prefix in ("sitk::ERROR: ", "itk::ERROR: "):
+        reason = reason.removeprefix(prefix)
+    if reason.startswith("Unable to determine ImageIO reader"):
+        return "not an image format SimpleITK reads"
+    return reason
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK warnings (printed on stderr) off while reading: failures become one clear error instead."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _read_dicom_folder(folder: Path) -> sitk.Image:
+    if not any(entry.is_file() for entry in folder.iterdir()):
+        raise BadInputError(f"{folder}: the folder is empty (expected a DICOM series)")
     reader = sitk.ImageSeriesReader()
     series_ids = reader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
@@ -95,14 +130,19 @@ def read_volume(path: str | os.PathLike) -> Volume:
     if not source.exists():
         raise BadInputError(f"{source}: no such file or folder")
     try:
-        image = _read_dicom_folder(source) if source.is_dir() else sitk.ReadImage(str(source))
+        with _quiet_itk():
+            image = _read_dicom_folder(source) if source.is_dir() else sitk.ReadImage(str(source))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unknown error"
-        raise BadInputError(f"{source}: cannot read as an image ({first_line})") from None
+        raise BadInputError(f"{source}: cannot read as an image ({_first_line(error)})") from None
     return Volume.from_sitk(image, name=source.name)
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, pixel_type: int | None = None) -> None:
-    """Write ``volume`` atomically; the format follows the extension."""
-    with atomic_output(path) as tmp:
-        sitk.WriteImage(volume.to_sitk(pixel_type), str(tmp), True)
+    """Write ``volume`` atomically; the format follows the extension (one of :data:`VOLUME_EXTENSIONS`)."""
+    target = check_volume_output(path)
+    image = volume.to_sitk(pixel_type)
+    with atomic_output(target) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), True)
+        except RuntimeError as error:
+            raise BadInputError(f"{target}: cannot write this volume ({_first_line(error)})") from None
