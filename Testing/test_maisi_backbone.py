@@ -6,7 +6,6 @@ Full-size networks with random weights run only in the ``slow`` test; ``gpu`` te
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -100,6 +99,7 @@ class Phantom:
         return Volume(self.hu(points).reshape(geometry.shape_kji).astype(np.float32), geometry)
 
 
+HOST_MEMORY = "MedDIFTLib.features.maisi.featurizer.available_host_bytes"
 SMALL = Geometry.create((30, 28, 26), (2.0, 2.0, 2.5), (-30.0, -28.0, -32.0))
 
 
@@ -268,7 +268,7 @@ def test_resampling_puts_content_at_its_world_position(featurizer):
         voxels = (-1000.0 + 2000.0 * np.exp(-squared / (2 * 4.0**2))).reshape(geometry.shape_ijk).transpose(2, 1, 0)
         volume = Volume(np.ascontiguousarray(voxels, dtype=np.float32), geometry)
         grid = featurizer.model_grid(geometry)
-        weights = featurizer._model_input(volume, grid)[0, 0].numpy()  # (I, J, K), air = 0
+        weights = maisi.model_image(volume, grid, featurizer.hu_window)  # (I, J, K), air = 0
         grid_ijk = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape_ijk], indexing="ij"), -1)
         centroid_ijk = (grid_ijk * weights[..., None]).reshape(-1, 3).sum(0) / weights.sum()
         assert np.allclose(grid.ijk_to_lps(centroid_ijk[None])[0], spot_lps, atol=0.05)
@@ -393,14 +393,14 @@ def test_bf16_and_plain_attention_agree_with_the_default_cpu_path(tiny, featuriz
 
 
 def test_split_convolutions_are_exact_where_allowed(featurizer):
-    assert maisi._safe_num_splits(8, 64, 2) == 4
-    assert maisi._safe_num_splits(8, 256, 2) == 8
-    assert maisi._safe_num_splits(8, 32, 2) == 2
+    assert maisi.safe_num_splits(8, 64, 2) == 4
+    assert maisi.safe_num_splits(8, 256, 2) == 8
+    assert maisi.safe_num_splits(8, 32, 2) == 2
     image = torch.rand(1, 1, 32, 64, 32)
     with torch.no_grad():
         maisi.set_num_splits(featurizer.autoencoder, 1)
         whole = featurizer.autoencoder.encode(image)[0]
-        maisi.set_num_splits(featurizer.autoencoder, maisi._safe_num_splits(8, 64, 2))
+        maisi.set_num_splits(featurizer.autoencoder, maisi.safe_num_splits(8, 64, 2))
         split = featurizer.autoencoder.encode(image)[0]
         maisi.set_num_splits(featurizer.autoencoder, 1)
     assert torch.allclose(whole, split, atol=1e-5)
@@ -433,8 +433,7 @@ def test_former_file_names_and_the_models_subfolder_are_found(tiny, tmp_path, mo
     shutil.copy(weights_dir / "autoencoder_v1.pt", tmp_path / "models" / "autoencoder_epoch273.pt")
     shutil.copy(weights_dir / "diff_unet_3d_ddpm-ct.pt", tmp_path / "models" / "diff_unet_3d_ddpm.pt")
     monkeypatch.setenv("MEDDIFT_WEIGHTS_DIR", str(tmp_path))
-    monkeypatch.setenv("MEDDIFT_MAISI_CONFIG", str(config_path))
-    featurizer = create_featurizer("maisi")
+    featurizer = create_featurizer("maisi", config=str(config_path))
     assert featurizer.config["config"] == "tiny-ddpm-ct" and featurizer.scale_factor == pytest.approx(1.3)
 
 
@@ -453,7 +452,7 @@ def test_checkpoints_that_do_not_fit_are_refused_with_their_keys(tiny, tmp_path)
     with pytest.raises(BadInputError, match="found an autoencoder state dict, not a MAISI diffusion UNet"):
         maisi.MaisiFeaturizer(weights_dir=tmp_path, config=v2)
     shutil.copy(weights_dir / "diff_unet_3d_ddpm-ct.pt", tmp_path / "autoencoder_v1.pt")
-    with pytest.raises(BadInputError, match="diffusion UNet checkpoint, not the autoencoder"):
+    with pytest.raises(BadInputError, match="diffusion UNet checkpoint .*not an autoencoder"):
         maisi.MaisiFeaturizer(weights_dir=tmp_path, config=v2)
 
     wider = tiny_config()
@@ -498,11 +497,11 @@ def test_memory_check_and_out_of_memory_are_reported(tiny, monkeypatch):
     weights_dir, config_path = tiny
     featurizer = maisi.MaisiFeaturizer(weights_dir=weights_dir, config=config_path)
     volume = Phantom().volume(SMALL)
-    monkeypatch.setattr(maisi, "_available_host_bytes", lambda: 1024)
+    monkeypatch.setattr(HOST_MEMORY, lambda: 1024)
     with pytest.raises(OutOfMemoryError, match="need about .* GiB of memory, 0.0 GiB are available") as raised:
         featurizer.extract(volume)
     assert raised.value.kind == "out_of_memory" and "coarser model spacing" in str(raised.value)
-    monkeypatch.setattr(maisi, "_available_host_bytes", lambda: None)
+    monkeypatch.setattr(HOST_MEMORY, lambda: None)
 
     def exhausted(image):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9999999 bytes")
@@ -529,8 +528,7 @@ def test_matching_with_maisi_features_recovers_a_translation(tiny):
     assert np.allclose(result.points_lps_mm, points + shift_lps, atol=1.0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("MedDIFTLib.cli.match") is None, reason="meddift match not written yet")
-def test_meddift_match_runs_with_maisi_and_reports_missing_weights(tiny, tmp_path, monkeypatch, capsys):
+def test_meddift_match_runs_with_maisi_and_reports_missing_weights(tiny, tmp_path, capsys):
     from MedDIFTLib import cli
     from MedDIFTLib.core.io import write_volume
 
@@ -543,8 +541,8 @@ def test_meddift_match_runs_with_maisi_and_reports_missing_weights(tiny, tmp_pat
     )
     points = tmp_path / "points.csv"
     points.write_text("label,l,p,s\nA,0.0,0.0,0.0\nB,-6.0,4.0,2.0\n")
-    monkeypatch.setenv("MEDDIFT_MAISI_CONFIG", str(config_path))
     common = [str(fixed), str(moving), "--points", str(points), "--backbone", "maisi"]
+    common += ["--backbone-option", f"config={config_path}"]
     out = tmp_path / "matches.csv"
     assert cli.main(["match", *common, "--out", str(out), "--weights-dir", str(weights_dir)]) == 0
     assert out.exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 import torch
 
 from MedDIFTLib import cli, weights
+from MedDIFTLib.core.environment import child_environment
 from MedDIFTLib.core.errors import BadInputError, MissingWeightsError
+from MedDIFTLib.weights.download import url_request
 
 
 def autoencoder_like(path: Path) -> Path:
@@ -101,7 +105,10 @@ def test_download_writes_the_file_atomically_with_progress(fake_entry, tmp_path)
     entry, published = fake_entry(md5=digest(tmp_path / "published_ae.pt", "md5"))
     folder = tmp_path / "cache"
     reports = []
-    path = weights.download("tiny_ae.pt", folder, progress=lambda stage, fraction, message="": reports.append(fraction))
+    def progress(stage: str, fraction: float, message: str = "") -> None:
+        reports.append(fraction)
+
+    path = weights.download_file("tiny_ae.pt", folder, progress=progress)
     assert path == folder / "tiny_ae.pt" and path.read_bytes() == published.read_bytes()
     assert reports and reports[-1] == pytest.approx(1.0)
     assert sorted(p.name for p in folder.iterdir()) == ["tiny_ae.pt"]
@@ -112,7 +119,7 @@ def test_a_download_that_fails_its_published_checksum_leaves_nothing(fake_entry,
     fake_entry(**{checksum: 12345 if checksum == "size" else "0" * 64})
     folder = tmp_path / "cache"
     with pytest.raises(BadInputError, match="nothing kept"):
-        weights.download("tiny_ae.pt", folder)
+        weights.download_file("tiny_ae.pt", folder)
     assert not folder.exists() or not any(folder.iterdir())
 
 
@@ -123,39 +130,39 @@ def test_download_failures_are_reported_as_missing_weights(fake_entry, tmp_path)
         raise urllib.error.HTTPError(request.full_url, 403, "Forbidden", {}, io.BytesIO())
 
     with pytest.raises(MissingWeightsError, match="HTTP 403.*HF_TOKEN"):
-        weights.download("tiny_ae.pt", tmp_path, opener=forbidden)
+        weights.download_file("tiny_ae.pt", tmp_path, opener=forbidden)
     with pytest.raises(BadInputError, match="unknown source"):
-        weights.download("tiny_ae.pt", tmp_path, source="mirror")
+        weights.download_file("tiny_ae.pt", tmp_path, source="mirror")
     assert not (tmp_path / "tiny_ae.pt").exists()
 
 
 def test_huggingface_token_is_sent_to_huggingface_only(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret")
-    assert weights._open_url("https://huggingface.co/x/y").get_header("Authorization") == "Bearer secret"
-    assert weights._open_url("https://developer.download.nvidia.com/x").get_header("Authorization") is None
+    assert url_request("https://huggingface.co/x/y").get_header("Authorization") == "Bearer secret"
+    assert url_request("https://developer.download.nvidia.com/x").get_header("Authorization") is None
 
 
 def test_verify_reports_ok_unverified_mismatch_and_missing(fake_entry, tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir()
-    assert weights.verify("autoencoder_v1.pt", folder).status == "missing"
+    assert weights.verify_file("autoencoder_v1.pt", folder).status == "missing"
     entry, published = fake_entry(md5=digest(tmp_path / "published_ae.pt", "md5"))
     (folder / "tiny_ae.pt").write_bytes(published.read_bytes())
-    result = weights.verify("tiny_ae.pt", folder)
+    result = weights.verify_file("tiny_ae.pt", folder)
     assert result.status == "ok" and result.digests["sha256"] == digest(folder / "tiny_ae.pt", "sha256")
     fake_entry()
-    assert weights.verify("tiny_ae.pt", folder).status == "unverified"
+    assert weights.verify_file("tiny_ae.pt", folder).status == "unverified"
     fake_entry(md5="0" * 32)
-    assert weights.verify("tiny_ae.pt", folder).status == "mismatch"
+    assert weights.verify_file("tiny_ae.pt", folder).status == "mismatch"
     fake_entry(sha256="0" * 64)
-    assert weights.verify("tiny_ae.pt", folder).status == "mismatch"
+    assert weights.verify_file("tiny_ae.pt", folder).status == "mismatch"
     # the real autoencoder: the NVIDIA copy publishes an md5, the HuggingFace copy nothing
     autoencoder = weights.REGISTRY["autoencoder_v1.pt"]
     assert weights.check_digests(autoencoder, {"md5": "1" * 32, "sha256": "2" * 64})[0] == "unverified"
     assert weights.check_digests(autoencoder, {"md5": "917cfb1e49631c8a713e3bb7c758fbca"})[0] == "ok"
     fake_entry()
     unet_like(folder / "tiny_ae.pt")
-    result = weights.verify("tiny_ae.pt", folder)
+    result = weights.verify_file("tiny_ae.pt", folder)
     assert result.status == "mismatch" and "not an autoencoder" in result.message
 
 
@@ -215,3 +222,32 @@ def test_cli_download_asks_first_and_downloads_with_yes(weights_cli, fake_entry,
     assert "saved to" in capsys.readouterr().out and (folder / "tiny_ae.pt").exists()
     assert weights_cli(["weights", "download", "tiny_ae.pt", "--yes", "--weights-dir", str(folder)]) == 0
     assert "already present" in capsys.readouterr().out
+
+
+def test_the_weights_package_imports_no_torch():
+    """Slicer's process reads the weights folder through this package, without torch."""
+    code = "import sys, MedDIFTLib.weights; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_environment(), check=True
+    )
+    assert output.stdout.strip() == "[]"
+
+
+def test_layout_checks_are_the_same_for_import_verify_and_loading(fake_entry, tmp_path):
+    """A UNet checkpoint without a usable scale_factor is refused by every path that takes a file in."""
+    for name, checkpoint in (
+        ("no_scale.pt", {"unet_state_dict": {"conv_in.conv.weight": torch.ones(2)}}),
+        ("bad_scale.pt", {"unet_state_dict": {"conv_in.conv.weight": torch.ones(2)}, "scale_factor": -1.0}),
+    ):
+        torch.save(checkpoint, tmp_path / name)
+        with pytest.raises(BadInputError, match="scale_factor"):
+            weights.load_checkpoint(tmp_path / name, "diffusion_unet")
+        with pytest.raises(BadInputError, match="scale_factor"):
+            weights.import_file(tmp_path / name, tmp_path / "folder", name="diff_unet_3d_ddpm-ct.pt")
+    assert not (tmp_path / "folder").exists()
+    checkpoint = weights.load_checkpoint(unet_like(tmp_path / "unet.pt"), "diffusion_unet")
+    assert weights.scale_factor_of(checkpoint) == 1.0
+    with pytest.raises(BadInputError, match="not an autoencoder state dict"):
+        weights.load_checkpoint(tmp_path / "unet.pt", "autoencoder")
+    with pytest.raises(BadInputError, match="found a dict, not a MAISI diffusion UNet"):
+        weights.check_layout({"weight": torch.ones(1)}, "diffusion_unet", "x.pt")

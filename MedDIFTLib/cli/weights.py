@@ -147,7 +147,7 @@ def _download(args: argparse.Namespace, folder: Path) -> int:
         return 1
     progress = _StderrProgress()
     for entry in wanted:
-        path = weights.download(entry.name, folder, source=args.source, progress=progress)
+        path = weights.download_file(entry.name, folder, source=args.source, progress=progress)
         progress.finish()
         print(f"{entry.name}: saved to {path}")
     return 0
@@ -165,7 +165,7 @@ def _verify(args: argparse.Namespace, folder: Path) -> int:
     failed = False
     progress = _StderrProgress()
     for name in names:
-        result = weights.verify(name, folder, progress=progress)
+        result = weights.verify_file(name, folder, progress=progress)
         progress.finish()
         failed = failed or result.status in ("missing", "mismatch")
         where = f" ({result.path})" if result.path else ""
