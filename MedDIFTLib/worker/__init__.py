@@ -1,4 +1,8 @@
-"""The background worker: JSON-lines protocol, job queue, feature cache, and its torch-free client.
+"""The background worker, as the pipeline of one request: :mod:`.protocol` (request lines,
+typed requests, events; torch-free), :mod:`.jobs` (queue and cancel), :mod:`.state` (volumes,
+featurizer, :mod:`.cache` of features, device copies), :mod:`.handlers` (one function per
+request type) and :mod:`.server` (the Worker composing them; ``python -m MedDIFTLib.worker``).
+The Slicer side talks to it through :mod:`.client` and :mod:`.events`, without torch.
 
-Importing this package imports nothing heavy: the Slicer side uses :mod:`.client` without torch.
+Importing this package imports nothing heavy.
 """

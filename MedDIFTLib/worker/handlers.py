@@ -1,0 +1,211 @@
+"""One function per request type: ``handler(state, request, progress) -> result``.
+
+Each takes the worker's :class:`~.state.WorkerState`, its typed request (:mod:`.protocol`)
+and a progress callback (which raises ``CancelledError`` once the job is cancelled), and
+returns the JSON-ready result. Errors are raised as :class:`MedDIFTLib.core.errors.MedDIFTError`.
+Coordinates are LPS mm; geometry is reported in SimpleITK order (``shape_ijk``, ``spacing_mm``,
+``origin_lps_mm``, row-major ``direction``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import __version__
+from ..core.progress import ProgressFn
+from ..features import available_backbones, backbone_spec
+from ..field import register_and_write
+from ..matching import match_points
+from .protocol import (
+    FeaturesRequest,
+    LoadRequest,
+    MatchRequest,
+    ProbeRequest,
+    RegisterRequest,
+    UnloadRequest,
+)
+from .state import WorkerState, device_name
+
+Handler = Callable[[WorkerState, Any, ProgressFn], dict[str, Any]]
+
+
+def probe(state: WorkerState, request: ProbeRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Versions, devices with memory, backbones with their weights, cache, volumes and limits."""
+    import monai
+
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "simpleitk": sitk.Version.VersionString(),
+        "numpy": np.__version__,
+        "pid": os.getpid(),
+        "cuda_available": torch.cuda.is_available(),
+        "default_device": device_name("auto"),
+        "devices": _devices(),
+        "backbones": [_backbone_status(name, request.backbone_options.get(name, {})) for name in available_backbones()],
+        "cache": state.cache.describe(),
+        "volumes": [
+            {"volume_id": volume_id, "name": volume.name, "shape_ijk": list(volume.geometry.shape_ijk)}
+            for volume_id, volume in state.volumes.items()
+        ],
+        "limits": {"max_request_bytes": state.limits.max_request_bytes, "max_points": state.limits.max_points},
+    }
+
+
+def _devices() -> list[dict[str, Any]]:
+    """The CPU (RAM, threads) and each CUDA device (memory), total and free bytes."""
+    total, available = _system_memory()
+    found = [
+        {
+            "name": "cpu",
+            "label": platform.processor() or platform.machine(),
+            "memory_bytes": total,
+            "free_bytes": available,
+            "threads": torch.get_num_threads(),
+        }
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total_gpu = torch.cuda.mem_get_info(index)
+            found.append(
+                {
+                    "name": f"cuda:{index}",
+                    "label": torch.cuda.get_device_name(index),
+                    "memory_bytes": int(total_gpu),
+                    "free_bytes": int(free),
+                }
+            )
+    return found
+
+
+def _system_memory() -> tuple[int | None, int | None]:
+    """Total and available RAM in bytes (None where it cannot be read)."""
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        return int(memory.total), int(memory.available)
+    except ImportError:
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None, None
+
+
+def _backbone_status(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Whether backbone ``name`` can be loaded and whether its weights are on this machine."""
+    spec = backbone_spec(name)
+    try:
+        spec.featurizer_class()
+    except (ImportError, AttributeError) as error:
+        return {"name": name, "available": False, "weights_present": False, "message": f"cannot be loaded: {error}"}
+    try:
+        present, message = spec.weights_status(**options)
+    except Exception as error:
+        present, message = False, str(error)
+    return {"name": name, "available": True, "weights_present": bool(present), "message": str(message)}
+
+
+def load(state: WorkerState, request: LoadRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Read a volume; returns its id, name and geometry."""
+    progress("load", 0.0, f"reading {request.path}")
+    volume_id = state.load(request.path)
+    volume = state.volumes[volume_id]
+    progress("load", 1.0, f"loaded {volume.name}")
+    geometry = volume.geometry
+    return {
+        "volume_id": volume_id,
+        "name": volume.name,
+        "geometry": {
+            "shape_ijk": list(geometry.shape_ijk),
+            "spacing_mm": list(geometry.spacing_mm),
+            "origin_lps_mm": list(geometry.origin_lps_mm),
+            "direction": list(geometry.direction),
+        },
+    }
+
+
+def unload(state: WorkerState, request: UnloadRequest, progress: ProgressFn) -> dict[str, Any]:
+    return {"unloaded": state.unload(request.volume_id)}
+
+
+def features(state: WorkerState, request: FeaturesRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Extract (or find in the cache) one volume's features; describes their levels."""
+    volume = state.volume(request.volume_id, "volume_id")
+    found = state.features(request.settings, volume, device_name(request.settings.device), progress)
+    return {
+        "cached": found.cached,
+        "seconds": found.seconds,
+        "bytes": found.pyramid.nbytes,
+        "levels": [
+            {"name": level.name, "channels": level.channels, "shape_ijk": list(level.geometry.shape_ijk)}
+            for level in found.pyramid.levels
+        ],
+    }
+
+
+def match(state: WorkerState, request: MatchRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Match the fixed points into the moving volume; labels pair inputs with outputs."""
+    started = time.perf_counter()
+    settings = request.settings
+    pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
+    progress("match", 0.0, f"matching {len(request.points_lps_mm)} points")
+    match_started = time.perf_counter()
+    result = match_points(
+        pair.fixed_pyramid, pair.moving_pyramid, request.points_lps_mm, request.priors_lps_mm, settings.match, progress
+    )
+    match_seconds = time.perf_counter() - match_started
+    return {
+        "labels": request.labels,
+        "points_lps_mm": result.points_lps_mm,
+        "similarity": result.similarity,
+        "confidence": result.confidence,
+        "forward_backward_mm": result.forward_backward_mm,
+        "reliable": [bool(flag) for flag in result.reliable],
+        "seconds": time.perf_counter() - started,
+        "match_seconds": match_seconds,
+        "features_cached": pair.cached,
+    }
+
+
+def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Dense registration written to files (see :func:`MedDIFTLib.field.register_and_write`)."""
+    settings = request.settings
+    mask = state.volume(request.mask_id, "mask_id") if request.mask_id is not None else None
+    pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
+    progress("register", 0.0, "registering")
+    return register_and_write(
+        pair.fixed,
+        pair.moving,
+        pair.fixed_pyramid,
+        pair.moving_pyramid,
+        out_transform=request.out_transform,
+        out_inverse=request.out_inverse,
+        out_warped=request.out_warped,
+        options=settings.field,
+        progress=progress,
+        mask=mask,
+    )
+
+
+HANDLERS: dict[str, Handler] = {
+    "probe": probe,
+    "load": load,
+    "unload": unload,
+    "features": features,
+    "match": match,
+    "register": register,
+}

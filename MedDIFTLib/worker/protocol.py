@@ -1,0 +1,384 @@
+"""The worker protocol, defined once: request lines in, event lines out (torch-free).
+
+JSON lines: one request per line, one event per line. A request is ``{"id": str, "type": str,
+...fields}``; fields a request type does not use are ignored. Each request type has one small
+dataclass below, built by :func:`parse_request`, which checks every field once (types, shapes,
+limits; option ranges through :func:`MedDIFTLib.core.options.parse_options`). What needs the
+worker's state (does a volume id exist, does a device exist) is checked when the job runs.
+
+Events: ``ready`` (once, id null), ``progress`` (stage, fraction in [0, 1], message), ``log``
+(level, message), ``result`` (result) and ``error`` (kind, message; kinds in
+:data:`ERROR_KINDS`). Every event carries its request id; a ``result`` or ``error`` ends the
+request. NaN and infinity in events become ``null``. Coordinates are LPS mm.
+
+Imports neither torch nor monai, so a client or an HTTP front end can share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from ..core.errors import BadRequestError
+from ..core.options import FieldOptions, MatchOptions, RunSettings, parse_options
+
+MAX_REQUEST_BYTES = 16 * 2**20
+MAX_POINTS = 100_000
+REQUEST_TYPES = ("probe", "load", "unload", "features", "match", "register", "cancel", "shutdown")
+# The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
+ERROR_KINDS = ("bad_request", "bad_input", "missing_weights", "out_of_memory", "cancelled", "internal")
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.){0,256}")')
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one request: bytes of its line and number of points it carries."""
+
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_points: int = MAX_POINTS
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class RejectedRequest(BadRequestError):
+    """A request line refused before it becomes a job; ``request_id`` is None when it is unknown."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+# ---------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """Versions, devices, backbones, cache, volumes; ``backbone_options`` maps a backbone name to
+    the options of its weights check."""
+
+    backbone_options: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Read a volume file or DICOM folder at ``path``."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class UnloadRequest:
+    volume_id: str
+
+
+@dataclass(frozen=True)
+class FeaturesRequest:
+    """Features of one loaded volume with ``settings`` (backbone, its options, device)."""
+
+    volume_id: str
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
+class MatchRequest:
+    """Fixed points (N, 3 LPS mm) matched into the moving volume with ``settings.match``;
+    ``labels`` pair inputs with outputs; ``priors_lps_mm`` (N, 3) centres each search."""
+
+    fixed_id: str
+    moving_id: str
+    points_lps_mm: np.ndarray
+    labels: list[Any]
+    priors_lps_mm: np.ndarray | None
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    """Dense registration with ``settings.field``, written to the output paths."""
+
+    fixed_id: str
+    moving_id: str
+    out_transform: str
+    out_inverse: str | None
+    out_warped: str | None
+    mask_id: str | None
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Cancel ``job_id``, or else the running or the oldest queued job."""
+
+    job_id: str | None
+
+
+@dataclass(frozen=True)
+class ShutdownRequest:
+    """Stop once the jobs queued before this one are done."""
+
+
+Request = (
+    ProbeRequest
+    | LoadRequest
+    | UnloadRequest
+    | FeaturesRequest
+    | MatchRequest
+    | RegisterRequest
+    | CancelRequest
+    | ShutdownRequest
+)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_line(line: bytes) -> tuple[str, str, dict[str, Any]]:
+    """``(id, type, fields)`` of one request line; raises :class:`RejectedRequest`."""
+    try:
+        request = json.loads(line, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise RejectedRequest(f"malformed JSON request: {error}") from None
+    if not isinstance(request, dict):
+        raise RejectedRequest("a request must be a JSON object")
+    request_id = request.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise RejectedRequest("every request needs a non-empty string 'id'")
+    request_type = request.get("type")
+    if request_type not in REQUEST_TYPES:
+        known = ", ".join(REQUEST_TYPES)
+        raise RejectedRequest(f"unknown request type {request_type!r}; use one of {known}", request_id)
+    fields = {key: value for key, value in request.items() if key not in ("id", "type")}
+    return request_id, request_type, fields
+
+
+def parse_request(request_type: str, fields: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Request:
+    """The typed request of ``request_type``; bad fields raise :class:`BadRequestError` (type or
+    shape) or :class:`BadInputError` (an option out of range), naming the field."""
+    if request_type not in _PARSERS:
+        raise BadRequestError(f"unknown request type {request_type!r}; use one of {', '.join(REQUEST_TYPES)}")
+    return _PARSERS[request_type](fields, limits)
+
+
+def _text(fields: dict[str, Any], name: str, meaning: str, optional: bool = False) -> str | None:
+    value = fields.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequestError(f"'{name}' must be {meaning}")
+    return value
+
+
+def _volume_id(fields: dict[str, Any], name: str, optional: bool = False) -> str | None:
+    return _text(fields, name, "the volume id returned by a 'load' request", optional)
+
+
+def _points(fields: dict[str, Any], name: str, limits: Limits, count: int | None = None) -> np.ndarray | None:
+    """``fields[name]`` as an (N, 3) float array of LPS mm (None when absent and ``count`` is given)."""
+    raw = fields.get(name)
+    if raw is None and count is not None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequestError(f"'{name}' must be a list of [l, p, s] points in mm")
+    if len(raw) > limits.max_points:
+        raise BadRequestError(f"'{name}': {len(raw)} points exceed the limit of {limits.max_points} per request")
+    try:
+        points = np.asarray(raw, dtype=float)
+    except (TypeError, ValueError):
+        raise BadRequestError(f"'{name}' must be a list of [l, p, s] number triples") from None
+    if len(raw) == 0:
+        points = points.reshape(0, 3)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise BadRequestError(f"'{name}' must be a list of [l, p, s] number triples")
+    if count is not None and len(points) != count:
+        raise BadRequestError(f"'{name}' has {len(points)} points for {count} fixed points")
+    return points
+
+
+def _settings(fields: dict[str, Any], what: str, **options: Any) -> RunSettings:
+    """Backbone, backbone options (null: none) and device of a job, with its match or field options."""
+    run = {name: fields[name] for name in ("backbone", "device") if name in fields}
+    if fields.get("backbone_options") is not None:
+        run["backbone_options"] = fields["backbone_options"]
+    return dataclasses.replace(parse_options(RunSettings, run, f"{what} request"), **options)
+
+
+def _parse_probe(fields: dict[str, Any], limits: Limits) -> ProbeRequest:
+    options = fields.get("backbone_options") or {}
+    if not isinstance(options, dict) or not all(isinstance(value, dict) or value is None for value in options.values()):
+        raise BadRequestError("'backbone_options' of probe must map backbone names to their options")
+    return ProbeRequest({str(name): dict(value or {}) for name, value in options.items()})
+
+
+def _parse_load(fields: dict[str, Any], limits: Limits) -> LoadRequest:
+    return LoadRequest(_text(fields, "path", "the path of a volume file or DICOM folder"))
+
+
+def _parse_unload(fields: dict[str, Any], limits: Limits) -> UnloadRequest:
+    return UnloadRequest(_volume_id(fields, "volume_id"))
+
+
+def _parse_features(fields: dict[str, Any], limits: Limits) -> FeaturesRequest:
+    return FeaturesRequest(_volume_id(fields, "volume_id"), _settings(fields, "features"))
+
+
+def _parse_match(fields: dict[str, Any], limits: Limits) -> MatchRequest:
+    points = _points(fields, "points_lps_mm", limits)
+    labels = fields.get("labels")
+    if labels is None:
+        labels = [str(n + 1) for n in range(len(points))]
+    if not isinstance(labels, list) or len(labels) != len(points):
+        raise BadRequestError(f"'labels' must be a list of {len(points)} labels, one per point")
+    priors = _points(fields, "priors_lps_mm", limits, count=len(points))
+    match = parse_options(MatchOptions, fields.get("options"), "match")
+    return MatchRequest(
+        fixed_id=_volume_id(fields, "fixed_id"),
+        moving_id=_volume_id(fields, "moving_id"),
+        points_lps_mm=points,
+        labels=labels,
+        priors_lps_mm=priors,
+        settings=_settings(fields, "match", match=match),
+    )
+
+
+def _parse_register(fields: dict[str, Any], limits: Limits) -> RegisterRequest:
+    outputs = {
+        name: _text(fields, name, "an output file path", optional=name != "out_transform")
+        for name in ("out_transform", "out_inverse", "out_warped")
+    }
+    field = parse_options(FieldOptions, fields.get("options"), "registration")
+    return RegisterRequest(
+        fixed_id=_volume_id(fields, "fixed_id"),
+        moving_id=_volume_id(fields, "moving_id"),
+        mask_id=_volume_id(fields, "mask_id", optional=True),
+        settings=_settings(fields, "register", field=field),
+        **outputs,
+    )
+
+
+def _parse_cancel(fields: dict[str, Any], limits: Limits) -> CancelRequest:
+    job_id = fields.get("job_id")
+    if job_id is not None and not isinstance(job_id, str):
+        raise BadRequestError("'job_id' must be the id of a request sent before")
+    return CancelRequest(job_id)
+
+
+def _parse_shutdown(fields: dict[str, Any], limits: Limits) -> ShutdownRequest:
+    return ShutdownRequest()
+
+
+_PARSERS = {
+    "probe": _parse_probe,
+    "load": _parse_load,
+    "unload": _parse_unload,
+    "features": _parse_features,
+    "match": _parse_match,
+    "register": _parse_register,
+    "cancel": _parse_cancel,
+    "shutdown": _parse_shutdown,
+}
+
+
+# ---------------------------------------------------------------------- lines in
+
+
+def read_bounded_line(stream: BinaryIO, limit: int) -> tuple[bytes | None, bool]:
+    """Next line of ``stream`` (None at EOF) and whether it exceeded ``limit`` bytes.
+
+    An oversized line is read to its end and dropped; only its first KiB is returned.
+    """
+    line = stream.readline(limit + 1)
+    if not line:
+        return None, False
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, False
+    head = line[:1024]
+    while True:
+        chunk = stream.readline(2**20)
+        if not chunk or chunk.endswith(b"\n"):
+            return head, True
+
+
+def oversized(head: bytes, limit: int) -> RejectedRequest:
+    """The refusal of a line over ``limit`` bytes, with its id when the line starts ``{"id": "..."``."""
+    request_id = None
+    found = _LEADING_ID.match(head)
+    if found is not None:
+        try:
+            request_id = json.loads(found.group(1))
+        except ValueError:
+            request_id = None
+    message = f"request longer than {limit} bytes rejected; send fewer points per request"
+    return RejectedRequest(message, request_id)
+
+
+# ---------------------------------------------------------------------- events out
+
+
+def ready_event(version: str, pid: int) -> dict[str, Any]:
+    return {"id": None, "event": "ready", "version": version, "pid": pid}
+
+
+def progress_event(request_id: str | None, stage: str, fraction: float, message: str = "") -> dict[str, Any]:
+    """Progress of a request; ``fraction`` is clipped to [0, 1]."""
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    return {"id": request_id, "event": "progress", "stage": stage, "fraction": fraction, "message": message}
+
+
+def log_event(request_id: str | None, level: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "event": "log", "level": level, "message": message}
+
+
+def result_event(request_id: str | None, result: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "event": "result", "result": result}
+
+
+def error_event(request_id: str | None, kind: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "event": "error", "kind": kind, "message": message}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NumPy turned into Python, tuples into lists and non-finite floats into None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+class EventWriter:
+    """Writes events as JSON lines to the protocol stream, one writer at a time."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def emit(self, event: dict[str, Any]) -> bool:
+        """Write one event; False once the reader has gone away. Raises TypeError if not serialisable."""
+        line = json.dumps(json_safe(event), allow_nan=False).encode() + b"\n"
+        with self._lock:
+            if self.broken:
+                return False
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self.broken = True
+                return False
+        return True

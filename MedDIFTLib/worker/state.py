@@ -1,0 +1,184 @@
+"""What the worker keeps between requests: loaded volumes, the last featurizer, the feature
+cache (CPU, see :mod:`.cache`) and the copies of recent pyramids on a GPU.
+
+Touched from the job thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..core import devices
+from ..core.errors import BadInputError, BadRequestError
+from ..core.io import Volume, read_volume
+from ..core.options import RunSettings
+from ..core.progress import ProgressFn
+from ..features import FeaturePyramid, Featurizer, create_featurizer
+from ..features.registry import RUN_OPTIONS
+from .cache import CacheKey, FeatureCache
+from .protocol import Limits
+
+DEVICE_COPIES = 2
+
+
+def device_name(name: str) -> str:
+    """``auto | cpu | cuda | cuda:N`` -> ``cpu`` or ``cuda:N`` (checked to exist; auto prefers CUDA)."""
+    device = devices.resolve_device(name)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class Features:
+    """A volume's pyramid (CPU), its cache key, whether it came from the cache, and the seconds it took."""
+
+    pyramid: FeaturePyramid
+    key: CacheKey
+    cached: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Fixed and moving volumes with their pyramids on the job's device."""
+
+    fixed: Volume
+    moving: Volume
+    fixed_pyramid: FeaturePyramid
+    moving_pyramid: FeaturePyramid
+    cached: bool
+
+
+class WorkerState:
+    """Volumes by id, featurizer reuse, the feature cache and device copies.
+
+    ``log(level, message)`` reports what the user should know (e.g. features too large to
+    cache); ``limits`` are the request limits, reported by ``probe``.
+    """
+
+    def __init__(self, cache_bytes: int, limits: Limits, log: Callable[[str, str], None]) -> None:
+        self.cache = FeatureCache(cache_bytes)
+        self.limits = limits
+        self.volumes: dict[str, Volume] = {}
+        self._log = log
+        self._volume_count = 0
+        self._featurizer_key: tuple | None = None
+        self._featurizer: Featurizer | None = None
+        self._device_copies: OrderedDict[tuple[CacheKey, str], FeaturePyramid] = OrderedDict()
+
+    # ------------------------------------------------------------------ volumes
+
+    def load(self, path: str) -> str:
+        """Read a volume file or DICOM folder; the same content loaded twice keeps its id."""
+        volume = read_volume(path)
+        digest = volume.content_hash()
+        volume_id = next((vid for vid, known in self.volumes.items() if known.content_hash() == digest), None)
+        if volume_id is None:
+            self._volume_count += 1
+            volume_id = f"v{self._volume_count}"
+        self.volumes[volume_id] = volume
+        return volume_id
+
+    def unload(self, volume_id: str) -> bool:
+        """Forget a loaded volume (its cached features stay until evicted); False if it was unknown."""
+        return self.volumes.pop(volume_id, None) is not None
+
+    def volume(self, volume_id: str, field: str) -> Volume:
+        """The loaded volume ``volume_id`` (``field`` names the request field in the error)."""
+        volume = self.volumes.get(volume_id)
+        if volume is None:
+            raise BadRequestError(f"{field}: unknown volume id {volume_id!r}; load the volume first")
+        return volume
+
+    # ------------------------------------------------------------------ features
+
+    def featurizer(self, settings: RunSettings, device: str) -> Featurizer:
+        """The featurizer of ``settings``' backbone and options on ``device`` (the last one is reused)."""
+        backbone, options = settings.backbone, settings.backbone_options
+        for name in RUN_OPTIONS:
+            if name in options:
+                raise BadRequestError(f"give the {name} in the request's '{name}' field, not in 'backbone_options'")
+        key = (backbone, json.dumps(options, sort_keys=True), device)
+        if key == self._featurizer_key:
+            return self._featurizer
+        self._featurizer_key = self._featurizer = None
+        try:
+            featurizer = create_featurizer(backbone, device=device, **options)
+        except ImportError as error:
+            raise BadRequestError(f"backbone {backbone!r} is not available in this installation ({error})") from None
+        except TypeError as error:
+            raise BadRequestError(f"backbone {backbone!r}: unsupported options ({error})") from None
+        except ValueError as error:
+            raise BadInputError(f"backbone {backbone!r}: {error}") from None
+        self._featurizer_key, self._featurizer = key, featurizer
+        return featurizer
+
+    def features(
+        self, settings: RunSettings, volume: Volume, device: str, progress: ProgressFn, role: str = ""
+    ) -> Features:
+        """Features of ``volume`` (kept on the CPU), from the cache when possible.
+
+        ``role`` (e.g. ``fixed``) prefixes the progress messages.
+        """
+        featurizer = self.featurizer(settings, device)
+        key = CacheKey.create(volume.content_hash(), featurizer.name, featurizer.config, device)
+        pyramid = self.cache.get(key)
+        if pyramid is not None:
+            return Features(pyramid, key, True, 0.0)
+        prefix = f"{role}: " if role else ""
+        progress("features", 0.0, f"{prefix}{featurizer.name} features of {volume.name or 'volume'}")
+        started = time.perf_counter()
+
+        def report(stage: str, fraction: float, message: str = "") -> None:
+            progress(stage, fraction, prefix + message)
+
+        pyramid = featurizer.extract(volume, report).to("cpu")
+        seconds = time.perf_counter() - started
+        if not self.cache.put(key, pyramid, volume.name):
+            self._log(
+                "warning",
+                f"features of {volume.name or 'volume'} ({pyramid.nbytes / 2**20:.0f} MiB) exceed the feature cache "
+                f"({self.cache.max_bytes / 2**20:.0f} MiB) and were not cached",
+            )
+        return Features(pyramid, key, False, seconds)
+
+    def on_device(self, features: Features, device: str) -> FeaturePyramid:
+        """The pyramid on ``device``; copies on a GPU are kept for the last pair of volumes."""
+        if device == "cpu":
+            return features.pyramid
+        slot = (features.key, device)
+        copy = self._device_copies.get(slot)
+        if copy is None:
+            while len(self._device_copies) >= DEVICE_COPIES:
+                self._device_copies.popitem(last=False)
+            copy = self._device_copies[slot] = features.pyramid.to(device)
+        else:
+            self._device_copies.move_to_end(slot)
+        return copy
+
+    def pair(self, settings: RunSettings, fixed_id: str, moving_id: str, device: str, progress: ProgressFn) -> Pair:
+        """Fixed and moving volumes and their pyramids on ``device``."""
+        fixed = self.volume(fixed_id, "fixed_id")
+        moving = self.volume(moving_id, "moving_id")
+        fixed_features = self.features(settings, fixed, device, progress, "fixed")
+        moving_features = self.features(settings, moving, device, progress, "moving")
+        return Pair(
+            fixed,
+            moving,
+            self.on_device(fixed_features, device),
+            self.on_device(moving_features, device),
+            fixed_features.cached and moving_features.cached,
+        )
+
+    def release_device_memory(self) -> None:
+        """Drop the GPU copies and return cached GPU memory (after running out of memory)."""
+        self._device_copies.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

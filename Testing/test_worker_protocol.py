@@ -1,0 +1,237 @@
+"""The worker's parts in-process: the torch-free protocol (request lines, typed requests, events),
+the job queue with cancel, and the Worker composing them over in-memory streams."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from MedDIFTLib.core import errors
+from MedDIFTLib.core.environment import PACKAGE_PARENT
+from MedDIFTLib.core.errors import BadInputError, BadRequestError
+from MedDIFTLib.core.options import FieldOptions, MatchOptions, RunSettings
+from MedDIFTLib.worker import events
+from MedDIFTLib.worker.jobs import Job, JobQueue
+from MedDIFTLib.worker.protocol import (
+    ERROR_KINDS,
+    EventWriter,
+    Limits,
+    MatchRequest,
+    ProbeRequest,
+    RegisterRequest,
+    RejectedRequest,
+    ShutdownRequest,
+    UnloadRequest,
+    error_event,
+    oversized,
+    parse_line,
+    parse_request,
+    progress_event,
+)
+
+
+def test_protocol_and_job_queue_import_neither_torch_nor_monai():
+    code = (
+        "import sys, MedDIFTLib.worker.protocol, MedDIFTLib.worker.jobs; "
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert output.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------- request lines
+
+
+@pytest.mark.parametrize(
+    ("line", "request_id", "words"),
+    [
+        (b"{not json", None, "malformed JSON"),
+        (b"[1, 2]", None, "JSON object"),
+        (b'{"type": "probe"}', None, "'id'"),
+        (b'{"id": "n", "type": "probe", "x": NaN}', None, "malformed JSON"),
+        (b'{"id": "t", "type": "frobnicate"}', "t", "unknown request type"),
+    ],
+)
+def test_bad_lines_are_rejected_with_the_id_when_known(line, request_id, words):
+    with pytest.raises(RejectedRequest) as raised:
+        parse_line(line)
+    assert raised.value.request_id == request_id and raised.value.kind == "bad_request"
+    assert words in str(raised.value)
+
+
+def test_a_line_gives_its_id_type_and_fields():
+    assert parse_line(b'{"id": "a", "type": "unload", "volume_id": "v1"}\n') == ("a", "unload", {"volume_id": "v1"})
+
+
+def test_an_oversized_line_is_answered_under_its_leading_id():
+    assert oversized(b'{"id": "big", "type": "load", "path": "xxxx', 10).request_id == "big"
+    assert oversized(b'{"type": "load", "id": "late"', 10).request_id is None
+    assert "longer than 10 bytes" in str(oversized(b"{", 10))
+
+
+# ---------------------------------------------------------------------- typed requests
+
+
+def test_match_request_is_typed_with_defaults_from_the_options():
+    request = parse_request(
+        "match",
+        {"fixed_id": "v1", "moving_id": "v2", "points_lps_mm": [[1, 2, 3], [4, 5, 6]], "backbone_options": None,
+         "options": {"search_radius_mm": 12}, "extra": "ignored"},
+    )
+    assert isinstance(request, MatchRequest)
+    assert request.points_lps_mm.shape == (2, 3) and request.points_lps_mm.dtype == float
+    assert request.labels == ["1", "2"] and request.priors_lps_mm is None
+    assert request.settings.match == MatchOptions(search_radius_mm=12.0)
+    assert request.settings.backbone == RunSettings().backbone and request.settings.device == RunSettings().device
+    assert request.settings.backbone_options == {}
+
+
+def test_register_request_parses_field_options_and_optional_outputs():
+    request = parse_request(
+        "register",
+        {"fixed_id": "v1", "moving_id": "v2", "out_transform": "f.nii.gz", "options": {"optimise_iterations": 0},
+         "backbone": "mind", "device": "cpu"},
+    )
+    assert isinstance(request, RegisterRequest)
+    assert (request.out_transform, request.out_inverse, request.out_warped, request.mask_id) == (
+        "f.nii.gz", None, None, None)
+    assert request.settings.field == FieldOptions(optimise_iterations=0)
+    assert request.settings.device == "cpu"
+
+
+MATCH = {"fixed_id": "v1", "moving_id": "v2", "points_lps_mm": [[0, 0, 0], [1, 1, 1]]}
+BAD_REQUESTS = {
+    "points not triples": (BadRequestError, "match", {"points_lps_mm": [[0, 1]]}, "points_lps_mm"),
+    "points not a list": (BadRequestError, "match", {"points_lps_mm": "here"}, "points_lps_mm"),
+    "too many points": (BadRequestError, "match", {"points_lps_mm": [[0, 0, 0]] * 3}, "limit of 2"),
+    "priors do not pair": (BadRequestError, "match", {"priors_lps_mm": [[0, 0, 0]]}, "priors_lps_mm"),
+    "labels do not pair": (BadRequestError, "match", {"labels": ["a"]}, "labels"),
+    "missing volume id": (BadRequestError, "match", {"moving_id": None}, "moving_id"),
+    "unknown option": (BadRequestError, "match", {"options": {"radius": 3}}, "radius"),
+    "option of the wrong type": (BadRequestError, "match", {"options": {"subvoxel": "yes"}}, "subvoxel"),
+    "option out of range": (BadInputError, "match", {"options": {"search_radius_mm": -1}}, "search_radius_mm"),
+    "backbone not text": (BadRequestError, "match", {"backbone": 3}, "backbone"),
+    "register without output": (BadRequestError, "register", {"out_transform": ""}, "out_transform"),
+    "field option out of range": (BadInputError, "register", {"out_transform": "f.nii.gz",
+                                                             "options": {"inverse_spacing_mm": 0}}, "inverse_spacing"),
+    "load without path": (BadRequestError, "load", {}, "path"),
+    "probe options not per backbone": (BadRequestError, "probe", {"backbone_options": {"maisi": 3}}, "backbone"),
+    "cancel of a non-text id": (BadRequestError, "cancel", {"job_id": 7}, "job_id"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_fields_raise_the_error_kind_naming_the_field(case):
+    error_class, request_type, changes, words = BAD_REQUESTS[case]
+    with pytest.raises(BadInputError) as raised:
+        parse_request(request_type, {**MATCH, **changes}, Limits(max_points=2))
+    assert type(raised.value) is error_class
+    assert words in str(raised.value)
+
+
+def test_probe_options_default_per_backbone():
+    assert parse_request("probe", {}) == ProbeRequest({})
+    assert parse_request("probe", {"backbone_options": {"maisi": None}}) == ProbeRequest({"maisi": {}})
+
+
+# ---------------------------------------------------------------------- events
+
+
+def test_error_kinds_are_those_of_the_library_errors_and_of_the_client():
+    kinds = {value.kind for value in vars(errors).values() if isinstance(value, type) and
+             issubclass(value, errors.MedDIFTError)}
+    assert set(ERROR_KINDS) == kinds == set(events.ERROR_CLASSES)
+
+
+def test_events_read_back_as_the_clients_typed_events():
+    progress = events.parse_event(progress_event("j", "match", 1.5, "done"))
+    assert progress == events.Progress("j", "match", 1.0, "done")
+    assert events.parse_event(error_event("j", "cancelled", "stop")) == events.Error("j", "cancelled", "stop")
+
+
+def test_event_writer_writes_json_lines_and_notices_a_closed_stream():
+    stream = io.BytesIO()
+    writer = EventWriter(stream)
+    assert writer.emit({"id": "a", "value": np.float64(np.nan)})
+    assert json.loads(stream.getvalue()) == {"id": "a", "value": None}
+    stream.close()
+    assert not writer.emit({"id": "b"}) and writer.broken
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+def _job(request_id: str | None, request_type: str = "unload") -> Job:
+    return Job(request_id, request_type, UnloadRequest("v1"))
+
+
+def test_queue_refuses_a_pending_id_and_withdraws_a_cancelled_queued_job():
+    jobs = JobQueue()
+    first, second = _job("a"), _job("b")
+    assert jobs.submit(first) and jobs.submit(second) and not jobs.submit(_job("a"))
+    assert jobs.cancel("b") is second and second.withdrawn and second.cancel_event.is_set()
+    assert jobs.next(0.1) is first and jobs.start(first)
+    assert jobs.next(0.1) is second and not jobs.start(second)
+    assert jobs.cancel(None) is first and first.cancel_event.is_set() and not first.withdrawn
+    jobs.finish(first)
+    assert jobs.running is None and jobs.cancel(None) is None
+    assert jobs.submit(_job("a"))
+
+
+def test_cancel_skips_shutdown_and_drain_returns_the_jobs_left():
+    jobs = JobQueue()
+    shutdown = Job("s", "shutdown", ShutdownRequest())
+    later = _job("later")
+    assert jobs.submit(shutdown) and jobs.submit(later)
+    assert jobs.cancel("s") is None
+    assert jobs.drain(shutdown) == [later]
+    assert jobs.cancel(None) is None
+
+
+# ---------------------------------------------------------------------- the composed worker
+
+
+def _run(lines: list[bytes]) -> list[dict]:
+    from MedDIFTLib.worker.server import Worker
+
+    stream = io.BytesIO()
+    worker = Worker(EventWriter(stream), cache_bytes=0)
+    for line in lines:
+        worker.handle_line(line)
+    assert worker.serve() == 0
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_worker_answers_bad_requests_at_once_and_runs_jobs_in_order():
+    emitted = _run([
+        b'{"id": "u", "type": "unload", "volume_id": "v9"}',
+        b'{"id": "m", "type": "match", "fixed_id": "v1"}',
+        b'{"id": "u", "type": "probe"}',
+        b'{"id": "x", "type": "features", "volume_id": "v1", "device": "cpu"}',
+        b'{"id": "s", "type": "shutdown"}',
+    ])
+    summary = [(e["id"], e["event"], e.get("kind")) for e in emitted]
+    assert summary == [
+        ("m", "error", "bad_request"),
+        ("u", "error", "bad_request"),
+        ("u", "result", None),
+        ("x", "error", "bad_request"),
+        ("s", "result", None),
+    ]
+    assert emitted[2]["result"] == {"unloaded": False}
+    assert "load the volume first" in emitted[3]["message"]
+
+
+def test_device_inside_backbone_options_is_refused():
+    from MedDIFTLib.worker.state import WorkerState
+
+    state = WorkerState(0, Limits(), log=lambda level, message: None)
+    with pytest.raises(BadRequestError, match="'device' field"):
+        state.featurizer(RunSettings(backbone_options={"device": "cpu"}), "cpu")
