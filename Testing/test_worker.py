@@ -26,7 +26,7 @@ from MedDIFTLib.core.io import Volume, read_volume, write_volume
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 from MedDIFTLib.worker.cache import CacheKey, FeatureCache
 from MedDIFTLib.worker.client import PACKAGE_PARENT, WorkerClient
-from MedDIFTLib.worker.server import _json_safe, read_bounded_line
+from MedDIFTLib.worker.protocol import json_safe, read_bounded_line
 
 # Two MIND pyramids of the 57x78x64 crop (15.5 MB each) fit, three do not.
 CACHE_BYTES = 40_000_000
@@ -342,15 +342,15 @@ def test_internal_error_stdout_purity_and_shutdown_on_end_of_input():
     stdout; the worker keeps serving; EOF on stdin ends it with code 0."""
     code = "\n".join(
         [
-            "import os, MedDIFTLib.worker.server as w",
-            "def crash(self, params, progress):",
+            "import os, MedDIFTLib.worker.handlers as h, MedDIFTLib.worker.server as w",
+            "def crash(state, request, progress):",
             "    return {}['no such key']",
-            "def noisy(self, params, progress):",
+            "def noisy(state, request, progress):",
             "    print('noise from print')",
             "    os.write(1, b'noise on fd 1\\n')",
             "    return {'unloaded': False}",
-            "w.Worker._probe = crash",
-            "w.Worker._unload = noisy",
+            "h.HANDLERS['probe'] = crash",
+            "h.HANDLERS['unload'] = noisy",
             "w.exit_now(w.main())",
         ]
     )
@@ -415,7 +415,7 @@ def test_cache_key_follows_content_and_configuration_not_names():
 
 
 def test_events_turn_nan_into_null_and_numpy_into_lists():
-    event = _json_safe({"x": np.array([1.0, np.nan]), "y": np.float32(np.inf), "z": (1, np.int64(2))})
+    event = json_safe({"x": np.array([1.0, np.nan]), "y": np.float32(np.inf), "z": (1, np.int64(2))})
     assert json.dumps(event, allow_nan=False) == '{"x": [1.0, null], "y": null, "z": [1, 2]}'
 
 
