@@ -235,3 +235,22 @@ def test_device_inside_backbone_options_is_refused():
     state = WorkerState(0, Limits(), log=lambda level, message: None)
     with pytest.raises(BadRequestError, match="'device' field"):
         state.featurizer(RunSettings(backbone_options={"device": "cpu"}), "cpu")
+
+
+def test_a_request_that_breaks_the_parser_is_an_internal_error_and_serving_goes_on(monkeypatch):
+    from MedDIFTLib.worker import server
+
+    def broken(request_type, fields, limits):
+        raise KeyError("no such key")
+
+    stream = io.BytesIO()
+    worker = server.Worker(EventWriter(stream), cache_bytes=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(server, "parse_request", broken)
+        worker.handle_line(b'{"id": "a", "type": "probe"}')
+    worker.read_requests(io.BytesIO(b'{"id": "u", "type": "unload", "volume_id": "v1"}\n'))
+    assert worker.serve() == 0
+    emitted = [json.loads(line) for line in stream.getvalue().splitlines()]
+    summary = [(e["id"], e["event"], e.get("kind")) for e in emitted]
+    assert summary == [("a", "error", "internal"), ("u", "result", None)]
+    assert "KeyError" in emitted[0]["message"]

@@ -150,6 +150,11 @@ class Worker:
         except MedDIFTError as error:
             self.emit(error_event(request_id, error.kind, str(error)))
             return
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            message = f"internal error reading a request: {type(error).__name__}: {error} (details in the worker log)"
+            self.emit(error_event(request_id, "internal", message))
+            return
         if isinstance(request, CancelRequest):
             self._cancel(request_id, request.job_id)
         elif not self.jobs.submit(Job(request_id, request_type, request)):
