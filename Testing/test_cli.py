@@ -1,7 +1,9 @@
 """The ``meddift`` command line: end to end on a small real pair, and every bad input ends with a
 one-line message, a non-zero exit code and no output file."""
 
+import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -135,3 +137,144 @@ def test_console_entry_point_runs():
     assert completed.returncode == 0
     for command in ("match", "simulate", "demo", "weights"):
         assert command in completed.stdout
+
+
+def _one_line_error(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("meddift: error:") and len(error.splitlines()) == 1, error
+    return error
+
+
+def test_help_states_defaults_from_the_one_source_of_options(capsys):
+    from MedDIFTLib.core.options import FieldLevel, FieldOptions, MatchOptions, RunSettings, describe
+
+    with pytest.raises(SystemExit):
+        main(["match", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"backbone {RunSettings.backbone}" in text and f"mode {MatchOptions.mode}" in text
+    assert "label,l,p,s,confidence,similarity,forward_backward_mm,reliable,description" in text
+    assert " ".join(describe(MatchOptions, "search_radius_mm").split()) in text
+    assert " ".join(describe(MatchOptions, "confidence_threshold").split()) in text
+    with pytest.raises(SystemExit):
+        main(["register", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sitk.ReadTransform(path)" in text and "sitk.ReadTransform does not read it" in text
+    for owner, name in ((FieldLevel, "search_radius_mm"), (FieldLevel, "spacing_mm"),
+                        (FieldOptions, "optimise_iterations")):
+        assert " ".join(describe(owner, name).split()) in text
+
+
+def test_register_field_options_come_from_the_option_classes():
+    from MedDIFTLib.cli import build_parser
+    from MedDIFTLib.cli.register import field_options
+    from MedDIFTLib.core.options import FieldLevel, FieldOptions
+
+    parser = build_parser()
+    base = ["register", "f.nii.gz", "m.nii.gz", "--out-transform", "t.h5"]
+    assert field_options(parser.parse_args(base)) == FieldOptions()
+    options = field_options(parser.parse_args([*base, "--grid-spacing-mm", "8", "--optimise-iterations", "0"]))
+    assert options.levels == (FieldLevel(spacing_mm=8.0),) and options.optimise_iterations == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grid-spacing-mm", "0"], "--grid-spacing-mm: option 'spacing_mm' must be > 0"),
+    (["--search-radius-mm", "-1"], "--search-radius-mm: option 'search_radius_mm' must be > 0"),
+    (["--optimise-iterations", "-2"], "--optimise-iterations: option 'optimise_iterations' must be >= 0"),
+])
+def test_register_option_out_of_range_names_the_flag_and_writes_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "out" / "field.nii.gz"
+    assert main(["register", "f.nii.gz", "m.nii.gz", "--out-transform", str(out), *flags]) == 2
+    error = _one_line_error(capsys)
+    assert message in error and "FieldLevel(" not in error and not out.parent.exists()
+
+
+def _unwritable_outputs(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file")
+    return {
+        "proc": "/proc/meddift_out.csv",
+        "under a file": str(plain / "out.csv"),
+    }
+
+
+@pytest.mark.parametrize("where", ["proc", "under a file"])
+def test_match_unwritable_output_is_refused_before_any_work(pair_files, tmp_path, capsys, where):
+    folder, _ = pair_files
+    out = _unwritable_outputs(tmp_path)[where]
+    code = main(["match", str(folder / "fixed.nii.gz"), str(folder / "moving.nrrd"), "--points",
+                 str(folder / "fixed.mrk.json"), "--out", out, "--quiet"])
+    assert code == 2
+    assert "Traceback" not in _one_line_error(capsys)
+    assert (tmp_path / "plain.txt").read_text() == "a file"
+
+
+@pytest.mark.parametrize("warped, message", [("warped.png", "output must end in"),
+                                             ("warped.xyz", "output must end in")])
+def test_register_bad_warped_output_is_refused_before_any_work(pair_files, tmp_path, capsys, warped, message):
+    folder, _ = pair_files
+    transform = tmp_path / "field.h5"
+    code = main(["register", str(folder / "fixed.nii.gz"), str(folder / "moving.nrrd"), "--out-transform",
+                 str(transform), "--out-warped", str(tmp_path / warped), "--quiet"])
+    assert code == 2
+    error = _one_line_error(capsys)
+    assert message in error and ".part" not in error
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_register_out_points_has_the_columns_of_match(pair_files, tmp_path):
+    folder, pair = pair_files
+    points = tmp_path / "fixed.csv"
+    write_points(PointSet(pair.fixed_points.points_lps_mm[:6], pair.fixed_points.labels[:6]), points)
+    out = tmp_path / "carried.csv"
+    assert main(["register", str(folder / "fixed.nii.gz"), str(folder / "moving.nrrd"), "--out-transform",
+                 str(tmp_path / "field.nii.gz"), "--points", str(points), "--out-points", str(out), "--quiet",
+                 "--optimise-iterations", "0", "--device", "cpu"]) == 0
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["label", "l", "p", "s", "confidence", "similarity", "forward_backward_mm", "reliable",
+                             "description"]
+    assert [row["label"] for row in rows] == pair.fixed_points.labels[:6]
+    assert all(row["confidence"] == "nan" and "no per-point confidence" in row["description"] for row in rows)
+    assert all(row["reliable"] == "1" and "Jacobian determinant" in row["description"] for row in rows)
+
+
+def test_simulate_zero_motion_and_folding_motion(elastix_ct, tmp_path, capsys):
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(elastix_ct, ct)
+    still = tmp_path / "still"
+    assert main(["simulate", str(ct), str(still), "--mean-motion-mm", "0", "--num-keypoints", "20"]) == 0
+    summary = json.loads((still / "pair.json").read_text())
+    assert summary["motion_mm"]["mean"] == 0.0 and summary["jacobian_min"] == pytest.approx(1.0)
+    assert oct((still / "pair.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert oct(still.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+    capsys.readouterr()
+    folded = tmp_path / "folded"
+    assert main(["simulate", str(ct), str(folded), "--mean-motion-mm", "60", "--num-keypoints", "20"]) == 2
+    error = _one_line_error(capsys)
+    assert "folds the synthetic ground truth" in error and not folded.exists()
+    assert main(["simulate", str(ct), str(folded), "--mean-motion-mm", "60", "--num-keypoints", "20",
+                 "--allow-folding"]) == 0
+    assert "warning" in capsys.readouterr().err and json.loads((folded / "pair.json").read_text())["jacobian_min"] <= 0
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_simulate_into_a_closed_pipe_ends_quietly(tmp_path):
+    from MedDIFTLib.evaluation.simulate import phantom_ct
+
+    ct = tmp_path / "phantom.nii.gz"
+    write_volume(phantom_ct(0), ct)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        completed = subprocess.run([sys.executable, "-m", "MedDIFTLib", "simulate", str(ct), str(tmp_path / "pair"),
+                                    "--num-keypoints", "20"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                   timeout=300)
+    finally:
+        os.close(write_end)
+    assert completed.returncode == 141 and "Traceback" not in completed.stderr, completed.stderr
+    assert (tmp_path / "pair" / "pair.json").is_file()

@@ -4,6 +4,7 @@ fixtures made here, the baselines' direction convention, the reports, and the er
 import csv
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from MedDIFTLib.cli import main
 from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, Volume, write_points, write_volume
-from MedDIFTLib.evaluation.baselines import bspline, convexadam, parse_method, run_method, unavailable_reason
+from MedDIFTLib.core.options import FieldOptions, MatchOptions
+from MedDIFTLib.evaluation.baselines import BSplineOptions, bspline, convexadam, unavailable_reason
 from MedDIFTLib.evaluation.datasets import (
     DIRLAB_4DCT,
     RawGeometry,
@@ -23,7 +25,17 @@ from MedDIFTLib.evaluation.datasets import (
     open_dataset,
     read_raw_volume,
 )
-from MedDIFTLib.evaluation.report import PointTable, make_plots, markdown_tables, summarise, write_tables
+from MedDIFTLib.evaluation.methods import method_names, parse_method, run_method
+from MedDIFTLib.evaluation.metrics import confidence_correlation
+from MedDIFTLib.evaluation.report import (
+    PointTable,
+    make_plots,
+    markdown_tables,
+    read_point_table,
+    summarise,
+    write_point_table,
+    write_tables,
+)
 from MedDIFTLib.evaluation.simulate import phantom_ct
 
 
@@ -190,18 +202,51 @@ def test_unknown_layout_is_a_clear_error(tmp_path):
 
 
 def test_method_specs_are_parsed_and_checked():
-    spec = parse_method("mind:search_radius_mm=15,patch_radius=2")
-    assert spec.name == "mind" and spec.options == {"search_radius_mm": 15, "patch_radius": 2}
-    assert spec.slug == "mind_search_radius_mm-15_patch_radius-2"
-    assert parse_method("bspline:control_spacing_mm=12").options == {"control_spacing_mm": 12}
-    with pytest.raises(BadInputError, match="unknown method 'elastix'"):
+    spec = parse_method("mind:search_radius_mm=15,patch_radius=2,level_weights=[1,0.5,0.25]")
+    assert spec.name == "mind" and spec.backbone == "mind" and spec.backbone_options == {"patch_radius": 2}
+    assert spec.options == MatchOptions(search_radius_mm=15.0, level_weights=(1.0, 0.5, 0.25))
+    assert spec.slug == "mind_search_radius_mm-15_patch_radius-2_level_weights-_1_0.5_0.25"
+    field = parse_method("mind-field:optimise_iterations=0,levels=[[8,20,12,1]]")
+    assert isinstance(field.options, FieldOptions) and field.options.levels[0].spacing_mm == 8.0
+    assert parse_method("bspline:control_spacing_mm=12").options == BSplineOptions(control_spacing_mm=12.0)
+    assert {"identity", "mind", "mind-field", "bspline", "convexadam"} <= set(method_names())
+    with pytest.raises(BadInputError, match="unknown method 'elastix'; choose from: identity, "):
         parse_method("elastix")
     with pytest.raises(BadInputError, match="method 'bspline' does not take option.*grid"):
         parse_method("bspline:grid=3")
     with pytest.raises(BadInputError, match="is not KEY=VALUE"):
         parse_method("mind:15")
-    with pytest.raises(BadInputError, match="a metric in meansquares, correlation, mattes"):
+    with pytest.raises(BadInputError, match="method 'identity' does not take option"):
+        parse_method("identity:seed=1")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bspline:metric=ssd", "option 'metric': 'ssd' is not one of meansquares, correlation, mattes"),
+    ("bspline:levels=0", "option 'levels' must be >= 1"),
+    ("bspline:samples=\"many\"", "bspline option 'samples': 'many' is not a whole number"),
+    ("convexadam:ic=2", "convexadam option 'ic': 2 is not true or false"),
+    ("mind:search_radius_mm=0", "option 'search_radius_mm' must be > 0"),
+    ("mind:mode=everywhere", "option 'mode': 'everywhere' is not one of local, global"),
+    ("mind-field:levels=[[0,20,10,1]]", "option 'spacing_mm' must be > 0"),
+])
+def test_method_options_are_typed_and_range_checked(text, message):
+    with pytest.raises(BadInputError, match=message.replace("(", r"\(")):
+        parse_method(text)
+
+
+def test_baselines_check_their_options_before_any_work():
+    with pytest.raises(BadInputError, match="'ssd' is not one of meansquares, correlation, mattes"):
         bspline(None, None, np.zeros((1, 3)), metric="ssd")
+    with pytest.raises(BadInputError, match="unknown bspline option"):
+        bspline(None, None, np.zeros((1, 3)), grid=3)
+
+
+def test_confidence_correlation_is_negative_when_confidence_follows_the_error():
+    errors = np.array([0.5, 1.0, 2.0, 4.0, 8.0])
+    result = confidence_correlation(np.array([0.9, 0.8, 0.5, 0.3, 0.1]), errors)
+    assert result["spearman"] == pytest.approx(-1.0) and -1.0 <= result["pearson"] < -0.8
+    assert confidence_correlation(np.full(5, 0.7), errors) == {"spearman": None, "pearson": None}
+    assert confidence_correlation(np.array([0.9, 0.1]), np.array([1.0, 2.0]))["spearman"] is None
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +404,9 @@ def test_simulate_manifest_then_eval_keeps_going_past_a_bad_case(tmp_path, capsy
     assert status[("gamma", "mind")]["status"] == "failed"
     assert "gamma/missing.nii.gz: no such file" in status[("gamma", "mind")]["error"]
     assert status[("alpha", "mind")]["peak_rss_mb"] > 50
+    assert "confidence_spearman" in status[("alpha", "mind")] and "confidence_spearman" not in status[("alpha",
+                                                                                                     "identity")]
+    assert read_point_table(out / "points" / "alpha" / "mind.csv").confidence is not None
     overall = {r["method"]: r for r in results["overall"]}
     assert overall["mind"]["mean"] < 0.5 * overall["identity"]["mean"] and overall["mind"]["cases_ok"] == 2
     assert (out / "points" / "beta" / "mind.csv").is_file()
@@ -395,3 +443,93 @@ def test_eval_bad_arguments_end_with_a_message_and_no_output(tmp_path, capsys):
     (out / "old.txt").write_text("keep")
     assert main(["eval", str(tmp_path / "m.csv"), "--out", str(out)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_report_carries_the_confidence_error_correlation(tmp_path):
+    fixed = np.zeros((5, 3))
+    true = np.tile([3.0, 4.0, 0.0], (5, 1))
+    errors = np.array([0.5, 1.0, 2.0, 4.0, 8.0])
+    scored = PointTable(list("abcde"), fixed, true, true + errors[:, None] * [1, 0, 0],
+                        np.array([0.9, 0.8, 0.5, 0.3, 0.1]))
+    write_point_table(scored, tmp_path / "points.csv")
+    again = read_point_table(tmp_path / "points.csv")
+    np.testing.assert_allclose(again.confidence, scored.confidence)
+    assert read_point_table_without_confidence(tmp_path).confidence is None
+    record = {"case": "a", "method": "mind", "status": "ok", "points": 5, "initial_mean": 5.0, "mean": 3.1,
+              "std": 1.0, "p50": 2.0, "p95": 7.2, "max": 8.0, "seconds": 1.0, "confidence_spearman": -1.0,
+              "confidence_pearson": -0.9}
+    overall = summarise([record], {("a", "mind"): again}, ["mind"])
+    assert overall[0]["confidence_spearman"] == pytest.approx(-1.0)
+    write_tables(tmp_path, {"dataset": {"path": "x", "layout": "manifest"}, "cases": [record], "overall": overall})
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert rows[-1]["confidence_spearman"] == "-1.0000" and float(rows[0]["confidence_pearson"]) == -0.9
+    markdown = (tmp_path / "results.md").read_text()
+    assert "conf. ρ" in markdown and "| -1.00 |" in markdown
+
+
+def read_point_table_without_confidence(folder):
+    unscored = PointTable(["a"], np.zeros((1, 3)), np.ones((1, 3)), np.ones((1, 3)))
+    write_point_table(unscored, folder / "unscored.csv")
+    return read_point_table(folder / "unscored.csv")
+
+
+def _tiny_manifest(folder, cases=2):
+    volume = _small_volume()
+    write_volume(volume, folder / "f.nii.gz")
+    write_points(PointSet(volume.geometry.ijk_to_lps([[2, 2, 2], [5, 4, 3]]), ["p", "q"]), folder / "p.csv")
+    rows = "".join(f"c{n},f.nii.gz,f.nii.gz,p.csv,p.csv\n" for n in range(cases))
+    (folder / "m.csv").write_text("case,fixed,moving,fixed_points,moving_points\n" + rows)
+    return folder / "m.csv"
+
+
+def test_eval_interrupted_says_so_and_resumes_or_overwrites(tmp_path, monkeypatch, capsys):
+    import MedDIFTLib.evaluation.baselines as baselines
+    import MedDIFTLib.evaluation.runner as runner
+
+    manifest = _tiny_manifest(tmp_path)
+    out = tmp_path / "out"
+    real_evaluate, calls, interrupt = runner.evaluate, [], [True]
+
+    def interrupted_on_second_run(job, isolated):
+        calls.append(job["case"]["name"])
+        if len(calls) == 2 and interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt
+        return real_evaluate(job, isolated)
+
+    monkeypatch.setattr(baselines, "unavailable_reason", lambda name: "not here (test)" if name == "bspline" else None)
+    monkeypatch.setattr(runner, "evaluate", interrupted_on_second_run)
+    command = ["eval", str(manifest), "--methods", "identity", "bspline", "--out", str(out), "--in-process", "--quiet"]
+    assert main(command) == 130
+    markdown = (out / "results.md").read_text()
+    assert "**Interrupted**: the run was stopped after 2 of 4" in markdown and "--resume" in markdown
+    assert "skipped: not here (test)" in markdown and "Note: bspline skipped: not here (test)" in markdown
+    assert json.loads((out / "results.json").read_text())["state"] == "interrupted"
+    capsys.readouterr()
+    assert main(command) == 2
+    assert "give --resume to finish the run there or --overwrite" in capsys.readouterr().err
+    calls.clear()
+    assert main([*command, "--resume"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert calls == ["c1"] and results["state"] == "done" and len(results["cases"]) == 4
+    assert results["cases"][0].get("resumed") and "Interrupted" not in (out / "results.md").read_text()
+    calls.clear()
+    assert main([*command, "--overwrite"]) == 0
+    assert calls == ["c0", "c1"] and not any(r.get("resumed") for r in
+                                              json.loads((out / "results.json").read_text())["cases"])
+    assert main([*command, "--resume", "--overwrite"]) == 2
+    other = tmp_path / "other.csv"
+    other.write_text(manifest.read_text())
+    assert main(["eval", str(other), "--methods", "identity", "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["under a file", "proc"])
+def test_eval_unwritable_out_is_refused_before_any_work(tmp_path, capsys, where):
+    manifest = _tiny_manifest(tmp_path, cases=1)
+    (tmp_path / "plain").write_text("a file")
+    out = tmp_path / "plain" / "results" if where == "under a file" else Path("/proc/meddift_results")
+    assert main(["eval", str(manifest), "--methods", "identity", "--out", str(out), "--in-process", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("meddift: error:") and len(error.splitlines()) == 1 and "Traceback" not in error
+    assert (tmp_path / "plain").read_text() == "a file" and not out.exists()

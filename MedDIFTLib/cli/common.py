@@ -1,16 +1,20 @@
-"""Helpers shared by the subcommands: progress bars and output checks."""
+"""Helpers shared by the subcommands: progress bars, output checks, and command-line flags that
+take their defaults and help from the option classes of :mod:`MedDIFTLib.core.options`."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import BadInputError
+from ..core.options import RunSettings, describe, parse_assignments, parse_options
 
 POINT_EXTENSIONS = (".mrk.json", ".json", ".fcsv", ".csv")
+MATCH_COLUMNS = "label,l,p,s,confidence,similarity,forward_backward_mm,reliable,description"
 
 
 class ProgressBar:
@@ -45,43 +49,83 @@ class ProgressBar:
 
 
 def check_point_output(path: str) -> Path:
-    """Reject an output point file with an unknown extension before any work is done."""
-    target = Path(path)
-    if not target.name.lower().endswith(POINT_EXTENSIONS):
-        raise BadInputError(f"{target}: output must end in {', '.join(POINT_EXTENSIONS)}")
-    if target.is_dir():
-        raise BadInputError(f"{target}: is a folder, not a file name")
-    return target
+    """Refuse, before any work, an output point file that cannot be written or has an unknown extension."""
+    from ..core.io import check_output_path
+
+    return check_output_path(path, POINT_EXTENSIONS)
+
+
+def _dest(owner: type, name: str, flag: str) -> str:
+    """Where :func:`add_option` stores a flag: the class, the field and the flag, for :func:`given_options`."""
+    return f"{owner.__name__}:{name}:{flag}"
+
+
+def add_option(
+    parser: argparse.ArgumentParser, owner: type, name: str, flag: str | None = None, *,
+    const: Any = None, help: str | None = None,
+) -> None:
+    """Add ``--flag`` for field ``name`` of option class ``owner``; default and help come from the class.
+
+    The parsed value stays None unless the flag is given, so the class default is the only default.
+    A boolean field becomes a switch that sets ``const`` (default: the opposite of the field's default).
+    """
+    field = {f.name: f for f in dataclasses.fields(owner)}[name]
+    kind = typing.get_type_hints(owner)[name]
+    flag = flag or "--" + name.replace("_", "-")
+    text = help if help is not None else describe(owner, name)
+    if kind is bool:
+        value = (not field.default) if const is None else const
+        parser.add_argument(flag, dest=_dest(owner, name, flag), action="store_const", const=value, default=None,
+                            help=text)
+        return
+    parser.add_argument(flag, dest=_dest(owner, name, flag), type=kind if kind in (int, float, str) else float,
+                        choices=field.metadata.get("choices"), default=None, help=text,
+                        metavar=None if field.metadata.get("choices") else flag.lstrip("-").replace("-", "_").upper())
+
+
+def given_options(args: argparse.Namespace, owner: type) -> dict[str, Any]:
+    """The ``owner`` fields given on the command line (by :func:`add_option`), each checked alone so
+    that an error names the flag as well as the option."""
+    values = {}
+    for dest, value in vars(args).items():
+        owner_name, _, rest = dest.partition(":")
+        if owner_name != owner.__name__ or value is None:
+            continue
+        name, _, flag = rest.partition(":")
+        try:
+            parse_options(owner, {name: value})
+        except BadInputError as error:
+            raise BadInputError(f"{flag}: {error}") from None
+        values[name] = value
+    return values
+
+
+def options_from_args(args: argparse.Namespace, owner: type, **fixed: Any) -> Any:
+    """An ``owner`` instance from the flags given (class defaults for the rest) and ``fixed`` values."""
+    return parse_options(owner, {**given_options(args, owner), **fixed})
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=RunSettings.device, help=describe(RunSettings, "device"))
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose and configure the feature backbone and the device."""
-    parser.add_argument("--backbone", default="mind", help="feature backbone: mind (weight-free) or maisi")
-    parser.add_argument("--weights-dir", help="folder holding the backbone's pretrained weights")
+    parser.add_argument("--backbone", default=RunSettings.backbone,
+                        help=describe(RunSettings, "backbone") + "; a registered backbone, e.g. mind (weight-free "
+                        "MIND-SSC) or maisi (MAISI diffusion features: needs weights, see meddift weights)")
+    parser.add_argument("--weights-dir", help="folder holding the backbone's pretrained weights "
+                        "(ignored by a backbone that needs none)")
     parser.add_argument("--backbone-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a backbone option, VALUE in JSON (e.g. precision=\"bf16\", timestep=20); repeatable")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-
-
-def parse_backbone_options(pairs: list[str]) -> dict[str, Any]:
-    """``["timestep=20", "precision=bf16"]`` -> options; values are JSON, else plain strings."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key.strip():
-            raise BadInputError(f"backbone option {pair!r} is not KEY=VALUE")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    add_device_argument(parser)
 
 
 def featurizer_from_args(args: argparse.Namespace, device: Any):
     """The backbone chosen by :func:`add_backbone_arguments`, built for ``device``."""
     from ..features import create_featurizer
 
-    options = {**parse_backbone_options(args.backbone_option), "device": str(device)}
+    options = {**parse_assignments(args.backbone_option, "backbone option"), "device": str(device)}
     if args.weights_dir:
         options["weights_dir"] = args.weights_dir
     return create_featurizer(args.backbone, **options)

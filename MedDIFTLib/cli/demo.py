@@ -12,6 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .common import add_device_argument
+
 ELASTIX_CASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "chestct_single_real" / \
     "elastix_lung_baseline_small"
 
@@ -24,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "../shared/data when present, else a built-in phantom), match its landmarks and report the error.",
     )
     parser.add_argument("--out", help="also write the matched points here (.mrk.json, .fcsv or .csv)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="motion and noise seed (default 0)")
     parser.set_defaults(run=run)
 
@@ -32,11 +34,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.devices import resolve_device
     from ..core.io import PointSet, read_points, read_volume, write_points
+    from ..core.options import MatchOptions
     from ..core.progress import scaled
     from ..evaluation.metrics import tre_stats
     from ..evaluation.simulate import make_synthetic_pair, phantom_ct
     from ..features import create_featurizer
-    from ..matching import MatchOptions, match_points
+    from ..matching import match_points
     from .common import ProgressBar, check_point_output
 
     output = check_point_output(args.out) if args.out else None

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import ProgressBar, add_backbone_arguments, check_point_output, featurizer_from_args
+from ..core.options import MatchOptions, RunSettings
+from .common import (
+    MATCH_COLUMNS,
+    ProgressBar,
+    add_backbone_arguments,
+    add_option,
+    check_point_output,
+    featurizer_from_args,
+    options_from_args,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -14,29 +23,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="find where points of the fixed volume lie in the moving volume",
         description="Match points of FIXED into MOVING. Points and results are in LPS mm (RAS in .mrk.json "
         "or .fcsv files is converted). The output keeps the input labels; each match carries a confidence "
-        "in [0, 1] and its forward-backward distance in mm; unreliable matches are flagged, never dropped.",
+        "in [0, 1] and its forward-backward distance in mm; unreliable matches are flagged, never dropped. "
+        f"Defaults: backbone {RunSettings.backbone}, mode {MatchOptions.mode} (search within "
+        f"{MatchOptions.search_radius_mm:g} mm of the same world position). A .csv output has the columns "
+        f"{MATCH_COLUMNS} (reliable: 1 or 0); .mrk.json and .fcsv keep the scores in the description and "
+        "leave unreliable points unselected.",
     )
     parser.add_argument("fixed", help="fixed volume: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("moving", help="moving volume: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("--points", required=True, help="fixed points: .mrk.json, .fcsv, .csv or DIR-Lab .txt")
     parser.add_argument("--out", required=True, help="matched points: .mrk.json, .fcsv or .csv")
     add_backbone_arguments(parser)
-    parser.add_argument("--search-radius-mm", type=float, default=25.0, help="local search radius (default 25)")
-    parser.add_argument("--mode", choices=("local", "global"), default="local",
-                        help="local: around the same world position; global: the whole moving volume")
-    parser.add_argument("--full-search", action="store_true",
-                        help="score every voxel of the search sphere (default: a coarse lattice first, then refine)")
-    parser.add_argument("--exact", action="store_true",
-                        help="interpolate features before the cosine (slower; as upsampling all features)")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="matches below this confidence are flagged unreliable (default 0.5)")
+    add_option(parser, MatchOptions, "search_radius_mm")
+    add_option(parser, MatchOptions, "mode")
+    add_option(parser, MatchOptions, "coarse_to_fine", "--full-search",
+               help="score every voxel of the search sphere (default: a coarse lattice first, then refine)")
+    add_option(parser, MatchOptions, "exact")
+    add_option(parser, MatchOptions, "confidence_threshold")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
-
-
-def _describe(confidence: float, forward_backward_mm: float, reliable: bool) -> str:
-    text = f"confidence {confidence:.2f}; forward-backward {forward_backward_mm:.2f} mm"
-    return text if reliable else f"UNRELIABLE; {text}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,17 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.io import PointSet, read_points, read_volume, write_points
+    from ..core.match_text import describe_match
     from ..core.progress import scaled
-    from ..matching import MatchOptions, check_points, match_points
+    from ..matching import check_points, match_points
 
     output = check_point_output(args.out)
-    options = MatchOptions(
-        search_radius_mm=args.search_radius_mm,
-        mode=args.mode,
-        coarse_to_fine=not args.full_search,
-        exact=args.exact,
-        confidence_threshold=args.confidence_threshold,
-    )
+    options = options_from_args(args, MatchOptions)
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     matched = PointSet(
         result.points_lps_mm,
         points.labels,
-        [_describe(c, d, r) for c, d, r in zip(result.confidence, result.forward_backward_mm, result.reliable)],
+        [describe_match(c, d, r) for c, d, r in zip(result.confidence, result.forward_backward_mm, result.reliable)],
         unreliable=~result.reliable,
         attributes={
             "confidence": result.confidence,
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     write_points(matched, output)
     displacement = np.linalg.norm(result.points_lps_mm - points.points_lps_mm, axis=1)
     print(f"Matched {len(points)} points with backbone '{featurizer.name}' on {device} in {seconds:.1f} s.")
-    print(f"  reliable: {int(result.reliable.sum())}/{len(points)} (confidence >= {args.confidence_threshold})")
+    print(f"  reliable: {int(result.reliable.sum())}/{len(points)} (confidence >= {options.confidence_threshold})")
     print(f"  mean confidence {np.mean(result.confidence):.2f}; mean displacement {displacement.mean():.2f} mm")
     if len(points) <= 20:
         print(f"  {'label':<12}{'L':>9}{'P':>9}{'S':>9}{'moved mm':>10}{'conf':>6}")

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from .common import ProgressBar, add_backbone_arguments, check_point_output, featurizer_from_args
+from ..core.options import FieldLevel, FieldOptions
+from .common import (
+    MATCH_COLUMNS,
+    ProgressBar,
+    add_backbone_arguments,
+    add_option,
+    check_point_output,
+    featurizer_from_args,
+    given_options,
+    options_from_args,
+)
+
+LOADING = (
+    "Loading the field: a .h5 file is an ITK transform (SimpleITK: sitk.ReadTransform(path); Slicer: drag and "
+    "drop, it loads as a transform). A .nii.gz, .nii, .nrrd or .mha file is a displacement image (SimpleITK: "
+    "sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(path), sitk.sitkVectorFloat64)); "
+    "sitk.ReadTransform does not read it; Slicer: Add Data and choose 'Transform' as its type)."
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -12,51 +29,79 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "register",
         help="compute a dense displacement field (transform) between two volumes",
         description="Register MOVING to FIXED. The transform is an ITK displacement field on the fixed grid "
-        "(LPS mm) that maps fixed points to moving points and resamples the moving volume onto the fixed one; "
-        "Slicer, ITK and SimpleITK load it as a displacement field transform (.nii.gz, .nrrd, .mha or .h5).",
+        "(LPS mm) that maps fixed points to moving points and resamples the moving volume onto the fixed one. "
+        + LOADING + f" --out-points writes the columns of meddift match ({MATCH_COLUMNS}); the field has no "
+        "per-point confidence, so those scores are nan and a point is reliable when it lies on the field's grid "
+        "and the field does not fold there (Jacobian determinant > 0).",
     )
     parser.add_argument("fixed", help="fixed volume: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("moving", help="moving volume: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("--out-transform", required=True, help="displacement field: .nii.gz, .nrrd, .mha or .h5")
     parser.add_argument("--out-inverse", help="inverse field on the moving grid (moving points to fixed)")
-    parser.add_argument("--out-warped", help="the moving volume resampled onto the fixed grid")
+    parser.add_argument("--out-warped", help="the moving volume resampled onto the fixed grid "
+                        "(.nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd)")
     parser.add_argument("--points", help="fixed points to carry to the moving volume (.mrk.json, .fcsv, .csv, .txt)")
     parser.add_argument("--out-points", help="the points pushed through the field (.mrk.json, .fcsv or .csv)")
     parser.add_argument("--mask", help="fixed-image mask (non-zero inside) replacing the automatic body mask")
     add_backbone_arguments(parser)
-    parser.add_argument("--search-radius-mm", type=float, default=24.0,
-                        help="largest motion searched for, mm (default 24)")
-    parser.add_argument("--grid-spacing-mm", type=float, default=6.0, help="lattice of searched points, mm (default 6)")
-    parser.add_argument("--smoothness-mm", type=float, default=10.0,
-                        help="smoothing length of the fitted field, mm (default 10)")
-    parser.add_argument("--optimise-iterations", type=int, default=10,
-                        help="instance optimisation steps (0: off; default 10)")
-    parser.add_argument("--regularisation", type=float, default=0.1,
-                        help="diffusion penalty of the instance optimisation (default 0.1)")
+    add_option(parser, FieldLevel, "search_radius_mm")
+    add_option(parser, FieldLevel, "spacing_mm", "--grid-spacing-mm")
+    add_option(parser, FieldLevel, "smoothness_mm")
+    add_option(parser, FieldOptions, "optimise_iterations")
+    add_option(parser, FieldOptions, "optimise_regularisation", "--regularisation")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
+
+
+def field_options(args: argparse.Namespace) -> FieldOptions:
+    """The field options of the command line: one level from the level flags given (defaults otherwise)."""
+    level = given_options(args, FieldLevel)
+    levels = {"levels": [level]} if level else {}
+    return options_from_args(args, FieldOptions, **levels)
+
+
+def _carried_points(field, points):
+    """``points`` pushed through ``field`` as a point set with the columns of ``meddift match``."""
+    import numpy as np
+
+    from ..core.io import PointSet
+    from ..core.io.points import UNRELIABLE_TAG
+    from ..field import jacobian_determinant, transform_points
+
+    fixed = points.points_lps_mm
+    geometry = field.geometry
+    ijk = np.clip(np.round(geometry.lps_to_ijk(fixed)), 0, np.asarray(geometry.shape_ijk) - 1).astype(int)
+    local = jacobian_determinant(field)[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+    on_grid = geometry.contains_lps(fixed, margin_voxels=0.5)
+    reliable = on_grid & (local > 0)
+    descriptions = []
+    for inside, determinant, ok in zip(on_grid, local, reliable):
+        text = "carried through the field (no per-point confidence)"
+        text += f"; Jacobian determinant {determinant:.2f}" if inside else "; outside the field's grid: not moved"
+        descriptions.append(text if ok else f"{UNRELIABLE_TAG}; {text}")
+    missing = np.full(len(points), np.nan)
+    return PointSet(transform_points(field, fixed), points.labels, descriptions, unreliable=~reliable,
+                    attributes={"confidence": missing, "similarity": missing, "forward_backward_mm": missing})
 
 
 def run(args: argparse.Namespace) -> int:
     from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.errors import BadInputError
-    from ..core.io import PointSet, read_points, read_volume, write_points
+    from ..core.io import check_output_path, check_volume_output, read_points, read_volume, write_points
     from ..core.progress import scaled
-    from ..field import FieldLevel, FieldOptions, register_and_write, transform_points
-    from ..field.displacement import check_field_path, read_field
+    from ..field import read_field, register_and_write
+    from ..field.displacement import check_field_path
 
     if (args.points is None) != (args.out_points is None):
         raise BadInputError("--points and --out-points go together")
-    check_field_path(args.out_transform)
-    if args.out_inverse:
-        check_field_path(args.out_inverse)
+    for path in filter(None, (args.out_transform, args.out_inverse)):
+        check_field_path(path)
+        check_output_path(path)
+    if args.out_warped:
+        check_volume_output(args.out_warped)
     if args.out_points:
         check_point_output(args.out_points)
-    options = FieldOptions(
-        levels=(FieldLevel(args.grid_spacing_mm, args.search_radius_mm, args.smoothness_mm),),
-        optimise_iterations=args.optimise_iterations,
-        optimise_regularisation=args.regularisation,
-    )
+    options = field_options(args)
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
@@ -71,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
             args.out_warped, options, scaled(progress, 0.4, 1.0), mask=mask,
         )
     if points is not None:
-        moved = transform_points(read_field(args.out_transform), points.points_lps_mm)
-        write_points(PointSet(moved, points.labels, points.descriptions), args.out_points)
+        write_points(_carried_points(read_field(args.out_transform), points), args.out_points)
     jacobian = summary["jacobian"]
     print(f"Registered with backbone '{featurizer.name}' on {device} in {summary['seconds']['total']:.1f} s.")
     print(f"  transform: {summary['transform']} (mean displacement {summary['displacement_mm']['mean']:.2f} mm, "

@@ -34,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--noise-hu", type=float, default=20.0, help="Gaussian noise in HU (default 20)")
     parser.add_argument("--spacing-factor", type=float, default=1.1,
                         help="moving voxel size relative to the CT (default 1.1)")
+    parser.add_argument("--allow-folding", action="store_true",
+                        help="write a pair whose motion folds (Jacobian determinant <= 0; refused by default)")
     parser.add_argument("--manifest", action="store_true",
                         help="CT is a folder of CTs: write one pair per CT and OUT/manifest.csv")
     parser.set_defaults(run=run)
@@ -53,9 +55,18 @@ def _pair_maker(args: argparse.Namespace):
             num_keypoints=args.num_keypoints,
             noise_hu=args.noise_hu,
             moving_spacing_factor=args.spacing_factor,
+            allow_folding=args.allow_folding,
         )
 
     return make_pair
+
+
+def _warn_folding(name: str, jacobian_min: float) -> None:
+    import sys
+
+    if jacobian_min <= 0:
+        print(f"meddift: warning: {name}: the ground truth folds (Jacobian determinant min {jacobian_min:.2f}); "
+              "its points are not a one-to-one correspondence", file=sys.stderr)
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -87,6 +98,7 @@ def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
         raise BadInputError(f"{args.ct}: no synthetic pair could be made: " + "; ".join(problems))
     _publish(staging, out)
     for summary in summaries:
+        _warn_folding(summary["case"], summary["jacobian_min"])
         motion = summary["motion_mm"]
         print(f"{summary['case']}: {summary['points']} points{' (landmarks)' if summary['landmarks'] else ''}, "
               f"motion mean {motion['mean']:.2f} mm (max {motion['max']:.2f}), "
@@ -98,6 +110,23 @@ def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
     return 1 if problems else 0
 
 
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` with the mode the umask gives (not ``mkdtemp``'s private one)."""
+    from ..core.errors import BadInputError
+    from ..core.io import check_output_path
+
+    check_output_path(out / FILES[-1])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:
+        raise BadInputError(f"{out}: cannot write there ({error.strerror})") from None
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)
+    return staging
+
+
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import BadInputError
     from ..core.io import read_points, read_volume
@@ -107,20 +136,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInputError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.manifest:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            return _run_manifest(args, out, staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    volume = read_volume(args.ct)
-    points = read_points(args.points, volume.geometry) if args.points else None
-    pair = _pair_maker(args)(volume, None if points is None else points.points_lps_mm,
-                             None if points is None else points.labels)
-    motion = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = _staging_folder(out)
     try:
+        if args.manifest:
+            return _run_manifest(args, out, staging)
+        volume = read_volume(args.ct)
+        points = read_points(args.points, volume.geometry) if args.points else None
+        pair = _pair_maker(args)(volume, None if points is None else points.points_lps_mm,
+                                 None if points is None else points.labels)
+        motion = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
         summary = {
             "source": str(Path(args.ct).resolve()),
             "points": len(pair.fixed_points),
@@ -132,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _warn_folding(volume.name or str(args.ct), pair.jacobian_min)
     print(f"Synthetic pair from {volume.name}: {len(pair.fixed_points)} points, "
           f"motion mean {motion['mean']:.2f} mm (max {motion['max']:.2f}), Jacobian min {pair.jacobian_min:.2f}")
     print(f"Wrote {', '.join(FILES)} to {out}")

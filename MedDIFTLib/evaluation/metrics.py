@@ -28,6 +28,23 @@ def tre_stats(predicted_lps_mm: np.ndarray, true_lps_mm: np.ndarray) -> dict[str
     return {**error_stats(errors), "count": int(len(errors))}
 
 
+def confidence_correlation(confidence: np.ndarray, errors_mm: np.ndarray) -> dict[str, float | None]:
+    """Spearman and Pearson correlation of per-point confidence with the error (mm).
+
+    A confidence that follows the error correlates negatively (high confidence, small error). Each is
+    None where it is undefined: fewer than three points, or a constant confidence or error."""
+    from scipy import stats
+
+    confidence = np.asarray(confidence, float).ravel()
+    errors = np.asarray(errors_mm, float).ravel()
+    finite = np.isfinite(confidence) & np.isfinite(errors)
+    confidence, errors = confidence[finite], errors[finite]
+    if len(errors) < 3 or np.ptp(confidence) == 0 or np.ptp(errors) == 0:
+        return {"spearman": None, "pearson": None}
+    return {"spearman": float(stats.spearmanr(confidence, errors).statistic),
+            "pearson": float(stats.pearsonr(confidence, errors).statistic)}
+
+
 def naive_full_resolution_similarity(fixed, moving, fixed_ijk, level_weights=None):
     """The reference implementation's matching, for comparison only: every level's features are
     upsampled (trilinear, ``align_corners=False``) to the image grid, L2-normalised, and the

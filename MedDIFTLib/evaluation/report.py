@@ -4,9 +4,12 @@ A run is a list of records, one per (case, method): ``status`` (``ok``, ``failed
 ``error``, ``points``, TRE statistics in mm (``mean``, ``std``, ``p50``, ``p95``, ``max``), the
 initial (no registration) mean, ``folding_fraction`` (share of field voxels with a Jacobian
 determinant <= 0; None without a field), ``seconds`` (wall time of the method) and
-``peak_rss_mb`` (peak resident memory of the process that ran it). The overall row of a method
-pools the TRE over every point of its successful cases. Plots need matplotlib (Agg backend, imported
-only here); without it the tables are still written and the plots are skipped with a note.
+``peak_rss_mb`` (peak resident memory of the process that ran it), and for a method that scores
+its matches ``confidence_spearman`` / ``confidence_pearson`` (correlation of the per-point
+confidence with the TRE: negative when the confidence follows the error). The overall row of a
+method pools the TRE and the correlations over every point of its successful cases. Plots need
+matplotlib (Agg backend, imported only here); without it the tables are still written and the plots
+are skipped with a note.
 """
 
 from __future__ import annotations
@@ -23,25 +26,28 @@ import numpy as np
 
 from ..core.errors import BadInputError
 from ..core.io.atomic import atomic_output
-from .metrics import error_stats
+from .metrics import confidence_correlation, error_stats
 
 STATISTICS = ("mean", "std", "p50", "p95", "max")
 CSV_COLUMNS = ("case", "method", "status", "points", "initial_mean_mm", "mean_mm", "std_mm", "p50_mm", "p95_mm",
-               "max_mm", "folding_fraction", "seconds", "peak_rss_mb", "peak_gpu_mb", "error")
+               "max_mm", "folding_fraction", "confidence_spearman", "confidence_pearson", "seconds", "peak_rss_mb",
+               "peak_gpu_mb", "error")
 POINT_COLUMNS = ("label", "fixed_l", "fixed_p", "fixed_s", "true_l", "true_p", "true_s", "predicted_l",
-                 "predicted_p", "predicted_s", "initial_mm", "error_mm")
+                 "predicted_p", "predicted_s", "initial_mm", "error_mm", "confidence")
 OVERALL = "ALL"
 HU_WINDOW = (-1000.0, 400.0)
 
 
 @dataclass
 class PointTable:
-    """Per point of one case and method: label, fixed, true and predicted moving position (N, 3, LPS mm)."""
+    """Per point of one case and method: label, fixed, true and predicted moving position (N, 3, LPS mm)
+    and, for a method that scores its matches, the confidence (N,) in [0, 1]."""
 
     labels: list[str]
     fixed_lps_mm: np.ndarray
     true_lps_mm: np.ndarray
     predicted_lps_mm: np.ndarray
+    confidence: np.ndarray | None = None
 
     @property
     def initial_mm(self) -> np.ndarray:
@@ -50,7 +56,6 @@ class PointTable:
     @property
     def error_mm(self) -> np.ndarray:
         return np.linalg.norm(self.predicted_lps_mm - self.true_lps_mm, axis=1)
-
 
 
 def write_point_table(table: PointTable, path: str | os.PathLike) -> None:
@@ -62,7 +67,8 @@ def write_point_table(table: PointTable, path: str | os.PathLike) -> None:
             writer.writerow([label, *[f"{v:.4f}" for v in table.fixed_lps_mm[n]],
                              *[f"{v:.4f}" for v in table.true_lps_mm[n]],
                              *[f"{v:.4f}" for v in table.predicted_lps_mm[n]],
-                             f"{table.initial_mm[n]:.4f}", f"{table.error_mm[n]:.4f}"])
+                             f"{table.initial_mm[n]:.4f}", f"{table.error_mm[n]:.4f}",
+                             "" if table.confidence is None else f"{table.confidence[n]:.4f}"])
 
 
 def read_point_table(path: str | os.PathLike) -> PointTable:
@@ -72,14 +78,17 @@ def read_point_table(path: str | os.PathLike) -> PointTable:
         with source.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         values = np.array([[float(row[c]) for c in POINT_COLUMNS[1:10]] for row in rows], float).reshape(-1, 9)
+        scored = bool(rows) and all(row.get("confidence") for row in rows)
+        confidence = np.array([float(row["confidence"]) for row in rows]) if scored else None
     except (OSError, KeyError, ValueError) as error:
         raise BadInputError(f"{source}: not a point table ({error})") from None
-    return PointTable([row["label"] for row in rows], values[:, 0:3], values[:, 3:6], values[:, 6:9])
+    return PointTable([row["label"] for row in rows], values[:, 0:3], values[:, 3:6], values[:, 6:9], confidence)
 
 
 def summarise(records: list[dict], tables: dict[tuple[str, str], PointTable], methods: list[str]) -> list[dict]:
     """One overall record per method: TRE pooled over the points of its successful cases, mean of case
-    means, mean folding fraction, mean seconds per case and the largest peak memory."""
+    means, mean folding fraction, the confidence-error correlation over the pooled points, mean seconds
+    per case and the largest peak memory."""
     overall = []
     for method in methods:
         own = [r for r in records if r["method"] == method]
@@ -94,6 +103,12 @@ def summarise(records: list[dict], tables: dict[tuple[str, str], PointTable], me
             entry.update(error_stats(pooled), points=int(len(pooled)),
                          initial_mean=float(np.concatenate(initial).mean()),
                          mean_of_case_means=float(np.mean([r["mean"] for r in done])))
+        scored = [tables[(r["case"], method)] for r in done if (r["case"], method) in tables]
+        scored = [t for t in scored if t.confidence is not None]
+        if scored:
+            correlation = confidence_correlation(np.concatenate([t.confidence for t in scored]),
+                                                 np.concatenate([t.error_mm for t in scored]))
+            entry.update(confidence_spearman=correlation["spearman"], confidence_pearson=correlation["pearson"])
         folds = [r["folding_fraction"] for r in done if r.get("folding_fraction") is not None]
         entry["folding_fraction"] = float(np.mean(folds)) if folds else None
         entry["seconds"] = float(np.mean([r["seconds"] for r in done])) if done else None
@@ -113,7 +128,8 @@ def _csv_row(record: dict) -> list[str]:
     return [
         record["case"], record["method"], record["status"], str(record.get("points", "")),
         _number(record.get("initial_mean"), 4), *[_number(record.get(k), 4) for k in STATISTICS],
-        _number(record.get("folding_fraction"), 6), _number(record.get("seconds"), 2),
+        _number(record.get("folding_fraction"), 6), _number(record.get("confidence_spearman"), 4),
+        _number(record.get("confidence_pearson"), 4), _number(record.get("seconds"), 2),
         _number(record.get("peak_rss_mb"), 1), _number(record.get("peak_gpu_mb"), 1), record.get("error") or "",
     ]
 
@@ -126,44 +142,64 @@ def _memory_gb(value) -> str:
     return "" if value is None else f"{value / 1024:.2f}"
 
 
+def _cells(row: dict, seconds_digits: int = 1) -> str:
+    """The numeric cells of a Markdown row: points, initial mean, statistics, folding, correlation, time, memory."""
+    return (f"{row['points']} | {row['initial_mean']:.2f} | " + " | ".join(f"{row[k]:.2f}" for k in STATISTICS)
+            + f" | {_percent(row.get('folding_fraction'))} | {_number(row.get('confidence_spearman'))} | "
+            f"{_number(row.get('seconds'), seconds_digits)} | {_memory_gb(row.get('peak_rss_mb'))}")
+
+
+def _note(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+EMPTY_CELLS = " | ".join([""] * 11)
+
+
 def markdown_tables(records: list[dict], overall: list[dict]) -> str:
     """The overall table (one row per method) and the per-case table, in Markdown."""
-    lines = ["| method | cases | points | initial mean | mean | std | p50 | p95 | max | folding % | s / case | "
-             "peak RSS GB | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("points | initial mean | mean | std | p50 | p95 | max | folding % | conf. ρ | {time} | peak RSS GB "
+               "| note |")
+    rule = "|---" * 14 + "|"
+    lines = ["| method | cases | " + columns.format(time="s / case"), rule]
     for row in overall:
+        if "mean" not in row:
+            note = f"{row['status']}: {row['error']}"
+            lines.append(f"| {row['method']} | 0/{row['cases']} | {EMPTY_CELLS} | {_note(note)} |")
+            continue
         failed = row["cases"] - row["cases_ok"]
         note = f"{failed} failed: {row['error']}" if failed and row.get("error") else ""
-        note = note.replace("|", "/").replace("\n", " ")
-        if "mean" not in row:
-            lines.append(f"| {row['method']} | 0/{row['cases']} | | | | | | | | | | | {row['status']}: "
-                         f"{row['error']} |".replace("\n", " "))
-            continue
-        lines.append(
-            f"| {row['method']} | {row['cases_ok']}/{row['cases']} | {row['points']} | {row['initial_mean']:.2f} | "
-            + " | ".join(f"{row[k]:.2f}" for k in STATISTICS)
-            + f" | {_percent(row['folding_fraction'])} | {_number(row['seconds'], 1)} | "
-            f"{_memory_gb(row['peak_rss_mb'])} | {note} |"
-        )
-    lines += ["", "| case | method | points | initial mean | mean | std | p50 | p95 | max | folding % | s | "
-              "peak RSS GB | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {row['method']} | {row['cases_ok']}/{row['cases']} | {_cells(row)} | {_note(note)} |")
+    lines += ["", "| case | method | " + columns.format(time="s"), rule]
     for row in records:
         if row["status"] != "ok":
-            note = f"{row['status']}: {row.get('error', '')}".replace("|", "/").replace("\n", " ")
-            lines.append(f"| {row['case']} | {row['method']} | | | | | | | | | | | {note} |")
+            note = f"{row['status']}: {row.get('error', '')}"
+            lines.append(f"| {row['case']} | {row['method']} | {EMPTY_CELLS} | {_note(note)} |")
             continue
         published = row.get("published_initial_mm")
         note = f"published initial {published:.2f}" if published is not None and row["method"] == "identity" else ""
-        lines.append(
-            f"| {row['case']} | {row['method']} | {row['points']} | {row['initial_mean']:.2f} | "
-            + " | ".join(f"{row[k]:.2f}" for k in STATISTICS)
-            + f" | {_percent(row.get('folding_fraction'))} | {_number(row['seconds'], 1)} | "
-            f"{_memory_gb(row.get('peak_rss_mb'))} | {note} |"
-        )
+        lines.append(f"| {row['case']} | {row['method']} | {_cells(row)} | {note} |")
     return "\n".join(lines) + "\n"
 
 
+def _status_text(payload: dict) -> str:
+    """What the Markdown says about an unfinished run and the notes (skipped methods, plots)."""
+    lines = []
+    if payload.get("state") == "interrupted":
+        lines.append(f"**Interrupted**: the run was stopped after {len(payload['cases'])} of "
+                     f"{payload.get('runs_planned', '?')} (case, method) runs; the tables show those. Rerun the "
+                     "same command with --resume to finish it.")
+    elif payload.get("state") == "running":
+        lines.append(f"**In progress**: {len(payload['cases'])} of {payload.get('runs_planned', '?')} runs done.")
+    lines += [f"Note: {note}" for note in payload.get("notes", [])]
+    return "".join(f"{line}\n\n" for line in lines)
+
+
 def write_tables(out: Path, payload: dict) -> None:
-    """``results.json`` (``payload``), ``results.csv`` (per case, then ``ALL`` rows) and ``results.md``."""
+    """``results.json`` (``payload``), ``results.csv`` (per case, then ``ALL`` rows) and ``results.md``.
+
+    ``payload["state"]`` (``running``, ``interrupted``, ``done``) and ``payload["notes"]`` are stated in
+    the Markdown."""
     records, overall = payload["cases"], payload["overall"]
     with atomic_output(out / "results.json") as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
@@ -177,10 +213,12 @@ def write_tables(out: Path, payload: dict) -> None:
               f"{len({r['case'] for r in records})} cases)\n\nTarget registration error in mm over the points of "
               "each case; the overall rows pool all points of a method's successful cases. Folding: share of "
               "voxels of the method's displacement field with a Jacobian determinant <= 0 (– when the method "
-              "makes no field). Time: wall seconds of the method per case; memory: peak resident memory of the "
-              "process that ran it.\n\n")
+              "makes no field). Conf. ρ: Spearman correlation of the method's per-point confidence with its "
+              "error (negative: the confidence follows the error; Pearson in results.csv; empty when the method "
+              "gives no confidence). Time: wall seconds of the method per case; memory: peak resident memory of "
+              "the process that ran it.\n\n")
     with atomic_output(out / "results.md") as tmp:
-        tmp.write_text(header + markdown_tables(records, overall))
+        tmp.write_text(header + _status_text(payload) + markdown_tables(records, overall))
 
 
 def _figure(width: float, height: float):

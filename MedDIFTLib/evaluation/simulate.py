@@ -14,11 +14,12 @@ from one real CT (the fixed image) and a moving image built from it:
 
 The motion is stored as a pull field ``v`` on the moving grid: ``M(y) = F(y + v(y))``. A fixed
 point ``x`` corresponds to the moving point ``y`` with ``y + v(y) = x``, solved by fixed-point
-iteration to well below 1e-3 mm.
+iteration (the field is contractive).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.points import PointSet
 from ..core.io.volumes import Volume
+from ..field import DisplacementField, jacobian_determinant
 
 LUNG_HU = -400.0
 LUNG_DENSITY_HU = -200.0
@@ -176,19 +178,6 @@ def breathing_pull_field(fixed: Volume, seed: int, step_mm: float = 4.0) -> tupl
     return coarse, field
 
 
-def jacobian_determinant(field_lps_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """det(I + dv/dx) [k, j, i] of a displacement field on ``geometry`` (x in LPS mm)."""
-    spacing_kji = np.asarray(geometry.spacing_mm)[::-1]
-    index_to_world = geometry.direction_matrix
-    jacobian = np.empty((*field_lps_mm.shape[:3], 3, 3), np.float32)
-    for axis in range(3):
-        derivative = np.gradient(field_lps_mm, axis=axis) / spacing_kji[axis]
-        jacobian[..., :, 2 - axis] = derivative
-    jacobian = jacobian @ index_to_world.T.astype(np.float32)
-    jacobian += np.eye(3, dtype=np.float32)
-    return np.linalg.det(jacobian)
-
-
 def make_synthetic_pair(
     volume: Volume,
     seed: int = 0,
@@ -198,15 +187,21 @@ def make_synthetic_pair(
     num_keypoints: int = 200,
     noise_hu: float = 20.0,
     moving_spacing_factor: float = 1.1,
+    allow_folding: bool = False,
 ) -> SyntheticPair:
     """Warp ``volume`` (the fixed image, HU) into a moving image with known motion.
 
     ``points_lps_mm`` (e.g. real landmarks) become the fixed points; without them Förstner
     keypoints inside the lungs are used. Points whose true partner leaves the moving grid are
-    dropped (with their labels).
+    dropped (with their labels). A motion whose map folds (Jacobian determinant <= 0 somewhere)
+    has no one-to-one ground truth: it is refused unless ``allow_folding``.
     """
-    if mean_motion_mm < 0:
+    if not (math.isfinite(mean_motion_mm) and mean_motion_mm >= 0):
         raise BadInputError(f"mean motion must be >= 0 mm, got {mean_motion_mm}")
+    if not (math.isfinite(moving_spacing_factor) and moving_spacing_factor > 0):
+        raise BadInputError(f"the moving spacing factor must be > 0, got {moving_spacing_factor}")
+    if not (math.isfinite(noise_hu) and noise_hu >= 0):
+        raise BadInputError(f"the noise must be >= 0 HU, got {noise_hu}")
     moving_geometry = _moving_geometry(volume.geometry, moving_spacing_factor)
     field_geometry, unit_field = breathing_pull_field(volume, seed)
     if points_lps_mm is None:
@@ -217,14 +212,17 @@ def make_synthetic_pair(
         labels = [f"K-{n + 1}" for n in range(len(points_lps_mm))]
     points = np.asarray(points_lps_mm, float).reshape(-1, 3)
     labels = labels if labels is not None else [str(n + 1) for n in range(len(points))]
-    scale = 1.0
-    for _ in range(4):
+    scale = 1.0 if mean_motion_mm > 0 else 0.0
+    for _ in range(4 if mean_motion_mm > 0 else 0):
         motion = np.linalg.norm(invert_pull_field(unit_field * scale, field_geometry, points) - points, axis=1).mean()
         if motion < 1e-6 * scale:
             raise BadInputError("the points lie where the synthetic motion is zero (outside the lungs?)")
         scale *= mean_motion_mm / motion
     pull_field = unit_field * np.float32(scale)
-    determinant = jacobian_determinant(pull_field, field_geometry)
+    determinant = jacobian_determinant(DisplacementField(pull_field, field_geometry))
+    if determinant.min() <= 0 and not allow_folding:
+        raise BadInputError(f"a mean motion of {mean_motion_mm:g} mm folds the synthetic ground truth (Jacobian "
+                            f"determinant min {determinant.min():.2f} <= 0): choose a smaller mean motion")
 
     sample_lps = _world_axes(moving_geometry).reshape(-1, 3)
     field_kji = field_geometry.lps_to_ijk(sample_lps)[:, ::-1].T

@@ -1,0 +1,182 @@
+"""One (case, method) run of ``meddift eval``, in this process or in a fresh one.
+
+In a fresh Python process (``python -m MedDIFTLib.evaluation.runner JOB``) a crash, an out-of-memory
+kill or a timeout loses that run only, and the peak memory reported is that run's own (peak RSS of
+the process, ``VmHWM`` on Linux: interpreter, libraries, both volumes and the method). In this
+process, memory is sampled with psutil and includes what earlier runs left behind.
+
+A job is a dict: ``case`` (:meth:`Case.to_dict`), ``method`` (spec text), ``device``,
+``weights_dir`` and ``points_out`` (where the per-point table goes). A run returns its record:
+status ``ok`` (with TRE statistics, folding, confidence correlation, time and memory) or ``failed``
+(with the error).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from ..core.environment import child_environment
+from ..core.errors import MedDIFTError
+from ..core.io import atomic_output
+
+SAMPLE_SECONDS = 0.05
+
+
+class PeakMemory:
+    """Peak resident memory (MB) of this process while the block runs, sampled in a thread (psutil)."""
+
+    def __init__(self) -> None:
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self, process) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb or 0.0, process.memory_info().rss / 2**20)
+            if self._stop.wait(SAMPLE_SECONDS):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            import psutil
+        except ImportError:
+            return self
+        self._thread = threading.Thread(target=self._sample, args=(psutil.Process(),), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def process_peak_rss_mb() -> float | None:
+    """Peak RSS (MB) of this process image: ``VmHWM`` on Linux (``getrusage`` would report the parent's
+    peak, which survives fork and exec there), else ``getrusage`` where the platform has it."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 2**10
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _folding(field, mask) -> tuple[float, float]:
+    """Folding fraction and minimum Jacobian determinant of ``field`` (inside ``mask`` when given)."""
+    import SimpleITK as sitk
+
+    from ..field import jacobian_stats
+
+    inside = None
+    if mask is not None:
+        geometry = field.geometry
+        resampled = sitk.Resample(sitk.Cast(mask.to_sitk() != 0, sitk.sitkUInt8), [int(n) for n in geometry.shape_ijk],
+                                  sitk.Transform(), sitk.sitkNearestNeighbor, geometry.origin_lps_mm,
+                                  geometry.spacing_mm, geometry.direction, 0)
+        inside = sitk.GetArrayFromImage(resampled) > 0
+        if not inside.any():
+            inside = None
+    stats = jacobian_stats(field, inside)
+    return stats["fraction_folding"], stats["min"]
+
+
+def evaluate(job: dict, isolated: bool) -> dict:
+    """Run one (case, method) job; return its record (status ``ok`` or ``failed`` with the error)."""
+    from .datasets import Case, load_case
+    from .methods import parse_method, run_method
+    from .metrics import confidence_correlation, error_stats
+    from .report import PointTable, write_point_table
+
+    case = Case.from_dict(job["case"])
+    spec = parse_method(job["method"])
+    record = {"case": case.name, "method": spec.label, "status": "failed", "error": "",
+              "published_initial_mm": case.published_initial_mm}
+    try:
+        data = load_case(case, images=spec.needs_images)
+        cuda = str(job["device"]).startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            output = run_method(spec, data, job["device"], job.get("weights_dir"))
+            seconds = time.perf_counter() - started
+        predicted = output.points_lps_mm
+        if predicted.shape != data.fixed_points.points_lps_mm.shape:
+            raise RuntimeError(f"{spec.label} returned {predicted.shape} points for {len(data.fixed_points)}")
+        table = PointTable(data.fixed_points.labels, data.fixed_points.points_lps_mm,
+                           data.moving_points.points_lps_mm, predicted, output.confidence)
+        write_point_table(table, job["points_out"])
+        folding = jacobian_min = None
+        if output.field is not None:
+            folding, jacobian_min = _folding(output.field, data.fixed_mask)
+        if output.confidence is not None:
+            correlation = confidence_correlation(output.confidence, table.error_mm)
+            record.update(confidence_spearman=correlation["spearman"], confidence_pearson=correlation["pearson"])
+        peak = process_peak_rss_mb() if isolated else memory.peak_mb
+        record.update(error_stats(table.error_mm), status="ok", points=len(table.labels),
+                      initial_mean=float(table.initial_mm.mean()), folding_fraction=folding,
+                      jacobian_min=jacobian_min, seconds=seconds, peak_rss_mb=peak or memory.peak_mb,
+                      peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None, **output.details)
+    except MedDIFTError as error:
+        record.update(error=str(error), kind=error.kind)
+    except MemoryError:
+        record.update(error="out of memory", kind="out_of_memory")
+    except Exception as error:  # any failure of one case is recorded; the others go on
+        traceback.print_exc()
+        record.update(error=f"{type(error).__name__}: {error}", kind="internal")
+    return record
+
+
+def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> dict:
+    """Run ``job`` in a fresh Python process; a crash or timeout becomes a failed record. The run's
+    output goes to ``log_path``; ``folder`` holds the job and result files."""
+    import subprocess
+
+    job_path, result_path = folder / "job.json", folder / "result.json"
+    job = {**job, "result": str(result_path)}
+    job_path.write_text(json.dumps(job))
+    command = [sys.executable, "-m", __name__, str(job_path)]
+    failure = None
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                   env=child_environment())
+        output = completed.stdout + completed.stderr
+        if completed.returncode != 0:
+            killed = completed.returncode < 0 or completed.returncode == 137
+            failure = (f"the run's process ended with code {completed.returncode}"
+                       + (" (killed: out of memory?)" if killed else ""))
+    except subprocess.TimeoutExpired as expired:
+        output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+        failure = f"timed out after {timeout_s:.0f} s"
+    with atomic_output(log_path) as tmp:
+        tmp.write_text(output)
+    base = {"case": job["case"]["name"], "method": job["method"], "status": "failed",
+            "published_initial_mm": (job["case"].get("raw_geometry") or {}).get("published_initial_mm")}
+    if failure is None and result_path.is_file():
+        return json.loads(result_path.read_text())
+    last_line = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "")
+    return {**base, "error": f"{failure or 'no result'}; last output: {last_line[:200]}", "kind": "internal"}
+
+
+def _child_main(job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    record = evaluate(job, isolated=True)
+    Path(job["result"]).write_text(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
