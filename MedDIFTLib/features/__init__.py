@@ -1,7 +1,15 @@
-"""Voxel descriptors: the backbone contract, the registry of backbones, MIND-SSC and MAISI."""
+"""Voxel descriptors: the backbone contract, the registry of backbones, MIND-SSC, MAISI and their fusion."""
 
+from .fused import FusedFeaturizer
 from .protocol import FeatureLevel, FeaturePyramid, Featurizer
-from .registry import BACKBONES, BackboneSpec, available_backbones, backbone_spec, create_featurizer
+from .registry import (
+    BACKBONES,
+    BackboneSpec,
+    FusedBackboneSpec,
+    available_backbones,
+    backbone_spec,
+    create_featurizer,
+)
 
 __all__ = [
     "BACKBONES",
@@ -9,6 +17,8 @@ __all__ = [
     "FeatureLevel",
     "FeaturePyramid",
     "Featurizer",
+    "FusedBackboneSpec",
+    "FusedFeaturizer",
     "available_backbones",
     "backbone_spec",
     "create_featurizer",

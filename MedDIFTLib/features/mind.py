@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.devices import resolve_device
+from ..core.errors import BadInputError
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
 from .protocol import FeatureLevel, FeaturePyramid
@@ -71,14 +73,16 @@ class MindFeaturizer:
         device: str = "cpu",
     ) -> None:
         if weights is not None and len(weights) != len(scales):
-            raise ValueError("one weight per scale")
+            raise BadInputError(f"MIND: {len(weights)} weights for {len(scales)} scales; give one weight per scale")
         self.scales = tuple(int(s) for s in scales)
+        if not self.scales or min(self.scales) < 1:
+            raise BadInputError(f"MIND: scales must be pooling factors >= 1, got {list(scales)}")
         self.weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(self.scales)
         self.dilation = int(dilation)
         self.patch_radius = int(patch_radius)
         self.match_patch_radius = int(match_patch_radius)
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))
 
     @property
     def config(self) -> dict[str, Any]:

@@ -1,0 +1,210 @@
+"""The backbone registry: names, options, weights, and the fused backbone (``mind+maisi``) end to end.
+
+The MAISI part runs with the tiny networks of ``test_maisi_backbone.py`` (same MONAI classes,
+official checkpoint layouts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_maisi_backbone import SMALL, Phantom, tiny_config, write_checkpoints
+
+from MedDIFTLib import cli
+from MedDIFTLib.core.errors import BadInputError, MissingWeightsError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume, read_points, write_volume
+from MedDIFTLib.features import (
+    BACKBONES,
+    FusedFeaturizer,
+    available_backbones,
+    backbone_spec,
+    create_featurizer,
+)
+from MedDIFTLib.matching import MatchOptions, match_points
+
+SHIFT_LPS_MM = np.array([6.0, -4.0, 5.0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run fastest single-threaded, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_maisi(tmp_path_factory) -> tuple[Path, Path]:
+    """(weights folder, configuration JSON) of tiny v1 MAISI networks."""
+    root = tmp_path_factory.mktemp("fused_tiny")
+    config = tiny_config()
+    write_checkpoints(config, root / "weights")
+    config_path = root / "tiny-ddpm-ct.json"
+    config_path.write_text(json.dumps(config))
+    return root / "weights", config_path
+
+
+def shifted(volume: Volume, shift_lps_mm: np.ndarray) -> Volume:
+    """The same voxels with the origin moved: a pure translation whose matches are known exactly."""
+    geometry = volume.geometry
+    moved = Geometry.create(
+        geometry.shape_ijk, geometry.spacing_mm, np.asarray(geometry.origin_lps_mm) + shift_lps_mm,
+        geometry.direction_matrix,
+    )
+    return Volume(volume.voxels, moved)
+
+
+# --- registry ----------------------------------------------------------------------------------------------------
+
+
+def test_every_listed_backbone_names_its_class_options_and_weights():
+    assert {"mind", "maisi", "mind+maisi"} <= set(available_backbones())
+    for name in available_backbones():
+        spec = backbone_spec(name)
+        assert spec.name == name and "device" in spec.option_names() and spec.summary
+        featurizer_class = spec.featurizer_class()
+        if name in ("mind", "maisi"):
+            assert featurizer_class.requires_weights is spec.requires_weights
+    assert not backbone_spec("mind").requires_weights and backbone_spec("maisi").requires_weights
+    assert backbone_spec("mind+maisi").requires_weights
+    assert backbone_spec("mind").weights_status() == (True, "needs no weights")
+    with pytest.raises(BadInputError, match="unknown backbone 'dino'; choose one of: maisi, mind, mind\\+maisi"):
+        backbone_spec("dino")
+
+
+def test_a_weight_free_backbone_takes_and_ignores_a_weights_folder(tmp_path):
+    featurizer = create_featurizer("mind", weights_dir=tmp_path / "absent", scales=(1, 2))
+    assert featurizer.config["scales"] == [1, 2]
+    with pytest.raises(BadInputError, match="does not take option\\(s\\) timestep"):
+        create_featurizer("mind", timestep=20)
+    for options, pattern in (({"weights": [1.0]}, "1 weights for 3 scales"), ({"scales": [0, 2]}, ">= 1"),
+                             ({"device": "tpu"}, "device")):
+        with pytest.raises(BadInputError, match=pattern):
+            create_featurizer("mind", **options)
+    assert create_featurizer("mind", device="auto").device.type in ("cpu", "cuda")
+
+
+def test_fused_options_are_routed_to_their_part_and_bad_ones_are_named():
+    spec = backbone_spec("mind+maisi")
+    names = spec.option_names()
+    assert names[:3] == ["device", "weights_dir", "part_weights"]
+    assert "mind.scales" in names and "maisi.timestep" in names and "maisi.config" in names
+    assert "timestep" not in names and "maisi.device" not in names and "mind.weights_dir" not in names
+    routed, part_weights = spec.route(
+        {"device": "cpu", "weights_dir": "W", "maisi.timestep": 30, "mind.scales": [1], "part_weights": [1, 2]}
+    )
+    assert routed == {
+        "mind": {"device": "cpu", "scales": [1]},
+        "maisi": {"device": "cpu", "weights_dir": "W", "timestep": 30},
+    }
+    assert part_weights == [1, 2]
+    for options, pattern in (
+        ({"timestep": 20}, "does not take option\\(s\\) timestep"),
+        ({"maisi.steps": 20}, "maisi.steps"),
+        ({"part_weights": [1.0]}, "1 numbers for 2 parts"),
+        ({"part_weights": [1.0, -1.0]}, "positive"),
+        ({"part_weights": "1,2"}, "list of 2 numbers"),
+    ):
+        with pytest.raises(BadInputError, match=pattern):
+            create_featurizer("mind+maisi", **options)
+    for name, pattern in (("maisi+maisi", "two or more different"), ("mind+dino", "unknown backbone"),
+                          ("mind+", "unknown backbone"), ("mind+maisi+mind", "two or more different")):
+        with pytest.raises(BadInputError, match=pattern):
+            backbone_spec(name)
+    assert backbone_spec("maisi+mind").name == "maisi+mind" and "maisi+mind" not in BACKBONES
+
+
+# --- the fused backbone end to end ---------------------------------------------------------------------------------
+
+
+def test_fused_backbone_unites_the_levels_with_per_part_shares_and_matches(tiny_maisi):
+    weights_dir, config_path = tiny_maisi
+    options = {"weights_dir": weights_dir, "maisi.config": str(config_path), "mind.scales": [1, 2]}
+    fused = create_featurizer("mind+maisi", part_weights=[1.0, 3.0], **options)
+    assert isinstance(fused, FusedFeaturizer) and fused.name == "mind+maisi" and fused.requires_weights
+    mind, maisi = fused.parts["mind"], fused.parts["maisi"]
+    fixed = Phantom().volume(SMALL)
+    pyramid = fused.extract(fixed)
+    assert pyramid.backbone == "mind+maisi" and pyramid.image_geometry == SMALL
+    mind_alone, maisi_alone = mind.extract(fixed), maisi.extract(fixed)
+    assert [level.name for level in pyramid.levels] == [
+        level.name for level in (*mind_alone.levels, *maisi_alone.levels)
+    ]
+    for level, alone in zip(pyramid.levels, (*mind_alone.levels, *maisi_alone.levels)):
+        assert torch.equal(level.features, alone.features) and level.geometry == alone.geometry
+        assert level.patch_radius == alone.patch_radius
+    weights = np.array([level.weight for level in pyramid.levels])
+    assert weights[:2] == pytest.approx([0.5, 0.5]) and weights[2:] == pytest.approx([0.75] * 4)
+
+    moving = shifted(fixed, SHIFT_LPS_MM)
+    points = fixed.geometry.ijk_to_lps([[15, 14, 13], [10, 12, 14], [18, 16, 10]])
+    # exact scoring: the coarse MAISI levels carry most of the weight here (see MatchOptions.exact)
+    options = MatchOptions(search_radius_mm=12.0, exact=True)
+    result = match_points(pyramid, fused.extract(moving), points, options=options)
+    assert np.allclose(result.points_lps_mm, points + SHIFT_LPS_MM, atol=1.0)
+
+
+def test_fused_config_identifies_the_features_and_weights_are_its_parts(tiny_maisi, tmp_path):
+    weights_dir, config_path = tiny_maisi
+    options = {"weights_dir": weights_dir, "maisi.config": str(config_path), "mind.scales": [1, 2]}
+    config = create_featurizer("mind+maisi", **options).config
+    assert [part["name"] for part in config["parts"]] == ["mind", "maisi"] and config["part_weights"] == [1.0, 1.0]
+    assert config["parts"][1]["config"]["config"] == "tiny-ddpm-ct"
+    json.dumps(config)  # it keys the worker's feature cache
+    for changed in ({"maisi.timestep": 40}, {"mind.scales": [1]}, {"part_weights": [2, 1]}):
+        assert create_featurizer("mind+maisi", **{**options, **changed}).config != config, changed
+    assert create_featurizer("mind+maisi", **options).config == config
+
+    spec = backbone_spec("mind+maisi")
+    present, message = spec.weights_status(weights_dir=tmp_path, **{"maisi.config": str(config_path)})
+    assert not present and message.startswith("maisi: ") and "diff_unet_3d_ddpm-ct.pt" in message
+    assert spec.weights_status(weights_dir=weights_dir, **{"maisi.config": str(config_path)})[0]
+    with pytest.raises(MissingWeightsError, match="meddift weights download"):
+        create_featurizer("mind+maisi", weights_dir=tmp_path, **{"maisi.config": str(config_path)})
+
+
+def test_meddift_match_runs_a_fused_backbone_with_routed_options(tiny_maisi, tmp_path):
+    weights_dir, config_path = tiny_maisi
+    fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    volume = Phantom().volume(SMALL)
+    write_volume(volume, fixed)
+    write_volume(shifted(volume, SHIFT_LPS_MM), moving)
+    points = tmp_path / "points.csv"
+    points.write_text("label,l,p,s\nA,0.0,0.0,0.0\nB,-6.0,4.0,2.0\n")
+    out = tmp_path / "matches.csv"
+    arguments = ["match", str(fixed), str(moving), "--points", str(points), "--out", str(out), "--quiet",
+                 "--device", "cpu", "--search-radius-mm", "12", "--exact", "--backbone", "mind+maisi",
+                 "--weights-dir", str(weights_dir), "--backbone-option", f"maisi.config={config_path}",
+                 "--backbone-option", "part_weights=[1, 2]", "--backbone-option", "mind.scales=[1, 2]"]
+    assert cli.main(arguments) == 0
+    matched = read_points(out)
+    assert matched.labels == ["A", "B"]
+    expected = np.array([[0.0, 0.0, 0.0], [-6.0, 4.0, 2.0]]) + SHIFT_LPS_MM
+    assert np.allclose(matched.points_lps_mm, expected, atol=1.0)
+
+
+# --- the command line with a weight-free backbone --------------------------------------------------------------------
+
+
+def test_meddift_match_with_mind_accepts_a_weights_folder(elastix_ct, elastix_landmarks, tmp_path):
+    """``--weights-dir`` is one command line for every backbone; MIND needs no weights and ignores it."""
+    fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    write_volume(elastix_ct, fixed)
+    write_volume(shifted(elastix_ct, SHIFT_LPS_MM), moving)
+    chosen = elastix_landmarks.points_lps_mm[:3]
+    points = tmp_path / "points.csv"
+    rows = "".join(f"P{n},{','.join(map(str, point))}\n" for n, point in enumerate(chosen))
+    points.write_text("label,l,p,s\n" + rows)
+    out = tmp_path / "matches.csv"
+    arguments = ["match", str(fixed), str(moving), "--points", str(points), "--out", str(out), "--quiet",
+                 "--device", "cpu", "--backbone", "mind", "--weights-dir", str(tmp_path / "no-weights-here")]
+    assert cli.main(arguments) == 0
+    matched = read_points(out)
+    assert matched.labels == ["P0", "P1", "P2"]
+    assert np.allclose(matched.points_lps_mm, chosen + SHIFT_LPS_MM, atol=1.0)
