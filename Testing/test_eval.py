@@ -17,16 +17,11 @@ from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, Volume, write_points, write_volume
 from MedDIFTLib.core.options import FieldOptions, MatchOptions
 from MedDIFTLib.evaluation.baselines import BSplineOptions, bspline, convexadam, unavailable_reason
-from MedDIFTLib.evaluation.datasets import (
-    DIRLAB_4DCT,
-    RawGeometry,
-    detect_layout,
-    load_case,
-    open_dataset,
-    read_raw_volume,
-)
+from MedDIFTLib.evaluation.cases import RawGeometry
+from MedDIFTLib.evaluation.datasets import detect_layout, load_case, open_dataset
 from MedDIFTLib.evaluation.methods import method_names, parse_method, run_method
 from MedDIFTLib.evaluation.metrics import confidence_correlation
+from MedDIFTLib.evaluation.raw import DIRLAB_4DCT, read_raw_volume
 from MedDIFTLib.evaluation.report import (
     PointTable,
     make_plots,

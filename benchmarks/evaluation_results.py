@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from MedDIFTLib.cli import main as meddift
-from MedDIFTLib.evaluation.datasets import DIRLAB_4DCT
+from MedDIFTLib.evaluation.raw import DIRLAB_4DCT
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ["identity", "mind", "bspline", "convexadam"]

@@ -1,7 +1,7 @@
 """``meddift simulate CT OUT``: a realistic synthetic pair with known motion from one real CT.
 
 ``meddift simulate --manifest FOLDER OUT``: one pair per CT of a folder and ``OUT/manifest.csv`` for
-``meddift eval`` (see :func:`MedDIFTLib.evaluation.datasets.build_synthetic_manifest`)."""
+``meddift eval`` (see :func:`MedDIFTLib.evaluation.synthetic.build_synthetic_manifest`)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
     import sys
 
     from ..core.errors import BadInputError
-    from ..evaluation.datasets import build_synthetic_manifest
+    from ..evaluation.synthetic import build_synthetic_manifest
     from .common import ProgressBar
 
     if args.points:
@@ -130,8 +130,8 @@ def _staging_folder(out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import BadInputError
     from ..core.io import read_points, read_volume
-    from ..evaluation.datasets import write_synthetic_pair
     from ..evaluation.metrics import tre_stats
+    from ..evaluation.synthetic import write_synthetic_pair
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -154,7 +154,7 @@ def run_method(
     weights_dir: str | None = None,
     progress: ProgressFn = no_progress,
 ) -> MethodOutput:
-    """Run ``spec`` on a loaded case (:class:`MedDIFTLib.evaluation.datasets.CaseData` with volumes)."""
+    """Run ``spec`` on a loaded case (:class:`MedDIFTLib.evaluation.cases.CaseData` with volumes)."""
     points = data.fixed_points.points_lps_mm
     if spec.name == IDENTITY:
         return MethodOutput(np.array(points, float).reshape(-1, 3))

@@ -93,7 +93,8 @@ def _folding(field, mask) -> tuple[float, float]:
 
 def evaluate(job: dict, isolated: bool) -> dict:
     """Run one (case, method) job; return its record (status ``ok`` or ``failed`` with the error)."""
-    from .datasets import Case, load_case
+    from .cases import Case
+    from .datasets import load_case
     from .methods import parse_method, run_method
     from .metrics import confidence_correlation, error_stats
     from .report import PointTable, write_point_table
