@@ -2,7 +2,7 @@
 
 The Slicer module (GUI and wiring). The work runs in a background worker process
 (``PythonSlicer -m MedDIFTLib.worker``); torch and monai are never imported in Slicer's process.
-Scene conversions live in ``MedDIFTLib.slicer.mrml``, which is tested without Slicer.
+The scene glue and the worker session live in ``MedDIFTLib.slicer``, which is tested without Slicer.
 """
 
 import enum
@@ -12,8 +12,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
-import threading
 from typing import Annotated
 
 import ctk
@@ -22,6 +20,7 @@ import slicer
 import vtk
 from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -32,15 +31,30 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 
-def _putMedDIFTLibOnPath() -> None:
-    """An installed extension has MedDIFTLib beside this file; a source checkout one folder up."""
-    if importlib.util.find_spec("MedDIFTLib") is None:
-        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if os.path.isdir(os.path.join(checkout, "MedDIFTLib")):
-            sys.path.insert(0, checkout)
+def _importMedDIFTLib() -> None:
+    """Make ``MedDIFTLib`` importable. An installed extension has it beside this file, on Slicer's
+    module path; a source checkout has it one folder up, and that package is loaded by its path,
+    so nothing else of the checkout (Testing/, benchmarks/, scripts/) becomes importable."""
+    if "MedDIFTLib" in sys.modules or importlib.util.find_spec("MedDIFTLib") is not None:
+        return
+    packageDir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "MedDIFTLib")
+    initFile = os.path.join(packageDir, "__init__.py")
+    if not os.path.isfile(initFile):
+        return
+    spec = importlib.util.spec_from_file_location("MedDIFTLib", initFile, submodule_search_locations=[packageDir])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["MedDIFTLib"] = package
+    spec.loader.exec_module(package)
 
 
-_putMedDIFTLibOnPath()
+_importMedDIFTLib()
+
+# Torch-free and numpy-free: the panel's defaults come from the library's one source of options.
+from MedDIFTLib.core.options import FieldOptions, MatchOptions, RunSettings  # noqa: E402
+
+MATCH_DEFAULTS = MatchOptions()
+FIELD_DEFAULTS = FieldOptions()
+RUN_DEFAULTS = RunSettings()
 
 WEIGHTS_DIRECTORY_SETTING = "MedDIFT/WeightsDirectory"
 TORCH_REQUIREMENT = ">=2.2"
@@ -67,7 +81,7 @@ class MedDIFT(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MedDIFT")
-        self.parent.categories = [_("Registration")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
         self.parent.contributors = ["MedDIFT contributors"]
         self.parent.helpText = _("""
@@ -147,15 +161,15 @@ class MedDIFTParameterNode:
     outputTransform: vtkMRMLTransformNode
     computeWarped: bool = False
     warpedVolume: vtkMRMLScalarVolumeNode
-    backbone: Backbone = Backbone.WEIGHT_FREE
-    device: Device = Device.AUTO
-    searchRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = 15.0
+    backbone: Backbone = Backbone(RUN_DEFAULTS.backbone)
+    device: Device = Device(RUN_DEFAULTS.device)
+    searchRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = MATCH_DEFAULTS.search_radius_mm
     livePropagation: bool = False
-    searchMode: SearchMode = SearchMode.LOCAL
-    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    coarseToFine: bool = True
-    exactSimilarity: bool = False
-    registrationIterations: Annotated[int, WithinRange(0, 500)] = 60
+    searchMode: SearchMode = SearchMode(MATCH_DEFAULTS.mode)
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = MATCH_DEFAULTS.confidence_threshold
+    coarseToFine: bool = MATCH_DEFAULTS.coarse_to_fine
+    exactSimilarity: bool = MATCH_DEFAULTS.exact
+    registrationIterations: Annotated[int, WithinRange(0, 500)] = FIELD_DEFAULTS.optimise_iterations
     diffusionTimestep: Annotated[int, WithinRange(0, 999)] = 20
     bodyRegion: BodyRegion = BodyRegion.CHEST
 
@@ -561,17 +575,18 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshPairsTable(self) -> None:
         """One row per matched pair (label, confidence, forward-backward mm), coloured by confidence."""
-        from MedDIFTLib.slicer import mrml
+        from MedDIFTLib.slicer.results import pair_rows
+        from MedDIFTLib.slicer.views import confidence_color
 
         parameterNode = self._parameterNode
         table = self.ui.pairsTableWidget
         rows = []
         if parameterNode is not None and parameterNode.fixedLandmarks and parameterNode.movingLandmarks:
-            rows = mrml.pair_rows(parameterNode.fixedLandmarks, parameterNode.movingLandmarks)
+            rows = pair_rows(parameterNode.fixedLandmarks, parameterNode.movingLandmarks)
         self._pairRows = rows
         table.setRowCount(len(rows))
         for rowIndex, row in enumerate(rows):
-            color = qt.QColor.fromRgbF(*mrml.confidence_color(row.confidence))
+            color = qt.QColor.fromRgbF(*confidence_color(row.confidence))
             color.setAlphaF(0.35)
             cells = (
                 row.label,
@@ -590,23 +605,23 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showPairViews(self) -> None:
         """Side-by-side layout: fixed volume on the left (Red), moving volume on the right (Yellow)."""
-        from MedDIFTLib.slicer import mrml
+        from MedDIFTLib.slicer.views import show_volumes_in_pair_views
 
         parameterNode = self._parameterNode
         if parameterNode is None:
             return
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        mrml.show_volumes_in_pair_views(slicer.mrmlScene, parameterNode.fixedVolume, parameterNode.movingVolume)
+        show_volumes_in_pair_views(slicer.mrmlScene, parameterNode.fixedVolume, parameterNode.movingVolume)
 
     def onPairClicked(self, rowIndex: int, column: int) -> None:
-        from MedDIFTLib.slicer import mrml
+        from MedDIFTLib.slicer.views import jump_to_pair
 
         if not 0 <= rowIndex < len(self._pairRows):
             return
         layoutManager = slicer.app.layoutManager()
         if layoutManager.layout != slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView:
             self.showPairViews()
-        mrml.jump_to_pair(slicer.mrmlScene, self._pairRows[rowIndex])
+        jump_to_pair(slicer.mrmlScene, self._pairRows[rowIndex])
 
     def onWarpMovingToggled(self, checked: bool) -> None:
         """Show the moving volume through the transform (resampled onto the fixed one), or as it is."""
@@ -637,18 +652,13 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedDIFTLogic(ScriptedLoadableModuleLogic):
-    """Runs MedDIFT jobs in a background worker process that stays alive between runs (features
-    stay cached). Non-blocking: :meth:`startJob` then :meth:`pollJob` from a timer. Blocking:
-    :meth:`run`, for scripts and tests."""
+    """Runs MedDIFT jobs through a ``MedDIFTLib.slicer.session.Session``: a background worker
+    process that stays alive between runs (features stay cached). Non-blocking: :meth:`startJob`
+    then :meth:`pollJob` from a timer. Blocking: :meth:`run`, for scripts and tests."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._client = None
-        self._folder = None
-        self._runner = None
-        self._starter = None
-        self._startError = None
-        self._pendingJob = None
+        self._session = None
 
     def getParameterNode(self):
         return MedDIFTParameterNode(super().getParameterNode())
@@ -664,11 +674,8 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         return str(qt.QSettings().value(WEIGHTS_DIRECTORY_SETTING, str(default_weights_dir())))
 
     @staticmethod
-    def runSettings(parameterNode):
-        """Worker options from the parameter node."""
-        from MedDIFTLib.slicer import mrml
-
-        backbone = parameterNode.backbone.value
+    def runSettings(parameterNode) -> RunSettings:
+        """Typed worker options from the parameter node (raises BadInputError for out-of-range values)."""
         backboneOptions = {}
         if parameterNode.backbone == Backbone.DIFFUSION:
             backboneOptions = {
@@ -677,26 +684,26 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
                 "top_region": parameterNode.bodyRegion.value,
                 "bottom_region": parameterNode.bodyRegion.value,
             }
-        return mrml.RunSettings(
-            backbone=backbone,
+        return RunSettings(
+            backbone=parameterNode.backbone.value,
             backbone_options=backboneOptions,
             device=parameterNode.device.value,
-            match_options={
-                "search_radius_mm": float(parameterNode.searchRadiusMm),
-                "mode": parameterNode.searchMode.value,
-                "confidence_threshold": float(parameterNode.confidenceThreshold),
-                "coarse_to_fine": bool(parameterNode.coarseToFine),
-                "exact": bool(parameterNode.exactSimilarity),
-            },
-            register_options={"optimise_iterations": int(parameterNode.registrationIterations)},
+            match=MatchOptions(
+                search_radius_mm=float(parameterNode.searchRadiusMm),
+                mode=parameterNode.searchMode.value,
+                confidence_threshold=float(parameterNode.confidenceThreshold),
+                coarse_to_fine=bool(parameterNode.coarseToFine),
+                exact=bool(parameterNode.exactSimilarity),
+            ),
+            field=FieldOptions(optimise_iterations=int(parameterNode.registrationIterations)),
         )
 
     @staticmethod
     def jobInputs(parameterNode):
         """Scene nodes of a run from the parameter node."""
-        from MedDIFTLib.slicer import mrml
+        from MedDIFTLib.slicer.jobs import JobInputs
 
-        return mrml.JobInputs(
+        return JobInputs(
             fixed_volume=parameterNode.fixedVolume,
             moving_volume=parameterNode.movingVolume,
             fixed_landmarks=parameterNode.fixedLandmarks,
@@ -768,9 +775,11 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
 
     def _runWeightsCommand(self, arguments, onLine=None) -> None:
         """Run ``meddift weights ...`` in a separate process (it may open checkpoints with torch)."""
+        from MedDIFTLib.core.environment import child_environment
+
         command = [self.pythonExecutable(), "-m", "MedDIFTLib", "weights", *arguments]
         process = slicer.util.launchConsoleProcess(
-            command, useStartupEnvironment=False, updateEnvironment=self.libraryEnvironment()
+            command, useStartupEnvironment=False, updateEnvironment=child_environment()
         )
         slicer.util.logProcessOutput(process, logCallback=onLine)
 
@@ -790,181 +799,59 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     def pythonExecutable() -> str:
         return shutil.which("PythonSlicer") or sys.executable
 
-    @staticmethod
-    def libraryEnvironment() -> dict:
-        """Slicer's environment with the folder holding MedDIFTLib first on PYTHONPATH (for child processes)."""
-        import MedDIFTLib
+    @property
+    def session(self):
+        """The worker session (started on first use) of Slicer's scene."""
+        if self._session is None:
+            from MedDIFTLib.slicer.session import Session
 
-        packageParent = os.path.dirname(os.path.dirname(os.path.abspath(MedDIFTLib.__file__)))
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in (packageParent, environment.get("PYTHONPATH")) if p)
-        return environment
+            self._session = Session(slicer.mrmlScene, python_executable=self.pythonExecutable())
+        return self._session
 
     @property
     def workerRunning(self) -> bool:
-        return self._client is not None and self._client.running
+        return self._session is not None and self._session.worker_running
 
     @property
     def isRunning(self) -> bool:
-        return self._pendingJob is not None or self._runner is not None
-
-    def _jobFolder(self):
-        from MedDIFTLib.slicer import mrml
-
-        if self._folder is None:
-            self._folder = mrml.JobFolder(tempfile.mkdtemp(prefix="MedDIFT-"))
-        return self._folder
-
-    def _newClient(self):
-        """A fresh worker client; volumes loaded by an earlier worker are forgotten."""
-        from MedDIFTLib.worker.client import WorkerClient
-
-        if self._client is not None:
-            self._client.kill()
-        self._jobFolder().clear()
-        self._client = WorkerClient(python_executable=self.pythonExecutable(), env=self.libraryEnvironment())
-        return self._client
-
-    def _sceneJob(self, inputs, settings):
-        from MedDIFTLib.slicer import mrml
-
-        return mrml.SceneJob(slicer.mrmlScene, inputs, settings, self._jobFolder())
+        return self._session is not None and self._session.busy
 
     def startJob(self, inputs, settings, onDone, onProgress=None, onLog=None, controlPointIndices=None) -> None:
         """Check the inputs, then run the job in the background (starting the worker if needed).
 
-        ``onDone(outputs, error)`` is called from :meth:`pollJob` when the job ends.
-        ``controlPointIndices``: re-match only these fixed control points (live propagation).
-        Raises MedDIFTError at once for bad inputs or when a job is already running.
+        ``onDone(outputs, error)`` is called from :meth:`pollJob` (or :meth:`cancelJob`) when the
+        job ends. ``controlPointIndices``: re-match only these fixed control points (live
+        propagation). Raises MedDIFTError at once for bad inputs or when a job is already running.
         """
-        from MedDIFTLib.core.errors import MedDIFTError
-
-        if self.isRunning:
-            raise MedDIFTError(_("A MedDIFT job is already running."))
-        job = self._sceneJob(inputs, settings)
-        job.validate(controlPointIndices)
-        steps = job.steps() if controlPointIndices is None else job.point_steps(controlPointIndices)
-        self._pendingJob = (steps, onDone, onProgress, onLog)
-        if self.workerRunning:
-            self._beginPendingJob()
-            return
-        client = self._newClient()
-        self._startError = None
-
-        def startWorker():
-            try:
-                client.start(timeout=180)
-            except Exception as error:
-                self._startError = error
-
-        self._starter = threading.Thread(target=startWorker, name="MedDIFT worker start", daemon=True)
-        self._starter.start()
-
-    def _beginPendingJob(self) -> None:
-        from MedDIFTLib.slicer import mrml
-
-        steps, onDone, onProgress, onLog = self._pendingJob
-        self._pendingJob = None
-
-        def finished(outputs, error):
-            self._runner = None
-            onDone(outputs, error)
-
-        self._runner = mrml.JobRunner(self._client, steps, on_done=finished, on_progress=onProgress, on_log=onLog)
-        self._runner.start()
+        self.session.start_job(inputs, settings, onDone, on_progress=onProgress, on_log=onLog,
+                               control_point_indices=controlPointIndices)
 
     def pollJob(self) -> bool:
         """Advance the running job (call from a GUI timer); False once it has ended."""
-        if self._starter is not None:
-            if self._starter.is_alive():
-                return True
-            self._starter = None
-            if self._startError is not None or not self.workerRunning:
-                from MedDIFTLib.core.errors import MedDIFTError
-
-                steps, onDone, _onProgress, _onLog = self._pendingJob
-                self._pendingJob = None
-                steps.close()
-                error = self._startError or MedDIFTError(_("The MedDIFT worker did not start."))
-                onDone(None, error if isinstance(error, MedDIFTError) else MedDIFTError(str(error)))
-                return False
-            self._beginPendingJob()
-        if self._runner is None:
-            return False
-        return self._runner.poll()
+        return self._session is not None and self._session.poll()
 
     def cancelJob(self) -> None:
         """Kill the worker's process tree; the job ends with CancelledError and the scene is unchanged."""
-        if self._runner is not None:
-            self._runner.cancel()
-        elif self._pendingJob is not None and self._client is not None:
-            from MedDIFTLib.core.errors import CancelledError
+        if self._session is not None:
+            self._session.cancel()
 
-            self._client.kill()
-            if self._starter is not None:
-                self._starter.join()
-                self._starter = None
-                self._client.kill()
-            steps, onDone, _onProgress, _onLog = self._pendingJob
-            self._pendingJob = None
-            steps.close()
-            onDone(None, CancelledError(_("cancelled by the user")))
+    def run(self, inputs, settings=None, controlPointIndices=None, progress=None, timeout=None):
+        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.jobs.JobOutputs``.
 
-    def run(
-        self,
-        fixedVolume,
-        movingVolume,
-        fixedLandmarks=None,
-        movingLandmarks=None,
-        outputTransform=None,
-        warpedVolume=None,
-        computeTransform=False,
-        computeWarped=False,
-        settings=None,
-        controlPointIndices=None,
-        progress=None,
-        timeout=None,
-    ):
-        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.mrml.JobOutputs``.
-
-        ``settings``: a ``MedDIFTLib.slicer.mrml.RunSettings`` (default: weight-free backbone, automatic
-        device). ``controlPointIndices``: update only the partners of these fixed control points.
+        ``inputs``: a ``MedDIFTLib.slicer.jobs.JobInputs``; ``settings``: a
+        ``MedDIFTLib.core.options.RunSettings`` (default: the library's defaults).
+        ``controlPointIndices``: update only the partners of these fixed control points.
         ``progress(stage, fraction, message)`` receives progress; ``timeout`` bounds the wait for
         each worker event (s). Raises MedDIFTError on failure, leaving the scene unchanged.
         """
-        from MedDIFTLib.core.errors import MedDIFTError
-        from MedDIFTLib.slicer import mrml
-
-        if self.isRunning:
-            raise MedDIFTError(_("A MedDIFT job is already running."))
-        inputs = mrml.JobInputs(
-            fixed_volume=fixedVolume,
-            moving_volume=movingVolume,
-            fixed_landmarks=fixedLandmarks,
-            moving_landmarks=movingLandmarks,
-            transform=outputTransform,
-            warped_volume=warpedVolume,
-            compute_landmarks=fixedLandmarks is not None,
-            compute_transform=computeTransform,
-            compute_warped=computeWarped,
-        )
-        job = self._sceneJob(inputs, settings or mrml.RunSettings())
-        job.validate(controlPointIndices)
-        if not self.workerRunning:
-            self._newClient().start(timeout=180)
-        steps = job.steps() if controlPointIndices is None else job.point_steps(controlPointIndices)
-        return mrml.run_blocking(self._client, steps, progress=progress, timeout=timeout)
+        return self.session.run(inputs, settings or RunSettings(), control_point_indices=controlPointIndices,
+                                progress=progress, timeout_s=timeout)
 
     def shutdown(self) -> None:
         """Stop the worker and delete the job files."""
-        if self.isRunning:
-            self.cancelJob()
-        if self._client is not None:
-            self._client.stop()
-            self._client = None
-        if self._folder is not None:
-            shutil.rmtree(self._folder.path, ignore_errors=True)
-            self._folder = None
+        if self._session is not None:
+            self._session.shutdown()
+            self._session = None
 
 
 #
@@ -1002,7 +889,7 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
     def test_MatchShiftedVolume(self):
         import numpy as np
 
-        from MedDIFTLib.slicer import mrml
+        from MedDIFTLib.slicer.jobs import JobInputs
 
         self.delayDisplay("Checking Python packages")
         logic = MedDIFTLogic()
@@ -1019,14 +906,14 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
             landmarks.AddControlPointWorld([2.0 * value for value in ijk], label)
 
         self.delayDisplay("Matching with the weight-free backbone")
-        settings = mrml.RunSettings(
+        settings = RunSettings(
             backbone="mind",
             device="cpu",
-            match_options={"search_radius_mm": 12.0},
-            register_options={"optimise_iterations": 0},
+            match=MatchOptions(search_radius_mm=12.0),
+            field=FieldOptions(optimise_iterations=0),
         )
         try:
-            outputs = logic.run(fixed, moving, landmarks, computeTransform=True, settings=settings, timeout=600)
+            outputs = logic.run(JobInputs(fixed, moving, landmarks, compute_transform=True), settings, timeout=600)
             movingLandmarks = outputs.moving_landmarks
             self.assertEqual(
                 [movingLandmarks.GetNthControlPointLabel(i) for i in range(3)], ["a", "b", "c"]
@@ -1041,9 +928,8 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
 
             self.delayDisplay("Live update of one landmark")
             landmarks.SetNthControlPointPositionWorld(1, 30.0, 34.0, 26.0)
-            logic.run(
-                fixed, moving, landmarks, movingLandmarks, settings=settings, controlPointIndices=[1], timeout=600
-            )
+            logic.run(JobInputs(fixed, moving, landmarks, movingLandmarks), settings, controlPointIndices=[1],
+                      timeout=600)
             movingRas = [0.0] * 3
             movingLandmarks.GetNthControlPointPositionWorld(1, movingRas)
             np.testing.assert_allclose(np.subtract(movingRas, [30.0, 34.0, 26.0]), expectedShiftRas, atol=1.0)

@@ -1,4 +1,4 @@
-"""Scene glue (MedDIFTLib.slicer.mrml) against Slicer's real MRML from the ``slicer-core`` wheel.
+"""Scene glue (MedDIFTLib.slicer) against Slicer's real MRML from the ``slicer-core`` wheel.
 
 Each test builds a fresh ``vtkMRMLScene``. RAS = LPS with x and y negated.
 """
@@ -6,6 +6,7 @@ Each test builds a fresh ``vtkMRMLScene``. RAS = LPS with x and y negated.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ slicer_core = pytest.importorskip("slicer_core", reason="slicer-core (Slicer's M
 from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  # noqa: E402
 from MedDIFTLib.core.io import PointSet  # noqa: E402
 from MedDIFTLib.core.io.points import UNRELIABLE_TAG  # noqa: E402
-from MedDIFTLib.slicer import mrml  # noqa: E402
+from MedDIFTLib.core.options import MatchOptions, RunSettings, to_json  # noqa: E402
+from MedDIFTLib.slicer import jobs, nodes, results, session, views  # noqa: E402
+from MedDIFTLib.worker.events import Error, Exit, Log, Progress, Result  # noqa: E402
 
 RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
 ROTATED_DIRECTION = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -98,7 +101,7 @@ def test_translation_field_becomes_from_parent_transform_in_ras(scene, tmp_path,
         sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64)), str(field_path))
     else:
         write_translation_field(field_path, translation_lps)
-    node = mrml.load_transform_file(scene, field_path, name="T")
+    node = nodes.load_transform_file(scene, field_path, name="T")
 
     fixed_point_lps = np.array([-8.0, 6.0, 20.0])  # inside the field's grid
     from_parent = node.GetTransformFromParent()
@@ -114,7 +117,7 @@ def test_transform_fills_the_users_node_in_place(scene, tmp_path):
     write_translation_field(tmp_path / "field.nrrd", (1.0, 2.0, 3.0))
     user_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mine")
     nodes_before = scene.GetNumberOfNodes()
-    returned = mrml.load_transform_file(scene, tmp_path / "field.nrrd", user_node)
+    returned = nodes.load_transform_file(scene, tmp_path / "field.nrrd", user_node)
     assert returned is user_node
     assert scene.GetNumberOfNodes() == nodes_before
     assert user_node.GetName() == "mine"
@@ -126,10 +129,10 @@ def test_missing_field_file_leaves_the_scene_unchanged(scene, tmp_path):
     user_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     nodes_before = scene.GetNumberOfNodes()
     with pytest.raises(MedDIFTError, match="was not written"):
-        mrml.load_transform_file(scene, tmp_path / "absent.nrrd", user_node)
+        nodes.load_transform_file(scene, tmp_path / "absent.nrrd", user_node)
     (tmp_path / "broken.nrrd").write_text("not a field")
     with pytest.raises(MedDIFTError, match="could not read"):
-        mrml.load_transform_file(scene, tmp_path / "broken.nrrd")
+        nodes.load_transform_file(scene, tmp_path / "broken.nrrd")
     assert scene.GetNumberOfNodes() == nodes_before
     assert user_node.IsLinear()
 
@@ -140,7 +143,7 @@ def test_missing_field_file_leaves_the_scene_unchanged(scene, tmp_path):
 def test_volume_node_exports_with_lps_geometry(scene, tmp_path):
     voxels = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     node = add_volume_node(scene, voxels, (1.5, 2.0, 3.0), (10.0, 20.0, 30.0), ROTATED_DIRECTION)
-    geometry = mrml.write_volume_node(node, tmp_path / "out.nrrd")
+    geometry = nodes.write_volume_node(node, tmp_path / "out.nrrd")
     image = sitk.ReadImage(str(tmp_path / "out.nrrd"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), voxels)
     assert image.GetPixelID() == sitk.sitkInt16
@@ -158,32 +161,32 @@ def test_volume_file_round_trip_through_storage_node(scene, tmp_path):
     image.SetDirection(tuple(ROTATED_DIRECTION.ravel()))
     sitk.WriteImage(image, str(tmp_path / "in.nrrd"))
     user_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
-    assert mrml.load_volume_file(scene, tmp_path / "in.nrrd", user_node) is user_node
-    geometry = mrml.volume_geometry(user_node)
+    assert nodes.load_volume_file(scene, tmp_path / "in.nrrd", user_node) is user_node
+    geometry = nodes.volume_geometry(user_node)
     np.testing.assert_allclose(geometry.origin_lps_mm, (-3.0, 7.0, 1.0), atol=1e-6)
     np.testing.assert_allclose(geometry.spacing_mm, (0.8, 0.9, 2.5), atol=1e-6)
-    mrml.write_volume_node(user_node, tmp_path / "out.mha")
+    nodes.write_volume_node(user_node, tmp_path / "out.mha")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.mha"))), voxels)
 
 
 def test_volume_parent_transforms(scene, tmp_path):
     node = add_volume_node(scene, np.zeros((3, 3, 3), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     node.SetAndObserveTransformNodeID(add_translation(scene, (4.0, 5.0, 6.0)).GetID())
-    np.testing.assert_allclose(mrml.volume_geometry(node).origin_lps_mm, (-4.0, -5.0, 6.0))
-    np.testing.assert_allclose(mrml.volume_geometry(node, include_parent_transform=False).origin_lps_mm, (0, 0, 0))
+    np.testing.assert_allclose(nodes.volume_geometry(node).origin_lps_mm, (-4.0, -5.0, 6.0))
+    np.testing.assert_allclose(nodes.volume_geometry(node, include_parent_transform=False).origin_lps_mm, (0, 0, 0))
 
     write_translation_field(tmp_path / "field.nrrd", (1.0, 0.0, 0.0))
-    grid = mrml.load_transform_file(scene, tmp_path / "field.nrrd")
+    grid = nodes.load_transform_file(scene, tmp_path / "field.nrrd")
     node.SetAndObserveTransformNodeID(grid.GetID())
     with pytest.raises(BadInputError, match="non-linear transform"):
-        mrml.volume_geometry(node)
+        nodes.volume_geometry(node)
 
 
 def test_vector_volume_is_rejected(scene):
     node = add_volume_node(scene, np.zeros((3, 3, 3), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     node.GetImageData().AllocateScalars(10, 3)  # VTK_FLOAT, 3 components
     with pytest.raises(BadInputError, match="3 components"):
-        mrml.volume_geometry(node)
+        nodes.volume_geometry(node)
 
 
 # ------------------------------------------------------------------------------------ markups
@@ -194,22 +197,22 @@ def test_markups_round_trip_labels_and_positions(scene):
     fixed = add_fiducials(scene, positions_ras, ["apex", "carina", "L3"])
     fixed.SetAndObserveTransformNodeID(add_translation(scene, (1.0, 0.0, -2.0)).GetID())
 
-    points = mrml.markups_to_points(fixed)
+    points = nodes.markups_to_points(fixed)
     assert points.labels == ["apex", "carina", "L3"]
     expected_lps = (positions_ras + [1.0, 0.0, -2.0]) * RAS_FROM_LPS
     np.testing.assert_allclose(points.points_lps_mm, expected_lps)
 
-    copy = mrml.points_to_markups(scene, points, name="copy")
+    copy = nodes.points_to_markups(scene, points, name="copy")
     assert [copy.GetNthControlPointLabel(i) for i in range(3)] == ["apex", "carina", "L3"]
     np.testing.assert_allclose([control_point_ras(copy, i) for i in range(3)], expected_lps * RAS_FROM_LPS)
-    again = mrml.markups_to_points(copy)
+    again = nodes.markups_to_points(copy)
     np.testing.assert_allclose(again.points_lps_mm, points.points_lps_mm)
     assert again.labels == points.labels
 
 
 def test_points_to_markups_flags_unreliable_points(scene):
     points = PointSet([[1, 2, 3], [4, 5, 6]], ["a", "b"], ["", "note"], unreliable=np.array([False, True]))
-    node = mrml.points_to_markups(scene, points)
+    node = nodes.points_to_markups(scene, points)
     assert node.GetNthControlPointSelected(0) and not node.GetNthControlPointSelected(1)
     assert node.GetNthControlPointDescription(1) == f"{UNRELIABLE_TAG} note"
 
@@ -217,16 +220,16 @@ def test_points_to_markups_flags_unreliable_points(scene):
 def test_markups_skip_unplaced_points_and_reject_duplicate_labels(scene):
     fixed = add_fiducials(scene, [[0, 0, 0], [1, 1, 1], [2, 2, 2]], ["a", "b", "c"])
     fixed.SetNthControlPointPositionMissing(1)
-    points = mrml.markups_to_points(fixed)
+    points = nodes.markups_to_points(fixed)
     assert points.labels == ["a", "c"]
-    assert mrml.markups_to_points(fixed, indices=[2]).labels == ["c"]
+    assert nodes.markups_to_points(fixed, indices=[2]).labels == ["c"]
 
     fixed.SetNthControlPointLabel(2, "a")
     with pytest.raises(BadInputError, match="repeat the labels a"):
-        mrml.markups_to_points(fixed)
+        nodes.markups_to_points(fixed)
     empty = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
     with pytest.raises(BadInputError, match="no placed control points"):
-        mrml.markups_to_points(empty)
+        nodes.markups_to_points(empty)
 
 
 def worker_match_result(labels, points_lps, confidence, reliable, forward_backward=None):
@@ -250,36 +253,36 @@ def test_matches_into_markups_with_missing_and_unreliable(scene):
         [0.91, None, 0.2],
         [True, False, False],
     )
-    matches = mrml.MatchResult.from_worker(result)
+    matches = results.MatchResult.from_worker(result)
     assert [matches.found(row) for row in range(3)] == [True, False, False]
 
     user_node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "moving")
     user_node.AddControlPointWorld([9.0, 9.0, 9.0], "stale")
-    node = mrml.write_matches_to_markups(scene, matches, user_node)
+    node = results.write_matches_to_markups(scene, matches, user_node)
     assert node is user_node
     assert node.GetNumberOfControlPoints() == 3
     assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["a", "b", "c"]
     np.testing.assert_allclose(control_point_ras(node, 0), [-1.0, -2.0, 3.0])
     assert node.GetNthControlPointSelected(0)
-    assert node.GetNthControlPointDescription(0) == "MedDIFT confidence 0.91, forward-backward 0.5 mm"
+    assert node.GetNthControlPointDescription(0) == "confidence 0.91; forward-backward 0.50 mm"
     missing = node.PositionMissing
     assert node.GetNthControlPointPositionStatus(1) == missing
     assert node.GetNthControlPointPositionStatus(2) == missing
     assert node.GetNthControlPointDescription(1) == "MedDIFT: no match"
     assert not node.GetNthControlPointSelected(1)
     display = node.GetDisplayNode()
-    np.testing.assert_allclose(display.GetSelectedColor(), mrml.RELIABLE_COLOR)
-    np.testing.assert_allclose(display.GetColor(), mrml.UNRELIABLE_COLOR)
+    np.testing.assert_allclose(display.GetSelectedColor(), nodes.RELIABLE_COLOR)
+    np.testing.assert_allclose(display.GetColor(), nodes.UNRELIABLE_COLOR)
 
 
 def test_live_update_changes_only_the_matched_label(scene):
-    first = mrml.MatchResult.from_worker(
+    first = results.MatchResult.from_worker(
         worker_match_result(["a", "b"], [[1, 2, 3], [4, 5, 6]], [0.9, 0.9], [True, True])
     )
-    node = mrml.write_matches_to_markups(scene, first)
-    update = mrml.MatchResult.from_worker(worker_match_result(["b", "new"], [[0, 0, 1], [2, 2, 2]], [0.1, 0.8],
+    node = results.write_matches_to_markups(scene, first)
+    update = results.MatchResult.from_worker(worker_match_result(["b", "new"], [[0, 0, 1], [2, 2, 2]], [0.1, 0.8],
                                                               [False, True]))
-    mrml.write_matches_to_markups(scene, update, node, replace_all=False)
+    results.write_matches_to_markups(scene, update, node, replace_all=False)
     assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["a", "b", "new"]
     np.testing.assert_allclose(control_point_ras(node, 0), [-1.0, -2.0, 3.0])
     np.testing.assert_allclose(control_point_ras(node, 1), [0.0, 0.0, 1.0])
@@ -287,20 +290,35 @@ def test_live_update_changes_only_the_matched_label(scene):
     assert node.GetNthControlPointDescription(1).startswith(UNRELIABLE_TAG)
 
 
+def test_a_match_without_a_reliable_flag_is_unreliable(scene):
+    result = worker_match_result(["a", "b"], [[1, 2, 3], [4, 5, 6]], [0.9, 0.9], [True, True])
+    del result["reliable"]
+    matches = results.MatchResult.from_worker(result)
+    assert not matches.reliable.any()
+    assert not results.MatchResult.from_worker({**result, "reliable": [None, True]}).reliable[0]
+    node = results.write_matches_to_markups(scene, matches)
+    assert not node.GetNthControlPointSelected(0)
+    assert node.GetNthControlPointDescription(0).startswith(UNRELIABLE_TAG)
+    fixed = add_fiducials(scene, [[1, 2, 3], [4, 5, 6]], ["a", "b"])
+    assert [row.reliable for row in results.pair_rows(fixed, node)] == [False, False]
+    node.SetAttribute(results.MATCH_SCORES_ATTRIBUTE, '{"a": {"confidence": 0.9}, "b": {"reliable": true}}')
+    assert [row.reliable for row in results.pair_rows(fixed, node)] == [False, True]
+
+
 def test_malformed_match_result_is_an_error():
     with pytest.raises(MedDIFTError, match="2 points for 3 labels"):
-        mrml.MatchResult.from_worker(worker_match_result(["a", "b", "c"], [[0, 0, 0]] * 2, [1] * 3, [True] * 3))
+        results.MatchResult.from_worker(worker_match_result(["a", "b", "c"], [[0, 0, 0]] * 2, [1] * 3, [True] * 3))
     with pytest.raises(MedDIFTError, match="malformed"):
-        mrml.MatchResult.from_worker({"labels": ["a"]})
+        results.MatchResult.from_worker({"labels": ["a"]})
 
 
 def test_pair_rows_and_jump_to_pair(scene):
     fixed = add_fiducials(scene, [[1, 2, 3], [4, 5, 6]], ["a", "b"])
-    matches = mrml.MatchResult.from_worker(
+    matches = results.MatchResult.from_worker(
         worker_match_result(["a", "b"], [[-10.0, -20.0, 30.0], None], [0.75, None], [True, False], [1.25, None])
     )
-    moving = mrml.write_matches_to_markups(scene, matches)
-    rows = mrml.pair_rows(fixed, moving)
+    moving = results.write_matches_to_markups(scene, matches)
+    rows = results.pair_rows(fixed, moving)
     assert [row.label for row in rows] == ["a", "b"]
     assert rows[0].confidence == pytest.approx(0.75)
     assert rows[0].forward_backward_mm == pytest.approx(1.25)
@@ -308,32 +326,32 @@ def test_pair_rows_and_jump_to_pair(scene):
     assert rows[0].moving_ras == pytest.approx((10.0, 20.0, 30.0))
     assert rows[1].moving_ras is None and math.isnan(rows[1].confidence)
 
-    views = {}
+    view_nodes = {}
     slicer_core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
     for name in ("Red", "Yellow"):
         slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
         slice_node.SetLayoutName(name)
         composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
         composite.SetLayoutName(name)
-        views[name] = (slice_node, composite)
+        view_nodes[name] = (slice_node, composite)
     fixed_volume = add_volume_node(scene, np.zeros((2, 2, 2), np.float32), (1, 1, 1), (0, 0, 0), name="fixed")
     moving_volume = add_volume_node(scene, np.zeros((2, 2, 2), np.float32), (1, 1, 1), (0, 0, 0), name="moving")
-    views["Red"][0].SetOrientation("Sagittal")
-    views["Yellow"][0].SetOrientation("Axial")
-    mrml.show_volumes_in_pair_views(scene, fixed_volume, moving_volume)
-    assert views["Yellow"][0].GetOrientationString() == "Sagittal"
-    assert views["Red"][1].GetBackgroundVolumeID() == fixed_volume.GetID()
-    assert views["Yellow"][1].GetBackgroundVolumeID() == moving_volume.GetID()
-    mrml.jump_to_pair(scene, rows[0])
+    view_nodes["Red"][0].SetOrientation("Sagittal")
+    view_nodes["Yellow"][0].SetOrientation("Axial")
+    views.show_volumes_in_pair_views(scene, fixed_volume, moving_volume)
+    assert view_nodes["Yellow"][0].GetOrientation() == "Sagittal"
+    assert view_nodes["Red"][1].GetBackgroundVolumeID() == fixed_volume.GetID()
+    assert view_nodes["Yellow"][1].GetBackgroundVolumeID() == moving_volume.GetID()
+    views.jump_to_pair(scene, rows[0])
     for name, expected in (("Red", (1, 2, 3)), ("Yellow", (10, 20, 30))):
-        slice_to_ras = views[name][0].GetSliceToRAS()
+        slice_to_ras = view_nodes[name][0].GetSliceToRAS()
         np.testing.assert_allclose([slice_to_ras.GetElement(axis, 3) for axis in range(3)], expected)
 
 
 def test_confidence_colors_go_from_red_to_green():
-    assert mrml.confidence_color(0.0) == pytest.approx(mrml.UNRELIABLE_COLOR)
-    assert mrml.confidence_color(1.0) == pytest.approx(mrml.RELIABLE_COLOR)
-    assert mrml.confidence_color(math.nan) == (0.6, 0.6, 0.6)
+    assert views.confidence_color(0.0) == pytest.approx(nodes.UNRELIABLE_COLOR)
+    assert views.confidence_color(1.0) == pytest.approx(nodes.RELIABLE_COLOR)
+    assert views.confidence_color(math.nan) == (0.6, 0.6, 0.6)
 
 
 # ------------------------------------------------------------------------------------ jobs
@@ -376,10 +394,10 @@ class FakeClient:
     def send(self, request_type, **params):
         request_id = f"r{len(self.requests) + 1}"
         try:
-            event = {"id": request_id, "event": "result", "result": self.answer(request_type, params)}
+            event = Result(request_id, self.answer(request_type, params))
         except MedDIFTError as error:
-            event = {"id": request_id, "event": "error", "kind": error.kind, "message": str(error)}
-        self._pending += [{"id": request_id, "event": "progress", "stage": request_type, "fraction": 0.5}, event]
+            event = Error(request_id, error.kind, str(error))
+        self._pending += [Progress(request_id, request_type, 0.5), event]
         return request_id
 
     def poll(self):
@@ -389,6 +407,15 @@ class FakeClient:
     def kill(self):
         self.killed = True
         self.running = False
+
+    def start(self, timeout=None):
+        self.running = True
+
+    def stop(self, timeout=None):
+        self.running = False
+
+    def stderr_tail(self, max_lines=50):
+        return "last words"
 
 
 def job_scene(scene):
@@ -400,12 +427,12 @@ def job_scene(scene):
 
 def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
-    inputs = mrml.JobInputs(fixed, moving, landmarks, compute_transform=True, compute_warped=True)
-    settings = mrml.RunSettings(backbone="mind", device="cpu", match_options={"search_radius_mm": 12.0})
+    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_transform=True, compute_warped=True)
+    settings = RunSettings(backbone="mind", device="cpu", match=MatchOptions(search_radius_mm=12.0))
     client = FakeClient()
-    folder = mrml.JobFolder(tmp_path)
+    folder = jobs.JobFolder(tmp_path)
     stages = []
-    outputs = mrml.run_blocking(client, mrml.SceneJob(scene, inputs, settings, folder).steps(),
+    outputs = session.run_blocking(client, jobs.SceneJob(scene, inputs, settings, folder).steps(),
                                 progress=lambda stage, fraction, message: stages.append(stage))
 
     types = [request_type for request_type, _ in client.requests]
@@ -414,16 +441,18 @@ def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
     match_params = client.requests[2][1]
     np.testing.assert_allclose(match_params["points_lps_mm"], [[-1.0, -2.0, 3.0], [1.0, -0.5, 2.0]])
     assert match_params["labels"] == ["p1", "p2"]
-    assert match_params["options"] == {"search_radius_mm": 12.0}
+    assert match_params["options"] == to_json(settings.match)
+    assert match_params["options"]["search_radius_mm"] == 12.0
+    assert client.requests[3][1]["options"] == to_json(settings.field)
     assert match_params["backbone"] == "mind" and match_params["device"] == "cpu"
 
-    moving_points = mrml.markups_to_points(outputs.moving_landmarks)
+    moving_points = nodes.markups_to_points(outputs.moving_landmarks)
     assert moving_points.labels == ["p1", "p2"]
     np.testing.assert_allclose(moving_points.points_lps_mm,
                                np.asarray(match_params["points_lps_mm"]) + client.translation_lps)
-    assert outputs.moving_landmarks.GetNodeReference(mrml.REFERENCE_FIXED_VOLUME) is fixed
-    assert outputs.moving_landmarks.GetNodeReference(mrml.REFERENCE_FIXED_LANDMARKS) is landmarks
-    assert outputs.transform.GetNodeReference(mrml.REFERENCE_MOVING_VOLUME) is moving
+    assert outputs.moving_landmarks.GetNodeReference(nodes.REFERENCE_FIXED_VOLUME) is fixed
+    assert outputs.moving_landmarks.GetNodeReference(nodes.REFERENCE_FIXED_LANDMARKS) is landmarks
+    assert outputs.transform.GetNodeReference(nodes.REFERENCE_MOVING_VOLUME) is moving
     # The field carries each fixed landmark onto its predicted moving point.
     for row in range(2):
         fixed_ras = control_point_ras(landmarks, row)
@@ -437,7 +466,7 @@ def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
         outputs.moving_landmarks, outputs.transform, outputs.warped_volume)
     nodes_before = scene.GetNumberOfNodes()
     client.requests.clear()
-    again = mrml.run_blocking(client, mrml.SceneJob(scene, inputs, settings, folder).steps())
+    again = session.run_blocking(client, jobs.SceneJob(scene, inputs, settings, folder).steps())
     assert [request_type for request_type, _ in client.requests] == ["match", "register"]
     assert again.moving_landmarks is outputs.moving_landmarks and again.transform is outputs.transform
     assert scene.GetNumberOfNodes() == nodes_before
@@ -446,27 +475,27 @@ def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
 def test_moving_volume_under_the_output_transform_is_registered_on_its_own_grid(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
     write_translation_field(tmp_path / "old.nrrd", (9.0, 9.0, 9.0))
-    transform = mrml.load_transform_file(scene, tmp_path / "old.nrrd")
+    transform = nodes.load_transform_file(scene, tmp_path / "old.nrrd")
     moving.SetAndObserveTransformNodeID(transform.GetID())
-    inputs = mrml.JobInputs(fixed, moving, landmarks, transform=transform, compute_transform=True)
-    mrml.run_blocking(FakeClient(), mrml.SceneJob(scene, inputs, mrml.RunSettings(), mrml.JobFolder(tmp_path)).steps())
+    inputs = jobs.JobInputs(fixed, moving, landmarks, transform=transform, compute_transform=True)
+    session.run_blocking(FakeClient(), jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
     moved = transform.GetTransformFromParent().TransformPoint(-1.0, -2.0, 3.0)
     np.testing.assert_allclose(moved, (-3.0, 1.0, 8.0), atol=1e-4)
 
     fixed.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(BadInputError, match="fixed volume is under the output transform"):
-        next(mrml.SceneJob(scene, inputs, mrml.RunSettings(), mrml.JobFolder(tmp_path)).steps())
+        next(jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
 
 
 def test_failed_register_changes_nothing_in_the_scene(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
     user_output = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "out")
     user_output.AddControlPointWorld([5.0, 5.0, 5.0], "keep")
-    inputs = mrml.JobInputs(fixed, moving, landmarks, moving_landmarks=user_output, compute_transform=True)
+    inputs = jobs.JobInputs(fixed, moving, landmarks, moving_landmarks=user_output, compute_transform=True)
     nodes_before = scene.GetNumberOfNodes()
-    job = mrml.SceneJob(scene, inputs, mrml.RunSettings(), mrml.JobFolder(tmp_path))
+    job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
     with pytest.raises(BadInputError, match="register failed on purpose"):
-        mrml.run_blocking(FakeClient(fail_on="register"), job.steps())
+        session.run_blocking(FakeClient(fail_on="register"), job.steps())
     assert scene.GetNumberOfNodes() == nodes_before
     assert user_output.GetNumberOfControlPoints() == 1
     assert user_output.GetNthControlPointLabel(0) == "keep"
@@ -484,22 +513,22 @@ def test_failed_register_changes_nothing_in_the_scene(scene, tmp_path):
 )
 def test_scene_job_rejects_bad_inputs_before_any_request(scene, tmp_path, change, message):
     fixed, moving, landmarks = job_scene(scene)
-    inputs = mrml.JobInputs(fixed, moving, landmarks)
+    inputs = jobs.JobInputs(fixed, moving, landmarks)
     for name, value in change.items():
         setattr(inputs, name, landmarks if value == "fixed_landmarks" else value)
     client = FakeClient()
     with pytest.raises(BadInputError, match=message):
-        mrml.run_blocking(client, mrml.SceneJob(scene, inputs, mrml.RunSettings(), mrml.JobFolder(tmp_path)).steps())
+        session.run_blocking(client, jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
     assert client.requests == []
 
 
 def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
-    folder = mrml.JobFolder(tmp_path)
-    inputs = mrml.JobInputs(fixed, moving, landmarks)
+    folder = jobs.JobFolder(tmp_path)
+    inputs = jobs.JobInputs(fixed, moving, landmarks)
     client = FakeClient()
     done, progress = [], []
-    runner = mrml.JobRunner(client, mrml.SceneJob(scene, inputs, mrml.RunSettings(), folder).steps(),
+    runner = session.JobRunner(client, jobs.SceneJob(scene, inputs, RunSettings(), folder).steps(),
                             on_done=lambda outputs, error: done.append((outputs, error)),
                             on_progress=lambda stage, fraction, message: progress.append(stage))
     runner.start()
@@ -511,16 +540,16 @@ def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
     assert error is None and len(done) == 1
     assert progress == ["load", "load", "match"]
 
-    fresh = mrml.run_blocking(client, mrml.SceneJob(scene, mrml.JobInputs(fixed, moving, landmarks),
-                                                    mrml.RunSettings(), folder).point_steps([0]))
+    fresh = session.run_blocking(client, jobs.SceneJob(scene, jobs.JobInputs(fixed, moving, landmarks),
+                                                    RunSettings(), folder).steps([0]))
     assert fresh.moving_landmarks is not outputs.moving_landmarks
-    assert mrml.markups_to_points(fresh.moving_landmarks).labels == ["p1"]
-    assert fresh.moving_landmarks.GetNodeReference(mrml.REFERENCE_FIXED_LANDMARKS) is landmarks
+    assert nodes.markups_to_points(fresh.moving_landmarks).labels == ["p1"]
+    assert fresh.moving_landmarks.GetNodeReference(nodes.REFERENCE_FIXED_LANDMARKS) is landmarks
 
     landmarks.SetNthControlPointPositionWorld(1, 0.0, 0.0, 0.0)
     inputs.moving_landmarks = outputs.moving_landmarks
     client.requests.clear()
-    mrml.run_blocking(client, mrml.SceneJob(scene, inputs, mrml.RunSettings(), folder).point_steps([1]))
+    session.run_blocking(client, jobs.SceneJob(scene, inputs, RunSettings(), folder).steps([1]))
     assert [request_type for request_type, _ in client.requests] == ["match"]
     assert client.requests[0][1]["labels"] == ["p2"]
     np.testing.assert_allclose(control_point_ras(outputs.moving_landmarks, 1), [-2.0, 3.0, 5.0])
@@ -529,10 +558,10 @@ def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
 
 def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
-    inputs = mrml.JobInputs(fixed, moving, landmarks)
+    inputs = jobs.JobInputs(fixed, moving, landmarks)
     done = []
-    runner = mrml.JobRunner(FakeClient(fail_on="match"),
-                            mrml.SceneJob(scene, inputs, mrml.RunSettings(), mrml.JobFolder(tmp_path)).steps(),
+    runner = session.JobRunner(FakeClient(fail_on="match"),
+                            jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps(),
                             on_done=lambda outputs, error: done.append((outputs, error)))
     runner.start()
     while runner.poll():
@@ -541,7 +570,7 @@ def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
 
     client = FakeClient()
     done.clear()
-    runner = mrml.JobRunner(client, mrml.SceneJob(scene, inputs, mrml.RunSettings(), mrml.JobFolder(tmp_path)).steps(),
+    runner = session.JobRunner(client, jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps(),
                             on_done=lambda outputs, error: done.append((outputs, error)))
     runner.start()
     runner.cancel()
@@ -562,7 +591,7 @@ def test_field_written_by_the_library_moves_points_in_slicer_as_in_medDIFT(scene
     displacement = np.stack([np.sin(i / 3.0) * 2.0, np.cos(j / 4.0) * 1.5, (k - 4.0) * 0.3], axis=-1)
     field = field_module.DisplacementField(displacement.astype(np.float32), geometry)
     field_module.write_field(field, tmp_path / "field.nrrd")
-    node = mrml.load_transform_file(scene, tmp_path / "field.nrrd")
+    node = nodes.load_transform_file(scene, tmp_path / "field.nrrd")
 
     fixed_lps = geometry.ijk_to_lps(np.array([[2.3, 4.1, 3.7], [6.0, 1.5, 5.2], [4.4, 6.6, 1.1]]))
     expected_ras = field.transform_points(fixed_lps) * RAS_FROM_LPS
@@ -570,3 +599,127 @@ def test_field_written_by_the_library_moves_points_in_slicer_as_in_medDIFT(scene
     slicer_ras = np.array([from_parent.TransformPoint(*point) for point in fixed_lps * RAS_FROM_LPS])
     np.testing.assert_allclose(slicer_ras, expected_ras, atol=1e-3)
 
+
+
+# ------------------------------------------------------------------------------------ session
+
+
+def test_job_runner_reads_typed_events_of_its_own_request_only(scene, tmp_path):
+    fixed, moving, landmarks = job_scene(scene)
+
+    class NoisyClient(FakeClient):
+        def poll(self):
+            events = super().poll()
+            return [Progress("someone-else", "other", 0.9), Log(None, "warning", "low memory"),
+                    Result("someone-else", {}), *events]
+
+    done, progress, logs = [], [], []
+    runner = session.JobRunner(
+        NoisyClient(), jobs.SceneJob(scene, jobs.JobInputs(fixed, moving, landmarks), RunSettings(),
+                                     jobs.JobFolder(tmp_path)).steps(),
+        on_done=lambda outputs, error: done.append((outputs, error)),
+        on_progress=lambda stage, fraction, message: progress.append(stage),
+        on_log=lambda level, message: logs.append(level))
+    runner.start()
+    while runner.poll():
+        pass
+    assert done[0][1] is None and done[0][0].matches.labels == ["p1", "p2"]
+    assert progress == ["load", "load", "match"]
+    assert set(logs) == {"warning"}
+
+    class DyingClient(FakeClient):
+        def poll(self):
+            return [Exit(-9)]
+
+    done.clear()
+    runner = session.JobRunner(
+        DyingClient(), jobs.SceneJob(scene, jobs.JobInputs(fixed, moving, landmarks), RunSettings(),
+                                     jobs.JobFolder(tmp_path)).steps(),
+        on_done=lambda outputs, error: done.append((outputs, error)))
+    runner.start()
+    assert not runner.poll()
+    assert isinstance(done[0][1], MedDIFTError) and "stopped unexpectedly (code -9)" in str(done[0][1])
+    assert "last words" in str(done[0][1])
+
+
+def poll_to_the_end(worker_session):
+    """Poll as a GUI timer would (the worker starts in a thread) until the job ends."""
+    for _ in range(1000):
+        if not worker_session.poll():
+            return
+        time.sleep(0.005)
+    raise AssertionError("the job never ended")
+
+
+def test_session_starts_the_worker_runs_jobs_and_cleans_up(scene):
+    fixed, moving, landmarks = job_scene(scene)
+    clients = []
+
+    def new_client():
+        clients.append(FakeClient())
+        clients[-1].running = False
+        return clients[-1]
+
+    worker_session = session.Session(scene, client_factory=new_client)
+    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_transform=True)
+    done = []
+    worker_session.start_job(inputs, RunSettings(), on_done=lambda outputs, error: done.append((outputs, error)))
+    assert worker_session.busy
+    with pytest.raises(MedDIFTError, match="already running"):
+        worker_session.run(inputs, RunSettings())
+    poll_to_the_end(worker_session)
+    outputs, error = done[0]
+    assert error is None and not worker_session.busy and len(clients) == 1
+    assert [request_type for request_type, _ in clients[0].requests] == ["load", "load", "match", "register"]
+
+    inputs.moving_landmarks = outputs.moving_landmarks
+    landmarks.SetNthControlPointPositionWorld(0, 0.0, 0.0, 0.0)
+    live = worker_session.run(inputs, RunSettings(), control_point_indices=[0])
+    assert live.moving_landmarks is outputs.moving_landmarks and len(clients) == 1
+    assert [request_type for request_type, _ in clients[0].requests][4:] == ["match"]
+
+    folder = worker_session.folder.path
+    assert folder.is_dir()
+    worker_session.shutdown()
+    assert not folder.exists() and not clients[0].running
+
+
+def test_session_reports_bad_inputs_at_once_and_a_failed_start_through_on_done(scene):
+    fixed, moving, landmarks = job_scene(scene)
+
+    class NoStart(FakeClient):
+        def start(self, timeout=None):
+            raise OSError("no such interpreter")
+
+    def new_client():
+        client = NoStart()
+        client.running = False
+        return client
+
+    worker_session = session.Session(scene, client_factory=new_client)
+    done = []
+    with pytest.raises(BadInputError, match="choose a fixed and a moving volume"):
+        worker_session.start_job(jobs.JobInputs(None, moving, landmarks), RunSettings(), on_done=done.append)
+    assert not worker_session.busy
+    worker_session.start_job(jobs.JobInputs(fixed, moving, landmarks), RunSettings(),
+                             on_done=lambda outputs, error: done.append((outputs, error)))
+    poll_to_the_end(worker_session)
+    assert done[0][0] is None and isinstance(done[0][1], MedDIFTError) and "no such interpreter" in str(done[0][1])
+    assert scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode").GetNumberOfItems() == 1
+    worker_session.shutdown()
+
+
+def test_session_cancel_kills_the_worker_and_leaves_the_scene_unchanged(scene):
+    fixed, moving, landmarks = job_scene(scene)
+    client = FakeClient()
+    worker_session = session.Session(scene, client_factory=lambda: client)
+    worker_session.run(jobs.JobInputs(fixed, moving, landmarks), RunSettings())  # starts the worker
+    nodes_before = scene.GetNumberOfNodes()
+    done = []
+    worker_session.start_job(jobs.JobInputs(fixed, moving, landmarks, compute_transform=True), RunSettings(),
+                             on_done=lambda outputs, error: done.append((outputs, error)))
+    worker_session.cancel()
+    assert client.killed and isinstance(done[0][1], CancelledError) and not worker_session.busy
+    assert not worker_session.poll() and len(done) == 1
+    assert scene.GetNumberOfNodes() == nodes_before
+    worker_session.shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import re
 import struct
 import subprocess
@@ -36,6 +37,8 @@ CMAKE_FILES = {
 }
 HEAVY_MODULES = ("torch", "monai", "SimpleITK", "scipy", "numpy", "einops")
 NEVER_IN_SLICER = ("torch", "monai")
+# Imported when Slicer loads the module, for the panel's defaults; imports neither torch nor numpy.
+TOP_LEVEL_LIBRARY_MODULES = ("MedDIFTLib.core.options",)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +81,18 @@ def test_module_file_compiles():
 
 def test_nothing_heavy_is_imported_at_module_level(module_tree):
     top_level = imported_modules(top_level_statements(module_tree))
-    heavy = [name for name in top_level if name.split(".")[0] in HEAVY_MODULES or name.startswith("MedDIFTLib")]
+    library = [name for name in top_level if name.startswith("MedDIFTLib") and name not in TOP_LEVEL_LIBRARY_MODULES]
+    heavy = [name for name in top_level if name.split(".")[0] in HEAVY_MODULES] + library
     assert heavy == [], f"MedDIFT.py imports {heavy} when Slicer loads it; import them where they are used"
     anywhere = imported_modules(ast.walk(module_tree))
     assert [name for name in anywhere if name.split(".")[0] in NEVER_IN_SLICER] == []
+    script = (
+        "import sys\n"
+        f"for name in {TOP_LEVEL_LIBRARY_MODULES!r}: __import__(name)\n"
+        f"print(sorted(name for name in {HEAVY_MODULES!r} if name in sys.modules))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.stdout.strip() == "[]", completed.stdout + completed.stderr
 
 
 def is_module(name: str) -> bool:
@@ -99,7 +110,7 @@ def test_library_modules_used_by_the_module_do_not_import_torch(module_tree):
         elif isinstance(node, ast.ImportFrom) and node.module:
             candidates |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     used = sorted(name for name in candidates if name.startswith("MedDIFTLib") and is_module(name))
-    assert "MedDIFTLib.slicer.mrml" in used and "MedDIFTLib.worker.client" in used
+    assert {"MedDIFTLib.slicer.session", "MedDIFTLib.slicer.jobs", "MedDIFTLib.core.options"} <= set(used)
     script = (
         "import importlib, sys\n"
         f"for name in {used!r}: importlib.import_module(name)\n"
@@ -108,6 +119,20 @@ def test_library_modules_used_by_the_module_do_not_import_torch(module_tree):
     )
     completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_module_category_is_translated_where_slicer_translates_categories(module_tree):
+    init = next(node for node in module_classes(module_tree)["MedDIFT"].body if isinstance(node, ast.FunctionDef))
+    categories = [
+        ast.unparse(node.value) for node in ast.walk(init)
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "self.parent.categories"
+    ]
+    assert categories == ["[translate('qSlicerAbstractCoreModule', 'Registration')]"]
+
+
+def test_no_deprecated_slice_orientation_call():
+    sources = [MODULE_FILE, *sorted((ROOT / "MedDIFTLib" / "slicer").glob("*.py"))]
+    assert [path.name for path in sources if "GetOrientationString" in path.read_text()] == []
 
 
 def test_module_defines_the_slicer_classes(module_tree):
@@ -363,10 +388,8 @@ def test_worker_requirements_cover_the_project_dependencies(module_tree):
 # ------------------------------------------------------------------------------------ logic on slicer-core
 
 
-def qt_stand_ins(monkeypatch, slicer_module, scene) -> None:
-    """Replace the parts of Slicer that need the Qt application; keep MRML and slicer.util real."""
-    for name in ("qt", "ctk"):
-        monkeypatch.setitem(sys.modules, name, mock.MagicMock(name=name))
+def stand_in_modules() -> dict[str, types.ModuleType]:
+    """Stand-ins for the parts of Slicer that need the Qt application; MRML and slicer.util stay real."""
 
     class Base:
         def __init__(self, *args, **kwargs):
@@ -385,23 +408,82 @@ def qt_stand_ins(monkeypatch, slicer_module, scene) -> None:
     wrapper.WithinRange = lambda minimum, maximum: (minimum, maximum)
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
-    for module in (scripted, wrapper, i18n):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setattr(slicer_module, "mrmlScene", scene, raising=False)
+    i18n.translate = lambda context, text: text
+    modules = {name: mock.MagicMock(name=name) for name in ("qt", "ctk")}
+    modules.update({module.__name__: module for module in (scripted, wrapper, i18n)})
+    return modules
 
 
-def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatch):
+def load_module(monkeypatch):
+    """MedDIFT.py loaded against slicer-core's MRML and a fresh scene; returns (module, scene)."""
     pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML without Qt) is not installed")
-    pytest.importorskip("torch")
     import slicer
     import slicer_core
 
     scene = slicer_core.vtkMRMLScene()
-    qt_stand_ins(monkeypatch, slicer, scene)
+    for name, module in stand_in_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     spec = importlib.util.spec_from_file_location("MedDIFT", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module, scene
 
+
+def test_panel_defaults_are_the_library_defaults(monkeypatch, ui_root):
+    from MedDIFTLib.core.options import RunSettings
+
+    module, _scene = load_module(monkeypatch)
+    assert module.MedDIFTLogic.runSettings(module.MedDIFTParameterNode) == RunSettings()
+    own_defaults = {
+        name: [prop.get("name") for prop in widget.findall("property") if prop.get("name") in ("value", "checked")]
+        for name, widget in bound_widgets(ui_root).items()
+    }
+    assert {name: props for name, props in own_defaults.items() if props} == {}, "the parameter node holds defaults"
+
+
+LOAD_WITHOUT_THE_CHECKOUT_ON_THE_PATH = """
+import importlib.util, json, os, sys
+root, testing = sys.argv[1], sys.argv[2]
+# Forget how this environment finds MedDIFTLib (editable install, checkout on the path), as in Slicer.
+sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder).lower()]
+sys.path_hooks[:] = [hook for hook in sys.path_hooks if "editable" not in repr(hook).lower()]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p and os.path.abspath(p or ".") != root]
+sys.path_importer_cache.clear()
+assert importlib.util.find_spec("MedDIFTLib") is None
+sys.path.insert(0, testing)
+import test_slicer_module_static as static
+sys.path.remove(testing)
+import slicer, slicer_core
+sys.modules.update(static.stand_in_modules())
+slicer.mrmlScene = slicer_core.vtkMRMLScene()
+spec = importlib.util.spec_from_file_location("MedDIFT", static.MODULE_FILE)
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import MedDIFTLib.slicer.session
+print(json.dumps({
+    "library": MedDIFTLib.__file__,
+    "root_on_path": root in [os.path.abspath(p or ".") for p in sys.path],
+    "importable": [name for name in ("Testing", "benchmarks", "scripts") if importlib.util.find_spec(name)],
+    "torch": "torch" in sys.modules,
+}))
+"""
+
+
+def test_module_loads_the_library_by_its_path_without_exposing_the_checkout(tmp_path):
+    pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML without Qt) is not installed")
+    completed = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_THE_CHECKOUT_ON_THE_PATH, str(ROOT), str(Path(__file__).parent)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report == {"library": str(ROOT / "MedDIFTLib" / "__init__.py"), "root_on_path": False, "importable": [],
+                      "torch": False}
+
+
+def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatch):
+    pytest.importorskip("torch")
+    module, scene = load_module(monkeypatch)
     assert module.MedDIFTLogic.missingPythonPackages() == []
     self_test = module.MedDIFTTest("test_MatchShiftedVolume")
     result = unittest.TestResult()

@@ -21,11 +21,13 @@ from conftest import CHEST_DIR, require
 from scipy import ndimage
 
 import MedDIFTLib
+from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 from MedDIFTLib.worker.cache import CacheKey, FeatureCache
-from MedDIFTLib.worker.client import PACKAGE_PARENT, WorkerClient
+from MedDIFTLib.worker.client import WorkerClient
+from MedDIFTLib.worker.events import Error, Exit, Progress, Result
 from MedDIFTLib.worker.protocol import json_safe, read_bounded_line
 
 # Two MIND pyramids of the 57x78x64 crop (15.5 MB each) fit, three do not.
@@ -150,7 +152,7 @@ def test_poll_hands_out_events_without_blocking(client):
     request_id = client.send("probe")
     deadline = time.monotonic() + TIMEOUT_S
     received = []
-    while not any(e.get("id") == request_id and e["event"] == "result" for e in received):
+    while not any(isinstance(e, Result) and e.request_id == request_id for e in received):
         assert time.monotonic() < deadline, "no probe result"
         started = time.perf_counter()
         received += client.poll()
@@ -207,11 +209,11 @@ def test_malformed_and_oversized_requests_are_rejected_and_serving_goes_on(clien
     huge = b'{"id": "huge", "type": "load", "path": "' + b"x" * (17 * 2**20) + b'"}'
     client.send_line(huge)
     huge_events = list(client.events("huge", timeout=TIMEOUT_S))
-    assert [(e["event"], e["kind"]) for e in huge_events] == [("error", "bad_request")]
-    assert "longer than" in huge_events[0]["message"]
+    assert [(type(e), e.kind) for e in huge_events] == [(Error, "bad_request")]
+    assert "longer than" in huge_events[0].message
     assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.pid
-    rejected = [e for e in client.poll() if e["id"] is None and e["event"] == "error"]
-    assert [e["kind"] for e in rejected] == ["bad_request"] * 4
+    rejected = [e for e in client.poll() if e.request_id is None and isinstance(e, Error)]
+    assert [e.kind for e in rejected] == ["bad_request"] * 4
 
 
 def _long_match(loaded: dict, pair: dict, count: int = 3000) -> dict:
@@ -227,17 +229,17 @@ def test_cancel_stops_the_running_job_and_can_drop_a_queued_one(client, loaded, 
     job = client.send("match", **_long_match(loaded, pair))
     queued = client.send("probe")
     queued_cancel = client.cancel(queued)
-    assert list(client.events(queued_cancel, timeout=TIMEOUT_S))[-1]["result"] == {"cancelled": queued}
-    assert [(e["event"], e.get("kind")) for e in client.events(queued, timeout=TIMEOUT_S)] == [("error", "cancelled")]
+    assert list(client.events(queued_cancel, timeout=TIMEOUT_S))[-1].payload == {"cancelled": queued}
+    assert [(type(e), e.kind) for e in client.events(queued, timeout=TIMEOUT_S)] == [(Error, "cancelled")]
 
     cancel_request = cancelled_at = None
     for event in client.events(job, timeout=TIMEOUT_S):
-        if event["event"] == "progress" and event["stage"] == "match" and cancel_request is None:
+        if isinstance(event, Progress) and event.stage == "match" and cancel_request is None:
             cancel_request, cancelled_at = client.cancel(), time.monotonic()
     assert cancel_request is not None, "the job never reached the match stage"
-    assert event["event"] == "error" and event["kind"] == "cancelled"
+    assert isinstance(event, Error) and event.kind == "cancelled"
     assert time.monotonic() - cancelled_at < 5.0
-    assert list(client.events(cancel_request, timeout=TIMEOUT_S))[-1]["result"] == {"cancelled": job}
+    assert list(client.events(cancel_request, timeout=TIMEOUT_S))[-1].payload == {"cancelled": job}
     assert client.call("cancel") == {"cancelled": None}
     assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.pid
 
@@ -314,25 +316,25 @@ def test_kill_mid_job_leaves_no_process_and_no_output_then_restart_and_stop(pair
         )
         events = worker.events(job, timeout=TIMEOUT_S)
         for event in events:
-            if event["event"] == "progress" and event["stage"] not in ("features", "load"):
+            if isinstance(event, Progress) and event.stage not in ("features", "load"):
                 break
         pgid = worker.pid
         assert _group_alive(pgid)
         worker.kill()
         assert not worker.running and not _group_alive(pgid)
         final = list(events)[-1]
-        assert final["event"] == "error" and final["kind"] == "cancelled"
+        assert isinstance(final, Error) and final.kind == "cancelled"
         assert not out.exists() or not list(out.iterdir())
-        assert any(e["event"] == "exit" for e in worker.poll())
+        assert any(isinstance(e, Exit) for e in worker.poll())
 
         worker.start(timeout=TIMEOUT_S)  # the same client starts a fresh worker
         volume_id = worker.call("load", path=pair["third"], timeout=TIMEOUT_S)["volume_id"]
         job = worker.send("features", volume_id=volume_id, backbone="mind", device="cpu")
         events = worker.events(job, timeout=TIMEOUT_S)
-        assert next(events)["event"] == "progress"
+        assert isinstance(next(events), Progress)
         assert worker.stop(timeout=TIMEOUT_S) == 0
         final = list(events)[-1]
-        assert final["event"] == "error" and final["kind"] == "cancelled"
+        assert isinstance(final, Error) and final.kind == "cancelled"
     finally:
         worker.kill()
 

@@ -2,15 +2,16 @@
 
 Imports neither torch nor Qt: it runs inside Slicer's process. The worker runs in its own
 process group (session), so :meth:`WorkerClient.kill` ends it and everything it started.
+Every line the worker writes is parsed once into a typed event (:mod:`.events`).
 
 Two ways to consume events:
 - GUI: :meth:`send` a request, then call :meth:`poll` from a timer (never blocks);
-- scripts and tests: :meth:`call` (blocking, returns the result or raises) or :meth:`events`.
+- scripts and tests: :meth:`call` (blocking, returns the result payload or raises) or :meth:`events`.
 Events of a request that :meth:`events`/:meth:`call` is waiting for go to that waiter only;
-all others (including ``ready`` and events with a null id) go to :meth:`poll`.
-If the worker dies, every unanswered request gets a synthetic ``error`` event (kind
+all others (including :class:`~.events.Ready` and events without a request id) go to :meth:`poll`.
+If the worker dies, every unanswered request gets an :class:`~.events.Error` (kind
 ``cancelled`` after :meth:`kill`/:meth:`stop`, ``internal`` otherwise) and :meth:`poll` gets an
-``{"id": None, "event": "exit", "returncode": n}`` event.
+:class:`~.events.Exit`.
 """
 
 from __future__ import annotations
@@ -26,43 +27,24 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-from ..core.errors import (
-    BadInputError,
-    BadRequestError,
-    CancelledError,
-    MedDIFTError,
-    MissingWeightsError,
-    OutOfMemoryError,
+from ..core.environment import child_environment
+from ..core.errors import BadRequestError, CancelledError
+from .events import (
+    FINAL_EVENTS,
+    Error,
+    Event,
+    Exit,
+    Progress,
+    Ready,
+    Result,
+    WorkerError,
+    error_from_event,
+    parse_event,
 )
 
-PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 STDERR_TAIL_LINES = 400
-FINAL_EVENTS = ("result", "error")
-
-
-class WorkerError(MedDIFTError):
-    """The worker failed unexpectedly or is not running; the message holds its last stderr lines."""
-
-    kind = "internal"
-
-
-ERROR_CLASSES: dict[str, type[MedDIFTError]] = {
-    "bad_request": BadRequestError,
-    "bad_input": BadInputError,
-    "missing_weights": MissingWeightsError,
-    "out_of_memory": OutOfMemoryError,
-    "cancelled": CancelledError,
-    "internal": WorkerError,
-}
-
-
-def error_from_event(event: dict[str, Any]) -> MedDIFTError:
-    """The exception matching an ``error`` event's kind (unknown kinds -> :class:`WorkerError`)."""
-    error_class = ERROR_CLASSES.get(str(event.get("kind")), WorkerError)
-    return error_class(str(event.get("message", "worker error")))
 
 
 def _to_json(value: Any) -> Any:
@@ -78,7 +60,8 @@ class WorkerClient:
     """Start, talk to and stop one worker subprocess.
 
     ``python_executable`` defaults to this interpreter; ``env`` defaults to this process's
-    environment. The folder holding ``MedDIFTLib`` is put first on the worker's PYTHONPATH.
+    environment. The folder holding ``MedDIFTLib`` is put first on the worker's PYTHONPATH
+    (:func:`~MedDIFTLib.core.environment.child_environment`).
     ``worker_args`` are extra command-line options of the worker (e.g. ``["--cache-bytes", "1e9"]``).
     """
 
@@ -97,7 +80,7 @@ class WorkerClient:
         self._process: subprocess.Popen | None = None
         self._write_lock = threading.Lock()
         self._route_lock = threading.Lock()
-        self._unclaimed: deque[dict[str, Any]] = deque()
+        self._unclaimed: deque[Event] = deque()
         self._waiters: dict[str, queue.Queue] = {}
         self._outstanding: set[str] = set()
         self._stderr_lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -123,8 +106,7 @@ class WorkerClient:
         """Spawn the worker in its own process group and wait up to ``timeout`` s for ``ready``."""
         if self.running:
             raise WorkerError("the worker is already running")
-        env = dict(self.env)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
+        env = child_environment(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         platform_options: dict[str, Any] = (
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
@@ -149,12 +131,12 @@ class WorkerClient:
             thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ready = self._take_unclaimed(lambda event: event.get("event") in ("ready", "exit"))
-            if ready is not None:
-                if ready["event"] == "ready":
-                    self.version = ready.get("version")
-                    return
-                raise WorkerError(f"the worker exited while starting (code {ready.get('returncode')}){self._tail()}")
+            ready = self._take_unclaimed(lambda event: isinstance(event, (Ready, Exit)))
+            if isinstance(ready, Ready):
+                self.version = ready.version
+                return
+            if isinstance(ready, Exit):
+                raise WorkerError(f"the worker exited while starting (code {ready.returncode}){self._tail()}")
             time.sleep(0.02)
         self.kill()
         raise WorkerError(f"the worker did not start within {timeout:g} s{self._tail()}")
@@ -222,15 +204,15 @@ class WorkerClient:
         """Ask the worker to cancel ``job_id`` (default: the running job); returns the cancel request's id."""
         return self.send("cancel") if job_id is None else self.send("cancel", job_id=job_id)
 
-    def poll(self) -> list[dict[str, Any]]:
+    def poll(self) -> list[Event]:
         """Every event nobody is waiting for, oldest first; never blocks."""
         with self._route_lock:
             events = list(self._unclaimed)
             self._unclaimed.clear()
         return events
 
-    def events(self, request_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield the events of ``request_id`` until its ``result`` or ``error`` (inclusive).
+    def events(self, request_id: str, timeout: float | None = None) -> Iterator[Event]:
+        """Yield the events of ``request_id`` until its :class:`Result` or :class:`Error` (inclusive).
 
         ``timeout`` bounds the wait for each next event; on expiry :class:`TimeoutError` is raised.
         """
@@ -242,7 +224,7 @@ class WorkerClient:
                 except queue.Empty:
                     raise TimeoutError(f"no event for request {request_id} within {timeout:g} s") from None
                 yield event
-                if event.get("event") in FINAL_EVENTS:
+                if isinstance(event, FINAL_EVENTS):
                     return
         finally:
             with self._route_lock:
@@ -255,7 +237,7 @@ class WorkerClient:
         timeout: float | None = None,
         **params: Any,
     ) -> dict[str, Any]:
-        """Send a request and wait for it; returns the result or raises the error's exception.
+        """Send a request and wait for it; returns the result payload or raises the error's exception.
 
         ``progress(stage, fraction, message)`` receives its progress events; ``timeout`` bounds
         the wait between two events (seconds).
@@ -269,12 +251,11 @@ class WorkerClient:
                 self._waiters.pop(request_id, None)
             raise
         for event in self.events(request_id, timeout):
-            kind = event.get("event")
-            if kind == "progress" and progress is not None:
-                progress(str(event.get("stage", "")), float(event.get("fraction", 0.0)), str(event.get("message", "")))
-            elif kind == "result":
-                return event.get("result") or {}
-            elif kind == "error":
+            if isinstance(event, Progress) and progress is not None:
+                progress(event.stage, event.fraction, event.message)
+            elif isinstance(event, Result):
+                return event.payload
+            elif isinstance(event, Error):
                 raise error_from_event(event)
         raise WorkerError(f"request {request_id} ended without a result")
 
@@ -316,14 +297,14 @@ class WorkerClient:
                 waiter = self._waiters[request_id] = queue.Queue()
                 kept = deque()
                 for event in self._unclaimed:
-                    if event.get("id") == request_id:
+                    if event.request_id == request_id:
                         waiter.put(event)
                     else:
                         kept.append(event)
                 self._unclaimed = kept
         return waiter
 
-    def _take_unclaimed(self, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    def _take_unclaimed(self, wanted: Callable[[Event], bool]) -> Event | None:
         with self._route_lock:
             for event in self._unclaimed:
                 if wanted(event):
@@ -331,10 +312,10 @@ class WorkerClient:
                     return event
         return None
 
-    def _route(self, event: dict[str, Any]) -> None:
+    def _route(self, event: Event) -> None:
         with self._route_lock:
-            request_id = event.get("id")
-            if event.get("event") in FINAL_EVENTS:
+            request_id = event.request_id
+            if isinstance(event, FINAL_EVENTS):
                 self._outstanding.discard(request_id)
             waiter = self._waiters.get(request_id) if request_id is not None else None
             if waiter is not None:
@@ -345,20 +326,19 @@ class WorkerClient:
     def _read_stdout(self, process: subprocess.Popen) -> None:
         for raw in process.stdout:
             try:
-                event = json.loads(raw)
-            except ValueError:
-                self._stderr_lines.append(f"[client] non-JSON line on worker stdout: {raw[:200]!r}\n")
+                event = parse_event(json.loads(raw))
+            except ValueError as error:
+                self._stderr_lines.append(f"[client] not a worker event ({error}): {raw[:200]!r}\n")
                 continue
-            if isinstance(event, dict):
-                self._route(event)
+            self._route(event)
         returncode = process.wait()
         with self._route_lock:
             unanswered = sorted(self._outstanding)
-        kind = "cancelled" if self._killed else "internal"
+        kind = CancelledError.kind if self._killed else WorkerError.kind
         for request_id in unanswered:
             message = "the worker was stopped" if self._killed else f"the worker exited (code {returncode})"
-            self._route({"id": request_id, "event": "error", "kind": kind, "message": message + self._tail()})
-        self._route({"id": None, "event": "exit", "returncode": returncode})
+            self._route(Error(request_id, kind, message + self._tail()))
+        self._route(Exit(returncode))
 
     def _read_stderr(self, process: subprocess.Popen) -> None:
         for raw in process.stderr:

@@ -1,0 +1,266 @@
+"""One run as a sequence of worker requests built from scene nodes; results reach the scene only at the end.
+
+A :class:`SceneJob` checks its inputs when its steps are asked for (so bad inputs fail at
+once, before any request), then yields :class:`WorkerRequest` values and receives each
+request's result payload. Only after every request has succeeded are the outputs written into
+the scene, so a failed or cancelled run changes nothing. Points travel in LPS mm; options are
+the typed :class:`~MedDIFTLib.core.options.RunSettings`, sent as JSON.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import BadInputError, MedDIFTError
+from ..core.io import PointSet
+from ..core.options import RunSettings, to_json
+from .nodes import (
+    fill_transform_node,
+    fill_volume_node,
+    markups_to_points,
+    node_label,
+    read_displacement_field,
+    read_volume_file,
+    set_input_references,
+    volume_node_signature,
+    write_volume_node,
+)
+from .results import MatchResult, write_matches_to_markups
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    """One request of the worker protocol: ``type`` and its parameters."""
+
+    type: str
+    params: dict[str, Any]
+
+
+Steps = Generator[WorkerRequest, dict, "JobOutputs"]
+
+
+@dataclass
+class JobInputs:
+    """Scene nodes of one run. Output nodes left None are created; flags say what to compute."""
+
+    fixed_volume: Any
+    moving_volume: Any
+    fixed_landmarks: Any = None
+    moving_landmarks: Any = None
+    transform: Any = None
+    warped_volume: Any = None
+    compute_landmarks: bool = True
+    compute_transform: bool = False
+    compute_warped: bool = False
+
+
+@dataclass
+class JobOutputs:
+    """What a run put into the scene, and the worker's numbers behind it."""
+
+    moving_landmarks: Any = None
+    transform: Any = None
+    warped_volume: Any = None
+    matches: MatchResult | None = None
+    register_summary: dict[str, Any] | None = None
+
+
+class JobFolder:
+    """The files of one worker session: exported volumes and per-run outputs, in ``path``.
+
+    Volume nodes are written once and loaded once per worker process (node signature ->
+    job file and worker volume id); an unchanged node is reused. Call :meth:`clear` when
+    the worker restarts.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._loaded: dict[str, tuple[tuple, Path, str]] = {}
+        self._file_numbers = itertools.count(1)
+
+    def clear(self) -> None:
+        self._loaded.clear()
+
+    def new_path(self, stem: str, suffix: str = ".nrrd") -> Path:
+        """A file name in the folder that no earlier call returned."""
+        return self.path / f"{stem}-{next(self._file_numbers)}{suffix}"
+
+    def volume_id(self, volume_node, include_parent_transform: bool = True) -> Generator[WorkerRequest, dict, str]:
+        """Steps that give the worker volume id of ``volume_node`` (writing and loading it if new)."""
+        signature = volume_node_signature(volume_node, include_parent_transform)
+        node_id = volume_node.GetID()
+        cached = self._loaded.get(node_id)
+        if cached is not None and cached[0] == signature:
+            return cached[2]
+        path = cached[1] if cached is not None else self.new_path("volume")
+        write_volume_node(volume_node, path, include_parent_transform)
+        result = yield WorkerRequest("load", {"path": str(path)})
+        try:
+            volume_id = str(result["volume_id"])
+        except (KeyError, TypeError):
+            raise MedDIFTError("the worker returned a malformed load result") from None
+        self._loaded[node_id] = (signature, path, volume_id)
+        return volume_id
+
+
+def _check_full_run(inputs: JobInputs) -> None:
+    if inputs.fixed_volume is None or inputs.moving_volume is None:
+        raise BadInputError("choose a fixed and a moving volume")
+    for node, node_class, role in (
+        (inputs.moving_landmarks, "vtkMRMLMarkupsFiducialNode", "output landmarks"),
+        (inputs.transform, "vtkMRMLTransformNode", "output transform"),
+        (inputs.warped_volume, "vtkMRMLScalarVolumeNode", "warped volume"),
+    ):
+        if node is not None and not node.IsA(node_class):
+            raise BadInputError(f"the {role} {node_label(node)} is not a {node_class}")
+    if not (inputs.compute_landmarks or inputs.compute_transform):
+        raise BadInputError("nothing to compute: ask for moving landmarks, a transform or both")
+    if inputs.compute_landmarks and inputs.fixed_landmarks is None:
+        raise BadInputError("choose the fixed landmarks to match")
+    if inputs.compute_warped and not inputs.compute_transform:
+        raise BadInputError("a warped volume needs the transform to be computed")
+    _check_output_landmarks(inputs)
+    if inputs.warped_volume is not None and inputs.warped_volume in (inputs.fixed_volume, inputs.moving_volume):
+        raise BadInputError("the warped volume must be another node than the fixed and moving volumes")
+    if inputs.transform is not None and inputs.fixed_volume.GetParentTransformNode() is inputs.transform:
+        raise BadInputError("the fixed volume is under the output transform; remove it from that transform first")
+
+
+def _check_output_landmarks(inputs: JobInputs) -> None:
+    if inputs.moving_landmarks is not None and inputs.moving_landmarks is inputs.fixed_landmarks:
+        raise BadInputError("the output landmarks must be another node than the fixed landmarks")
+
+
+def _moving_follows_output_transform(inputs: JobInputs) -> bool:
+    """True when the moving volume was put under the output transform (to view the result).
+
+    Its own grid is then what is registered: the transform about to be replaced is ignored.
+    """
+    return inputs.transform is not None and inputs.moving_volume.GetParentTransformNode() is inputs.transform
+
+
+def _volume_name(node) -> str:
+    return node.GetName() or node.GetID()
+
+
+class SceneJob:
+    """One run over scene nodes; drive :meth:`steps` with a session's runner or :func:`run_blocking`."""
+
+    def __init__(self, scene, inputs: JobInputs, settings: RunSettings, folder: JobFolder) -> None:
+        if not isinstance(settings, RunSettings):
+            raise BadInputError(f"run settings must be a RunSettings, got {type(settings).__name__}")
+        self.scene = scene
+        self.inputs = inputs
+        self.settings = settings
+        self.folder = folder
+
+    def steps(self, control_point_indices: Sequence[int] | None = None) -> Steps:
+        """Check the inputs now, then return the run's steps.
+
+        ``control_point_indices``: a live update that re-matches only those fixed control
+        points and updates only their partners in the output landmarks (volumes already loaded
+        are not sent again, and the worker's feature cache leaves only the search to do).
+        Raises :class:`BadInputError` for unusable inputs, before any request.
+        """
+        inputs = self.inputs
+        if control_point_indices is None:
+            _check_full_run(inputs)
+            points = markups_to_points(inputs.fixed_landmarks) if inputs.compute_landmarks else None
+            return self._full_run(points)
+        if inputs.fixed_volume is None or inputs.moving_volume is None or inputs.fixed_landmarks is None:
+            raise BadInputError("live matching needs the fixed and moving volumes and the fixed landmarks")
+        _check_output_landmarks(inputs)
+        return self._point_update(markups_to_points(inputs.fixed_landmarks, indices=control_point_indices))
+
+    def _common_params(self, fixed_id: str, moving_id: str) -> dict[str, Any]:
+        return {
+            "fixed_id": fixed_id,
+            "moving_id": moving_id,
+            "backbone": self.settings.backbone,
+            "backbone_options": dict(self.settings.backbone_options),
+            "device": self.settings.device,
+        }
+
+    def _volume_ids(self) -> Generator[WorkerRequest, dict, tuple[str, str]]:
+        inputs = self.inputs
+        fixed_id = yield from self.folder.volume_id(inputs.fixed_volume)
+        moving_id = yield from self.folder.volume_id(
+            inputs.moving_volume, include_parent_transform=not _moving_follows_output_transform(inputs)
+        )
+        return fixed_id, moving_id
+
+    def _match(self, fixed_id: str, moving_id: str, points: PointSet) -> Generator[WorkerRequest, dict, MatchResult]:
+        params = self._common_params(fixed_id, moving_id)
+        params.update(
+            points_lps_mm=points.points_lps_mm.tolist(),
+            labels=list(points.labels),
+            options=to_json(self.settings.match),
+        )
+        return MatchResult.from_worker((yield WorkerRequest("match", params)))
+
+    def _moving_landmarks_name(self) -> str:
+        return f"{self.inputs.fixed_landmarks.GetName()} in {_volume_name(self.inputs.moving_volume)}"
+
+    def _full_run(self, fixed_points: PointSet | None) -> Steps:
+        inputs = self.inputs
+        fixed_id, moving_id = yield from self._volume_ids()
+        matches = None
+        if fixed_points is not None:
+            matches = yield from self._match(fixed_id, moving_id, fixed_points)
+        summary = None
+        transform_path = warped_path = None
+        if inputs.compute_transform:
+            transform_path = self.folder.new_path("transform")
+            params = self._common_params(fixed_id, moving_id)
+            params.update(out_transform=str(transform_path), options=to_json(self.settings.field))
+            if inputs.compute_warped:
+                warped_path = self.folder.new_path("warped")
+                params["out_warped"] = str(warped_path)
+            summary = yield WorkerRequest("register", params)
+        try:
+            return self._apply(matches, summary, transform_path, warped_path)
+        finally:
+            for path in (transform_path, warped_path):
+                if path is not None and path.exists():
+                    path.unlink()
+
+    def _apply(self, matches: MatchResult | None, summary: dict | None, transform_path: Path | None,
+               warped_path: Path | None) -> JobOutputs:
+        """Write every output into the scene; files are read into detached nodes first."""
+        inputs = self.inputs
+        scene = self.scene
+        fixed_name, moving_name = _volume_name(inputs.fixed_volume), _volume_name(inputs.moving_volume)
+        transform_loaded = None if transform_path is None else read_displacement_field(scene, transform_path)
+        warped_loaded = None if warped_path is None else read_volume_file(scene, warped_path, "warped volume")
+        outputs = JobOutputs(matches=matches, register_summary=summary)
+        if matches is not None:
+            outputs.moving_landmarks = write_matches_to_markups(
+                scene, matches, inputs.moving_landmarks, name=self._moving_landmarks_name()
+            )
+            set_input_references(outputs.moving_landmarks, inputs.fixed_volume, inputs.moving_volume,
+                                 inputs.fixed_landmarks)
+        if transform_loaded is not None:
+            outputs.transform = fill_transform_node(
+                scene, transform_loaded, inputs.transform, f"{moving_name} to {fixed_name}"
+            )
+            set_input_references(outputs.transform, inputs.fixed_volume, inputs.moving_volume)
+        if warped_loaded is not None:
+            outputs.warped_volume = fill_volume_node(
+                scene, warped_loaded, inputs.warped_volume, f"{moving_name} warped"
+            )
+            set_input_references(outputs.warped_volume, inputs.fixed_volume, inputs.moving_volume)
+        return outputs
+
+    def _point_update(self, points: PointSet) -> Steps:
+        inputs = self.inputs
+        fixed_id, moving_id = yield from self._volume_ids()
+        matches = yield from self._match(fixed_id, moving_id, points)
+        moving_landmarks = write_matches_to_markups(
+            self.scene, matches, inputs.moving_landmarks, name=self._moving_landmarks_name(), replace_all=False
+        )
+        set_input_references(moving_landmarks, inputs.fixed_volume, inputs.moving_volume, inputs.fixed_landmarks)
+        return JobOutputs(moving_landmarks=moving_landmarks, matches=matches)

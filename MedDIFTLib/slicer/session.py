@@ -1,0 +1,247 @@
+"""The module's worker session without Qt: one worker client, its job folder and the running job.
+
+:class:`Session` is what the Slicer module's Logic holds. Non-blocking use (the GUI):
+:meth:`Session.start_job`, then :meth:`Session.poll` from a timer until it returns False; the
+job's ``on_done(outputs, error)`` is called once. Blocking use (scripts, tests):
+:meth:`Session.run`. The worker is started on first use and kept alive between jobs, so its
+feature cache makes a re-match a matter of the search alone. Events come typed from the
+client (:mod:`MedDIFTLib.worker.events`); nothing here reads the wire.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..core.errors import CancelledError, MedDIFTError
+from ..core.options import RunSettings
+from ..worker.client import WorkerClient
+from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
+from .jobs import JobFolder, JobInputs, JobOutputs, SceneJob, Steps, WorkerRequest
+
+ProgressCallback = Callable[[str, float, str], None]
+DoneCallback = Callable[[JobOutputs | None, Exception | None], None]
+LogCallback = Callable[[str, str], None]
+WORKER_START_TIMEOUT_S = 180.0
+
+
+def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
+                 timeout_s: float | None = None) -> JobOutputs:
+    """Drive a job to its end with blocking ``client.call`` requests; ``timeout_s`` bounds the
+    wait for each worker event."""
+    try:
+        request = next(steps)
+        while True:
+            result = client.call(request.type, progress=progress, timeout=timeout_s, **request.params)
+            request = steps.send(result)
+    except StopIteration as finished:
+        return finished.value
+
+
+class JobRunner:
+    """Drive a job without blocking: :meth:`poll` (from a GUI timer) handles the worker's events.
+
+    ``on_progress(stage, fraction, message)`` and ``on_log(level, message)`` report as events
+    come; ``on_done(outputs, error)`` is called once, with the outputs or the exception (a
+    :class:`CancelledError` after :meth:`cancel`; an error that is no :class:`MedDIFTError`
+    is a bug and arrives as it was raised).
+    """
+
+    def __init__(self, client, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None = None,
+                 on_log: LogCallback | None = None) -> None:
+        self._client = client
+        self._steps = steps
+        self._on_done = on_done
+        self._on_progress = on_progress
+        self._on_log = on_log
+        self._request_id: str | None = None
+        self.finished = False
+
+    def start(self) -> None:
+        """Send the first request (or finish at once when the job needs none)."""
+        self._advance(lambda: next(self._steps))
+
+    def _advance(self, step: Callable[[], WorkerRequest]) -> None:
+        try:
+            request = step()
+            self._request_id = self._client.send(request.type, **request.params)
+        except StopIteration as finished:
+            self._finish(finished.value, None)
+        except Exception as error:
+            self._finish(None, error)
+
+    def _finish(self, outputs: JobOutputs | None, error: Exception | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._steps.close()
+        self._on_done(outputs, error)
+
+    def fail(self, error: Exception) -> None:
+        """End the job with ``error`` before or instead of its next request."""
+        self._finish(None, error)
+
+    def poll(self) -> bool:
+        """Handle the events that arrived; True while the job is still running."""
+        if self.finished:
+            return False
+        for event in self._client.poll():
+            if self.finished:
+                break
+            if isinstance(event, Log) and self._on_log is not None:
+                self._on_log(event.level, event.message)
+            elif isinstance(event, Exit):
+                tail = self._client.stderr_tail(8).strip()
+                self.fail(MedDIFTError(
+                    f"the MedDIFT worker stopped unexpectedly (code {event.returncode})"
+                    + (f"; its last words:\n{tail}" if tail else "")
+                ))
+            elif self._request_id is None or event.request_id != self._request_id:
+                continue
+            elif isinstance(event, Progress) and self._on_progress is not None:
+                self._on_progress(event.stage, event.fraction, event.message)
+            elif isinstance(event, Result):
+                self._advance(lambda payload=event.payload: self._steps.send(payload))
+            elif isinstance(event, Error):
+                self.fail(error_from_event(event))
+        return not self.finished
+
+    def cancel(self) -> None:
+        """Stop now: the worker's whole process tree is killed and nothing reaches the scene."""
+        if self.finished:
+            return
+        self._client.kill()
+        self._finish(None, CancelledError("cancelled by the user"))
+
+
+class Session:
+    """One worker process (started on first use), its job folder (a temporary folder removed by
+    :meth:`shutdown`) and at most one running job, for scene ``scene``.
+
+    ``python_executable`` and ``environment`` are those of the worker process (the folder
+    holding ``MedDIFTLib`` is put first on its PYTHONPATH); ``client_factory`` replaces the
+    :class:`WorkerClient` (tests).
+    """
+
+    def __init__(self, scene, python_executable: str | None = None, environment: Mapping[str, str] | None = None,
+                 start_timeout_s: float = WORKER_START_TIMEOUT_S, client_factory: Callable[[], Any] | None = None,
+                 ) -> None:
+        self.scene = scene
+        self.start_timeout_s = start_timeout_s
+        self._client_factory = client_factory or (
+            lambda: WorkerClient(python_executable=python_executable,
+                                 env=None if environment is None else dict(environment))
+        )
+        self._client = None
+        self._folder: JobFolder | None = None
+        self._runner: JobRunner | None = None
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+
+    @property
+    def worker_running(self) -> bool:
+        return self._client is not None and self._client.running
+
+    @property
+    def busy(self) -> bool:
+        """True while a job started by :meth:`start_job` has not ended."""
+        return self._runner is not None and not self._runner.finished
+
+    @property
+    def folder(self) -> JobFolder:
+        if self._folder is None:
+            self._folder = JobFolder(tempfile.mkdtemp(prefix="MedDIFT-"))
+        return self._folder
+
+    def _steps(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
+        if self.busy:
+            raise MedDIFTError("a MedDIFT job is already running")
+        return SceneJob(self.scene, inputs, settings, self.folder).steps(control_point_indices)
+
+    def _new_client(self):
+        """A fresh worker client; volumes loaded by an earlier worker are forgotten."""
+        if self._client is not None:
+            self._client.kill()
+        self.folder.clear()
+        self._client = self._client_factory()
+        return self._client
+
+    def start_job(self, inputs: JobInputs, settings: RunSettings, on_done: DoneCallback,
+                  on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
+                  control_point_indices: Sequence[int] | None = None) -> None:
+        """Check the inputs, then run the job in the background (starting the worker if needed).
+
+        ``control_point_indices``: re-match only these fixed control points (live propagation).
+        Raises :class:`MedDIFTError` at once for bad inputs or when a job is already running;
+        everything later reaches ``on_done``, called from :meth:`poll` or :meth:`cancel`.
+        """
+        steps = self._steps(inputs, settings, control_point_indices)
+        client = self._client if self.worker_running else self._new_client()
+        self._runner = JobRunner(client, steps, on_done=on_done, on_progress=on_progress, on_log=on_log)
+        if self.worker_running:
+            self._runner.start()
+            return
+        self._start_error = None
+
+        def start_worker() -> None:
+            try:
+                client.start(timeout=self.start_timeout_s)
+            except Exception as error:
+                self._start_error = error
+
+        self._starter = threading.Thread(target=start_worker, name="MedDIFT worker start", daemon=True)
+        self._starter.start()
+
+    def poll(self) -> bool:
+        """Advance the running job (call from a GUI timer); False once it has ended."""
+        runner = self._runner
+        if runner is None or runner.finished:
+            return False
+        if self._starter is not None:
+            if self._starter.is_alive():
+                return True
+            self._starter = None
+            error = self._start_error
+            if error is None and not self.worker_running:
+                error = MedDIFTError("the MedDIFT worker did not start")
+            if error is not None:
+                runner.fail(error if isinstance(error, MedDIFTError) else MedDIFTError(str(error)))
+                return False
+            runner.start()
+        return runner.poll()
+
+    def cancel(self) -> None:
+        """Kill the worker's process tree; the job ends with CancelledError and the scene is unchanged."""
+        runner = self._runner
+        if runner is None or runner.finished:
+            return
+        if self._starter is not None:
+            self._client.kill()
+            self._starter.join()
+            self._starter = None
+        runner.cancel()
+
+    def run(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None = None,
+            progress: ProgressCallback | None = None, timeout_s: float | None = None) -> JobOutputs:
+        """Run a job and wait for it; raises :class:`MedDIFTError` on failure, leaving the scene unchanged.
+
+        ``progress(stage, fraction, message)`` receives progress; ``timeout_s`` bounds the wait
+        for each worker event.
+        """
+        steps = self._steps(inputs, settings, control_point_indices)
+        if not self.worker_running:
+            self._new_client().start(timeout=self.start_timeout_s)
+        return run_blocking(self._client, steps, progress=progress, timeout_s=timeout_s)
+
+    def shutdown(self) -> None:
+        """Stop the worker and delete the job files."""
+        self.cancel()
+        if self._client is not None:
+            self._client.stop()
+            self._client = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder.path, ignore_errors=True)
+            self._folder = None

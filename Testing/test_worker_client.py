@@ -1,0 +1,198 @@
+"""The worker client without the worker: typed events parsed from the wire, error kinds mapped to
+exceptions, and :class:`WorkerClient` routing events of a stand-in worker process (a short Python
+script speaking the protocol), all without torch."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from MedDIFTLib.core.errors import (
+    BadInputError,
+    BadRequestError,
+    CancelledError,
+    MedDIFTError,
+    MissingWeightsError,
+    OutOfMemoryError,
+)
+from MedDIFTLib.worker.client import WorkerClient
+from MedDIFTLib.worker.events import (
+    Error,
+    Exit,
+    Log,
+    Progress,
+    Ready,
+    Result,
+    WorkerError,
+    error_from_event,
+    parse_event,
+)
+
+TIMEOUT_S = 30
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+def test_each_wire_event_becomes_its_typed_event():
+    assert parse_event({"id": None, "event": "ready", "version": "0.1.0", "pid": 12}) == Ready("0.1.0", 12)
+    assert parse_event({"id": "r1", "event": "progress", "stage": "match", "fraction": 0.25, "message": "3/12"}) == (
+        Progress("r1", "match", 0.25, "3/12")
+    )
+    assert parse_event({"id": "r1", "event": "log", "level": "warning", "message": "slow"}) == Log("r1", "warning",
+                                                                                                  "slow")
+    assert parse_event({"id": "r1", "event": "result", "result": {"volume_id": "v1"}}) == Result("r1",
+                                                                                                {"volume_id": "v1"})
+    assert parse_event({"id": "r2", "event": "error", "kind": "bad_input", "message": "no such file"}) == (
+        Error("r2", "bad_input", "no such file")
+    )
+
+
+def test_wire_defaults_and_bounds():
+    assert parse_event({"id": "r1", "event": "result"}) == Result("r1", {})
+    assert parse_event({"id": "r1", "event": "progress", "stage": "load", "fraction": 1.5}).fraction == 1.0
+    assert parse_event({"id": "r1", "event": "progress", "stage": "load", "fraction": None}).fraction == 0.0
+    assert parse_event({"id": "r1", "event": "error"}) == Error("r1", "internal", "worker error")
+
+
+def test_a_malformed_final_event_still_ends_its_request():
+    event = parse_event({"id": "r3", "event": "result", "result": [1, 2]})
+    assert isinstance(event, Error) and event.request_id == "r3" and event.kind == "internal"
+    assert "malformed result" in event.message
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        ([1, 2], "must be a JSON object"),
+        ({"id": "r1", "event": "party"}, "unknown worker event 'party'"),
+        ({"id": 7, "event": "result"}, "is not text"),
+        ({"id": "r1", "event": "progress", "fraction": "half"}, "is not a number"),
+    ],
+)
+def test_what_is_no_worker_event_is_refused(wire, message):
+    with pytest.raises(ValueError, match=message):
+        parse_event(wire)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_class"),
+    [
+        ("bad_request", BadRequestError),
+        ("bad_input", BadInputError),
+        ("missing_weights", MissingWeightsError),
+        ("out_of_memory", OutOfMemoryError),
+        ("cancelled", CancelledError),
+        ("internal", WorkerError),
+        ("something new", WorkerError),
+    ],
+)
+def test_error_kinds_map_to_the_library_errors(kind, error_class):
+    error = error_from_event(Error("r1", kind, "what went wrong"))
+    assert type(error) is error_class and isinstance(error, MedDIFTError)
+    assert str(error) == "what went wrong"
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+STAND_IN_WORKER = textwrap.dedent(
+    '''
+    import json, sys
+
+    def emit(event):
+        sys.stdout.write(json.dumps(event) + "\\n")
+        sys.stdout.flush()
+
+    emit({"id": None, "event": "ready", "version": "stand-in", "pid": 1})
+    for line in sys.stdin:
+        request = json.loads(line)
+        request_id, kind = request["id"], request["type"]
+        if kind == "echo":
+            emit({"id": request_id, "event": "progress", "stage": "echo", "fraction": 0.5, "message": "half"})
+            emit({"id": None, "event": "log", "level": "info", "message": "between jobs"})
+            sys.stdout.write("not json\\n")
+            emit({"id": request_id, "event": "party"})
+            emit({"id": request_id, "event": "result", "result": {"echo": request.get("value")}})
+        elif kind == "fail":
+            emit({"id": request_id, "event": "error", "kind": request["kind"], "message": "failed on purpose"})
+        elif kind == "die":
+            sys.exit(3)
+        elif kind == "shutdown":
+            emit({"id": request_id, "event": "result", "result": {"shutdown": True}})
+            break
+    '''
+)
+
+
+@pytest.fixture
+def stand_in_client(tmp_path):
+    """A client whose 'python -m MedDIFTLib.worker' runs the stand-in worker script instead."""
+    if os.name == "nt":
+        pytest.skip("the stand-in interpreter is a POSIX shell script")
+    script = tmp_path / "stand_in_worker.py"
+    script.write_text(STAND_IN_WORKER)
+    interpreter = tmp_path / "python"
+    interpreter.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}"\n')
+    interpreter.chmod(interpreter.stat().st_mode | stat.S_IXUSR)
+    client = WorkerClient(python_executable=str(interpreter))
+    client.start(timeout=TIMEOUT_S)
+    yield client
+    client.kill()
+
+
+def test_call_returns_the_payload_and_reports_typed_progress(stand_in_client):
+    assert stand_in_client.version == "stand-in"
+    progress = []
+    result = stand_in_client.call("echo", progress=lambda *args: progress.append(args), timeout=TIMEOUT_S, value=[1, 2])
+    assert result == {"echo": [1, 2]}
+    assert progress == [("echo", 0.5, "half")]
+    assert "not a worker event" in stand_in_client.stderr_tail() and "party" in stand_in_client.stderr_tail()
+
+
+def test_events_and_poll_yield_typed_events(stand_in_client):
+    request_id = stand_in_client.send("echo", value="x")
+    events = list(stand_in_client.events(request_id, timeout=TIMEOUT_S))
+    assert events == [Progress(request_id, "echo", 0.5, "half"), Result(request_id, {"echo": "x"})]
+    assert Log(None, "info", "between jobs") in stand_in_client.poll()
+
+
+def test_an_error_event_raises_the_error_of_its_kind(stand_in_client):
+    with pytest.raises(MissingWeightsError, match="failed on purpose"):
+        stand_in_client.call("fail", timeout=TIMEOUT_S, kind="missing_weights")
+    assert stand_in_client.call("echo", timeout=TIMEOUT_S) == {"echo": None}
+
+
+def test_a_dying_worker_answers_every_request_and_says_it_exited(stand_in_client):
+    request_id = stand_in_client.send("die")
+    final = list(stand_in_client.events(request_id, timeout=TIMEOUT_S))[-1]
+    assert isinstance(final, Error) and final.kind == "internal" and "exited (code 3)" in final.message
+    received = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while Exit(3) not in received:
+        assert time.monotonic() < deadline, f"no exit event, got {received}"
+        received += stand_in_client.poll()
+        time.sleep(0.01)
+    with pytest.raises(WorkerError, match="not running"):
+        stand_in_client.call("echo")
+
+
+def test_the_client_stops_the_worker_cleanly(stand_in_client):
+    assert stand_in_client.stop(timeout=TIMEOUT_S) == 0
+    assert not stand_in_client.running
+
+
+def test_the_client_and_its_events_import_without_torch():
+    code = (
+        "import sys, MedDIFTLib.worker.client, MedDIFTLib.worker.events\n"
+        "print(sorted(m for m in ('torch', 'monai', 'numpy') if m in sys.modules))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S,
+                               check=True)
+    assert completed.stdout.strip() == "[]"
