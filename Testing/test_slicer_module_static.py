@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE_FILE = ROOT / "MedDIFT" / "MedDIFT.py"
 UI_FILE = ROOT / "MedDIFT" / "Resources" / "UI" / "MedDIFT.ui"
 ICON_FILE = ROOT / "MedDIFT" / "Resources" / "Icons" / "MedDIFT.png"
+EXTENSION_ICON_FILE = ROOT / "Resources" / "MedDIFT.png"
 S4EXT_FILE = ROOT / "MedDIFT.s4ext"
+URL_PLACEHOLDER = "TO-BE-FILLED-IN-ON-PUBLICATION"
 CMAKE_FILES = {
     "top": ROOT / "CMakeLists.txt",
     "module": ROOT / "MedDIFT" / "CMakeLists.txt",
@@ -354,21 +356,38 @@ def read_s4ext() -> dict[str, str]:
 def test_s4ext_has_the_required_keys_and_agrees_with_cmake():
     entries = read_s4ext()
     required = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
-                "category", "iconurl", "status", "description", "screenshoturls", "enabled")
+                "category", "iconurl", "status", "description", "enabled")
     assert [key for key in required if not entries.get(key)] == []
     assert entries["category"] == "Registration"
     assert "PyTorch" in entries["depends"].split()
-    assert entries["scmurl"].startswith("https://") and entries["iconurl"].endswith(".png")
     variables = {k: " ".join(v) for k, v in cmake_variables(cmake_commands(CMAKE_FILES["top"])).items()}
     for key, variable in (("homepage", "EXTENSION_HOMEPAGE"), ("category", "EXTENSION_CATEGORY"),
                           ("description", "EXTENSION_DESCRIPTION"), ("iconurl", "EXTENSION_ICONURL"),
                           ("contributors", "EXTENSION_CONTRIBUTORS"), ("screenshoturls", "EXTENSION_SCREENSHOTURLS"),
                           ("depends", "EXTENSION_DEPENDS")):
-        assert entries[key] == variables[variable], f".s4ext {key} differs from CMake {variable}"
+        assert entries.get(key, "") == variables[variable], f".s4ext {key} differs from CMake {variable}"
 
 
-def test_icon_is_a_128_pixel_png():
-    data = ICON_FILE.read_bytes()
+def test_no_repository_url_is_invented():
+    """Until the repository is published its URLs are a stated placeholder, and the icon URL names
+    the extension icon in Resources/; no screenshot is named while none exists."""
+    entries = read_s4ext()
+    for key in ("scmurl", "homepage"):
+        assert entries[key] == URL_PLACEHOLDER or entries[key].startswith("https://"), key
+    assert entries["iconurl"].endswith("/" + EXTENSION_ICON_FILE.relative_to(ROOT).as_posix())
+    assert entries["iconurl"].startswith((URL_PLACEHOLDER + "/", "https://"))
+    assert "on publication" in S4EXT_FILE.read_text() and "on publication" in CMAKE_FILES["top"].read_text()
+    for path in (S4EXT_FILE, CMAKE_FILES["top"]):
+        assert "meddift/SlicerMedDIFT" not in path.read_text(), f"{path.name} names an invented repository"
+    screenshots = entries.get("screenshoturls", "").split()
+    for url in screenshots:
+        assert url.startswith(URL_PLACEHOLDER + "/Resources/"), url
+        assert (ROOT / url.removeprefix(URL_PLACEHOLDER + "/")).is_file(), f"{url} names a file that does not exist"
+
+
+@pytest.mark.parametrize("icon", [ICON_FILE, EXTENSION_ICON_FILE], ids=["module", "extension"])
+def test_icon_is_a_128_pixel_png(icon):
+    data = icon.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (128, 128)
 
