@@ -254,3 +254,10 @@ def test_a_request_that_breaks_the_parser_is_an_internal_error_and_serving_goes_
     summary = [(e["id"], e["event"], e.get("kind")) for e in emitted]
     assert summary == [("a", "error", "internal"), ("u", "result", None)]
     assert "KeyError" in emitted[0]["message"]
+
+
+def test_every_queued_request_type_has_one_handler():
+    from MedDIFTLib.worker.handlers import HANDLERS
+    from MedDIFTLib.worker.protocol import REQUEST_TYPES
+
+    assert set(HANDLERS) == set(REQUEST_TYPES) - {"cancel", "shutdown"}

@@ -32,7 +32,6 @@ from ..core.options import FieldOptions, MatchOptions, RunSettings, parse_option
 
 MAX_REQUEST_BYTES = 16 * 2**20
 MAX_POINTS = 100_000
-REQUEST_TYPES = ("probe", "load", "unload", "features", "match", "register", "cancel", "shutdown")
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
 ERROR_KINDS = ("bad_request", "bad_input", "missing_weights", "out_of_memory", "cancelled", "internal")
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.){0,256}")')
@@ -62,27 +61,33 @@ class RejectedRequest(BadRequestError):
 
 @dataclass(frozen=True)
 class ProbeRequest:
-    """Versions, devices, backbones, cache, volumes; ``backbone_options`` maps a backbone name to
-    the options of its weights check."""
+    """``backbone_options``: {backbone: options} for the weights check. Result: versions,
+    ``devices`` (name, label, memory_bytes, free_bytes), ``backbones`` (name, available,
+    weights_present, message), ``cache`` (max_bytes, used_bytes, entries), ``volumes``, ``limits``."""
 
     backbone_options: dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Read a volume file or DICOM folder at ``path``."""
+    """Read a volume file or DICOM folder. Result: ``volume_id`` (the same content keeps its id),
+    ``name``, ``geometry`` (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major ``direction``)."""
 
     path: str
 
 
 @dataclass(frozen=True)
 class UnloadRequest:
+    """Forget a volume. Result: ``unloaded`` (false if the id was unknown)."""
+
     volume_id: str
 
 
 @dataclass(frozen=True)
 class FeaturesRequest:
-    """Features of one loaded volume with ``settings`` (backbone, its options, device)."""
+    """Features of one volume with ``settings`` (fields ``backbone`` (default mind),
+    ``backbone_options``, ``device``: auto | cpu | cuda | cuda:N). Result: ``cached``, ``seconds``,
+    ``bytes``, ``levels`` (name, channels, shape_ijk)."""
 
     volume_id: str
     settings: RunSettings
@@ -90,8 +95,11 @@ class FeaturesRequest:
 
 @dataclass(frozen=True)
 class MatchRequest:
-    """Fixed points (N, 3 LPS mm) matched into the moving volume with ``settings.match``;
-    ``labels`` pair inputs with outputs; ``priors_lps_mm`` (N, 3) centres each search."""
+    """Fixed points (N, 3 LPS mm) matched into the moving volume; ``labels`` pair inputs with
+    outputs; ``priors_lps_mm`` (N, 3) centres each search; the ``options`` field (MatchOptions)
+    becomes ``settings.match``. Result: ``labels``, ``points_lps_mm``, ``similarity``,
+    ``confidence``, ``forward_backward_mm``, ``reliable``, ``seconds``, ``match_seconds``,
+    ``features_cached``."""
 
     fixed_id: str
     moving_id: str
@@ -103,7 +111,9 @@ class MatchRequest:
 
 @dataclass(frozen=True)
 class RegisterRequest:
-    """Dense registration with ``settings.field``, written to the output paths."""
+    """Dense registration; the ``options`` field (FieldOptions) becomes ``settings.field``; only
+    ``out_transform`` is required. Result: the summary of :func:`MedDIFTLib.field.register_and_write`
+    (outputs written atomically)."""
 
     fixed_id: str
     moving_id: str
@@ -116,14 +126,16 @@ class RegisterRequest:
 
 @dataclass(frozen=True)
 class CancelRequest:
-    """Cancel ``job_id``, or else the running or the oldest queued job."""
+    """Cancel ``job_id``, or else the running or the oldest queued job. Result: ``cancelled`` (that
+    job's id or null); the cancelled job ends with an ``error`` of kind ``cancelled``."""
 
     job_id: str | None
 
 
 @dataclass(frozen=True)
 class ShutdownRequest:
-    """Stop once the jobs queued before this one are done."""
+    """Result ``{"shutdown": true}`` once the jobs queued before it are done; later ones are
+    answered ``cancelled``."""
 
 
 Request = (
@@ -155,8 +167,7 @@ def parse_line(line: bytes) -> tuple[str, str, dict[str, Any]]:
         raise RejectedRequest("every request needs a non-empty string 'id'")
     request_type = request.get("type")
     if request_type not in REQUEST_TYPES:
-        known = ", ".join(REQUEST_TYPES)
-        raise RejectedRequest(f"unknown request type {request_type!r}; use one of {known}", request_id)
+        raise RejectedRequest(_unknown_type(request_type), request_id)
     fields = {key: value for key, value in request.items() if key not in ("id", "type")}
     return request_id, request_type, fields
 
@@ -164,9 +175,13 @@ def parse_line(line: bytes) -> tuple[str, str, dict[str, Any]]:
 def parse_request(request_type: str, fields: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> Request:
     """The typed request of ``request_type``; bad fields raise :class:`BadRequestError` (type or
     shape) or :class:`BadInputError` (an option out of range), naming the field."""
-    if request_type not in _PARSERS:
-        raise BadRequestError(f"unknown request type {request_type!r}; use one of {', '.join(REQUEST_TYPES)}")
+    if request_type not in REQUEST_TYPES:
+        raise BadRequestError(_unknown_type(request_type))
     return _PARSERS[request_type](fields, limits)
+
+
+def _unknown_type(request_type: Any) -> str:
+    return f"unknown request type {request_type!r}; use one of {', '.join(REQUEST_TYPES)}"
 
 
 def _text(fields: dict[str, Any], name: str, meaning: str, optional: bool = False) -> str | None:
@@ -286,6 +301,7 @@ _PARSERS = {
     "cancel": _parse_cancel,
     "shutdown": _parse_shutdown,
 }
+REQUEST_TYPES = tuple(_PARSERS)
 
 
 # ---------------------------------------------------------------------- lines in

@@ -3,31 +3,10 @@
 JSON lines on stdin (requests) and stdout (events), as defined in :mod:`.protocol`; nothing
 else ever reaches stdout (library output is sent to stderr at the file-descriptor level).
 
-Requests (parameters -> result):
-- ``probe`` (``backbone_options``: {backbone: options} for the weights check) -> versions,
-  ``devices`` (name, label, memory_bytes, free_bytes), ``backbones`` (name, available,
-  weights_present, message), ``cache`` (max_bytes, used_bytes, entries), ``volumes``, ``limits``;
-- ``load`` (``path``) -> ``volume_id``, ``name``, ``geometry``; the same content keeps its id;
-- ``unload`` (``volume_id``) -> ``unloaded``;
-- ``features`` (``volume_id``, ``backbone``, ``backbone_options``, ``device``) -> ``cached``,
-  ``seconds``, ``bytes``, ``levels`` (name, channels, shape_ijk);
-- ``match`` (``fixed_id``, ``moving_id``, backbone fields, ``points_lps_mm``, ``labels``,
-  ``priors_lps_mm``, ``options``: MatchOptions fields) -> ``labels``, ``points_lps_mm``,
-  ``similarity``, ``confidence``, ``forward_backward_mm``, ``reliable``, ``seconds``,
-  ``match_seconds``, ``features_cached``;
-- ``register`` (``fixed_id``, ``moving_id``, backbone fields, ``out_transform``, ``out_inverse``,
-  ``out_warped``, ``mask_id``, ``options``: FieldOptions fields) -> the summary of
-  :func:`MedDIFTLib.field.register_and_write` (outputs are written atomically);
-- ``cancel`` (``job_id``, default: the running or else the oldest queued job) -> ``cancelled``
-  (that job's id or null); the cancelled job ends with an ``error`` of kind ``cancelled``;
-- ``shutdown`` -> ``{"shutdown": true}`` once the jobs queued before it are done, then exit 0
-  (requests that arrive later are answered ``cancelled``).
-``device`` is ``auto | cpu | cuda | cuda:N``; ``backbone`` defaults to ``mind``.
-
 A reader thread parses each request (a bad one is answered at once), answers ``cancel`` and
-queues the rest; jobs run one at a time, in arrival order, on the main thread (a cancelled
-running job stops at its next progress report). EOF on stdin acts as ``shutdown`` after the
-queued jobs.
+queues the rest; jobs run one at a time, in arrival order, on the main thread, each through its
+handler in :mod:`.handlers` (a cancelled running job stops at its next progress report). EOF
+on stdin acts as ``shutdown`` after the queued jobs.
 """
 
 from __future__ import annotations
