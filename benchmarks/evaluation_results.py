@@ -11,7 +11,7 @@
    images of the published size (the images are not available offline), evaluated with ``identity``:
    ``OUT/dirlab_check/results.md`` must show 3.89 mm and 4.34 mm.
 
-    python benchmarks/evaluation_results.py --out results     # about 10-15 minutes on 2 CPU cores
+    python benchmarks/evaluation_results.py --out results
 """
 
 from __future__ import annotations
