@@ -261,3 +261,29 @@ def test_every_queued_request_type_has_one_handler():
     from MedDIFTLib.worker.protocol import REQUEST_TYPES
 
     assert set(HANDLERS) == set(REQUEST_TYPES) - {"cancel", "shutdown"}
+
+
+@pytest.mark.parametrize(
+    ("error", "device", "words"),
+    [
+        (MemoryError(), "cpu", "out of memory on the CPU"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "cpu", "--cache-bytes"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "cuda:1", "out of GPU memory on cuda:1"),
+    ],
+)
+def test_running_out_of_memory_is_its_own_error_kind_with_advice(monkeypatch, error, device, words):
+    from MedDIFTLib.worker import handlers, server
+
+    def exhausted(state, request, progress):
+        raise error
+
+    monkeypatch.setitem(handlers.HANDLERS, "features", exhausted)
+    monkeypatch.setattr(server, "device_name", lambda name: device)
+    stream = io.BytesIO()
+    worker = server.Worker(EventWriter(stream), cache_bytes=0)
+    worker.handle_line(b'{"id": "f", "type": "features", "volume_id": "v1", "device": "cpu"}')
+    worker.handle_line(b'{"id": "s", "type": "shutdown"}')
+    assert worker.serve() == 0
+    final = json.loads(stream.getvalue().splitlines()[0])
+    assert (final["id"], final["kind"]) == ("f", "out_of_memory")
+    assert final["message"].startswith("features: ") and words in final["message"]
