@@ -181,7 +181,7 @@ ERROR_CASES = {
     "negative search radius": ("bad_input", "match", {"options": {"search_radius_mm": -1.0}}),
     "unknown device": ("bad_input", "features", {"device": "tpu"}),
     "missing weights": ("missing_weights", "features", {"backbone": "maisi", "backbone_options": "WEIGHTS_DIR"}),
-    "out of memory": ("out_of_memory", "match", {"options": {"search_radius_mm": 1e5, "memory_budget_mb": 1e9}}),
+    "out of memory": ("out_of_memory", "features", {"backbone_options": {"dilation": 100_000}}),  # a PB-sized pad
 }
 
 
