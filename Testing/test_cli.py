@@ -236,6 +236,8 @@ def test_register_out_points_has_the_columns_of_match(pair_files, tmp_path):
     assert [row["label"] for row in rows] == pair.fixed_points.labels[:6]
     assert all(row["confidence"] == "nan" and "no per-point confidence" in row["description"] for row in rows)
     assert all(row["reliable"] == "1" and "Jacobian determinant" in row["description"] for row in rows)
+    summary = json.loads((tmp_path / "field.nii.gz.json").read_text())
+    assert {"min", "fraction_folding"} <= set(summary["jacobian"]) and summary["options"]["optimise_iterations"] == 0
 
 
 def test_simulate_zero_motion_and_folding_motion(elastix_ct, tmp_path, capsys):

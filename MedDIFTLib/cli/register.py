@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..core.options import FieldLevel, FieldOptions
 from .common import (
@@ -32,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(LPS mm) that maps fixed points to moving points and resamples the moving volume onto the fixed one. "
         + LOADING + f" --out-points writes the columns of meddift match ({MATCH_COLUMNS}); the field has no "
         "per-point confidence, so those scores are nan and a point is reliable when it lies on the field's grid "
-        "and the field does not fold there (Jacobian determinant > 0).",
+        "and the field does not fold there (Jacobian determinant > 0). The run's summary (options, Jacobian "
+        "determinant statistics, displacement, times) is saved beside the transform as TRANSFORM.json.",
     )
     parser.add_argument("fixed", help="fixed volume: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("moving", help="moving volume: NIfTI, NRRD, MHA or a DICOM folder")
@@ -60,6 +62,12 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
     return options_from_args(args, FieldOptions, **levels)
 
 
+def summary_path(out_transform: str) -> Path:
+    """Where the run's summary goes: the transform's file name with ``.json`` added."""
+    target = Path(out_transform)
+    return target.with_name(target.name + ".json")
+
+
 def _carried_points(field, points):
     """``points`` pushed through ``field`` as a point set with the columns of ``meddift match``."""
     import numpy as np
@@ -85,9 +93,12 @@ def _carried_points(field, points):
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.errors import BadInputError
-    from ..core.io import check_output_path, check_volume_output, read_points, read_volume, write_points
+    from ..core.io import atomic_output, check_output_path, check_volume_output, read_points, read_volume, write_points
+    from ..core.options import to_json
     from ..core.progress import scaled
     from ..field import read_field, register_and_write
     from ..field.displacement import check_field_path
@@ -101,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         check_volume_output(args.out_warped)
     if args.out_points:
         check_point_output(args.out_points)
+    check_output_path(summary_path(args.out_transform))
     options = field_options(args)
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
@@ -117,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if points is not None:
         write_points(_carried_points(read_field(args.out_transform), points), args.out_points)
+    record = {**summary, "points": args.out_points, "backbone": featurizer.name, "device": str(device),
+              "options": to_json(options)}
+    with atomic_output(summary_path(args.out_transform)) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
     jacobian = summary["jacobian"]
     print(f"Registered with backbone '{featurizer.name}' on {device} in {summary['seconds']['total']:.1f} s.")
     print(f"  transform: {summary['transform']} (mean displacement {summary['displacement_mm']['mean']:.2f} mm, "
@@ -127,4 +143,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name}: {summary[name]}")
     if points is not None:
         print(f"  points: {args.out_points} ({len(points)} carried through the field)")
+    print(f"  summary: {summary_path(args.out_transform)}")
     return 0
