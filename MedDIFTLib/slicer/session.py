@@ -126,9 +126,14 @@ class Session:
     :class:`WorkerClient` (tests).
     """
 
-    def __init__(self, scene, python_executable: str | None = None, environment: Mapping[str, str] | None = None,
-                 start_timeout_s: float = WORKER_START_TIMEOUT_S, client_factory: Callable[[], Any] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        scene,
+        python_executable: str | None = None,
+        environment: Mapping[str, str] | None = None,
+        start_timeout_s: float = WORKER_START_TIMEOUT_S,
+        client_factory: Callable[[], Any] | None = None,
+    ) -> None:
         self.scene = scene
         self.start_timeout_s = start_timeout_s
         self._client_factory = client_factory or (
