@@ -250,6 +250,8 @@ def test_simulate_zero_motion_and_folding_motion(elastix_ct, tmp_path, capsys):
     assert oct((still / "pair.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert oct(still.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     capsys.readouterr()
+    assert main(["simulate", str(ct), str(tmp_path / "negative"), "--mean-motion-mm", "-1"]) == 2
+    assert "--mean-motion-mm: option 'mean_motion_mm' must be >= 0" in _one_line_error(capsys)
     folded = tmp_path / "folded"
     assert main(["simulate", str(ct), str(folded), "--mean-motion-mm", "60", "--num-keypoints", "20"]) == 2
     error = _one_line_error(capsys)

@@ -12,7 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import add_device_argument
+from ..evaluation.settings import SimulationOptions
+from .common import add_device_argument, add_option, options_from_args
 
 ELASTIX_CASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "chestct_single_real" / \
     "elastix_lung_baseline_small"
@@ -27,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", help="also write the matched points here (.mrk.json, .fcsv or .csv)")
     add_device_argument(parser)
-    parser.add_argument("--seed", type=int, default=0, help="motion and noise seed (default 0)")
+    add_option(parser, SimulationOptions, "seed")
     parser.set_defaults(run=run)
 
 
@@ -43,15 +44,16 @@ def run(args: argparse.Namespace) -> int:
     from .common import ProgressBar, check_point_output
 
     output = check_point_output(args.out) if args.out else None
+    seed = options_from_args(args, SimulationOptions).seed
     device = resolve_device(args.device)
     if (ELASTIX_CASE / "image.nii.gz").exists():
         volume = read_volume(ELASTIX_CASE / "image.nii.gz")
         landmarks = read_points(ELASTIX_CASE / "landmarks.csv", volume.geometry)
-        pair = make_synthetic_pair(volume, seed=args.seed, points_lps_mm=landmarks.points_lps_mm,
+        pair = make_synthetic_pair(volume, seed=seed, points_lps_mm=landmarks.points_lps_mm,
                                    labels=landmarks.labels)
         source = "real elastix lung CT crop with its 51 anatomical landmarks"
     else:
-        pair = make_synthetic_pair(phantom_ct(args.seed), seed=args.seed, num_keypoints=40)
+        pair = make_synthetic_pair(phantom_ct(seed), seed=seed, num_keypoints=40)
         source = "built-in phantom (../shared/data not found) with automatic keypoints"
     initial = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
     featurizer = create_featurizer("mind", device=str(device))
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     final = tre_stats(result.points_lps_mm, pair.moving_points.points_lps_mm)
     print(f"MedDIFT demo: {source}.")
     spacing = tuple(round(s, 2) for s in pair.moving.geometry.spacing_mm)
-    print(f"Synthetic breathing motion, seed {args.seed}: {len(pair.fixed_points)} points, "
+    print(f"Synthetic breathing motion, seed {seed}: {len(pair.fixed_points)} points, "
           f"moving grid {pair.moving.geometry.shape_ijk} at {spacing} mm.")
     for name, stats in (("before matching:", initial), ("after matching: ", final)):
         print(f"  error {name} mean {stats['mean']:.2f} mm, p95 {stats['p95']:.2f} mm, max {stats['max']:.2f} mm")

@@ -11,6 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..core.options import to_json
+from ..evaluation.settings import SimulationOptions
+from .common import add_option, options_from_args
+
 FILES = ("fixed.nii.gz", "moving.nii.gz", "fixed_points.csv", "moving_points_true.csv", "pair.json")
 
 
@@ -28,34 +32,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "a folder of CTs")
     parser.add_argument("out", help="output folder (created; must be new or empty)")
     parser.add_argument("--points", help="fixed points to use (default: automatic keypoints in the lungs)")
-    parser.add_argument("--seed", type=int, default=0, help="motion and noise seed (default 0)")
-    parser.add_argument("--mean-motion-mm", type=float, default=7.0, help="mean motion at the points (default 7)")
-    parser.add_argument("--num-keypoints", type=int, default=200, help="automatic keypoints (default 200)")
-    parser.add_argument("--noise-hu", type=float, default=20.0, help="Gaussian noise in HU (default 20)")
-    parser.add_argument("--spacing-factor", type=float, default=1.1,
-                        help="moving voxel size relative to the CT (default 1.1)")
-    parser.add_argument("--allow-folding", action="store_true",
-                        help="write a pair whose motion folds (Jacobian determinant <= 0; refused by default)")
+    for name in ("seed", "mean_motion_mm", "num_keypoints", "noise_hu", "spacing_factor", "allow_folding"):
+        add_option(parser, SimulationOptions, name)
     parser.add_argument("--manifest", action="store_true",
                         help="CT is a folder of CTs: write one pair per CT and OUT/manifest.csv")
     parser.set_defaults(run=run)
 
 
-def _pair_maker(args: argparse.Namespace):
+def _pair_maker(options: SimulationOptions):
     """``(volume, points_lps_mm, labels) -> SyntheticPair`` with the command's settings."""
     from ..evaluation.simulate import make_synthetic_pair
 
     def make_pair(volume, points_lps_mm, labels):
         return make_synthetic_pair(
             volume,
-            seed=args.seed,
-            mean_motion_mm=args.mean_motion_mm,
+            seed=options.seed,
+            mean_motion_mm=options.mean_motion_mm,
             points_lps_mm=points_lps_mm,
             labels=labels,
-            num_keypoints=args.num_keypoints,
-            noise_hu=args.noise_hu,
-            moving_spacing_factor=args.spacing_factor,
-            allow_folding=args.allow_folding,
+            num_keypoints=options.num_keypoints,
+            noise_hu=options.noise_hu,
+            moving_spacing_factor=options.spacing_factor,
+            allow_folding=options.allow_folding,
         )
 
     return make_pair
@@ -69,8 +67,11 @@ def _warn_folding(name: str, jacobian_min: float) -> None:
               "its points are not a one-to-one correspondence", file=sys.stderr)
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    return {"seed": args.seed, "noise_hu": args.noise_hu, "spacing_factor": args.spacing_factor}
+def _settings(options: SimulationOptions) -> dict:
+    """What ``pair.json`` records of the settings (the mean motion is measured there instead)."""
+    settings = to_json(options)
+    del settings["mean_motion_mm"], settings["num_keypoints"]
+    return settings
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -80,7 +81,7 @@ def _publish(staging: Path, out: Path) -> None:
     os.replace(staging, out)
 
 
-def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
+def _run_manifest(args: argparse.Namespace, options: SimulationOptions, out: Path, staging: Path) -> int:
     import sys
 
     from ..core.errors import BadInputError
@@ -91,7 +92,7 @@ def _run_manifest(args: argparse.Namespace, out: Path, staging: Path) -> int:
         raise BadInputError("--points cannot be used with --manifest: put a landmark file beside each CT instead")
     with ProgressBar() as progress:
         summaries, problems = build_synthetic_manifest(
-            args.ct, staging, _pair_maker(args), _settings(args),
+            args.ct, staging, _pair_maker(options), _settings(options),
             lambda name, done, total: progress("simulate", done / max(total, 1), name),
         )
     if not summaries:
@@ -136,13 +137,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInputError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    options = options_from_args(args, SimulationOptions)
     staging = _staging_folder(out)
     try:
         if args.manifest:
-            return _run_manifest(args, out, staging)
+            return _run_manifest(args, options, out, staging)
         volume = read_volume(args.ct)
         points = read_points(args.points, volume.geometry) if args.points else None
-        pair = _pair_maker(args)(volume, None if points is None else points.points_lps_mm,
+        pair = _pair_maker(options)(volume, None if points is None else points.points_lps_mm,
                                  None if points is None else points.labels)
         motion = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
         summary = {
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             "points": len(pair.fixed_points),
             "motion_mm": motion,
             "jacobian_min": pair.jacobian_min,
-            **_settings(args),
+            **_settings(options),
         }
         write_synthetic_pair(pair, staging, summary)
         _publish(staging, out)

@@ -19,7 +19,6 @@ iteration (the field is contractive).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,9 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.points import PointSet
 from ..core.io.volumes import Volume
+from ..core.options import parse_options
 from ..field import DisplacementField, jacobian_determinant
+from .settings import SimulationOptions
 
 LUNG_HU = -400.0
 LUNG_DENSITY_HU = -200.0
@@ -180,28 +181,26 @@ def breathing_pull_field(fixed: Volume, seed: int, step_mm: float = 4.0) -> tupl
 
 def make_synthetic_pair(
     volume: Volume,
-    seed: int = 0,
-    mean_motion_mm: float = 7.0,
+    seed: int = SimulationOptions.seed,
+    mean_motion_mm: float = SimulationOptions.mean_motion_mm,
     points_lps_mm: np.ndarray | None = None,
     labels: list[str] | None = None,
-    num_keypoints: int = 200,
-    noise_hu: float = 20.0,
-    moving_spacing_factor: float = 1.1,
-    allow_folding: bool = False,
+    num_keypoints: int = SimulationOptions.num_keypoints,
+    noise_hu: float = SimulationOptions.noise_hu,
+    moving_spacing_factor: float = SimulationOptions.spacing_factor,
+    allow_folding: bool = SimulationOptions.allow_folding,
 ) -> SyntheticPair:
-    """Warp ``volume`` (the fixed image, HU) into a moving image with known motion.
+    """Warp ``volume`` (the fixed image, HU) into a moving image with known motion
+    (the settings of :class:`SimulationOptions`, checked there).
 
     ``points_lps_mm`` (e.g. real landmarks) become the fixed points; without them Förstner
     keypoints inside the lungs are used. Points whose true partner leaves the moving grid are
     dropped (with their labels). A motion whose map folds (Jacobian determinant <= 0 somewhere)
     has no one-to-one ground truth: it is refused unless ``allow_folding``.
     """
-    if not (math.isfinite(mean_motion_mm) and mean_motion_mm >= 0):
-        raise BadInputError(f"mean motion must be >= 0 mm, got {mean_motion_mm}")
-    if not (math.isfinite(moving_spacing_factor) and moving_spacing_factor > 0):
-        raise BadInputError(f"the moving spacing factor must be > 0, got {moving_spacing_factor}")
-    if not (math.isfinite(noise_hu) and noise_hu >= 0):
-        raise BadInputError(f"the noise must be >= 0 HU, got {noise_hu}")
+    parse_options(SimulationOptions, {"seed": seed, "mean_motion_mm": mean_motion_mm, "num_keypoints": num_keypoints,
+                                      "noise_hu": noise_hu, "spacing_factor": moving_spacing_factor,
+                                      "allow_folding": allow_folding})
     moving_geometry = _moving_geometry(volume.geometry, moving_spacing_factor)
     field_geometry, unit_field = breathing_pull_field(volume, seed)
     if points_lps_mm is None:

@@ -1,0 +1,24 @@
+"""The knobs of the synthetic pairs, typed and range-checked like :mod:`MedDIFTLib.core.options`
+(torch- and numpy-free, so ``meddift simulate --help`` reads its defaults from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.options import Options, option
+
+
+@dataclass(frozen=True)
+class SimulationOptions(Options):
+    """How a synthetic pair is made from a real CT (distances in mm)."""
+
+    seed: int = option(0, minimum=0, help="motion and noise seed")
+    mean_motion_mm: float = option(7.0, minimum=0.0, help="mean motion at the points, mm")
+    num_keypoints: int = option(200, minimum=1, help="automatic keypoints in the lungs (when no points are given)")
+    noise_hu: float = option(20.0, minimum=0.0, help="Gaussian noise, HU")
+    spacing_factor: float = option(1.1, above=0.0, help="moving voxel size relative to the CT")
+    allow_folding: bool = option(False, help="keep a motion that folds (Jacobian determinant <= 0), which has "
+                                 "no one-to-one ground truth")
+
+
+__all__ = ["SimulationOptions"]
