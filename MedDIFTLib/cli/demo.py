@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.devices import resolve_device
     from ..core.io import PointSet, read_points, read_volume, write_points
-    from ..core.options import MatchOptions
+    from ..core.options import MatchOptions, RunSettings
     from ..core.progress import scaled
     from ..evaluation.metrics import tre_stats
     from ..evaluation.simulate import make_synthetic_pair, phantom_ct
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         pair = make_synthetic_pair(phantom_ct(seed), seed=seed, num_keypoints=40)
         source = "built-in phantom (../shared/data not found) with automatic keypoints"
     initial = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
-    featurizer = create_featurizer("mind", device=str(device))
+    featurizer = create_featurizer(RunSettings.backbone, device=str(device))
     started = time.perf_counter()
     with ProgressBar() as progress:
         fixed = featurizer.extract(pair.fixed, scaled(progress, 0.0, 0.2)).to(device)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for name, stats in (("before matching:", initial), ("after matching: ", final)):
         print(f"  error {name} mean {stats['mean']:.2f} mm, p95 {stats['p95']:.2f} mm, max {stats['max']:.2f} mm")
     print(f"  reliable matches: {int(result.reliable.sum())}/{len(result.reliable)}; "
-          f"backbone MIND-SSC on {device}; {seconds:.1f} s")
+          f"backbone '{featurizer.name}' on {device}; {seconds:.1f} s")
     if output is not None:
         write_points(PointSet(result.points_lps_mm, pair.fixed_points.labels, unreliable=~result.reliable,
                               attributes={"confidence": result.confidence}), output)

@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..core.options import RunSettings
+from ..evaluation.methods import IDENTITY
 from .common import add_device_argument
 
 LAYOUT_CHOICES = ("auto", "dirlab", "copdgene", "learn2reg", "manifest")
@@ -39,8 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "One failing case is recorded and the others go on.",
     )
     parser.add_argument("dataset", help="dataset folder or CSV manifest")
-    parser.add_argument("--methods", nargs="+", default=["identity", "mind"], metavar="METHOD",
-                        help="methods to compare (default: identity mind)")
+    methods = [IDENTITY, RunSettings.backbone]
+    parser.add_argument("--methods", nargs="+", default=methods, metavar="METHOD",
+                        help=f"methods to compare (default: {' '.join(methods)})")
     parser.add_argument("--out", required=True, help="output folder (created; new or empty unless --resume or "
                         "--overwrite)")
     parser.add_argument("--resume", action="store_true",
