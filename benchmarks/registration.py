@@ -144,8 +144,7 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
         from MedDIFTLib.field import register
 
         backbone = method.removeprefix("meddift-")
-        options = {"weights_dir": weights_dir} if weights_dir and backbone == "maisi" else {}
-        featurizer = create_featurizer(backbone, **options)
+        featurizer = create_featurizer(backbone, **({"weights_dir": weights_dir} if weights_dir else {}))
         field = register(featurizer.extract(fixed), featurizer.extract(moving), fixed)
         moved = field.transform_points(points)
     seconds = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
@@ -158,7 +157,7 @@ def _methods(weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
     """Methods that can run here, and the reason each other one is left out."""
     import importlib.util
 
-    from MedDIFTLib.features import available_backbones
+    from MedDIFTLib.features import available_backbones, backbone_spec
 
     methods, skipped = ["identity", "bspline"], {}
     if importlib.util.find_spec("convexAdam") is None:
@@ -166,8 +165,8 @@ def _methods(weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
     else:
         methods.append("convexadam")
     for backbone in available_backbones():
-        if backbone == "maisi" and not weights_dir:
-            skipped["meddift-maisi"] = "MAISI weights not on this machine (give --weights-dir)"
+        if backbone_spec(backbone).requires_weights and not weights_dir:
+            skipped[f"meddift-{backbone}"] = "needs pretrained weights (give --weights-dir)"
             continue
         methods.append(f"meddift-{backbone}")
     return methods, skipped

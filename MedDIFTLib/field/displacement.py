@@ -21,6 +21,8 @@ from ..core.geometry import Geometry
 from ..core.io.atomic import atomic_output
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
+from ..matching import node_grid
+from ..matching.sampling import sample
 from . import grids
 
 FIELD_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -64,7 +66,7 @@ def _displacements_at(field: DisplacementField, points_lps_mm: np.ndarray) -> np
     displacement = np.zeros_like(points)
     if inside.any():
         values = torch.from_numpy(field.displacement_lps_mm).permute(3, 0, 1, 2)
-        samples = grids.sample(values, torch.as_tensor(ijk[inside], dtype=torch.float32))
+        samples = sample(values, torch.as_tensor(ijk[inside], dtype=torch.float32))
         displacement[inside] = samples.double().numpy()
     return displacement
 
@@ -97,7 +99,7 @@ def warp_volume(
         positions = grids.slab_lps(geometry, k_start, k_stop)
         positions += torch.from_numpy(field.displacement_lps_mm[k_start:k_stop].reshape(-1, 3)).double()
         moving_ijk = positions @ matrix + offset
-        values = grids.sample(moving_tensor, moving_ijk)[:, 0]
+        values = sample(moving_tensor, moving_ijk)[:, 0]
         outside = ((moving_ijk < -0.5) | (moving_ijk > upper)).any(dim=1)
         values[outside] = fill
         output[k_start:k_stop] = values.reshape(k_stop - k_start, *geometry.shape_kji[1:]).numpy()
@@ -158,7 +160,7 @@ def invert(
     ``solve_spacing_mm`` solves on a coarser node grid of ``geometry`` and interpolates
     (trilinear) the result: the field is smooth, so a grid of a few mm loses well under 0.1 mm.
     """
-    solve_geometry = geometry if solve_spacing_mm is None else grids.node_grid(geometry, solve_spacing_mm)
+    solve_geometry = geometry if solve_spacing_mm is None else node_grid(geometry, solve_spacing_mm)
     forward = field.as_tensor()
     lps_to_fixed = np.linalg.inv(field.geometry.affine_ijk_to_lps)
     matrix = torch.as_tensor(lps_to_fixed[:3, :3].T, dtype=torch.float32)
@@ -168,9 +170,9 @@ def invert(
     for count, (k_start, k_stop) in enumerate(slab_list):
         positions = grids.slab_lps(solve_geometry, k_start, k_stop).float()
         base_ijk = positions @ matrix + offset
-        solution = -grids.sample(forward, base_ijk)
+        solution = -sample(forward, base_ijk)
         for _ in range(iterations - 1):
-            solution = -grids.sample(forward, base_ijk + solution @ matrix)
+            solution = -sample(forward, base_ijk + solution @ matrix)
         inverse[:, k_start:k_stop] = solution.T.reshape(3, k_stop - k_start, *solve_geometry.shape_kji[1:])
         progress("inverse", (count + 1) / len(slab_list), "")
     if solve_geometry != geometry:

@@ -1,8 +1,9 @@
-"""Grid helpers for displacement fields: coarse node grids, index maps and trilinear sampling.
+"""Grid helpers for displacement fields: pooled grids, index maps, slabs and trilinear resampling.
 
 Tensors holding a vector or feature field are ``(C, K, J, I)`` on a :class:`Geometry`; points
 are LPS mm ``(N, 3)``; voxel coordinates are continuous ``ijk`` (SimpleITK order, 0-based).
-Sampling is trilinear; outside the grid the border value is repeated.
+Sampling is the engine's (:func:`MedDIFTLib.matching.sampling.sample`: trilinear, border repeated);
+node grids are the lattice layout's (:func:`MedDIFTLib.matching.node_grid`).
 """
 
 from __future__ import annotations
@@ -14,20 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.geometry import Geometry
+from ..matching.sampling import sample
 
 SLAB_VOXELS = 2**21
-
-
-def node_grid(geometry: Geometry, spacing_mm: float) -> Geometry:
-    """A coarser grid whose nodes sit on voxels of ``geometry`` and cover all of it.
-
-    Per axis the step is the whole number of voxels closest to ``spacing_mm`` (at least one);
-    node 0 is voxel 0 and the last node lies at or beyond the last voxel.
-    """
-    factors = np.maximum(1, np.round(spacing_mm / np.asarray(geometry.spacing_mm))).astype(int)
-    shape = np.ceil((np.asarray(geometry.shape_ijk) - 1) / factors).astype(int) + 1
-    spacing = np.asarray(geometry.spacing_mm) * factors
-    return Geometry.create(shape, spacing, geometry.origin_lps_mm, geometry.direction_matrix)
 
 
 def pooled_grid(geometry: Geometry, factors_ijk: np.ndarray) -> Geometry:
@@ -64,20 +54,6 @@ def index_map(source: Geometry, target: Geometry) -> tuple[np.ndarray, np.ndarra
     matrix = np.linalg.solve(source_affine[:3, :3], target_affine[:3, :3])
     offset = np.linalg.solve(source_affine[:3, :3], target_affine[:3, 3] - source_affine[:3, 3])
     return matrix, offset
-
-
-def normalised(ijk: torch.Tensor, shape_ijk: tuple[int, int, int]) -> torch.Tensor:
-    """Voxel coordinates -> ``grid_sample``'s [-1, 1] (``align_corners=True``)."""
-    sizes = torch.tensor(shape_ijk, dtype=ijk.dtype, device=ijk.device)
-    return torch.where(sizes > 1, 2.0 * ijk / (sizes - 1).clamp(min=1) - 1.0, torch.zeros_like(ijk))
-
-
-def sample(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples ``(N, C)`` of ``values`` ``(C, K, J, I)`` at voxel coordinates ``(N, 3)``."""
-    shape_ijk = tuple(values.shape[1:][::-1])
-    grid = normalised(ijk.to(values.dtype), shape_ijk).reshape(1, -1, 1, 1, 3)
-    samples = F.grid_sample(values[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return samples[0, :, :, 0, 0].T
 
 
 def sample_lps(values: torch.Tensor, geometry: Geometry, points_lps_mm: np.ndarray) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeaturePyramid
+from ..matching.sampling import sample
 from . import grids
 
 MAX_CHANNELS = 16
@@ -136,7 +137,7 @@ def _linearise(terms: list[_LevelTerm], displacement: torch.Tensor):
     hessian = displacement.new_zeros((count, 3, 3))
     for term in terms:
         channels = term.channels
-        samples = grids.sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk)
+        samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk)
         residual = samples[:, :channels] - term.fixed_features
         derivative_ijk = samples[:, channels:].reshape(count, 3, channels)
         energy += term.weight * float(residual.pow(2).sum())

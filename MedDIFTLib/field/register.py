@@ -2,18 +2,17 @@
 
 Pipeline (each step reads only the :class:`FeaturePyramid` contract, so any backbone works):
 
-1. Local search: every node of a regular lattice of the fixed image (``FieldLevel.spacing_mm``)
-   is searched within ``search_radius_mm`` of the field so far, on the fused multi-level cosine
-   similarity, with a forward-backward check and a confidence (:mod:`.search`).
-2. Robust fit: a smooth field is fitted to the matches inside the body (or a user mask), each
-   weighted by its confidence and by a robust weight, so bad matches do not pull it (:mod:`.fit`).
-3. Coarse to fine: a further level searches a finer lattice around the field so far (the moving
-   descriptors are sampled through it), and its fitted residual is composed with the field.
+1. Matches: the correspondence engine's lattice layout (:func:`MedDIFTLib.matching.match_lattice`)
+   matches every node of a regular lattice of the fixed image (``FieldLevel.spacing_mm``) within
+   ``search_radius_mm`` of the field so far, with its forward-backward check and confidence, so
+   the field and ``match`` rest on the same similarity.
+2. Robust fit: a smooth field is fitted to those Correspondences inside the body (or a user mask),
+   each weighted by its confidence and by a robust weight, so bad matches do not pull it (:mod:`.fit`).
+3. Coarse to fine: a further level matches a finer lattice through the field so far (the moving
+   descriptors are sampled through it) and the field is fitted again to its matches.
 4. Instance optimisation on the descriptor similarity with a diffusion penalty (:mod:`.optimise`).
-   The search gives the capture range (tens of mm) but lattice-limited, smoothed answers; the
-   optimisation uses every node of the mask and halves the error on our test pairs (pulmonary
-   crop: 1.6 -> 0.76 mm mean), so it is on by default. A second, finer search level instead
-   costs more and gains less (1.07 mm without optimisation), so the default uses one.
+   The lattice gives the capture range (tens of mm) but answers limited by its step; the
+   optimisation uses every node of the mask and refines them, so it is on by default.
 """
 
 from __future__ import annotations
@@ -29,9 +28,10 @@ from scipy import ndimage
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume, write_volume
-from ..core.options import FieldLevel, FieldOptions
+from ..core.options import FieldLevel, FieldOptions, MatchOptions
 from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
+from ..matching import match_lattice
 from . import grids
 from .displacement import (
     DisplacementField,
@@ -43,7 +43,6 @@ from .displacement import (
 )
 from .fit import robust_fit
 from .optimise import instance_optimise
-from .search import lattice_search
 
 MIN_POINTS = 8
 
@@ -101,14 +100,9 @@ def mask_from_volume(mask: Volume) -> Mask:
     return Mask(inside, mask.geometry)
 
 
-def _compose(residual: torch.Tensor, previous: torch.Tensor | None, grid: Geometry, previous_grid: Geometry | None):
-    """Node values on ``grid`` of ``x -> r(x) + u(x + r(x))`` (the residual, then the field so far)."""
-    if previous is None:
-        return residual
-    points = grid.ijk_to_lps(np.argwhere(np.ones(grid.shape_kji, bool))[:, ::-1].astype(float))
-    shifted = points + residual.reshape(3, -1).T.double().numpy()
-    values = residual.reshape(3, -1).T + grids.sample_lps(previous, previous_grid, shifted)
-    return values.T.reshape(residual.shape).contiguous()
+def level_match_options(level: FieldLevel) -> MatchOptions:
+    """The engine's options for one field level: its radius, candidates every ``spacing_mm``."""
+    return MatchOptions(search_radius_mm=level.search_radius_mm, coarse_step_mm=level.spacing_mm)
 
 
 def register(
@@ -143,34 +137,31 @@ def register(
     with torch.no_grad():
         for index, level in enumerate(options.levels):
             report = scaled(progress, matching_share * index / level_count, matching_share * (index + 1) / level_count)
-            prior = None if values is None else (values, values_grid)
-            matches = lattice_search(
+            lattice = match_lattice(
                 fixed_pyramid,
                 moving_pyramid,
                 level.spacing_mm,
-                level.search_radius_mm,
+                level_match_options(level),
+                None if values is None else (values, values_grid),
                 level.aggregation_nodes,
-                prior,
                 scaled(report, 0.0, 0.8),
             )
-            grid = matches.grid
-            nodes = grid.ijk_to_lps(np.argwhere(np.ones(grid.shape_kji, bool))[:, ::-1].astype(float))
-            inside = torch.as_tensor(region.contains(nodes).reshape(grid.shape_kji))
+            matches = lattice.matches
+            inside = region.contains(matches.fixed_points_lps_mm)
             if int(inside.sum()) < MIN_POINTS:
                 raise BadInputError(
                     f"only {int(inside.sum())} lattice nodes of {level.spacing_mm} mm fall inside the mask; "
                     "use a larger mask or a finer lattice"
                 )
             report("fit", 0.8, f"level {index + 1}: fitting {int(inside.sum())} matches")
-            residual, _ = robust_fit(
-                matches.shift_lps_mm,
-                matches.confidence * inside,
-                grid,
+            values, _ = robust_fit(
+                lattice.on_grid(matches.displacement_lps_mm),
+                lattice.on_grid(np.where(inside, matches.confidence, 0.0)),
+                lattice.grid,
                 level.smoothness_mm,
                 robust_iterations=options.robust_iterations,
             )
-            values = _compose(residual, values, grid, values_grid)
-            values_grid = grid
+            values_grid = lattice.grid
             report("fit", 1.0, f"level {index + 1} done")
     param_grid = grids.cell_grid(geometry, options.optimise_spacing_mm)
     if values is None:

@@ -1,0 +1,112 @@
+"""The point layout: match a set of fixed points (LPS mm) into the moving volume.
+
+Each point's candidates form a lattice of moving voxels inside a sphere of ``search_radius_mm``
+around its prior (default: the same world position): first every ``coarse_step_mm``, then every
+voxel around the coarse best (``coarse_to_fine``), or the whole volume on the coarse lattice
+first (``mode="global"``). The best candidate is refined by a parabola (:mod:`.subvoxel`), every
+match runs backwards (moving -> fixed) and the forward-backward distance and the peak similarity
+give the confidence (:mod:`.correspondences`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.options import MatchOptions
+from ..core.progress import ProgressFn, no_progress, scaled
+from ..features.protocol import FeaturePyramid
+from .candidates import CandidateLattice
+from .correspondences import Correspondences
+from .scorer import Scorer
+from .search import global_priors, local_search
+
+
+def _match_one_way(
+    source: FeaturePyramid,
+    target: FeaturePyramid,
+    points_lps_mm: np.ndarray,
+    priors_lps_mm: np.ndarray,
+    options: MatchOptions,
+    progress: ProgressFn,
+    stage: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Match ``points_lps_mm`` of ``source`` into ``target``: positions (N, 3) and scores (N,)."""
+    scorer = Scorer(source, target, options)
+    geometry = target.image_geometry
+    coarse_lattice = None
+    if options.mode == "global" or options.coarse_to_fine:
+        coarse_lattice = CandidateLattice.around(geometry, options.search_radius_mm, options.coarse_step_mm)
+        fine_radius = float(np.linalg.norm(coarse_lattice.stride * np.asarray(geometry.spacing_mm)))
+        fine_lattice = CandidateLattice.around(geometry, fine_radius)
+    else:
+        fine_lattice = CandidateLattice.around(geometry, options.search_radius_mm)
+    lattices = [lattice for lattice in (coarse_lattice, fine_lattice) if lattice is not None]
+    batch = min(scorer.batch_size(lattice) for lattice in lattices)
+    if options.mode == "global":
+        largest = max(level.geometry.num_voxels for level in target.levels)
+        batch = min(batch, max(1, int(scorer.budget_bytes // (largest * 4 * 3))))
+    positions = np.zeros_like(points_lps_mm)
+    scores = np.zeros(len(points_lps_mm))
+    for begin in range(0, len(points_lps_mm), batch):
+        chunk = slice(begin, begin + batch)
+        descriptors = scorer.fixed_descriptors(points_lps_mm[chunk])
+        priors = priors_lps_mm[chunk]
+        if options.mode == "global":
+            priors = global_priors(scorer, descriptors, options.coarse_step_mm)
+        elif options.coarse_to_fine:
+            priors, _ = local_search(scorer, descriptors, priors, coarse_lattice, subvoxel=False)
+        positions[chunk], scores[chunk] = local_search(scorer, descriptors, priors, fine_lattice, options.subvoxel)
+        done = min(begin + batch, len(points_lps_mm))
+        progress(stage, done / len(points_lps_mm), f"{done}/{len(points_lps_mm)} points")
+    return positions, scores
+
+
+def check_points(geometry: Geometry, points_lps_mm: np.ndarray) -> np.ndarray:
+    """The points as an (N, 3) array; rejects none, non-finite ones and ones outside ``geometry``."""
+    points = np.asarray(points_lps_mm, float).reshape(-1, 3)
+    if len(points) == 0:
+        raise BadInputError("no points to match")
+    if not np.isfinite(points).all():
+        raise BadInputError("some points have non-finite coordinates")
+    outside = np.flatnonzero(~geometry.contains_lps(points))
+    if len(outside):
+        listed = ", ".join(str(n + 1) for n in outside[:10]) + (" ..." if len(outside) > 10 else "")
+        raise BadInputError(f"{len(outside)} of {len(points)} points lie outside the fixed volume (points {listed})")
+    return points
+
+
+def match_points(
+    fixed: FeaturePyramid,
+    moving: FeaturePyramid,
+    points_lps_mm: np.ndarray,
+    priors_lps_mm: np.ndarray | None = None,
+    options: MatchOptions | None = None,
+    progress: ProgressFn = no_progress,
+) -> Correspondences:
+    """Find each fixed point (N, 3 LPS mm) in the moving volume.
+
+    ``priors_lps_mm`` centres the local search (default: the same world position); the backward
+    check then starts from each match minus the same prior offset. Points outside the fixed
+    volume are rejected; a point whose window misses the moving volume is returned at its prior
+    with confidence 0.
+    """
+    options = options or MatchOptions()
+    points = check_points(fixed.image_geometry, points_lps_mm)
+    priors = points if priors_lps_mm is None else np.asarray(priors_lps_mm, float).reshape(points.shape)
+    forward_share = 0.5 if options.backward_check else 1.0
+    with torch.inference_mode():
+        matched, similarity = _match_one_way(
+            fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match"
+        )
+        if options.backward_check:
+            back_priors = matched - (priors - points)
+            back, _ = _match_one_way(
+                moving, fixed, matched, back_priors, options, scaled(progress, forward_share, 1.0), "backward check"
+            )
+            forward_backward = np.linalg.norm(back - points, axis=1)
+        else:
+            forward_backward = np.full(len(points), np.nan)
+    return Correspondences.scored(points, matched, similarity, forward_backward, options)

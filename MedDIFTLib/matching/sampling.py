@@ -1,0 +1,48 @@
+"""Trilinear sampling of feature and vector volumes: the one ``grid_sample`` wrapper.
+
+Volumes are ``(C, K, J, I)`` tensors (or batched ``(B, C, K, J, I)``) on a :class:`Geometry`;
+coordinates are continuous voxel indices ``ijk`` (SimpleITK order, 0-based). Outside the grid
+the border value is repeated, as ``F.interpolate`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..features.protocol import FeatureLevel
+
+
+def normalised(ijk: torch.Tensor, shape_ijk: tuple[int, int, int]) -> torch.Tensor:
+    """Voxel coordinates -> ``grid_sample``'s [-1, 1] (``align_corners=True``)."""
+    sizes = torch.tensor(shape_ijk, dtype=ijk.dtype, device=ijk.device)
+    return torch.where(sizes > 1, 2.0 * ijk / (sizes - 1).clamp(min=1) - 1.0, torch.zeros_like(ijk))
+
+
+def interpolate(volume: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``(B, C, N)`` of ``volume`` ``(B, C, K, J, I)`` at ``(B, N, 3)`` voxel coordinates."""
+    shape_ijk = tuple(int(n) for n in volume.shape[2:][::-1])
+    grid = normalised(ijk.to(volume.dtype), shape_ijk)[:, :, None, None, :]
+    samples = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return samples[:, :, :, 0, 0]
+
+
+def sample(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples ``(N, C)`` of ``values`` ``(C, K, J, I)`` at voxel coordinates ``(N, 3)``."""
+    return interpolate(values[None], ijk.reshape(1, -1, 3))[0].T
+
+
+def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Continuous voxel coordinates (..., 3) on ``level``'s grid of LPS points (..., 3)."""
+    points = np.asarray(points_lps_mm, float)
+    ijk = level.geometry.lps_to_ijk(points.reshape(-1, 3)).reshape(points.shape)
+    return torch.as_tensor(ijk, dtype=torch.float32, device=device)
+
+
+def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
+    """L2-normalised descriptors (..., C) of ``level`` at LPS points (..., 3), trilinear."""
+    points = np.asarray(points_lps_mm, float)
+    coords = level_ijk(level, points.reshape(-1, 3), level.features.device)
+    samples = sample(level.features.float(), coords)
+    return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)

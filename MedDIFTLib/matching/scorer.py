@@ -1,0 +1,184 @@
+"""The one scorer: fused multi-level patch cosine of fixed descriptors against moving candidates.
+
+A level's similarity between a fixed point ``x`` and a moving point ``y`` is the mean cosine over
+a patch of ``(2r+1)^3`` moving-level voxel offsets ``o``: ``mean_o <f(x + o), m(y + o)>`` with
+L2-normalised descriptors (``r`` = ``FeatureLevel.patch_radius`` or ``MatchOptions.patch_radius``;
+r = 0 is the plain voxel cosine of the paper). The fused similarity is the weighted mean over
+levels (weights normalised to sum 1). This module scores the point layout; the lattice layout
+(:mod:`.lattice`) scores the same quantity for a grid of fixed points, one shared shift at a time.
+
+Two ways to score a level, both memory-bounded (nothing is ever upsampled to the full image):
+- native (default): cosine at the level's own voxels inside a box around the window, then
+  trilinear interpolation of that similarity map at the candidates;
+- exact: trilinear interpolation of the features at the candidates, then cosine. This equals
+  "upsample all channels to the image grid, then cosine" (the reference implementation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import BadInputError
+from ..core.options import MatchOptions
+from ..features.protocol import FeatureLevel, FeaturePyramid
+from .candidates import CandidateLattice, patch_offsets_ijk
+from .sampling import interpolate, level_ijk, sample_descriptors
+
+
+def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
+    """Indices of the levels whose voxels are at least half of ``step_mm`` (finer ones would only
+    alias on a lattice of that step); the coarsest level when none is."""
+    chosen = [n for n, level in enumerate(levels) if min(level.geometry.spacing_mm) >= step_mm / 2 - 1e-6]
+    return chosen or [int(np.argmax([np.prod(level.geometry.spacing_mm) for level in levels]))]
+
+
+class Scorer:
+    """Fused similarity of fixed descriptors against moving candidates, batch by batch.
+
+    Holds the fusion plan (normalised level ``weights``, patch ``radii``) that both layouts use.
+    """
+
+    def __init__(self, fixed: FeaturePyramid, moving: FeaturePyramid, options: MatchOptions) -> None:
+        if len(fixed.levels) != len(moving.levels):
+            raise BadInputError("fixed and moving features come from different backbone configurations")
+        weights = options.level_weights or tuple(level.weight for level in moving.levels)
+        if len(weights) != len(moving.levels):
+            raise BadInputError(f"{len(weights)} level weights for {len(moving.levels)} levels")
+        total = float(sum(weights))
+        if total <= 0:
+            raise BadInputError("level weights must have a positive sum")
+        self.fixed = fixed
+        self.moving = moving
+        self.weights = [w / total for w in weights]
+        self.radii = [
+            int(options.patch_radius if options.patch_radius is not None else level.patch_radius)
+            for level in moving.levels
+        ]
+        self.exact = options.exact
+        self.budget_bytes = options.memory_budget_mb * 2**20
+
+    def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
+        """Per level, (B, n_patch, C) fixed descriptors on the moving level's patch offsets."""
+        descriptors = []
+        for fixed_level, moving_level, radius in zip(self.fixed.levels, self.moving.levels, self.radii):
+            offsets_mm = patch_offsets_ijk(radius) @ moving_level.geometry.affine_ijk_to_lps[:3, :3].T
+            positions = points_lps_mm[:, None, :] + offsets_mm[None]
+            descriptors.append(sample_descriptors(fixed_level, positions))
+        return descriptors
+
+    def _image_to_level(self, level: FeatureLevel) -> np.ndarray:
+        image = self.moving.image_geometry
+        return np.linalg.solve(level.geometry.affine_ijk_to_lps[:3, :3], image.affine_ijk_to_lps[:3, :3])
+
+    def _box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
+        """Stride and half-count (ijk, level voxels) of the similarity samples for one lattice.
+
+        Where the lattice steps over several level voxels along an axis (and the axes agree),
+        the level is scored only every ``stride`` voxels; ``half`` samples each side of the
+        centre cover every candidate plus one sample for interpolation.
+        """
+        image_to_level = self._image_to_level(level)
+        extent = np.abs(image_to_level) @ (lattice.half * lattice.stride + 0.5)
+        aligned = np.allclose(image_to_level, np.diag(np.diag(image_to_level)), atol=1e-6)
+        step = np.abs(np.diag(image_to_level)) * lattice.stride
+        stride = np.maximum(1, np.floor(step + 1e-6)).astype(int) if aligned else np.ones(3, int)
+        half = np.ceil(extent / stride).astype(int) + 1
+        return stride, half
+
+    def _coarser_than(self, level: FeatureLevel, lattice: CandidateLattice) -> bool:
+        """True where the level's voxels are wider than the lattice step along some axis."""
+        step_in_level_voxels = np.linalg.norm(self._image_to_level(level) * lattice.stride[None, :], axis=0)
+        return bool(np.any(step_in_level_voxels < 1.0 - 1e-6))
+
+    def _exact_levels(self, lattice: CandidateLattice | None) -> list[bool]:
+        """Which levels to score the exact way on this lattice.
+
+        Interpolating a similarity map cannot place a peak between voxels wider than the lattice
+        step. When some level is fine enough (MIND's full-resolution level), it localises the
+        peak and coarser levels only add context, so all stay native. When none is (the
+        diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored exactly.
+        """
+        if self.exact or lattice is None:
+            return [True] * len(self.moving.levels)
+        coarse = [self._coarser_than(level, lattice) for level in self.moving.levels]
+        return coarse if all(coarse) else [False] * len(coarse)
+
+    def batch_size(self, lattice: CandidateLattice) -> int:
+        """Points per batch that keep one batch's working tensors within the memory budget."""
+        per_point = 0
+        for level, radius, exact in zip(self.moving.levels, self.radii, self._exact_levels(lattice)):
+            patch = (2 * radius + 1) ** 3
+            if exact:
+                per_point = max(per_point, level.channels * lattice.size * patch * 4 * 2)
+            else:
+                stride, half = self._box_layout(level, lattice)
+                box = int(np.prod(2 * (radius + stride * half) + 2))
+                per_point = max(per_point, (level.channels * 2 + 2) * box * 4 + lattice.size * 16)
+        return max(1, int(self.budget_bytes // max(per_point, 1)))
+
+    def score(
+        self,
+        descriptors: list[torch.Tensor],
+        candidates_lps_mm: np.ndarray,
+        centres_lps_mm: np.ndarray,
+        lattice: CandidateLattice | None,
+    ) -> torch.Tensor:
+        """Fused similarity (B, Nc) of B fixed descriptors at their (B, Nc, 3) candidates.
+
+        Without a ``lattice`` (arbitrary candidates) every level is scored the exact way.
+        """
+        fused = None
+        exact_levels = self._exact_levels(lattice)
+        for level, descriptor, weight, radius, exact in zip(
+            self.moving.levels, descriptors, self.weights, self.radii, exact_levels
+        ):
+            coords = level_ijk(level, candidates_lps_mm, level.features.device)
+            if exact:
+                similarity = self._score_exact(level, descriptor, coords, radius)
+            else:
+                similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice, radius)
+            fused = weight * similarity if fused is None else fused + weight * similarity
+        return fused
+
+    @staticmethod
+    def _score_exact(level: FeatureLevel, descriptor: torch.Tensor, coords: torch.Tensor, radius: int) -> torch.Tensor:
+        batch, count, _ = coords.shape
+        offsets = torch.as_tensor(patch_offsets_ijk(radius), dtype=coords.dtype, device=coords.device)
+        positions = (coords[:, :, None, :] + offsets[None, None]).reshape(1, -1, 3)
+        samples = interpolate(level.features[None].float(), positions)[0]
+        samples = F.normalize(samples.reshape(level.channels, batch, count, len(offsets)), dim=0)
+        return torch.einsum("cbnd,bdc->bn", samples, descriptor) / len(offsets)
+
+    def _score_native(
+        self,
+        level: FeatureLevel,
+        descriptor: torch.Tensor,
+        coords: torch.Tensor,
+        centres_lps_mm: np.ndarray,
+        lattice: CandidateLattice,
+        radius: int,
+    ) -> torch.Tensor:
+        """Patch cosine on the level's own voxels (every ``stride``), interpolated at candidates."""
+        device = level.features.device
+        shape_ijk = level.geometry.shape_ijk
+        stride, half = self._box_layout(level, lattice)
+        centre = np.floor(level.geometry.lps_to_ijk(centres_lps_mm) + 1e-6).astype(int)
+        first = centre - stride * half
+        start = torch.as_tensor(first - radius, device=device)
+        box = [torch.arange(2 * (radius + s * h) + 2, device=device) for s, h in zip(stride, half)]
+        index = [(start[:, axis, None] + box[axis][None]).clamp(0, shape_ijk[axis] - 1) for axis in range(3)]
+        features = level.features[:, index[2][:, :, None, None], index[1][:, None, :, None], index[0][:, None, None, :]]
+        features = F.normalize(features.float(), dim=0)
+        batch = features.shape[1]
+        width = 2 * radius + 1
+        kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, width, width, width)
+        inputs = features.transpose(0, 1).reshape(1, batch * level.channels, *features.shape[2:])
+        similarity = F.conv3d(inputs, kernels, stride=tuple(int(v) for v in stride[::-1]), groups=batch)[0]
+        similarity = similarity / width**3
+        upper = torch.tensor(shape_ijk, dtype=coords.dtype, device=device) - 1
+        origin = torch.as_tensor(first, dtype=coords.dtype, device=device)[:, None, :]
+        step = torch.as_tensor(stride, dtype=coords.dtype, device=device)
+        relative = (coords.clamp(min=torch.zeros_like(upper), max=upper) - origin) / step
+        return interpolate(similarity[:, None], relative)[:, 0]

@@ -1,0 +1,74 @@
+"""Searches of the point layout: the best candidate on a lattice around each prior (local), and
+the best position over the whole moving volume (global).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .candidates import CandidateLattice
+from .sampling import interpolate, level_ijk
+from .scorer import Scorer, resolving_levels
+from .subvoxel import subvoxel_offsets
+
+
+def local_search(
+    scorer: Scorer,
+    descriptors: list[torch.Tensor],
+    priors_lps_mm: np.ndarray,
+    lattice: CandidateLattice,
+    subvoxel: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best candidate (B, 3) LPS mm and its score (B,) for one batch on one lattice.
+
+    Candidates outside the moving volume or the lattice's sphere are never chosen; a point
+    with none left stays at its prior with score ``-inf``.
+    """
+    geometry = scorer.moving.image_geometry
+    centre_ijk = np.round(geometry.lps_to_ijk(priors_lps_mm))
+    candidates_ijk = centre_ijk[:, None, :] + lattice.offsets_ijk()[None]
+    candidates_lps = geometry.ijk_to_lps(candidates_ijk.reshape(-1, 3)).reshape(candidates_ijk.shape)
+    inside = np.all((candidates_ijk >= 0) & (candidates_ijk <= np.asarray(geometry.shape_ijk) - 1), axis=2)
+    within = np.linalg.norm(candidates_lps - priors_lps_mm[:, None, :], axis=2) <= lattice.radius_mm + 1e-6
+    scores = scorer.score(descriptors, candidates_lps, geometry.ijk_to_lps(centre_ijk), lattice)
+    scores = scores.masked_fill(~torch.as_tensor(inside & within, device=scores.device), float("-inf"))
+    best_score, best = scores.max(dim=1)
+    best_ijk = candidates_ijk[np.arange(len(best)), best.cpu().numpy()]
+    if subvoxel:
+        steps = subvoxel_offsets(scores.reshape(-1, *lattice.shape_kji), best).cpu().numpy()
+        best_ijk = best_ijk + steps * lattice.stride
+    best_lps = geometry.ijk_to_lps(best_ijk)
+    found = torch.isfinite(best_score).cpu().numpy()
+    best_lps[~found] = priors_lps_mm[~found]
+    return best_lps, best_score.cpu().numpy()
+
+
+def global_priors(scorer: Scorer, descriptors: list[torch.Tensor], step_mm: float) -> np.ndarray:
+    """Best position (B, 3) over the whole moving volume, on a lattice of ``step_mm``.
+
+    Each level that resolves the step (:func:`resolving_levels`) is correlated densely with the
+    batch's patch descriptors (one ``conv3d``, the points as output channels) at its own
+    resolution; finer levels wait for the local refinement.
+    """
+    geometry = scorer.moving.image_geometry
+    stride = np.maximum(1, np.round(step_mm / np.asarray(geometry.spacing_mm))).astype(int)
+    axes = [np.arange(0, n, s) for n, s in zip(geometry.shape_ijk, stride)]
+    k, j, i = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    lattice_lps = geometry.ijk_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+    levels = scorer.moving.levels
+    coarse = resolving_levels(levels, step_mm)
+    total = sum(scorer.weights[n] for n in coarse)
+    fused = None
+    for n in coarse:
+        level, radius = levels[n], scorer.radii[n]
+        width = 2 * radius + 1
+        batch = descriptors[n].shape[0]
+        kernels = descriptors[n].transpose(1, 2).reshape(batch, level.channels, width, width, width)
+        features = F.normalize(level.features.float(), dim=0)[None]
+        similarity = F.conv3d(features, kernels.to(features.dtype), padding=radius)[0] / width**3
+        coords = level_ijk(level, lattice_lps, similarity.device)
+        weighted = interpolate(similarity[None], coords[None])[0] * (scorer.weights[n] / total)
+        fused = weighted if fused is None else fused + weighted
+    return lattice_lps[fused.argmax(dim=1).cpu().numpy()]

@@ -1,0 +1,160 @@
+"""One level of the lattice layout: patch-mean cosines of every node for shifts shared by all nodes.
+
+For a whole-voxel shift ``e`` (level voxels) the voxelwise cosine map ``D_e(u) = <f(u), m(u + e)>``
+is computed once over the level (padded by the patch radius ``r``); the patch mean at a node is
+then the ``(2r+1)^3`` box mean of ``D_e`` sampled (trilinear) at the node. Box filter and sampling
+are separable, so they are three small matrices applied to a batch of maps. The backward check
+reads the same maps: the moving point ``y`` scores the fixed candidate ``y - e`` with ``D_e(y - e)``.
+A shift that is fractional in level voxels is interpolated between whole-voxel shifts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import BadInputError
+from ..core.geometry import Geometry
+from ..core.progress import ProgressFn
+from ..features.protocol import FeatureLevel
+from .nodes import FieldOnGrid, displacement_at, grid_points
+from .sampling import sample
+
+BATCH_BYTES = 2**26
+
+
+class NodeSampler:
+    """Box mean over ``(2r+1)^3`` level voxels, then trilinear sampling at the nodes of a grid.
+
+    The node grid's axes must map onto the level's axes (a scaled, signed permutation: true of
+    every pyramid level of an image, whatever the backbone's orientation).
+    """
+
+    def __init__(self, level: Geometry, nodes: Geometry, radius: int) -> None:
+        matrix = np.linalg.solve(level.affine_ijk_to_lps[:3, :3], nodes.affine_ijk_to_lps[:3, :3])
+        self.node_axis = np.argmax(np.abs(matrix), axis=1)  # per level axis (ijk), its node axis
+        kept = np.zeros_like(matrix)
+        kept[np.arange(3), self.node_axis] = matrix[np.arange(3), self.node_axis]
+        if len(set(self.node_axis.tolist())) != 3 or not np.allclose(matrix, kept, atol=1e-6):
+            raise BadInputError("the lattice's axes do not follow the feature level's axes")
+        offset = level.lps_to_ijk(np.asarray(nodes.origin_lps_mm, float)[None])[0]
+        self.coords = [
+            offset[a] + matrix[a, self.node_axis[a]] * np.arange(nodes.shape_ijk[self.node_axis[a]])
+            for a in range(3)
+        ]
+        self.sizes = level.shape_ijk
+        self.radius = radius
+        self.count = nodes.num_voxels
+        map_axes = [int(self.node_axis[2]), int(self.node_axis[1]), int(self.node_axis[0])]  # node axis per map dim
+        self.permutation = [0] + [1 + map_axes.index(axis) for axis in (2, 1, 0)]
+        self._cache: dict[tuple[int, float], torch.Tensor] = {}
+
+    def _matrix(self, axis: int, shift: float) -> torch.Tensor:
+        """``(nodes along the axis, size + 2r)``: box mean, then linear interpolation at coord - shift."""
+        key = (axis, shift)
+        if key not in self._cache:
+            size, width = self.sizes[axis], 2 * self.radius + 1
+            coords = np.clip(self.coords[axis] - shift, 0.0, size - 1)
+            low = np.minimum(np.floor(coords).astype(int), size - 1)
+            fraction = coords - low
+            rows = np.arange(len(coords))
+            interpolation = np.zeros((len(coords), size))
+            interpolation[rows, low] = 1.0 - fraction
+            upper = low + 1 < size
+            interpolation[rows[upper], low[upper] + 1] += fraction[upper]
+            box = np.zeros((size, size + width - 1))
+            for offset in range(width):
+                box[np.arange(size), np.arange(size) + offset] = 1.0 / width
+            self._cache[key] = torch.as_tensor(interpolation @ box, dtype=torch.float32)
+        return self._cache[key]
+
+    def apply(self, maps: torch.Tensor, shift_ijk: np.ndarray | None = None) -> torch.Tensor:
+        """``(B, N)`` node values (raster order) of ``(B, K + 2r, J + 2r, I + 2r)`` maps, read at
+        each node minus ``shift_ijk`` (level voxels)."""
+        shift = np.zeros(3) if shift_ijk is None else shift_ijk
+        along_i, along_j, along_k = (self._matrix(axis, float(shift[axis])) for axis in range(3))
+        values = torch.einsum("bkji,zi->bkjz", maps, along_i)
+        values = torch.einsum("bkjz,yj->bkyz", values, along_j)
+        values = torch.einsum("bkyz,xk->bxyz", values, along_k)
+        return values.permute(*self.permutation).reshape(len(maps), self.count)
+
+
+def _moving_on_level(
+    source: FeatureLevel, target: FeatureLevel, pad_ijk: np.ndarray, prior: FieldOnGrid | None
+) -> torch.Tensor:
+    """Normalised target descriptors at the source level's voxels grown by ``pad_ijk`` each side,
+    sampled through the prior, ``(C, K + 2 pad_k, J + 2 pad_j, I + 2 pad_i)``."""
+    geometry = source.geometry
+    if prior is None and target.geometry.same_grid(geometry):
+        padding = tuple(int(p) for p in np.repeat(pad_ijk, 2))
+        return F.pad(F.normalize(target.features.float(), dim=0)[None], padding, mode="replicate")[0]
+    shape = np.asarray(geometry.shape_ijk) + 2 * pad_ijk
+    origin = geometry.ijk_to_lps(-pad_ijk[None].astype(float))[0]
+    grown = Geometry.create(shape, geometry.spacing_mm, origin, geometry.direction_matrix)
+    positions = grid_points(grown)
+    positions = positions + displacement_at(prior, positions)
+    ijk = torch.as_tensor(target.geometry.lps_to_ijk(positions), dtype=torch.float32)
+    values = sample(target.features.float(), ijk)
+    return F.normalize(values, dim=1).T.reshape(-1, *grown.shape_kji)
+
+
+def _interpolation_corners(shifts_level: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole-voxel shifts ``(M, 3)`` and, per shift and corner, index ``(Nc, 8)`` and weight ``(Nc, 8)``."""
+    low = np.floor(shifts_level + 1e-6)
+    fraction = np.where(shifts_level - low < 1e-6, 0.0, shifts_level - low)
+    corners = np.array([[(c >> axis) & 1 for axis in range(3)] for c in range(8)])
+    weights = np.prod(np.where(corners[None], fraction[:, None], 1.0 - fraction[:, None]), axis=2)
+    whole = (low[:, None, :] + corners[None]).astype(int)
+    used = weights > 0
+    unique, inverse = np.unique(whole[used], axis=0, return_inverse=True)
+    index = np.zeros(weights.shape, int)
+    index[used] = inverse.reshape(-1)
+    return unique, index, weights
+
+
+def level_similarity(
+    source: FeatureLevel,
+    target: FeatureLevel,
+    radius: int,
+    grid: Geometry,
+    shifts_mm: np.ndarray,
+    prior: FieldOnGrid | None,
+    progress: ProgressFn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch-mean cosines ``(Nc, N)`` of one level for each shift (mm) at each node of ``grid``:
+    forward (node ``x`` against moving ``x + d``) and backward (moving ``x`` against fixed ``x - d``)."""
+    shifts_level = shifts_mm @ np.linalg.inv(source.geometry.affine_ijk_to_lps[:3, :3]).T
+    unique, index, weights = _interpolation_corners(shifts_level)
+    margin = np.abs(unique).max(axis=0)
+    fixed = F.pad(F.normalize(source.features.float(), dim=0)[None], (radius,) * 6, mode="replicate")[0]
+    moving = _moving_on_level(source, target, margin + radius, prior)
+    sampler = NodeSampler(source.geometry, grid, radius)
+    size_k, size_j, size_i = fixed.shape[1:]
+    forward = torch.empty((len(unique), sampler.count))
+    backward = torch.empty((len(unique), sampler.count))
+    batch = max(1, BATCH_BYTES // (4 * fixed[0].numel()))
+    for begin in range(0, len(unique), batch):
+        shifts = unique[begin : begin + batch]
+        maps = torch.empty((len(shifts), size_k, size_j, size_i))
+        for row, shift in enumerate(shifts):
+            i, j, k = (int(v) for v in margin + shift)
+            window = moving[:, k : k + size_k, j : j + size_j, i : i + size_i]
+            torch.mul(fixed[0], window[0], out=maps[row])
+            for channel in range(1, fixed.shape[0]):
+                maps[row].addcmul_(fixed[channel], window[channel])
+        forward[begin : begin + len(shifts)] = sampler.apply(maps)
+        for row, shift in enumerate(shifts):
+            backward[begin + row] = sampler.apply(maps[row : row + 1], shift)[0]
+        progress("lattice", min(1.0, (begin + batch) / len(unique)), source.name)
+    return _combine(forward, index, weights), _combine(backward, index, weights)
+
+
+def _combine(at_whole: torch.Tensor, index: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    """Values at fractional shifts ``(Nc, N)`` from values at whole shifts ``(M, N)``."""
+    result = torch.zeros((len(index), at_whole.shape[1]))
+    weights_t = torch.as_tensor(weights, dtype=torch.float32)
+    for corner in range(index.shape[1]):
+        if (weights[:, corner] > 0).any():
+            result += weights_t[:, corner, None] * at_whole[torch.as_tensor(index[:, corner])]
+    return result

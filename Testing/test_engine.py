@@ -1,0 +1,111 @@
+"""The one engine: the lattice layout gives the point layout's match, the search lattice is capped
+at the volume, and the parabola and confidence are shared."""
+
+import numpy as np
+import pytest
+import torch
+
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.options import MatchOptions
+from MedDIFTLib.features import FeatureLevel, FeaturePyramid
+from MedDIFTLib.matching import Correspondences, confidence, match_lattice, match_points, node_grid
+from MedDIFTLib.matching.candidates import CandidateLattice
+
+IMAGE = Geometry.create((28, 24, 14), (1.0, 1.25, 2.0), (10.0, -20.0, 5.0))
+
+
+def _smooth(features: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    for _ in range(passes):
+        features = torch.nn.functional.avg_pool3d(features[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+    return features
+
+
+def _pyramid(seed: int, radii=(1, 0)) -> FeaturePyramid:
+    """A full-resolution level and a level of twice the voxel size in i and j whose voxel centres
+    sit on even image voxels (so a lattice of 2 mm nodes lies on both levels' voxels)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = Geometry.create((14, 12, 14), (2.0, 2.5, 2.0), IMAGE.origin_lps_mm)
+    levels = []
+    specs = (("full", IMAGE, 4, 1.0, radii[0]), ("half", coarse, 6, 0.6, radii[1]))
+    for name, geometry, channels, weight, radius in specs:
+        features = _smooth(torch.rand((channels, *geometry.shape_kji), generator=generator) - 0.4)
+        levels.append(FeatureLevel(name, features, geometry, weight, radius))
+    return FeaturePyramid(levels, IMAGE, "random")
+
+
+def _shifted(pyramid: FeaturePyramid, shift_kji=(0, 1, 2)) -> FeaturePyramid:
+    levels = []
+    for level in pyramid.levels:
+        noise = torch.rand(level.features.shape, generator=torch.Generator().manual_seed(9))
+        features = level.features + 0.3 * _smooth(noise)
+        levels.append(FeatureLevel(level.name, torch.roll(features, shift_kji, dims=(1, 2, 3)), level.geometry,
+                                   level.weight, level.patch_radius))
+    return FeaturePyramid(levels, pyramid.image_geometry, pyramid.backbone)
+
+
+@pytest.mark.parametrize("subvoxel", [False, True])
+def test_lattice_layout_gives_the_point_layout_match(subvoxel):
+    fixed = _pyramid(1)
+    moving = _shifted(fixed)
+    options = MatchOptions(search_radius_mm=3.5, coarse_to_fine=False, backward_check=False, subvoxel=subvoxel)
+    lattice = match_lattice(fixed, moving, 2.0, options)
+    nodes = lattice.matches.fixed_points_lps_mm
+    ijk = IMAGE.lps_to_ijk(nodes)
+    interior = np.all((ijk >= 5) & (ijk <= np.asarray(IMAGE.shape_ijk) - 6), axis=1)
+    assert interior.sum() >= 20
+    points = match_points(fixed, moving, nodes[interior], options=options)
+    # float32 sums in a different order; the parabola turns 1e-6 of similarity into < 1e-3 mm
+    np.testing.assert_allclose(lattice.matches.points_lps_mm[interior], points.points_lps_mm, atol=1e-3)
+    np.testing.assert_allclose(lattice.matches.similarity[interior], points.similarity, atol=1e-5)
+    np.testing.assert_allclose(lattice.matches.confidence[interior], points.confidence, atol=1e-5)
+
+
+def test_lattice_layout_honours_the_patch_radius():
+    fixed = _pyramid(2, radii=(0, 0))
+    moving = _shifted(fixed)
+    options = MatchOptions(search_radius_mm=3.0, coarse_to_fine=False, backward_check=False, subvoxel=False)
+    plain = match_lattice(fixed, moving, 2.0, options).matches.similarity
+    wide = match_lattice(fixed, moving, 2.0, MatchOptions(**{**options.__dict__, "patch_radius": 2})).matches.similarity
+    assert np.abs(plain - wide).max() > 1e-3
+
+
+def test_lattice_layout_finds_a_shift_with_backward_check():
+    full = _pyramid(3)
+    fixed = FeaturePyramid(full.levels[:1], IMAGE, "random")
+    level = fixed.levels[0]
+    rolled = torch.roll(level.features, (1, 2), dims=(2, 3))  # 2 voxels in i (2 mm), 1 in j (1.25 mm)
+    moving = FeaturePyramid([FeatureLevel("full", rolled, IMAGE, 1.0, 1)], IMAGE, "random")
+    lattice = match_lattice(fixed, moving, 2.0, MatchOptions(search_radius_mm=4.0, coarse_to_fine=False))
+    ijk = IMAGE.lps_to_ijk(lattice.matches.fixed_points_lps_mm)
+    interior = np.all((ijk >= 4) & (ijk <= np.asarray(IMAGE.shape_ijk) - 5), axis=1)
+    displacement = lattice.matches.displacement_lps_mm[interior]
+    assert np.median(np.linalg.norm(displacement - [2.0, 1.25, 0.0], axis=1)) < 0.3
+    assert np.median(lattice.matches.forward_backward_mm[interior]) < 0.5
+    assert lattice.on_grid(lattice.matches.confidence).shape == node_grid(IMAGE, 2.0).shape_kji
+
+
+def test_candidate_lattice_is_capped_at_the_volume():
+    huge = CandidateLattice.around(IMAGE, 1000.0)
+    np.testing.assert_array_equal(huge.half, np.asarray(IMAGE.shape_ijk) - 1)
+    coarse = CandidateLattice.around(IMAGE, 1000.0, step_mm=4.0)
+    assert np.all(coarse.half * coarse.stride >= np.asarray(IMAGE.shape_ijk) - 1)
+    assert np.all((coarse.half - 1) * coarse.stride < np.asarray(IMAGE.shape_ijk) - 1)
+
+
+def test_huge_search_radius_matches_like_the_whole_volume():
+    fixed = _pyramid(4)
+    moving = _shifted(fixed)
+    points = IMAGE.ijk_to_lps(np.array([[10.0, 8.0, 6.0], [20.0, 14.0, 7.0]]))
+    whole = MatchOptions(search_radius_mm=float(np.linalg.norm(np.asarray(IMAGE.shape_ijk) * IMAGE.spacing_mm)))
+    huge = MatchOptions(search_radius_mm=1000.0)
+    np.testing.assert_allclose(match_points(fixed, moving, points, options=huge).points_lps_mm,
+                               match_points(fixed, moving, points, options=whole).points_lps_mm)
+
+
+def test_confidence_is_one_formula_in_mm():
+    options = MatchOptions(fb_scale_mm=2.0, confidence_threshold=0.5)
+    matches = Correspondences.scored(np.zeros((3, 3)), np.ones((3, 3)), np.array([0.9, 0.9, -0.2]),
+                                     np.array([0.0, 2.0, 0.0]), options)
+    np.testing.assert_allclose(matches.confidence, [0.9, 0.9 * np.exp(-0.5), 0.0])
+    np.testing.assert_array_equal(matches.reliable, [True, True, False])
+    np.testing.assert_allclose(confidence(np.array([np.nan]), np.array([0.7]), 3.0), [0.7])
