@@ -74,7 +74,12 @@ def _bad_inputs(folder, tmp_path):
     far.write_text("label,l,p,s\nfar away,5000,5000,5000\n")
     points = str(folder / "fixed.mrk.json")
     fixed, moving = str(folder / "fixed.nii.gz"), str(folder / "moving.nrrd")
+    image = sitk.ReadImage(str(folder / "moving.nrrd"))
+    image.SetOrigin([v + 2000.0 for v in image.GetOrigin()])
+    elsewhere = tmp_path / "elsewhere.nrrd"
+    sitk.WriteImage(image, str(elsewhere))
     return {
+        "volumes apart": ([fixed, str(elsewhere), "--points", points], "the volumes do not overlap"),
         "unreadable file": ([str(broken), moving, "--points", points], "cannot read as an image"),
         "missing file": ([str(tmp_path / "absent.nii.gz"), moving, "--points", points], "no such file"),
         "2D image": ([fixed, str(flat), "--points", points], "3D"),
@@ -86,8 +91,9 @@ def _bad_inputs(folder, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["unreadable file", "missing file", "2D image", "NaN voxels", "empty point file",
-                                  "points outside the volume", "unknown backbone", "bad output extension"])
+@pytest.mark.parametrize("case", ["volumes apart", "unreadable file", "missing file", "2D image", "NaN voxels",
+                                  "empty point file", "points outside the volume", "unknown backbone",
+                                  "bad output extension"])
 def test_bad_input_gives_one_line_error_and_no_output(pair_files, tmp_path, capsys, case):
     folder, _ = pair_files
     arguments, message = _bad_inputs(folder, tmp_path)[case]

@@ -11,6 +11,7 @@ from .common import (
     ProgressBar,
     add_backbone_arguments,
     add_option,
+    check_overlap,
     check_point_output,
     featurizer_from_args,
     options_from_args,
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
+    check_overlap(fixed, moving)
     points = read_points(args.points, fixed.geometry)
     check_points(fixed.geometry, points.points_lps_mm)
     featurizer = featurizer_from_args(args, device)

@@ -11,6 +11,7 @@ from .common import (
     ProgressBar,
     add_backbone_arguments,
     add_option,
+    check_overlap,
     check_point_output,
     featurizer_from_args,
     given_options,
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
+    check_overlap(fixed, moving)
     mask = read_volume(args.mask) if args.mask else None
     points = read_points(args.points, fixed.geometry) if args.points else None
     featurizer = featurizer_from_args(args, device)
