@@ -80,22 +80,20 @@ def _dest(owner: type, name: str, flag: str) -> str:
 
 
 def add_option(
-    parser: argparse.ArgumentParser, owner: type, name: str, flag: str | None = None, *,
-    const: Any = None, help: str | None = None,
+    parser: argparse.ArgumentParser, owner: type, name: str, flag: str | None = None, *, help: str | None = None,
 ) -> None:
     """Add ``--flag`` for field ``name`` of option class ``owner``; default and help come from the class.
 
     The parsed value stays None unless the flag is given, so the class default is the only default.
-    A boolean field becomes a switch that sets ``const`` (default: the opposite of the field's default).
+    A boolean field becomes a switch that sets the opposite of its default.
     """
     field = {f.name: f for f in dataclasses.fields(owner)}[name]
     kind = typing.get_type_hints(owner)[name]
     flag = flag or "--" + name.replace("_", "-")
     text = help if help is not None else describe(owner, name)
     if kind is bool:
-        value = (not field.default) if const is None else const
-        parser.add_argument(flag, dest=_dest(owner, name, flag), action="store_const", const=value, default=None,
-                            help=text)
+        parser.add_argument(flag, dest=_dest(owner, name, flag), action="store_const", const=not field.default,
+                            default=None, help=text)
         return
     parser.add_argument(flag, dest=_dest(owner, name, flag), type=kind if kind in (int, float, str) else float,
                         choices=field.metadata.get("choices"), default=None, help=text,
