@@ -123,8 +123,9 @@ def test_unwritable_outputs_are_refused_before_writing(tmp_path, oblique_geometr
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody may create files")
 def test_a_folder_nobody_may_write_is_refused():
-    with pytest.raises(BadInputError, match="cannot write in /proc"):
-        check_volume_output("/proc/out.nii.gz")
+    for path in ("/proc/out.nii.gz", "/proc/new_folder/out.nii.gz"):
+        with pytest.raises(BadInputError, match="cannot write in /proc"):
+            check_volume_output(path)
 
 
 def test_outputs_follow_the_umask_and_keep_an_existing_mode(tmp_path, oblique_geometry):

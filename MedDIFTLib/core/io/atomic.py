@@ -43,13 +43,12 @@ def check_output_path(path: str | os.PathLike, extensions: tuple[str, ...] | Non
         raise BadInputError(f"{target}: {existing} is a file, not a folder")
     if existing is None or not os.access(existing, os.W_OK | os.X_OK):
         raise BadInputError(f"{target}: cannot write in {existing or parent}")
-    if existing == parent:
-        try:
-            handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=parent)
-        except OSError as error:
-            raise BadInputError(f"{target}: cannot write in {parent} ({error.strerror})") from None
-        os.close(handle)
-        os.unlink(probe)
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=existing)
+    except OSError as error:
+        raise BadInputError(f"{target}: cannot write in {existing} ({error.strerror})") from None
+    os.close(handle)
+    os.unlink(probe)
     return target
 
 
