@@ -14,12 +14,11 @@ import pytest
 
 from MedDIFTLib.core import errors
 from MedDIFTLib.core.environment import PACKAGE_PARENT
-from MedDIFTLib.core.errors import BadInputError, BadRequestError
+from MedDIFTLib.core.errors import ERROR_KINDS, BadInputError, BadRequestError
 from MedDIFTLib.core.options import FieldOptions, MatchOptions, RunSettings
 from MedDIFTLib.worker import events
 from MedDIFTLib.worker.jobs import Job, JobQueue
 from MedDIFTLib.worker.protocol import (
-    ERROR_KINDS,
     EventWriter,
     Limits,
     MatchRequest,

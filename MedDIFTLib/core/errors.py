@@ -35,3 +35,15 @@ class CancelledError(MedDIFTError):
     """The user cancelled the running job."""
 
     kind = "cancelled"
+
+
+USER_ERRORS: tuple[type[MedDIFTError], ...] = (
+    BadRequestError,
+    BadInputError,
+    MissingWeightsError,
+    OutOfMemoryError,
+    CancelledError,
+)
+"""The errors a job can end with, besides an internal failure; their ``kind`` is the wire's error kind."""
+
+ERROR_KINDS: tuple[str, ...] = (*(error.kind for error in USER_ERRORS), MedDIFTError.kind)

@@ -12,14 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.errors import (
-    BadInputError,
-    BadRequestError,
-    CancelledError,
-    MedDIFTError,
-    MissingWeightsError,
-    OutOfMemoryError,
-)
+from ..core.errors import USER_ERRORS, MedDIFTError
 
 
 class WorkerError(MedDIFTError):
@@ -28,11 +21,7 @@ class WorkerError(MedDIFTError):
     kind = "internal"
 
 
-ERROR_CLASSES: dict[str, type[MedDIFTError]] = {
-    error_class.kind: error_class
-    for error_class in (BadRequestError, BadInputError, MissingWeightsError, OutOfMemoryError, CancelledError,
-                        WorkerError)
-}
+ERROR_CLASSES: dict[str, type[MedDIFTError]] = {error.kind: error for error in (*USER_ERRORS, WorkerError)}
 
 
 @dataclass(frozen=True)

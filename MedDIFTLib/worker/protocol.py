@@ -8,7 +8,7 @@ worker's state (does a volume id exist, does a device exist) is checked when the
 
 Events: ``ready`` (once, id null), ``progress`` (stage, fraction in [0, 1], message), ``log``
 (level, message), ``result`` (result) and ``error`` (kind, message; kinds in
-:data:`ERROR_KINDS`). Every event carries its request id; a ``result`` or ``error`` ends the
+:data:`MedDIFTLib.core.errors.ERROR_KINDS`). Every event carries its request id; a ``result`` or ``error`` ends the
 request. NaN and infinity in events become ``null``. Coordinates are LPS mm.
 
 Imports neither torch nor monai, so a client or an HTTP front end can share it.
@@ -33,7 +33,6 @@ from ..core.options import FieldOptions, MatchOptions, RunSettings, parse_option
 MAX_REQUEST_BYTES = 16 * 2**20
 MAX_POINTS = 100_000
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
-ERROR_KINDS = ("bad_request", "bad_input", "missing_weights", "out_of_memory", "cancelled", "internal")
 _LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.){0,256}")')
 
 
