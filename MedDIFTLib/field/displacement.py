@@ -108,7 +108,12 @@ def warp_volume(
 
 
 def jacobian_determinant(field: DisplacementField) -> np.ndarray:
-    """``det(I + du/dx)`` ``[k, j, i]`` (float32), x in LPS mm; central differences inside."""
+    """``det(I + du/dx)`` ``[k, j, i]`` (float32), x in LPS mm; central differences inside.
+
+    Kept over ``sitk.DisplacementFieldJacobianDeterminant``, which differentiates along the voxel
+    axes scaled by spacing but ignores the direction cosines, so it is wrong on oblique grids
+    (``benchmarks/field_tools.py`` measures both).
+    """
     geometry = field.geometry
     inverse_axes = np.linalg.inv(geometry.direction_matrix * np.asarray(geometry.spacing_mm)[None, :])
     displacement = field.displacement_lps_mm
@@ -159,6 +164,8 @@ def invert(
 
     ``solve_spacing_mm`` solves on a coarser node grid of ``geometry`` and interpolates
     (trilinear) the result: the field is smooth, so a grid of a few mm loses well under 0.1 mm.
+    Kept over ``sitk.InvertDisplacementField`` (as accurate, but only onto the field's own grid)
+    and ``sitk.IterativeInverseDisplacementField`` (less accurate); see ``benchmarks/field_tools.py``.
     """
     solve_geometry = geometry if solve_spacing_mm is None else node_grid(geometry, solve_spacing_mm)
     forward = field.as_tensor()
