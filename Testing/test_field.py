@@ -212,6 +212,7 @@ def test_field_file_maps_points_as_sitk_displacement_field(tmp_path, suffix):
     else:
         image = sitk.ReadImage(str(path))
         assert image.GetNumberOfComponentsPerPixel() == 3
+        assert image.GetPixelID() == sitk.sitkVectorFloat32  # ITK's usual field type, half of float64's size
         transform = sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
     points = OBLIQUE.ijk_to_lps(np.random.default_rng(1).uniform(0, np.asarray(OBLIQUE.shape_ijk) - 1, (50, 3)))
     through_sitk = np.array([transform.TransformPoint([float(v) for v in p]) for p in points])

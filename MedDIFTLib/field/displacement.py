@@ -213,15 +213,16 @@ def to_sitk_image(field: DisplacementField) -> sitk.Image:
 
 
 def write_field(field: DisplacementField, path: str | os.PathLike) -> None:
-    """Write ``field`` atomically: a vector image (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or an ITK
-    ``DisplacementFieldTransform`` (``.h5``); both load in Slicer, ITK and SimpleITK."""
+    """Write ``field`` atomically: a float32 vector image (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or
+    an ITK ``DisplacementFieldTransform`` (``.h5``, double precision, as ITK's transform holds it);
+    both load in Slicer, ITK and SimpleITK."""
     target = Path(path)
     suffix = _field_suffix(target)
     with atomic_output(target) as tmp:
         if suffix in FIELD_TRANSFORM_SUFFIXES:
             sitk.WriteTransform(sitk.DisplacementFieldTransform(to_sitk_image(field)), str(tmp))
         else:
-            sitk.WriteImage(to_sitk_image(field), str(tmp), True)
+            sitk.WriteImage(sitk.Cast(to_sitk_image(field), sitk.sitkVectorFloat32), str(tmp), True)
 
 
 def read_field(path: str | os.PathLike) -> DisplacementField:
