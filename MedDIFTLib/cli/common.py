@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import BadInputError
+from ..core.io import check_overlap as check_overlap
 from ..core.options import RunSettings, describe, parse_assignments, parse_options
 
 POINT_EXTENSIONS = (".mrk.json", ".json", ".fcsv", ".csv")
@@ -53,25 +54,6 @@ def check_point_output(path: str) -> Path:
     from ..core.io import check_output_path
 
     return check_output_path(path, POINT_EXTENSIONS)
-
-
-def check_overlap(fixed, moving) -> None:
-    """Refuse two volumes whose world boxes (LPS mm) do not meet: the moving scan is not of this
-    patient's same region (or its geometry is wrong), so no match could be right."""
-    import numpy as np
-
-    def box(volume) -> tuple:
-        shape = np.asarray(volume.geometry.shape_ijk, float)
-        corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
-        world = volume.geometry.ijk_to_lps(corners)
-        return world.min(axis=0), world.max(axis=0)
-
-    (fixed_low, fixed_high), (moving_low, moving_high) = box(fixed), box(moving)
-    gap = np.maximum(np.maximum(fixed_low - moving_high, moving_low - fixed_high), 0.0)
-    if (gap > 0).any():
-        raise BadInputError(f"the volumes do not overlap in world space ({np.linalg.norm(gap):.0f} mm apart): "
-                            f"{fixed.name or 'fixed'} and {moving.name or 'moving'} must show the same region "
-                            "(LPS mm, as their headers place them)")
 
 
 def _dest(owner: type, name: str, flag: str) -> str:

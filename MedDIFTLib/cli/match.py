@@ -49,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..core.devices import out_of_memory_as_error, resolve_device
-    from ..core.io import PointSet, read_points, read_volume, write_points
-    from ..core.match_text import describe_match
+    from ..core.io import read_points, read_volume, write_points
     from ..core.progress import scaled
     from ..matching import check_points, match_points
 
@@ -71,17 +70,7 @@ def run(args: argparse.Namespace) -> int:
             fixed_features, moving_features, points.points_lps_mm, options=options, progress=scaled(progress, 0.7, 1.0)
         )
     seconds = time.perf_counter() - started
-    matched = PointSet(
-        result.points_lps_mm,
-        points.labels,
-        [describe_match(c, d, r) for c, d, r in zip(result.confidence, result.forward_backward_mm, result.reliable)],
-        unreliable=~result.reliable,
-        attributes={
-            "confidence": result.confidence,
-            "similarity": result.similarity,
-            "forward_backward_mm": result.forward_backward_mm,
-        },
-    )
+    matched = result.point_set(points.labels)
     write_points(matched, output)
     displacement = np.linalg.norm(result.points_lps_mm - points.points_lps_mm, axis=1)
     print(f"Matched {len(points)} points with backbone '{featurizer.name}' on {device} in {seconds:.1f} s.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..core.options import FieldLevel, FieldOptions
 from .common import (
@@ -63,36 +62,6 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
     return options_from_args(args, FieldOptions, **levels)
 
 
-def summary_path(out_transform: str) -> Path:
-    """Where the run's summary goes: the transform's file name with ``.json`` added."""
-    target = Path(out_transform)
-    return target.with_name(target.name + ".json")
-
-
-def _carried_points(field, points):
-    """``points`` pushed through ``field`` as a point set with the columns of ``meddift match``."""
-    import numpy as np
-
-    from ..core.io import PointSet
-    from ..core.io.points import UNRELIABLE_TAG
-    from ..field import jacobian_determinant, transform_points
-
-    fixed = points.points_lps_mm
-    geometry = field.geometry
-    ijk = np.clip(np.round(geometry.lps_to_ijk(fixed)), 0, np.asarray(geometry.shape_ijk) - 1).astype(int)
-    local = jacobian_determinant(field)[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
-    on_grid = geometry.contains_lps(fixed, margin_voxels=0.5)
-    reliable = on_grid & (local > 0)
-    descriptions = []
-    for inside, determinant, ok in zip(on_grid, local, reliable):
-        text = "carried through the field (no per-point confidence)"
-        text += f"; Jacobian determinant {determinant:.2f}" if inside else "; outside the field's grid: not moved"
-        descriptions.append(text if ok else f"{UNRELIABLE_TAG}; {text}")
-    missing = np.full(len(points), np.nan)
-    return PointSet(transform_points(field, fixed), points.labels, descriptions, unreliable=~reliable,
-                    attributes={"confidence": missing, "similarity": missing, "forward_backward_mm": missing})
-
-
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -101,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.io import atomic_output, check_output_path, check_volume_output, read_points, read_volume, write_points
     from ..core.options import to_json
     from ..core.progress import scaled
-    from ..field import read_field, register_and_write
+    from ..field import carried_points, read_field, register_and_write, summary_path
     from ..field.displacement import check_field_path
 
     if (args.points is None) != (args.out_points is None):
@@ -130,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             args.out_warped, options, scaled(progress, 0.4, 1.0), mask=mask,
         )
     if points is not None:
-        write_points(_carried_points(read_field(args.out_transform), points), args.out_points)
+        write_points(carried_points(read_field(args.out_transform), points), args.out_points)
     record = {**summary, "points": args.out_points, "backbone": featurizer.name, "device": str(device),
               "options": to_json(options)}
     with atomic_output(summary_path(args.out_transform)) as tmp:

@@ -15,6 +15,7 @@ from .displacement import (
     warp_volume,
     write_field,
 )
+from .outputs import carried_points, summary_path
 from .register import FieldLevel, FieldOptions, Mask, body_mask, mask_from_volume, register, register_and_write
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "FieldOptions",
     "Mask",
     "body_mask",
+    "carried_points",
     "invert",
     "jacobian_determinant",
     "jacobian_stats",
@@ -30,6 +32,7 @@ __all__ = [
     "read_field",
     "register",
     "register_and_write",
+    "summary_path",
     "to_sitk_image",
     "transform_points",
     "warp_volume",

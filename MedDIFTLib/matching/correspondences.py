@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.io import PointSet
+from ..core.match_text import describe_match
 from ..core.options import MatchOptions
 
 
@@ -65,3 +67,21 @@ class Correspondences:
 
     def __len__(self) -> int:
         return len(self.fixed_points_lps_mm)
+
+    def point_set(self, labels: list[str]) -> PointSet:
+        """The matched points under ``labels`` (the fixed points'), as ``meddift match`` writes them:
+        scores as columns and in each description, unreliable matches flagged."""
+        descriptions = [
+            describe_match(c, d, r) for c, d, r in zip(self.confidence, self.forward_backward_mm, self.reliable)
+        ]
+        return PointSet(
+            self.points_lps_mm,
+            labels,
+            descriptions,
+            unreliable=~self.reliable,
+            attributes={
+                "confidence": self.confidence,
+                "similarity": self.similarity,
+                "forward_backward_mm": self.forward_backward_mm,
+            },
+        )

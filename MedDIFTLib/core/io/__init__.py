@@ -2,13 +2,22 @@
 
 from .atomic import atomic_output, check_output_path
 from .points import PointSet, read_dirlab_points, read_points, write_points
-from .volumes import VOLUME_EXTENSIONS, Volume, check_volume_output, read_volume, sitk_image, write_volume
+from .volumes import (
+    VOLUME_EXTENSIONS,
+    Volume,
+    check_overlap,
+    check_volume_output,
+    read_volume,
+    sitk_image,
+    write_volume,
+)
 
 __all__ = [
     "VOLUME_EXTENSIONS",
     "PointSet",
     "Volume",
     "atomic_output",
+    "check_overlap",
     "check_output_path",
     "check_volume_output",
     "read_dirlab_points",

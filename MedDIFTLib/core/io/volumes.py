@@ -69,6 +69,24 @@ class Volume:
         return self._digest[0]
 
 
+def check_overlap(fixed: Volume, moving: Volume) -> None:
+    """Refuse two volumes whose world boxes (LPS mm) do not meet: the moving scan is not of this
+    patient's same region (or its geometry is wrong), so no match could be right."""
+
+    def box(volume) -> tuple:
+        shape = np.asarray(volume.geometry.shape_ijk, float)
+        corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
+        world = volume.geometry.ijk_to_lps(corners)
+        return world.min(axis=0), world.max(axis=0)
+
+    (fixed_low, fixed_high), (moving_low, moving_high) = box(fixed), box(moving)
+    gap = np.maximum(np.maximum(fixed_low - moving_high, moving_low - fixed_high), 0.0)
+    if (gap > 0).any():
+        raise BadInputError(f"the volumes do not overlap in world space ({np.linalg.norm(gap):.0f} mm apart): "
+                            f"{fixed.name or 'fixed'} and {moving.name or 'moving'} must show the same region "
+                            "(LPS mm, as their headers place them)")
+
+
 def sitk_image(voxels: np.ndarray, geometry: Geometry, is_vector: bool = False) -> sitk.Image:
     """A SimpleITK image of ``voxels`` (``[k, j, i]``, or ``[k, j, i, c]`` with ``is_vector``) on ``geometry``."""
     image = sitk.GetImageFromArray(voxels, isVector=is_vector)
