@@ -3,9 +3,10 @@
 Each point's candidates form a lattice of moving voxels inside a sphere of ``search_radius_mm``
 around its prior (default: the same world position): first every ``coarse_step_mm``, then every
 voxel around the coarse best (``coarse_to_fine``), or the whole volume on the coarse lattice
-first (``mode="global"``). The best candidate is refined by a parabola (:mod:`.subvoxel`), every
-match runs backwards (moving -> fixed) and the forward-backward distance and the peak similarity
-give the confidence (:mod:`.correspondences`).
+first (``mode="global"``, or a radius reaching beyond the volume), keeping a few distinct peaks.
+The best candidate is refined by a parabola (:mod:`.subvoxel`), every match runs backwards
+(moving -> fixed) and the forward-backward distance and the peak similarity give the confidence
+(:mod:`.correspondences`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,24 @@ from ..features.protocol import FeaturePyramid
 from .candidates import CandidateLattice
 from .correspondences import Correspondences
 from .scorer import Scorer
-from .search import global_priors, local_search
+from .search import dense_candidates, dense_lattice_size, local_search
+
+DENSE_CANDIDATES = 16
+
+
+def _distinct(candidates: np.ndarray, count: int, separation_mm: float) -> np.ndarray:
+    """Per point, the first ``count`` of its ranked candidates (B, M, 3) that lie more than
+    ``separation_mm`` from every one kept before (repeating the best when fewer are distinct)."""
+    kept = np.repeat(candidates[:, :1], count, axis=1)
+    for row, ranked in enumerate(candidates):
+        chosen = [ranked[0]]
+        for candidate in ranked[1:]:
+            if len(chosen) == count:
+                break
+            if np.min(np.linalg.norm(np.asarray(chosen) - candidate, axis=1)) > separation_mm:
+                chosen.append(candidate)
+        kept[row, : len(chosen)] = chosen
+    return kept
 
 
 def _match_one_way(
@@ -33,32 +51,49 @@ def _match_one_way(
     progress: ProgressFn,
     stage: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Match ``points_lps_mm`` of ``source`` into ``target``: positions (N, 3) and scores (N,)."""
+    """Match ``points_lps_mm`` of ``source`` into ``target``: positions (N, 3) and scores (N,).
+
+    The first stage is the coarse lattice (``coarse_to_fine``), every voxel (otherwise), or the
+    dense whole-volume lattice: in global mode, and whenever the local lattice would hold as many
+    candidates as the whole volume (a huge radius), so work and memory stay bounded by the volume.
+    The dense stage keeps the best ``DENSE_CANDIDATES`` distinct peaks and refines each.
+    """
     scorer = Scorer(source, target, options)
     geometry = target.image_geometry
-    coarse_lattice = None
-    if options.mode == "global" or options.coarse_to_fine:
-        coarse_lattice = CandidateLattice.around(geometry, options.search_radius_mm, options.coarse_step_mm)
-        fine_radius = float(np.linalg.norm(coarse_lattice.stride * np.asarray(geometry.spacing_mm)))
-        fine_lattice = CandidateLattice.around(geometry, fine_radius)
+    coarse_lattice = CandidateLattice.around(geometry, options.search_radius_mm, options.coarse_step_mm)
+    refine_radius = float(np.linalg.norm(coarse_lattice.stride * np.asarray(geometry.spacing_mm)))
+    first = coarse_lattice if options.coarse_to_fine else CandidateLattice.around(geometry, options.search_radius_mm)
+    dense = options.mode == "global" or first.size >= dense_lattice_size(geometry, options.coarse_step_mm)
+    if dense or options.coarse_to_fine:
+        fine_lattice = CandidateLattice.around(geometry, refine_radius)
     else:
-        fine_lattice = CandidateLattice.around(geometry, options.search_radius_mm)
-    lattices = [lattice for lattice in (coarse_lattice, fine_lattice) if lattice is not None]
+        fine_lattice, first = first, None
+    lattices = [lattice for lattice in (None if dense else first, fine_lattice) if lattice is not None]
     batch = min(scorer.batch_size(lattice) for lattice in lattices)
-    if options.mode == "global":
+    if dense:
         largest = max(level.geometry.num_voxels for level in target.levels)
         batch = min(batch, max(1, int(scorer.budget_bytes // (largest * 4 * 3))))
+    radius = None if options.mode == "global" else options.search_radius_mm
     positions = np.zeros_like(points_lps_mm)
     scores = np.zeros(len(points_lps_mm))
     for begin in range(0, len(points_lps_mm), batch):
         chunk = slice(begin, begin + batch)
         descriptors = scorer.fixed_descriptors(points_lps_mm[chunk])
         priors = priors_lps_mm[chunk]
-        if options.mode == "global":
-            priors = global_priors(scorer, descriptors, options.coarse_step_mm)
-        elif options.coarse_to_fine:
-            priors, _ = local_search(scorer, descriptors, priors, coarse_lattice, subvoxel=False)
-        positions[chunk], scores[chunk] = local_search(scorer, descriptors, priors, fine_lattice, options.subvoxel)
+        if dense:
+            ranked = dense_candidates(scorer, descriptors, options.coarse_step_mm, 8 * DENSE_CANDIDATES, priors, radius)
+            found = [
+                local_search(scorer, descriptors, start, fine_lattice, options.subvoxel)
+                for start in _distinct(ranked, DENSE_CANDIDATES, refine_radius).transpose(1, 0, 2)
+            ]
+            choice = np.argmax(np.stack([score for _, score in found]), axis=0)
+            rows = np.arange(len(choice))
+            positions[chunk] = np.stack([position for position, _ in found])[choice, rows]
+            scores[chunk] = np.stack([score for _, score in found])[choice, rows]
+        else:
+            if first is not None:
+                priors, _ = local_search(scorer, descriptors, priors, first, subvoxel=False)
+            positions[chunk], scores[chunk] = local_search(scorer, descriptors, priors, fine_lattice, options.subvoxel)
         done = min(begin + batch, len(points_lps_mm))
         progress(stage, done / len(points_lps_mm), f"{done}/{len(points_lps_mm)} points")
     return positions, scores

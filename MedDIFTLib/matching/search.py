@@ -1,5 +1,6 @@
 """Searches of the point layout: the best candidate on a lattice around each prior (local), and
-the best position over the whole moving volume (global).
+the best positions over the whole moving volume (dense: global mode, or a radius so large that
+scoring the whole volume once is cheaper than the local lattice).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.geometry import Geometry
 from .candidates import CandidateLattice
 from .sampling import interpolate, level_ijk
 from .scorer import Scorer, resolving_levels
@@ -45,12 +47,26 @@ def local_search(
     return best_lps, best_score.cpu().numpy()
 
 
-def global_priors(scorer: Scorer, descriptors: list[torch.Tensor], step_mm: float) -> np.ndarray:
-    """Best position (B, 3) over the whole moving volume, on a lattice of ``step_mm``.
+def dense_lattice_size(geometry: Geometry, step_mm: float) -> int:
+    """Nodes of the whole-volume lattice that :func:`dense_candidates` scores at ``step_mm``."""
+    stride = np.maximum(1, np.round(step_mm / np.asarray(geometry.spacing_mm))).astype(int)
+    return int(np.prod(-(-np.asarray(geometry.shape_ijk) // stride)))
+
+
+def dense_candidates(
+    scorer: Scorer,
+    descriptors: list[torch.Tensor],
+    step_mm: float,
+    count: int,
+    priors_lps_mm: np.ndarray | None = None,
+    radius_mm: float | None = None,
+) -> np.ndarray:
+    """The ``count`` best positions (B, count, 3) over the whole moving volume on a lattice of
+    ``step_mm`` (within ``radius_mm`` of each prior when given), best first.
 
     Each level that resolves the step (:func:`resolving_levels`) is correlated densely with the
     batch's patch descriptors (one ``conv3d``, the points as output channels) at its own
-    resolution; finer levels wait for the local refinement.
+    resolution; finer levels wait for the local refinement of each candidate.
     """
     geometry = scorer.moving.image_geometry
     stride = np.maximum(1, np.round(step_mm / np.asarray(geometry.spacing_mm))).astype(int)
@@ -71,4 +87,9 @@ def global_priors(scorer: Scorer, descriptors: list[torch.Tensor], step_mm: floa
         coords = level_ijk(level, lattice_lps, similarity.device)
         weighted = interpolate(similarity[None], coords[None])[0] * (scorer.weights[n] / total)
         fused = weighted if fused is None else fused + weighted
-    return lattice_lps[fused.argmax(dim=1).cpu().numpy()]
+    if radius_mm is not None and priors_lps_mm is not None:
+        lattice_t = torch.as_tensor(lattice_lps, dtype=torch.float32, device=fused.device)
+        priors_t = torch.as_tensor(priors_lps_mm, dtype=torch.float32, device=fused.device)
+        fused = fused.masked_fill(torch.cdist(priors_t, lattice_t) > radius_mm + 1e-3, float("-inf"))
+    best = fused.topk(min(count, fused.shape[1]), dim=1).indices.cpu().numpy()
+    return lattice_lps[best]
