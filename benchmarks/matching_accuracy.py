@@ -31,10 +31,11 @@ CASES = {
 
 def _child(case: str, seed: int, backbone: str, radius_mm: float) -> dict:
     from MedDIFTLib.core.io import read_points, read_volume
+    from MedDIFTLib.core.options import MatchOptions
     from MedDIFTLib.evaluation.metrics import tre_stats
     from MedDIFTLib.evaluation.simulate import make_synthetic_pair
     from MedDIFTLib.features import create_featurizer
-    from MedDIFTLib.matching import MatchOptions, match_points
+    from MedDIFTLib.matching import match_points
 
     folder = DATA / CASES[case]
     volume = read_volume(folder / "image.nii.gz")

@@ -60,8 +60,9 @@ def _pyramids(shape_ijk, seed: int, num_points: int):
 def _child(method: str, shape_ijk, seed: int, num_points: int, radius_mm: float) -> dict:
     import torch
 
+    from MedDIFTLib.core.options import MatchOptions
     from MedDIFTLib.evaluation.metrics import naive_full_resolution_similarity
-    from MedDIFTLib.matching import MatchOptions, match_points
+    from MedDIFTLib.matching import match_points
 
     torch.set_grad_enabled(False)
     fixed, moving, ijk = _pyramids(shape_ijk, seed, num_points)
