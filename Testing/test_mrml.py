@@ -18,7 +18,7 @@ from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  
 from MedDIFTLib.core.io import PointSet  # noqa: E402
 from MedDIFTLib.core.io.points import UNRELIABLE_TAG  # noqa: E402
 from MedDIFTLib.core.options import MatchOptions, RunSettings, to_json  # noqa: E402
-from MedDIFTLib.slicer import jobs, nodes, results, session, views  # noqa: E402
+from MedDIFTLib.slicer import cursor, jobs, live, nodes, overlays, qa, results, session, views  # noqa: E402
 from MedDIFTLib.worker.events import Error, Exit, Log, Progress, Result  # noqa: E402
 
 RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
@@ -366,6 +366,7 @@ class FakeClient:
         self.requests = []
         self.running = True
         self.killed = False
+        self.paths = {}
         self._pending = []
 
     def answer(self, request_type, params):
@@ -374,7 +375,18 @@ class FakeClient:
             raise BadInputError(f"{request_type} failed on purpose")
         if request_type == "load":
             image = sitk.ReadImage(params["path"])
+            self.paths[f"v{len(self.requests)}"] = params["path"]
             return {"volume_id": f"v{len(self.requests)}", "name": "x", "geometry": {"size": image.GetSize()}}
+        if request_type == "overlays":
+            fixed = sitk.ReadImage(self.paths[params["fixed_id"]])
+            summary = {}
+            for kind, value in (("confidence", 0.75), ("jacobian", 1.0), ("magnitude", 6.0)):
+                if f"out_{kind}" in params:
+                    overlay = sitk.Image(fixed.GetSize(), sitk.sitkFloat32) + value
+                    overlay.CopyInformation(fixed)
+                    sitk.WriteImage(overlay, params[f"out_{kind}"])
+                    summary[kind] = {"path": params[f"out_{kind}"], "min": value, "max": value, "mean": value}
+            return summary
         if request_type == "match":
             points = np.asarray(params["points_lps_mm"]) + self.translation_lps
             count = len(points)
@@ -723,3 +735,199 @@ def test_session_cancel_kills_the_worker_and_leaves_the_scene_unchanged(scene):
     assert not worker_session.poll() and len(done) == 1
     assert scene.GetNumberOfNodes() == nodes_before
     worker_session.shutdown()
+
+
+# ------------------------------------------------------------------------------------ visual QA
+
+
+def test_live_propagation_rematches_only_moved_points(scene):
+    fixed = add_fiducials(scene, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], ["a", "b", "c"])
+    moved = live.MovedPoints()
+    moved.remember(fixed)
+    assert moved.moved(fixed) == []
+    fixed.SetNthControlPointSelected(1, False)
+    fixed.SetNthControlPointLocked(2, True)
+    fixed.SetNthControlPointDescription(0, "relabelled")
+    assert moved.moved(fixed) == [], "selecting, locking or describing a point does not re-match it"
+    fixed.SetNthControlPointPositionWorld(1, 4.0, 5.0, 16.0)
+    assert moved.moved(fixed, index=0) == []
+    assert moved.moved(fixed, index=1) == [1]
+    assert moved.moved(fixed, index=1) == [], "a re-matched position is remembered"
+    from vtkmodules.vtkCommonCore import vtkPoints
+
+    batch = vtkPoints()
+    for position in ([1.0, 2.0, 3.0], [4.0, 5.0, 16.0], [0.0, 0.0, 0.0]):
+        batch.InsertNextPoint(position)
+    fixed.SetControlPointPositionsWorld(batch)  # a batched edit: VTK reports no index
+    assert moved.moved(fixed, index=None) == [2], "without an index every point is checked"
+
+
+def _qa_matches(scene):
+    fixed = add_fiducials(scene, [[0.0, 0.0, float(z)] for z in range(4)], ["a", "b", "c", "d"])
+    matches = results.MatchResult(
+        labels=["a", "b", "c", "d"],
+        points_lps_mm=np.array([[0.0, 0.0, float(z)] for z in range(4)]),
+        similarity=np.full(4, 0.5),
+        confidence=np.array([0.9, 0.2, np.nan, 0.4]),
+        forward_backward_mm=np.array([0.5, 7.0, np.nan, 2.0]),
+        reliable=np.array([True, False, False, False]),
+    )
+    moving = results.write_matches_to_markups(scene, matches)
+    return fixed, moving, matches
+
+
+def test_qa_table_orders_by_doubt_and_finds_the_next_unreliable_pair(scene):
+    fixed, moving, _ = _qa_matches(scene)
+    rows = results.pair_rows(fixed, moving)
+    assert [row.label for row in qa.ordered_rows(rows, qa.Order.LANDMARKS)] == ["a", "b", "c", "d"]
+    assert [row.label for row in qa.ordered_rows(rows, qa.Order.CONFIDENCE)] == ["c", "b", "d", "a"]
+    assert [row.label for row in qa.ordered_rows(rows, qa.Order.FORWARD_BACKWARD)] == ["c", "b", "d", "a"]
+    assert qa.next_unreliable(rows, {}).label == "c"
+    assert qa.next_unreliable(rows, {"c": results.REJECTED}).label == "b"
+    assert qa.next_unreliable(rows, {"b": "accepted", "c": "rejected", "d": "accepted"}) is None
+    assert qa.summary(rows, {}) == "4 pairs: 1 reliable, 3 unreliable; 0 accepted, 0 rejected, 3 to review"
+
+
+def test_accept_and_reject_label_and_unselect_but_never_delete(scene):
+    fixed, moving, matches = _qa_matches(scene)
+    qa.set_decision(moving, "b", results.ACCEPTED)
+    qa.set_decision(moving, "a", results.REJECTED)
+    index_a, index_b = moving.GetControlPointIndexByLabel("a"), moving.GetControlPointIndexByLabel("b")
+    assert moving.GetNumberOfControlPoints() == 4
+    assert not moving.GetNthControlPointSelected(index_a)
+    assert moving.GetNthControlPointDescription(index_a).startswith(qa.REJECTED_TAG)
+    assert moving.GetNthControlPointSelected(index_b)
+    decisions = results.reviews(moving)
+    assert decisions == {"a": "rejected", "b": "accepted"}
+    rows = results.pair_rows(fixed, moving)
+    assert qa.summary(rows, decisions) == "4 pairs: 1 reliable, 3 unreliable; 1 accepted, 1 rejected, 2 to review"
+    qa.set_decision(moving, "a", None)
+    assert moving.GetNthControlPointSelected(index_a), "cleared: back to the match's own flag (reliable)"
+    assert not moving.GetNthControlPointDescription(index_a).startswith(qa.REJECTED_TAG)
+    qa.set_decision(moving, "a", results.REJECTED)
+    results.write_matches_to_markups(scene, matches, moving, replace_all=False)
+    assert results.reviews(moving) == {}, "a re-matched pair is new: its decision is cleared"
+    with pytest.raises(BadInputError, match="no point labelled"):
+        qa.set_decision(moving, "zz", results.ACCEPTED)
+    with pytest.raises(BadInputError):
+        qa.set_decision(moving, "a", "maybe")
+
+
+def _slice_views(scene):
+    for name in (views.FIXED_VIEW, views.MOVING_VIEW):
+        slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        slice_node.SetLayoutName(name)
+        slice_node.SetOrientation("Axial")
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(name)
+
+
+def test_cursor_through_a_translation_field_lands_on_the_translated_point(scene, tmp_path):
+    _slice_views(scene)
+    translation_lps = np.array([2.0, -3.0, 5.0])
+    write_translation_field(tmp_path / "field.nrrd", translation_lps)
+    transform = nodes.load_transform_file(scene, tmp_path / "field.nrrd")
+    fixed_lps = np.array([-8.0, 6.0, 20.0])
+    moving_ras = cursor.map_through_field(transform, fixed_lps * RAS_FROM_LPS)
+    np.testing.assert_allclose(moving_ras, (fixed_lps + translation_lps) * RAS_FROM_LPS, atol=0.1)
+
+    marker = cursor.show_cursor_match(scene, cursor.CursorMatch(moving_ras))
+    np.testing.assert_allclose(control_point_ras(marker, 0), moving_ras, atol=1e-6)
+    assert marker.GetLocked() and marker.GetNthControlPointLabel(0) == "field"
+    moving_slice = views.slice_node(scene, views.MOVING_VIEW)
+    slice_to_ras = moving_slice.GetSliceToRAS()
+    np.testing.assert_allclose([slice_to_ras.GetElement(axis, 3) for axis in range(3)], moving_ras, atol=1e-6)
+    assert cursor.show_cursor_match(scene, cursor.CursorMatch((1.0, 2.0, 3.0), 0.3, False), marker) is marker
+    assert marker.GetNumberOfControlPoints() == 1 and marker.GetNthControlPointLabel(0) == "0.30 unreliable"
+
+    moving = add_volume_node(scene, np.zeros((3, 3, 3), np.float32), (1, 1, 1), (0, 0, 0))
+    moving.SetAndObserveTransformNodeID(transform.GetID())
+    assert cursor.map_through_field(transform, (1.0, 2.0, 3.0), moving) == (1.0, 2.0, 3.0), (
+        "shown through the field, the moving view is in the fixed frame"
+    )
+
+
+def test_cursor_rematch_is_throttled_and_cached():
+    matcher = cursor.CursorMatcher(interval_s=0.25, cache_step_mm=1.0)
+    assert matcher.request((10.0, 0.0, 0.0)) is None
+    assert matcher.take_pending(now=0.0) == (10.0, 0.0, 0.0)
+    assert matcher.request((11.0, 0.0, 0.0)) is None
+    assert matcher.request((12.0, 0.0, 0.0)) is None
+    assert matcher.take_pending(now=1.0) is None, "one request in flight at a time"
+    matcher.answered(cursor.CursorMatch((13.0, 0.0, 0.0), 0.8))
+    assert matcher.take_pending(now=0.1) is None, "not sooner than the interval"
+    assert matcher.take_pending(now=0.3) == (12.0, 0.0, 0.0), "only the newest position is sent"
+    matcher.answered(None)
+    assert matcher.request((10.2, 0.1, -0.3)).moving_ras == (13.0, 0.0, 0.0), "cached on the 1 mm grid"
+    assert matcher.take_pending(now=5.0) is None
+    assert matcher.request((12.0, 0.0, 0.0)) is None, "a failed answer is not cached"
+    matcher.clear()
+    assert matcher.request((10.0, 0.0, 0.0)) is None
+
+
+def test_cursor_places_a_labelled_pair(scene):
+    fixed = add_fiducials(scene, [[0.0, 0.0, 0.0]], ["C1"])
+    moving = add_fiducials(scene, [[1.0, 0.0, 0.0]], ["C1"], name="M")
+    label = cursor.place_pair(fixed, moving, (5.0, 6.0, 7.0), cursor.CursorMatch((6.0, 6.0, 7.0), 0.2, False))
+    assert label == "C2"
+    np.testing.assert_allclose(control_point_ras(fixed, 1), (5.0, 6.0, 7.0))
+    np.testing.assert_allclose(control_point_ras(moving, 1), (6.0, 6.0, 7.0))
+    assert not moving.GetNthControlPointSelected(1)
+
+
+def test_overlays_are_volumes_on_the_fixed_grid_with_colour_tables(scene, tmp_path):
+    _slice_views(scene)
+    fixed = add_volume_node(scene, np.zeros((4, 5, 6), np.float32), (1.5, 2.0, 2.5), (3.0, -4.0, 5.0),
+                            ROTATED_DIRECTION, name="fixed")
+    moving = add_volume_node(scene, np.ones((4, 5, 6), np.float32), (1, 1, 1), (0, 0, 0), name="moving")
+    landmarks = add_fiducials(scene, [[1.0, 2.0, 3.0]], ["p1"])
+    client = FakeClient()
+    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True)
+    job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
+    outputs = session.run_blocking(client, job.steps())
+    overlay_request = dict(client.requests)["overlays"]
+    assert overlay_request["transform"].endswith(".nrrd")
+    assert sorted(outputs.overlays) == ["confidence", "jacobian", "magnitude"]
+    fixed_geometry = nodes.volume_geometry(fixed)
+    for name, node in outputs.overlays.items():
+        geometry = nodes.volume_geometry(node)
+        assert geometry.shape_ijk == fixed_geometry.shape_ijk, name
+        assert geometry.same_grid(fixed_geometry), name
+        assert overlays.overlay_kind(node) is overlays.KINDS[name]
+        table = scene.GetNodeByID(node.GetDisplayNode().GetColorNodeID())
+        assert table.GetNumberOfColors() == overlays.COLORS
+        assert node.GetNodeReferenceID(nodes.REFERENCE_FIXED_VOLUME) == fixed.GetID()
+    from vtkmodules.util import numpy_support
+
+    values = numpy_support.vtk_to_numpy(outputs.overlays["magnitude"].GetImageData().GetPointData().GetScalars())
+    np.testing.assert_allclose(values, 6.0)
+    assert not [path for path in tmp_path.iterdir() if not path.name.startswith("volume")], "job files removed"
+
+    jacobian_rows = overlays.color_rows(overlays.JACOBIAN)
+    assert tuple(jacobian_rows[0]) == (1.0, 0.0, 0.0), "folding is red"
+    one = int(round((1.0 - overlays.JACOBIAN.low) / (overlays.JACOBIAN.high - overlays.JACOBIAN.low) * 255))
+    np.testing.assert_allclose(jacobian_rows[one], (1.0, 1.0, 1.0), atol=0.02)
+    confidence_rows = overlays.color_rows(overlays.CONFIDENCE)
+    assert confidence_rows[0][0] > confidence_rows[0][1] and confidence_rows[-1][1] > confidence_rows[-1][0]
+
+    again = session.run_blocking(client, jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
+    assert again.overlays["jacobian"] is outputs.overlays["jacobian"], "a new run fills the same overlay nodes"
+
+    overlays.show_overlay(scene, fixed, outputs.overlays["jacobian"])
+    composite = views.node_by_layout_name(scene, "vtkMRMLSliceCompositeNode", views.FIXED_VIEW)
+    assert composite.GetBackgroundVolumeID() == fixed.GetID()
+    assert composite.GetForegroundVolumeID() == outputs.overlays["jacobian"].GetID()
+    overlays.show_fade(scene, fixed, moving, outputs.transform, 0.7)
+    assert composite.GetForegroundVolumeID() == moving.GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.7)
+    assert moving.GetParentTransformNode() is outputs.transform
+
+
+def test_overlays_without_a_transform_give_confidence_only(scene, tmp_path):
+    fixed, moving, landmarks = job_scene(scene)
+    client = FakeClient()
+    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_overlays=True)
+    job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
+    outputs = session.run_blocking(client, job.steps())
+    assert list(outputs.overlays) == ["confidence"]
+    assert dict(client.requests)["overlays"]["transform"] is None

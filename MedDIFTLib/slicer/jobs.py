@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .nodes import (
     volume_node_signature,
     write_volume_node,
 )
+from .overlays import KINDS, existing_overlay, put_overlay, read_overlay
 from .results import MatchResult, write_matches_to_markups
 
 
@@ -56,15 +57,20 @@ class JobInputs:
     compute_landmarks: bool = True
     compute_transform: bool = False
     compute_warped: bool = False
+    compute_overlays: bool = False
 
 
 @dataclass
 class JobOutputs:
-    """What a run put into the scene, and the worker's numbers behind it."""
+    """What a run put into the scene, and the worker's numbers behind it. ``overlays``: QA
+    overlay volume nodes by kind (``confidence``; with the transform also ``jacobian`` and
+    ``magnitude``), with the worker's ``overlay_summary`` (min, max, mean per kind)."""
 
     moving_landmarks: Any = None
     transform: Any = None
     warped_volume: Any = None
+    overlays: dict[str, Any] = field(default_factory=dict)
+    overlay_summary: dict[str, Any] | None = None
     matches: MatchResult | None = None
     register_summary: dict[str, Any] | None = None
 
@@ -221,10 +227,33 @@ class SceneJob:
                 warped_path = self.folder.new_path("warped")
                 params["out_warped"] = str(warped_path)
             summary = yield WorkerRequest("register", params)
+        overlay_paths: dict[str, Path] = {}
+        overlay_summary = None
         try:
-            return self._apply(matches, summary, transform_path, warped_path)
+            if inputs.compute_overlays:
+                overlay_paths = {
+                    name: self.folder.new_path(name)
+                    for name in KINDS
+                    if name == "confidence" or transform_path is not None
+                }
+                params = self._common_params(fixed_id, moving_id)
+                params.update(
+                    transform=None if transform_path is None else str(transform_path),
+                    **{f"out_{name}": str(path) for name, path in overlay_paths.items()},
+                )
+                overlay_summary = yield WorkerRequest("overlays", params)
+            loaded = {name: read_overlay(self.scene, path, KINDS[name]) for name, path in overlay_paths.items()}
+            outputs = self._apply(matches, summary, transform_path, warped_path)
+            outputs.overlay_summary = overlay_summary
+            for name, overlay in loaded.items():
+                kind = KINDS[name]
+                outputs.overlays[name] = put_overlay(
+                    self.scene, overlay, kind, inputs.fixed_volume, inputs.moving_volume,
+                    existing_overlay(self.scene, inputs.fixed_volume, kind),
+                )
+            return outputs
         finally:
-            for path in (transform_path, warped_path):
+            for path in (transform_path, warped_path, *overlay_paths.values()):
                 if path is not None and path.exists():
                     path.unlink()
 

@@ -21,6 +21,9 @@ from ..core.match_text import describe_match
 from .nodes import ensure_markups_display, positions_ras_by_label
 
 MATCH_SCORES_ATTRIBUTE = "MedDIFT.matchScores"  # JSON: label -> confidence, forward-backward mm, reliable
+REVIEW_ATTRIBUTE = "MedDIFT.review"  # JSON: label -> ACCEPTED | REJECTED (see .qa)
+ACCEPTED = "accepted"
+REJECTED = "rejected"
 
 
 def _float_array(values: Sequence, count: int, name: str) -> np.ndarray:
@@ -110,13 +113,25 @@ def _set_match(markups_node, index: int, matches: MatchResult, row: int) -> None
     markups_node.SetNthControlPointDescription(index, matches.description(row))
 
 
-def match_scores(markups_node) -> dict[str, dict[str, Any]]:
-    """The ``MedDIFT.matchScores`` attribute of a node (label -> scores); empty when absent or unreadable."""
+def _json_attribute(markups_node, name: str) -> dict[str, Any]:
     try:
-        scores = json.loads(markups_node.GetAttribute(MATCH_SCORES_ATTRIBUTE) or "{}")
+        value = json.loads(markups_node.GetAttribute(name) or "{}")
     except ValueError:
         return {}
-    return scores if isinstance(scores, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def match_scores(markups_node) -> dict[str, dict[str, Any]]:
+    """The ``MedDIFT.matchScores`` attribute of a node (label -> scores); empty when absent or unreadable."""
+    return _json_attribute(markups_node, MATCH_SCORES_ATTRIBUTE)
+
+
+def reviews(markups_node) -> dict[str, str]:
+    """The reviewer's decisions (label -> ``accepted`` | ``rejected``) of a node; empty when none."""
+    if markups_node is None:
+        return {}
+    return {str(label): value for label, value in _json_attribute(markups_node, REVIEW_ATTRIBUTE).items()
+            if value in (ACCEPTED, REJECTED)}
 
 
 def write_matches_to_markups(scene, matches: MatchResult, markups_node=None, name: str = "MedDIFT matches",
@@ -128,12 +143,14 @@ def write_matches_to_markups(scene, matches: MatchResult, markups_node=None, nam
     A match without a point becomes a control point with the "missing" status. Confidence
     and forward-backward distance go into the description (and, exactly, into the node
     attribute ``MedDIFT.matchScores``); unreliable matches are unselected (drawn in the
-    unreliable colour) and their description starts with ``UNRELIABLE``.
+    unreliable colour) and their description starts with ``UNRELIABLE``. A reviewer's decision
+    on a re-matched label is cleared (the pair is new).
     """
     if markups_node is None:
         markups_node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
     ensure_markups_display(markups_node)
     scores = {} if replace_all else match_scores(markups_node)
+    decisions = {} if replace_all else reviews(markups_node)
     was_modifying = markups_node.StartModify()
     try:
         if replace_all:
@@ -148,7 +165,9 @@ def write_matches_to_markups(scene, matches: MatchResult, markups_node=None, nam
                 "forward_backward_mm": _json_number(matches.forward_backward_mm[row]),
                 "reliable": matches.usable(row),
             }
+            decisions.pop(label, None)
         markups_node.SetAttribute(MATCH_SCORES_ATTRIBUTE, json.dumps(scores))
+        markups_node.SetAttribute(REVIEW_ATTRIBUTE, json.dumps(decisions))
     finally:
         markups_node.EndModify(was_modifying)
     return markups_node

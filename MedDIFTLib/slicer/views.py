@@ -20,7 +20,7 @@ UNKNOWN_CONFIDENCE_COLOR = (0.6, 0.6, 0.6)
 _MIDDLE_CONFIDENCE_COLOR = (1.0, 0.85, 0.2)
 
 
-def _node_by_layout_name(scene, node_class: str, layout_name: str):
+def node_by_layout_name(scene, node_class: str, layout_name: str):
     nodes = scene.GetNodesByClass(node_class)
     try:
         for index in range(nodes.GetNumberOfItems()):
@@ -32,8 +32,8 @@ def _node_by_layout_name(scene, node_class: str, layout_name: str):
     return None
 
 
-def _slice_node(scene, view: str):
-    slice_node = _node_by_layout_name(scene, "vtkMRMLSliceNode", view)
+def slice_node(scene, view: str):
+    slice_node = node_by_layout_name(scene, "vtkMRMLSliceNode", view)
     if slice_node is None:
         raise MedDIFTError(f"the scene has no slice view named {view}")
     return slice_node
@@ -46,13 +46,13 @@ def show_volumes_in_pair_views(scene, fixed_volume, moving_volume, fixed_view: s
     The moving view takes the orientation of the fixed view, so a pair is seen the same way.
     """
     for view, volume in ((fixed_view, fixed_volume), (moving_view, moving_volume)):
-        composite = _node_by_layout_name(scene, "vtkMRMLSliceCompositeNode", view)
+        composite = node_by_layout_name(scene, "vtkMRMLSliceCompositeNode", view)
         if composite is None:
             raise MedDIFTError(f"the scene has no slice view named {view}")
         composite.SetBackgroundVolumeID(volume.GetID() if volume is not None else None)
         composite.SetForegroundVolumeID(None)
-    orientation = _slice_node(scene, fixed_view).GetOrientation()
-    moving_slice = _slice_node(scene, moving_view)
+    orientation = slice_node(scene, fixed_view).GetOrientation()
+    moving_slice = slice_node(scene, moving_view)
     if moving_slice.HasSliceOrientationPreset(orientation):
         moving_slice.SetOrientation(orientation)
 
@@ -61,7 +61,7 @@ def jump_to_pair(scene, row: PairRow, fixed_view: str = FIXED_VIEW, moving_view:
     """Centre the fixed view on the fixed landmark and the moving view on its match (RAS mm)."""
     for view, position in ((fixed_view, row.fixed_ras), (moving_view, row.moving_ras)):
         if position is not None:
-            _slice_node(scene, view).JumpSliceByCentering(*position)
+            slice_node(scene, view).JumpSliceByCentering(*position)
 
 
 def confidence_color(confidence: float) -> tuple[float, float, float]:

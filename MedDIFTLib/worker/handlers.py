@@ -20,14 +20,19 @@ import SimpleITK as sitk
 import torch
 
 from .. import __version__
+from ..core.io import Volume, write_volume
+from ..core.io.volumes import check_volume_output
 from ..core.progress import ProgressFn
 from ..features import available_backbones, backbone_spec
-from ..field import register_and_write
-from ..matching import match_points
+from ..field import DisplacementField, jacobian_determinant, read_field, register_and_write
+from ..field.grids import resample
+from ..field.register import level_match_options
+from ..matching import match_lattice, match_points
 from .protocol import (
     FeaturesRequest,
     LoadRequest,
     MatchRequest,
+    OverlaysRequest,
     ProbeRequest,
     RegisterRequest,
     UnloadRequest,
@@ -201,6 +206,51 @@ def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn)
     )
 
 
+def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn) -> dict[str, Any]:
+    """QA overlays on the fixed grid: lattice match confidence, and from the field its Jacobian
+    determinant and displacement magnitude (mm). Every path is checked before any work."""
+    outputs = {
+        name: check_volume_output(path)
+        for name, path in (
+            ("confidence", request.out_confidence),
+            ("jacobian", request.out_jacobian),
+            ("magnitude", request.out_magnitude),
+        )
+        if path is not None
+    }
+    settings = request.settings
+    pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
+    geometry = pair.fixed_pyramid.image_geometry
+    field = None if request.transform is None else read_field(request.transform)
+    progress("overlays", 0.0, "matching the confidence lattice")
+    lattice = match_lattice(
+        pair.fixed_pyramid,
+        pair.moving_pyramid,
+        request.lattice.spacing_mm,
+        level_match_options(request.lattice),
+        None if field is None else (field.as_tensor(), field.geometry),
+        request.lattice.aggregation_nodes,
+        progress,
+    )
+    values = {"confidence": resample(lattice.on_grid(lattice.matches.confidence)[None], lattice.grid, geometry)[0]}
+    if field is not None:
+        dense = field.as_tensor() if field.geometry.same_grid(geometry) else resample(
+            field.as_tensor(), field.geometry, geometry
+        )
+        on_fixed = DisplacementField.from_tensor(dense, geometry)
+        values["jacobian"] = jacobian_determinant(on_fixed)
+        values["magnitude"] = np.linalg.norm(on_fixed.displacement_lps_mm, axis=-1)
+    progress("overlays", 0.9, "writing the overlays")
+    result: dict[str, Any] = {}
+    for name, path in outputs.items():
+        voxels = np.asarray(values[name], np.float32)
+        write_volume(Volume(voxels, geometry, name=name), path)
+        result[name] = {"path": str(path), "min": float(voxels.min()), "max": float(voxels.max()),
+                        "mean": float(voxels.mean())}
+    progress("overlays", 1.0, "done")
+    return result
+
+
 HANDLERS: dict[str, Handler] = {
     "probe": probe,
     "load": load,
@@ -208,4 +258,5 @@ HANDLERS: dict[str, Handler] = {
     "features": features,
     "match": match,
     "register": register,
+    "overlays": overlays,
 }

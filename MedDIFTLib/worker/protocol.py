@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..core.errors import BadRequestError
-from ..core.options import FieldOptions, MatchOptions, RunSettings, parse_options
+from ..core.options import FieldLevel, FieldOptions, MatchOptions, RunSettings, parse_options
 
 MAX_REQUEST_BYTES = 16 * 2**20
 MAX_POINTS = 100_000
@@ -132,6 +132,24 @@ class CancelRequest:
 
 
 @dataclass(frozen=True)
+class OverlaysRequest:
+    """QA overlays on the fixed grid, written atomically as volume files: ``out_confidence`` (match
+    confidence in [0, 1] of the engine's lattice, ``lattice`` (FieldLevel) nodes, searched around
+    the field in ``transform`` when given) and, from that field, ``out_jacobian`` (Jacobian
+    determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result: the
+    written paths and each overlay's ``min``, ``max`` and ``mean``."""
+
+    fixed_id: str
+    moving_id: str
+    transform: str | None
+    out_confidence: str
+    out_jacobian: str | None
+    out_magnitude: str | None
+    lattice: FieldLevel
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
 class ShutdownRequest:
     """Result ``{"shutdown": true}`` once the jobs queued before it are done; later ones are
     answered ``cancelled``."""
@@ -144,6 +162,7 @@ Request = (
     | FeaturesRequest
     | MatchRequest
     | RegisterRequest
+    | OverlaysRequest
     | CancelRequest
     | ShutdownRequest
 )
@@ -279,6 +298,24 @@ def _parse_register(fields: dict[str, Any], limits: Limits) -> RegisterRequest:
     )
 
 
+def _parse_overlays(fields: dict[str, Any], limits: Limits) -> OverlaysRequest:
+    outputs = {
+        name: _text(fields, name, "an output file path", optional=name != "out_confidence")
+        for name in ("out_confidence", "out_jacobian", "out_magnitude")
+    }
+    transform = _text(fields, "transform", "the path of a displacement field file", optional=True)
+    if transform is None and (outputs["out_jacobian"] or outputs["out_magnitude"]):
+        raise BadRequestError("'out_jacobian' and 'out_magnitude' need the field: give 'transform'")
+    return OverlaysRequest(
+        fixed_id=_volume_id(fields, "fixed_id"),
+        moving_id=_volume_id(fields, "moving_id"),
+        transform=transform,
+        lattice=parse_options(FieldLevel, fields.get("lattice"), "overlays lattice"),
+        settings=_settings(fields, "overlays"),
+        **outputs,
+    )
+
+
 def _parse_cancel(fields: dict[str, Any], limits: Limits) -> CancelRequest:
     job_id = fields.get("job_id")
     if job_id is not None and not isinstance(job_id, str):
@@ -297,6 +334,7 @@ _PARSERS = {
     "features": _parse_features,
     "match": _parse_match,
     "register": _parse_register,
+    "overlays": _parse_overlays,
     "cancel": _parse_cancel,
     "shutdown": _parse_shutdown,
 }

@@ -1,0 +1,162 @@
+"""The correspondence cursor: where a point of the fixed view lies in the moving view.
+
+With a computed field the answer is the field's: the transform node's "from parent" transform
+maps a fixed point to its moving point (ITK convention, RAS in the scene). Without one,
+:class:`CursorMatcher` decides when to ask the worker to match the cursor point, throttled
+(at most one request in flight, none closer together than ``interval_s``, only the newest
+cursor position kept) and cached on a grid of ``cache_step_mm``, so the GUI stays fluid. The
+marker is a one-point markups node; the moving view is moved so that its slice passes through
+the point. Positions are RAS mm; nothing here needs Qt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..core.errors import BadInputError
+from .views import MOVING_VIEW, slice_node
+
+CURSOR_NODE_NAME = "MedDIFT cursor"
+CURSOR_COLOR = (1.0, 0.9, 0.1)
+THROTTLE_INTERVAL_S = 0.25
+CACHE_STEP_MM = 1.0
+CACHE_ENTRIES = 4096
+
+Ras = tuple[float, float, float]
+
+
+def map_through_field(transform_node, fixed_ras: Sequence[float], moving_volume=None) -> Ras:
+    """The moving point of ``fixed_ras`` through ``transform_node``'s "from parent" transform.
+
+    When ``moving_volume`` is shown through that same transform (resampled onto the fixed
+    grid), the moving view shows the fixed frame, so the point is ``fixed_ras`` itself.
+    """
+    if transform_node is None:
+        raise BadInputError("no transform to map the cursor through")
+    if moving_volume is not None and moving_volume.GetParentTransformNode() is transform_node:
+        return (float(fixed_ras[0]), float(fixed_ras[1]), float(fixed_ras[2]))
+    moved = transform_node.GetTransformFromParent().TransformPoint(*(float(v) for v in fixed_ras))
+    return (float(moved[0]), float(moved[1]), float(moved[2]))
+
+
+@dataclass(frozen=True)
+class CursorMatch:
+    """A matched cursor point: ``moving_ras`` (mm) and its ``confidence`` in [0, 1] (NaN: from the field)."""
+
+    moving_ras: Ras
+    confidence: float = math.nan
+    reliable: bool = True
+
+
+class CursorMatcher:
+    """When to re-match the cursor through the worker, and the matches it already has.
+
+    Call :meth:`request` on each cursor move: it returns a cached match, or None; then
+    :meth:`take_pending` gives the point to send now (or None: wait). Report each answer with
+    :meth:`answered`. ``now`` is in seconds (any monotonic clock).
+    """
+
+    def __init__(self, interval_s: float = THROTTLE_INTERVAL_S, cache_step_mm: float = CACHE_STEP_MM) -> None:
+        if interval_s < 0 or cache_step_mm <= 0:
+            raise BadInputError("the cursor throttle needs interval_s >= 0 and cache_step_mm > 0")
+        self.interval_s = interval_s
+        self.cache_step_mm = cache_step_mm
+        self._cache: dict[tuple[int, int, int], CursorMatch] = {}
+        self._pending: Ras | None = None
+        self._in_flight: tuple[int, int, int] | None = None
+        self._last_sent_s = -math.inf
+
+    def key(self, fixed_ras: Sequence[float]) -> tuple[int, int, int]:
+        return tuple(int(round(float(v) / self.cache_step_mm)) for v in fixed_ras)  # type: ignore[return-value]
+
+    def clear(self) -> None:
+        """Forget every match (the volumes or options changed)."""
+        self._cache.clear()
+        self._pending = None
+
+    def request(self, fixed_ras: Sequence[float]) -> CursorMatch | None:
+        """The cached match of this point, else None (the point is kept as the one to send next)."""
+        cached = self._cache.get(self.key(fixed_ras))
+        if cached is not None:
+            self._pending = None
+            return cached
+        self._pending = (float(fixed_ras[0]), float(fixed_ras[1]), float(fixed_ras[2]))
+        return None
+
+    def take_pending(self, now: float) -> Ras | None:
+        """The point to send to the worker now, or None (nothing new, one in flight, or too soon)."""
+        if self._pending is None or self._in_flight is not None or now - self._last_sent_s < self.interval_s:
+            return None
+        point, self._pending = self._pending, None
+        self._in_flight = self.key(point)
+        self._last_sent_s = now
+        return point
+
+    def answered(self, match: CursorMatch | None) -> None:
+        """The worker's answer to the point in flight (None: it failed; it is not cached)."""
+        key, self._in_flight = self._in_flight, None
+        if key is None or match is None:
+            return
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = match
+
+
+def cursor_marker(scene, node=None):
+    """The one-point markups node that marks the cursor's match (created, locked, when None)."""
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(CURSOR_NODE_NAME))
+        node.SetLocked(True)
+        node.SetHideFromEditors(True)
+        node.SetSaveWithScene(False)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetSelectedColor(*CURSOR_COLOR)
+        display.SetColor(*CURSOR_COLOR)
+    return node
+
+
+def cursor_label(match: CursorMatch) -> str:
+    """The marker's label: the confidence when the match has one."""
+    if not math.isfinite(match.confidence):
+        return "field"
+    return f"{match.confidence:.2f}" + ("" if match.reliable else " unreliable")
+
+
+def show_cursor_match(scene, match: CursorMatch, marker=None, moving_view: str = MOVING_VIEW):
+    """Put the marker at the match and move the moving view's slice through it (centred).
+
+    Returns the marker node."""
+    marker = cursor_marker(scene, marker)
+    was_modifying = marker.StartModify()
+    try:
+        if marker.GetNumberOfControlPoints() == 0:
+            marker.AddControlPointWorld(list(match.moving_ras), cursor_label(match))
+        else:
+            marker.SetNthControlPointPositionWorld(0, *match.moving_ras)
+            marker.SetNthControlPointLabel(0, cursor_label(match))
+    finally:
+        marker.EndModify(was_modifying)
+    slice_node(scene, moving_view).JumpSliceByCentering(*match.moving_ras)
+    return marker
+
+
+def place_pair(fixed_landmarks, moving_landmarks, fixed_ras: Sequence[float], match: CursorMatch) -> str:
+    """Add the cursor's pair to the landmarks (same new label on both); returns the label."""
+    if fixed_landmarks is None or moving_landmarks is None:
+        raise BadInputError("choose the fixed and the moving landmarks to place a pair")
+    number = max(fixed_landmarks.GetNumberOfControlPoints(), moving_landmarks.GetNumberOfControlPoints()) + 1
+    label = f"C{number}"
+    while fixed_landmarks.GetControlPointIndexByLabel(label) >= 0 or moving_landmarks.GetControlPointIndexByLabel(
+        label
+    ) >= 0:
+        number += 1
+        label = f"C{number}"
+    fixed_landmarks.AddControlPointWorld([float(v) for v in fixed_ras], label)
+    index = moving_landmarks.AddControlPointWorld(list(match.moving_ras), label)
+    moving_landmarks.SetNthControlPointSelected(index, match.reliable)
+    return label
