@@ -17,7 +17,7 @@ import sys
 from .. import __version__
 from ..core.errors import MedDIFTError
 
-SUBCOMMANDS = ("demo", "eval", "match", "register", "simulate", "weights")
+SUBCOMMANDS = ("batch", "demo", "eval", "match", "register", "serve", "simulate", "track", "weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,7 +127,7 @@ def _backbone_status(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def load(state: WorkerState, request: LoadRequest, progress: ProgressFn) -> dict[str, Any]:
     """Read a volume; returns its id, name and geometry."""
     progress("load", 0.0, f"reading {request.path}")
-    volume_id = state.load(request.path)
+    volume_id = state.load(request.path) if request.volume is None else state.add(request.volume)
     volume = state.volumes[volume_id]
     progress("load", 1.0, f"loaded {volume.name}")
     geometry = volume.geometry

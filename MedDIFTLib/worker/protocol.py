@@ -70,9 +70,13 @@ class ProbeRequest:
 @dataclass(frozen=True)
 class LoadRequest:
     """Read a volume file or DICOM folder. Result: ``volume_id`` (the same content keeps its id),
-    ``name``, ``geometry`` (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major ``direction``)."""
+    ``name``, ``geometry`` (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major ``direction``).
+
+    ``volume`` (a :class:`MedDIFTLib.core.io.Volume`) is set only by the HTTP server, from an
+    upload; ``path`` then holds the volume's name. No wire line can set it."""
 
     path: str
+    volume: Any = None
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,10 @@ class WorkerState:
 
     def load(self, path: str) -> str:
         """Read a volume file or DICOM folder; the same content loaded twice keeps its id."""
-        volume = read_volume(path)
+        return self.add(read_volume(path))
+
+    def add(self, volume: Volume) -> str:
+        """Keep a volume read elsewhere (e.g. uploaded); the same content added twice keeps its id."""
         digest = volume.content_hash()
         volume_id = next((vid for vid, known in self.volumes.items() if known.content_hash() == digest), None)
         if volume_id is None:

@@ -1,0 +1,94 @@
+"""``meddift serve``: the worker over HTTP, for a GPU machine that Slicer (or ``--server``) uses."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.options import RunSettings, describe
+
+DEFAULT_PORT = 8765
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the worker over HTTP (e.g. on a GPU machine) for Slicer and --server",
+        description="Serve match, register and features over HTTP, the same requests and events as the local "
+        "worker. Volumes are uploaded by the client (never read from a server path) and kept in memory per "
+        "session; outputs are written under the cache folder and deleted with their session (closed by the "
+        "client or idle for --idle-timeout-s). A non-loopback --host needs --token-file; plain HTTP is for "
+        "127.0.0.1 or an SSH tunnel, otherwise give --tls-cert and --tls-key.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    parser.add_argument("--token-file", help="file whose first line is the token clients must send")
+    parser.add_argument("--tls-cert", help="TLS certificate (PEM); serve HTTPS")
+    parser.add_argument("--tls-key", help="TLS private key (PEM) of --tls-cert")
+    parser.add_argument("--max-upload-mb", type=float, default=2048, help="largest volume upload (default: 2048)")
+    parser.add_argument("--max-sessions", type=int, default=8, help="sessions open at once (default: 8)")
+    parser.add_argument("--idle-timeout-s", type=float, default=1800,
+                        help="close a session and delete its data after this long unused (default: 1800)")
+    parser.add_argument("--requests-per-minute", type=int, default=1200,
+                        help="requests per client address and minute (default: 1200)")
+    parser.add_argument("--cache-mb", type=float, default=2048,
+                        help="feature cache of each session in MiB (default: 2048)")
+    parser.add_argument("--cache-dir", help="folder for the sessions' outputs (default: a new temporary folder, "
+                        "deleted at exit); nothing is written elsewhere")
+    parser.add_argument("--device", default=RunSettings.device,
+                        help=describe(RunSettings, "device") + "; auto lets each request choose")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ..core.errors import BadInputError
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise BadInputError("meddift serve needs starlette and uvicorn: pip install 'meddift[serve]'") from None
+    from ..worker.remote.app import ServeConfig, create_app
+    from ..worker.remote.security import check_bind, read_token_file
+    from ..worker.state import device_name
+
+    token = read_token_file(args.token_file) if args.token_file else None
+    check_bind(args.host, token)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise BadInputError("--tls-cert and --tls-key go together")
+    for name, value in (("--max-upload-mb", args.max_upload_mb), ("--max-sessions", args.max_sessions),
+                        ("--idle-timeout-s", args.idle_timeout_s), ("--requests-per-minute", args.requests_per_minute),
+                        ("--cache-mb", args.cache_mb)):
+        if not value > 0:
+            raise BadInputError(f"{name} must be > 0, got {value}")
+    device = device_name(args.device) if args.device != "auto" else "auto"
+    label = _device_label(device_name(args.device))
+    own_folder = args.cache_dir is None
+    cache_dir = Path(tempfile.mkdtemp(prefix="meddift-serve-") if own_folder else args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    config = ServeConfig(cache_dir=cache_dir, token=token, device=device,
+                         max_upload_bytes=int(args.max_upload_mb * 2**20), max_sessions=args.max_sessions,
+                         idle_timeout_s=args.idle_timeout_s,
+                         requests_per_minute=args.requests_per_minute, cache_bytes=int(args.cache_mb * 2**20),
+                         device_label=label)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"meddift serve: {scheme}://{args.host}:{args.port} on {label}; "
+          f"{'token required' if token else 'no token (loopback only)'}", flush=True)
+    try:
+        uvicorn.run(create_app(config), host=args.host, port=args.port, ssl_certfile=args.tls_cert,
+                    ssl_keyfile=args.tls_key, log_level="warning", access_log=False)
+    finally:
+        if own_folder:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return 0
+
+
+def _device_label(device: str) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu``: what the client's "Test connection" shows."""
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device

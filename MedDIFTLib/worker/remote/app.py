@@ -1,0 +1,264 @@
+"""The HTTP routes of ``meddift serve`` (Starlette), under :data:`.wire.API`:
+
+- ``GET  /info``: version, device and limits (the client's "Test connection");
+- ``POST /sessions``, ``GET|DELETE /sessions/{sid}``: open, describe, close a session;
+- ``GET|PUT /sessions/{sid}/volumes/{content_hash}``: was this volume uploaded / upload it (:mod:`.wire`);
+- ``POST /sessions/{sid}/requests``: one protocol request line as the body; its events come back as
+  server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
+  stream closing early cancels the request;
+- ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` request.
+
+Every route needs ``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise) and is
+rate-limited per client address (429). Refusals are ``{"kind", "message"}`` JSON, never a path or
+a traceback. A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ... import __version__
+from ...core.errors import BadRequestError, MedDIFTError
+from ..jobs import Job
+from ..protocol import Limits, LoadRequest, RejectedRequest, error_event, parse_line
+from .security import RateLimiter, token_matches
+from .sessions import Session, SessionStore
+from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume
+
+REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
+DEVICE_TYPES = ("features", "match", "register")
+KEEPALIVE_S = 1.0
+REAP_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``meddift serve`` was started with; sizes in bytes, times in seconds."""
+
+    cache_dir: Path
+    token: str | None = None
+    device: str = "auto"
+    max_upload_bytes: int = 2048 * 2**20
+    max_sessions: int = 8
+    idle_timeout_s: float = 1800.0
+    requests_per_minute: int = 1200
+    cache_bytes: int = 2 * 2**30
+    limits: Limits = Limits()
+    device_label: str = ""
+
+
+def refusal(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"kind": kind, "message": message}, status_code=status)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; :class:`BodyTooLarge` past ``limit`` bytes (declared or sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(config: ServeConfig) -> Starlette:
+    """The server's application; its sessions live in ``config.cache_dir``."""
+    store = SessionStore(config.cache_dir, config.max_sessions, config.idle_timeout_s,
+                         config.cache_bytes, config.limits)
+    rate = RateLimiter(config.requests_per_minute)
+    info = {
+        "version": __version__,
+        "api": API,
+        "device": config.device,
+        "device_label": config.device_label,
+        "limits": {"max_upload_bytes": config.max_upload_bytes, "max_request_bytes": config.limits.max_request_bytes,
+                   "max_points": config.limits.max_points, "max_sessions": config.max_sessions,
+                   "idle_timeout_s": config.idle_timeout_s, "requests_per_minute": config.requests_per_minute},
+    }
+
+    def guarded(endpoint):
+        async def checked(request: Request) -> Response:
+            if not token_matches(config.token, request.headers.get("authorization")):
+                return refusal(401, "bad_request", "missing or wrong token: give the server's token")
+            if not rate.allow(request.client.host if request.client else "?"):
+                return refusal(429, "bad_request", "too many requests: slow down and retry")
+            if "sid" not in request.path_params:
+                return await endpoint(request)
+            session = store.get(request.path_params["sid"])
+            if session is None:
+                return refusal(404, "bad_request", "unknown or expired session: open a new one")
+            try:
+                return await endpoint(request, session)
+            finally:
+                session.touch()
+
+        return checked
+
+    async def get_info(request: Request) -> Response:
+        return JSONResponse({**info, "sessions": len(store)})
+
+    async def open_session(request: Request) -> Response:
+        session = store.create()
+        if session is None:
+            return refusal(503, "bad_request", f"the server holds its limit of {config.max_sessions} sessions")
+        return JSONResponse({"session_id": session.session_id, **info})
+
+    async def describe_session(request: Request, session: Session) -> Response:
+        running = session.worker.jobs.running
+        return JSONResponse({"volumes": len(session.worker.state.volumes),
+                             "running": running.request_id if running else None,
+                             "outcomes": dict(session.events.outcomes)})
+
+    async def close_session(request: Request, session: Session) -> Response:
+        await asyncio.to_thread(store.close, session.session_id)
+        return JSONResponse({"closed": True})
+
+    async def find_volume(request: Request, session: Session) -> Response:
+        found = session.uploaded(request.path_params["content_hash"])
+        if found is None:
+            return refusal(404, "bad_request", "not uploaded to this session")
+        return JSONResponse(found)
+
+    async def upload_volume(request: Request, session: Session) -> Response:
+        content_hash = request.path_params["content_hash"]
+        if not CONTENT_HASH.fullmatch(content_hash):
+            return refusal(400, "bad_request", "a volume is named by its 40-digit content hash")
+        try:
+            body = await read_body(request, config.max_upload_bytes)
+        except BodyTooLarge:
+            return refusal(413, "bad_request", f"upload over the server's limit of "
+                           f"{config.max_upload_bytes / 2**20:.0f} MiB")
+        try:
+            volume = await asyncio.to_thread(decode_volume, body, request.headers.get(GEOMETRY_HEADER),
+                                             request.headers.get(NAME_HEADER), config.max_upload_bytes)
+        except MedDIFTError as error:
+            return refusal(400, error.kind, str(error))
+        if volume.content_hash() != content_hash:
+            return refusal(400, "bad_request", "the uploaded volume does not have the content hash it was sent under")
+        request_id = f"upload-{content_hash[:12]}"
+        queue = session.events.open(request_id, asyncio.get_running_loop())
+        if queue is None:
+            return refusal(409, "bad_request", "this volume is being uploaded already")
+        try:
+            session.worker.jobs.submit(Job(request_id, "load", LoadRequest(volume.name or "volume", volume)))
+            while True:
+                event = await queue.get()
+                if event["event"] == "result":
+                    session.uploads[content_hash] = event["result"]
+                    return JSONResponse(event["result"])
+                if event["event"] == "error":
+                    return refusal(400, event["kind"], event["message"])
+        finally:
+            session.events.close(request_id)
+
+    async def post_request(request: Request, session: Session) -> Response:
+        try:
+            body = await read_body(request, config.limits.max_request_bytes)
+        except BodyTooLarge:
+            message = f"request longer than {config.limits.max_request_bytes} bytes rejected; send fewer points"
+            return JSONResponse(error_event(None, "bad_request", message), status_code=413)
+        try:
+            request_id, request_type, fields = parse_line(body)
+            if request_type not in REMOTE_TYPES:
+                raise RejectedRequest(_not_remote(request_type), request_id)
+            if request_type == "register":
+                fields = session.output_paths(request_id, fields)
+            if request_type in DEVICE_TYPES and config.device != "auto":
+                fields = {**fields, "device": config.device}
+        except RejectedRequest as error:
+            return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
+        except BadRequestError as error:
+            return JSONResponse(error_event(request_id, error.kind, str(error)), status_code=400)
+        queue = session.events.open(request_id, asyncio.get_running_loop())
+        if queue is None:
+            message = f"request id {request_id!r} is already in use by a pending request"
+            return JSONResponse(error_event(request_id, "bad_request", message), status_code=409)
+        line = json.dumps({"id": request_id, "type": request_type, **fields}).encode()
+        session.worker.handle_line(line)
+        return StreamingResponse(_stream(session, request_id, request_type, queue), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    async def get_output(request: Request, session: Session) -> Response:
+        name = request.path_params["name"]
+        path = session.outputs.get(request.path_params["request_id"], {}).get(name)
+        if name not in OUTPUT_NAMES or path is None or not path.is_file():
+            return refusal(404, "bad_request", "no such output of this session")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(min(REAP_INTERVAL_S, config.idle_timeout_s))
+                await asyncio.to_thread(store.close_idle)
+
+        reaper = asyncio.create_task(reap())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await asyncio.to_thread(store.close_all)
+
+    session_path = API + "/sessions/{sid}"
+    routes = [
+        Route(API + "/info", guarded(get_info), methods=["GET"]),
+        Route(API + "/sessions", guarded(open_session), methods=["POST"]),
+        Route(session_path, guarded(describe_session), methods=["GET"]),
+        Route(session_path, guarded(close_session), methods=["DELETE"]),
+        Route(session_path + "/volumes/{content_hash}", guarded(find_volume), methods=["GET"]),
+        Route(session_path + "/volumes/{content_hash}", guarded(upload_volume), methods=["PUT"]),
+        Route(session_path + "/requests", guarded(post_request), methods=["POST"]),
+        Route(session_path + "/outputs/{request_id}/{name}", guarded(get_output), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.sessions = store
+    return app
+
+
+def _not_remote(request_type: str) -> str:
+    if request_type == "load":
+        return "the server never reads its own files: upload the volume (RemoteWorkerClient's load does)"
+    return f"'{request_type}' is not available on a server; close the session instead"
+
+
+async def _stream(session: Session, request_id: str, request_type: str, queue: asyncio.Queue):
+    """Server-sent events of one request; leaving before its final event cancels it."""
+    finished = False
+    try:
+        while not finished:
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                yield ": waiting\n\n"
+                continue
+            finished = event["event"] in ("result", "error")
+            if finished and event["event"] == "result" and request_type == "register":
+                event = {**event, "result": _output_names(event["result"])}
+            yield f"data: {json.dumps(event, allow_nan=False)}\n\n"
+    finally:
+        session.events.close(request_id)
+        if not finished:
+            session.worker.jobs.cancel(request_id)
+
+
+def _output_names(summary: dict[str, Any]) -> dict[str, Any]:
+    """A register summary with each output's server path replaced by its name (the client maps it)."""
+    return {**summary, **{name: name for name in OUTPUT_NAMES if summary.get(name)}}

@@ -1,0 +1,221 @@
+"""Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
+job queue) and its own folder of outputs under the server's cache folder; another session can
+neither name nor reach them. Jobs of all sessions share the device: one computes at a time.
+
+Events of a session's worker are routed by request id to the HTTP stream that asked (an
+:class:`asyncio.Queue` per request), with the server's folders taken out of every message.
+Idle sessions are closed and their folders deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...core.errors import BadRequestError
+from ..jobs import Job
+from ..protocol import Limits, json_safe
+from ..server import Worker
+from .wire import OUTPUT_NAMES
+
+COMPUTE_TYPES = frozenset({"features", "match", "register"})
+RECENT_OUTCOMES = 64
+OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
+INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
+
+
+class SessionEvents:
+    """The event writer of a session's worker: routes each event to its request's stream."""
+
+    broken = False
+
+    def __init__(self, hidden_folder: Path) -> None:
+        self._hidden = sorted({str(hidden_folder), str(hidden_folder.resolve())}, key=len, reverse=True)
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self.outcomes: OrderedDict[str, str] = OrderedDict()
+
+    def open(self, request_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Queue | None:
+        """A queue for ``request_id``'s events; None while another stream holds that id."""
+        with self._lock:
+            if request_id in self._routes:
+                return None
+            queue: asyncio.Queue = asyncio.Queue()
+            self._routes[request_id] = (loop, queue)
+            return queue
+
+    def close(self, request_id: str) -> None:
+        with self._lock:
+            self._routes.pop(request_id, None)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._routes)
+
+    def emit(self, event: dict[str, Any]) -> bool:
+        event = self.scrub(json_safe(event))
+        request_id = event.get("id")
+        with self._lock:
+            if event.get("event") in ("result", "error") and request_id is not None:
+                self.outcomes[request_id] = event.get("kind", "result")
+                while len(self.outcomes) > RECENT_OUTCOMES:
+                    self.outcomes.popitem(last=False)
+            route = self._routes.get(request_id) if request_id is not None else None
+        if route is not None:
+            loop, queue = route
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                pass
+        return True
+
+    def scrub(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` without the server's folders in its message, and no detail of internal errors."""
+        if event.get("event") == "error" and event.get("kind") == "internal":
+            return {**event, "message": INTERNAL_MESSAGE}
+        message = event.get("message")
+        if isinstance(message, str):
+            for folder in self._hidden:
+                message = message.replace(folder, "<server>")
+            event = {**event, "message": message}
+        return event
+
+
+class SessionWorker(Worker):
+    """A session's worker; jobs that compute take the server's device lock first."""
+
+    def __init__(self, events: SessionEvents, cache_bytes: int, limits: Limits, device_lock: threading.Lock) -> None:
+        super().__init__(events, cache_bytes, limits)
+        self.device_lock = device_lock
+
+    def run_job(self, job: Job) -> None:
+        if job.type not in COMPUTE_TYPES:
+            super().run_job(job)
+            return
+        with self.device_lock:
+            super().run_job(job)
+
+
+@dataclass(eq=False)
+class Session:
+    """One client's worker, its thread, its output folder and the uploads it holds."""
+
+    session_id: str
+    folder: Path
+    events: SessionEvents
+    worker: SessionWorker
+    thread: threading.Thread
+    last_used: float = field(default_factory=time.monotonic)
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
+    _jobs: int = 0
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        return self.events.open_count > 0 or self.worker.jobs.running is not None
+
+    def uploaded(self, content_hash: str) -> dict[str, Any] | None:
+        """The load result of a volume uploaded before and still held (None otherwise)."""
+        found = self.uploads.get(content_hash)
+        if found is None or found["volume_id"] not in self.worker.state.volumes:
+            return None
+        return found
+
+    def output_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of a register request with its output names (only their endings count) turned
+        into files of this session's folder."""
+        self._jobs += 1
+        folder = self.folder / f"job{self._jobs}"
+        paths = {}
+        for name in OUTPUT_NAMES:
+            given = fields.get(f"out_{name}")
+            if given is None:
+                continue
+            ending = OUTPUT_SUFFIX.search(given.lower()) if isinstance(given, str) else None
+            if ending is None:
+                raise BadRequestError(f"'out_{name}' must be a file name with a format ending, e.g. {name}.nii.gz")
+            paths[name] = folder / f"{name}{ending.group(0)}"
+        self.outputs[request_id] = paths
+        return {**fields, **{f"out_{name}": str(path) for name, path in paths.items()}}
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Cancel its jobs, stop its worker and delete its folder."""
+        self.worker.jobs.cancel_all()
+        self.worker.jobs.stop()
+        self.thread.join(timeout_s)
+        self.worker.state.volumes.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SessionStore:
+    """The open sessions: at most ``max_sessions``; idle ones closed after ``idle_timeout_s``."""
+
+    def __init__(self, root: Path, max_sessions: int, idle_timeout_s: float, cache_bytes: int,
+                 limits: Limits) -> None:
+        self.root = root
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self.cache_bytes = cache_bytes
+        self.limits = limits
+        self.device_lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self) -> Session | None:
+        """A new session, or None when ``max_sessions`` are open."""
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                return None
+            session_id = secrets.token_urlsafe(24)
+            folder = self.root / f"session-{secrets.token_hex(8)}"
+            folder.mkdir(parents=True)
+            events = SessionEvents(self.root)
+            worker = SessionWorker(events, self.cache_bytes, self.limits, self.device_lock)
+            thread = threading.Thread(target=worker.serve, name="meddift-session", daemon=True)
+            session = Session(session_id, folder, events, worker, thread)
+            self._sessions[session_id] = session
+        thread.start()
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is not None:
+            session.touch()
+        return session
+
+    def close(self, session_id: str) -> bool:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.close()
+        return True
+
+    def close_idle(self) -> int:
+        """Close every session idle for longer than ``idle_timeout_s``; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [sid for sid, s in self._sessions.items()
+                    if not s.busy and now - s.last_used > self.idle_timeout_s]
+        return sum(self.close(session_id) for session_id in idle)
+
+    def close_all(self) -> None:
+        with self._lock:
+            names = list(self._sessions)
+        for session_id in names:
+            self.close(session_id)

@@ -1,0 +1,398 @@
+"""``meddift serve`` driven for real on 127.0.0.1 (uvicorn in a thread, or a subprocess when it
+must be killed): match and register round trips equal to the local worker's, the token, the bind
+check, upload and request limits, path-style loads refused, session isolation and clean-up,
+cancel on disconnect, and a server killed mid-job."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import uvicorn
+from conftest import CHEST_DIR, require
+from scipy import ndimage
+
+import MedDIFTLib
+from MedDIFTLib.core.environment import PACKAGE_PARENT
+from MedDIFTLib.core.errors import BadInputError, BadRequestError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.worker.client import WorkerClient
+from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
+from MedDIFTLib.worker.protocol import Limits
+from MedDIFTLib.worker.remote.app import ServeConfig, create_app
+from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, read_token_file, token_matches
+from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
+from MedDIFTLib.worker.remote.wire import GEOMETRY_HEADER, decode_volume, encode_volume
+from MedDIFTLib.worker.remote_client import RemoteWorkerClient
+
+TOKEN = "test-token-0123456789abcdef"
+TIMEOUT_S = 120
+QUICK_FIELD = {"levels": [{"spacing_mm": 6.0, "search_radius_mm": 10.0, "smoothness_mm": 24.0}],
+               "optimise_iterations": 0, "mask_threshold_hu": None}
+
+
+class ThreadServer:
+    """The real app on uvicorn, on an ephemeral port of 127.0.0.1, in a thread."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.app = create_app(config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def raw(self, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN,
+            headers: dict | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT_S)
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        try:
+            connection.request(method, "/v1" + path, body=body, headers=sent)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+
+def _config(tmp_path: Path, **overrides) -> ServeConfig:
+    settings = {"cache_dir": tmp_path, "token": TOKEN, "max_upload_bytes": 4 * 2**20, "max_sessions": 4,
+                "limits": Limits(max_request_bytes=256 * 2**10, max_points=1000), "cache_bytes": 64 * 2**20}
+    return ServeConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = ThreadServer(_config(tmp_path_factory.mktemp("serve_cache")))
+    yield running
+    running.stop()
+    assert not list(running.app.state.sessions.root.iterdir()), "sessions' folders left behind"
+
+
+@pytest.fixture
+def remote(server):
+    client = RemoteWorkerClient(server.url, token=TOKEN, timeout_s=TIMEOUT_S)
+    client.start()
+    yield client
+    client.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict:
+    """A real CT crop and a copy shifted by whole voxels, with points inside."""
+    fixed_path = require(CHEST_DIR / "elastix_lung_baseline_small" / "image.nii.gz")
+    fixed = read_volume(fixed_path)
+    folder = tmp_path_factory.mktemp("serve_pair")
+    moving = Volume(ndimage.shift(fixed.voxels, (1, -1, 2), order=0, mode="nearest"), fixed.geometry, "moving")
+    write_volume(moving, folder / "moving.nii.gz")
+    ijk = np.array([[28, 39, 32], [20, 50, 40], [35, 30, 25], [25, 45, 20], [32, 35, 45]], float)
+    return {"fixed": str(fixed_path), "moving": str(folder / "moving.nii.gz"), "points": fixed.geometry.ijk_to_lps(ijk)}
+
+
+@pytest.fixture(scope="module")
+def local(pair):
+    worker = WorkerClient()
+    worker.start(timeout=TIMEOUT_S)
+    ids = {"fixed_id": worker.call("load", path=pair["fixed"])["volume_id"],
+           "moving_id": worker.call("load", path=pair["moving"])["volume_id"]}
+    yield worker, ids
+    worker.stop()
+
+
+def _small_volume(seed: int, shape_kji=(12, 14, 16)) -> Volume:
+    voxels = np.random.default_rng(seed).normal(0, 300, shape_kji).astype(np.float32)
+    return Volume(voxels, Geometry.create(shape_kji[::-1], (1.5, 1.0, 2.0), (-10.0, 5.0, 3.0)), f"small{seed}")
+
+
+def _stream_events(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+# ------------------------------------------------------------------ security, unit level
+
+
+def test_a_non_loopback_bind_needs_a_token():
+    with pytest.raises(BadInputError, match="without a token"):
+        check_bind("0.0.0.0", None)
+    with pytest.raises(BadInputError, match="without a token"):
+        check_bind("192.168.1.20", None)
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+    check_bind("0.0.0.0", TOKEN)
+
+
+def test_serve_refuses_a_public_bind_without_token_before_binding(capsys):
+    from MedDIFTLib.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "without a token" in capsys.readouterr().err
+
+
+def test_tokens_compare_whole_and_short_token_files_are_refused(tmp_path):
+    assert token_matches(TOKEN, f"Bearer {TOKEN}")
+    assert not token_matches(TOKEN, f"Bearer {TOKEN[:-1]}")
+    assert not token_matches(TOKEN, None)
+    assert not token_matches(TOKEN, f"Basic {TOKEN}")
+    assert token_matches(None, None)
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(BadInputError, match="at least 16"):
+        read_token_file(tmp_path / "short")
+    (tmp_path / "good").write_text(TOKEN + "\n")
+    assert read_token_file(tmp_path / "good") == TOKEN
+
+
+def test_rate_limiter_refuses_past_its_rate():
+    limiter = RateLimiter(per_minute=3)
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")
+
+
+def test_events_carry_no_server_folder_and_no_internal_detail(tmp_path):
+    events = SessionEvents(tmp_path)
+    scrubbed = events.scrub({"id": "r1", "event": "error", "kind": "bad_input",
+                             "message": f"{tmp_path}/session-1/job1/transform.nii.gz: cannot write"})
+    assert str(tmp_path) not in scrubbed["message"] and "<server>" in scrubbed["message"]
+    internal = events.scrub({"id": "r1", "event": "error", "kind": "internal", "message": "Traceback /usr/lib"})
+    assert internal["message"] == INTERNAL_MESSAGE
+
+
+def test_volume_wire_round_trip_and_refusals():
+    volume = _small_volume(1)
+    body, headers = encode_volume(volume)
+    decoded = decode_volume(body, headers[GEOMETRY_HEADER], "small1", 2**20)
+    assert decoded.content_hash() == volume.content_hash() and decoded.geometry == volume.geometry
+    with pytest.raises(BadRequestError, match="exceeds"):
+        decode_volume(body, headers[GEOMETRY_HEADER], "", 100)
+    with pytest.raises(BadRequestError, match="do not fill"):
+        decode_volume(zlib.compress(b"\0" * 16), headers[GEOMETRY_HEADER], "", 2**20)
+    with pytest.raises(BadRequestError, match="must hold shape_ijk"):
+        decode_volume(body, '{"shape_ijk": [16, 14, 12]}', "", 2**20)
+
+
+# ------------------------------------------------------------------ the real server
+
+
+def test_missing_or_wrong_token_is_401_and_nothing_runs(server):
+    sessions = len(server.app.state.sessions)
+    for token in (None, "wrong-token-0123456789"):
+        assert server.raw("GET", "/info", token=token)[0] == 401
+        assert server.raw("POST", "/sessions", token=token)[0] == 401
+    assert len(server.app.state.sessions) == sessions
+    with pytest.raises(BadRequestError, match="401"):
+        RemoteWorkerClient(server.url, token="wrong-token-0123456789").start()
+    assert len(server.app.state.sessions) == sessions
+
+
+def test_test_connection_reports_version_device_and_limits(server):
+    info = RemoteWorkerClient(server.url, token=TOKEN).test_connection()
+    assert info["version"] == MedDIFTLib.__version__
+    assert info["device"] == "auto"
+    assert info["limits"]["max_upload_bytes"] == 4 * 2**20
+
+
+def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the_server_serves_on(server, remote):
+    base = f"/sessions/{remote.session_id}/requests"
+    status, body = server.raw("POST", base, json.dumps({"id": "a", "type": "load", "path": "/etc/passwd"}).encode())
+    refused = json.loads(body)
+    assert status == 400 and refused["id"] == "a" and "upload" in refused["message"]
+    assert "/etc" not in refused["message"]
+    status, body = server.raw("POST", base, b'{"id": "b", "type": "shutdown"}')
+    assert status == 400 and json.loads(body)["kind"] == "bad_request"
+    status, body = server.raw("POST", base, b"{not json")
+    assert status == 400 and "malformed JSON" in json.loads(body)["message"]
+    status, body = server.raw("POST", base, b'{"id": "c", "type": "match", "points_lps_mm": ' + b"1" * 300_000)
+    assert status == 413 and json.loads(body)["kind"] == "bad_request"
+    too_many = {"id": "d", "type": "match", "fixed_id": "v1", "moving_id": "v2", "points_lps_mm": [[0, 0, 0]] * 1001}
+    status, body = server.raw("POST", base, json.dumps(too_many).encode())
+    assert status == 200 and _stream_events(body)[-1]["kind"] == "bad_request"
+    assert "limit of 1000" in _stream_events(body)[-1]["message"]
+    assert remote.call("probe", timeout=TIMEOUT_S)["version"] == MedDIFTLib.__version__
+
+
+def test_upload_over_the_limit_is_refused(server, remote):
+    big = _small_volume(2, (64, 64, 64))
+    body, headers = encode_volume(big)
+    status, answer = server.raw("PUT", f"/sessions/{remote.session_id}/volumes/{big.content_hash()}",
+                                body=body + b"\0" * (4 * 2**20), headers=headers)
+    assert status == 413 and "limit" in json.loads(answer)["message"]
+    status, answer = server.raw("PUT", f"/sessions/{remote.session_id}/volumes/{'0' * 40}", body=body,
+                                headers=headers)
+    assert status == 400 and "content hash" in json.loads(answer)["message"]
+    assert json.loads(server.raw("GET", f"/sessions/{remote.session_id}")[1])["volumes"] == 0
+
+
+def test_a_volume_is_uploaded_once_and_sessions_cannot_see_each_others(server, remote, tmp_path):
+    volume = _small_volume(3)
+    write_volume(volume, tmp_path / "small.nrrd")
+    uploads = []
+    original = remote._open
+
+    def counting(method, path, **options):
+        if method == "PUT":
+            uploads.append(path)
+        return original(method, path, **options)
+
+    remote._open = counting
+    first = remote.call("load", path=str(tmp_path / "small.nrrd"), timeout=TIMEOUT_S)
+    again = remote.call("load", path=str(tmp_path / "small.nrrd"), timeout=TIMEOUT_S)
+    assert first == again and len(uploads) == 1
+    assert first["geometry"]["shape_ijk"] == [16, 14, 12]
+
+    other = RemoteWorkerClient(server.url, token=TOKEN)
+    other.start()
+    try:
+        assert server.raw("GET", f"/sessions/{other.session_id}/volumes/{volume.content_hash()}")[0] == 404
+        with pytest.raises(BadRequestError, match="unknown volume id"):
+            other.call("features", volume_id=first["volume_id"], backbone="mind", device="cpu", timeout=TIMEOUT_S)
+    finally:
+        other.stop()
+    assert server.raw("GET", f"/sessions/{other.session_id}")[0] == 404
+
+
+def test_rate_limit_and_idle_sessions_are_closed_with_their_folders(tmp_path):
+    running = ThreadServer(_config(tmp_path, requests_per_minute=4, idle_timeout_s=0.01))
+    try:
+        client = RemoteWorkerClient(running.url, token=TOKEN)
+        client.start()
+        store = running.app.state.sessions
+        folders = list(store.root.iterdir())
+        assert len(folders) == 1
+        deadline = time.monotonic() + 10
+        while len(store) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(store) == 0 and not list(store.root.iterdir()), "the idle session was not closed"
+        assert running.raw("GET", f"/sessions/{client.session_id}")[0] == 404
+        statuses = [running.raw("GET", "/info")[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+    finally:
+        running.stop()
+
+
+def test_match_round_trip_equals_the_local_worker(remote, local, pair):
+    worker, local_ids = local
+    request = {"backbone": "mind", "device": "cpu", "points_lps_mm": pair["points"],
+               "labels": [f"F-{n}" for n in range(len(pair["points"]))], "options": {"search_radius_mm": 8}}
+    expected = worker.call("match", timeout=TIMEOUT_S, **local_ids, **request)
+    ids = {"fixed_id": remote.call("load", path=pair["fixed"])["volume_id"],
+           "moving_id": remote.call("load", path=pair["moving"])["volume_id"]}
+    stages = []
+    got = remote.call("match", timeout=TIMEOUT_S, progress=lambda s, f, m: stages.append(s), **ids, **request)
+    assert {"features", "match"} <= set(stages)
+    assert got["labels"] == expected["labels"]
+    for key in ("points_lps_mm", "similarity", "confidence", "forward_backward_mm"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    assert got["reliable"] == expected["reliable"]
+    assert remote.call("match", timeout=TIMEOUT_S, **ids, **request)["features_cached"] is True
+
+
+def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(remote, local, pair, tmp_path):
+    worker, local_ids = local
+    options = {"backbone": "mind", "device": "cpu", "options": QUICK_FIELD}
+    worker.call("register", timeout=TIMEOUT_S, out_transform=str(tmp_path / "local.nii.gz"), **local_ids, **options)
+    ids = {"fixed_id": remote.call("load", path=pair["fixed"])["volume_id"],
+           "moving_id": remote.call("load", path=pair["moving"])["volume_id"]}
+    out = tmp_path / "remote"
+    summary = remote.call("register", timeout=TIMEOUT_S, out_transform=str(out / "field.nii.gz"),
+                          out_warped=str(out / "warped.nrrd"), **ids, **options)
+    assert summary["transform"] == str(out / "field.nii.gz") and summary["warped"] == str(out / "warped.nrrd")
+    assert summary["inverse"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["field.nii.gz", "warped.nrrd"]
+    local_field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.nii.gz")))
+    remote_field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "field.nii.gz")))
+    np.testing.assert_allclose(remote_field, local_field, atol=1e-5)
+    assert sitk.ReadImage(str(out / "warped.nrrd")).GetSize() == (57, 78, 64)
+
+
+def test_a_dropped_stream_cancels_its_job(server, remote):
+    volume = _small_volume(4, (96, 96, 96))
+    body, headers = encode_volume(volume)
+    status, answer = server.raw("PUT", f"/sessions/{remote.session_id}/volumes/{volume.content_hash()}",
+                                body=body, headers=headers)
+    assert status == 200, answer
+    line = json.dumps({"id": "slow", "type": "features", "volume_id": json.loads(answer)["volume_id"],
+                       "backbone": "mind", "device": "cpu"}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT_S)
+    connection.request("POST", f"/v1/sessions/{remote.session_id}/requests", body=line,
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ") and b'"progress"' in response.readline() + b'"progress"'
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        outcomes = json.loads(server.raw("GET", f"/sessions/{remote.session_id}")[1])["outcomes"]
+        if "slow" in outcomes or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert outcomes.get("slow") == "cancelled"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_server_killed_mid_job_is_reported_and_nothing_is_written(pair, tmp_path):
+    (tmp_path / "token").write_text(TOKEN)
+    port = _free_port()
+    code = "import sys; from MedDIFTLib.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--port", str(port), "--token-file", str(tmp_path / "token")],
+        env={**os.environ, "PYTHONPATH": PACKAGE_PARENT}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = RemoteWorkerClient(f"http://127.0.0.1:{port}", token=TOKEN, timeout_s=TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            try:
+                client.start()
+                break
+            except WorkerError:
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        ids = {"fixed_id": client.call("load", path=pair["fixed"])["volume_id"],
+               "moving_id": client.call("load", path=pair["moving"])["volume_id"]}
+        out = tmp_path / "out"
+        job = client.send("register", backbone="mind", device="cpu", out_transform=str(out / "field.nii.gz"),
+                          out_warped=str(out / "warped.nii.gz"), **ids)
+        events = client.events(job, timeout=TIMEOUT_S)
+        assert isinstance(next(events), Progress)
+        process.kill()
+        final = list(events)[-1]
+        assert isinstance(final, Error) and final.kind == "internal" and "lost the connection" in final.message
+        assert not out.exists() or not list(out.iterdir())
+        assert not isinstance(final, Result)
+    finally:
+        process.kill()
+        process.wait(30)
+
+
+def test_remote_client_imports_neither_torch_nor_qt():
+    heavy = ("torch", "monai", "qt", "PythonQt", "PyQt5", "PySide2", "starlette", "uvicorn")
+    code = (f"import sys, MedDIFTLib.worker.remote_client, MedDIFTLib.worker.remote.wire; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert output.stdout.strip() == "[]"
