@@ -1,0 +1,149 @@
+"""One row of a batch, run as a Dask task: the single-pair command's library calls on shared features.
+
+The outputs are those of ``meddift match`` (``matched.csv``) or ``meddift register``
+(``transform.nii.gz``, its summary ``transform.nii.gz.json``, ``points.csv`` when the row has points,
+``inverse.nii.gz`` and ``warped.nii.gz`` when asked). They are written into a staging folder
+``OUT/.staging/<id>.<random>/`` with the row's record ``row.json`` last, and the folder is renamed
+to ``OUT/<id>/`` only when complete: a row's folder holds all of its outputs or does not exist.
+A failing row returns a record with its error and kind; nothing of it is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from ..core.errors import BadInputError, MedDIFTError
+from ..core.io import atomic_output, check_overlap, read_points, read_volume, write_points
+from .features import VolumeFeatures, pyramid_for, this_worker
+from .job import BatchJob
+from .manifest import Row
+
+STAGING = ".staging"
+RECORD = "row.json"
+MATCHED = "matched.csv"
+TRANSFORM = "transform.nii.gz"
+POINTS = "points.csv"
+INVERSE = "inverse.nii.gz"
+WARPED = "warped.nii.gz"
+
+
+def _match(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid, device, folder: Path):
+    from ..matching import check_points, match_points
+
+    if not row.points:
+        raise BadInputError(f"row {row.id}: the match task needs a points column")
+    points = read_points(row.points, fixed.geometry)
+    check_points(fixed.geometry, points.points_lps_mm)
+    result = match_points(fixed_pyramid.to(device), moving_pyramid.to(device), points.points_lps_mm,
+                          options=job.match_options)
+    write_points(result.point_set(points.labels), folder / MATCHED)
+    details = {"points": len(points), "reliable": int(result.reliable.sum()), "outputs": [MATCHED]}
+    return points, result.points_lps_mm, details
+
+
+def _register(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid, device, folder: Path):
+    from ..core.options import to_json
+    from ..field import carried_points, read_field, register_and_write, summary_path
+
+    mask = read_volume(row.mask) if row.mask else None
+    points = read_points(row.points, fixed.geometry) if row.points else None
+    names = {"transform": TRANSFORM, "inverse": INVERSE if job.write_inverse else None,
+             "warped": WARPED if job.write_warped else None}
+    summary = register_and_write(fixed, moving, fixed_pyramid.to("cpu"), moving_pyramid.to("cpu"),
+                                 folder / TRANSFORM, names["inverse"] and folder / INVERSE,
+                                 names["warped"] and folder / WARPED, job.field_options, mask=mask)
+    predicted = None
+    if points is not None:
+        carried = carried_points(read_field(folder / TRANSFORM), points)
+        write_points(carried, folder / POINTS)
+        predicted = carried.points_lps_mm
+    record = {**summary, **names, "points": POINTS if points is not None else None,
+              "backbone": job.recipe.backbone, "device": str(device), "options": to_json(job.field_options)}
+    with atomic_output(summary_path(folder / TRANSFORM)) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    outputs = [name for name in (*names.values(), summary_path(TRANSFORM).name) if name]
+    if points is not None:
+        outputs.append(POINTS)
+    details = {"points": len(points) if points is not None else None, "outputs": outputs,
+               "jacobian_min": summary["jacobian"]["min"], "folding_fraction": summary["jacobian"]["fraction_folding"]}
+    return points, predicted, details
+
+
+TASK_FUNCTIONS = {"match": _match, "register": _register}
+
+
+def _tre(row: Row, moving, points, predicted) -> dict:
+    """TRE (mm) against the row's ground-truth moving points, where it has them."""
+    from ..evaluation.metrics import error_stats, tre_mm
+
+    if not row.moving_points or points is None or predicted is None:
+        return {}
+    truth = read_points(row.moving_points, moving.geometry)
+    if len(truth) != len(points):
+        raise BadInputError(f"row {row.id}: {len(truth)} moving points for {len(points)} fixed points")
+    stats = error_stats(tre_mm(predicted, truth.points_lps_mm))
+    initial = tre_mm(points.points_lps_mm, truth.points_lps_mm)
+    return {**{f"tre_{name}_mm": value for name, value in stats.items()}, "initial_mean_mm": float(initial.mean())}
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` folder onto ``target``, replacing an earlier (stale) one."""
+    old = None
+    if target.exists():
+        old = staging.with_name(staging.name + ".old")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_row(row: Row, job: BatchJob, input_hash: str, fixed_features: VolumeFeatures,
+            moving_features: VolumeFeatures, out: str) -> dict:
+    """The Dask task of one row: run it, publish its folder, return its record (never raises for the row's own
+    failure; the record says ``failed`` with the error and its kind)."""
+    import torch
+
+    from ..core.devices import out_of_memory_as_error, resolve_device
+    from ..evaluation.runner import PeakMemory
+
+    record = {"id": row.id, "task": job.task, "status": "failed", "error": "", "kind": "", "input_hash": input_hash,
+              "worker": this_worker(), "fixed": row.fixed, "moving": row.moving}
+    staging = Path(out) / STAGING / f"{row.id}.{uuid.uuid4().hex[:12]}"
+    try:
+        device = resolve_device(job.recipe.device)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        with PeakMemory() as memory, out_of_memory_as_error(device):
+            started = time.perf_counter()
+            fixed, moving = read_volume(row.fixed), read_volume(row.moving)
+            check_overlap(fixed, moving)
+            fixed_pyramid, fixed_seconds = pyramid_for(fixed_features, row.fixed, job.recipe)
+            moving_pyramid, moving_seconds = pyramid_for(moving_features, row.moving, job.recipe)
+            staging.mkdir(parents=True)
+            pair_started = time.perf_counter()
+            points, predicted, details = TASK_FUNCTIONS[job.task](row, job, fixed, moving, fixed_pyramid,
+                                                                  moving_pyramid, device, staging)
+            record.update(_tre(row, moving, points, predicted))
+            seconds_pair = time.perf_counter() - pair_started
+        record.update(details, status="ok", seconds_pair=seconds_pair, seconds_row=time.perf_counter() - started,
+                      seconds_features=fixed_features.seconds + moving_features.seconds + fixed_seconds
+                      + moving_seconds, features_recomputed=int(fixed_seconds > 0) + int(moving_seconds > 0),
+                      peak_rss_mb=memory.peak_mb,
+                      peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
+        (staging / RECORD).write_text(json.dumps(record, indent=2))
+        _publish(staging, Path(out) / row.id)
+    except MedDIFTError as error:
+        record.update(error=str(error), kind=error.kind)
+    except Exception as error:  # one failing row is recorded; the others go on
+        traceback.print_exc()
+        record.update(error=f"{type(error).__name__}: {error}", kind="internal")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return record

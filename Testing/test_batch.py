@@ -1,0 +1,247 @@
+"""``meddift batch`` on Dask: a LocalCluster of two worker processes (and a scheduler and workers started
+as separate processes on 127.0.0.1), tiny synthetic volumes and the weight-free MIND backbone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from MedDIFTLib.batch import BatchJob, FeatureRecipe, dask_client, read_manifest, run_batch
+from MedDIFTLib.batch.summary import read_summary
+from MedDIFTLib.cli import main
+from MedDIFTLib.core.environment import child_environment
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import PointSet, Volume, read_points, write_points, write_volume
+from MedDIFTLib.core.options import MatchOptions
+
+SHAPE_IJK = (26, 24, 22)
+SPACING_MM = (2.0, 2.0, 2.0)
+SHIFTS_MM = [(2.0, -2.0, 0.0), (0.0, 2.0, 2.0), (-2.0, 0.0, 2.0), (2.0, 2.0, -2.0)]
+MATCH = ["--backbone", "mind", "--device", "cpu", "--match-search-radius-mm", "8"]
+TIMEOUT_S = 120
+
+
+def _texture(seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(size=SHAPE_IJK[::-1])
+    return (ndimage.gaussian_filter(noise, 1.5) * 4000.0 - 200.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> Path:
+    """One baseline and four follow-ups (the baseline's voxels placed ``SHIFTS_MM`` away, plus noise), with
+    fixed points and their true moving positions, and a manifest of the four pairs."""
+    folder = tmp_path_factory.mktemp("series")
+    voxels = _texture(0)
+    geometry = Geometry.create(SHAPE_IJK, SPACING_MM, (0.0, 0.0, 0.0), np.eye(3))
+    write_volume(Volume(voxels, geometry), folder / "baseline.nii.gz")
+    ijk = np.array([[8, 8, 8], [13, 12, 11], [17, 15, 12], [10, 16, 13], [15, 9, 10]], float)
+    fixed_points = PointSet(geometry.ijk_to_lps(ijk), [f"P{n}" for n in range(len(ijk))])
+    write_points(fixed_points, folder / "points.csv")
+    lines = ["id,fixed,moving,points,moving_points"]
+    for number, shift in enumerate(SHIFTS_MM):
+        noisy = voxels + np.random.default_rng(number + 1).normal(0, 20, voxels.shape).astype(np.float32)
+        moved = Geometry.create(SHAPE_IJK, SPACING_MM, shift, np.eye(3))
+        write_volume(Volume(noisy, moved), folder / f"followup{number}.nii.gz")
+        truth = PointSet(fixed_points.points_lps_mm + shift, fixed_points.labels)
+        write_points(truth, folder / f"truth{number}.csv")
+        lines.append(f"pair{number},baseline.nii.gz,followup{number}.nii.gz,points.csv,truth{number}.csv")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client("local", workers=2, threads_per_worker=1, memory_limit="2GB") as connected:
+        yield connected
+
+
+def _job(task: str = "match") -> BatchJob:
+    return BatchJob(task=task, recipe=FeatureRecipe("mind", {}, "cpu"),
+                    match_options=MatchOptions(search_radius_mm=8.0))
+
+
+def _matched(path: Path) -> np.ndarray:
+    return read_points(path).points_lps_mm
+
+
+def test_manifest_rows_equal_the_single_pair_command(series, client, tmp_path):
+    out = tmp_path / "batch"
+    records = run_batch(read_manifest(series / "manifest.csv"), _job(), out, client)
+    assert [record["status"] for record in records] == ["ok"] * 4
+    assert {record["worker"] for record in records} and all(record["tre_mean_mm"] < 1.0 for record in records)
+    for number in range(4):
+        single = tmp_path / f"single{number}.csv"
+        assert main(["match", str(series / "baseline.nii.gz"), str(series / f"followup{number}.nii.gz"), "--points",
+                     str(series / "points.csv"), "--out", str(single), "--quiet", "--backbone", "mind",
+                     "--device", "cpu", "--search-radius-mm", "8"]) == 0
+        batch_points, single_points = read_points(out / f"pair{number}" / "matched.csv"), read_points(single)
+        assert batch_points.labels == single_points.labels
+        np.testing.assert_allclose(batch_points.points_lps_mm, single_points.points_lps_mm, atol=1e-4)
+        assert batch_points.descriptions == single_points.descriptions
+        assert (out / f"pair{number}" / "matched.csv").read_text() == single.read_text()
+    summary = read_summary(out / "summary.csv")
+    assert [line["id"] for line in summary] == [f"pair{n}" for n in range(4)]
+    assert all(float(line["tre_mean_mm"]) < 1.0 and float(line["peak_rss_mb"]) > 0 for line in summary)
+    assert not (out / ".staging").exists() or not any((out / ".staging").iterdir())
+
+
+def test_register_rows_write_the_register_outputs(series, client, tmp_path):
+    manifest = tmp_path / "two.csv"
+    manifest.write_text("\n".join((series / "manifest.csv").read_text().splitlines()[:3]).replace(
+        "baseline.nii.gz", str(series / "baseline.nii.gz")).replace("followup", str(series / "followup")).replace(
+        "points.csv", str(series / "points.csv")).replace("truth", str(series / "truth")) + "\n")
+    job = BatchJob(task="register", recipe=FeatureRecipe("mind", {}, "cpu"))
+    job = BatchJob(task="register", recipe=job.recipe,
+                   field_options=job.field_options.__class__(optimise_iterations=0))
+    records = run_batch(read_manifest(manifest), job, tmp_path / "out", client)
+    assert [record["status"] for record in records] == ["ok", "ok"]
+    for record in records:
+        folder = tmp_path / "out" / record["id"]
+        assert sorted(p.name for p in folder.iterdir()) == ["points.csv", "row.json", "transform.nii.gz",
+                                                            "transform.nii.gz.json"]
+        summary = json.loads((folder / "transform.nii.gz.json").read_text())
+        assert summary["transform"] == "transform.nii.gz" and summary["backbone"] == "mind"
+
+
+def test_a_bad_row_is_reported_and_the_others_complete(series, client, tmp_path):
+    manifest = series / "bad.csv"
+    text = (series / "manifest.csv").read_text().splitlines()
+    text.insert(2, "missing,baseline.nii.gz,nowhere.nii.gz,points.csv,truth0.csv")
+    text.insert(3, "far,baseline.nii.gz,followup1.nii.gz,far.csv,")
+    (series / "far.csv").write_text("label,l,p,s\nF,5000,5000,5000\n")
+    manifest.write_text("\n".join(text) + "\n")
+    records = {record["id"]: record for record in run_batch(read_manifest(manifest), _job(), tmp_path, client)}
+    assert records["missing"]["status"] == "failed" and "nowhere.nii.gz" in records["missing"]["error"]
+    assert records["far"]["status"] == "failed" and records["far"]["kind"] == "bad_input"
+    assert all(records[f"pair{n}"]["status"] == "ok" for n in range(4))
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "far").exists()
+    lines = {line["id"]: line for line in read_summary(tmp_path / "summary.csv")}
+    assert lines["far"]["status"] == "failed" and lines["far"]["error"]
+
+
+def test_a_killed_worker_does_not_stop_the_batch(series, client, tmp_path):
+    rows = read_manifest(series / "manifest.csv")
+    pids = list(client.run(os.getpid).values())
+    finished: list[dict] = []
+    done = threading.Event()
+
+    def batch() -> None:
+        finished.extend(run_batch(rows, _job(), tmp_path, client))
+        done.set()
+
+    thread = threading.Thread(target=batch, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while not client.processing() or not any(client.processing().values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(pids[0], signal.SIGKILL)
+    assert done.wait(TIMEOUT_S)
+    assert [record["status"] for record in finished] == ["ok"] * 4
+    client.wait_for_workers(2, timeout=TIMEOUT_S)
+
+
+def _run_cli(series: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "MedDIFTLib", "batch", str(series / "manifest.csv"), "--out", str(out),
+               "--workers", "1", "--quiet", *MATCH, *extra]
+    return subprocess.Popen(command, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_an_interrupted_batch_resumes_without_recomputing(series, tmp_path):
+    out = tmp_path / "out"
+    process = _run_cli(series, out)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not (out / "pair0" / "row.json").is_file() and not (out / "pair1" / "row.json").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            time.sleep(0.05)
+        published_before = {path.parent.name for path in out.glob("*/row.json")}
+        os.killpg(process.pid, signal.SIGINT)
+        process.communicate(timeout=TIMEOUT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    first = {path.parent.name: path.stat().st_mtime_ns for path in out.glob("*/row.json")}
+    assert first and len(first) < 4
+    assert all(sorted(p.name for p in (out / name).iterdir()) == ["matched.csv", "row.json"] for name in first)
+    lines = {line["id"]: line["status"] for line in read_summary(out / "summary.csv")}
+    assert {lines[name] for name in published_before} == {"ok"} and "pending" in lines.values()
+    assert main(["batch", str(series / "manifest.csv"), "--out", str(out), "--workers", "2", "--quiet", *MATCH]) == 0
+    after = {path.parent.name: path.stat().st_mtime_ns for path in out.glob("*/row.json")}
+    assert len(after) == 4 and all(after[name] == first[name] for name in first)
+    lines = {line["id"]: line["status"] for line in read_summary(out / "summary.csv")}
+    assert {lines[name] for name in first} == {"done"} and set(lines.values()) <= {"done", "ok"}
+
+
+def test_changed_options_rerun_the_rows(series, client, tmp_path):
+    rows = read_manifest(series / "manifest.csv")[:1]
+    assert run_batch(rows, _job(), tmp_path, client)[0]["status"] == "ok"
+    assert run_batch(rows, _job(), tmp_path, client)[0]["status"] == "done"
+    changed = BatchJob(task="match", recipe=FeatureRecipe("mind", {}, "cpu"),
+                       match_options=MatchOptions(search_radius_mm=6.0))
+    assert run_batch(rows, changed, tmp_path, client)[0]["status"] == "ok"
+
+
+def test_a_scheduler_and_workers_started_by_hand(series, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    environment = child_environment()
+    bin_dir = Path(sys.executable).parent
+    processes = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                   "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                                  env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not scheduler_file.is_file():
+            assert time.monotonic() < deadline and processes[0].poll() is None
+            time.sleep(0.1)
+        for _ in range(2):
+            processes.append(subprocess.Popen(
+                [str(bin_dir / "dask"), "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
+                 "--host", "127.0.0.1", "--no-dashboard", "--no-nanny"], env=environment,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        with dask_client(str(scheduler_file)) as connected:
+            connected.wait_for_workers(2, timeout=TIMEOUT_S)
+            records = run_batch(read_manifest(series / "manifest.csv"), _job(), tmp_path / "out", connected)
+        assert [record["status"] for record in records] == ["ok"] * 4
+        assert len({record["worker"] for record in records}) >= 1
+    finally:
+        for process in reversed(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+    assert all(process.poll() is not None for process in processes)
+
+
+def test_bad_manifests_are_refused_before_any_work(tmp_path):
+    cases = {"fixed,points\na.nii.gz,p.csv\n": "lacks column(s) moving",
+             "fixed,moving\n": "has no rows",
+             "id,fixed,moving\nx,a,b\nx,a,c\n": "used twice",
+             "id,fixed,moving\n../up,a,b\n": "must be letters",
+             "fixed,moving\na.nii.gz,\n": "has no moving"}
+    for number, (text, message) in enumerate(cases.items()):
+        manifest = tmp_path / f"m{number}.csv"
+        manifest.write_text(text)
+        with pytest.raises(BadInputError, match=re.escape(message)):
+            read_manifest(manifest)
+    assert main(["batch", str(tmp_path / "m0.csv"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert not (tmp_path / "out").exists()
