@@ -1,8 +1,10 @@
 """``meddift eval DATASET --methods ... --out DIR``: TRE of several methods on a benchmark, in mm.
 
-Every (case, method) runs in its own Python process (:mod:`MedDIFTLib.evaluation.runner`), so a
-crash, an out-of-memory kill or a timeout loses that run only and the peak memory is the run's own;
-``--in-process`` runs everything in this process instead (for debugging).
+Every (case, method) runs in its own fresh Python process (:mod:`MedDIFTLib.evaluation.runner`),
+started by a task on the Dask engine that ``meddift batch`` uses (a local cluster of ``--workers``
+processes, one by default, or ``--scheduler``; there the output and temporary folders must be
+shared), so a crash, an out-of-memory kill or a timeout loses that run only and the time and peak
+memory are the run's own; ``--in-process`` runs everything in this process instead (for debugging).
 
 Outputs in ``--out``: ``results.json``, ``results.csv``, ``results.md`` (rewritten after every run,
 so an interrupted evaluation keeps what was done and says that it was interrupted),
@@ -60,6 +62,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--worst", type=int, default=3, help="worst points shown per method (default 3)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every case in this process (no isolation; for debugging)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs at once: worker processes of the local Dask cluster, each starting one fresh "
+                        "process per (case, method) (default 1, so times and memory are not shared)")
+    parser.add_argument("--scheduler", default="local",
+                        help="'local' (default) or the address or scheduler file of a Dask cluster to run on")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
     parser.set_defaults(run=run)
 
@@ -111,6 +118,7 @@ def _describe(record: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
     import datetime
     import tempfile
 
@@ -128,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
     labels = [spec.label for spec in specs]
     if len(set(labels)) != len(labels):
         raise BadInputError(f"a method is listed twice: {' '.join(labels)}")
-    if args.worst < 0 or not args.timeout_s > 0:
-        raise BadInputError("--worst must be >= 0 and --timeout-s > 0")
+    if args.worst < 0 or not args.timeout_s > 0 or args.workers < 1:
+        raise BadInputError("--worst must be >= 0, --timeout-s > 0 and --workers >= 1")
     out = Path(args.out)
     dataset_path = str(Path(args.dataset).resolve())
     kept = _prepare_out(out, dataset_path, args.resume, args.overwrite)
@@ -148,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
                     "cases": [case.name for case in dataset.cases]},
         "methods": labels,
         "device": device,
-        "isolation": "in-process" if args.in_process else "one process per case and method",
+        "isolation": "in-process" if args.in_process else "one fresh process per case and method, started by a Dask "
+        f"task ({args.workers if args.scheduler == 'local' else 'cluster'} at once)",
         "memory": "peak RSS sampled every 50 ms in the evaluating process" if args.in_process
         else "peak RSS (VmHWM on Linux) of the fresh process that ran the case and method",
         "state": "running",
@@ -161,40 +170,57 @@ def run(args: argparse.Namespace) -> int:
     payload["notes"] += [f"{label} skipped: {reason}" for label, reason in skipped.items()]
     earlier = {(record["case"], record["method"]): record for record in kept}
     tables = {}
-    with ProgressBar(enabled=not args.quiet) as progress, tempfile.TemporaryDirectory() as scratch:
+    planned = [(case, spec) for case in dataset.cases for spec in specs]
+    with ProgressBar(enabled=not args.quiet) as progress, tempfile.TemporaryDirectory() as scratch, \
+            contextlib.ExitStack() as stack:
+
+        def record_done(case, spec, record: dict) -> None:
+            if record["status"] == "ok":
+                tables[(case.name, spec.label)] = read_point_table(out / "points" / case.name / f"{spec.slug}.csv")
+            payload["cases"].append(record)
+            payload["overall"] = summarise(payload["cases"], tables, labels)
+            write_tables(out, payload)
+            progress(case.name, len(payload["cases"]) / total, spec.label)
+            if not args.quiet:
+                resumed = " (kept from the earlier run)" if record.get("resumed") else ""
+                print(f"[{len(payload['cases'])}/{total}] {case.name} / {spec.label}: {_describe(record)}{resumed}",
+                      flush=True)
+
         try:
-            for case_number, case in enumerate(dataset.cases):
-                for method_number, spec in enumerate(specs):
-                    done = case_number * len(specs) + method_number
-                    progress(case.name, done / total, spec.label)
-                    points_path = out / "points" / case.name / f"{spec.slug}.csv"
-                    record = earlier.get((case.name, spec.label)) if points_path.is_file() else None
-                    if record is not None:
-                        record = {**record, "resumed": True}
-                    elif spec.label in skipped:
-                        record = {"case": case.name, "method": spec.label, "status": "skipped",
-                                  "error": skipped[spec.label], "published_initial_mm": case.published_initial_mm}
+            jobs = []
+            for case, spec in planned:
+                points_path = out / "points" / case.name / f"{spec.slug}.csv"
+                record = earlier.get((case.name, spec.label)) if points_path.is_file() else None
+                if record is not None:
+                    record_done(case, spec, {**record, "resumed": True})
+                elif spec.label in skipped:
+                    record_done(case, spec, {"case": case.name, "method": spec.label, "status": "skipped",
+                                             "error": skipped[spec.label],
+                                             "published_initial_mm": case.published_initial_mm})
+                else:
+                    job = {"case": case.to_dict(), "method": spec.label, "device": device,
+                           "weights_dir": args.weights_dir, "points_out": str(points_path)}
+                    if args.in_process:
+                        record_done(case, spec, evaluate(job, isolated=False))
                     else:
-                        job = {"case": case.to_dict(), "method": spec.label, "device": device,
-                               "weights_dir": args.weights_dir, "points_out": str(points_path)}
-                        if args.in_process:
-                            record = evaluate(job, isolated=False)
-                        else:
-                            record = run_isolated(job, Path(tempfile.mkdtemp(dir=scratch)),
-                                                  out / "logs" / f"{case.name}__{spec.slug}.log", args.timeout_s)
-                    if record["status"] == "ok":
-                        tables[(case.name, spec.label)] = read_point_table(points_path)
-                    payload["cases"].append(record)
-                    payload["overall"] = summarise(payload["cases"], tables, labels)
-                    write_tables(out, payload)
-                    if not args.quiet:
-                        resumed = " (kept from the earlier run)" if record.get("resumed") else ""
-                        print(f"[{done + 1}/{total}] {case.name} / {spec.label}: {_describe(record)}{resumed}",
-                              flush=True)
+                        jobs.append((case, spec, job))
+            if jobs:
+                from distributed import as_completed
+
+                from ..batch import dask_client
+
+                client = stack.enter_context(dask_client(args.scheduler, args.workers))
+                futures = {client.submit(run_isolated, job, Path(tempfile.mkdtemp(dir=scratch)),
+                                         out / "logs" / f"{case.name}__{spec.slug}.log", args.timeout_s,
+                                         pure=False): (case, spec) for case, spec, job in jobs}
+                for future in as_completed(futures):
+                    record_done(*futures[future], future.result())
         except KeyboardInterrupt:
             payload["state"] = "interrupted"
             write_tables(out, payload)
             raise
+        order = {(case.name, spec.label): number for number, (case, spec) in enumerate(planned)}
+        payload["cases"].sort(key=lambda record: order.get((record["case"], record["method"]), len(order)))
         progress("plots", 1.0, "")
         cache: dict[str, tuple] = {}
 
