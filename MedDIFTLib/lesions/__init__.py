@@ -1,0 +1,10 @@
+"""Lesion tracking from a baseline to a follow-up CT: a consumer of the correspondence engine and the field.
+
+A lesion is one positive integer label of a labelmap on the baseline grid (or one labelled point,
+segmented at both time points by :mod:`.refine`). :mod:`.inputs` reads and checks the lesions,
+:mod:`.carry` pulls the labelmap onto the follow-up grid through the field (label-preserving),
+:mod:`.refine` fits each carried lesion to the follow-up image, :mod:`.measure` gives volumes,
+RECIST-style axial diameters and mean HU, :mod:`.track` runs the whole job and :mod:`.outputs`
+writes ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md`` and ``lesions.png``. Nothing is
+imported here, so the torch-free :mod:`.settings` loads alone.
+"""

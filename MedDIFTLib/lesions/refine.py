@@ -1,0 +1,109 @@
+"""Fit a carried lesion to the follow-up image, and segment a lesion from a seed point.
+
+Method (one for both): a threshold learned from the lesion's own intensities, half-way between
+the lesion's median HU and the median of a shell around it (its surroundings, lung parenchyma
+for a lung nodule), so that the boundary sits at the middle of a soft edge whatever the lesion's
+size. In the follow-up the voxels above that threshold are kept within ``growth_margin_mm`` (plus
+a third of the lesion's equivalent radius, enough for twice the volume) of the carried lesion; the
+connected component holding the matched centre (else the one overlapping the carried lesion most)
+is the lesion, its holes filled. Work is done in a box around the lesion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from ..core.geometry import Geometry
+
+SHELL_MM = 3.0
+
+
+def _box(mask: np.ndarray, margin_kji: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``margin_kji`` voxels, clipped to the grid."""
+    kji = np.argwhere(mask)
+    low = np.maximum(kji.min(axis=0) - margin_kji, 0)
+    high = np.minimum(kji.max(axis=0) + margin_kji + 1, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+
+
+def _spacing_kji(geometry: Geometry) -> np.ndarray:
+    return np.asarray(geometry.spacing_mm, float)[::-1]
+
+
+def _within(mask: np.ndarray, distance_mm: float, spacing_kji: np.ndarray) -> np.ndarray:
+    """Voxels within ``distance_mm`` (world) of ``mask``."""
+    return ndimage.distance_transform_edt(~mask, sampling=spacing_kji) <= distance_mm
+
+
+def learned_threshold(mask: np.ndarray, image: np.ndarray, geometry: Geometry) -> float:
+    """Half-way (HU) between the median inside ``mask`` and the median of a shell around it."""
+    spacing = _spacing_kji(geometry)
+    box = _box(mask, np.ceil(2 * SHELL_MM / spacing).astype(int) + 1)
+    inside = mask[box]
+    shell = _within(inside, SHELL_MM, spacing) & ~_within(inside, 1.0, spacing)
+    if not shell.any():
+        shell = ~inside
+    return 0.5 * (float(np.median(image[box][inside])) + float(np.median(image[box][shell])))
+
+
+def _component(candidates: np.ndarray, seed_kji: np.ndarray | None, prefer: np.ndarray) -> np.ndarray:
+    """The component of ``candidates`` holding ``seed_kji`` (else the one overlapping ``prefer``
+    most), holes filled; empty when there is none."""
+    components, count = ndimage.label(candidates)
+    if count == 0:
+        return np.zeros_like(candidates)
+    chosen = 0
+    if seed_kji is not None and np.all((seed_kji >= 0) & (seed_kji < candidates.shape)):
+        chosen = int(components[tuple(seed_kji)])
+    if chosen == 0:
+        overlap = np.bincount(components[prefer], minlength=count + 1)
+        overlap[0] = 0
+        chosen = int(np.argmax(overlap)) if overlap.max() > 0 else 0
+    if chosen == 0:
+        return np.zeros_like(candidates)
+    return ndimage.binary_fill_holes(components == chosen)
+
+
+def refine_lesion(carried: np.ndarray, image: np.ndarray, geometry: Geometry, threshold_hu: float,
+                  centre_lps_mm: np.ndarray | None, growth_margin_mm: float) -> np.ndarray:
+    """The carried lesion ``carried`` (``[k, j, i]`` bool on the follow-up grid) fitted to ``image`` (HU)."""
+    if not carried.any():
+        return carried.copy()
+    spacing = _spacing_kji(geometry)
+    radius_mm = (3.0 * carried.sum() * np.prod(spacing) / (4.0 * np.pi)) ** (1.0 / 3.0)
+    reach_mm = growth_margin_mm + radius_mm / 3.0
+    box = _box(carried, np.ceil(reach_mm / spacing).astype(int) + 1)
+    region = _within(carried[box], reach_mm, spacing)
+    candidates = region & (image[box] >= threshold_hu)
+    seed = None
+    if centre_lps_mm is not None:
+        seed = np.round(geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]).astype(int)
+        seed -= [s.start for s in box]
+    refined = np.zeros_like(carried)
+    refined[box] = _component(candidates, seed, carried[box])
+    return refined
+
+
+def segment_from_seed(image: np.ndarray, geometry: Geometry, seed_lps_mm: np.ndarray,
+                      max_radius_mm: float) -> np.ndarray:
+    """A lesion around ``seed_lps_mm``: threshold half-way between the seed's HU (median of its
+    3x3x3 neighbourhood) and the darkest tenth of a ``max_radius_mm`` sphere, component of the
+    seed within that sphere, holes filled; empty when the seed is below the threshold."""
+    spacing = _spacing_kji(geometry)
+    seed = np.round(geometry.lps_to_ijk(np.asarray(seed_lps_mm, float)[None])[0][::-1]).astype(int)
+    seed = np.clip(seed, 0, np.asarray(image.shape) - 1)
+    point = np.zeros(image.shape, bool)
+    point[tuple(seed)] = True
+    box = _box(point, np.ceil(max_radius_mm / spacing).astype(int) + 1)
+    local_seed = seed - [s.start for s in box]
+    offsets = np.stack(np.meshgrid(*[np.arange(s.stop - s.start) for s in box], indexing="ij"), axis=-1)
+    sphere = np.linalg.norm((offsets - local_seed) * spacing, axis=-1) <= max_radius_mm
+    values = image[box]
+    near = tuple(slice(max(c - 1, 0), c + 2) for c in local_seed)
+    seed_hu = float(np.median(values[near]))
+    background_hu = float(np.percentile(values[sphere], 10))
+    candidates = sphere & (values >= 0.5 * (seed_hu + background_hu))
+    mask = np.zeros(image.shape, bool)
+    mask[box] = _component(candidates, local_seed, np.zeros_like(candidates))
+    return mask
