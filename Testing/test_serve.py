@@ -228,6 +228,11 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
     status, body = server.raw("POST", base, json.dumps(too_many).encode())
     assert status == 200 and _stream_events(body)[-1]["kind"] == "bad_request"
     assert "limit of 1000" in _stream_events(body)[-1]["message"]
+    for options, message in (({"weights_dir": "/etc"}, "chosen by the server"),
+                             ({"config": "/etc/passwd"}, "configuration dict or one of")):
+        line = {"id": "e", "type": "features", "volume_id": "v1", "backbone": "maisi", "backbone_options": options}
+        status, body = server.raw("POST", base, json.dumps(line).encode())
+        assert status == 400 and message in json.loads(body)["message"]
     assert remote.call("probe", timeout=TIMEOUT_S)["version"] == MedDIFTLib.__version__
 
 
@@ -396,3 +401,27 @@ def test_remote_client_imports_neither_torch_nor_qt():
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert output.stdout.strip() == "[]"
+
+
+def test_cli_match_and_register_with_server_write_what_the_local_cli_writes(server, pair, tmp_path):
+    from MedDIFTLib.cli import main
+
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    points = tmp_path / "points.csv"
+    rows = "".join(f"F-{n},{x},{y},{z}\n" for n, (x, y, z) in enumerate(pair["points"]))
+    points.write_text("label,l,p,s\n" + rows)
+    common = [pair["fixed"], pair["moving"], "--backbone", "mind", "--device", "cpu", "--quiet"]
+    remote = ["--server", server.url, "--token-file", str(tmp_path / "token")]
+    match = [*common, "--points", str(points), "--search-radius-mm", "8"]
+    assert main(["match", *match, "--out", str(tmp_path / "local.csv")]) == 0
+    assert main(["match", *match, "--out", str(tmp_path / "remote.csv"), *remote]) == 0
+    local_rows = (tmp_path / "local.csv").read_text().splitlines()
+    remote_rows = (tmp_path / "remote.csv").read_text().splitlines()
+    assert len(remote_rows) == len(pair["points"]) + 1
+    assert remote_rows == local_rows
+    out = tmp_path / "registered"
+    assert main(["register", *common, "--out-transform", str(out / "field.nii.gz"), "--grid-spacing-mm", "6",
+                 "--optimise-iterations", "0", "--points", str(points), "--out-points", str(out / "carried.csv"),
+                 *remote]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["carried.csv", "field.nii.gz", "field.nii.gz.json"]
+    assert json.loads((out / "field.nii.gz.json").read_text())["transform"] == str(out / "field.nii.gz")

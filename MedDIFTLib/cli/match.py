@@ -16,6 +16,7 @@ from .common import (
     featurizer_from_args,
     options_from_args,
 )
+from .remote import add_server_arguments
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                help="score every voxel of the search sphere (default: a coarse lattice first, then refine)")
     add_option(parser, MatchOptions, "exact")
     add_option(parser, MatchOptions, "confidence_threshold")
+    add_server_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -48,32 +50,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.io import read_points, read_volume, write_points
-    from ..core.progress import scaled
-    from ..matching import check_points, match_points
+    from ..matching import check_points
 
     output = check_point_output(args.out)
     options = options_from_args(args, MatchOptions)
-    device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)
     points = read_points(args.points, fixed.geometry)
     check_points(fixed.geometry, points.points_lps_mm)
-    featurizer = featurizer_from_args(args, device)
     started = time.perf_counter()
-    with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
-        fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.35)).to(device)
-        moving_features = featurizer.extract(moving, scaled(progress, 0.35, 0.7)).to(device)
-        result = match_points(
-            fixed_features, moving_features, points.points_lps_mm, options=options, progress=scaled(progress, 0.7, 1.0)
-        )
+    if args.server:
+        from .remote import match_remotely
+
+        with ProgressBar(enabled=not args.quiet) as progress:
+            result, version = match_remotely(args, points, options, progress)
+        backbone, device = args.backbone, f"the server {args.server} (meddift {version})"
+    else:
+        result, backbone, device = _match_here(args, fixed, moving, points, options)
     seconds = time.perf_counter() - started
     matched = result.point_set(points.labels)
     write_points(matched, output)
     displacement = np.linalg.norm(result.points_lps_mm - points.points_lps_mm, axis=1)
-    print(f"Matched {len(points)} points with backbone '{featurizer.name}' on {device} in {seconds:.1f} s.")
+    print(f"Matched {len(points)} points with backbone '{backbone}' on {device} in {seconds:.1f} s.")
     print(f"  reliable: {int(result.reliable.sum())}/{len(points)} (confidence >= {options.confidence_threshold})")
     print(f"  mean confidence {np.mean(result.confidence):.2f}; mean displacement {displacement.mean():.2f} mm")
     if len(points) <= 20:
@@ -85,3 +85,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label:<12}{point[0]:9.2f}{point[1]:9.2f}{point[2]:9.2f}{moved:10.2f}{confidence:6.2f}{flag}")
     print(f"Wrote {output}")
     return 0
+
+
+def _match_here(args: argparse.Namespace, fixed, moving, points, options: MatchOptions):
+    """The correspondences computed on this computer, the backbone's name and the device."""
+    from ..core.devices import out_of_memory_as_error, resolve_device
+    from ..core.progress import scaled
+    from ..matching import match_points
+
+    device = resolve_device(args.device)
+    featurizer = featurizer_from_args(args, device)
+    with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
+        fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.35)).to(device)
+        moving_features = featurizer.extract(moving, scaled(progress, 0.35, 0.7)).to(device)
+        result = match_points(
+            fixed_features, moving_features, points.points_lps_mm, options=options, progress=scaled(progress, 0.7, 1.0)
+        )
+    return result, featurizer.name, device

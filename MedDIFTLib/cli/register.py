@@ -16,6 +16,7 @@ from .common import (
     given_options,
     options_from_args,
 )
+from .remote import add_server_arguments
 
 LOADING = (
     "Loading the field: a .h5 file is an ITK transform (SimpleITK: sitk.ReadTransform(path); Slicer: drag and "
@@ -51,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, FieldLevel, "smoothness_mm")
     add_option(parser, FieldOptions, "optimise_iterations")
     add_option(parser, FieldOptions, "optimise_regularisation", "--regularisation")
+    add_server_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -65,12 +67,10 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.errors import BadInputError
     from ..core.io import atomic_output, check_output_path, check_volume_output, read_points, read_volume, write_points
     from ..core.options import to_json
-    from ..core.progress import scaled
-    from ..field import carried_points, read_field, register_and_write, summary_path
+    from ..field import carried_points, read_field, summary_path
     from ..field.displacement import check_field_path
 
     if (args.points is None) != (args.out_points is None):
@@ -84,28 +84,26 @@ def run(args: argparse.Namespace) -> int:
         check_point_output(args.out_points)
     check_output_path(summary_path(args.out_transform))
     options = field_options(args)
-    device = resolve_device(args.device)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)
-    mask = read_volume(args.mask) if args.mask else None
     points = read_points(args.points, fixed.geometry) if args.points else None
-    featurizer = featurizer_from_args(args, device)
-    with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
-        fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.2)).to("cpu")
-        moving_features = featurizer.extract(moving, scaled(progress, 0.2, 0.4)).to("cpu")
-        summary = register_and_write(
-            fixed, moving, fixed_features, moving_features, args.out_transform, args.out_inverse,
-            args.out_warped, options, scaled(progress, 0.4, 1.0), mask=mask,
-        )
+    if args.server:
+        from .remote import register_remotely
+
+        with ProgressBar(enabled=not args.quiet) as progress:
+            summary = register_remotely(args, options, progress)
+        backbone, device = args.backbone, f"the server {args.server}"
+    else:
+        summary, backbone, device = _register_here(args, fixed, moving, options)
     if points is not None:
         write_points(carried_points(read_field(args.out_transform), points), args.out_points)
-    record = {**summary, "points": args.out_points, "backbone": featurizer.name, "device": str(device),
+    record = {**summary, "points": args.out_points, "backbone": backbone, "device": str(device),
               "options": to_json(options)}
     with atomic_output(summary_path(args.out_transform)) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     jacobian = summary["jacobian"]
-    print(f"Registered with backbone '{featurizer.name}' on {device} in {summary['seconds']['total']:.1f} s.")
+    print(f"Registered with backbone '{backbone}' on {device} in {summary['seconds']['total']:.1f} s.")
     print(f"  transform: {summary['transform']} (mean displacement {summary['displacement_mm']['mean']:.2f} mm, "
           f"max {summary['displacement_mm']['max']:.2f} mm)")
     print(f"  Jacobian determinant: min {jacobian['min']:.3f}, folding {100 * jacobian['fraction_folding']:.3f} %")
@@ -116,3 +114,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"  points: {args.out_points} ({len(points)} carried through the field)")
     print(f"  summary: {summary_path(args.out_transform)}")
     return 0
+
+
+def _register_here(args: argparse.Namespace, fixed, moving, options: FieldOptions):
+    """The summary of a registration computed on this computer, the backbone's name and the device."""
+    from ..core.devices import out_of_memory_as_error, resolve_device
+    from ..core.io import read_volume
+    from ..core.progress import scaled
+    from ..field import register_and_write
+
+    device = resolve_device(args.device)
+    mask = read_volume(args.mask) if args.mask else None
+    featurizer = featurizer_from_args(args, device)
+    with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
+        fixed_features = featurizer.extract(fixed, scaled(progress, 0.0, 0.2)).to("cpu")
+        moving_features = featurizer.extract(moving, scaled(progress, 0.2, 0.4)).to("cpu")
+        summary = register_and_write(
+            fixed, moving, fixed_features, moving_features, args.out_transform, args.out_inverse,
+            args.out_warped, options, scaled(progress, 0.4, 1.0), mask=mask,
+        )
+    return summary, featurizer.name, device

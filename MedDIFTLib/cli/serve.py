@@ -34,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="feature cache of each session in MiB (default: 2048)")
     parser.add_argument("--cache-dir", help="folder for the sessions' outputs (default: a new temporary folder, "
                         "deleted at exit); nothing is written elsewhere")
+    parser.add_argument("--weights-dir", help="folder of the backbones' pretrained weights on this machine "
+                        "(default: the weights cache, see meddift weights); clients cannot choose another")
     parser.add_argument("--device", default=RunSettings.device,
                         help=describe(RunSettings, "device") + "; auto lets each request choose")
     parser.set_defaults(run=run)
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                          max_upload_bytes=int(args.max_upload_mb * 2**20), max_sessions=args.max_sessions,
                          idle_timeout_s=args.idle_timeout_s,
                          requests_per_minute=args.requests_per_minute, cache_bytes=int(args.cache_mb * 2**20),
-                         device_label=label)
+                         device_label=label, weights_dir=Path(args.weights_dir) if args.weights_dir else None)
     scheme = "https" if args.tls_cert else "http"
     print(f"meddift serve: {scheme}://{args.host}:{args.port} on {label}; "
           f"{'token required' if token else 'no token (loopback only)'}", flush=True)

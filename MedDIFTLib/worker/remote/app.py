@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from ... import __version__
 from ...core.errors import BadRequestError, MedDIFTError
+from ...features.maisi import packaged_configs
 from ..jobs import Job
 from ..protocol import Limits, LoadRequest, RejectedRequest, error_event, parse_line
 from .security import RateLimiter, token_matches
@@ -55,6 +56,7 @@ class ServeConfig:
     cache_bytes: int = 2 * 2**30
     limits: Limits = Limits()
     device_label: str = ""
+    weights_dir: Path | None = None
 
 
 def refusal(status: int, kind: str, message: str) -> JSONResponse:
@@ -181,8 +183,7 @@ def create_app(config: ServeConfig) -> Starlette:
                 raise RejectedRequest(_not_remote(request_type), request_id)
             if request_type == "register":
                 fields = session.output_paths(request_id, fields)
-            if request_type in DEVICE_TYPES and config.device != "auto":
-                fields = {**fields, "device": config.device}
+            fields = server_options(request_type, fields, config)
         except RejectedRequest as error:
             return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
         except BadRequestError as error:
@@ -231,6 +232,29 @@ def create_app(config: ServeConfig) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.sessions = store
     return app
+
+
+def server_options(request_type: str, fields: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
+    """``fields`` with the server's device and weights folder; refuses backbone options that would
+    make the server read a file it was not started with (a weights folder, a configuration file)."""
+    options = fields.get("backbone_options") or {}
+    if not isinstance(options, dict):
+        return fields
+    for backbone_options in options.values() if request_type == "probe" else [options]:
+        for name, value in (backbone_options or {}).items() if isinstance(backbone_options, dict) else ():
+            option = str(name).rsplit(".", 1)[-1]
+            if option == "weights_dir":
+                raise BadRequestError("'weights_dir' is chosen by the server (meddift serve --weights-dir)")
+            if option == "config" and not (isinstance(value, dict) or value in packaged_configs()):
+                raise BadRequestError(f"'{name}' on a server must be a configuration dict or one of "
+                                      f"{', '.join(packaged_configs())}")
+    if request_type not in DEVICE_TYPES:
+        return fields
+    if config.weights_dir is not None:
+        fields = {**fields, "backbone_options": {**options, "weights_dir": str(config.weights_dir)}}
+    if config.device != "auto":
+        fields = {**fields, "device": config.device}
+    return fields
 
 
 def _not_remote(request_type: str) -> str:

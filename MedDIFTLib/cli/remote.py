@@ -1,0 +1,78 @@
+"""``--server URL [--token-file F]`` of ``meddift match`` and ``register``: the job runs on a
+``meddift serve`` machine; volumes are uploaded, results come back and are written here."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..core.options import FieldOptions, MatchOptions, parse_assignments, to_json
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL", help="run on a meddift serve machine, e.g. http://127.0.0.1:8765 "
+                        "(an SSH tunnel) or https://gpu-box:8765; the server's weights and device are used")
+    parser.add_argument("--token-file", help="file whose first line is the server's token")
+    parser.add_argument("--ca-file", help="certificate (or its CA) to trust for an https server")
+
+
+def connect(args: argparse.Namespace):
+    """An open session on ``args.server`` (a :class:`~MedDIFTLib.worker.remote_client.RemoteWorkerClient`)."""
+    from ..core.errors import BadInputError
+    from ..worker.remote.security import read_token_file
+    from ..worker.remote_client import RemoteWorkerClient
+
+    if args.weights_dir:
+        raise BadInputError("--weights-dir names a folder on this computer; with --server the server's weights "
+                            "are used (meddift serve --weights-dir)")
+    token = read_token_file(args.token_file) if args.token_file else None
+    client = RemoteWorkerClient(args.server, token=token, ca_file=args.ca_file)
+    client.start()
+    return client
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"backbone": args.backbone, "device": args.device,
+            "backbone_options": parse_assignments(args.backbone_option, "backbone option")}
+
+
+def _volumes(client, args: argparse.Namespace, progress) -> dict[str, str]:
+    progress("upload", 0.0, "fixed volume")
+    ids = {"fixed_id": client.call("load", path=args.fixed)["volume_id"]}
+    progress("upload", 0.5, "moving volume")
+    ids["moving_id"] = client.call("load", path=args.moving)["volume_id"]
+    return ids
+
+
+def match_remotely(args: argparse.Namespace, points, options: MatchOptions, progress):
+    """The engine's :class:`~MedDIFTLib.matching.Correspondences` of ``points`` (a PointSet), computed
+    on the server; and the server's version."""
+    import numpy as np
+
+    from ..matching import Correspondences
+
+    with connect(args) as client:
+        ids = _volumes(client, args, progress)
+        found = client.call("match", progress=progress, points_lps_mm=points.points_lps_mm,
+                            labels=[str(label) for label in points.labels], options=to_json(options),
+                            **ids, **_settings(args))
+        version = client.version
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(found[name], dtype=float)
+
+    result = Correspondences(points.points_lps_mm, column("points_lps_mm").reshape(-1, 3), column("similarity"),
+                             column("confidence"), column("forward_backward_mm"),
+                             np.asarray(found["reliable"], dtype=bool))
+    return result, version
+
+
+def register_remotely(args: argparse.Namespace, options: FieldOptions, progress) -> dict[str, Any]:
+    """The summary of a registration run on the server, its outputs written to the local paths."""
+    with connect(args) as client:
+        ids = _volumes(client, args, progress)
+        if args.mask:
+            ids["mask_id"] = client.call("load", path=args.mask)["volume_id"]
+        return client.call("register", progress=progress, out_transform=args.out_transform,
+                           out_inverse=args.out_inverse, out_warped=args.out_warped, options=to_json(options),
+                           **ids, **_settings(args))
