@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import sys
+import time
 from typing import Annotated
 
 import ctk
@@ -57,8 +59,11 @@ FIELD_DEFAULTS = FieldOptions()
 RUN_DEFAULTS = RunSettings()
 
 WEIGHTS_DIRECTORY_SETTING = "MedDIFT/WeightsDirectory"
+WEIGHTS_CONFIG = "ddpm-ct"  # the diffusion configuration whose files `meddift weights download` fetches by default
 TORCH_REQUIREMENT = ">=2.2"
-# (module imported by the worker, pip requirement); torch comes through the PyTorch extension.
+# Installs the torch build that matches the GPU (what the PyTorch extension uses), run in a child process.
+LIGHT_THE_TORCH_REQUIREMENT = "light-the-torch>=0.7"
+# (module imported by the worker, pip requirement); torch is installed by light-the-torch.
 PYTHON_REQUIREMENTS = (
     ("numpy", "numpy>=1.24"),
     ("scipy", "scipy>=1.10"),
@@ -67,9 +72,14 @@ PYTHON_REQUIREMENTS = (
     ("einops", "einops>=0.7"),
     ("tqdm", "tqdm>=4.60"),
     ("psutil", "psutil>=5.9"),
+    ("dask", "dask[distributed]>=2024.8"),
 )
 POLL_INTERVAL_MS = 100
 LIVE_DELAY_MS = 300
+WEIGHTS_POLL_INTERVAL_MS = 500
+CURSOR_INTERVAL_MS = 250
+FLICKER_INTERVAL_MS = 500
+PLACE_PAIR_KEY = "P"
 
 
 #
@@ -161,6 +171,7 @@ class MedDIFTParameterNode:
     outputTransform: vtkMRMLTransformNode
     computeWarped: bool = False
     warpedVolume: vtkMRMLScalarVolumeNode
+    computeOverlays: bool = False
     backbone: Backbone = Backbone(RUN_DEFAULTS.backbone)
     device: Device = Device(RUN_DEFAULTS.device)
     searchRadiusMm: Annotated[float, WithinRange(1.0, 100.0)] = MATCH_DEFAULTS.search_radius_mm
@@ -193,6 +204,18 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._landmarksInteracting = False
         self._runningLiveJob = None
         self._pairRows = []
+        self._movedPoints = None
+        self._weightsTransfer = None
+        self._weightsTimer = None
+        self._pendingWeightTransfers = []
+        self._cursorTimer = None
+        self._cursorMatcher = None
+        self._cursorMarker = None
+        self._cursorFixedRas = None
+        self._cursorMatch = None
+        self._crosshairNode = None
+        self._placeShortcut = None
+        self._flickerTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -217,6 +240,38 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveTimer.setSingleShot(True)
         self._liveTimer.setInterval(LIVE_DELAY_MS)
         self._liveTimer.connect("timeout()", self.onLiveTimer)
+        self._weightsTimer = qt.QTimer()
+        self._weightsTimer.setInterval(WEIGHTS_POLL_INTERVAL_MS)
+        self._weightsTimer.connect("timeout()", self.onWeightsTimer)
+        self._cursorTimer = qt.QTimer()
+        self._cursorTimer.setInterval(CURSOR_INTERVAL_MS)
+        self._cursorTimer.connect("timeout()", self.onCursorTimer)
+        self._flickerTimer = qt.QTimer()
+        self._flickerTimer.setInterval(FLICKER_INTERVAL_MS)
+        self._flickerTimer.connect("timeout()", self.onFlickerTimer)
+        self._placeShortcut = qt.QShortcut(qt.QKeySequence(PLACE_PAIR_KEY), slicer.util.mainWindow())
+        self._placeShortcut.setEnabled(False)
+        self._placeShortcut.connect("activated()", self.onPlaceCursorPair)
+
+        self.ui.weightsProgressBar.hide()
+        self.ui.weightsCancelButton.hide()
+        self.ui.weightsCancelButton.connect("clicked(bool)", self.onWeightsCancel)
+        for label in (_("Landmark order"), _("Lowest confidence first"), _("Largest forward-backward first")):
+            self.ui.pairOrderComboBox.addItem(label)
+        self.ui.pairOrderComboBox.connect("currentIndexChanged(int)", self.refreshPairsTable)
+        self.ui.nextUnreliableButton.connect("clicked(bool)", self.onNextUnreliable)
+        self.ui.acceptPairButton.connect("clicked(bool)", lambda: self.onReviewPair("accepted"))
+        self.ui.rejectPairButton.connect("clicked(bool)", lambda: self.onReviewPair("rejected"))
+        self.ui.cursorButton.connect("toggled(bool)", self.onCursorToggled)
+        for button, kind in (
+            (self.ui.confidenceOverlayButton, "confidence"),
+            (self.ui.jacobianOverlayButton, "jacobian"),
+            (self.ui.magnitudeOverlayButton, "magnitude"),
+        ):
+            button.connect("toggled(bool)", lambda checked, kind=kind: self.onOverlayToggled(kind, checked))
+        self.ui.fadeSlider.connect("valueChanged(int)", self.onFadeChanged)
+        self.ui.flickerButton.connect("toggled(bool)", self.onFlickerToggled)
+        self.refreshWeightsStatus()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -230,8 +285,10 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.removeObservers()
         if self._pollTimer is not None:
-            self._pollTimer.stop()
-            self._liveTimer.stop()
+            for timer in (self._pollTimer, self._liveTimer, self._weightsTimer, self._cursorTimer, self._flickerTimer):
+                timer.stop()
+        if self._weightsTransfer is not None:
+            self._weightsTransfer.cancel()
         if self.logic is not None:
             self.logic.shutdown()
 
@@ -308,6 +365,12 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameterNode.movingVolume.GetParentTransformNode() is parameterNode.outputTransform
         )
         self.ui.warpMovingButton.blockSignals(wasBlocked)
+        self.ui.fadeSlider.enabled = canWarp
+        self.ui.flickerButton.enabled = canWarp
+        self.ui.cursorButton.enabled = bool(parameterNode.fixedVolume and parameterNode.movingVolume)
+        overlayNodes = self.overlayNodes()
+        for button, kind in self._overlayButtons():
+            button.enabled = kind in overlayNodes
         live = parameterNode.livePropagation and parameterNode.fixedLandmarks is not None
         self._observeFixedLandmarks(parameterNode.fixedLandmarks if live else None)
         self.refreshPairsTable()
@@ -371,6 +434,8 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         if error is None:
             self.storeCreatedOutputs(outputs)
+            if self._cursorMatcher is not None and not live:
+                self._cursorMatcher.clear()
             summary = MedDIFTLogic.describeOutputs(outputs)
             self.showStatus(summary)
             self.appendLog(summary)
@@ -457,7 +522,10 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def offerWeights(self, reason: str) -> bool:
-        """Ask how to get the diffusion weights: download (with consent) or copy from files. True when done."""
+        """Ask how to get the diffusion weights: download (with consent) or copy from files. The
+        transfer runs in a background process; True when one was started (the job restarts after it)."""
+        from MedDIFTLib.slicer import weights_job
+
         folder = MedDIFTLogic.weightsDirectory()
         box = qt.QMessageBox(slicer.util.mainWindow())
         box.setWindowTitle(_("MedDIFT: diffusion weights"))
@@ -474,43 +542,89 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         box.addButton(qt.QMessageBox.Cancel)
         box.exec_()
         clicked = box.clickedButton()
-        try:
-            if clicked == downloadButton:
-                self.showStatus(_("Downloading the diffusion weights..."))
-                self.ui.progressBar.setRange(0, 0)
-                self.ui.progressBar.show()
-                try:
-                    self.logic.downloadWeights(folder, onLine=self.onWeightsOutput)
-                finally:
-                    self.ui.progressBar.setRange(0, 100)
-                    self.ui.progressBar.hide()
-                return True
-            if clicked == fileButton:
-                paths = qt.QFileDialog.getOpenFileNames(
-                    slicer.util.mainWindow(),
-                    _("Choose the MAISI checkpoint files"),
-                    "",
-                    _("PyTorch checkpoints (*.pt *.pth *.ckpt);;All files (*)"),
-                )
-                if not paths:
-                    return False
-                with slicer.util.WaitCursor():
-                    self.logic.importWeightFiles(list(paths), folder, onLine=self.appendLog)
-                return True
-        except Exception as error:
-            logging.error("Getting the MedDIFT weights failed", exc_info=True)
-            slicer.util.errorDisplay(
-                _("Could not get the weights:\n{error}").format(error=error), windowTitle=_("MedDIFT")
+        python = MedDIFTLogic.pythonExecutable()
+        if clicked == downloadButton:
+            commands = [weights_job.download_command(python, folder)]
+        elif clicked == fileButton:
+            paths = qt.QFileDialog.getOpenFileNames(
+                slicer.util.mainWindow(),
+                _("Choose the MAISI checkpoint files"),
+                "",
+                _("PyTorch checkpoints (*.pt *.pth *.ckpt);;All files (*)"),
             )
-        return False
+            commands = [weights_job.import_command(python, path, folder) for path in paths]
+        else:
+            commands = []
+        if not commands:
+            return False
+        self._pendingWeightTransfers = commands[1:]
+        self.startWeightsTransfer(commands[0], folder)
+        return True
 
-    def onWeightsOutput(self, line: str) -> None:
-        self.showStatus(line)
-        self.appendLog(line)
+    def startWeightsTransfer(self, command, folder: str) -> None:
+        """Run one ``meddift weights`` command in the background; the GUI stays responsive."""
+        self.ui.weightsProgressBar.setRange(0, 0)
+        self.ui.weightsProgressBar.show()
+        self.ui.weightsCancelButton.show()
+        self.ui.advancedCollapsibleButton.collapsed = False
+        self.showStatus(_("Getting the diffusion weights in the background..."))
+        self._weightsTransfer = self.logic.startWeightsTransfer(command, folder, self.onWeightsTransferDone)
+        if self._weightsTransfer.running:
+            self._weightsTimer.start()
+
+    def onWeightsTimer(self) -> None:
+        from MedDIFTLib.slicer.weights_job import format_progress
+
+        transfer = self._weightsTransfer
+        if transfer is None or not transfer.poll():
+            self._weightsTimer.stop()
+            return
+        progress = transfer.progress
+        if math.isfinite(progress.fraction):
+            self.ui.weightsProgressBar.setRange(0, 100)
+            self.ui.weightsProgressBar.value = int(round(100 * progress.fraction))
+        self.ui.weightsStatusLabel.text = format_progress(progress) or _("starting...")
+
+    def onWeightsCancel(self) -> None:
+        self._pendingWeightTransfers = []
+        if self._weightsTransfer is not None:
+            self._weightsTransfer.cancel()
+
+    def onWeightsTransferDone(self, error) -> None:
+        from MedDIFTLib.core.errors import CancelledError
+
+        transfer, self._weightsTransfer = self._weightsTransfer, None
+        for line in transfer.output_lines() if transfer is not None else []:
+            self.appendLog(f"[weights] {line}")
+        if error is None and self._pendingWeightTransfers:
+            command, self._pendingWeightTransfers = self._pendingWeightTransfers[0], self._pendingWeightTransfers[1:]
+            self.startWeightsTransfer(command, transfer.weights_dir)
+            return
+        self._weightsTimer.stop()
+        self.ui.weightsProgressBar.hide()
+        self.ui.weightsCancelButton.hide()
+        self.refreshWeightsStatus()
+        if error is None:
+            self.showStatus(_("Weights ready; running again."))
+            self.startJob()
+        elif isinstance(error, CancelledError):
+            self.showStatus(_("Weights transfer cancelled; nothing partial was kept."))
+        else:
+            self.showStatus(str(error).splitlines()[0])
+            slicer.util.errorDisplay(_("Could not get the weights:\n{error}").format(error=error),
+                                     windowTitle=_("MedDIFT"))
+
+    def refreshWeightsStatus(self) -> None:
+        """Which weight files of the diffusion backbone are in the weights folder."""
+        self.ui.weightsStatusLabel.text = "; ".join(
+            f"{name}: {_('present') if present else _('missing')}"
+            for name, present in MedDIFTLogic.weightsPresence(MedDIFTLogic.weightsDirectory())
+        )
 
     def onWeightsDirectoryChanged(self, path: str) -> None:
         if path:
             qt.QSettings().setValue(WEIGHTS_DIRECTORY_SETTING, path)
+            self.refreshWeightsStatus()
 
     # ------------------------------------------------------------------ live propagation
 
@@ -523,6 +637,10 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedLandmarks = markupsNode
         self._pendingLiveIds.clear()
         if markupsNode is not None:
+            from MedDIFTLib.slicer.live import MovedPoints
+
+            self._movedPoints = MovedPoints()
+            self._movedPoints.remember(markupsNode)
             for event, method in self._landmarkObservations():
                 self.addObserver(markupsNode, event, method)
 
@@ -536,11 +654,19 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     @vtk.calldata_type(vtk.VTK_INT)
-    def onLandmarkModified(self, caller, event, controlPointIndex) -> None:
-        if controlPointIndex is None or not 0 <= controlPointIndex < caller.GetNumberOfControlPoints():
+    def onLandmarkModified(self, caller, event, controlPointIndex=None) -> None:
+        """Queue the fixed control points whose position changed for a live re-match.
+
+        VTK calls this without the index for batched edits (hardening a transform, setting all
+        positions, undo): ``None`` re-checks every point. Selecting, relabelling or locking a
+        point does not move it, so it is not re-matched."""
+        if self._movedPoints is None:
             return
-        self._pendingLiveIds.add(caller.GetNthControlPointID(controlPointIndex))
-        if not self._landmarksInteracting:
+        if controlPointIndex is not None and not 0 <= controlPointIndex < caller.GetNumberOfControlPoints():
+            controlPointIndex = None
+        for index in self._movedPoints.moved(caller, controlPointIndex):
+            self._pendingLiveIds.add(caller.GetNthControlPointID(index))
+        if self._pendingLiveIds and not self._landmarksInteracting:
             self._liveTimer.start()
 
     def onLandmarkInteractionStarted(self, caller, event) -> None:
@@ -573,23 +699,29 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ visual QA
 
-    def refreshPairsTable(self) -> None:
-        """One row per matched pair (label, confidence, forward-backward mm), coloured by confidence."""
-        from MedDIFTLib.slicer.results import pair_rows
+    def refreshPairsTable(self, *args) -> None:
+        """One row per matched pair (label, confidence, forward-backward mm), coloured by confidence,
+        in the chosen order; rejected and accepted pairs are marked; the summary line counts them."""
+        from MedDIFTLib.slicer.qa import Order, ordered_rows, summary
+        from MedDIFTLib.slicer.results import pair_rows, reviews
         from MedDIFTLib.slicer.views import confidence_color
 
         parameterNode = self._parameterNode
         table = self.ui.pairsTableWidget
-        rows = []
+        rows, decisions = [], {}
         if parameterNode is not None and parameterNode.fixedLandmarks and parameterNode.movingLandmarks:
-            rows = pair_rows(parameterNode.fixedLandmarks, parameterNode.movingLandmarks)
+            decisions = reviews(parameterNode.movingLandmarks)
+            order = list(Order)[max(self.ui.pairOrderComboBox.currentIndex, 0)]
+            rows = ordered_rows(pair_rows(parameterNode.fixedLandmarks, parameterNode.movingLandmarks), order)
         self._pairRows = rows
+        decisionTexts = {"accepted": _("accepted"), "rejected": _("rejected")}
         table.setRowCount(len(rows))
         for rowIndex, row in enumerate(rows):
             color = qt.QColor.fromRgbF(*confidence_color(row.confidence))
             color.setAlphaF(0.35)
+            decision = decisions.get(row.label)
             cells = (
-                row.label,
+                row.label if decision is None else f"{row.label} ({decisionTexts[decision]})",
                 "-" if math.isnan(row.confidence) else f"{row.confidence:.2f}",
                 "-" if math.isnan(row.forward_backward_mm) else f"{row.forward_backward_mm:.1f}",
             )
@@ -599,6 +731,190 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not row.reliable:
                     item.setToolTip(_("Unreliable or missing match"))
                 table.setItem(rowIndex, column, item)
+        self.ui.reviewSummaryLabel.text = summary(rows, decisions) if rows else ""
+        for button in (self.ui.nextUnreliableButton, self.ui.acceptPairButton, self.ui.rejectPairButton):
+            button.enabled = bool(rows)
+
+    def onNextUnreliable(self) -> None:
+        """Select and show the worst pair that is unreliable and not yet accepted or rejected."""
+        from MedDIFTLib.slicer.qa import next_unreliable
+        from MedDIFTLib.slicer.results import reviews
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or not parameterNode.movingLandmarks:
+            return
+        row = next_unreliable(self._pairRows, reviews(parameterNode.movingLandmarks))
+        if row is None:
+            self.showStatus(_("No unreliable pair left to review."))
+            return
+        rowIndex = self._pairRows.index(row)
+        self.ui.pairsTableWidget.selectRow(rowIndex)
+        self.onPairClicked(rowIndex, 0)
+
+    def onReviewPair(self, decision: str) -> None:
+        """Accept or reject the selected pair (a rejected one is unselected and labelled, never deleted)."""
+        from MedDIFTLib.slicer.qa import set_decision
+
+        parameterNode = self._parameterNode
+        rowIndex = self.ui.pairsTableWidget.currentRow()
+        if parameterNode is None or not parameterNode.movingLandmarks or not 0 <= rowIndex < len(self._pairRows):
+            return
+        set_decision(parameterNode.movingLandmarks, self._pairRows[rowIndex].label, decision)
+        self.refreshPairsTable()
+
+    # ------------------------------------------------------------------ correspondence cursor
+
+    def onCursorToggled(self, checked: bool) -> None:
+        """While on, the moving view follows the mouse in the fixed view; P places the pair."""
+        from MedDIFTLib.slicer.cursor import CursorMatcher
+
+        if self._crosshairNode is not None:
+            self.removeObserver(self._crosshairNode, slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent,
+                                self.onCursorMoved)
+            self._crosshairNode = None
+        self._cursorTimer.stop()
+        self._placeShortcut.setEnabled(checked)
+        if not checked:
+            if self._cursorMarker is not None:
+                slicer.mrmlScene.RemoveNode(self._cursorMarker)
+                self._cursorMarker = None
+            return
+        if self._cursorMatcher is None:
+            self._cursorMatcher = CursorMatcher(interval_s=CURSOR_INTERVAL_MS / 1000.0)
+        self.showPairViews()
+        self._crosshairNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        self.addObserver(self._crosshairNode, slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent,
+                         self.onCursorMoved)
+        self._cursorTimer.start()
+
+    def onCursorMoved(self, caller, event) -> None:
+        """Map the mouse position in the fixed view to the moving view (through the field, else by matching)."""
+        from MedDIFTLib.slicer.cursor import CursorMatch, map_through_field, show_cursor_match
+        from MedDIFTLib.slicer.views import FIXED_VIEW
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or not (parameterNode.fixedVolume and parameterNode.movingVolume):
+            return
+        xyz = [0.0, 0.0, 0.0]
+        sliceNode = caller.GetCursorPositionXYZ(xyz)
+        if sliceNode is None or sliceNode.GetLayoutName() != FIXED_VIEW:
+            return
+        fixedRas = [0.0, 0.0, 0.0]
+        caller.GetCursorPositionRAS(fixedRas)
+        self._cursorFixedRas = tuple(fixedRas)
+        if parameterNode.outputTransform is not None:
+            match = CursorMatch(map_through_field(parameterNode.outputTransform, fixedRas, parameterNode.movingVolume))
+        else:
+            match = self._cursorMatcher.request(fixedRas)
+        if match is not None:
+            self._cursorMatch = match
+            self._cursorMarker = show_cursor_match(slicer.mrmlScene, match, self._cursorMarker)
+
+    def onCursorTimer(self) -> None:
+        """Send the newest cursor point to the worker when none is in flight (throttled)."""
+        from MedDIFTLib.core.errors import MedDIFTError
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or self.logic.isRunning or MedDIFTLogic.missingPythonPackages():
+            return
+        point = self._cursorMatcher.take_pending(time.monotonic())
+        if point is None:
+            return
+        try:
+            self.logic.session.start_cursor_match(MedDIFTLogic.jobInputs(parameterNode),
+                                                  MedDIFTLogic.runSettings(parameterNode), point, self.onCursorMatched)
+        except MedDIFTError as error:
+            self._cursorMatcher.answered(None)
+            self.showStatus(str(error))
+            return
+        self._pollTimer.start()
+
+    def onCursorMatched(self, outputs, error) -> None:
+        from MedDIFTLib.slicer.cursor import cursor_match_from, show_cursor_match
+
+        match = cursor_match_from(outputs.matches) if error is None else None
+        self._cursorMatcher.answered(match)
+        if error is not None:
+            self.showStatus(str(error))
+        if self.ui.cursorButton.checked and self._cursorFixedRas is not None:
+            cached = self._cursorMatcher.request(self._cursorFixedRas)
+            if cached is not None:
+                self._cursorMatch = cached
+                self._cursorMarker = show_cursor_match(slicer.mrmlScene, cached, self._cursorMarker)
+
+    def onPlaceCursorPair(self) -> None:
+        """Add the cursor's pair (fixed point and its match) to the landmarks, under one new label."""
+        from MedDIFTLib.slicer.cursor import place_pair
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or self._cursorFixedRas is None or self._cursorMatch is None:
+            return
+        if parameterNode.fixedLandmarks is None:
+            parameterNode.fixedLandmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+        if parameterNode.movingLandmarks is None:
+            parameterNode.movingLandmarks = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLMarkupsFiducialNode", f"{parameterNode.fixedLandmarks.GetName()} in moving"
+            )
+        label = place_pair(parameterNode.fixedLandmarks, parameterNode.movingLandmarks, self._cursorFixedRas,
+                           self._cursorMatch)
+        self.showStatus(_("Placed the pair {label}.").format(label=label))
+
+    # ------------------------------------------------------------------ overlays, fade and flicker
+
+    def _overlayButtons(self):
+        return (
+            (self.ui.confidenceOverlayButton, "confidence"),
+            (self.ui.jacobianOverlayButton, "jacobian"),
+            (self.ui.magnitudeOverlayButton, "magnitude"),
+        )
+
+    def overlayNodes(self) -> dict:
+        """The QA overlay volumes of the fixed volume, by kind."""
+        from MedDIFTLib.slicer.overlays import KINDS, existing_overlay
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or not parameterNode.fixedVolume:
+            return {}
+        found = {name: existing_overlay(slicer.mrmlScene, parameterNode.fixedVolume, kind)
+                 for name, kind in KINDS.items()}
+        return {name: node for name, node in found.items() if node is not None}
+
+    def onOverlayToggled(self, kind: str, checked: bool) -> None:
+        """Show one overlay over the fixed volume (the other overlay buttons go off), with its legend."""
+        from MedDIFTLib.slicer.overlays import show_overlay
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or not parameterNode.fixedVolume:
+            return
+        for button, other in self._overlayButtons():
+            if other != kind and checked:
+                wasBlocked = button.blockSignals(True)
+                button.checked = False
+                button.blockSignals(wasBlocked)
+        node = self.overlayNodes().get(kind) if checked else None
+        show_overlay(slicer.mrmlScene, parameterNode.fixedVolume, node)
+        colorsLogic = getattr(getattr(slicer.modules, "colors", None), "logic", None)
+        if node is not None and colorsLogic is not None:
+            colorsLogic().AddDefaultColorLegendDisplayNode(node)
+
+    def onFadeChanged(self, value: int) -> None:
+        """Fade in the fixed view from the fixed volume (0) to the moving volume through the transform (100)."""
+        from MedDIFTLib.slicer.overlays import show_fade
+
+        parameterNode = self._parameterNode
+        if parameterNode is None or not (parameterNode.movingVolume and parameterNode.outputTransform):
+            return
+        show_fade(slicer.mrmlScene, parameterNode.fixedVolume, parameterNode.movingVolume,
+                  parameterNode.outputTransform, value / 100.0)
+
+    def onFlickerToggled(self, checked: bool) -> None:
+        if checked:
+            self._flickerTimer.start()
+        else:
+            self._flickerTimer.stop()
+
+    def onFlickerTimer(self) -> None:
+        self.ui.fadeSlider.value = 0 if self.ui.fadeSlider.value >= 50 else 100
 
     def onPairViewsButton(self) -> None:
         self.showPairViews()
@@ -713,6 +1029,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
             compute_landmarks=parameterNode.fixedLandmarks is not None,
             compute_transform=parameterNode.computeTransform,
             compute_warped=parameterNode.computeTransform and parameterNode.computeWarped,
+            compute_overlays=parameterNode.computeOverlays,
         )
 
     @staticmethod
@@ -753,45 +1070,43 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def installPythonPackages(requirements) -> None:
-        """Install torch through the PyTorch extension (right build for the GPU), the rest with pip."""
+        """Install the missing packages, each in a child process, so Slicer's process stays torch-free.
+
+        torch comes from light-the-torch (the build that matches the GPU, as the PyTorch extension
+        picks it, without torchvision); the rest with pip. Blocks until done (a wait cursor shows)."""
         from MedDIFTLib.core.errors import MedDIFTError
 
         others = [requirement for requirement in requirements if not requirement.startswith("torch")]
         if len(others) != len(requirements):
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise MedDIFTError(
-                    _("Install the 'PyTorch' extension from the Extensions Manager, restart Slicer and try again.")
-                ) from None
-            torchModule = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
+            slicer.util.pip_install(LIGHT_THE_TORCH_REQUIREMENT)
+            process = slicer.util.launchConsoleProcess(
+                [MedDIFTLogic.pythonExecutable(), "-m", "light_the_torch", "install", f"torch{TORCH_REQUIREMENT}"]
             )
-            if torchModule is None:
-                raise MedDIFTError(_("PyTorch was not installed."))
+            try:
+                slicer.util.logProcessOutput(process)
+            except subprocess.CalledProcessError:
+                raise MedDIFTError(_("PyTorch was not installed (see the Python console).")) from None
         if others:
             slicer.util.pip_install(others)
         importlib.invalidate_caches()
 
-    def _runWeightsCommand(self, arguments, onLine=None) -> None:
-        """Run ``meddift weights ...`` in a separate process (it may open checkpoints with torch)."""
+    @staticmethod
+    def weightsPresence(folder: str):
+        """``(file name, present)`` for each weight file of the diffusion backbone, found without loading it."""
+        from MedDIFTLib.weights import files_for_config, find_weight_file
+
+        return [(entry.name, find_weight_file(entry.all_names, folder) is not None)
+                for entry in files_for_config(WEIGHTS_CONFIG)]
+
+    def startWeightsTransfer(self, command, folder: str, onDone):
+        """Start ``command`` (``meddift weights download|import``) in a background process writing
+        into ``folder``; returns the :class:`MedDIFTLib.slicer.weights_job.WeightsTransfer` to poll."""
         from MedDIFTLib.core.environment import child_environment
+        from MedDIFTLib.slicer.weights_job import WeightsTransfer
 
-        command = [self.pythonExecutable(), "-m", "MedDIFTLib", "weights", *arguments]
-        process = slicer.util.launchConsoleProcess(
-            command, useStartupEnvironment=False, updateEnvironment=child_environment()
-        )
-        slicer.util.logProcessOutput(process, logCallback=onLine)
-
-    def downloadWeights(self, folder: str, onLine=None) -> None:
-        """Download the registered diffusion weights into ``folder`` (the user consented in the dialog);
-        ``onLine`` receives the command's output lines."""
-        self._runWeightsCommand(["download", "--weights-dir", folder, "--yes"], onLine)
-
-    def importWeightFiles(self, paths, folder: str, onLine=None) -> None:
-        """Copy checkpoint files the user already has into ``folder`` (layout and checksums checked)."""
-        for path in paths:
-            self._runWeightsCommand(["import", path, "--weights-dir", folder], onLine)
+        transfer = WeightsTransfer(command, folder, onDone, environment=child_environment())
+        transfer.start()
+        return transfer
 
     # ------------------------------------------------------------------ worker
 
@@ -868,6 +1183,10 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_MatchShiftedVolume()
+        self.setUp()
+        self.test_VisualQA()
+        self.setUp()
+        self.test_WeightsTransferInBackground()
 
     def _syntheticPair(self, shiftVoxelsKji):
         """A smooth random CT-like volume (2 mm voxels) and a copy shifted by whole voxels."""
@@ -935,4 +1254,75 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
             np.testing.assert_allclose(np.subtract(movingRas, [30.0, 34.0, 26.0]), expectedShiftRas, atol=1.0)
         finally:
             logic.shutdown()
+        self.delayDisplay("Test passed")
+
+    def test_VisualQA(self):
+        """Each QA part of the panel: overlays, cursor through the field, review of pairs, moved points."""
+        import numpy as np
+
+        from MedDIFTLib.slicer import cursor, live, nodes, qa, results
+        from MedDIFTLib.slicer.jobs import JobInputs
+
+        shiftKji = (2, -1, 3)
+        fixed, moving = self._syntheticPair(shiftKji)
+        expectedShiftRas = np.array([shiftKji[2], shiftKji[1], shiftKji[0]]) * 2.0
+        landmarks = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+        for label, ijk in (("a", (12, 16, 14)), ("b", (20, 14, 18))):
+            landmarks.AddControlPointWorld([2.0 * value for value in ijk], label)
+        settings = RunSettings(backbone="mind", device="cpu", match=MatchOptions(search_radius_mm=12.0),
+                               field=FieldOptions(optimise_iterations=0))
+        logic = MedDIFTLogic()
+        try:
+            self.delayDisplay("QA overlays on the fixed grid")
+            outputs = logic.run(JobInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True),
+                                settings, timeout=600)
+            self.assertEqual(sorted(outputs.overlays), ["confidence", "jacobian", "magnitude"])
+            for node in outputs.overlays.values():
+                self.assertTrue(nodes.volume_geometry(node).same_grid(nodes.volume_geometry(fixed)))
+                self.assertIsNotNone(node.GetDisplayNode().GetColorNodeID())
+            self.assertGreater(outputs.overlay_summary["jacobian"]["min"], 0.0)
+            self.assertAlmostEqual(outputs.overlay_summary["magnitude"]["mean"],
+                                   float(np.linalg.norm(expectedShiftRas)), delta=2.0)
+
+            self.delayDisplay("Correspondence cursor through the field")
+            fixedRas = [24.0, 32.0, 28.0]
+            movingRas = cursor.map_through_field(outputs.transform, fixedRas)
+            np.testing.assert_allclose(np.subtract(movingRas, fixedRas), expectedShiftRas, atol=1.5)
+
+            self.delayDisplay("Landmark review")
+            movingLandmarks = outputs.moving_landmarks
+            qa.set_decision(movingLandmarks, "b", results.REJECTED)
+            rows = results.pair_rows(landmarks, movingLandmarks)
+            self.assertIn("1 rejected", qa.summary(rows, results.reviews(movingLandmarks)))
+            self.assertEqual(movingLandmarks.GetNumberOfControlPoints(), 2)
+            self.assertFalse(movingLandmarks.GetNthControlPointSelected(1))
+
+            self.delayDisplay("Live propagation re-matches moved points only")
+            moved = live.MovedPoints()
+            moved.remember(landmarks)
+            landmarks.SetNthControlPointSelected(0, False)
+            self.assertEqual(moved.moved(landmarks), [])
+            landmarks.SetNthControlPointPositionWorld(1, 30.0, 34.0, 26.0)
+            self.assertEqual(moved.moved(landmarks), [1])
+        finally:
+            logic.shutdown()
+        self.delayDisplay("Test passed")
+
+    def test_WeightsTransferInBackground(self):
+        """The weights dialog's background process: it returns at once, reports, and ends cleanly."""
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="MedDIFT-weights-test-")
+        outcomes = []
+        try:
+            self.delayDisplay("Weights transfer in a background process")
+            transfer = MedDIFTLogic().startWeightsTransfer(
+                [MedDIFTLogic.pythonExecutable(), "-c", "print('download: 100% done')"], folder, outcomes.append
+            )
+            self.assertTrue(transfer.wait(timeout_s=120.0))
+            self.assertEqual(outcomes, [None])
+            self.assertIn("download: 100% done", transfer.output_lines())
+            self.assertEqual(os.listdir(folder), [])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")

@@ -931,3 +931,27 @@ def test_overlays_without_a_transform_give_confidence_only(scene, tmp_path):
     outputs = session.run_blocking(client, job.steps())
     assert list(outputs.overlays) == ["confidence"]
     assert dict(client.requests)["overlays"]["transform"] is None
+
+
+def test_session_cursor_match_runs_in_the_background_and_leaves_the_scene_alone(scene):
+    fixed, moving, landmarks = job_scene(scene)
+    client = FakeClient(translation_lps=(1.0, 2.0, 3.0))
+    worker_session = session.Session(scene, client_factory=lambda: client)
+    answers = []
+    nodes_before = scene.GetNumberOfNodes()
+    try:
+        worker_session.start_cursor_match(jobs.JobInputs(fixed, moving), RunSettings(), (4.0, 5.0, 6.0),
+                                          lambda outputs, error: answers.append((outputs, error)))
+        deadline = time.monotonic() + 30.0
+        while worker_session.poll() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker_session.shutdown()
+    outputs, error = answers[0]
+    assert error is None and outputs.moving_landmarks is None
+    match = cursor.cursor_match_from(outputs.matches)
+    np.testing.assert_allclose(match.moving_ras, (4.0 - 1.0, 5.0 - 2.0, 6.0 + 3.0), atol=1e-9)
+    assert match.confidence == pytest.approx(0.8) and match.reliable
+    assert scene.GetNumberOfNodes() == nodes_before
+    assert [request for request, _ in client.requests].count("match") == 1
+    assert cursor.cursor_match_from(None) is None

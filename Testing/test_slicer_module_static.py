@@ -30,6 +30,7 @@ UI_FILE = ROOT / "MedDIFT" / "Resources" / "UI" / "MedDIFT.ui"
 ICON_FILE = ROOT / "MedDIFT" / "Resources" / "Icons" / "MedDIFT.png"
 EXTENSION_ICON_FILE = ROOT / "Resources" / "MedDIFT.png"
 S4EXT_FILE = ROOT / "MedDIFT.s4ext"
+CATALOG_FILE = ROOT / "MedDIFT.json"
 URL_PLACEHOLDER = "TO-BE-FILLED-IN-ON-PUBLICATION"
 CMAKE_FILES = {
     "top": ROOT / "CMakeLists.txt",
@@ -385,6 +386,51 @@ def test_no_repository_url_is_invented():
         assert (ROOT / url.removeprefix(URL_PLACEHOLDER + "/")).is_file(), f"{url} names a file that does not exist"
 
 
+def test_extensions_index_catalog_entry_agrees_with_the_s4ext():
+    """The Extensions Index (Slicer 5.8+) takes a JSON catalog entry: schema v1.0.1 keys only
+    (the schema allows no others), the same category, dependencies and revision as the .s4ext,
+    and the repository URL stated as to be filled in on publication; a LICENSE at the root."""
+    entry = json.loads(CATALOG_FILE.read_text())
+    s4ext = read_s4ext()
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision", "scm_type",
+               "scm_url", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
+    assert entry["category"] == s4ext["category"]
+    assert entry["build_dependencies"] == s4ext["depends"].split()
+    assert entry["scm_revision"] == s4ext["scmrevision"] and entry["build_subdirectory"] == s4ext["build_subdirectory"]
+    assert entry["scm_url"] == s4ext["scmurl"] == URL_PLACEHOLDER
+    assert (ROOT / "LICENSE").is_file()
+
+
+def test_weights_download_never_runs_on_the_gui_thread_or_needs_slicer_5_12(module_tree):
+    """``logProcessOutput(..., logCallback=...)`` exists only from Slicer 5.12 and blocks the GUI:
+    weights go through the background WeightsTransfer, polled from a timer."""
+    source = MODULE_FILE.read_text()
+    assert "logCallback" not in source
+    calls = {ast.unparse(node.func) for node in ast.walk(module_tree) if isinstance(node, ast.Call)}
+    assert "WeightsTransfer" in calls
+    assert not any(call.endswith("downloadWeights") or call.endswith("_runWeightsCommand") for call in calls)
+
+
+def test_torch_is_installed_in_a_child_process_and_never_imported_in_slicer(module_tree):
+    """PyTorchUtils' installTorch() ends with ``import torch`` (and installs torchvision): not used."""
+    source = MODULE_FILE.read_text()
+    assert "installTorch" not in source and "PyTorchUtils" not in source
+    assert "light_the_torch" in source
+    assert "torch" not in imported_modules(ast.walk(module_tree))
+
+
+def test_landmark_callback_takes_no_index_for_batched_edits(module_tree):
+    """VTK calls PointModifiedEvent observers without call data for batched edits: the index defaults to None."""
+    widget = module_classes(module_tree)["MedDIFTWidget"]
+    method = next(
+        node for node in widget.body if isinstance(node, ast.FunctionDef) and node.name == "onLandmarkModified"
+    )
+    assert [ast.unparse(default) for default in method.args.defaults] == ["None"]
+    assert "MovedPoints" in MODULE_FILE.read_text()
+
+
 @pytest.mark.parametrize("icon", [ICON_FILE, EXTENSION_ICON_FILE], ids=["module", "extension"])
 def test_icon_is_a_128_pixel_png(icon):
     data = icon.read_bytes()
@@ -398,7 +444,7 @@ def test_worker_requirements_cover_the_project_dependencies(module_tree):
         node.value for node in module_tree.body
         if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["PYTHON_REQUIREMENTS"]
     )
-    requirements = {re.split(r"[<>=!~ ]", pair[1])[0].lower() for pair in ast.literal_eval(declared)}
+    requirements = {re.split(r"[<>=!~ \[]", pair[1])[0].lower() for pair in ast.literal_eval(declared)}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     needed = {re.split(r"[<>=!~ \[]", spec)[0].lower() for spec in project} - {"torch"}
     assert needed - requirements == set(), f"add to PYTHON_REQUIREMENTS in MedDIFT.py: {sorted(needed - requirements)}"
@@ -511,3 +557,11 @@ def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatc
     moving_landmarks = scene.GetFirstNodeByName("F in moving")
     assert moving_landmarks is not None and moving_landmarks.GetNumberOfControlPoints() == 3
     assert scene.GetNodesByClass("vtkMRMLGridTransformNode").GetNumberOfItems() == 1
+    for step, check in (
+        ("test_VisualQA", lambda: scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 3),
+        ("test_WeightsTransferInBackground", lambda: True),
+    ):
+        result = unittest.TestResult()
+        module.MedDIFTTest(step).run(result)
+        assert result.wasSuccessful(), (step, result.failures + result.errors)
+        assert check(), step

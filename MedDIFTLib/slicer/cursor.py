@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.errors import BadInputError
+from ..core.io.points import RAS_FROM_LPS
+from .results import MatchResult
 from .views import MOVING_VIEW, slice_node
 
 CURSOR_NODE_NAME = "MedDIFT cursor"
@@ -48,6 +50,18 @@ class CursorMatch:
     moving_ras: Ras
     confidence: float = math.nan
     reliable: bool = True
+
+
+def cursor_match_from(matches: MatchResult | None) -> CursorMatch | None:
+    """The cursor's match from the worker's one-row match result (None when there is no match)."""
+    if matches is None or len(matches) != 1 or not matches.found(0):
+        return None
+    moving_ras = matches.points_lps_mm[0] * RAS_FROM_LPS
+    return CursorMatch(
+        (float(moving_ras[0]), float(moving_ras[1]), float(moving_ras[2])),
+        float(matches.confidence[0]),
+        matches.usable(0),
+    )
 
 
 class CursorMatcher:

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import BadInputError, MedDIFTError
 from ..core.io import PointSet
+from ..core.io.points import RAS_FROM_LPS
 from ..core.options import RunSettings, to_json
 from .nodes import (
     fill_transform_node,
@@ -181,6 +184,19 @@ class SceneJob:
             raise BadInputError("live matching needs the fixed and moving volumes and the fixed landmarks")
         _check_output_landmarks(inputs)
         return self._point_update(markups_to_points(inputs.fixed_landmarks, indices=control_point_indices))
+
+    def cursor_steps(self, fixed_ras: Sequence[float]) -> Steps:
+        """Match one fixed point (RAS mm) for the correspondence cursor; nothing is written into
+        the scene (the outputs hold only ``matches``)."""
+        if self.inputs.fixed_volume is None or self.inputs.moving_volume is None:
+            raise BadInputError("the cursor needs the fixed and moving volumes")
+        point_lps = np.asarray(fixed_ras, float).reshape(1, 3) * RAS_FROM_LPS
+        return self._cursor_match(PointSet(point_lps, ["cursor"], [""]))
+
+    def _cursor_match(self, point: PointSet) -> Steps:
+        fixed_id, moving_id = yield from self._volume_ids()
+        matches = yield from self._match(fixed_id, moving_id, point)
+        return JobOutputs(matches=matches)
 
     def _common_params(self, fixed_id: str, moving_id: str) -> dict[str, Any]:
         return {

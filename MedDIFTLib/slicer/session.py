@@ -183,7 +183,18 @@ class Session:
         Raises :class:`MedDIFTError` at once for bad inputs or when a job is already running;
         everything later reaches ``on_done``, called from :meth:`poll` or :meth:`cancel`.
         """
-        steps = self._steps(inputs, settings, control_point_indices)
+        self._start(self._steps(inputs, settings, control_point_indices), on_done, on_progress, on_log)
+
+    def start_cursor_match(self, inputs: JobInputs, settings: RunSettings, fixed_ras: Sequence[float],
+                           on_done: DoneCallback) -> None:
+        """Match one fixed point (RAS mm) in the background for the correspondence cursor; the scene
+        is not changed and ``on_done(outputs, error)`` gets ``outputs.matches`` (one row)."""
+        if self.busy:
+            raise MedDIFTError("a MedDIFT job is already running")
+        self._start(SceneJob(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras), on_done, None, None)
+
+    def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
+               on_log: LogCallback | None) -> None:
         client = self._client if self.worker_running else self._new_client()
         self._runner = JobRunner(client, steps, on_done=on_done, on_progress=on_progress, on_log=on_log)
         if self.worker_running:
