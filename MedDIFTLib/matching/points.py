@@ -22,9 +22,10 @@ from ..features.protocol import FeaturePyramid
 from .candidates import CandidateLattice
 from .correspondences import Correspondences
 from .scorer import Scorer
-from .search import dense_candidates, dense_lattice_size, local_search
+from .search import dense_candidates, local_search
 
 DENSE_CANDIDATES = 16
+DENSE_SHARE = 0.5
 
 
 def _distinct(candidates: np.ndarray, count: int, separation_mm: float) -> np.ndarray:
@@ -54,8 +55,8 @@ def _match_one_way(
     """Match ``points_lps_mm`` of ``source`` into ``target``: positions (N, 3) and scores (N,).
 
     The first stage is the coarse lattice (``coarse_to_fine``), every voxel (otherwise), or the
-    dense whole-volume lattice: in global mode, and whenever the local lattice would hold as many
-    candidates as the whole volume (a huge radius), so work and memory stay bounded by the volume.
+    dense whole-volume lattice: in global mode, and whenever the local window would cover at least
+    ``DENSE_SHARE`` of the volume (a huge radius), so work and memory stay bounded by the volume.
     The dense stage keeps the best ``DENSE_CANDIDATES`` distinct peaks and refines each.
     """
     scorer = Scorer(source, target, options)
@@ -63,7 +64,9 @@ def _match_one_way(
     coarse_lattice = CandidateLattice.around(geometry, options.search_radius_mm, options.coarse_step_mm)
     refine_radius = float(np.linalg.norm(coarse_lattice.stride * np.asarray(geometry.spacing_mm)))
     first = coarse_lattice if options.coarse_to_fine else CandidateLattice.around(geometry, options.search_radius_mm)
-    dense = options.mode == "global" or first.size >= dense_lattice_size(geometry, options.coarse_step_mm)
+    shape = np.asarray(geometry.shape_ijk)
+    window_share = np.prod(np.minimum(2 * first.half * first.stride + 1, shape)) / np.prod(shape)
+    dense = options.mode == "global" or window_share >= DENSE_SHARE
     if dense or options.coarse_to_fine:
         fine_lattice = CandidateLattice.around(geometry, refine_radius)
     else:

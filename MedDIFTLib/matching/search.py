@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.geometry import Geometry
 from .candidates import CandidateLattice
 from .sampling import interpolate, level_ijk
 from .scorer import Scorer, resolving_levels
@@ -45,12 +44,6 @@ def local_search(
     found = torch.isfinite(best_score).cpu().numpy()
     best_lps[~found] = priors_lps_mm[~found]
     return best_lps, best_score.cpu().numpy()
-
-
-def dense_lattice_size(geometry: Geometry, step_mm: float) -> int:
-    """Nodes of the whole-volume lattice that :func:`dense_candidates` scores at ``step_mm``."""
-    stride = np.maximum(1, np.round(step_mm / np.asarray(geometry.spacing_mm))).astype(int)
-    return int(np.prod(-(-np.asarray(geometry.shape_ijk) // stride)))
 
 
 def dense_candidates(
