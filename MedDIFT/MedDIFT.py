@@ -59,6 +59,8 @@ FIELD_DEFAULTS = FieldOptions()
 RUN_DEFAULTS = RunSettings()
 
 WEIGHTS_DIRECTORY_SETTING = "MedDIFT/WeightsDirectory"
+COMPUTE_ON_SETTING = "MedDIFT/ComputeOn"  # "local" or "server"
+SERVER_URL_SETTING = "MedDIFT/ServerURL"
 WEIGHTS_CONFIG = "ddpm-ct"  # the diffusion configuration whose files `meddift weights download` fetches by default
 TORCH_REQUIREMENT = ">=2.2"
 # Installs the torch build that matches the GPU (what the PyTorch extension uses), run in a child process.
@@ -272,6 +274,15 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fadeSlider.connect("valueChanged(int)", self.onFadeChanged)
         self.ui.flickerButton.connect("toggled(bool)", self.onFlickerToggled)
         self.refreshWeightsStatus()
+        self.ui.computeOnComboBox.addItem(_("This computer"), "local")
+        self.ui.computeOnComboBox.addItem(_("Server (meddift serve)"), "server")
+        settings = qt.QSettings()
+        self.ui.computeOnComboBox.currentIndex = 1 if settings.value(COMPUTE_ON_SETTING, "local") == "server" else 0
+        self.ui.serverUrlLineEdit.text = str(settings.value(SERVER_URL_SETTING, ""))
+        self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeOnChanged)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.onComputeOnChanged()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -620,6 +631,17 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             f"{name}: {_('present') if present else _('missing')}"
             for name, present in MedDIFTLogic.weightsPresence(MedDIFTLogic.weightsDirectory())
         )
+
+    def onComputeOnChanged(self, *args) -> None:
+        """Use the local worker or the server; a change takes effect with the next job (a running one is stopped)."""
+        remote = self.ui.computeOnComboBox.currentIndex == 1
+        url = self.ui.serverUrlLineEdit.text.strip()
+        settings = qt.QSettings()
+        settings.setValue(COMPUTE_ON_SETTING, "server" if remote else "local")
+        settings.setValue(SERVER_URL_SETTING, url)
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
+            widget.enabled = remote
+        self.logic.setServer(url if remote and url else None, self.ui.serverTokenLineEdit.text or None)
 
     def onWeightsDirectoryChanged(self, path: str) -> None:
         if path:
@@ -975,6 +997,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._session = None
+        self._server = (None, None)
 
     def getParameterNode(self):
         return MedDIFTParameterNode(super().getParameterNode())
@@ -1120,8 +1143,18 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         if self._session is None:
             from MedDIFTLib.slicer.session import Session
 
-            self._session = Session(slicer.mrmlScene, python_executable=self.pythonExecutable())
+            serverUrl, token = self._server
+            self._session = Session(slicer.mrmlScene, python_executable=self.pythonExecutable(),
+                                    server_url=serverUrl, token=token)
         return self._session
+
+    def setServer(self, serverUrl, token=None) -> None:
+        """Run jobs on the ``meddift serve`` server at ``serverUrl`` (None: the local worker).
+
+        A change stops the current worker or session (and a running job); the next job starts the new one."""
+        if (serverUrl, token) != self._server:
+            self.shutdown()
+            self._server = (serverUrl, token)
 
     @property
     def workerRunning(self) -> bool:

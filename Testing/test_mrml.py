@@ -955,3 +955,23 @@ def test_session_cursor_match_runs_in_the_background_and_leaves_the_scene_alone(
     assert scene.GetNumberOfNodes() == nodes_before
     assert [request for request, _ in client.requests].count("match") == 1
     assert cursor.cursor_match_from(None) is None
+
+
+def test_session_on_a_server_uses_the_remote_client_and_refuses_overlays(scene):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fixed, moving, landmarks = job_scene(scene)
+    remote = session.Session(scene, server_url=f"http://127.0.0.1:{port}", token="secret", start_timeout_s=5.0)
+    try:
+        with pytest.raises(BadInputError, match="this computer only"):
+            remote.run(jobs.JobInputs(fixed, moving, landmarks, compute_overlays=True), RunSettings())
+        nodes_before = scene.GetNumberOfNodes()
+        with pytest.raises(MedDIFTError) as refused:
+            remote.run(jobs.JobInputs(fixed, moving, landmarks), RunSettings())
+        assert f"127.0.0.1:{port}" in str(refused.value), "the server was asked, not a local worker"
+        assert scene.GetNumberOfNodes() == nodes_before
+    finally:
+        remote.shutdown()

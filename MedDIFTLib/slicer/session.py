@@ -16,10 +16,11 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..core.errors import CancelledError, MedDIFTError
+from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import RunSettings
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
+from ..worker.remote_client import RemoteWorkerClient
 from .jobs import JobFolder, JobInputs, JobOutputs, SceneJob, Steps, WorkerRequest
 
 ProgressCallback = Callable[[str, float, str], None]
@@ -122,8 +123,9 @@ class Session:
     :meth:`shutdown`) and at most one running job, for scene ``scene``.
 
     ``python_executable`` and ``environment`` are those of the worker process (the folder
-    holding ``MedDIFTLib`` is put first on its PYTHONPATH); ``client_factory`` replaces the
-    :class:`WorkerClient` (tests).
+    holding ``MedDIFTLib`` is put first on its PYTHONPATH). With ``server_url`` the work runs on
+    a ``meddift serve`` server instead (:class:`RemoteWorkerClient`, ``token`` its token);
+    ``client_factory`` replaces either client (tests).
     """
 
     def __init__(
@@ -133,9 +135,14 @@ class Session:
         environment: Mapping[str, str] | None = None,
         start_timeout_s: float = WORKER_START_TIMEOUT_S,
         client_factory: Callable[[], Any] | None = None,
+        server_url: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.scene = scene
         self.start_timeout_s = start_timeout_s
+        self.server_url = server_url
+        if client_factory is None and server_url is not None:
+            client_factory = lambda: RemoteWorkerClient(server_url, token=token)  # noqa: E731
         self._client_factory = client_factory or (
             lambda: WorkerClient(python_executable=python_executable,
                                  env=None if environment is None else dict(environment))
@@ -164,6 +171,9 @@ class Session:
     def _steps(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
         if self.busy:
             raise MedDIFTError("a MedDIFT job is already running")
+        if self.server_url is not None and inputs.compute_overlays:
+            raise BadInputError("QA overlays are computed on this computer only; choose 'Compute on: this computer' "
+                                "or turn the overlays off")
         return SceneJob(self.scene, inputs, settings, self.folder).steps(control_point_indices)
 
     def _new_client(self):
