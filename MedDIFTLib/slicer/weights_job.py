@@ -165,15 +165,17 @@ class WeightsTransfer:
 
     def _sample(self) -> None:
         """Bytes written so far (the newest temporary file's size) and the rate since the last sample."""
-        parts = sorted(partial_files(self.weights_dir) - self._partials_before, key=lambda p: p.stat().st_mtime
-                       if p.exists() else 0.0)
-        if not parts:
+        sizes = {}
+        for part in partial_files(self.weights_dir) - self._partials_before:
+            try:
+                status = part.stat()
+            except FileNotFoundError:  # renamed or removed since the listing
+                continue
+            sizes[part] = (status.st_mtime, status.st_size)
+        if not sizes:
             return
-        part = parts[-1]
-        try:
-            size = part.stat().st_size
-        except FileNotFoundError:
-            return
+        part = max(sizes, key=lambda path: sizes[path][0])
+        size = sizes[part][1]
         now = self._clock()
         rate = 0.0
         if self._last_sample is not None and self._last_sample[1] == part and now > self._last_sample[0]:
