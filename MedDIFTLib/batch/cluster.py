@@ -1,6 +1,7 @@
 """Where a batch runs: a local Dask cluster of worker processes, or an existing scheduler.
 
-``local`` starts a :class:`distributed.LocalCluster` on 127.0.0.1 (worker processes, no dashboard)
+``local`` starts a :class:`distributed.LocalCluster` on 127.0.0.1 (worker processes, no dashboard,
+its HTTP endpoints on a free loopback port)
 and stops it on exit. Any other value is a scheduler address (``tcp://host:8786``) or the path of
 a scheduler file (``dask scheduler --scheduler-file F``, dask-jobqueue), whose workers are started
 and stopped by their owner. Dask gives each worker process one thread for numerical libraries by
@@ -20,6 +21,8 @@ from ..core.environment import child_environment
 from ..core.errors import BadInputError
 
 CONNECT_TIMEOUT_S = 30
+# The scheduler always serves HTTP (health, metrics); the dashboard is off, and the server bound to loopback.
+HTTP_ADDRESS = "127.0.0.1:0"
 
 
 def torch_threads(workers: int, threads_per_worker: int) -> int:
@@ -49,7 +52,7 @@ def dask_client(
     environment = {**{name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
                    "PYTHONPATH": child_environment()["PYTHONPATH"]}
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                           memory_limit=memory_limit, host="127.0.0.1", dashboard_address=None,
-                           silence_logs=logging.ERROR, env=environment)
+                           memory_limit=memory_limit, host="127.0.0.1", dashboard_address=HTTP_ADDRESS,
+                           scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR, env=environment)
     with cluster, Client(cluster) as client:
         yield client
