@@ -3,10 +3,13 @@
 Method (one for both): a threshold learned from the lesion's own intensities, half-way between
 the lesion's median HU and the median of a shell around it (its surroundings, lung parenchyma
 for a lung nodule), so that the boundary sits at the middle of a soft edge whatever the lesion's
-size. In the follow-up the voxels above that threshold are kept within ``growth_margin_mm`` (plus
-a third of the lesion's equivalent radius, enough for twice the volume) of the carried lesion; the
-connected component holding the matched centre (else the one overlapping the carried lesion most)
-is the lesion, its holes filled. Work is done in a box around the lesion.
+size. In the follow-up that threshold is averaged with the same half-way value measured there
+(the carried lesion's voxels above it against a shell beyond the growth region), since the two
+scans blur an edge differently (slice thickness, resampling); on generated pairs the average beat
+either threshold alone. The voxels above it are kept within ``growth_margin_mm`` (plus a third of
+the lesion's equivalent radius, enough for twice the volume) of the carried lesion; the connected
+component holding the matched centre (else the one overlapping the carried lesion most) is the
+lesion, its holes filled. Work is done in a box around the lesion.
 """
 
 from __future__ import annotations
@@ -75,7 +78,13 @@ def refine_lesion(carried: np.ndarray, image: np.ndarray, geometry: Geometry, th
     reach_mm = growth_margin_mm + radius_mm / 3.0
     box = _box(carried, np.ceil(reach_mm / spacing).astype(int) + 1)
     region = _within(carried[box], reach_mm, spacing)
-    candidates = region & (image[box] >= threshold_hu)
+    values = image[box]
+    core = carried[box] & (values >= threshold_hu)
+    outer = _within(carried[box], reach_mm + SHELL_MM, spacing) & ~region
+    if core.any() and outer.any():
+        followup_hu = 0.5 * (float(np.median(values[core])) + float(np.median(values[outer])))
+        threshold_hu = 0.5 * (threshold_hu + followup_hu)
+    candidates = region & (values >= threshold_hu)
     seed = None
     if centre_lps_mm is not None:
         seed = np.round(geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]).astype(int)

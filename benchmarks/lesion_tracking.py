@@ -1,0 +1,163 @@
+"""Lesion tracking benchmark: our tracking against carrying the baseline labelmap over with a field.
+
+Pairs (:func:`MedDIFTLib.evaluation.lesions.make_lesion_pair`): solid nodules (4-12 mm radius where the
+lungs have room) inserted in a real CT of ../shared/data, grown or shrunk by a known volume factor
+(0.5x-2x) in the follow-up, which is also warped by the breathing simulation (mean motion
+``--motion-mm`` at the nodule centres). Cases: the elastix right-lung crop and the pulmonary crop,
+one pair per seed. Methods, on the same pairs:
+
+- ``convexadam-carry``: ConvexAdam's field (fixed = follow-up, moving = baseline) carries the baseline
+  labelmap (:func:`MedDIFTLib.lesions.carry.carry_labelmap`); centre = the carried lesion's centre of mass;
+- ``meddift-carry``: the same with MedDIFT's field (:func:`MedDIFTLib.field.register`, default options,
+  MIND features), before refinement;
+- ``meddift-track``: :func:`MedDIFTLib.lesions.track.track_lesions` (the same field; centre = the engine's
+  match; segmentation refined to the follow-up). ``centre (segmentation)`` reports the refined lesion's
+  centre of mass as well.
+
+Per method: centre error mean (mm), hit rate within the lesion radius and within 10 mm, Dice median
+of the follow-up segmentation, volume-change error median (percentage points, against the truth
+labelmaps' change: :func:`MedDIFTLib.evaluation.lesions.lesion_metrics`) and seconds per pair
+(the field is shared by both MedDIFT rows and counted in each). Writes
+``benchmarks/results/lesion_tracking.json`` (``markdown`` and ``figures``). Run::
+
+    python benchmarks/lesion_tracking.py --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(os.environ.get("MEDDIFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CASES = {"elastix": "elastix_lung_baseline_small", "pulmonary": "totalseg_pulmonary_crop"}
+METHODS = ("convexadam-carry", "meddift-carry", "meddift-track")
+METRICS = {"centre_error_mean_mm": "centre error mean (mm)", "hit_rate_radius": "hit within radius",
+           "hit_rate_10mm": "hit within 10 mm", "dice_median": "Dice median",
+           "volume_change_error_median_points": "volume-change error median (points)"}
+
+
+def _field_on(field, geometry):
+    """``field`` resampled (trilinear) onto ``geometry``."""
+    from MedDIFTLib.field import DisplacementField, grids
+
+    return DisplacementField.from_tensor(grids.resample(field.as_tensor(), field.geometry, geometry), geometry)
+
+
+def run_pair(case: str, seed: int, count: int, motion_mm: float) -> dict:
+    from MedDIFTLib.core.io import read_volume
+    from MedDIFTLib.core.io.volumes import Volume
+    from MedDIFTLib.evaluation.baselines import convexadam, unavailable_reason
+    from MedDIFTLib.evaluation.lesions import lesion_metrics, make_lesion_pair
+    from MedDIFTLib.features import create_featurizer
+    from MedDIFTLib.field import register
+    from MedDIFTLib.lesions.carry import carry_labelmap
+    from MedDIFTLib.lesions.inputs import centroids_lps_mm, lesions_from_labelmap
+    from MedDIFTLib.lesions.settings import LesionOptions
+    from MedDIFTLib.lesions.track import track_lesions
+
+    ct = read_volume(DATA_DIR / "chestct_single_real" / CASES[case] / "image.nii.gz")
+    ct = Volume(ct.voxels, ct.geometry, case)
+    pair = make_lesion_pair(ct, count=count, seed=seed, mean_motion_mm=motion_mm)
+    lesions = lesions_from_labelmap(Volume(pair.baseline_labelmap.astype(np.float32), pair.baseline.geometry),
+                                    pair.baseline)
+    rows: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+
+    def carried_rows(labelmap):
+        present = [label for label in pair.labels if (labelmap == label).any()]
+        centres = np.full((len(pair.labels), 3), np.nan)
+        found = centroids_lps_mm(labelmap, present, pair.followup.geometry)
+        for label, centre in zip(present, found):
+            centres[pair.labels.index(label)] = centre
+        return lesion_metrics(pair, labelmap, centres)
+
+    if unavailable_reason("convexadam") is None:
+        start = time.perf_counter()
+        output = convexadam(pair.followup, pair.baseline, np.zeros((1, 3)))
+        field = _field_on(output.field, pair.followup.geometry)
+        carried = carry_labelmap(pair.baseline_labelmap, pair.baseline.geometry, pair.labels, field)
+        seconds["convexadam-carry"] = time.perf_counter() - start
+        rows["convexadam-carry"] = carried_rows(carried)
+    start = time.perf_counter()
+    featurizer = create_featurizer("mind", device="cpu")
+    baseline_features, followup_features = featurizer.extract(pair.baseline), featurizer.extract(pair.followup)
+    field = register(followup_features, baseline_features, pair.followup)
+    field_seconds = time.perf_counter() - start
+    for method, refine in (("meddift-carry", False), ("meddift-track", True)):
+        start = time.perf_counter()
+        result = track_lesions(pair.baseline, pair.followup, lesions, baseline_features, followup_features,
+                               LesionOptions(refine=refine), displacement=field)
+        seconds[method] = field_seconds + time.perf_counter() - start
+        if refine:
+            rows[method] = lesion_metrics(pair, result.followup_labelmap,
+                                          np.array([lesion.centre_lps_mm for lesion in result.lesions]))
+            segmented = lesion_metrics(pair, result.followup_labelmap,
+                                       np.array([lesion.segmented_centre_lps_mm for lesion in result.lesions]))
+            for row, other in zip(rows[method], segmented):
+                row["segmented_centre_error_mm"] = other["centre_error_mm"]
+            statuses = [lesion.status for lesion in result.lesions]
+        else:
+            rows[method] = carried_rows(result.followup_labelmap)
+    return {"case": case, "seed": seed, "motion_mm": motion_mm, "rows": rows, "seconds": seconds,
+            "statuses": statuses}
+
+
+def _table(pairs: list[dict]) -> tuple[str, dict]:
+    from MedDIFTLib.evaluation.lesions import summarise
+
+    figures = {}
+    lines = ["| method | lesions | " + " | ".join(METRICS.values()) + " | seconds per pair |",
+             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for method in METHODS:
+        rows = [row for pair in pairs for row in pair["rows"].get(method, [])]
+        if not rows:
+            continue
+        summary = summarise(rows)
+        summary["seconds_mean"] = float(np.mean([pair["seconds"][method] for pair in pairs]))
+        if method == "meddift-track":
+            summary["segmented_centre_error_mean_mm"] = float(np.mean([r["segmented_centre_error_mm"] for r in rows]))
+        figures[method] = summary
+        lines.append(f"| {method} | {summary['lesions']} | {summary['centre_error_mean_mm']:.2f} | "
+                     f"{100 * summary['hit_rate_radius']:.0f} % | {100 * summary['hit_rate_10mm']:.0f} % | "
+                     f"{summary['dice_median']:.3f} | {summary['volume_change_error_median_points']:.1f} | "
+                     f"{summary['seconds_mean']:.0f} |")
+    if "meddift-track" in figures:
+        lines.append("")
+        lines.append(f"meddift-track centre (segmentation's centre of mass instead of the engine's match): "
+                     f"{figures['meddift-track']['segmented_centre_error_mean_mm']:.2f} mm mean.")
+    return "\n".join(lines), figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--nodules", type=int, default=4)
+    parser.add_argument("--motion-mm", type=float, default=7.0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lesion_tracking.json"))
+    args = parser.parse_args()
+    pairs = []
+    for case in args.cases:
+        for seed in args.seeds:
+            pair = run_pair(case, seed, args.nodules, args.motion_mm)
+            print(f"{case} seed {seed}: {len(pair['rows']['meddift-track'])} nodules, statuses {pair['statuses']}, "
+                  f"seconds {', '.join(f'{k} {v:.0f}' for k, v in pair['seconds'].items())}", flush=True)
+            pairs.append(pair)
+    markdown, figures = _table(pairs)
+    header = (f"Lesion tracking on {len(pairs)} generated pairs ({', '.join(args.cases)}; seeds "
+              f"{', '.join(map(str, args.seeds))}; up to {args.nodules} nodules each; mean motion "
+              f"{args.motion_mm:g} mm; 0.5x-2x volume change; MIND features, CPU).\n\n")
+    print(header + markdown)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"markdown": header + markdown, "figures": figures, "pairs": pairs}, indent=2,
+                              default=float))
+
+
+if __name__ == "__main__":
+    main()
