@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,9 +47,10 @@ QUICK_FIELD = {"levels": [{"spacing_mm": 6.0, "search_radius_mm": 10.0, "smoothn
 class ThreadServer:
     """The real app on uvicorn, on an ephemeral port of 127.0.0.1, in a thread."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, **uvicorn_options) -> None:
         self.app = create_app(config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                    **uvicorn_options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -425,3 +427,21 @@ def test_cli_match_and_register_with_server_write_what_the_local_cli_writes(serv
                  *remote]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["carried.csv", "field.nii.gz", "field.nii.gz.json"]
     assert json.loads((out / "field.nii.gz.json").read_text())["transform"] == str(out / "field.nii.gz")
+
+
+def test_tls_with_a_given_certificate(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not available to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   capture_output=True, check=True)
+    running = ThreadServer(_config(tmp_path), ssl_certfile=str(cert), ssl_keyfile=str(key))
+    url = f"https://127.0.0.1:{running.port}"
+    try:
+        info = RemoteWorkerClient(url, token=TOKEN, ca_file=str(cert)).test_connection()
+        assert info["version"] == MedDIFTLib.__version__
+        with pytest.raises(WorkerError, match="cannot reach"):
+            RemoteWorkerClient(url, token=TOKEN).test_connection()
+    finally:
+        running.stop()
