@@ -171,11 +171,13 @@ def test_rate_limiter_refuses_past_its_rate():
     assert limiter.allow("b")
 
 
-def test_events_carry_no_server_folder_and_no_internal_detail(tmp_path):
-    events = SessionEvents(tmp_path)
-    scrubbed = events.scrub({"id": "r1", "event": "error", "kind": "bad_input",
-                             "message": f"{tmp_path}/session-1/job1/transform.nii.gz: cannot write"})
-    assert str(tmp_path) not in scrubbed["message"] and "<server>" in scrubbed["message"]
+def test_events_carry_no_server_path_and_no_internal_detail(tmp_path):
+    events = SessionEvents()
+    scrubbed = events.scrub({"id": "r1", "event": "error", "kind": "missing_weights",
+                             "message": f"{tmp_path}/session-1/ckpt.pt: not found; also C:\\weights\\a.pt"})
+    assert scrubbed["message"] == "<server path>: not found; also <server path>"
+    kept = "search radius 8 mm/s, 1/2 of the grid / both ways"
+    assert events.scrub({"id": "r1", "event": "log", "message": kept})["message"] == kept
     internal = events.scrub({"id": "r1", "event": "error", "kind": "internal", "message": "Traceback /usr/lib"})
     assert internal["message"] == INTERNAL_MESSAGE
 
@@ -235,7 +237,10 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
         line = {"id": "e", "type": "features", "volume_id": "v1", "backbone": "maisi", "backbone_options": options}
         status, body = server.raw("POST", base, json.dumps(line).encode())
         assert status == 400 and message in json.loads(body)["message"]
-    assert remote.call("probe", timeout=TIMEOUT_S)["version"] == MedDIFTLib.__version__
+    probe = remote.call("probe", backbone_options={"maisi": {}}, timeout=TIMEOUT_S)
+    assert probe["version"] == MedDIFTLib.__version__ and "pid" not in probe
+    maisi = next(backbone for backbone in probe["backbones"] if backbone["name"] == "maisi")
+    assert "not found in <server path>" in maisi["message"] and str(Path.home()) not in maisi["message"]
 
 
 def test_upload_over_the_limit_is_refused(server, remote):
@@ -445,3 +450,23 @@ def test_tls_with_a_given_certificate(tmp_path):
             RemoteWorkerClient(url, token=TOKEN).test_connection()
     finally:
         running.stop()
+
+
+def test_client_kill_mid_job_cancels_it_on_the_server(server):
+    client = RemoteWorkerClient(server.url, token=TOKEN, timeout_s=TIMEOUT_S)
+    client.start()
+    volume = _small_volume(5, (96, 96, 96))
+    body, headers = encode_volume(volume)
+    status, answer = server.raw("PUT", f"/sessions/{client.session_id}/volumes/{volume.content_hash()}",
+                                body=body, headers=headers)
+    assert status == 200, answer
+    store = server.app.state.sessions
+    session = store.get(client.session_id)
+    job = client.send("features", volume_id=json.loads(answer)["volume_id"], backbone="mind", device="cpu")
+    events = client.events(job, timeout=TIMEOUT_S)
+    assert isinstance(next(events), Progress)
+    client.kill()
+    final = list(events)[-1]
+    assert isinstance(final, Error) and final.kind == "cancelled"
+    session.thread.join(TIMEOUT_S)
+    assert session.events.outcomes.get(job) == "cancelled" and not session.folder.exists()

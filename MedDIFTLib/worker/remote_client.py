@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -97,8 +98,9 @@ class RemoteWorkerClient(WorkerClient):
         """Drop every open connection at once (the server cancels their jobs), then close the session."""
         self._killed = True
         for connection in list(self._connections):
-            with contextlib.suppress(OSError):
-                connection.sock.shutdown(2) if connection.sock else None
+            if connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
         self.stop(timeout=grace)
 
     def stderr_tail(self, max_lines: int = 50) -> str:

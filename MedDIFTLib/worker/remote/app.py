@@ -33,7 +33,7 @@ from ...features.maisi import packaged_configs
 from ..jobs import Job
 from ..protocol import Limits, LoadRequest, RejectedRequest, error_event, parse_line
 from .security import RateLimiter, token_matches
-from .sessions import Session, SessionStore
+from .sessions import Session, SessionStore, hide_paths
 from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume
 
 REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
@@ -274,8 +274,8 @@ async def _stream(session: Session, request_id: str, request_type: str, queue: a
                 yield ": waiting\n\n"
                 continue
             finished = event["event"] in ("result", "error")
-            if finished and event["event"] == "result" and request_type == "register":
-                event = {**event, "result": _output_names(event["result"])}
+            if finished and event["event"] == "result":
+                event = {**event, "result": _public_result(request_type, event["result"])}
             yield f"data: {json.dumps(event, allow_nan=False)}\n\n"
     finally:
         session.events.close(request_id)
@@ -283,6 +283,13 @@ async def _stream(session: Session, request_id: str, request_type: str, queue: a
             session.worker.jobs.cancel(request_id)
 
 
-def _output_names(summary: dict[str, Any]) -> dict[str, Any]:
-    """A register summary with each output's server path replaced by its name (the client maps it)."""
-    return {**summary, **{name: name for name in OUTPUT_NAMES if summary.get(name)}}
+def _public_result(request_type: str, result: dict[str, Any]) -> dict[str, Any]:
+    """What a client may see of a result: a register's outputs by name (the client maps them to its
+    paths), a probe without the server's process id and with path-free backbone messages."""
+    if request_type == "register":
+        return {**result, **{name: name for name in OUTPUT_NAMES if result.get(name)}}
+    if request_type == "probe":
+        backbones = [{**backbone, "message": hide_paths(backbone["message"])} for backbone in result["backbones"]]
+        return {**{key: value for key, value in result.items() if key not in ("pid", "platform")},
+                "backbones": backbones}
+    return result

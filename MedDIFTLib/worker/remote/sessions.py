@@ -3,7 +3,7 @@ job queue) and its own folder of outputs under the server's cache folder; anothe
 neither name nor reach them. Jobs of all sessions share the device: one computes at a time.
 
 Events of a session's worker are routed by request id to the HTTP stream that asked (an
-:class:`asyncio.Queue` per request), with the server's folders taken out of every message.
+:class:`asyncio.Queue` per request), with file paths taken out of every message.
 Idle sessions are closed and their folders deleted.
 """
 
@@ -30,6 +30,12 @@ COMPUTE_TYPES = frozenset({"features", "match", "register"})
 RECENT_OUTCOMES = 64
 OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
+SERVER_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s'\"<>|:;,()/\\]+[/\\]?)+")
+
+
+def hide_paths(text: str) -> str:
+    """``text`` with every absolute file path (POSIX or Windows) replaced by ``<server path>``."""
+    return SERVER_PATH.sub("<server path>", text)
 
 
 class SessionEvents:
@@ -37,8 +43,7 @@ class SessionEvents:
 
     broken = False
 
-    def __init__(self, hidden_folder: Path) -> None:
-        self._hidden = sorted({str(hidden_folder), str(hidden_folder.resolve())}, key=len, reverse=True)
+    def __init__(self) -> None:
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self.outcomes: OrderedDict[str, str] = OrderedDict()
@@ -78,14 +83,12 @@ class SessionEvents:
         return True
 
     def scrub(self, event: dict[str, Any]) -> dict[str, Any]:
-        """``event`` without the server's folders in its message, and no detail of internal errors."""
+        """``event`` without file paths in its message, and no detail of internal errors."""
         if event.get("event") == "error" and event.get("kind") == "internal":
             return {**event, "message": INTERNAL_MESSAGE}
         message = event.get("message")
         if isinstance(message, str):
-            for folder in self._hidden:
-                message = message.replace(folder, "<server>")
-            event = {**event, "message": message}
+            event = {**event, "message": hide_paths(message)}
         return event
 
 
@@ -183,7 +186,7 @@ class SessionStore:
             session_id = secrets.token_urlsafe(24)
             folder = self.root / f"session-{secrets.token_hex(8)}"
             folder.mkdir(parents=True)
-            events = SessionEvents(self.root)
+            events = SessionEvents()
             worker = SessionWorker(events, self.cache_bytes, self.limits, self.device_lock)
             thread = threading.Thread(target=worker.serve, name="meddift-session", daemon=True)
             session = Session(session_id, folder, events, worker, thread)
