@@ -25,7 +25,7 @@ from MedDIFTLib.core.environment import child_environment
 from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, Volume, read_points, write_points, write_volume
-from MedDIFTLib.core.options import MatchOptions
+from MedDIFTLib.core.options import FieldOptions, MatchOptions
 
 SHAPE_IJK = (26, 24, 22)
 SPACING_MM = (2.0, 2.0, 2.0)
@@ -103,11 +103,16 @@ def test_register_rows_write_the_register_outputs(series, client, tmp_path):
     manifest.write_text("\n".join((series / "manifest.csv").read_text().splitlines()[:3]).replace(
         "baseline.nii.gz", str(series / "baseline.nii.gz")).replace("followup", str(series / "followup")).replace(
         "points.csv", str(series / "points.csv")).replace("truth", str(series / "truth")) + "\n")
-    job = BatchJob(task="register", recipe=FeatureRecipe("mind", {}, "cpu"))
-    job = BatchJob(task="register", recipe=job.recipe,
-                   field_options=job.field_options.__class__(optimise_iterations=0))
+    job = BatchJob(task="register", recipe=FeatureRecipe("mind", {}, "cpu"),
+                   field_options=FieldOptions(optimise_iterations=0))
     records = run_batch(read_manifest(manifest), job, tmp_path / "out", client)
     assert [record["status"] for record in records] == ["ok", "ok"]
+    single = tmp_path / "single"
+    assert main(["register", str(series / "baseline.nii.gz"), str(series / "followup0.nii.gz"), "--out-transform",
+                 str(single / "transform.nii.gz"), "--points", str(series / "points.csv"), "--out-points",
+                 str(single / "points.csv"), "--backbone", "mind", "--device", "cpu", "--optimise-iterations", "0",
+                 "--quiet"]) == 0
+    assert (tmp_path / "out" / "pair0" / "points.csv").read_text() == (single / "points.csv").read_text()
     for record in records:
         folder = tmp_path / "out" / record["id"]
         assert sorted(p.name for p in folder.iterdir()) == ["points.csv", "row.json", "transform.nii.gz",
@@ -247,3 +252,23 @@ def test_bad_manifests_are_refused_before_any_work(tmp_path):
             read_manifest(manifest)
     assert main(["batch", str(tmp_path / "m0.csv"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_track_rows_equal_the_single_pair_command(series, client, tmp_path):
+    geometry = Geometry.create(SHAPE_IJK, SPACING_MM, (0.0, 0.0, 0.0), np.eye(3))
+    k, j, i = np.indices(geometry.shape_kji)
+    labelmap = ((k - 11) ** 2 + (j - 12) ** 2 + (i - 13) ** 2 <= 9).astype(np.float32)
+    write_volume(Volume(labelmap, geometry), tmp_path / "lesions.nii.gz")
+    manifest = tmp_path / "track.csv"
+    manifest.write_text(f"id,fixed,moving,lesions\nt0,{series / 'baseline.nii.gz'},{series / 'followup0.nii.gz'},"
+                        "lesions.nii.gz\n")
+    job = BatchJob(task="track", recipe=FeatureRecipe("mind", {}, "cpu"),
+                   field_options=FieldOptions(optimise_iterations=0))
+    [record] = run_batch(read_manifest(manifest), job, tmp_path / "out", client)
+    assert record["status"] == "ok" and record["lesions"] == 1, record
+    assert main(["track", str(series / "baseline.nii.gz"), str(series / "followup0.nii.gz"), "--lesions",
+                 str(tmp_path / "lesions.nii.gz"), "--out", str(tmp_path / "single"), "--backbone", "mind",
+                 "--device", "cpu", "--optimise-iterations", "0", "--quiet"]) == 0
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out" / "t0").iterdir()) == sorted([*names, "row.json"])
+    assert (tmp_path / "out" / "t0" / "lesions.csv").read_text() == (tmp_path / "single" / "lesions.csv").read_text()

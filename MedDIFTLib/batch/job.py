@@ -17,21 +17,24 @@ from pathlib import Path
 from .. import __version__
 from ..core.errors import BadInputError
 from ..core.options import FieldOptions, MatchOptions, to_json
+from ..lesions.settings import LesionOptions
 from .features import FeatureRecipe
 from .manifest import Row
 
-TASKS = ("match", "register")
+TASKS = ("match", "register", "track")
 CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class BatchJob:
-    """The task (``match`` or ``register``), its options, the backbone recipe and register's extra outputs."""
+    """The task (``match``, ``register`` or ``track``), its options, the backbone recipe and register's extra
+    outputs. ``track`` reads ``field_options`` and ``lesion_options``."""
 
     task: str
     recipe: FeatureRecipe
     match_options: MatchOptions = field(default_factory=MatchOptions)
     field_options: FieldOptions = field(default_factory=FieldOptions)
+    lesion_options: LesionOptions = field(default_factory=LesionOptions)
     write_inverse: bool = False
     write_warped: bool = False
     share_limit_bytes: int = 1 << 31
@@ -42,7 +45,12 @@ class BatchJob:
 
     def describe(self) -> dict:
         """The settings that decide the outputs (what the row hash covers besides the inputs)."""
-        options = to_json(self.match_options) if self.task == "match" else to_json(self.field_options)
+        if self.task == "match":
+            options = to_json(self.match_options)
+        elif self.task == "register":
+            options = to_json(self.field_options)
+        else:
+            options = {"field": to_json(self.field_options), "lesions": to_json(self.lesion_options)}
         extra = {"inverse": self.write_inverse, "warped": self.write_warped} if self.task == "register" else {}
         recipe = {"backbone": self.recipe.backbone, "options": self.recipe.options}
         return {"task": self.task, "options": options, "backbone": recipe, **extra, "meddift_version": __version__}

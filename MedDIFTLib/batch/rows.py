@@ -1,11 +1,12 @@
 """One row of a batch, run as a Dask task: the single-pair command's library calls on shared features.
 
-The outputs are those of ``meddift match`` (``matched.csv``) or ``meddift register``
+The outputs are those of ``meddift match`` (``matched.csv``), ``meddift register``
 (``transform.nii.gz``, its summary ``transform.nii.gz.json``, ``points.csv`` when the row has points,
-``inverse.nii.gz`` and ``warped.nii.gz`` when asked). They are written into a staging folder
-``OUT/.staging/<id>.<random>/`` with the row's record ``row.json`` last, and the folder is renamed
-to ``OUT/<id>/`` only when complete: a row's folder holds all of its outputs or does not exist.
-A failing row returns a record with its error and kind; nothing of it is left behind.
+``inverse.nii.gz`` and ``warped.nii.gz`` when asked) or ``meddift track`` (fixed = baseline, moving =
+follow-up: ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md``, ``lesions.png``). They are
+written into a staging folder ``OUT/.staging/<id>.<random>/`` with the row's record ``row.json``
+last, and the folder is renamed to ``OUT/<id>/`` only when complete: a row's folder holds all of its
+outputs or does not exist. A failing row returns a record with its error and kind; nothing of it is left behind.
 """
 
 from __future__ import annotations
@@ -74,7 +75,24 @@ def _register(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyra
     return points, predicted, details
 
 
-TASK_FUNCTIONS = {"match": _match, "register": _register}
+def _track(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid, device, folder: Path):
+    from ..lesions.inputs import read_lesions
+    from ..lesions.outputs import write_outputs
+    from ..lesions.track import track_lesions
+
+    if not row.lesions:
+        raise BadInputError(f"row {row.id}: the track task needs a lesions column")
+    lesions = read_lesions(row.lesions, fixed)
+    result = track_lesions(fixed, moving, lesions, fixed_pyramid.to(device), moving_pyramid.to(device),
+                           job.lesion_options, job.field_options)
+    paths = write_outputs(result, fixed, moving, folder)
+    statuses = [lesion.status for lesion in result.lesions]
+    details = {"lesions": len(statuses), "lesions_ok": statuses.count("ok"),
+               "outputs": [path.name for path in paths.values()]}
+    return None, None, details
+
+
+TASK_FUNCTIONS = {"match": _match, "register": _register, "track": _track}
 
 
 def _tre(row: Row, moving, points, predicted) -> dict:

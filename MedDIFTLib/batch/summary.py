@@ -7,7 +7,8 @@ the other rows of the same volume, so summed over rows it counts a shared volume
 ``seconds_pair`` the matching or registration and its outputs, ``seconds_row`` the whole task on its
 worker. ``peak_rss_mb`` is the peak resident memory of the worker process while it ran the row (it
 includes what the worker held already: its cached features and networks); ``peak_gpu_mb`` the peak
-allocated on the GPU. TRE columns (mm) are filled where the manifest has ``moving_points``.
+allocated on the GPU. TRE columns (mm) are filled where the manifest has ``moving_points``;
+``lesions`` and ``lesions_ok`` count a ``track`` row's lesions and those tracked without a flag.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from ..core.io import atomic_output
 
 FILE_NAME = "summary.csv"
 COLUMNS = (
-    "id", "task", "status", "error", "kind", "points", "reliable", "tre_mean_mm", "tre_p50_mm", "tre_p95_mm",
-    "tre_max_mm", "initial_mean_mm", "jacobian_min", "folding_fraction", "seconds_features", "seconds_pair",
-    "seconds_row", "features_recomputed", "peak_rss_mb", "peak_gpu_mb", "worker", "fixed", "moving", "input_hash",
+    "id", "task", "status", "error", "kind", "points", "reliable", "lesions", "lesions_ok", "tre_mean_mm",
+    "tre_p50_mm", "tre_p95_mm", "tre_max_mm", "initial_mean_mm", "jacobian_min", "folding_fraction",
+    "seconds_features", "seconds_pair", "seconds_row", "features_recomputed", "peak_rss_mb", "peak_gpu_mb",
+    "worker", "fixed", "moving", "input_hash",
 )
 
 

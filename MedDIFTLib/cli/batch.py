@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import argparse
 
+from ..batch.job import TASKS
 from ..core.options import FieldLevel, FieldOptions, MatchOptions
+from ..lesions.settings import LesionOptions
 from .common import ProgressBar, add_backbone_arguments, add_option, given_options, options_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "batch",
-        help="run match or register on every pair of a CSV manifest, on a local or remote Dask cluster",
-        description="Run the single-pair command (--task match or register) on each row of MANIFEST, a CSV with "
-        "columns fixed, moving (required), points (or fixed_points), moving_points (ground truth: gives TRE), "
-        "mask (or fixed_mask), id (or case: the row's output folder); paths relative to the manifest. Each row's "
-        "outputs, the same as the single-pair command's (match: matched.csv; register: transform.nii.gz, "
-        "transform.nii.gz.json, points.csv), appear in DIR/<id>/ complete or not at all; DIR/summary.csv lists "
-        "every row with its status, times, peak memory and TRE. Each volume's features are computed once and "
-        "shared by the rows that use it. A rerun skips rows finished with the same inputs and options (content "
-        "hash) and runs the rest; a failing row is recorded and the others go on.",
+        help="run match, register or track on every pair of a CSV manifest, on a local or remote Dask cluster",
+        description="Run the single-pair command (--task match, register or track) on each row of MANIFEST, a CSV "
+        "with columns fixed, moving (required), points (or fixed_points), moving_points (ground truth: gives TRE), "
+        "mask (or fixed_mask), lesions (baseline labelmap or points, for track), id (or case: the row's output "
+        "folder); paths relative to the manifest. Each row's outputs, the same as the single-pair command's "
+        "(match: matched.csv; register: transform.nii.gz, transform.nii.gz.json, points.csv; track: "
+        "followup_lesions.nii.gz, lesions.csv, report.md, lesions.png), appear in DIR/<id>/ complete or not at "
+        "all; DIR/summary.csv lists every row with its status, times, peak memory and TRE. Each volume's "
+        "features are computed once and shared by the rows that use it. A rerun skips rows finished with the same "
+        "inputs and options (content hash) and runs the rest; a failing row is recorded and the others go on.",
     )
     parser.add_argument("manifest", help="CSV manifest of pairs")
     parser.add_argument("--out", required=True, help="output folder (created; rerun into it to resume)")
-    parser.add_argument("--task", choices=("match", "register"), default="match", help="what to do to each pair "
-                        "(default match)")
+    parser.add_argument("--task", choices=TASKS, default="match", help="what to do to each pair (default match; "
+                        "track: fixed = baseline, moving = follow-up, lesions column)")
     parser.add_argument("--scheduler", default="local", help="'local' (default: a cluster of worker processes "
                         "on this machine) or a Dask scheduler address (tcp://host:8786) or scheduler file")
     parser.add_argument("--workers", type=int, default=1, help="local cluster: worker processes (default 1)")
@@ -45,6 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, FieldLevel, "smoothness_mm")
     add_option(parser, FieldOptions, "optimise_iterations")
     add_option(parser, FieldOptions, "optimise_regularisation", "--regularisation")
+    add_option(parser, LesionOptions, "refine", "--no-refine",
+               help="track: keep the carried labelmap as it is (default: refine it to the follow-up image)")
+    add_option(parser, LesionOptions, "growth_margin_mm")
+    add_option(parser, LesionOptions, "confidence_threshold", "--lesion-confidence-threshold")
     parser.add_argument("--inverse", action="store_true", help="register: also write inverse.nii.gz")
     parser.add_argument("--warped", action="store_true", help="register: also write warped.nii.gz")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-row lines")
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=FeatureRecipe(args.backbone, options, args.device),
         match_options=options_from_args(args, MatchOptions),
         field_options=options_from_args(args, FieldOptions, **({"levels": [level]} if level else {})),
+        lesion_options=options_from_args(args, LesionOptions),
         write_inverse=args.inverse,
         write_warped=args.warped,
         share_limit_bytes=int(args.share_features_mb * 2**20),
