@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.errors import BadRequestError, CancelledError, MedDIFTError
 from .client import WorkerClient, _to_json
-from .events import Error, Result, WorkerError, parse_event
+from .events import Error, Result, WorkerError, error_from_event, parse_event
 
 API = "/v1"
 OUTPUT_NAMES = ("transform", "inverse", "warped")
@@ -208,9 +208,7 @@ class RemoteWorkerClient(WorkerClient):
                                           headers={"Content-Type": "application/json"})
         try:
             if response.status != 200:
-                event = parse_event(json.loads(response.read() or b"{}"))
-                final = Error(event.request_id or request_id, getattr(event, "kind", "internal"),
-                              getattr(event, "message", f"HTTP {response.status}"))
+                final = Error(request_id, *self._refusal_of(response))
                 if route_final:
                     self._route(final)
                 return final
@@ -277,16 +275,18 @@ class RemoteWorkerClient(WorkerClient):
             self._done(connection)
 
     @staticmethod
-    def _refusal(response: http.client.HTTPResponse) -> MedDIFTError:
-        """The error of a refused request (``{"kind", "message"}``), as its MedDIFTLib exception."""
-        from .events import error_from_event
-
+    def _refusal_of(response: http.client.HTTPResponse) -> tuple[str, str]:
+        """``(kind, message)`` of a refused request (its body: ``{"kind", "message", ...}``)."""
         try:
             answer = json.loads(response.read())
-            kind, message = answer.get("kind", "internal"), answer.get("message", "")
+            kind, message = str(answer.get("kind", "internal")), str(answer.get("message", ""))
         except (ValueError, AttributeError):
             kind, message = "internal", ""
-        return error_from_event(Error(None, kind, f"the server refused (HTTP {response.status}): {message}"))
+        return kind, f"the server refused (HTTP {response.status}): {message}"
+
+    def _refusal(self, response: http.client.HTTPResponse) -> MedDIFTError:
+        """The MedDIFTLib exception of a refused request."""
+        return error_from_event(Error(None, *self._refusal_of(response)))
 
 
 def _ending(path: str) -> str:
