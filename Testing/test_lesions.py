@@ -24,7 +24,7 @@ from MedDIFTLib.evaluation.simulate import phantom_ct
 from MedDIFTLib.features import create_featurizer
 from MedDIFTLib.field import DisplacementField
 from MedDIFTLib.lesions.carry import carry_labelmap
-from MedDIFTLib.lesions.inputs import lesions_from_labelmap, read_lesions
+from MedDIFTLib.lesions.inputs import lesions_from_labelmap, lesions_from_points, read_lesions
 from MedDIFTLib.lesions.measure import measure
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
 from MedDIFTLib.lesions.refine import learned_threshold, refine_lesion, segment_from_seed
@@ -356,3 +356,18 @@ def test_scene_glue_table_and_jump(scene, tmp_path):
     glue.jump_to_lesion(scene, rows[0])
     assert [views["Red"].GetSliceToRAS().GetElement(axis, 3) for axis in range(3)] == pytest.approx([8.0, 0.0, 0.0])
     assert [views["Yellow"].GetSliceToRAS().GetElement(axis, 3) for axis in range(3)] == pytest.approx([6.0, -2.0, 3.0])
+
+
+def test_track_lesions_from_points_segments_both_time_points(moved_pair):
+    baseline, followup, _, grown, factors = moved_pair
+    points = PointSet(np.array([[-7.0, 1.0, 0.0], [10.0, 4.0, 4.0]]), ["A", "B"])
+    featurizer = create_featurizer("mind", device="cpu")
+    result = track_lesions(baseline, followup, lesions_from_points(points, baseline), featurizer.extract(baseline),
+                           featurizer.extract(followup), LesionOptions(), FAST_FIELD)
+    assert [(lesion.label, lesion.name) for lesion in result.lesions] == [(1, "A"), (2, "B")]
+    assert result.baseline_labelmap.max() == 2
+    for lesion, (centre, radius), factor in zip(result.lesions, grown, factors):
+        assert lesion.baseline.volume_ml == pytest.approx(4 / 3 * math.pi * (radius / factor ** (1 / 3)) ** 3 / 1000,
+                                                          rel=0.25)
+        assert np.linalg.norm(lesion.centre_lps_mm - centre) < 1.5
+        assert lesion.volume_change_pct == pytest.approx(100 * (factor - 1), abs=25)

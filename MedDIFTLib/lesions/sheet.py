@@ -55,8 +55,8 @@ def lesion_sheet(result, baseline: Volume, followup: Volume) -> bytes:
             axis.imshow(image, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], extent=extent)
             if mask.any() and not mask.all():
                 height, width = mask.shape
-                xs = np.linspace(extent[0], extent[1], width)
-                ys = np.linspace(extent[3], extent[2], height)
+                xs = (np.arange(width) + 0.5) * (extent[1] / width)
+                ys = (np.arange(height) + 0.5) * (extent[2] / height)
                 axis.contour(xs, ys, mask.astype(float), levels=[0.5], colors=[lesion.color or (1.0, 0.8, 0.0)],
                              linewidths=1.2)
             measured = lesion.baseline if when == "baseline" else lesion.followup

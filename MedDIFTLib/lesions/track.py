@@ -1,6 +1,7 @@
 """The lesion tracking job: baseline lesions -> found, segmented and measured in the follow-up.
 
-1. From points only: each lesion is segmented at baseline (:func:`.refine.segment_from_seed`).
+1. From points only: each lesion is segmented at baseline (:func:`.refine.segment_from_seed`) and
+   its centre of mass, not the clicked point, is the centre tracked.
 2. The field with fixed = follow-up and moving = baseline (:func:`MedDIFTLib.field.register`, or a
    given field) carries the labelmap onto the follow-up grid (:mod:`.carry`).
 3. Each lesion's baseline centre is matched into the follow-up by the correspondence engine
@@ -30,7 +31,7 @@ from ..features.protocol import FeaturePyramid
 from ..field import DisplacementField, register
 from ..matching import match_points
 from .carry import carry_labelmap
-from .inputs import Lesions, touches_border
+from .inputs import Lesions, centroids_lps_mm, touches_border
 from .measure import EMPTY, Measurement, change_pct, measure
 from .refine import learned_threshold, refine_lesion, segment_from_seed
 from .settings import LesionOptions
@@ -121,18 +122,22 @@ def track_lesions(
     start = time.perf_counter()
     geometry = followup.geometry
     baseline_labelmap = _baseline_labelmap(lesions, baseline, options)
+    seeds = lesions.seeds_lps_mm.copy()
+    present = [label for label in lesions.labels if (baseline_labelmap == label).any()]
+    if lesions.from_points and present:
+        seeds[[lesions.labels.index(label) for label in present]] = centroids_lps_mm(
+            baseline_labelmap, present, baseline.geometry)
     if displacement is None:
         displacement = register(followup_pyramid, baseline_pyramid, followup, field_options,
                                 progress=scaled(progress, 0.0, 0.7))
     seconds["field"] = time.perf_counter() - start
     mark = time.perf_counter()
     progress("carry", 0.7, "carrying the labelmap onto the follow-up grid")
-    present = [label for label in lesions.labels if (baseline_labelmap == label).any()]
     carried = carry_labelmap(baseline_labelmap, baseline.geometry, present, displacement)
     seconds["carry"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    priors = _centre_priors(carried, lesions.labels, lesions.seeds_lps_mm, geometry)
-    matches = match_points(baseline_pyramid, followup_pyramid, lesions.seeds_lps_mm, priors,
+    priors = _centre_priors(carried, lesions.labels, seeds, geometry)
+    matches = match_points(baseline_pyramid, followup_pyramid, seeds, priors,
                            MatchOptions(search_radius_mm=options.centre_search_radius_mm,
                                         confidence_threshold=options.confidence_threshold),
                            scaled(progress, 0.75, 0.9))
