@@ -295,7 +295,8 @@ def test_rate_limit_and_idle_sessions_are_closed_with_their_folders(tmp_path):
         while len(store) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(store) == 0 and not list(store.root.iterdir()), "the idle session was not closed"
-        assert running.raw("GET", f"/sessions/{client.session_id}")[0] == 404
+        with pytest.raises(BadRequestError, match="HTTP 404.*expired session"):
+            client.call("probe", timeout=TIMEOUT_S)
         statuses = [running.raw("GET", "/info")[0] for _ in range(3)]
         assert statuses == [200, 200, 429]
     finally:
