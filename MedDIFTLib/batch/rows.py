@@ -1,12 +1,13 @@
 """One row of a batch, run as a Dask task: the single-pair command's library calls on shared features.
 
 The outputs are those of ``meddift match`` (``matched.csv``), ``meddift register``
-(``transform.nii.gz``, its summary ``transform.nii.gz.json``, ``points.csv`` when the row has points,
-``inverse.nii.gz`` and ``warped.nii.gz`` when asked) or ``meddift track`` (fixed = baseline, moving =
-follow-up: ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md``, ``lesions.png``). They are
-written into a staging folder ``OUT/.staging/<id>.<random>/`` with the row's record ``row.json``
-last, and the folder is renamed to ``OUT/<id>/`` only when complete: a row's folder holds all of its
-outputs or does not exist. A failing row returns a record with its error and kind; nothing of it is left behind.
+(``transform.nii.gz``; its summary ``transform.nii.gz.json``, naming the files of the row's folder;
+``points.csv`` when the row has points; ``inverse.nii.gz`` and ``warped.nii.gz`` when asked) or
+``meddift track`` (fixed = baseline, moving = follow-up: ``followup_lesions.nii.gz``, ``lesions.csv``,
+``report.md``, ``lesions.png``). They are written into a staging folder ``OUT/.staging/<id>.<random>/``
+with the row's record ``row.json`` last, and the folder is renamed to ``OUT/<id>/`` only when
+complete: a row's folder holds all of its outputs or does not exist. A failing row returns a record
+with its error and kind; nothing of it is left behind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from ..core.errors import BadInputError, MedDIFTError
-from ..core.io import atomic_output, check_overlap, read_points, read_volume, write_points
+from ..core.io import check_overlap, read_points, read_volume, write_points
 from .features import VolumeFeatures, pyramid_for, this_worker
 from .job import BatchJob
 from .manifest import Row
@@ -49,7 +50,7 @@ def _match(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid
 
 def _register(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid, device, folder: Path):
     from ..core.options import to_json
-    from ..field import carried_points, read_field, register_and_write, summary_path
+    from ..field import carried_points, read_field, register_and_write, summary_path, write_summary
 
     mask = read_volume(row.mask) if row.mask else None
     points = read_points(row.points, fixed.geometry) if row.points else None
@@ -63,10 +64,8 @@ def _register(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyra
         carried = carried_points(read_field(folder / TRANSFORM), points)
         write_points(carried, folder / POINTS)
         predicted = carried.points_lps_mm
-    record = {**summary, **names, "points": POINTS if points is not None else None,
-              "backbone": job.recipe.backbone, "device": str(device), "options": to_json(job.field_options)}
-    with atomic_output(summary_path(folder / TRANSFORM)) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+    write_summary(folder / TRANSFORM, {**summary, **names}, POINTS if points is not None else None,
+                  job.recipe.backbone, str(device), to_json(job.field_options))
     outputs = [name for name in (*names.values(), summary_path(TRANSFORM).name) if name]
     if points is not None:
         outputs.append(POINTS)

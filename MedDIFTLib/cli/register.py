@@ -65,12 +65,10 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from ..core.errors import BadInputError
-    from ..core.io import atomic_output, check_output_path, check_volume_output, read_points, read_volume, write_points
+    from ..core.io import check_output_path, check_volume_output, read_points, read_volume, write_points
     from ..core.options import to_json
-    from ..field import carried_points, read_field, summary_path
+    from ..field import carried_points, read_field, summary_path, write_summary
     from ..field.displacement import check_field_path
 
     if (args.points is None) != (args.out_points is None):
@@ -98,10 +96,7 @@ def run(args: argparse.Namespace) -> int:
         summary, backbone, device = _register_here(args, fixed, moving, options)
     if points is not None:
         write_points(carried_points(read_field(args.out_transform), points), args.out_points)
-    record = {**summary, "points": args.out_points, "backbone": backbone, "device": str(device),
-              "options": to_json(options)}
-    with atomic_output(summary_path(args.out_transform)) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+    write_summary(args.out_transform, summary, args.out_points, backbone, str(device), to_json(options))
     jacobian = summary["jacobian"]
     print(f"Registered with backbone '{backbone}' on {device} in {summary['seconds']['total']:.1f} s.")
     print(f"  transform: {summary['transform']} (mean displacement {summary['displacement_mm']['mean']:.2f} mm, "

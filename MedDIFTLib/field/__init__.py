@@ -15,7 +15,7 @@ from .displacement import (
     warp_volume,
     write_field,
 )
-from .outputs import carried_points, summary_path
+from .outputs import carried_points, summary_path, write_summary
 from .register import FieldLevel, FieldOptions, Mask, body_mask, mask_from_volume, register, register_and_write
 
 __all__ = [
@@ -37,4 +37,5 @@ __all__ = [
     "transform_points",
     "warp_volume",
     "write_field",
+    "write_summary",
 ]

@@ -1,13 +1,15 @@
-"""What ``register`` leaves beside the field: fixed points carried through it, and where its summary goes."""
+"""What ``register`` leaves beside the field: fixed points carried through it, and its summary file."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..core.io import PointSet
+from ..core.io import PointSet, atomic_output
 from ..core.io.points import UNRELIABLE_TAG
 from .displacement import DisplacementField, jacobian_determinant, transform_points
 
@@ -16,6 +18,19 @@ def summary_path(out_transform: str | os.PathLike) -> Path:
     """Where the run's summary goes: the transform's file name with ``.json`` added."""
     target = Path(out_transform)
     return target.with_name(target.name + ".json")
+
+
+def write_summary(
+    out_transform: str | os.PathLike, summary: dict, points: str | None, backbone: str, device: str,
+    options: dict[str, Any],
+) -> Path:
+    """Write the run's summary (``summary`` of ``register_and_write`` with the points file, backbone, device
+    and options as JSON) atomically to :func:`summary_path`; return that path."""
+    target = summary_path(out_transform)
+    record = {**summary, "points": points, "backbone": backbone, "device": device, "options": options}
+    with atomic_output(target) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+    return target
 
 
 def carried_points(field: DisplacementField, points: PointSet) -> PointSet:
