@@ -20,7 +20,7 @@ from typing import Any
 from ..core.io import read_volume
 from ..features.protocol import FeaturePyramid
 
-# Large pyramids kept per worker process, most recent first out last.
+# Large pyramids each worker process keeps; the least recently stored goes first.
 LOCAL_PYRAMIDS = 2
 
 
