@@ -69,14 +69,21 @@ class NodeSampler:
             self._cache[key] = torch.as_tensor(interpolation @ box, dtype=torch.float32)
         return self._cache[key]
 
-    def apply(self, maps: torch.Tensor, shift_ijk: np.ndarray | None = None) -> torch.Tensor:
-        """``(B, N)`` node values (raster order) of ``(B, K + 2r, J + 2r, I + 2r)`` maps, read at
-        each node minus ``shift_ijk`` (level voxels)."""
-        shift = np.zeros(3) if shift_ijk is None else shift_ijk
-        along_i, along_j, along_k = (self._matrix(axis, float(shift[axis])) for axis in range(3))
-        values = torch.einsum("bkji,zi->bkjz", maps, along_i)
-        values = torch.einsum("bkjz,yj->bkyz", values, along_j)
-        values = torch.einsum("bkyz,xk->bxyz", values, along_k)
+    def apply(self, maps: torch.Tensor, shifts_ijk: np.ndarray | None = None) -> torch.Tensor:
+        """``(B, N)`` node values (raster order) of ``(B, K + 2r, J + 2r, I + 2r)`` maps, map ``b``
+        read at each node minus ``shifts_ijk[b]`` (level voxels; default none)."""
+        if shifts_ijk is None:
+            along_i, along_j, along_k = (self._matrix(axis, 0.0) for axis in range(3))
+            values = torch.einsum("bkji,zi->bkjz", maps, along_i)
+            values = torch.einsum("bkjz,yj->bkyz", values, along_j)
+            values = torch.einsum("bkyz,xk->bxyz", values, along_k)
+        else:
+            along_i, along_j, along_k = (
+                torch.stack([self._matrix(axis, float(shift[axis])) for shift in shifts_ijk]) for axis in range(3)
+            )
+            values = torch.einsum("bkji,bzi->bkjz", maps, along_i)
+            values = torch.einsum("bkjz,byj->bkyz", values, along_j)
+            values = torch.einsum("bkyz,bxk->bxyz", values, along_k)
         return values.permute(*self.permutation).reshape(len(maps), self.count)
 
 
@@ -144,8 +151,7 @@ def level_similarity(
             for channel in range(1, fixed.shape[0]):
                 maps[row].addcmul_(fixed[channel], window[channel])
         forward[begin : begin + len(shifts)] = sampler.apply(maps)
-        for row, shift in enumerate(shifts):
-            backward[begin + row] = sampler.apply(maps[row : row + 1], shift)[0]
+        backward[begin : begin + len(shifts)] = sampler.apply(maps, shifts)
         progress("lattice", min(1.0, (begin + batch) / len(unique)), source.name)
     return _combine(forward, index, weights), _combine(backward, index, weights)
 
