@@ -471,3 +471,13 @@ def test_client_kill_mid_job_cancels_it_on_the_server(server):
     assert isinstance(final, Error) and final.kind == "cancelled"
     session.thread.join(TIMEOUT_S)
     assert session.events.outcomes.get(job) == "cancelled" and not session.folder.exists()
+
+
+def test_failed_token_attempts_count_against_the_rate(tmp_path):
+    running = ThreadServer(_config(tmp_path, requests_per_minute=3))
+    try:
+        statuses = [running.raw("GET", "/info", token="guess-0123456789abcdef")[0] for _ in range(3)]
+        assert statuses == [401, 401, 401]
+        assert running.raw("GET", "/info")[0] == 429
+    finally:
+        running.stop()

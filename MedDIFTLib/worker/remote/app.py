@@ -8,9 +8,10 @@
   stream closing early cancels the request;
 - ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` request.
 
-Every route needs ``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise) and is
-rate-limited per client address (429). Refusals are ``{"kind", "message"}`` JSON, never a path or
-a traceback. A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded.
+Every route is rate-limited per client address (429; failed token attempts count) and needs
+``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals are
+``{"kind", "message"}`` JSON, never a path or a traceback. A path-style ``load`` and ``shutdown``
+are refused: volumes are uploaded.
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def create_app(config: ServeConfig) -> Starlette:
 
     def guarded(endpoint):
         async def checked(request: Request) -> Response:
-            if not token_matches(config.token, request.headers.get("authorization")):
-                return refusal(401, "bad_request", "missing or wrong token: give the server's token")
             if not rate.allow(request.client.host if request.client else "?"):
                 return refusal(429, "bad_request", "too many requests: slow down and retry")
+            if not token_matches(config.token, request.headers.get("authorization")):
+                return refusal(401, "bad_request", "missing or wrong token: give the server's token")
             if "sid" not in request.path_params:
                 return await endpoint(request)
             session = store.get(request.path_params["sid"])
