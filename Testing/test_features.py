@@ -18,6 +18,7 @@ from MedDIFTLib import cli
 from MedDIFTLib.core.errors import BadInputError, MissingWeightsError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_points, write_volume
+from MedDIFTLib.core.options import MatchOptions
 from MedDIFTLib.features import (
     BACKBONES,
     FusedFeaturizer,
@@ -25,7 +26,7 @@ from MedDIFTLib.features import (
     backbone_spec,
     create_featurizer,
 )
-from MedDIFTLib.matching import MatchOptions, match_points
+from MedDIFTLib.matching import match_points
 
 SHIFT_LPS_MM = np.array([6.0, -4.0, 5.0])
 

@@ -17,8 +17,9 @@ import torch
 from MedDIFTLib.core.errors import BadInputError, CancelledError, MissingWeightsError, OutOfMemoryError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume
+from MedDIFTLib.core.options import MatchOptions
 from MedDIFTLib.features import create_featurizer, maisi
-from MedDIFTLib.matching import MatchOptions, match_points, sample_descriptors
+from MedDIFTLib.matching import match_points, sample_descriptors
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,7 +7,6 @@ One scorer (:mod:`.scorer`, fused multi-level patch cosine) in two layouts: a se
 and return :class:`Correspondences` with one confidence formula in mm (:mod:`.correspondences`).
 """
 
-from ..core.options import MatchOptions
 from .correspondences import Correspondences, confidence
 from .lattice import LatticeMatches, match_lattice
 from .nodes import grid_points, node_grid
@@ -17,7 +16,6 @@ from .sampling import sample_descriptors
 __all__ = [
     "Correspondences",
     "LatticeMatches",
-    "MatchOptions",
     "check_points",
     "confidence",
     "grid_points",
