@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..core.errors import BadInputError
 from ..core.io.points import RAS_FROM_LPS
+from .nodes import ensure_markups_display
 from .results import MatchResult
 from .views import MOVING_VIEW, slice_node
 
@@ -125,12 +126,7 @@ def cursor_marker(scene, node=None):
         node.SetLocked(True)
         node.SetHideFromEditors(True)
         node.SetSaveWithScene(False)
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
-    if display is not None:
-        display.SetSelectedColor(*CURSOR_COLOR)
-        display.SetColor(*CURSOR_COLOR)
+    ensure_markups_display(node, CURSOR_COLOR, CURSOR_COLOR)
     return node
 
 

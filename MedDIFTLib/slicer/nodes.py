@@ -257,14 +257,17 @@ def markups_to_points(markups_node, indices: Sequence[int] | None = None) -> Poi
     return PointSet(positions_ras * RAS_FROM_LPS, labels, descriptions)
 
 
-def ensure_markups_display(markups_node) -> None:
-    """Reliable matches (selected points) in green, unreliable ones (unselected) in red."""
+def ensure_markups_display(
+    markups_node, selected_color: tuple = RELIABLE_COLOR, color: tuple = UNRELIABLE_COLOR
+) -> None:
+    """Give the node a display node; selected points in ``selected_color`` (by default reliable matches
+    in green), the others in ``color`` (unreliable ones in red)."""
     if markups_node.GetDisplayNode() is None:
         markups_node.CreateDefaultDisplayNodes()
     display_node = markups_node.GetDisplayNode()
     if display_node is not None:
-        display_node.SetSelectedColor(*RELIABLE_COLOR)
-        display_node.SetColor(*UNRELIABLE_COLOR)
+        display_node.SetSelectedColor(*selected_color)
+        display_node.SetColor(*color)
 
 
 def points_to_markups(scene, points: PointSet, markups_node=None, name: str = "MedDIFT points"):
