@@ -2,6 +2,7 @@
 with direct matches, and its files load in SimpleITK as a displacement field that maps points,
 warps and inverts the same way; Jacobian statistics, outputs and the ``register`` command."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -267,8 +268,10 @@ def test_jacobian_of_a_linear_field_and_of_a_fold():
 def test_register_and_write_outputs(tmp_path, translated_pair):
     fixed, moving, fixed_pyramid, moving_pyramid, _, shift_mm = translated_pair
     options = FieldOptions(mask_threshold_hu=None, optimise_iterations=3)
+    moving = dataclasses.replace(moving, stored_dtype="int16")  # as read from an int16 CT file
     summary = register_and_write(fixed, moving, fixed_pyramid, moving_pyramid, tmp_path / "t.nii.gz",
                                  tmp_path / "inverse.h5", tmp_path / "warped.nrrd", options)
+    assert sitk.ReadImage(str(tmp_path / "warped.nrrd")).GetPixelID() == sitk.sitkInt16
     json.dumps(summary)
     assert summary["jacobian"]["fraction_folding"] == 0.0
     assert set(summary["seconds"]) >= {"register", "inverse", "warp", "total"}

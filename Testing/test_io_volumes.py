@@ -162,3 +162,17 @@ def test_content_hash_follows_voxels_and_geometry(oblique_geometry):
     same = _image(oblique_geometry)
     changed = _image(oblique_geometry, first.voxels + 1)
     assert first.content_hash() == same.content_hash() != changed.content_hash()
+
+
+def test_a_volume_is_written_back_in_the_type_its_file_held(tmp_path, oblique_geometry):
+    values = np.arange(np.prod(oblique_geometry.shape_kji), dtype=np.int16).reshape(oblique_geometry.shape_kji)
+    write_volume(Volume(values.astype(np.float32), oblique_geometry), tmp_path / "ct.nrrd", sitk.sitkInt16)
+    ct = read_volume(tmp_path / "ct.nrrd")
+    assert ct.stored_dtype == "int16" and ct.voxels.dtype == np.float32
+    derived = Volume(ct.voxels + 0.6, ct.geometry, stored_dtype=ct.stored_dtype)
+    write_volume(derived, tmp_path / "derived.nrrd")
+    image = sitk.ReadImage(str(tmp_path / "derived.nrrd"))
+    assert image.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), values + 1)
+    write_volume(Volume(ct.voxels + 0.6, ct.geometry), tmp_path / "float.nrrd")
+    assert sitk.ReadImage(str(tmp_path / "float.nrrd")).GetPixelID() == sitk.sitkFloat32

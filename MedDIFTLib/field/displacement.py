@@ -83,7 +83,8 @@ def warp_volume(
     """Resample ``moving`` onto the field's (fixed) grid: ``W(x) = M(x + u(x))``, trilinear.
 
     Points that land more than half a voxel outside the moving grid get ``default_value``
-    (default: the moving image's minimum, air in CT), as SimpleITK's resampler does.
+    (default: the moving image's minimum, air in CT), as SimpleITK's resampler does. The result
+    keeps the moving file's voxel type, so an int16 CT is written back as int16.
     """
     fill = float(moving.voxels.min()) if default_value is None else float(default_value)
     geometry = field.geometry
@@ -104,7 +105,7 @@ def warp_volume(
         values[outside] = fill
         output[k_start:k_stop] = values.reshape(k_stop - k_start, *geometry.shape_kji[1:]).numpy()
         progress("warp", k_stop / size_k, f"slice {k_stop}/{size_k}")
-    return Volume(output, geometry, name=f"{moving.name or 'moving'}_warped")
+    return Volume(output, geometry, name=f"{moving.name or 'moving'}_warped", stored_dtype=moving.stored_dtype)
 
 
 def jacobian_determinant(field: DisplacementField) -> np.ndarray:

@@ -23,11 +23,16 @@ from .atomic import atomic_output, check_output_path
 
 @dataclass(frozen=True)
 class Volume:
-    """Scalar voxel data ``[k, j, i]`` (float32) on a :class:`Geometry` in LPS mm."""
+    """Scalar voxel data ``[k, j, i]`` (float32) on a :class:`Geometry` in LPS mm.
+
+    ``stored_dtype`` is the NumPy type the file held (e.g. ``int16`` for CT): a volume made from it
+    (a warped image) is written back in that type, rounded, unless the writer is told otherwise.
+    """
 
     voxels: np.ndarray
     geometry: Geometry
     name: str = ""
+    stored_dtype: str | None = field(default=None, compare=False)
     _digest: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -52,13 +57,21 @@ class Volume:
             count = int((~np.isfinite(voxels)).sum())
             raise BadInputError(f"{label}: {count} voxels are NaN or infinite")
         geometry = Geometry.create(size, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-        return Volume(np.ascontiguousarray(voxels), geometry, name)
+        stored_dtype = sitk.GetArrayViewFromImage(image).dtype.name
+        return Volume(np.ascontiguousarray(voxels), geometry, name, stored_dtype)
 
     def to_sitk(self, pixel_type: int | None = None) -> sitk.Image:
-        image = sitk_image(self.voxels, self.geometry)
+        """The volume as a SimpleITK image: of ``pixel_type`` when given, else of ``stored_dtype``
+        (integer types rounded and clipped to their range), else float32."""
         if pixel_type is not None:
-            image = sitk.Cast(image, pixel_type)
-        return image
+            return sitk.Cast(sitk_image(self.voxels, self.geometry), pixel_type)
+        voxels = self.voxels
+        if self.stored_dtype is not None and np.issubdtype(np.dtype(self.stored_dtype), np.integer):
+            limits = np.iinfo(np.dtype(self.stored_dtype))
+            voxels = np.clip(np.rint(voxels), limits.min, limits.max).astype(self.stored_dtype)
+        elif self.stored_dtype is not None:
+            voxels = voxels.astype(self.stored_dtype, copy=False)
+        return sitk_image(voxels, self.geometry)
 
     def content_hash(self) -> str:
         """SHA-1 of voxel values and geometry: the feature-cache key of this volume."""
