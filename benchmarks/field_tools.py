@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "field_tools.md").write_text(table + "\n")
     summary = {"size": args.size, "amplitude_mm": args.amplitude_mm, "rows": rows}
     (out / "field_tools.json").write_text(json.dumps(summary, indent=1))
+    results = Path(__file__).resolve().parent / "results" / "field_tools.json"  # the README's table
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"markdown": table, "figures": summary}, indent=1))
     print(table)
     return 0
 

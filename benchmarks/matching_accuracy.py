@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestct_single_real"
+RESULTS = Path(__file__).resolve().parent / "results" / "matching_accuracy.json"  # the README's table
 CASES = {
     "elastix": "elastix_lung_baseline_small",
     "pulmonary": "totalseg_pulmonary_crop",
@@ -90,17 +91,22 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--child", case, str(seed), "--backbone", args.backbone,
                                 "--radius-mm", str(args.radius_mm), "--out", handle.name], check=True)
                 records.append(json.loads(Path(handle.name).read_text()))
-    print(f"backbone {args.backbone}, search radius {args.radius_mm} mm, errors in mm")
-    print()
-    print("| case | seed | points | identity mean | mean | p50 | p95 | max | reliable | features s | match s | "
-          "peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [
+        f"backbone {args.backbone}, search radius {args.radius_mm} mm, errors in mm",
+        "",
+        "| case | seed | points | identity mean | mean | p50 | p95 | max | reliable | features s | match s | "
+        "peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         m = r["matched"]
-        print(f"| {r['case']} {'x'.join(map(str, r['grid']))} | {r['seed']} | {r['points']} | "
-              f"{r['identity']['mean']:.2f} | {m['mean']:.2f} | {m['p50']:.2f} | {m['p95']:.2f} | {m['max']:.2f} | "
-              f"{r['reliable']:.0%} | {r['features_seconds']:.1f} | {r['match_seconds']:.1f} | "
-              f"{r['peak_rss_gb']:.2f} |")
+        lines.append(f"| {r['case']} {'x'.join(map(str, r['grid']))} | {r['seed']} | {r['points']} | "
+                     f"{r['identity']['mean']:.2f} | {m['mean']:.2f} | {m['p50']:.2f} | {m['p95']:.2f} | "
+                     f"{m['max']:.2f} | {r['reliable']:.0%} | {r['features_seconds']:.1f} | "
+                     f"{r['match_seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
+    print("\n".join(lines))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"markdown": "\n".join(lines), "figures": records}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
 

@@ -42,6 +42,7 @@ DATA_DIR = Path(os.environ.get("MEDDIFT_DATA", Path(__file__).resolve().parents[
 CASES = {"popi": "popi_4dct_phase00", "pulmonary": "totalseg_pulmonary_crop"}
 CLIP_HU = (-1000.0, 1500.0)
 SHRINK_FACTORS = [4, 2, 1]
+RESULTS = Path(__file__).resolve().parent / "results" / "registration.json"  # the README's table
 BSPLINE_SAMPLES = 50_000
 
 
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
               f"POPI at {args.popi_spacing_mm} mm, {args.threads} thread(s) per method.")
     (out / "registration.md").write_text("\n".join([header, "", table, "", *notes]) + "\n")
     (out / "registration.json").write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=1))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"markdown": "\n".join([header, "", table, "", *notes]), "figures": rows}, indent=1))
     _box_plot({method: values for method, values in errors.items() if values}, out / "registration_tre.png")
     print(header)
     print(table)
