@@ -282,6 +282,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeOnChanged)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onComputeOnChanged)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.ui.serverTestButton.connect("clicked(bool)", self.onTestServer)
         self.onComputeOnChanged()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -639,9 +640,24 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = qt.QSettings()
         settings.setValue(COMPUTE_ON_SETTING, "server" if remote else "local")
         settings.setValue(SERVER_URL_SETTING, url)
-        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.serverTestButton):
             widget.enabled = remote
         self.logic.setServer(url if remote and url else None, self.ui.serverTokenLineEdit.text or None)
+
+    def onTestServer(self, *args) -> None:
+        """Show the server's version and device, or why it cannot be reached (opens no session)."""
+        from MedDIFTLib.core.errors import MedDIFTError
+        from MedDIFTLib.slicer.session import describe_server
+
+        url = self.ui.serverUrlLineEdit.text.strip()
+        if not url:
+            self.ui.serverStatusLabel.text = _("Enter the server's address first.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot reach the server."), waitCursor=True):
+            try:
+                self.ui.serverStatusLabel.text = describe_server(url, self.ui.serverTokenLineEdit.text or None)
+            except MedDIFTError as error:
+                self.ui.serverStatusLabel.text = str(error)
 
     def onWeightsDirectoryChanged(self, path: str) -> None:
         if path:

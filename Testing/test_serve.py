@@ -26,9 +26,10 @@ from scipy import ndimage
 
 import MedDIFTLib
 from MedDIFTLib.core.environment import PACKAGE_PARENT
-from MedDIFTLib.core.errors import BadInputError, BadRequestError
+from MedDIFTLib.core.errors import BadInputError, BadRequestError, MedDIFTError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.protocol import Limits
@@ -214,6 +215,13 @@ def test_test_connection_reports_version_device_and_limits(server):
     assert info["version"] == MedDIFTLib.__version__
     assert info["device"] == "auto"
     assert info["limits"]["max_upload_bytes"] == 4 * 2**20
+
+
+def test_the_panels_test_connection_line_names_version_and_device_or_the_refusal(server):
+    line = describe_server(server.url, TOKEN)
+    assert line.startswith(f"meddift {MedDIFTLib.__version__} on ") and len(line) > len("meddift  on ")
+    with pytest.raises(MedDIFTError, match="401"):
+        describe_server(server.url, "wrong-token")
 
 
 def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the_server_serves_on(server, remote):

@@ -27,6 +27,17 @@ ProgressCallback = Callable[[str, float, str], None]
 DoneCallback = Callable[[JobOutputs | None, Exception | None], None]
 LogCallback = Callable[[str, str], None]
 WORKER_START_TIMEOUT_S = 180.0
+SERVER_TEST_TIMEOUT_S = 10.0
+
+
+def describe_server(server_url: str, token: str | None = None, timeout_s: float = SERVER_TEST_TIMEOUT_S) -> str:
+    """One line for the panel's "Test connection": the server's version and device, opening no session.
+
+    An unreachable server or a refusal (a wrong token) raises the client's one-line error.
+    """
+    info = RemoteWorkerClient(server_url, token=token, timeout_s=timeout_s).test_connection()
+    device = info.get("device_label") or info.get("device") or "unknown device"
+    return f"meddift {info.get('version', '?')} on {device}"
 
 
 def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
