@@ -56,6 +56,20 @@ def test_match_writes_csv_with_scores(pair_files, tmp_path):
                       "description"]
 
 
+def test_match_skips_an_unplaced_markup_and_says_so(pair_files, tmp_path, capsys):
+    folder, pair = pair_files
+    document = json.loads((folder / "fixed.mrk.json").read_text())
+    document["markups"][0]["controlPoints"][1]["positionStatus"] = "undefined"
+    points_file = tmp_path / "partly_placed.mrk.json"
+    points_file.write_text(json.dumps(document))
+    out = tmp_path / "moving.csv"
+    assert main(["match", str(folder / "fixed.nii.gz"), str(folder / "moving.nrrd"), "--points", str(points_file),
+                 "--out", str(out), "--quiet", "--search-radius-mm", "12"]) == 0
+    skipped = pair.fixed_points.labels[1]
+    assert f"meddift: note: {points_file}: skipped point {skipped!r}: not placed" in capsys.readouterr().err
+    assert read_points(out).labels == [label for label in pair.fixed_points.labels[:12] if label != skipped]
+
+
 def _bad_inputs(folder, tmp_path):
     flat = tmp_path / "slice.nii.gz"
     sitk.WriteImage(sitk.Image(20, 20, sitk.sitkInt16), str(flat))

@@ -49,6 +49,17 @@ class ProgressBar:
         self.close()
 
 
+def read_input_points(path: str, geometry: Any):
+    """The point file at ``path`` (LPS mm; ``geometry`` places voxel formats); what the reader skipped
+    (e.g. an unplaced markup) is told on stderr as ``meddift: note: ...``."""
+    from ..core.io import read_points
+
+    points = read_points(path, geometry)
+    for note in points.notes:
+        print(f"meddift: note: {path}: {note}", file=sys.stderr)
+    return points
+
+
 def check_point_output(path: str) -> Path:
     """Refuse, before any work, an output point file that cannot be written or has an unknown extension."""
     from ..core.io import check_output_path

@@ -15,6 +15,7 @@ from .common import (
     check_point_output,
     featurizer_from_args,
     options_from_args,
+    read_input_points,
 )
 from .remote import add_server_arguments
 
@@ -50,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.io import read_points, read_volume, write_points
+    from ..core.io import read_volume, write_points
     from ..matching import check_points
 
     output = check_point_output(args.out)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)
-    points = read_points(args.points, fixed.geometry)
+    points = read_input_points(args.points, fixed.geometry)
     check_points(fixed.geometry, points.points_lps_mm)
     started = time.perf_counter()
     if args.server:

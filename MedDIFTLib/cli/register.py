@@ -15,6 +15,7 @@ from .common import (
     featurizer_from_args,
     given_options,
     options_from_args,
+    read_input_points,
 )
 from .remote import add_server_arguments
 
@@ -66,7 +67,7 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import BadInputError
-    from ..core.io import check_output_path, check_volume_output, read_points, read_volume, write_points
+    from ..core.io import check_output_path, check_volume_output, read_volume, write_points
     from ..core.options import to_json
     from ..field import carried_points, read_field, summary_path, write_summary
     from ..field.displacement import check_field_path
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)
-    points = read_points(args.points, fixed.geometry) if args.points else None
+    points = read_input_points(args.points, fixed.geometry) if args.points else None
     if args.server:
         from .remote import register_remotely
 

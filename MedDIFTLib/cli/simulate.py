@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..core.options import to_json
 from ..evaluation.settings import SimulationOptions
-from .common import add_option, options_from_args
+from .common import add_option, options_from_args, read_input_points
 
 FILES = ("fixed.nii.gz", "moving.nii.gz", "fixed_points.csv", "moving_points_true.csv", "pair.json")
 
@@ -130,7 +130,7 @@ def _staging_folder(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import BadInputError
-    from ..core.io import read_points, read_volume
+    from ..core.io import read_volume
     from ..evaluation.metrics import tre_stats
     from ..evaluation.synthetic import write_synthetic_pair
 
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if args.manifest:
             return _run_manifest(args, options, out, staging)
         volume = read_volume(args.ct)
-        points = read_points(args.points, volume.geometry) if args.points else None
+        points = read_input_points(args.points, volume.geometry) if args.points else None
         pair = _pair_maker(options)(volume, None if points is None else points.points_lps_mm,
                                  None if points is None else points.labels)
         motion = tre_stats(pair.fixed_points.points_lps_mm, pair.moving_points.points_lps_mm)
