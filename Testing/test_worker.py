@@ -28,7 +28,7 @@ from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 from MedDIFTLib.worker.cache import CacheKey, FeatureCache
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Exit, Progress, Result
-from MedDIFTLib.worker.protocol import json_safe, read_bounded_line
+from MedDIFTLib.worker.stream import json_safe, read_bounded_line
 
 # Two MIND pyramids of the 57x78x64 crop (15.5 MB each) fit, three do not.
 CACHE_BYTES = 40_000_000

@@ -19,7 +19,6 @@ from MedDIFTLib.core.options import FieldOptions, MatchOptions, RunSettings
 from MedDIFTLib.worker import events
 from MedDIFTLib.worker.jobs import Job, JobQueue
 from MedDIFTLib.worker.protocol import (
-    EventWriter,
     Limits,
     MatchRequest,
     ProbeRequest,
@@ -27,12 +26,10 @@ from MedDIFTLib.worker.protocol import (
     RejectedRequest,
     ShutdownRequest,
     UnloadRequest,
-    error_event,
-    oversized,
     parse_line,
     parse_request,
-    progress_event,
 )
+from MedDIFTLib.worker.stream import EventWriter, error_event, oversized, progress_event
 
 
 def test_protocol_and_job_queue_import_neither_torch_nor_monai():

@@ -34,20 +34,22 @@ from .protocol import (
     MAX_POINTS,
     MAX_REQUEST_BYTES,
     CancelRequest,
-    EventWriter,
     Limits,
     RejectedRequest,
+    parse_line,
+    parse_request,
+)
+from .state import WorkerState, device_name
+from .stream import (
+    EventWriter,
     error_event,
     log_event,
     oversized,
-    parse_line,
-    parse_request,
     progress_event,
     read_bounded_line,
     ready_event,
     result_event,
 )
-from .state import WorkerState, device_name
 
 PROGRESS_INTERVAL_S = 0.1
 

@@ -32,7 +32,8 @@ from ... import __version__
 from ...core.errors import BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
 from ..jobs import Job
-from ..protocol import Limits, LoadRequest, RejectedRequest, error_event, parse_line
+from ..protocol import Limits, LoadRequest, RejectedRequest, parse_line
+from ..stream import error_event
 from .security import RateLimiter, token_matches
 from .sessions import Session, SessionStore, hide_paths
 from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume

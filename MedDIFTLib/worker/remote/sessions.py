@@ -22,8 +22,9 @@ from typing import Any
 
 from ...core.errors import BadRequestError
 from ..jobs import Job
-from ..protocol import Limits, json_safe
+from ..protocol import Limits
 from ..server import Worker
+from ..stream import json_safe
 from .wire import OUTPUT_NAMES
 
 COMPUTE_TYPES = frozenset({"features", "match", "register"})
