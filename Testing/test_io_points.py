@@ -1,11 +1,15 @@
 """Point files: every format round-trips positions (LPS mm) and labels; RAS is converted."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from conftest import DIRLAB_DIR, require
 
+from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, read_dirlab_points, read_points, write_points
@@ -175,3 +179,20 @@ def test_a_second_markup_list_is_not_ignored_silently(tmp_path):
     path.write_text(json.dumps(_markups([{"label": "a", "position": [1.0, 2.0, 3.0]}], lists=2)))
     with pytest.raises(BadInputError, match="holds 2 markup lists.*one list per file"):
         read_points(path)
+
+
+def test_non_ascii_labels_round_trip_under_an_ascii_locale(tmp_path):
+    code = (
+        "import sys, numpy as np\n"
+        "from MedDIFTLib.core.io import PointSet, read_points, write_points\n"
+        "assert sys.getfilesystemencoding() and __import__('locale').getpreferredencoding(False).lower() != 'utf-8'\n"
+        "label = 'L\\u00e4sion rechts'\n"
+        "for name in ('p.csv', 'p.mrk.json', 'p.fcsv'):\n"
+        "    write_points(PointSet(np.zeros((1, 3)), [label]), sys.argv[1] + '/' + name)\n"
+        "    assert read_points(sys.argv[1] + '/' + name).labels == [label]\n"
+    )
+    environment = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+                   "PYTHONPATH": PACKAGE_PARENT}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=environment, capture_output=True,
+                          text=True, encoding="utf-8", timeout=120, check=False)
+    assert done.returncode == 0, done.stderr

@@ -14,7 +14,7 @@ def test_readme_generated_sections_are_up_to_date():
 
 
 def test_readme_names_every_subcommand_and_no_invented_repository():
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     for command in ("match", "register", "track", "simulate", "eval", "batch", "serve", "weights", "demo"):
         assert f"meddift {command}" in text
     assert "github.com/meddift" not in text

@@ -61,8 +61,8 @@ def write_series(folder: Path, size: int, followups: int) -> tuple[Path, Path]:
         shared.append(f"pair{number},baseline.nii.gz,followup{number}.nii.gz,points.csv,truth{number}.csv")
         distinct.append(f"pair{number},baseline_copy{number}.nii.gz,followup{number}.nii.gz,points.csv,"
                         f"truth{number}.csv")
-    (folder / "shared.csv").write_text("\n".join(shared) + "\n")
-    (folder / "distinct.csv").write_text("\n".join(distinct) + "\n")
+    (folder / "shared.csv").write_text("\n".join(shared) + "\n", encoding="utf-8")
+    (folder / "distinct.csv").write_text("\n".join(distinct) + "\n", encoding="utf-8")
     return folder / "shared.csv", folder / "distinct.csv"
 
 
@@ -103,7 +103,7 @@ def main_benchmark() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"markdown": markdown, "figures": {
         "rows_per_hour": per_hour, "wall_s": seconds, "feature_sharing_gain": gain, "two_worker_speedup": scaling,
-        "size": args.size, "followups": rows, "cpu_count": os.cpu_count()}}, indent=2) + "\n")
+        "size": args.size, "followups": rows, "cpu_count": os.cpu_count()}}, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

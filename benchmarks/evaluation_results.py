@@ -41,7 +41,7 @@ def dirlab_landmark_folder(landmarks: Path, out: Path) -> None:
             rows = np.loadtxt(case_folder / f"case{number}_{phase}_landmarks.csv", delimiter=",", skiprows=1)
             one_based = rows.astype(int) + 1
             text = "".join("\t".join(str(v) for v in row) + "\n" for row in one_based)
-            (pack / "ExtremePhases" / f"Case{number}_300_{phase}_xyz.txt").write_text(text)
+            (pack / "ExtremePhases" / f"Case{number}_300_{phase}_xyz.txt").write_text(text, encoding="utf-8")
             with (pack / "Images" / f"case{number}_{phase}_s.img").open("wb") as handle:
                 handle.truncate(int(np.prod(DIRLAB_4DCT[number].shape_ijk)) * 2)
 
@@ -66,7 +66,7 @@ def run() -> int:
         dirlab_landmark_folder(data / "dirlab4dct_landmarks", out / "dirlab_landmarks")
         code |= meddift(["eval", str(out / "dirlab_landmarks"), "--methods", "identity", "--out",
                          str(out / "dirlab_check"), "--in-process", "--quiet"])
-        print((out / "dirlab_check" / "results.md").read_text().split("\n\n")[-1])
+        print((out / "dirlab_check" / "results.md").read_text(encoding="utf-8").split("\n\n")[-1])
     return code
 
 

@@ -156,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "field_tools.md").write_text(table + "\n")
+    (out / "field_tools.md").write_text(table + "\n", encoding="utf-8")
     summary = {"size": args.size, "amplitude_mm": args.amplitude_mm, "rows": rows}
-    (out / "field_tools.json").write_text(json.dumps(summary, indent=1))
+    (out / "field_tools.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     results = Path(__file__).resolve().parent / "results" / "field_tools.json"  # the README's table
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"markdown": table, "figures": summary}, indent=1))
+    results.write_text(json.dumps({"markdown": table, "figures": summary}, indent=1), encoding="utf-8")
     print(table)
     return 0
 

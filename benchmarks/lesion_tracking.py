@@ -156,7 +156,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"markdown": header + markdown, "figures": figures, "pairs": pairs}, indent=2,
-                              default=float))
+                              default=float), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     records.append(record)
                     print(json.dumps(record), flush=True)
         if args.json:
-            args.json.write_text(json.dumps(records, indent=2))
+            args.json.write_text(json.dumps(records, indent=2), encoding="utf-8")
     return 0
 
 

@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm)
-        Path(args.out).write_text(json.dumps(record))
+        Path(args.out).write_text(json.dumps(record), encoding="utf-8")
         return
     if not DATA.exists():
         sys.exit(f"shared data not found at {DATA}")
@@ -90,7 +90,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as handle:
                 subprocess.run([sys.executable, __file__, "--child", case, str(seed), "--backbone", args.backbone,
                                 "--radius-mm", str(args.radius_mm), "--out", handle.name], check=True)
-                records.append(json.loads(Path(handle.name).read_text()))
+                records.append(json.loads(Path(handle.name).read_text(encoding="utf-8")))
     lines = [
         f"backbone {args.backbone}, search radius {args.radius_mm} mm, errors in mm",
         "",
@@ -106,9 +106,9 @@ def main() -> None:
                      f"{r['match_seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"markdown": "\n".join(lines), "figures": records}, indent=1))
+    RESULTS.write_text(json.dumps({"markdown": "\n".join(lines), "figures": records}, indent=1), encoding="utf-8")
     if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2))
+        Path(args.json).write_text(json.dumps(records, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

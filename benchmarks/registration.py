@@ -114,7 +114,7 @@ def _peak_resident_gb() -> float:
     ``ru_maxrss`` keeps the spawning parent's size; the latter is the fallback off Linux."""
     status = Path("/proc/self/status")
     if status.exists():
-        for line in status.read_text().splitlines():
+        for line in status.read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -251,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"- {method}: not run ({reason})" for method, reason in skipped.items()]
     header = (f"Pairs: {', '.join(args.cases)} x seeds {args.seeds}, mean motion {args.mean_motion_mm} mm, "
               f"POPI at {args.popi_spacing_mm} mm, {args.threads} thread(s) per method.")
-    (out / "registration.md").write_text("\n".join([header, "", table, "", *notes]) + "\n")
-    (out / "registration.json").write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=1))
+    (out / "registration.md").write_text("\n".join([header, "", table, "", *notes]) + "\n", encoding="utf-8")
+    (out / "registration.json").write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=1), encoding="utf-8")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"markdown": "\n".join([header, "", table, "", *notes]), "figures": rows}, indent=1))
+    markdown = "\n".join([header, "", table, "", *notes])
+    RESULTS.write_text(json.dumps({"markdown": markdown, "figures": rows}, indent=1), encoding="utf-8")
     _box_plot({method: values for method, values in errors.items() if values}, out / "registration_tre.png")
     print(header)
     print(table)

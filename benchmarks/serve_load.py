@@ -107,7 +107,7 @@ def main() -> int:
     markdown = "\n".join(table)
     print(markdown)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"markdown": markdown, "figures": figures}, indent=2))
+    Path(args.out).write_text(json.dumps({"markdown": markdown, "figures": figures}, indent=2), encoding="utf-8")
     print(f"Wrote {args.out}")
     ok = figures["remote"]["right"] == figures["remote"]["requests"] == args.clients * args.repeats
     return 0 if ok else 1

@@ -53,7 +53,7 @@ def results_table(name: str) -> str | None:
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return data["markdown"].strip()
 
 
@@ -77,14 +77,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     args = parser.parse_args()
-    current = README.read_text()
+    current = README.read_text(encoding="utf-8")
     wanted = render(current)
     if args.check:
         if wanted != current:
             print("README.md is out of date: run python scripts/readme_tables.py", file=sys.stderr)
             return 1
         return 0
-    README.write_text(wanted)
+    README.write_text(wanted, encoding="utf-8")
     return 0
 
 

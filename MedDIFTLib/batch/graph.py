@@ -29,7 +29,7 @@ from .summary import write_summary
 def finished_record(out: Path, row: Row, input_hash: str) -> dict | None:
     """The record of ``row`` from an earlier run with the same hash, if its folder is complete."""
     try:
-        record = json.loads((out / row.id / RECORD).read_text())
+        record = json.loads((out / row.id / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if record.get("status") != "ok" or record.get("input_hash") != input_hash:

@@ -60,7 +60,7 @@ def read_manifest(path: str | Path) -> list[Row]:
     if not manifest.is_file():
         raise BadInputError(f"{manifest}: no such manifest file")
     try:
-        with manifest.open(newline="") as handle:
+        with manifest.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             header = [(name or "").strip().lower() for name in reader.fieldnames or []]
             records = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]

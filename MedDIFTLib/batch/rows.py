@@ -153,7 +153,7 @@ def run_row(row: Row, job: BatchJob, input_hash: str, fixed_features: VolumeFeat
                       + moving_seconds, features_recomputed=int(fixed_seconds > 0) + int(moving_seconds > 0),
                       peak_rss_mb=memory.peak_mb,
                       peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
-        (staging / RECORD).write_text(json.dumps(record, indent=2))
+        (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _publish(staging, Path(out) / row.id)
     except MedDIFTError as error:
         record.update(error=str(error), kind=error.kind)

@@ -38,7 +38,7 @@ def _cell(value: object) -> str:
 def write_summary(out: Path, records: list[dict]) -> Path:
     """Write ``records`` (one per row, in manifest order) as ``out/summary.csv``; return its path."""
     target = out / FILE_NAME
-    with atomic_output(target) as tmp, tmp.open("w", newline="") as handle:
+    with atomic_output(target) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for record in records:
@@ -48,5 +48,5 @@ def write_summary(out: Path, records: list[dict]) -> Path:
 
 def read_summary(path: Path) -> list[dict[str, str]]:
     """The lines of a ``summary.csv`` as dicts of text."""
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))

@@ -99,7 +99,7 @@ def _prepare_out(out: Path, dataset_path: str, resume: bool, overwrite: bool) ->
         raise BadInputError(f"{out}: already exists and is not an empty folder; choose a new output folder, "
                             "or give --resume to finish the run there or --overwrite to replace its results")
     try:
-        payload = json.loads(earlier.read_text())
+        payload = json.loads(earlier.read_text(encoding="utf-8"))
         records, path = payload["cases"], payload["dataset"]["path"]
     except (OSError, ValueError, KeyError, TypeError):
         raise BadInputError(f"{out}: holds no results of meddift eval to resume ({earlier.name} unreadable)") from None

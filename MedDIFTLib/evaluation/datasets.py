@@ -97,7 +97,7 @@ def open_dataset(path: str | os.PathLike, layout: str = "auto", split: str = "va
 def _learn2reg_cases(root: Path, split: str) -> list[Case]:
     description = _learn2reg_json(root)
     try:
-        document = json.loads(description.read_text())
+        document = json.loads(description.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadInputError(f"{description}: not a readable Learn2Reg dataset.json ({error})") from None
     keys = {"val": ["registration_val"], "train": ["training_paired_images"], "test": ["registration_test"]}
@@ -158,7 +158,7 @@ def _manifest_cases(manifest: Path) -> list[Case]:
     if not manifest.is_file():
         raise BadInputError(f"{manifest}: no such manifest file")
     try:
-        with manifest.open(newline="") as handle:
+        with manifest.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             header = [name.strip().lower() for name in reader.fieldnames or []]
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
@@ -221,7 +221,7 @@ def read_voxel_csv(path: str | os.PathLike, geometry: Geometry) -> PointSet:
         raise BadInputError(f"{source}: no such file")
     rows = []
     try:
-        lines = source.read_text().splitlines()
+        lines = source.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise BadInputError(f"{source}: not a text keypoint file") from None
     for number, line in enumerate(lines, start=1):

@@ -60,7 +60,7 @@ class PointTable:
 
 def write_point_table(table: PointTable, path: str | os.PathLike) -> None:
     """Write a :class:`PointTable` as CSV (LPS mm, errors in mm), atomically."""
-    with atomic_output(path) as tmp, tmp.open("w", newline="") as handle:
+    with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(POINT_COLUMNS)
         for n, label in enumerate(table.labels):
@@ -75,7 +75,7 @@ def read_point_table(path: str | os.PathLike) -> PointTable:
     """Read a table written by :func:`write_point_table`."""
     source = Path(path)
     try:
-        with source.open(newline="") as handle:
+        with source.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         values = np.array([[float(row[c]) for c in POINT_COLUMNS[1:10]] for row in rows], float).reshape(-1, 9)
         scored = bool(rows) and all(row.get("confidence") for row in rows)
@@ -202,13 +202,13 @@ def write_tables(out: Path, payload: dict) -> None:
     the Markdown."""
     records, overall = payload["cases"], payload["overall"]
     with atomic_output(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     writer.writerows(_csv_row(r) for r in [*records, *overall])
     with atomic_output(out / "results.csv") as tmp:
-        tmp.write_text(buffer.getvalue())
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
     header = (f"# MedDIFT evaluation: {payload['dataset']['path']} ({payload['dataset']['layout']}, "
               f"{len({r['case'] for r in records})} cases)\n\nTarget registration error in mm over the points of "
               "each case; the overall rows pool all points of a method's successful cases. Folding: share of "
@@ -218,7 +218,7 @@ def write_tables(out: Path, payload: dict) -> None:
               "gives no confidence). Time: wall seconds of the method per case; memory: peak resident memory of "
               "the process that ran it.\n\n")
     with atomic_output(out / "results.md") as tmp:
-        tmp.write_text(header + _status_text(payload) + markdown_tables(records, overall))
+        tmp.write_text(header + _status_text(payload) + markdown_tables(records, overall), encoding="utf-8")
 
 
 def _figure(width: float, height: float):

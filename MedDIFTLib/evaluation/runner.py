@@ -61,7 +61,7 @@ def process_peak_rss_mb() -> float | None:
     peak, which survives fork and exec there), else ``getrusage`` where the platform has it."""
     status = Path("/proc/self/status")
     if status.is_file():
-        for line in status.read_text().splitlines():
+        for line in status.read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return float(line.split()[1]) / 2**10
     try:
@@ -148,7 +148,7 @@ def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> d
 
     job_path, result_path = folder / "job.json", folder / "result.json"
     job = {**job, "result": str(result_path)}
-    job_path.write_text(json.dumps(job))
+    job_path.write_text(json.dumps(job), encoding="utf-8")
     command = [sys.executable, "-m", __name__, str(job_path)]
     failure = None
     try:
@@ -163,19 +163,19 @@ def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> d
         output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
         failure = f"timed out after {timeout_s:.0f} s"
     with atomic_output(log_path) as tmp:
-        tmp.write_text(output)
+        tmp.write_text(output, encoding="utf-8")
     base = {"case": job["case"]["name"], "method": job["method"], "status": "failed",
             "published_initial_mm": (job["case"].get("raw_geometry") or {}).get("published_initial_mm")}
     if failure is None and result_path.is_file():
-        return json.loads(result_path.read_text())
+        return json.loads(result_path.read_text(encoding="utf-8"))
     last_line = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "")
     return {**base, "error": f"{failure or 'no result'}; last output: {last_line[:200]}", "kind": "internal"}
 
 
 def _child_main(job_path: str) -> int:
-    job = json.loads(Path(job_path).read_text())
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     record = evaluate(job, isolated=True)
-    Path(job["result"]).write_text(json.dumps(record))
+    Path(job["result"]).write_text(json.dumps(record), encoding="utf-8")
     return 0
 
 

@@ -61,7 +61,7 @@ def write_synthetic_pair(pair, folder: Path, summary: dict) -> None:
     write_volume(pair.moving, folder / "moving.nii.gz", sitk.sitkInt16)
     write_points(pair.fixed_points, folder / "fixed_points.csv")
     write_points(pair.moving_points, folder / "moving_points_true.csv")
-    (folder / "pair.json").write_text(json.dumps(summary, indent=2))
+    (folder / "pair.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
 def build_synthetic_manifest(
@@ -102,7 +102,7 @@ def build_synthetic_manifest(
                      f"{name}/moving_points_true.csv"])
     report("", len(cts), len(cts))
     if rows:
-        with (out / "manifest.csv").open("w", newline="") as handle:
+        with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["case", *MANIFEST_COLUMNS])
             writer.writerows(rows)

@@ -29,7 +29,7 @@ def write_summary(
     target = summary_path(out_transform)
     record = {**summary, "points": points, "backbone": backbone, "device": device, "options": options}
     with atomic_output(target) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return target
 
 

@@ -103,7 +103,7 @@ def write_outputs(result, baseline: Volume, followup: Volume, out_dir: str | os.
                  else sitk.sitkInt32)
     for key, text in texts.items():
         with atomic_output(paths[key]) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
     with atomic_output(paths["sheet"]) as tmp:
         tmp.write_bytes(sheet)
     return paths

@@ -182,7 +182,7 @@ def read_lesion_rows(csv_path: str | Path, segments: list[LesionSegment]) -> lis
     """The rows of ``lesions.csv``, each with its segment (matched by label value)."""
     by_label = {segment.label: segment for segment in segments}
     rows = []
-    with Path(csv_path).open(newline="") as handle:
+    with Path(csv_path).open(newline="", encoding="utf-8") as handle:
         for record in csv.DictReader(handle):
             label = int(record["label"])
             segment = by_label.get(label) or LesionSegment(label, str(label), str(label), DEFAULT_COLOR, None)

@@ -217,7 +217,7 @@ def read_dirlab_points(path: str | os.PathLike, geometry: Geometry, index_base: 
     if not source.is_file():
         raise BadInputError(f"{source}: no such file")
     rows = []
-    for n, line in enumerate(source.read_text().splitlines()):
+    for n, line in enumerate(source.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
         try:
@@ -315,7 +315,7 @@ def write_points(points: PointSet, path: str | os.PathLike) -> None:
     extension = _extension(target)
     if extension not in (".mrk.json", ".json", ".fcsv", ".csv"):
         raise BadInputError(f"{target}: unknown point format (use .mrk.json, .fcsv or .csv)")
-    with atomic_output(target) as tmp, tmp.open("w", newline="") as handle:
+    with atomic_output(target) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         if extension in (".mrk.json", ".json"):
             json.dump(_markups_document(points), handle, indent=2)
         elif extension == ".fcsv":

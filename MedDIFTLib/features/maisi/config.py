@@ -51,7 +51,7 @@ def load_config(config: ConfigSource | None = None) -> dict[str, Any]:
                 f"({', '.join(packaged_configs())}) nor a JSON file"
             )
         try:
-            loaded = json.loads(path.read_text())
+            loaded = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise BadInputError(f"{path}: cannot read the MAISI configuration ({error})") from None
         origin = str(path)
