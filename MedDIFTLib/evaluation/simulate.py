@@ -30,6 +30,7 @@ from ..core.io.points import PointSet
 from ..core.io.volumes import Volume
 from ..core.options import parse_options
 from ..field import DisplacementField, jacobian_determinant
+from .dirlab_motion import DIRLAB_MOTIONS, dirlab_pull_field
 from .settings import SimulationOptions
 
 LUNG_HU = -400.0
@@ -147,18 +148,22 @@ def _block_mean(values: np.ndarray, factors_kji: np.ndarray) -> np.ndarray:
     return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
 
 
+def _coarse_lungs(fixed: Volume, step_mm: float) -> tuple[Geometry, np.ndarray]:
+    """A grid of about ``step_mm`` covering the fixed image and the lung fraction [k, j, i] of its voxels."""
+    factors = np.maximum(1, np.floor(step_mm / np.asarray(fixed.geometry.spacing_mm))).astype(int)
+    lungs = lung_mask(fixed)
+    if lungs.mean() < 0.01:
+        lungs = fixed.voxels < LUNG_HU
+    return fixed.geometry.downsampled(tuple(factors)), _block_mean(lungs, factors[::-1])
+
+
 def breathing_pull_field(fixed: Volume, seed: int, step_mm: float = 4.0) -> tuple[Geometry, np.ndarray]:
     """Unscaled breathing-like pull field [k, j, i, 3] (LPS mm, peak ~1 mm) and its grid.
 
     The motion is smooth on a scale of centimetres, so it lives on a grid of about ``step_mm``
     covering the fixed image; trilinear interpolation defines it everywhere.
     """
-    factors = np.maximum(1, np.floor(step_mm / np.asarray(fixed.geometry.spacing_mm))).astype(int)
-    coarse = fixed.geometry.downsampled(tuple(factors))
-    lungs = lung_mask(fixed)
-    if lungs.mean() < 0.01:
-        lungs = fixed.voxels < LUNG_HU
-    lung_fraction = _block_mean(lungs, factors[::-1])
+    coarse, lung_fraction = _coarse_lungs(fixed, step_mm)
     spacing_kji = np.asarray(coarse.spacing_mm)[::-1]
     weight = ndimage.gaussian_filter(lung_fraction, 15.0 / spacing_kji)
     weight /= max(float(weight.max()), 1e-6)
@@ -179,6 +184,19 @@ def breathing_pull_field(fixed: Volume, seed: int, step_mm: float = 4.0) -> tupl
     return coarse, field
 
 
+def motion_pull_field(fixed: Volume, options: SimulationOptions, step_mm: float = 4.0) -> tuple[Geometry, np.ndarray]:
+    """The pull field [k, j, i, 3] (LPS mm) of ``options.motion`` on a grid of about ``step_mm``: the
+    unscaled breathing model, or the DIR-Lab motion in mm (times ``motion_scale``, see
+    :mod:`MedDIFTLib.evaluation.dirlab_motion`)."""
+    if options.motion not in DIRLAB_MOTIONS:
+        return breathing_pull_field(fixed, options.seed, step_mm)
+    coarse, lung_fraction = _coarse_lungs(fixed, step_mm)
+    lungs = lung_fraction > 0.5
+    field = dirlab_pull_field(DIRLAB_MOTIONS[options.motion], lungs if lungs.any() else lung_fraction > 0,
+                              coarse, coarse, options.motion_scale)
+    return coarse, field
+
+
 def make_synthetic_pair(
     volume: Volume,
     seed: int = SimulationOptions.seed,
@@ -189,20 +207,25 @@ def make_synthetic_pair(
     noise_hu: float = SimulationOptions.noise_hu,
     moving_spacing_factor: float = SimulationOptions.spacing_factor,
     allow_folding: bool = SimulationOptions.allow_folding,
+    motion: str = SimulationOptions.motion,
+    motion_scale: float = SimulationOptions.motion_scale,
 ) -> SyntheticPair:
     """Warp ``volume`` (the fixed image, HU) into a moving image with known motion
     (the settings of :class:`SimulationOptions`, checked there).
 
     ``points_lps_mm`` (e.g. real landmarks) become the fixed points; without them Förstner
-    keypoints inside the lungs are used. Points whose true partner leaves the moving grid are
-    dropped (with their labels). A motion whose map folds (Jacobian determinant <= 0 somewhere)
-    has no one-to-one ground truth: it is refused unless ``allow_folding``.
+    keypoints inside the lungs are used. The breathing motion is scaled to ``mean_motion_mm`` at the
+    points; a DIR-Lab motion keeps its real size times ``motion_scale``. Points whose true partner
+    leaves the moving grid are dropped (with their labels). A motion whose map folds (Jacobian
+    determinant <= 0 somewhere) has no one-to-one ground truth: it is refused unless ``allow_folding``.
     """
-    parse_options(SimulationOptions, {"seed": seed, "mean_motion_mm": mean_motion_mm, "num_keypoints": num_keypoints,
-                                      "noise_hu": noise_hu, "spacing_factor": moving_spacing_factor,
-                                      "allow_folding": allow_folding})
+    options = parse_options(SimulationOptions, {
+        "seed": seed, "mean_motion_mm": mean_motion_mm, "num_keypoints": num_keypoints, "noise_hu": noise_hu,
+        "spacing_factor": moving_spacing_factor, "allow_folding": allow_folding, "motion": motion,
+        "motion_scale": motion_scale})
     moving_geometry = _moving_geometry(volume.geometry, moving_spacing_factor)
-    field_geometry, unit_field = breathing_pull_field(volume, seed)
+    field_geometry, unit_field = motion_pull_field(volume, options)
+    scaled = motion not in DIRLAB_MOTIONS
     if points_lps_mm is None:
         mask = lung_mask(volume)
         if mask.mean() < 0.01:
@@ -211,8 +234,8 @@ def make_synthetic_pair(
         labels = [f"K-{n + 1}" for n in range(len(points_lps_mm))]
     points = np.asarray(points_lps_mm, float).reshape(-1, 3)
     labels = labels if labels is not None else [str(n + 1) for n in range(len(points))]
-    scale = 1.0 if mean_motion_mm > 0 else 0.0
-    for _ in range(4 if mean_motion_mm > 0 else 0):
+    scale = 1.0 if mean_motion_mm > 0 or not scaled else 0.0
+    for _ in range(4 if mean_motion_mm > 0 and scaled else 0):
         motion = np.linalg.norm(invert_pull_field(unit_field * scale, field_geometry, points) - points, axis=1).mean()
         if motion < 1e-6 * scale:
             raise BadInputError("the points lie where the synthetic motion is zero (outside the lungs?)")
@@ -220,8 +243,9 @@ def make_synthetic_pair(
     pull_field = unit_field * np.float32(scale)
     determinant = jacobian_determinant(DisplacementField(pull_field, field_geometry))
     if determinant.min() <= 0 and not allow_folding:
-        raise BadInputError(f"a mean motion of {mean_motion_mm:g} mm folds the synthetic ground truth (Jacobian "
-                            f"determinant min {determinant.min():.2f} <= 0): choose a smaller mean motion")
+        size = f"a mean motion of {mean_motion_mm:g} mm" if scaled else f"{motion} at scale {motion_scale:g}"
+        raise BadInputError(f"{size} folds the synthetic ground truth (Jacobian determinant min "
+                            f"{determinant.min():.2f} <= 0): choose a smaller motion")
 
     sample_lps = _world_axes(moving_geometry).reshape(-1, 3)
     field_kji = field_geometry.lps_to_ijk(sample_lps)[:, ::-1].T
