@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import DATA_DIR, DIRLAB_DIR, require
 from scipy import ndimage
 
+from MedDIFTLib.cli import main
 from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.io import write_volume
 from MedDIFTLib.evaluation.dirlab_motion import dirlab_landmarks_mm, dirlab_motion
 from MedDIFTLib.evaluation.simulate import lung_mask, make_synthetic_pair
 
@@ -67,3 +71,16 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, monkeypatch, elastix_ct)
 def test_unknown_motion_is_refused(elastix_ct):
     with pytest.raises(BadInputError, match="motion"):
         make_synthetic_pair(elastix_ct, motion="dirlab7", num_keypoints=10)
+
+
+def test_simulate_command_takes_the_motion_family(elastix_ct, tmp_path):
+    require(DIRLAB_DIR)
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(elastix_ct, ct)
+    out = tmp_path / "pair"
+    assert main(["simulate", str(ct), str(out), "--motion", "dirlab2", "--motion-scale", "1.5",
+                 "--num-keypoints", "20"]) == 0
+    summary = json.loads((out / "pair.json").read_text(encoding="utf-8"))
+    assert summary["motion"] == "dirlab2" and summary["motion_scale"] == 1.5
+    with pytest.raises(SystemExit):
+        main(["simulate", str(ct), str(tmp_path / "bad"), "--motion", "popi"])

@@ -1,7 +1,8 @@
 """Accuracy, time and memory of ``match`` on realistic synthetic pairs from the real CTs.
 
 Each case is a real CT from ../shared/data warped by a known breathing-like motion (mean 7 mm at
-the points; lung density change, noise, a 1.1x coarser moving grid; see MedDIFTLib.evaluation.simulate).
+the points, or with ``--motion dirlab1|dirlab2`` a motion fitted to real DIR-Lab landmark displacements;
+lung density change, noise, a 1.1x coarser moving grid; see MedDIFTLib.evaluation.simulate).
 Points: the 51 real anatomical landmarks of the elastix crop; Förstner keypoints in the lungs of
 the pulmonary crop and of the POPI thorax. Every case runs in its own process so its peak memory
 (RSS) is its own. Printed: a Markdown table with the identity error (no registration) beside.
@@ -30,7 +31,7 @@ CASES = {
 }
 
 
-def _child(case: str, seed: int, backbone: str, radius_mm: float) -> dict:
+def _child(case: str, seed: int, backbone: str, radius_mm: float, motion: str) -> dict:
     from MedDIFTLib.core.io import read_points, read_volume
     from MedDIFTLib.core.options import MatchOptions
     from MedDIFTLib.evaluation.metrics import tre_stats
@@ -43,9 +44,10 @@ def _child(case: str, seed: int, backbone: str, radius_mm: float) -> dict:
     landmarks = folder / "landmarks.csv"
     if landmarks.exists():
         points = read_points(landmarks, volume.geometry)
-        pair = make_synthetic_pair(volume, seed=seed, points_lps_mm=points.points_lps_mm, labels=points.labels)
+        pair = make_synthetic_pair(volume, seed=seed, points_lps_mm=points.points_lps_mm, labels=points.labels,
+                                   motion=motion)
     else:
-        pair = make_synthetic_pair(volume, seed=seed)
+        pair = make_synthetic_pair(volume, seed=seed, motion=motion)
     featurizer = create_featurizer(backbone)
     started = time.perf_counter()
     fixed, moving = featurizer.extract(pair.fixed), featurizer.extract(pair.moving)
@@ -57,6 +59,7 @@ def _child(case: str, seed: int, backbone: str, radius_mm: float) -> dict:
     return {
         "case": case,
         "seed": seed,
+        "motion": motion,
         "points": len(truth),
         "grid": list(volume.geometry.shape_ijk),
         "identity": tre_stats(pair.fixed_points.points_lps_mm, truth),
@@ -74,12 +77,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--backbone", default="mind")
     parser.add_argument("--radius-mm", type=float, default=25.0)
+    parser.add_argument("--motion", default="breathing", choices=["breathing", "dirlab1", "dirlab2"],
+                        help="motion family (SimulationOptions.motion): breathing model or DIR-Lab case 1/2")
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm)
+        record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm, args.motion)
         Path(args.out).write_text(json.dumps(record), encoding="utf-8")
         return
     if not DATA.exists():
@@ -89,10 +94,11 @@ def main() -> None:
         for seed in args.seeds:
             with tempfile.NamedTemporaryFile(suffix=".json") as handle:
                 subprocess.run([sys.executable, __file__, "--child", case, str(seed), "--backbone", args.backbone,
-                                "--radius-mm", str(args.radius_mm), "--out", handle.name], check=True)
+                                "--radius-mm", str(args.radius_mm), "--motion", args.motion, "--out", handle.name],
+                               check=True)
                 records.append(json.loads(Path(handle.name).read_text(encoding="utf-8")))
     lines = [
-        f"backbone {args.backbone}, search radius {args.radius_mm} mm, errors in mm",
+        f"backbone {args.backbone}, search radius {args.radius_mm} mm, {args.motion} motion, errors in mm",
         "",
         "| case | seed | points | identity mean | mean | p50 | p95 | max | reliable | features s | match s | "
         "peak RSS GB |",

@@ -21,7 +21,7 @@ FILES = ("fixed.nii.gz", "moving.nii.gz", "fixed_points.csv", "moving_points_tru
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "simulate",
-        help="warp a real CT with a known breathing-like motion into a test pair",
+        help="warp a real CT with a known breathing-like or DIR-Lab-derived motion into a test pair",
         description="Write OUT/fixed.nii.gz (the CT), OUT/moving.nii.gz (warped, with lung density change, "
         "noise and a slightly coarser grid), OUT/fixed_points.csv, OUT/moving_points_true.csv (ground truth, "
         "LPS mm, same labels) and OUT/pair.json. OUT must not exist yet or be empty. With --manifest, CT is a "
@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "a folder of CTs")
     parser.add_argument("out", help="output folder (created; must be new or empty)")
     parser.add_argument("--points", help="fixed points to use (default: automatic keypoints in the lungs)")
-    for name in ("seed", "mean_motion_mm", "num_keypoints", "noise_hu", "spacing_factor", "allow_folding"):
+    for name in ("motion", "seed", "mean_motion_mm", "motion_scale", "num_keypoints", "noise_hu", "spacing_factor",
+                 "allow_folding"):
         add_option(parser, SimulationOptions, name)
     parser.add_argument("--manifest", action="store_true",
                         help="CT is a folder of CTs: write one pair per CT and OUT/manifest.csv")
@@ -54,6 +55,8 @@ def _pair_maker(options: SimulationOptions):
             noise_hu=options.noise_hu,
             moving_spacing_factor=options.spacing_factor,
             allow_folding=options.allow_folding,
+            motion=options.motion,
+            motion_scale=options.motion_scale,
         )
 
     return make_pair
