@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import BadInputError
-from ..core.io import check_overlap as check_overlap
 from ..core.options import RunSettings, describe, parse_assignments, parse_options
 
 POINT_EXTENSIONS = (".mrk.json", ".json", ".fcsv", ".csv")

@@ -11,7 +11,6 @@ from .common import (
     ProgressBar,
     add_backbone_arguments,
     add_option,
-    check_overlap,
     check_point_output,
     featurizer_from_args,
     options_from_args,
@@ -51,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.io import read_volume, write_points
+    from ..core.io import check_overlap, read_volume, write_points
     from ..matching import check_points
 
     output = check_point_output(args.out)

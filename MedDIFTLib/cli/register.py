@@ -10,7 +10,6 @@ from .common import (
     ProgressBar,
     add_backbone_arguments,
     add_option,
-    check_overlap,
     check_point_output,
     featurizer_from_args,
     given_options,
@@ -67,7 +66,7 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import BadInputError
-    from ..core.io import check_output_path, check_volume_output, read_volume, write_points
+    from ..core.io import check_output_path, check_overlap, check_volume_output, read_volume, write_points
     from ..core.options import to_json
     from ..field import carried_points, read_field, summary_path, write_summary
     from ..field.displacement import check_field_path

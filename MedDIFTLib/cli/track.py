@@ -10,7 +10,6 @@ from .common import (
     ProgressBar,
     add_backbone_arguments,
     add_option,
-    check_overlap,
     featurizer_from_args,
     given_options,
     options_from_args,
@@ -52,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.devices import out_of_memory_as_error, resolve_device
-    from ..core.io import read_volume
+    from ..core.io import check_overlap, read_volume
     from ..core.progress import scaled
     from ..lesions.inputs import read_lesions
     from ..lesions.outputs import check_outputs, write_outputs
