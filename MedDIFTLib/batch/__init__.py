@@ -6,10 +6,26 @@
 :mod:`.cluster` connects to a local cluster or a scheduler.
 """
 
-from .cluster import dask_client
-from .features import FeatureRecipe
-from .graph import run_batch
-from .job import TASKS, BatchJob
-from .manifest import Row, read_manifest
+import importlib
+from typing import Any
 
-__all__ = ["TASKS", "BatchJob", "FeatureRecipe", "Row", "dask_client", "read_manifest", "run_batch"]
+# The public names, imported on first use: the parser of ``meddift`` reads TASKS, and importing
+# the package must not load dask or torch for that.
+_EXPORTS = {
+    "TASKS": ".job",
+    "BatchJob": ".job",
+    "FeatureRecipe": ".job",
+    "Row": ".manifest",
+    "read_manifest": ".manifest",
+    "dask_client": ".cluster",
+    "run_batch": ".graph",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -14,28 +14,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.io import read_volume
 from ..features.protocol import FeaturePyramid
+from .job import FeatureRecipe
 
 # Large pyramids each worker process keeps; the least recently stored goes first.
 LOCAL_PYRAMIDS = 2
-
-
-@dataclass(frozen=True)
-class FeatureRecipe:
-    """How features are made: backbone name, its options (``weights_dir`` included) and the device."""
-
-    backbone: str
-    options: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
-
-    def featurizer(self):
-        from ..features import create_featurizer
-
-        return create_featurizer(self.backbone, **{**self.options, "device": self.device})
 
 
 @dataclass

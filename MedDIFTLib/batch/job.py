@@ -13,16 +13,30 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..core.errors import BadInputError
 from ..core.options import FieldOptions, MatchOptions, to_json
 from ..lesions.settings import LesionOptions
-from .features import FeatureRecipe
 from .manifest import Row
 
 TASKS = ("match", "register", "track")
 CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """How features are made: backbone name, its options (``weights_dir`` included) and the device."""
+
+    backbone: str
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def featurizer(self):
+        from ..features import create_featurizer
+
+        return create_featurizer(self.backbone, **{**self.options, "device": self.device})
 
 
 @dataclass(frozen=True)
