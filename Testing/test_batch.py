@@ -4,6 +4,7 @@ as separate processes on 127.0.0.1), tiny synthetic volumes and the weight-free 
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import re
@@ -98,6 +99,20 @@ def test_manifest_rows_equal_the_single_pair_command(series, client, tmp_path):
     assert not (out / ".staging").exists() or not any((out / ".staging").iterdir())
 
 
+def assert_same_table(path, reference, tolerance):
+    """Same header and text cells; numeric cells within ``tolerance``."""
+    rows, expected = (list(csv.reader(p.read_text(encoding="utf-8").splitlines())) for p in (path, reference))
+    assert len(rows) == len(expected) and rows[0] == expected[0]
+    for row, want in zip(rows[1:], expected[1:]):
+        for cell, wanted in zip(row, want, strict=True):
+            try:
+                value, reference_value = float(cell), float(wanted)
+            except ValueError:
+                assert cell == wanted
+                continue
+            assert cell == wanted or abs(value - reference_value) <= tolerance, (cell, wanted)
+
+
 def test_register_rows_write_the_register_outputs(series, client, tmp_path):
     manifest = tmp_path / "two.csv"
     manifest.write_text("\n".join((series / "manifest.csv").read_text().splitlines()[:3]).replace(
@@ -112,7 +127,9 @@ def test_register_rows_write_the_register_outputs(series, client, tmp_path):
                  str(single / "transform.nii.gz"), "--points", str(series / "points.csv"), "--out-points",
                  str(single / "points.csv"), "--backbone", "mind", "--device", "cpu", "--optimise-iterations", "0",
                  "--quiet"]) == 0
-    assert (tmp_path / "out" / "pair0" / "points.csv").read_text() == (single / "points.csv").read_text()
+    # The batch worker runs with its own torch thread count, and BLAS then sums in another order:
+    # equal up to float32 rounding, not bit for bit.
+    assert_same_table(tmp_path / "out" / "pair0" / "points.csv", single / "points.csv", tolerance=1e-4)
     for record in records:
         folder = tmp_path / "out" / record["id"]
         assert sorted(p.name for p in folder.iterdir()) == ["points.csv", "row.json", "transform.nii.gz",

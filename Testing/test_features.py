@@ -209,3 +209,11 @@ def test_meddift_match_with_mind_accepts_a_weights_folder(elastix_ct, elastix_la
     matched = read_points(out)
     assert matched.labels == ["P0", "P1", "P2"]
     assert np.allclose(matched.points_lps_mm, chosen + SHIFT_LPS_MM, atol=1.0)
+
+
+def test_mind_levels_are_stored_with_unit_norm_and_say_so():
+    image = np.random.default_rng(0).normal(0.0, 300.0, (20, 18, 16)).astype(np.float32)
+    pyramid = create_featurizer("mind").extract(Volume(image, Geometry.create((16, 18, 20), (1.0, 1.0, 1.5))))
+    for level in pyramid.levels:
+        assert level.unit_norm
+        np.testing.assert_allclose(level.features.norm(dim=0).numpy(), 1.0, atol=1e-5)

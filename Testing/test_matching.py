@@ -14,6 +14,7 @@ from MedDIFTLib.evaluation.metrics import naive_full_resolution_similarity, tre_
 from MedDIFTLib.evaluation.simulate import forstner_keypoints
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid, create_featurizer
 from MedDIFTLib.matching import match_points
+from MedDIFTLib.matching.candidates import patch_offsets_ijk, patch_taps
 
 IMAGE = Geometry.create((32, 24, 16), (1.0, 1.25, 2.0), (10.0, -20.0, 5.0))
 
@@ -189,3 +190,24 @@ def test_backward_check_follows_the_priors(pulmonary_ct):
                           priors_lps_mm=points + offset, options=MatchOptions(search_radius_mm=6.0))
     np.testing.assert_allclose(np.median(result.points_lps_mm - points, axis=0), offset, atol=0.5)
     assert np.median(result.forward_backward_mm) < 1.0
+
+
+@pytest.mark.parametrize("radius, step, expected", [(3, 1, (1, 7)), (3, 2, (2, 4)), (3, 4, (3, 3)), (2, 3, (2, 3)),
+                                                     (0, 5, (1, 1))])
+def test_patch_taps_stay_symmetric(radius, step, expected):
+    assert patch_taps(radius, step) == expected
+    spacing, count = expected
+    offsets = patch_offsets_ijk(radius, step)
+    assert len(offsets) == count**3 and offsets.min() == -radius and offsets.max() == radius
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_native_scoring_equals_exact_with_spaced_taps_also_at_the_border(step):
+    fixed, moving = (FeaturePyramid(_random_pyramid(seed).levels[:1], IMAGE, "random") for seed in (5, 6))
+    points = IMAGE.ijk_to_lps(np.array([[0.0, 0.0, 0.0], [31.0, 23.0, 15.0], [16.0, 12.0, 8.0], [2.0, 20.0, 3.0]]))
+    options = MatchOptions(search_radius_mm=4.0, subvoxel=False, backward_check=False, coarse_to_fine=False,
+                           patch_radius=2, patch_step=step)
+    native = match_points(fixed, moving, points, options=options)
+    exact = match_points(fixed, moving, points, options=MatchOptions(**{**options.__dict__, "exact": True}))
+    np.testing.assert_allclose(native.points_lps_mm, exact.points_lps_mm)
+    np.testing.assert_allclose(native.similarity, exact.similarity, atol=1e-5)

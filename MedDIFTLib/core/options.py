@@ -180,19 +180,25 @@ class MatchOptions(Options):
     """How the correspondence engine searches and scores (distances in mm)."""
 
     search_radius_mm: float = option(SEARCH_RADIUS_MM, above=0.0, help="local search radius around the prior, mm")
-    mode: str = option("local", choices=("local", "global"),
-                       help="local: a sphere around the prior; global: the whole moving volume")
+    mode: str = option(
+        "local", choices=("local", "global"), help="local: a sphere around the prior; global: the whole moving volume"
+    )
     coarse_to_fine: bool = option(True, help="search a coarse lattice first, then refine at full resolution")
     coarse_step_mm: float = option(4.0, above=0.0, help="step of the coarse lattice, mm")
     exact: bool = option(False, help="interpolate features before the cosine (slower; for checks)")
     subvoxel: bool = option(True, help="parabolic sub-voxel refinement of the best candidate")
-    level_weights: tuple[float, ...] | None = option(None, minimum=0.0,
-                                                     help="per-level fusion weights (default: the backbone's)")
+    level_weights: tuple[float, ...] | None = option(
+        None, minimum=0.0, help="per-level fusion weights (default: the backbone's)"
+    )
     patch_radius: int | None = option(None, minimum=0, help="patch radius in level voxels (default: the backbone's)")
+    patch_step: int = option(
+        2, minimum=1, help="spacing of the patch's taps, level voxels (rounded down to a divisor of 2 x radius)"
+    )
     backward_check: bool = option(True, help="match back from moving to fixed to measure consistency")
     fb_scale_mm: float = option(3.0, above=0.0, help="forward-backward distance at which confidence falls to 0.61x")
-    confidence_threshold: float = option(0.5, minimum=0.0, maximum=1.0,
-                                         help="matches below this confidence are flagged unreliable")
+    confidence_threshold: float = option(
+        0.5, minimum=0.0, maximum=1.0, help="matches below this confidence are flagged unreliable"
+    )
     memory_budget_mb: float = option(64.0, above=0.0, help="bound on the working tensors of one batch, MB")
 
 

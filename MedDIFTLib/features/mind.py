@@ -5,7 +5,8 @@ sqrt(2) apart: for a pair (a, b) the distance is the box-filtered squared differ
 ``(I(x+a) - I(x+b))^2``; the 12 distances are shifted by their minimum, divided by their mean
 (the local variance estimate) and mapped through ``exp(-d)``. The descriptor is computed at a
 few scales (the image average-pooled by 1, 2, 4, ...), one pyramid level each, so the fused
-similarity sees both fine detail and context. Intensities are HU clipped to ``hu_window``.
+similarity sees both fine detail and context. Intensities are HU clipped to ``hu_window``. Each voxel's
+12-vector is stored with unit L2 norm (matching compares descriptors by cosine).
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ class MindFeaturizer:
         for n, (scale, weight) in enumerate(zip(self.scales, self.weights)):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
             pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
-            features = mind_ssc(pooled, self.dilation, self.patch_radius).cpu()
+            features = F.normalize(mind_ssc(pooled, self.dilation, self.patch_radius), dim=0).cpu()
             geometry = volume.geometry.downsampled(scale)
-            levels.append(FeatureLevel(f"mind_1/{scale}", features, geometry, weight, self.match_patch_radius))
+            levels.append(
+                FeatureLevel(f"mind_1/{scale}", features, geometry, weight, self.match_patch_radius, unit_norm=True)
+            )
         progress("features", 1.0, "MIND-SSC done")
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)

@@ -24,6 +24,8 @@ class FeatureLevel:
     ``weight`` is the level's share in the fused similarity. ``patch_radius`` (level voxels) is
     the backbone's advice for matching: average the cosine over a (2r+1)^3 patch. Descriptors
     with a wide receptive field (diffusion features) need 0; very local ones (MIND) need more.
+    ``unit_norm`` says every voxel's descriptor already has unit L2 norm, so matching can take the
+    stored values as they are instead of normalising each window it reads.
     """
 
     name: str
@@ -31,6 +33,7 @@ class FeatureLevel:
     geometry: Geometry
     weight: float = 1.0
     patch_radius: int = 0
+    unit_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.features.dim() != 4 or tuple(self.features.shape[1:]) != self.geometry.shape_kji:

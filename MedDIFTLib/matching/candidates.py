@@ -54,8 +54,21 @@ class CandidateLattice:
         return CandidateLattice(np.minimum(half, reach), stride, radius_mm)
 
 
-def patch_offsets_ijk(radius: int) -> np.ndarray:
-    """(n, 3) integer offsets of a (2r+1)^3 patch in ``[k, j, i]`` raster order (i fastest)."""
-    steps = np.arange(-radius, radius + 1)
+def patch_taps(radius: int, step: int = 1) -> tuple[int, int]:
+    """Tap spacing and taps per axis of a patch of ``radius`` voxels: taps at ``-r, -r + s, ..., r``.
+
+    ``step`` is rounded down to a divisor of ``2r`` so that the taps stay symmetric about the centre.
+    """
+    span = 2 * int(radius)
+    usable = max(1, min(int(step), span)) if span else 1
+    while span and span % usable:
+        usable -= 1
+    return usable, span // usable + 1
+
+
+def patch_offsets_ijk(radius: int, step: int = 1) -> np.ndarray:
+    """(n, 3) integer offsets of a patch's taps (:func:`patch_taps`) in ``[k, j, i]`` raster order (i fastest)."""
+    spacing, count = patch_taps(radius, step)
+    steps = -radius + spacing * np.arange(count)
     k, j, i = np.meshgrid(steps, steps, steps, indexing="ij")
     return np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)

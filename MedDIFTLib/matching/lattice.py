@@ -137,7 +137,7 @@ def match_lattice(
         for count, n in enumerate(levels):
             report = scaled(progress, count / len(levels), (count + 1) / len(levels))
             level_forward, level_backward = level_similarity(
-                fixed.levels[n], moving.levels[n], scorer.radii[n], grid, shifts_mm, prior, report
+                fixed.levels[n], moving.levels[n], scorer.radii[n], grid, shifts_mm, prior, report, scorer.steps[n]
             )
             forward += (scorer.weights[n] / total) * level_forward
             backward += (scorer.weights[n] / total) * level_backward

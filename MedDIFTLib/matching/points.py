@@ -4,9 +4,10 @@ Each point's candidates form a lattice of moving voxels inside a sphere of ``sea
 around its prior (default: the same world position): first every ``coarse_step_mm``, then every
 voxel around the coarse best (``coarse_to_fine``), or the whole volume on the coarse lattice
 first (``mode="global"``, or a radius reaching beyond the volume), keeping a few distinct peaks.
-The best candidate is refined by a parabola (:mod:`.subvoxel`), every match runs backwards
-(moving -> fixed) and the forward-backward distance and the peak similarity give the confidence
-(:mod:`.correspondences`).
+The coarse lattice is scored on the levels that resolve its step (:func:`.scorer.resolving_levels`;
+finer ones would only alias), the fine window on all. The best candidate is refined by a parabola
+(:mod:`.subvoxel`), every match runs backwards (moving -> fixed) and the forward-backward distance
+and the peak similarity give the confidence (:mod:`.correspondences`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
 from .candidates import CandidateLattice
 from .correspondences import Correspondences
-from .scorer import Scorer
+from .scorer import Scorer, resolving_levels
 from .search import dense_candidates, local_search
 
 DENSE_CANDIDATES = 16
@@ -76,6 +77,7 @@ def _match_one_way(
     if dense:
         largest = max(level.geometry.num_voxels for level in target.levels)
         batch = min(batch, max(1, int(scorer.budget_bytes // (largest * 4 * 3))))
+    coarse_levels = resolving_levels(target.levels, options.coarse_step_mm)
     radius = None if options.mode == "global" else options.search_radius_mm
     positions = np.zeros_like(points_lps_mm)
     scores = np.zeros(len(points_lps_mm))
@@ -95,7 +97,7 @@ def _match_one_way(
             scores[chunk] = np.stack([score for _, score in found])[choice, rows]
         else:
             if first is not None:
-                priors, _ = local_search(scorer, descriptors, priors, first, subvoxel=False)
+                priors, _ = local_search(scorer, descriptors, priors, first, False, coarse_levels)
             positions[chunk], scores[chunk] = local_search(scorer, descriptors, priors, fine_lattice, options.subvoxel)
         done = min(begin + batch, len(points_lps_mm))
         progress(stage, done / len(points_lps_mm), f"{done}/{len(points_lps_mm)} points")

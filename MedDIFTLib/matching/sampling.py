@@ -40,6 +40,13 @@ def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.devi
     return torch.as_tensor(ijk, dtype=torch.float32, device=device)
 
 
+def unit_descriptors(level: FeatureLevel, features: torch.Tensor | None = None) -> torch.Tensor:
+    """``features`` (default: the whole level, ``(C, ...)``) as float32 with unit L2 norm along
+    channels; stored unit-norm levels are only converted, not normalised again."""
+    values = (level.features if features is None else features).float()
+    return values if level.unit_norm else F.normalize(values, dim=0)
+
+
 def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
     """L2-normalised descriptors (..., C) of ``level`` at LPS points (..., 3), trilinear."""
     points = np.asarray(points_lps_mm, float)

@@ -1,9 +1,11 @@
 """The one scorer: fused multi-level patch cosine of fixed descriptors against moving candidates.
 
 A level's similarity between a fixed point ``x`` and a moving point ``y`` is the mean cosine over
-a patch of ``(2r+1)^3`` moving-level voxel offsets ``o``: ``mean_o <f(x + o), m(y + o)>`` with
-L2-normalised descriptors (``r`` = ``FeatureLevel.patch_radius`` or ``MatchOptions.patch_radius``;
-r = 0 is the plain voxel cosine of the paper). The fused similarity is the weighted mean over
+the taps ``o`` of a patch of moving-level voxel offsets: ``mean_o <f(x + o), m(y + o)>`` with
+L2-normalised descriptors. The taps lie every ``s`` voxels from ``-r`` to ``r`` along each axis
+(``r`` = ``FeatureLevel.patch_radius`` or ``MatchOptions.patch_radius``, ``s`` =
+``MatchOptions.patch_step``, :func:`.candidates.patch_taps`); r = 0 is the plain voxel cosine of
+the paper. The fused similarity is the weighted mean over
 levels (weights normalised to sum 1). This module scores the point layout; the lattice layout
 (:mod:`.lattice`) scores the same quantity for a grid of fixed points, one shared shift at a time.
 
@@ -23,8 +25,8 @@ import torch.nn.functional as F
 from ..core.errors import BadInputError
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
-from .candidates import CandidateLattice, patch_offsets_ijk
-from .sampling import interpolate, level_ijk, sample_descriptors
+from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
+from .sampling import interpolate, level_ijk, sample_descriptors, unit_descriptors
 
 
 def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
@@ -37,7 +39,8 @@ def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
 class Scorer:
     """Fused similarity of fixed descriptors against moving candidates, batch by batch.
 
-    Holds the fusion plan (normalised level ``weights``, patch ``radii``) that both layouts use.
+    Holds the fusion plan (normalised level ``weights``, patch ``radii`` and tap ``steps``) that
+    both layouts use.
     """
 
     def __init__(self, fixed: FeaturePyramid, moving: FeaturePyramid, options: MatchOptions) -> None:
@@ -56,14 +59,16 @@ class Scorer:
             int(options.patch_radius if options.patch_radius is not None else level.patch_radius)
             for level in moving.levels
         ]
+        self.steps = [patch_taps(radius, options.patch_step)[0] for radius in self.radii]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
-        """Per level, (B, n_patch, C) fixed descriptors on the moving level's patch offsets."""
+        """Per level, (B, n_taps, C) fixed descriptors at the moving level's patch taps."""
         descriptors = []
-        for fixed_level, moving_level, radius in zip(self.fixed.levels, self.moving.levels, self.radii):
-            offsets_mm = patch_offsets_ijk(radius) @ moving_level.geometry.affine_ijk_to_lps[:3, :3].T
+        levels = zip(self.fixed.levels, self.moving.levels, self.radii, self.steps)
+        for fixed_level, moving_level, radius, step in levels:
+            offsets_mm = patch_offsets_ijk(radius, step) @ moving_level.geometry.affine_ijk_to_lps[:3, :3].T
             positions = points_lps_mm[:, None, :] + offsets_mm[None]
             descriptors.append(sample_descriptors(fixed_level, positions))
         return descriptors
@@ -108,8 +113,8 @@ class Scorer:
     def batch_size(self, lattice: CandidateLattice) -> int:
         """Points per batch that keep one batch's working tensors within the memory budget."""
         per_point = 0
-        for level, radius, exact in zip(self.moving.levels, self.radii, self._exact_levels(lattice)):
-            patch = (2 * radius + 1) ** 3
+        for level, radius, step, exact in zip(self.moving.levels, self.radii, self.steps, self._exact_levels(lattice)):
+            patch = patch_taps(radius, step)[1] ** 3
             if exact:
                 per_point = max(per_point, level.channels * lattice.size * patch * 4 * 2)
             else:
@@ -124,28 +129,34 @@ class Scorer:
         candidates_lps_mm: np.ndarray,
         centres_lps_mm: np.ndarray,
         lattice: CandidateLattice | None,
+        levels: list[int] | None = None,
     ) -> torch.Tensor:
         """Fused similarity (B, Nc) of B fixed descriptors at their (B, Nc, 3) candidates.
 
         Without a ``lattice`` (arbitrary candidates) every level is scored the exact way.
+        ``levels`` restricts the fusion to those level indices (weights renormalised; default all).
         """
         fused = None
         exact_levels = self._exact_levels(lattice)
-        for level, descriptor, weight, radius, exact in zip(
-            self.moving.levels, descriptors, self.weights, self.radii, exact_levels
-        ):
+        chosen = range(len(self.moving.levels)) if levels is None else levels
+        total = sum(self.weights[n] for n in chosen)
+        for n in chosen:
+            level, descriptor, radius, step = self.moving.levels[n], descriptors[n], self.radii[n], self.steps[n]
             coords = level_ijk(level, candidates_lps_mm, level.features.device)
-            if exact:
-                similarity = self._score_exact(level, descriptor, coords, radius)
+            if exact_levels[n]:
+                similarity = self._score_exact(level, descriptor, coords, radius, step)
             else:
-                similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice, radius)
+                similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice, radius, step)
+            weight = self.weights[n] / total
             fused = weight * similarity if fused is None else fused + weight * similarity
         return fused
 
     @staticmethod
-    def _score_exact(level: FeatureLevel, descriptor: torch.Tensor, coords: torch.Tensor, radius: int) -> torch.Tensor:
+    def _score_exact(
+        level: FeatureLevel, descriptor: torch.Tensor, coords: torch.Tensor, radius: int, step: int
+    ) -> torch.Tensor:
         batch, count, _ = coords.shape
-        offsets = torch.as_tensor(patch_offsets_ijk(radius), dtype=coords.dtype, device=coords.device)
+        offsets = torch.as_tensor(patch_offsets_ijk(radius, step), dtype=coords.dtype, device=coords.device)
         positions = (coords[:, :, None, :] + offsets[None, None]).reshape(1, -1, 3)
         samples = interpolate(level.features[None].float(), positions)[0]
         samples = F.normalize(samples.reshape(level.channels, batch, count, len(offsets)), dim=0)
@@ -159,6 +170,7 @@ class Scorer:
         centres_lps_mm: np.ndarray,
         lattice: CandidateLattice,
         radius: int,
+        step: int,
     ) -> torch.Tensor:
         """Patch cosine on the level's own voxels (every ``stride``), interpolated at candidates."""
         device = level.features.device
@@ -166,19 +178,35 @@ class Scorer:
         stride, half = self._box_layout(level, lattice)
         centre = np.floor(level.geometry.lps_to_ijk(centres_lps_mm) + 1e-6).astype(int)
         first = centre - stride * half
-        start = torch.as_tensor(first - radius, device=device)
-        box = [torch.arange(2 * (radius + s * h) + 2, device=device) for s, h in zip(stride, half)]
-        index = [(start[:, axis, None] + box[axis][None]).clamp(0, shape_ijk[axis] - 1) for axis in range(3)]
-        features = level.features[:, index[2][:, :, None, None], index[1][:, None, :, None], index[0][:, None, None, :]]
-        features = F.normalize(features.float(), dim=0)
+        sizes = [2 * (radius + s * h) + 2 for s, h in zip(stride, half)]
+        features = unit_descriptors(level, _windows(level.features, first - radius, sizes))
         batch = features.shape[1]
-        width = 2 * radius + 1
-        kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, width, width, width)
+        taps = patch_taps(radius, step)[1]
+        kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, taps, taps, taps)
         inputs = features.transpose(0, 1).reshape(1, batch * level.channels, *features.shape[2:])
-        similarity = F.conv3d(inputs, kernels, stride=tuple(int(v) for v in stride[::-1]), groups=batch)[0]
-        similarity = similarity / width**3
+        strides = tuple(int(v) for v in stride[::-1])
+        similarity = F.conv3d(inputs, kernels, stride=strides, dilation=step, groups=batch)[0] / taps**3
         upper = torch.tensor(shape_ijk, dtype=coords.dtype, device=device) - 1
         origin = torch.as_tensor(first, dtype=coords.dtype, device=device)[:, None, :]
         step = torch.as_tensor(stride, dtype=coords.dtype, device=device)
         relative = (coords.clamp(min=torch.zeros_like(upper), max=upper) - origin) / step
         return interpolate(similarity[:, None], relative)[:, 0]
+
+
+def _windows(features: torch.Tensor, start_ijk: np.ndarray, sizes_ijk: list[int]) -> torch.Tensor:
+    """``(C, B, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` from each ``start_ijk`` (B, 3) row,
+    ``sizes_ijk`` voxels long; outside the grid the border voxel is repeated."""
+    shape_ijk = np.asarray(features.shape[1:][::-1])
+    sizes = np.asarray(sizes_ijk)
+    inside = np.all((start_ijk >= 0) & (start_ijk + sizes <= shape_ijk), axis=1)
+    boxes = torch.empty((features.shape[0], len(start_ijk), *sizes[::-1]), dtype=features.dtype, device=features.device)
+    for row, (i, j, k) in enumerate(start_ijk.tolist()):
+        if inside[row]:
+            boxes[:, row] = features[:, k : k + sizes[2], j : j + sizes[1], i : i + sizes[0]]
+        else:
+            index = [
+                torch.as_tensor(np.clip(start + np.arange(size), 0, limit - 1), device=features.device)
+                for start, size, limit in zip((i, j, k), sizes, shape_ijk)
+            ]
+            boxes[:, row] = features[:, index[2][:, None, None], index[1][None, :, None], index[0][None, None, :]]
+    return boxes

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .candidates import CandidateLattice
-from .sampling import interpolate, level_ijk
+from .candidates import CandidateLattice, patch_taps
+from .sampling import interpolate, level_ijk, unit_descriptors
 from .scorer import Scorer, resolving_levels
 from .subvoxel import subvoxel_offsets
 
@@ -21,8 +21,10 @@ def local_search(
     priors_lps_mm: np.ndarray,
     lattice: CandidateLattice,
     subvoxel: bool,
+    levels: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Best candidate (B, 3) LPS mm and its score (B,) for one batch on one lattice.
+    """Best candidate (B, 3) LPS mm and its score (B,) for one batch on one lattice, fusing
+    ``levels`` (default all; see :meth:`Scorer.score`).
 
     Candidates outside the moving volume or the lattice's sphere are never chosen; a point
     with none left stays at its prior with score ``-inf``.
@@ -33,7 +35,7 @@ def local_search(
     candidates_lps = geometry.ijk_to_lps(candidates_ijk.reshape(-1, 3)).reshape(candidates_ijk.shape)
     inside = np.all((candidates_ijk >= 0) & (candidates_ijk <= np.asarray(geometry.shape_ijk) - 1), axis=2)
     within = np.linalg.norm(candidates_lps - priors_lps_mm[:, None, :], axis=2) <= lattice.radius_mm + 1e-6
-    scores = scorer.score(descriptors, candidates_lps, geometry.ijk_to_lps(centre_ijk), lattice)
+    scores = scorer.score(descriptors, candidates_lps, geometry.ijk_to_lps(centre_ijk), lattice, levels)
     scores = scores.masked_fill(~torch.as_tensor(inside & within, device=scores.device), float("-inf"))
     best_score, best = scores.max(dim=1)
     best_ijk = candidates_ijk[np.arange(len(best)), best.cpu().numpy()]
@@ -71,12 +73,12 @@ def dense_candidates(
     total = sum(scorer.weights[n] for n in coarse)
     fused = None
     for n in coarse:
-        level, radius = levels[n], scorer.radii[n]
-        width = 2 * radius + 1
+        level, radius, step = levels[n], scorer.radii[n], scorer.steps[n]
+        taps = patch_taps(radius, step)[1]
         batch = descriptors[n].shape[0]
-        kernels = descriptors[n].transpose(1, 2).reshape(batch, level.channels, width, width, width)
-        features = F.normalize(level.features.float(), dim=0)[None]
-        similarity = F.conv3d(features, kernels.to(features.dtype), padding=radius)[0] / width**3
+        kernels = descriptors[n].transpose(1, 2).reshape(batch, level.channels, taps, taps, taps)
+        features = unit_descriptors(level)[None]
+        similarity = F.conv3d(features, kernels.to(features.dtype), padding=radius, dilation=step)[0] / taps**3
         coords = level_ijk(level, lattice_lps, similarity.device)
         weighted = interpolate(similarity[None], coords[None])[0] * (scorer.weights[n] / total)
         fused = weighted if fused is None else fused + weighted

@@ -2,7 +2,8 @@
 
 For a whole-voxel shift ``e`` (level voxels) the voxelwise cosine map ``D_e(u) = <f(u), m(u + e)>``
 is computed once over the level (padded by the patch radius ``r``); the patch mean at a node is
-then the ``(2r+1)^3`` box mean of ``D_e`` sampled (trilinear) at the node. Box filter and sampling
+then the mean of ``D_e`` over the patch's taps (every ``s`` voxels from ``-r`` to ``r``, as the
+point layout scores), sampled (trilinear) at the node. Box filter and sampling
 are separable, so they are three small matrices applied to a batch of maps. The backward check
 reads the same maps: the moving point ``y`` scores the fixed candidate ``y - e`` with ``D_e(y - e)``.
 A shift that is fractional in level voxels is interpolated between whole-voxel shifts.
@@ -18,20 +19,22 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn
 from ..features.protocol import FeatureLevel
+from .candidates import patch_taps
 from .nodes import FieldOnGrid, displacement_at, grid_points
-from .sampling import sample
+from .sampling import sample, unit_descriptors
 
 BATCH_BYTES = 2**26
 
 
 class NodeSampler:
-    """Box mean over ``(2r+1)^3`` level voxels, then trilinear sampling at the nodes of a grid.
+    """Mean over the patch taps (radius ``r``, tap spacing ``step`` level voxels), then trilinear
+    sampling at the nodes of a grid.
 
     The node grid's axes must map onto the level's axes (a scaled, signed permutation: true of
     every pyramid level of an image, whatever the backbone's orientation).
     """
 
-    def __init__(self, level: Geometry, nodes: Geometry, radius: int) -> None:
+    def __init__(self, level: Geometry, nodes: Geometry, radius: int, step: int = 1) -> None:
         matrix = np.linalg.solve(level.affine_ijk_to_lps[:3, :3], nodes.affine_ijk_to_lps[:3, :3])
         self.node_axis = np.argmax(np.abs(matrix), axis=1)  # per level axis (ijk), its node axis
         kept = np.zeros_like(matrix)
@@ -40,18 +43,18 @@ class NodeSampler:
             raise BadInputError("the lattice's axes do not follow the feature level's axes")
         offset = level.lps_to_ijk(np.asarray(nodes.origin_lps_mm, float)[None])[0]
         self.coords = [
-            offset[a] + matrix[a, self.node_axis[a]] * np.arange(nodes.shape_ijk[self.node_axis[a]])
-            for a in range(3)
+            offset[a] + matrix[a, self.node_axis[a]] * np.arange(nodes.shape_ijk[self.node_axis[a]]) for a in range(3)
         ]
         self.sizes = level.shape_ijk
         self.radius = radius
+        self.step, self.taps = patch_taps(radius, step)
         self.count = nodes.num_voxels
         map_axes = [int(self.node_axis[2]), int(self.node_axis[1]), int(self.node_axis[0])]  # node axis per map dim
         self.permutation = [0] + [1 + map_axes.index(axis) for axis in (2, 1, 0)]
         self._cache: dict[tuple[int, float], torch.Tensor] = {}
 
     def _matrix(self, axis: int, shift: float) -> torch.Tensor:
-        """``(nodes along the axis, size + 2r)``: box mean, then linear interpolation at coord - shift."""
+        """``(nodes along the axis, size + 2r)``: tap mean, then linear interpolation at coord - shift."""
         key = (axis, shift)
         if key not in self._cache:
             size, width = self.sizes[axis], 2 * self.radius + 1
@@ -64,8 +67,8 @@ class NodeSampler:
             upper = low + 1 < size
             interpolation[rows[upper], low[upper] + 1] += fraction[upper]
             box = np.zeros((size, size + width - 1))
-            for offset in range(width):
-                box[np.arange(size), np.arange(size) + offset] = 1.0 / width
+            for offset in range(0, width, self.step):
+                box[np.arange(size), np.arange(size) + offset] = 1.0 / self.taps
             self._cache[key] = torch.as_tensor(interpolation @ box, dtype=torch.float32)
         return self._cache[key]
 
@@ -95,7 +98,7 @@ def _moving_on_level(
     geometry = source.geometry
     if prior is None and target.geometry.same_grid(geometry):
         padding = tuple(int(p) for p in np.repeat(pad_ijk, 2))
-        return F.pad(F.normalize(target.features.float(), dim=0)[None], padding, mode="replicate")[0]
+        return F.pad(unit_descriptors(target)[None], padding, mode="replicate")[0]
     shape = np.asarray(geometry.shape_ijk) + 2 * pad_ijk
     origin = geometry.ijk_to_lps(-pad_ijk[None].astype(float))[0]
     grown = Geometry.create(shape, geometry.spacing_mm, origin, geometry.direction_matrix)
@@ -128,15 +131,16 @@ def level_similarity(
     shifts_mm: np.ndarray,
     prior: FieldOnGrid | None,
     progress: ProgressFn,
+    step: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch-mean cosines ``(Nc, N)`` of one level for each shift (mm) at each node of ``grid``:
     forward (node ``x`` against moving ``x + d``) and backward (moving ``x`` against fixed ``x - d``)."""
     shifts_level = shifts_mm @ np.linalg.inv(source.geometry.affine_ijk_to_lps[:3, :3]).T
     unique, index, weights = _interpolation_corners(shifts_level)
     margin = np.abs(unique).max(axis=0)
-    fixed = F.pad(F.normalize(source.features.float(), dim=0)[None], (radius,) * 6, mode="replicate")[0]
+    fixed = F.pad(unit_descriptors(source)[None], (radius,) * 6, mode="replicate")[0]
     moving = _moving_on_level(source, target, margin + radius, prior)
-    sampler = NodeSampler(source.geometry, grid, radius)
+    sampler = NodeSampler(source.geometry, grid, radius, step)
     size_k, size_j, size_i = fixed.shape[1:]
     forward = torch.empty((len(unique), sampler.count))
     backward = torch.empty((len(unique), sampler.count))
