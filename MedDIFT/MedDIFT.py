@@ -20,7 +20,12 @@ import ctk
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTransformNode,
+)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -185,6 +190,8 @@ class MedDIFTParameterNode:
     registrationIterations: Annotated[int, WithinRange(0, 500)] = FIELD_DEFAULTS.optimise_iterations
     diffusionTimestep: Annotated[int, WithinRange(0, 999)] = 20
     bodyRegion: BodyRegion = BodyRegion.CHEST
+    baselineLesions: vtkMRMLSegmentationNode
+    followupLesions: vtkMRMLSegmentationNode
 
 
 #
@@ -218,6 +225,8 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._crosshairNode = None
         self._placeShortcut = None
         self._flickerTimer = None
+        self._lesionRows = []
+        self._lesionTable = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -291,6 +300,9 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pairsTableWidget.connect("cellClicked(int,int)", self.onPairClicked)
         self.ui.pairViewsButton.connect("clicked(bool)", self.onPairViewsButton)
         self.ui.warpMovingButton.connect("toggled(bool)", self.onWarpMovingToggled)
+        self.ui.lesionsTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.trackButton.connect("clicked(bool)", self.onTrackButton)
+        self.ui.lesionsTableWidget.connect("cellClicked(int,int)", self.onLesionClicked)
 
         self.initializeParameterNode()
 
@@ -383,6 +395,13 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         overlayNodes = self.overlayNodes()
         for button, kind in self._overlayButtons():
             button.enabled = kind in overlayNodes
+        canTrack = bool(parameterNode.fixedVolume and parameterNode.movingVolume and parameterNode.baselineLesions)
+        self.ui.trackButton.enabled = canTrack and not running
+        self.ui.trackButton.toolTip = (
+            _("Find, segment and measure each baseline lesion in the follow-up (moving) volume.")
+            if canTrack
+            else _("Select the fixed (baseline) and moving (follow-up) volumes and the baseline lesions.")
+        )
         live = parameterNode.livePropagation and parameterNode.fixedLandmarks is not None
         self._observeFixedLandmarks(parameterNode.fixedLandmarks if live else None)
         self.refreshPairsTable()
@@ -472,6 +491,75 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGuiFromParameterNode()
         if self._pendingLiveIds and self._parameterNode and self._parameterNode.livePropagation:
             self._liveTimer.start()
+
+    def onTrackButton(self) -> None:
+        """Track the baseline lesions into the follow-up in the background (progress and Cancel as Apply's)."""
+        from MedDIFTLib.core.errors import MedDIFTError
+
+        if self.logic.isRunning or self._parameterNode is None or not self.ensureDependencies():
+            return
+        parameterNode = self._parameterNode
+        self._runningLiveJob = None
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.show()
+        self.showStatus(_("Tracking lesions..."))
+        try:
+            self.logic.startTrack(
+                MedDIFTLogic.trackInputs(parameterNode, self._lesionTable),
+                MedDIFTLogic.runSettings(parameterNode),
+                onDone=self.onTrackDone,
+                onProgress=self.onJobProgress,
+                onLog=self.onWorkerLog,
+            )
+        except MedDIFTError as error:
+            self.ui.progressBar.hide()
+            self.showStatus(str(error))
+            slicer.util.errorDisplay(str(error), windowTitle=_("MedDIFT"))
+            return
+        if self.logic.isRunning:
+            self._pollTimer.start()
+        self.updateGuiFromParameterNode()
+
+    def onTrackDone(self, outputs, error) -> None:
+        """Select the follow-up segmentation, list the lesions; errors are reported as a run's."""
+        if error is not None:
+            self.onJobDone(None, error)
+            return
+        self.ui.progressBar.hide()
+        if self._parameterNode is not None and self._parameterNode.followupLesions is None:
+            self._parameterNode.followupLesions = outputs.followup_lesions
+        self._lesionTable = outputs.table
+        self.refreshLesionsTable(outputs.rows)
+        summary = MedDIFTLogic.describeTrack(outputs)
+        self.showStatus(summary)
+        self.appendLog(summary)
+        self.updateGuiFromParameterNode()
+
+    def refreshLesionsTable(self, rows) -> None:
+        """One row per lesion: name, status, volumes (mL) and their change, confidence."""
+        self._lesionRows = list(rows)
+        table = self.ui.lesionsTableWidget
+        table.setRowCount(len(self._lesionRows))
+        for rowIndex, row in enumerate(self._lesionRows):
+            cells = (
+                row.segment.name,
+                row.status,
+                "-" if math.isnan(row.volume_baseline_ml) else f"{row.volume_baseline_ml:.3f}",
+                "-" if math.isnan(row.volume_followup_ml) else f"{row.volume_followup_ml:.3f}",
+                "-" if math.isnan(row.volume_change_pct) else f"{row.volume_change_pct:+.0f}",
+                "-" if math.isnan(row.confidence) else f"{row.confidence:.2f}",
+            )
+            for column, text in enumerate(cells):
+                table.setItem(rowIndex, column, qt.QTableWidgetItem(text))
+
+    def onLesionClicked(self, rowIndex: int, column: int) -> None:
+        from MedDIFTLib.slicer.lesions import jump_to_lesion
+
+        if not 0 <= rowIndex < len(self._lesionRows):
+            return
+        if slicer.app.layoutManager().layout != slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView:
+            self.showPairViews()
+        jump_to_lesion(slicer.mrmlScene, self._lesionRows[rowIndex])
 
     def storeCreatedOutputs(self, outputs) -> None:
         """Select the output nodes a run created, so the next run fills them instead of adding more."""
@@ -1072,6 +1160,28 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         )
 
     @staticmethod
+    def trackInputs(parameterNode, table=None):
+        """Scene nodes of a lesion tracking run: baseline = fixed volume, follow-up = moving volume."""
+        from MedDIFTLib.slicer.track_job import TrackInputs
+
+        return TrackInputs(
+            baseline_volume=parameterNode.fixedVolume,
+            followup_volume=parameterNode.movingVolume,
+            baseline_lesions=parameterNode.baselineLesions,
+            followup_lesions=parameterNode.followupLesions,
+            table=table,
+        )
+
+    @staticmethod
+    def describeTrack(outputs) -> str:
+        """One line about a finished tracking run: lesions tracked, flagged ones, time."""
+        flagged = sum(row.status != "ok" for row in outputs.rows)
+        seconds = ((outputs.summary or {}).get("seconds") or {}).get("total", float("nan"))
+        return _("{total} lesions tracked, {flagged} flagged ({seconds:.1f} s)").format(
+            total=len(outputs.rows), flagged=flagged, seconds=seconds
+        )
+
+    @staticmethod
     def describeOutputs(outputs) -> str:
         """One line about a finished run: matches, unreliable ones, time, Jacobian of the field."""
         parts = []
@@ -1190,6 +1300,15 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         self.session.start_job(inputs, settings, onDone, on_progress=onProgress, on_log=onLog,
                                control_point_indices=controlPointIndices)
 
+    def startTrack(self, inputs, settings, onDone, onProgress=None, onLog=None) -> None:
+        """Track lesions in the background (``inputs``: a ``MedDIFTLib.slicer.track_job.TrackInputs``);
+        ``onDone(outputs, error)`` gets a ``TrackOutputs``. Raises MedDIFTError at once for bad inputs."""
+        self.session.start_track(inputs, settings, onDone, on_progress=onProgress, on_log=onLog)
+
+    def runTrack(self, inputs, settings=None, progress=None, timeout=None):
+        """Track lesions and wait (scripts and tests); returns ``MedDIFTLib.slicer.track_job.TrackOutputs``."""
+        return self.session.run_track(inputs, settings or RunSettings(), progress=progress, timeout_s=timeout)
+
     def pollJob(self) -> bool:
         """Advance the running job (call from a GUI timer); False once it has ended."""
         return self._session is not None and self._session.poll()
@@ -1234,6 +1353,8 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
         self.test_MatchShiftedVolume()
         self.setUp()
         self.test_VisualQA()
+        self.setUp()
+        self.test_TrackLesions()
         self.setUp()
         self.test_WeightsTransferInBackground()
 
@@ -1353,6 +1474,45 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
             self.assertEqual(moved.moved(landmarks), [])
             landmarks.SetNthControlPointPositionWorld(1, 30.0, 34.0, 26.0)
             self.assertEqual(moved.moved(landmarks), [1])
+        finally:
+            logic.shutdown()
+        self.delayDisplay("Test passed")
+
+    def test_TrackLesions(self):
+        """Lesion tracking: a baseline segmentation into an existing follow-up segmentation node and a table."""
+        import numpy as np
+
+        from MedDIFTLib.slicer.track_job import TrackInputs
+
+        shiftKji = (2, -1, 3)
+        fixed, moving = self._syntheticPair(shiftKji)
+        expectedShiftRas = np.array([shiftKji[2], shiftKji[1], shiftKji[0]]) * 2.0
+        kji = np.indices((32, 32, 32))
+        nodule = ((kji - np.array([16, 16, 14])[:, None, None, None]) ** 2).sum(axis=0) <= 9
+        fixedArray = slicer.util.arrayFromVolume(fixed)
+        fixedArray[nodule] = 1000.0
+        slicer.util.arrayFromVolumeModified(fixed)
+        slicer.util.arrayFromVolume(moving)[:] = np.roll(fixedArray, shiftKji, axis=(0, 1, 2))
+        slicer.util.arrayFromVolumeModified(moving)
+        labels = nodule.astype(np.uint8)
+        labelmap = slicer.util.addVolumeFromArray(labels, np.diag([2.0, 2.0, 2.0, 1.0]), name="lesion",
+                                                  nodeClassName="vtkMRMLLabelMapVolumeNode")
+        baselineLesions = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, baselineLesions)
+        followupLesions = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules follow-up")
+        settings = RunSettings(backbone="mind", device="cpu", field=FieldOptions(optimise_iterations=0))
+        logic = MedDIFTLogic()
+        try:
+            self.delayDisplay("Lesion tracking into the follow-up")
+            outputs = logic.runTrack(TrackInputs(fixed, moving, baselineLesions, followupLesions), settings,
+                                     timeout=600)
+            self.assertIs(outputs.followup_lesions, followupLesions)
+            self.assertEqual(followupLesions.GetSegmentation().GetNumberOfSegments(), 1)
+            self.assertEqual(outputs.table.GetNumberOfRows(), 1)
+            row = outputs.rows[0]
+            np.testing.assert_allclose(np.subtract(row.followup_ras, row.segment.baseline_ras), expectedShiftRas,
+                                       atol=1.5)
+            self.assertGreater(row.volume_followup_ml, 0.5 * row.volume_baseline_ml)
         finally:
             logic.shutdown()
         self.delayDisplay("Test passed")

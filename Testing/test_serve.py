@@ -251,6 +251,19 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
     assert "not found in <server path>" in maisi["message"] and str(Path.home()) not in maisi["message"]
 
 
+def test_track_and_overlays_are_refused_on_a_server_with_a_clear_message(server, remote):
+    base = f"/sessions/{remote.session_id}/requests"
+    for request_type in ("track", "overlays"):
+        line = {"id": request_type, "type": request_type, "baseline_id": "v1", "followup_id": "v2",
+                "lesions": "/tmp/lesions.nii.gz", "out_dir": "/tmp/out"}
+        status, body = server.raw("POST", base, json.dumps(line).encode())
+        refused = json.loads(body)
+        assert status == 400 and refused["id"] == request_type and refused["kind"] == "bad_request"
+        assert f"'{request_type}'" in refused["message"] and "this computer" in refused["message"]
+    with pytest.raises(BadRequestError, match="this computer"):
+        remote.call("track", timeout=TIMEOUT_S, baseline_id="v1", followup_id="v2", lesions="l.nii.gz", out_dir="o")
+
+
 def test_upload_over_the_limit_is_refused(server, remote):
     big = _small_volume(2, (64, 64, 64))
     body, headers = encode_volume(big)

@@ -559,6 +559,7 @@ def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatc
     assert scene.GetNodesByClass("vtkMRMLGridTransformNode").GetNumberOfItems() == 1
     for step, check in (
         ("test_VisualQA", lambda: scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 3),
+        ("test_TrackLesions", lambda: scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems() == 1),
         ("test_WeightsTransferInBackground", lambda: True),
     ):
         result = unittest.TestResult()

@@ -18,10 +18,12 @@ from typing import Any
 
 from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import RunSettings
+from ..lesions.settings import LesionOptions
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
 from ..worker.remote_client import RemoteWorkerClient
 from .jobs import JobFolder, JobInputs, JobOutputs, SceneJob, Steps, WorkerRequest
+from .track_job import TrackInputs, TrackOutputs, track_steps
 
 ProgressCallback = Callable[[str, float, str], None]
 DoneCallback = Callable[[JobOutputs | None, Exception | None], None]
@@ -213,6 +215,28 @@ class Session:
         if self.busy:
             raise MedDIFTError("a MedDIFT job is already running")
         self._start(SceneJob(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras), on_done, None, None)
+
+    def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
+        if self.busy:
+            raise MedDIFTError("a MedDIFT job is already running")
+        if self.server_url is not None:
+            raise BadInputError("lesion tracking runs on this computer only; choose 'Compute on: this computer'")
+        return track_steps(self.scene, inputs, settings, self.folder, options)
+
+    def start_track(self, inputs: TrackInputs, settings: RunSettings, on_done: DoneCallback,
+                    on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
+                    options: LesionOptions | None = None) -> None:
+        """Track the baseline lesions in the background (:func:`~.track_job.track_steps`);
+        ``on_done(outputs, error)`` gets a :class:`~.track_job.TrackOutputs`. Bad inputs raise at once."""
+        self._start(self._track_steps(inputs, settings, options), on_done, on_progress, on_log)
+
+    def run_track(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None = None,
+                  progress: ProgressCallback | None = None, timeout_s: float | None = None) -> TrackOutputs:
+        """Track the baseline lesions and wait; the scene is unchanged on failure."""
+        steps = self._track_steps(inputs, settings, options)
+        if not self.worker_running:
+            self._new_client().start(timeout=self.start_timeout_s)
+        return run_blocking(self._client, steps, progress=progress, timeout_s=timeout_s)
 
     def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
                on_log: LogCallback | None) -> None:

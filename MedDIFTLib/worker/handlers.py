@@ -21,12 +21,15 @@ import torch
 
 from .. import __version__
 from ..core.io import Volume, write_volume
-from ..core.io.volumes import check_volume_output
-from ..core.progress import ProgressFn
+from ..core.io.volumes import check_overlap, check_volume_output
+from ..core.progress import ProgressFn, scaled
 from ..features import available_backbones, backbone_spec
 from ..field import DisplacementField, jacobian_determinant, read_field, register_and_write
 from ..field.grids import resample
 from ..field.register import level_match_options
+from ..lesions.inputs import read_lesions
+from ..lesions.outputs import check_outputs, write_outputs
+from ..lesions.track import track_lesions
 from ..matching import match_lattice, match_points
 from .protocol import (
     FeaturesRequest,
@@ -35,6 +38,7 @@ from .protocol import (
     OverlaysRequest,
     ProbeRequest,
     RegisterRequest,
+    TrackRequest,
     UnloadRequest,
 )
 from .state import WorkerState, device_name
@@ -251,6 +255,52 @@ def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn)
     return result
 
 
+def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Track the baseline lesions into the follow-up and write the files of ``meddift track``
+    (:mod:`MedDIFTLib.lesions.outputs`); the volumes' feature pyramids come from the cache. The output
+    folder and the lesions are checked before any work."""
+    check_outputs(request.out_dir)
+    settings = request.settings
+    baseline = state.volume(request.baseline_id, "baseline_id")
+    followup = state.volume(request.followup_id, "followup_id")
+    check_overlap(baseline, followup)
+    progress("track", 0.0, f"reading the lesions {os.path.basename(request.lesions)}")
+    lesions = read_lesions(request.lesions, baseline)
+    pair = state.pair(settings, request.baseline_id, request.followup_id, device_name(settings.device),
+                      scaled(progress, 0.0, 0.2))
+    result = track_lesions(
+        pair.fixed,
+        pair.moving,
+        lesions,
+        pair.fixed_pyramid,
+        pair.moving_pyramid,
+        request.lesion_options,
+        settings.field,
+        progress=scaled(progress, 0.2, 0.95),
+    )
+    progress("track", 0.95, "writing the lesion files")
+    paths = write_outputs(result, baseline, followup, request.out_dir)
+    progress("track", 1.0, "done")
+    return {
+        "files": {key: str(path) for key, path in paths.items()},
+        "lesions": [
+            {
+                "label": lesion.label,
+                "name": lesion.name,
+                "status": lesion.status,
+                "flags": list(lesion.flags),
+                "confidence": lesion.confidence,
+                "volume_baseline_ml": lesion.baseline.volume_ml,
+                "volume_followup_ml": lesion.followup.volume_ml,
+                "centre_lps_mm": lesion.centre_lps_mm,
+            }
+            for lesion in result.lesions
+        ],
+        "seconds": result.seconds,
+        "features_cached": pair.cached,
+    }
+
+
 HANDLERS: dict[str, Handler] = {
     "probe": probe,
     "load": load,
@@ -259,4 +309,5 @@ HANDLERS: dict[str, Handler] = {
     "match": match,
     "register": register,
     "overlays": overlays,
+    "track": track,
 }

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..core.errors import BadRequestError
 from ..core.options import FieldLevel, FieldOptions, MatchOptions, RunSettings, parse_options
+from ..lesions.settings import LesionOptions
 
 MAX_REQUEST_BYTES = 16 * 2**20
 MAX_POINTS = 100_000
@@ -121,6 +122,25 @@ class RegisterRequest:
 
 
 @dataclass(frozen=True)
+class TrackRequest:
+    """Lesion tracking (:func:`MedDIFTLib.lesions.track.track_lesions`) from the ``baseline_id``
+    volume into the ``followup_id`` volume. ``lesions`` is the path of a labelmap on the baseline grid
+    or a point file, as ``meddift track --lesions`` takes; ``out_dir`` gets the files of ``meddift
+    track`` (:mod:`MedDIFTLib.lesions.outputs`, each written atomically). The ``options`` field
+    (LesionOptions) is ``lesion_options``; ``field_options`` (FieldOptions) becomes
+    ``settings.field``. Result: ``files`` (path by key: labelmap, csv, report, sheet), ``lesions``
+    (label, name, status, flags, confidence, volumes in mL, follow-up centre in LPS mm),
+    ``seconds`` (per step) and ``features_cached``."""
+
+    baseline_id: str
+    followup_id: str
+    lesions: str
+    out_dir: str
+    lesion_options: LesionOptions
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
 class CancelRequest:
     """Cancel ``job_id``, or else the running or the oldest queued job. Result: ``cancelled`` (that
     job's id or null); the cancelled job ends with an ``error`` of kind ``cancelled``."""
@@ -160,6 +180,7 @@ Request = (
     | MatchRequest
     | RegisterRequest
     | OverlaysRequest
+    | TrackRequest
     | CancelRequest
     | ShutdownRequest
 )
@@ -313,6 +334,18 @@ def _parse_overlays(fields: dict[str, Any], limits: Limits) -> OverlaysRequest:
     )
 
 
+def _parse_track(fields: dict[str, Any], limits: Limits) -> TrackRequest:
+    field = parse_options(FieldOptions, fields.get("field_options"), "track field")
+    return TrackRequest(
+        baseline_id=_volume_id(fields, "baseline_id"),
+        followup_id=_volume_id(fields, "followup_id"),
+        lesions=_text(fields, "lesions", "the path of a baseline lesion labelmap or point file"),
+        out_dir=_text(fields, "out_dir", "an output folder path"),
+        lesion_options=parse_options(LesionOptions, fields.get("options"), "track"),
+        settings=_settings(fields, "track", field=field),
+    )
+
+
 def _parse_cancel(fields: dict[str, Any], limits: Limits) -> CancelRequest:
     job_id = fields.get("job_id")
     if job_id is not None and not isinstance(job_id, str):
@@ -332,6 +365,7 @@ _PARSERS = {
     "match": _parse_match,
     "register": _parse_register,
     "overlays": _parse_overlays,
+    "track": _parse_track,
     "cancel": _parse_cancel,
     "shutdown": _parse_shutdown,
 }

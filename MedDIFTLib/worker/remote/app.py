@@ -40,6 +40,7 @@ from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES,
 
 REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
 DEVICE_TYPES = ("features", "match", "register")
+LOCAL_TYPES = ("overlays", "track")  # they read or write files beside the worker: local workers only
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
 
@@ -262,6 +263,9 @@ def server_options(request_type: str, fields: dict[str, Any], config: ServeConfi
 def _not_remote(request_type: str) -> str:
     if request_type == "load":
         return "the server never reads its own files: upload the volume (RemoteWorkerClient's load does)"
+    if request_type in LOCAL_TYPES:
+        return (f"'{request_type}' reads or writes files on the computer that runs it, so it is not available on a "
+                "server; run it on this computer (a local worker)")
     return f"'{request_type}' is not available on a server; close the session instead"
 
 

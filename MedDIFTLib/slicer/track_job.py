@@ -1,0 +1,122 @@
+"""Lesion tracking over scene nodes, as worker steps like :class:`~.jobs.SceneJob`'s (torch-free).
+
+:func:`track_steps` checks its inputs at once, then: the baseline and follow-up volume nodes are
+loaded into the worker (through the session's :class:`~.jobs.JobFolder`, so unchanged nodes are
+not sent again), the baseline lesions (a segmentation or markups node) are written as the
+``--lesions`` file (:func:`~.lesions.write_baseline_lesions`), the worker's ``track`` request writes
+the files of ``meddift track`` into a job folder, and only then are the follow-up segmentation node
+(filled in place when given: same segment IDs, names and colours) and the lesion table node filled.
+A failed or cancelled run leaves both nodes as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.errors import BadInputError
+from ..core.options import RunSettings, to_json
+from ..lesions.settings import LesionOptions
+from .jobs import JobFolder, Steps, WorkerRequest
+from .lesions import (
+    LesionRow,
+    LesionSegment,
+    fill_followup_segmentation,
+    fill_lesion_table,
+    read_lesion_rows,
+    write_baseline_lesions,
+)
+from .nodes import node_label, set_input_references
+
+
+@dataclass
+class TrackInputs:
+    """Scene nodes of one tracking run: the two volumes, the baseline lesions (segmentation or
+    markups node), and the follow-up segmentation and table nodes to fill (None: created)."""
+
+    baseline_volume: Any
+    followup_volume: Any
+    baseline_lesions: Any
+    followup_lesions: Any = None
+    table: Any = None
+
+
+@dataclass
+class TrackOutputs:
+    """What a run put into the scene: the follow-up segmentation and table nodes, one row per lesion
+    (with its baseline segment), the worker's result (``summary``) and the job's files by key."""
+
+    followup_lesions: Any = None
+    table: Any = None
+    rows: list[LesionRow] = field(default_factory=list)
+    segments: list[LesionSegment] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def _check(inputs: TrackInputs) -> None:
+    if inputs.baseline_volume is None or inputs.followup_volume is None:
+        raise BadInputError("choose the baseline (fixed) and follow-up (moving) volumes")
+    if inputs.baseline_volume is inputs.followup_volume:
+        raise BadInputError("the baseline and follow-up volumes must be two different nodes")
+    lesions = inputs.baseline_lesions
+    if lesions is None:
+        raise BadInputError("choose the baseline lesions (a segmentation or markups node)")
+    if not (lesions.IsA("vtkMRMLSegmentationNode") or lesions.IsA("vtkMRMLMarkupsNode")):
+        raise BadInputError(f"the baseline lesions {node_label(lesions)} are neither a segmentation nor markups")
+    output = inputs.followup_lesions
+    if output is not None and not output.IsA("vtkMRMLSegmentationNode"):
+        raise BadInputError(f"the follow-up lesions {node_label(output)} are not a segmentation node")
+    if output is not None and output is lesions:
+        raise BadInputError("the follow-up segmentation must be another node than the baseline lesions")
+    if inputs.table is not None and not inputs.table.IsA("vtkMRMLTableNode"):
+        raise BadInputError(f"{node_label(inputs.table)} is not a table node")
+
+
+def track_steps(
+    scene, inputs: TrackInputs, settings: RunSettings, folder: JobFolder, options: LesionOptions | None = None
+) -> Steps:
+    """Check ``inputs`` now (raising :class:`BadInputError`), then return the run's steps; drive them
+    with :func:`~.session.run_blocking` or a session. ``settings.field`` is the registration."""
+    if not isinstance(settings, RunSettings):
+        raise BadInputError(f"run settings must be a RunSettings, got {type(settings).__name__}")
+    _check(inputs)
+    return _track(scene, inputs, settings, folder, options or LesionOptions())
+
+
+def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: JobFolder, options: LesionOptions) -> Steps:
+    baseline_id = yield from folder.volume_id(inputs.baseline_volume)
+    followup_id = yield from folder.volume_id(inputs.followup_volume)
+    is_points = inputs.baseline_lesions.IsA("vtkMRMLMarkupsNode")
+    lesions_path = folder.new_path("lesions", ".mrk.json" if is_points else ".nii.gz")
+    segments = write_baseline_lesions(scene, inputs.baseline_lesions, inputs.baseline_volume, lesions_path)
+    out_dir = folder.new_path("track", "")
+    summary = yield WorkerRequest(
+        "track",
+        {
+            "baseline_id": baseline_id,
+            "followup_id": followup_id,
+            "lesions": str(lesions_path),
+            "out_dir": str(out_dir),
+            "backbone": settings.backbone,
+            "backbone_options": dict(settings.backbone_options),
+            "device": settings.device,
+            "options": to_json(options),
+            "field_options": to_json(settings.field),
+        },
+    )
+    files = {str(key): str(path) for key, path in (summary.get("files") or {}).items()}
+    rows = read_lesion_rows(files["csv"], segments)
+    followup_name = inputs.followup_volume.GetName() or "follow-up"
+    followup_lesions = fill_followup_segmentation(
+        scene,
+        files["labelmap"],
+        segments,
+        inputs.followup_lesions,
+        inputs.followup_volume,
+        name=f"{inputs.baseline_lesions.GetName()} in {followup_name}",
+    )
+    set_input_references(followup_lesions, inputs.baseline_volume, inputs.followup_volume)
+    table = fill_lesion_table(scene, rows, inputs.table, name=f"Lesions {followup_name}")
+    lesions_path.unlink(missing_ok=True)
+    return TrackOutputs(followup_lesions, table, rows, segments, summary, files)

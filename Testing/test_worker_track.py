@@ -1,0 +1,194 @@
+"""Lesion tracking through the background worker: the ``track`` request parsed, run end to end on a
+small synthetic pair (the files of ``meddift track``, progress, the feature cache, cancel), and the
+Slicer layer's tracking job on slicer-core's real segmentation nodes through a worker session."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from test_lesions import GEOMETRY, ball, labelmap_volume, lung_with_nodules, volume_node
+
+from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError
+from MedDIFTLib.core.io import read_volume, write_volume
+from MedDIFTLib.core.options import FieldOptions, RunSettings, parse_options
+from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
+from MedDIFTLib.lesions.settings import LesionOptions
+from MedDIFTLib.worker.client import WorkerClient
+from MedDIFTLib.worker.events import Error, Result
+from MedDIFTLib.worker.protocol import TrackRequest, parse_request
+
+TIMEOUT_S = 120
+NODULES = [((-8.0, 0.0, 0.0), 5.0), ((10.0, 4.0, 4.0), 4.5)]
+SHIFT_LPS = np.array([4.0, -3.0, 2.0])
+FAST_FIELD = {"levels": [{"spacing_mm": 8.0, "search_radius_mm": 12.0}], "optimise_iterations": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The request
+
+
+def test_track_request_parses_ids_paths_and_both_option_sets():
+    request = parse_request("track", {
+        "baseline_id": "v1", "followup_id": "v2", "lesions": "lesions.nii.gz", "out_dir": "out",
+        "options": {"refine": False, "confidence_threshold": 0.3}, "field_options": {"optimise_iterations": 0},
+        "backbone": "mind", "device": "cpu"})
+    assert isinstance(request, TrackRequest)
+    assert (request.baseline_id, request.followup_id, request.lesions, request.out_dir) == (
+        "v1", "v2", "lesions.nii.gz", "out")
+    assert request.lesion_options == LesionOptions(refine=False, confidence_threshold=0.3)
+    assert request.settings.field == FieldOptions(optimise_iterations=0)
+    assert (request.settings.backbone, request.settings.device) == ("mind", "cpu")
+    defaults = parse_request("track", {"baseline_id": "v1", "followup_id": "v2", "lesions": "l.csv", "out_dir": "o"})
+    assert defaults.lesion_options == LesionOptions() and defaults.settings.field == FieldOptions()
+
+
+@pytest.mark.parametrize("changes, error_class, words", [
+    ({"lesions": None}, BadRequestError, "lesions"),
+    ({"out_dir": ""}, BadRequestError, "out_dir"),
+    ({"followup_id": 3}, BadRequestError, "followup_id"),
+    ({"options": {"radius": 1}}, BadRequestError, "radius"),
+    ({"options": {"confidence_threshold": 2}}, BadInputError, "confidence_threshold"),
+    ({"field_options": {"inverse_spacing_mm": 0}}, BadInputError, "inverse_spacing"),
+])
+def test_bad_track_fields_name_the_field(changes, error_class, words):
+    fields = {"baseline_id": "v1", "followup_id": "v2", "lesions": "l.nii.gz", "out_dir": "o", **changes}
+    with pytest.raises(BadInputError) as raised:
+        parse_request("track", fields)
+    assert type(raised.value) is error_class and words in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker, end to end
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """A baseline with two nodules, a follow-up moved by SHIFT_LPS (new noise) and the baseline labelmap."""
+    folder = tmp_path_factory.mktemp("track_pair")
+    baseline = lung_with_nodules(GEOMETRY, NODULES)
+    followup = lung_with_nodules(GEOMETRY, [(np.asarray(c) + SHIFT_LPS, r) for c, r in NODULES], seed=1)
+    labelmap = labelmap_volume([(ball(GEOMETRY, c, r), n + 1) for n, (c, r) in enumerate(NODULES)], GEOMETRY)
+    paths = {name: folder / f"{name}.nii.gz" for name in ("baseline", "followup", "lesions")}
+    for name, volume in (("baseline", baseline), ("followup", followup), ("lesions", labelmap)):
+        write_volume(volume, paths[name])
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def worker(files):
+    client = WorkerClient()
+    client.start(timeout=TIMEOUT_S)
+    ids = {"baseline_id": client.call("load", path=files["baseline"], timeout=TIMEOUT_S)["volume_id"],
+           "followup_id": client.call("load", path=files["followup"], timeout=TIMEOUT_S)["volume_id"]}
+    yield client, ids
+    assert client.stop() == 0, client.stderr_tail()
+
+
+def _track(ids: dict, lesions: str, out_dir, **extra) -> dict:
+    return {**ids, "lesions": lesions, "out_dir": str(out_dir), "backbone": "mind", "device": "cpu",
+            "field_options": FAST_FIELD, **extra}
+
+
+def test_track_writes_the_files_of_meddift_track_and_reuses_the_features(worker, files, tmp_path):
+    client, ids = worker
+    stages = []
+    result = client.call("track", progress=lambda stage, fraction, message: stages.append((stage, fraction)),
+                         timeout=TIMEOUT_S, **_track(ids, files["lesions"], tmp_path / "out"))
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(FILES.values())
+    assert result["files"] == {key: str(tmp_path / "out" / name) for key, name in FILES.items()}
+    assert [lesion["label"] for lesion in result["lesions"]] == [1, 2]
+    for lesion, (centre, _) in zip(result["lesions"], NODULES):
+        assert lesion["status"] == "ok" and lesion["flags"] == []
+        assert np.linalg.norm(np.asarray(lesion["centre_lps_mm"]) - (np.asarray(centre) + SHIFT_LPS)) < 1.5
+    with (tmp_path / "out" / "lesions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == CSV_COLUMNS and [row["status"] for row in rows] == ["ok", "ok"]
+    followup_labels = read_volume(tmp_path / "out" / "followup_lesions.nii.gz")
+    assert followup_labels.geometry.same_grid(GEOMETRY) and set(np.unique(followup_labels.voxels)) == {0, 1, 2}
+    assert result["features_cached"] is False and {"features", "match", "track"} <= {s for s, _ in stages}
+    fractions = [fraction for stage, fraction in stages if stage == "track"]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+
+    points = tmp_path / "points.csv"
+    points.write_text("label,l,p,s\nA,-7.0,1.0,0.0\nB,10.0,4.0,4.0\n", encoding="utf-8")
+    again = client.call("track", timeout=TIMEOUT_S, **_track(ids, str(points), tmp_path / "from_points",
+                                                             options={"refine": False}))
+    assert again["features_cached"] is True
+    assert [(lesion["label"], lesion["name"]) for lesion in again["lesions"]] == [(1, "A"), (2, "B")]
+
+
+def test_track_refuses_bad_lesions_before_any_output_and_serves_on(worker, files, tmp_path):
+    client, ids = worker
+    bad = labelmap_volume([(ball(GEOMETRY, (0, 0, 0), 3.0), 0.5)], GEOMETRY)
+    write_volume(bad, tmp_path / "bad.nii.gz")
+    with pytest.raises(BadInputError, match="integers"):
+        client.call("track", timeout=TIMEOUT_S, **_track(ids, str(tmp_path / "bad.nii.gz"), tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(BadInputError, match="baseline_id"):
+        client.call("track", timeout=TIMEOUT_S, **_track({**ids, "baseline_id": "nope"}, files["lesions"],
+                                                         tmp_path / "none"))
+    assert client.call("probe", timeout=TIMEOUT_S)["volumes"]
+
+
+def test_cancel_stops_a_track_job_and_writes_nothing(worker, files, tmp_path):
+    client, ids = worker
+    slow = {"levels": [{"spacing_mm": 3.0, "search_radius_mm": 12.0}], "optimise_iterations": 200}
+    request_id = client.send("track", **_track(ids, files["lesions"], tmp_path / "out", field_options=slow))
+    client.cancel(request_id)
+    final = next(event for event in client.events(request_id, TIMEOUT_S) if isinstance(event, (Result, Error)))
+    assert isinstance(final, Error) and final.kind == CancelledError.kind
+    assert not (tmp_path / "out" / "lesions.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Slicer job on slicer-core's segmentation nodes
+
+
+def test_slicer_track_job_fills_the_followup_segmentation_in_place_and_the_table(files):
+    slicer_core = pytest.importorskip("slicer_core", reason="slicer-core is not installed")
+    from MedDIFTLib.slicer import lesions as glue
+    from MedDIFTLib.slicer.session import Session
+    from MedDIFTLib.slicer.track_job import TrackInputs
+
+    scene = slicer_core.vtkMRMLScene()
+    baseline = read_volume(files["baseline"])
+    followup = read_volume(files["followup"])
+    baseline_node = volume_node(scene, baseline.voxels, GEOMETRY, name="baseline")
+    followup_node = volume_node(scene, followup.voxels, GEOMETRY, name="follow-up")
+    labels = read_volume(files["lesions"]).voxels.astype(np.uint8)
+    source = volume_node(scene, labels, GEOMETRY, "vtkMRMLLabelMapVolumeNode", "source")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
+    assert slicer_core.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation)
+    scene.RemoveNode(source)
+    for index, name in enumerate(("nodule A", "nodule B")):
+        segmentation.GetSegmentation().GetNthSegment(index).SetName(name)
+    output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my follow-up")
+    output.GetSegmentation().AddEmptySegment("old", "old", [0.5, 0.5, 0.5])
+
+    settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, FAST_FIELD))
+    session = Session(scene)
+    try:
+        inputs = TrackInputs(baseline_node, followup_node, segmentation, followup_lesions=output)
+        with pytest.raises(BadInputError, match="another node"):
+            session.run_track(TrackInputs(baseline_node, followup_node, segmentation, segmentation), settings)
+        stages = []
+        outputs = session.run_track(inputs, settings, progress=lambda stage, fraction, message: stages.append(stage),
+                                    timeout_s=TIMEOUT_S)
+    finally:
+        session.shutdown()
+    assert outputs.followup_lesions is output and "track" in stages
+    tracked = output.GetSegmentation()
+    ids = [tracked.GetNthSegmentID(n) for n in range(tracked.GetNumberOfSegments())]
+    assert ids == [segment.segment_id for segment in outputs.segments]
+    assert [tracked.GetSegment(segment_id).GetName() for segment_id in ids] == ["nodule A", "nodule B"]
+    assert [row.status for row in outputs.rows] == ["ok", "ok"]
+    assert outputs.rows[0].followup_ras == pytest.approx(tuple(((np.asarray(NODULES[0][0]) + SHIFT_LPS)
+                                                                 * [-1, -1, 1]).tolist()), abs=1.5)
+    assert outputs.table.GetNumberOfRows() == 2 and outputs.table.GetCellText(0, 0) == "nodule A"
+    again = glue.write_baseline_lesions(scene, output, followup_node, files["followup"] + ".check.nii.gz")
+    exported = read_volume(files["followup"] + ".check.nii.gz").voxels
+    expected = ball(GEOMETRY, np.asarray(NODULES[0][0]) + SHIFT_LPS, NODULES[0][1])
+    assert [segment.name for segment in again] == ["nodule A", "nodule B"]
+    assert (exported == 1)[expected].mean() > 0.8
