@@ -1,46 +1,44 @@
-"""Worker latency: first ``match`` (feature extraction included) vs re-match on cached features.
+"""Worker latency: first ``match`` of a new pair (features included) and cached re-matches.
 
 Drives the real worker subprocess through :class:`MedDIFTLib.worker.client.WorkerClient`, as the
 Slicer module does. Pair: the POPI 4DCT phase (512x512x141, ~0.98x0.98x2 mm) and a copy shifted
-by a smooth known displacement (a few mm), written to a temporary folder; backbone ``mind``.
+by a smooth known displacement (a few mm), written to a temporary folder; backbone ``mind``,
+default match options (backward check on) and the given search radius.
 
-    python benchmarks/worker_latency.py [--volume PATH] [--points 10] [--repeats 5] [--device cpu]
+    python benchmarks/worker_latency.py [--points 1 10] [--repeats 5] [--threads 2] [--baseline PATH]
 
-Prints the client-side round trip, the worker-side ``seconds`` and the time inside
-:func:`MedDIFTLib.matching.match_points` of each cached re-match, for the default match options and
-for cheaper ones (no descriptor patch, no backward check).
+``--baseline`` is another checkout of MedDIFT (e.g. ``git worktree add /tmp/old <commit>``); each
+engine runs in its own process with the same inputs and thread count, and the table gives the
+ratios. Figures go to ``benchmarks/results/worker_latency.json`` (the README's table).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from MedDIFTLib.core.io import read_volume  # noqa: E402
-from MedDIFTLib.worker.client import WorkerClient  # noqa: E402
-
-SHIFT_STEP_MM = np.array([1.0, -1.0, 2.0])  # each repeat moves the points, as when a landmark is dragged
-CACHED_RUNS = (
-    ("default options", {}),
-    ("patch_radius 0", {"patch_radius": 0}),
-    ("patch_radius 0, no backward check", {"patch_radius": 0, "backward_check": False}),
-)
+RESULTS = REPO / "benchmarks" / "results" / "worker_latency.json"
 POPI = REPO.parent / "shared" / "data" / "chestct_single_real" / "popi_4dct_phase00" / "image.nii.gz"
+SHIFT_STEP_MM = np.array([1.0, -1.0, 2.0])  # each repeat moves the points, as when a landmark is dragged
 
 
 def write_shifted_copy(source: Path, target: Path) -> None:
     """Resample ``source`` with a smooth displacement (up to ~4 mm along k) and write it uncompressed."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from MedDIFTLib.core.io import read_volume
+
     volume = read_volume(source)
     shape = volume.voxels.shape
     k = np.arange(shape[0], dtype=np.float32)[:, None, None] / max(shape[0] - 1, 1)
@@ -61,64 +59,98 @@ def sample_points(geometry, count: int, seed: int = 0) -> np.ndarray:
     return geometry.ijk_to_lps(ijk)
 
 
+def _child(volume: Path, moving: Path, counts: list[int], repeats: int, radius_mm: float, device: str) -> dict:
+    """One engine (the MedDIFTLib on ``sys.path``): first match, then cached re-matches per point count."""
+    from MedDIFTLib.core.io import read_volume
+    from MedDIFTLib.worker.client import WorkerClient
+
+    geometry = read_volume(volume).geometry
+    with WorkerClient() as client:
+        fixed_id = client.call("load", path=str(volume))["volume_id"]
+        moving_id = client.call("load", path=str(moving))["volume_id"]
+        request = {"fixed_id": fixed_id, "moving_id": moving_id, "backbone": "mind", "backbone_options": {},
+                   "device": device, "options": {"search_radius_mm": radius_mm}}
+
+        def timed(points: np.ndarray) -> tuple[float, dict]:
+            begin = time.perf_counter()
+            result = client.call("match", points_lps_mm=points, **request)
+            return time.perf_counter() - begin, result
+
+        first_s, first = timed(sample_points(geometry, 1))
+        cached = {}
+        for count in counts:
+            points = sample_points(geometry, count, seed=count)
+            runs = [timed(points + SHIFT_STEP_MM * n) for n in range(repeats)]
+            assert all(result["features_cached"] for _, result in runs)
+            cached[count] = {
+                "round_trip_ms": statistics.median(wall for wall, _ in runs) * 1000,
+                "match_points_ms": statistics.median(result["match_seconds"] for _, result in runs) * 1000,
+            }
+        cache = client.call("probe")["cache"]
+    assert not first["features_cached"]
+    return {"first_match_s": first_s, "cached": cached, "cache_gib": cache["used_bytes"] / 2**30}
+
+
+def _run_engine(repo: Path, args: argparse.Namespace, moving: Path) -> dict:
+    threads = str(args.threads)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    command = [sys.executable, __file__, "--child", str(moving), "--volume", str(args.volume), "--repeats",
+               str(args.repeats), "--radius-mm", str(args.radius_mm), "--device", args.device,
+               "--points", *map(str, args.points)]
+    done = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, encoding="utf-8")
+    if done.returncode != 0:
+        raise SystemExit(f"engine at {repo} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _markdown(engines: dict[str, dict], counts: list[int]) -> str:
+    header = ["engine", "first match s", *[f"cached {n} pt ms/pt" for n in counts], "feature cache GiB"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, figures in engines.items():
+        per_point = [figures["cached"][str(n)]["round_trip_ms"] / n for n in counts]
+        cells = [name, f"{figures['first_match_s']:.1f}", *[f"{v:.1f}" for v in per_point],
+                 f"{figures['cache_gib']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(engines) == 2:
+        (_, new), (_, old) = engines.items()
+        ratios = [old["cached"][str(n)]["round_trip_ms"] / new["cached"][str(n)]["round_trip_ms"] for n in counts]
+        cells = ["speed-up (baseline / this)", f"{old['first_match_s'] / new['first_match_s']:.2f}x",
+                 *[f"{r:.2f}x" for r in ratios], f"{old['cache_gib'] / new['cache_gib']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volume", type=Path, default=POPI)
-    parser.add_argument("--points", type=int, default=10)
+    parser.add_argument("--points", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--radius-mm", type=float, default=15.0)
+    parser.add_argument("--radius-mm", type=float, default=25.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each engine's worker")
+    parser.add_argument("--baseline", type=Path, help="another MedDIFT checkout to compare against")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        figures = _child(args.volume, args.child, args.points, args.repeats, args.radius_mm, args.device)
+        print(json.dumps(figures))
+        return 0
     if not args.volume.exists():
         print(f"volume not found: {args.volume}", file=sys.stderr)
         return 1
-
+    sys.path.insert(0, str(REPO))
+    engines = {"this checkout": REPO} | ({f"baseline {args.baseline.name}": args.baseline} if args.baseline else {})
     with tempfile.TemporaryDirectory(prefix="meddift-bench-") as folder:
-        moving_path = Path(folder) / "moving.mha"
-        started = time.perf_counter()
-        write_shifted_copy(args.volume, moving_path)
-        print(f"built moving volume in {time.perf_counter() - started:.1f} s")
-
-        with WorkerClient() as client:
-            fixed = client.call("load", path=str(args.volume))
-            moving = client.call("load", path=str(moving_path))
-            print(f"volume {fixed['geometry']['shape_ijk']} voxels, spacing {fixed['geometry']['spacing_mm']} mm")
-            geometry = read_volume(args.volume).geometry
-            request = {
-                "fixed_id": fixed["volume_id"],
-                "moving_id": moving["volume_id"],
-                "backbone": "mind",
-                "backbone_options": {},
-                "device": args.device,
-                "options": {"search_radius_mm": args.radius_mm},
-            }
-
-            def timed_match(points: np.ndarray, **options) -> tuple[float, dict]:
-                begin = time.perf_counter()
-                merged = {**request, "options": {**request["options"], **options}}
-                result = client.call("match", points_lps_mm=points, **merged)
-                return time.perf_counter() - begin, result
-
-            points = sample_points(geometry, args.points)
-            first_wall, first = timed_match(points)
-            runs = {}
-            for title, options in CACHED_RUNS:
-                runs[title] = [timed_match(points + SHIFT_STEP_MM * n, **options) for n in range(args.repeats)]
-            cache = client.call("probe")["cache"]
-
-    assert not first["features_cached"] and all(r["features_cached"] for rs in runs.values() for _, r in rs)
-    print(f"device {args.device}, {args.points} points, search radius {args.radius_mm:g} mm, backbone mind")
-    print(f"first match (features of both volumes + match): {first_wall * 1000:8.0f} ms round trip")
-    for title, results in runs.items():
-        walls = [wall for wall, _ in results]
-        worker_side = [result["seconds"] for _, result in results]
-        matcher = [result["match_seconds"] for _, result in results]
-        print(
-            f"cached re-match, {title:34s}: median {statistics.median(walls) * 1000:7.1f} ms round trip "
-            f"(min {min(walls) * 1000:.1f}); in worker {statistics.median(worker_side) * 1000:.1f} ms, "
-            f"of which match_points {statistics.median(matcher) * 1000:.1f} ms"
-        )
-    print(f"feature cache: {len(cache['entries'])} entries, {cache['used_bytes'] / 2**30:.2f} GiB")
+        moving = Path(folder) / "moving.mha"
+        write_shifted_copy(args.volume, moving)
+        figures = {name: _run_engine(repo.resolve(), args, moving) for name, repo in engines.items()}
+    table = _markdown(figures, args.points)
+    header = (f"{args.volume.name}, backbone mind, default match options with backward check, search radius "
+              f"{args.radius_mm:g} mm, {args.threads} threads, median of {args.repeats} re-matches (round trip)")
+    markdown = f"{header}\n\n{table}"
+    print(markdown)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"markdown": markdown, "figures": figures}, indent=1), encoding="utf-8")
     return 0
 
 

@@ -57,6 +57,14 @@ def mind_ssc(image: torch.Tensor, dilation: int = 1, patch_radius: int = 1) -> t
     return distances
 
 
+def _unit_norm_(features: torch.Tensor) -> torch.Tensor:
+    """``features`` (C, K, J, I) divided in place by each voxel's L2 norm over the channels."""
+    norm = features[0] * features[0]
+    for channel in features[1:]:
+        norm.addcmul_(channel, channel)
+    return features.div_(norm.sqrt_().clamp_(min=1e-12))
+
+
 class MindFeaturizer:
     """MIND-SSC pyramid: level ``n`` is MIND-SSC of the image average-pooled by ``scales[n]``."""
 
@@ -104,7 +112,7 @@ class MindFeaturizer:
         for n, (scale, weight) in enumerate(zip(self.scales, self.weights)):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
             pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
-            features = F.normalize(mind_ssc(pooled, self.dilation, self.patch_radius), dim=0).cpu()
+            features = _unit_norm_(mind_ssc(pooled, self.dilation, self.patch_radius)).cpu()
             geometry = volume.geometry.downsampled(scale)
             levels.append(
                 FeatureLevel(f"mind_1/{scale}", features, geometry, weight, self.match_patch_radius, unit_norm=True)
