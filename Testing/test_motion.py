@@ -84,3 +84,15 @@ def test_simulate_command_takes_the_motion_family(elastix_ct, tmp_path):
     assert summary["motion"] == "dirlab2" and summary["motion_scale"] == 1.5
     with pytest.raises(SystemExit):
         main(["simulate", str(ct), str(tmp_path / "bad"), "--motion", "popi"])
+
+
+def test_lesion_pairs_take_the_dirlab_motion(elastix_ct):
+    require(DIRLAB_DIR)
+    from MedDIFTLib.evaluation.lesions import make_lesion_pair
+
+    breathing = make_lesion_pair(elastix_ct, count=2, seed=1, mean_motion_mm=3.0)
+    dirlab = make_lesion_pair(elastix_ct, count=2, seed=1, mean_motion_mm=3.0, motion="dirlab1")
+    assert np.array_equal(breathing.baseline.voxels, dirlab.baseline.voxels)
+    assert not np.allclose(breathing.followup.voxels, dirlab.followup.voxels)
+    with pytest.raises(BadInputError):
+        make_lesion_pair(elastix_ct, count=2, seed=1, motion="sideways")

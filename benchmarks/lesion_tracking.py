@@ -3,7 +3,8 @@
 Pairs (:func:`MedDIFTLib.evaluation.lesions.make_lesion_pair`): solid nodules (4-12 mm radius where the
 lungs have room) inserted in a real CT of ../shared/data, grown or shrunk by a known volume factor
 (0.5x-2x) in the follow-up, which is also warped by the breathing simulation (mean motion
-``--motion-mm`` at the nodule centres). Cases: the elastix right-lung crop and the pulmonary crop,
+``--motion-mm`` at the nodule centres) or, with ``--motion dirlab1|dirlab2``, by the motion fitted to
+real DIR-Lab landmark displacements. Cases: the elastix right-lung crop and the pulmonary crop,
 one pair per seed. Methods, on the same pairs:
 
 - ``convexadam-carry``: ConvexAdam's field (fixed = follow-up, moving = baseline) carries the baseline
@@ -48,7 +49,7 @@ def _field_on(field, geometry):
     return DisplacementField.from_tensor(grids.resample(field.as_tensor(), field.geometry, geometry), geometry)
 
 
-def run_pair(case: str, seed: int, count: int, motion_mm: float) -> dict:
+def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str) -> dict:
     from MedDIFTLib.core.io import read_volume
     from MedDIFTLib.core.io.volumes import Volume
     from MedDIFTLib.evaluation.baselines import convexadam, unavailable_reason
@@ -62,7 +63,7 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float) -> dict:
 
     ct = read_volume(DATA_DIR / "chestct_single_real" / CASES[case] / "image.nii.gz")
     ct = Volume(ct.voxels, ct.geometry, case)
-    pair = make_lesion_pair(ct, count=count, seed=seed, mean_motion_mm=motion_mm)
+    pair = make_lesion_pair(ct, count=count, seed=seed, mean_motion_mm=motion_mm, motion=motion)
     lesions = lesions_from_labelmap(Volume(pair.baseline_labelmap.astype(np.float32), pair.baseline.geometry),
                                     pair.baseline)
     rows: dict[str, list[dict]] = {}
@@ -138,20 +139,24 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--nodules", type=int, default=4)
-    parser.add_argument("--motion-mm", type=float, default=7.0)
+    parser.add_argument("--motion-mm", type=float, default=7.0, help="mean motion of the breathing model")
+    parser.add_argument("--motion", default="breathing", choices=("breathing", "dirlab1", "dirlab2"),
+                        help="motion family: the breathing model or the fit to DIR-Lab case 1/2 displacements")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lesion_tracking.json"))
     args = parser.parse_args()
     pairs = []
     for case in args.cases:
         for seed in args.seeds:
-            pair = run_pair(case, seed, args.nodules, args.motion_mm)
+            pair = run_pair(case, seed, args.nodules, args.motion_mm, args.motion)
             print(f"{case} seed {seed}: {len(pair['rows']['meddift-track'])} nodules, statuses {pair['statuses']}, "
                   f"seconds {', '.join(f'{k} {v:.0f}' for k, v in pair['seconds'].items())}", flush=True)
             pairs.append(pair)
     markdown, figures = _table(pairs)
+    motion_text = (f"breathing motion, mean {args.motion_mm:g} mm" if args.motion == "breathing"
+                   else f"{args.motion} motion (fitted to real DIR-Lab displacements)")
     header = (f"Lesion tracking on {len(pairs)} generated pairs ({', '.join(args.cases)}; seeds "
-              f"{', '.join(map(str, args.seeds))}; up to {args.nodules} nodules each; mean motion "
-              f"{args.motion_mm:g} mm; 0.5x-2x volume change; MIND features, CPU).\n\n")
+              f"{', '.join(map(str, args.seeds))}; up to {args.nodules} nodules each; {motion_text}; "
+              f"0.5x-2x volume change; MIND features, CPU).\n\n")
     print(header + markdown)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -112,8 +112,10 @@ def insert_nodules(ct: Volume, centres_lps_mm: np.ndarray, radii_mm: np.ndarray,
 
 def make_lesion_pair(ct: Volume, count: int = 6, seed: int = 0, mean_motion_mm: float = 7.0,
                      radius_mm: tuple[float, float] = (4.0, 12.0),
-                     volume_factor: tuple[float, float] = (0.5, 2.0)) -> LesionPair:
-    """A baseline/follow-up pair with ``count`` nodules of ``ct`` (see the module notes)."""
+                     volume_factor: tuple[float, float] = (0.5, 2.0), motion: str = "breathing") -> LesionPair:
+    """A baseline/follow-up pair with ``count`` nodules of ``ct`` (see the module notes); ``motion`` is
+    the motion family of :class:`MedDIFTLib.evaluation.settings.SimulationOptions` (``mean_motion_mm``
+    applies to the breathing model only)."""
     rng = np.random.default_rng(seed)
     centres, radii = nodule_sites(ct, count, radius_mm, volume_factor[1], rng)
     factors = np.exp(rng.uniform(np.log(volume_factor[0]), np.log(volume_factor[1]), len(radii)))
@@ -123,7 +125,7 @@ def make_lesion_pair(ct: Volume, count: int = 6, seed: int = 0, mean_motion_mm: 
     changed, _ = insert_nodules(ct, centres, grown, density, seed * 100)
     labels = [str(n + 1) for n in range(len(radii))]
     moved = make_synthetic_pair(changed, seed=seed, mean_motion_mm=mean_motion_mm, points_lps_mm=centres,
-                                labels=labels)
+                                labels=labels, motion=motion)
     kept = np.asarray([int(label) - 1 for label in moved.moving_points.labels], int)
     followup = moved.moving
     followup_labelmap = np.zeros(followup.geometry.shape_kji, np.int32)
