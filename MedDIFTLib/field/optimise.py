@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
-from ..features.protocol import FeaturePyramid
-from ..matching.sampling import sample
+from ..features.protocol import FeatureLevel, FeaturePyramid
+from ..matching.sampling import sample, unit_descriptors
 from . import grids
 
 MAX_CHANNELS = 16
@@ -56,10 +55,10 @@ class _LevelTerm:
         return int(self.fixed_features.shape[1])
 
 
-def pooled_descriptors(features: torch.Tensor, geometry: Geometry, spacing_mm: float) -> tuple[torch.Tensor, Geometry]:
-    """Descriptors L2-normalised per voxel, then averaged over cells of about ``spacing_mm``."""
-    factors = grids.pool_factors(geometry, spacing_mm)
-    return grids.pool(F.normalize(features.float(), dim=0), factors), grids.pooled_grid(geometry, factors)
+def pooled_descriptors(level: FeatureLevel, spacing_mm: float) -> tuple[torch.Tensor, Geometry]:
+    """The level's descriptors L2-normalised per voxel, then averaged over cells of about ``spacing_mm``."""
+    factors = grids.pool_factors(level.geometry, spacing_mm)
+    return grids.pool(unit_descriptors(level), factors), grids.pooled_grid(level.geometry, factors)
 
 
 def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -99,10 +98,8 @@ def _level_terms(
     finest = int(np.argmin([np.prod(level.geometry.spacing_mm) for level in fixed.levels]))
     terms = []
     for fixed_level, moving_level in [(fixed.levels[finest], moving.levels[finest])]:
-        fixed_features, fixed_geometry = pooled_descriptors(fixed_level.features, fixed_level.geometry, spacing_mm)
-        moving_features, moving_geometry = pooled_descriptors(
-            moving_level.features, moving_level.geometry, spacing_mm
-        )
+        fixed_features, fixed_geometry = pooled_descriptors(fixed_level, spacing_mm)
+        moving_features, moving_geometry = pooled_descriptors(moving_level, spacing_mm)
         projection = _principal_projection(fixed_features, moving_features, MAX_CHANNELS)
         fixed_features = _project(fixed_features, projection)
         moving_features = _project(moving_features, projection)
