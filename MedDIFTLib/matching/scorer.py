@@ -5,9 +5,9 @@ the taps ``o`` of a patch of moving-level voxel offsets: ``mean_o <f(x + o), m(y
 L2-normalised descriptors. The taps lie every ``s`` voxels from ``-r`` to ``r`` along each axis
 (``r`` = ``FeatureLevel.patch_radius`` or ``MatchOptions.patch_radius``, ``s`` =
 ``MatchOptions.patch_step``, :func:`.candidates.patch_taps`); r = 0 is the plain voxel cosine of
-the paper. The fused similarity is the weighted mean over
-levels (weights normalised to sum 1). This module scores the point layout; the lattice layout
-(:mod:`.lattice`) scores the same quantity for a grid of fixed points, one shared shift at a time.
+the paper. The fused similarity is the weighted mean over levels (weights normalised to sum 1).
+This module scores the point layout; the lattice layout (:mod:`.lattice`) scores the same
+quantity for a grid of fixed points, one shared shift at a time.
 
 Two ways to score a level, both memory-bounded (nothing is ever upsampled to the full image):
 - native (default): cosine at the level's own voxels inside a box around the window, then

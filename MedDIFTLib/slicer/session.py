@@ -181,9 +181,12 @@ class Session:
             self._folder = JobFolder(tempfile.mkdtemp(prefix="MedDIFT-"))
         return self._folder
 
-    def _steps(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
+    def _check_idle(self) -> None:
         if self.busy:
             raise MedDIFTError("a MedDIFT job is already running")
+
+    def _steps(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
+        self._check_idle()
         if self.server_url is not None and inputs.compute_overlays:
             raise BadInputError("QA overlays are computed on this computer only; choose 'Compute on: this computer' "
                                 "or turn the overlays off")
@@ -212,13 +215,11 @@ class Session:
                            on_done: DoneCallback) -> None:
         """Match one fixed point (RAS mm) in the background for the correspondence cursor; the scene
         is not changed and ``on_done(outputs, error)`` gets ``outputs.matches`` (one row)."""
-        if self.busy:
-            raise MedDIFTError("a MedDIFT job is already running")
+        self._check_idle()
         self._start(SceneJob(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras), on_done, None, None)
 
     def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
-        if self.busy:
-            raise MedDIFTError("a MedDIFT job is already running")
+        self._check_idle()
         if self.server_url is not None:
             raise BadInputError("lesion tracking runs on this computer only; choose 'Compute on: this computer'")
         return track_steps(self.scene, inputs, settings, self.folder, options)
@@ -233,10 +234,7 @@ class Session:
     def run_track(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None = None,
                   progress: ProgressCallback | None = None, timeout_s: float | None = None) -> TrackOutputs:
         """Track the baseline lesions and wait; the scene is unchanged on failure."""
-        steps = self._track_steps(inputs, settings, options)
-        if not self.worker_running:
-            self._new_client().start(timeout=self.start_timeout_s)
-        return run_blocking(self._client, steps, progress=progress, timeout_s=timeout_s)
+        return self._wait(self._track_steps(inputs, settings, options), progress, timeout_s)
 
     def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
                on_log: LogCallback | None) -> None:
@@ -292,7 +290,10 @@ class Session:
         ``progress(stage, fraction, message)`` receives progress; ``timeout_s`` bounds the wait
         for each worker event.
         """
-        steps = self._steps(inputs, settings, control_point_indices)
+        return self._wait(self._steps(inputs, settings, control_point_indices), progress, timeout_s)
+
+    def _wait(self, steps: Steps, progress: ProgressCallback | None, timeout_s: float | None):
+        """Drive ``steps`` to their outputs in this thread, starting the worker if needed."""
         if not self.worker_running:
             self._new_client().start(timeout=self.start_timeout_s)
         return run_blocking(self._client, steps, progress=progress, timeout_s=timeout_s)
