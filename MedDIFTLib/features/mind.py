@@ -3,10 +3,16 @@
 MIND-SSC compares image patches around the 12 pairs of voxels of the six-neighbourhood that lie
 sqrt(2) apart: for a pair (a, b) the distance is the box-filtered squared difference
 ``(I(x+a) - I(x+b))^2``; the 12 distances are shifted by their minimum, divided by their mean
-(the local variance estimate) and mapped through ``exp(-d)``. The descriptor is computed at a
-few scales (the image average-pooled by 1, 2, 4, ...), one pyramid level each, so the fused
-similarity sees both fine detail and context. Intensities are HU clipped to ``hu_window``. Each voxel's
+(the local variance estimate, floored at ``variance_floor``) and mapped through ``exp(-d)``.
+Intensities are HU clipped to ``hu_window`` and scaled to [0, 1], so the floor is in those units
+(squared). The descriptor is computed at a few scales (the image average-pooled by 1, 2, 4, ...),
+one pyramid level each, so the fused similarity sees both fine detail and context. Each voxel's
 12-vector is stored with unit L2 norm (matching compares descriptors by cosine).
+
+The descriptor is local: a voxel's value depends only on the pooled image within
+``dilation + patch_radius`` voxels of it (the border voxel repeated outside the volume). So a box
+computed from the image around it equals the same box of the whole level, which lets the worker
+compute features only where a search reads them (:meth:`MindFeaturizer.extract_regions`).
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from ..core.errors import BadInputError
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
 from .protocol import FeatureLevel, FeaturePyramid
+from .regions import RegionFiller
 
 SIX_NEIGHBOURHOOD = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 SSC_PAIRS = [
     (a, b) for a, b in combinations(range(6), 2) if np.sum((SIX_NEIGHBOURHOOD[a] - SIX_NEIGHBOURHOOD[b]) ** 2) == 2
 ]
+VARIANCE_FLOOR = 1e-5
 
 
 def _shifted(padded: torch.Tensor, offset_kji: np.ndarray, pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -36,23 +44,42 @@ def _shifted(padded: torch.Tensor, offset_kji: np.ndarray, pad: int, shape: tupl
     return padded[k : k + shape[0], j : j + shape[1], i : i + shape[2]]
 
 
-def mind_ssc(image: torch.Tensor, dilation: int = 1, patch_radius: int = 1) -> torch.Tensor:
+def _box_mean(values: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of ``values`` (K, J, I) over a (2r+1)^3 box, the border voxel repeated outside: one
+    running sum per axis."""
+    if radius == 0:
+        return values.clone()
+    summed = F.pad(values[None, None], (radius,) * 6, mode="replicate")[0, 0]
+    for axis in range(3):
+        length = summed.shape[axis] - 2 * radius
+        total = summed.narrow(axis, 0, length).clone()
+        for tap in range(1, 2 * radius + 1):
+            total += summed.narrow(axis, tap, length)
+        summed = total
+    return summed.div_((2 * radius + 1) ** 3)
+
+
+def mind_ssc(
+    image: torch.Tensor, dilation: int = 1, patch_radius: int = 1, variance_floor: float = VARIANCE_FLOOR
+) -> torch.Tensor:
     """MIND-SSC of a ``(K, J, I)`` image: a ``(12, K, J, I)`` tensor with values in (0, 1]."""
     shape = tuple(image.shape)
     pad = dilation
     padded = F.pad(image[None, None], (pad,) * 6, mode="replicate")[0, 0]
     offsets_kji = SIX_NEIGHBOURHOOD[:, ::-1] * dilation
     distances = torch.empty((len(SSC_PAIRS), *shape), dtype=image.dtype, device=image.device)
-    box = 2 * patch_radius + 1
     for channel, (a, b) in enumerate(SSC_PAIRS):
         squared = (_shifted(padded, offsets_kji[a], pad, shape) - _shifted(padded, offsets_kji[b], pad, shape)) ** 2
-        squared = F.pad(squared[None, None], (patch_radius,) * 6, mode="replicate")
-        distances[channel] = F.avg_pool3d(squared, box, stride=1)[0, 0]
+        distances[channel] = _box_mean(squared, patch_radius)
         del squared
-    distances -= distances.min(dim=0, keepdim=True).values
-    variance = distances.mean(dim=0, keepdim=True)
-    mean_variance = variance.mean()
-    variance.clamp_(min=float(mean_variance) * 1e-3 + 1e-12, max=float(mean_variance) * 1e3 + 1e-12)
+    minimum = distances[0].clone()
+    for channel in distances[1:]:
+        torch.minimum(minimum, channel, out=minimum)
+    distances -= minimum
+    variance = distances[0].clone()
+    for channel in distances[1:]:
+        variance += channel
+    variance.div_(len(SSC_PAIRS)).clamp_(min=variance_floor)
     distances.div_(variance).neg_().exp_()
     return distances
 
@@ -79,6 +106,7 @@ class MindFeaturizer:
         patch_radius: int = 1,
         match_patch_radius: int = 3,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
+        variance_floor: float = VARIANCE_FLOOR,
         device: str = "cpu",
     ) -> None:
         if weights is not None and len(weights) != len(scales):
@@ -91,6 +119,11 @@ class MindFeaturizer:
         self.patch_radius = int(patch_radius)
         self.match_patch_radius = int(match_patch_radius)
         self.hu_window = (float(hu_window[0]), float(hu_window[1]))
+        if not self.hu_window[0] < self.hu_window[1]:
+            raise BadInputError(f"MIND: hu_window must be [low, high] with low < high, got {list(hu_window)}")
+        self.variance_floor = float(variance_floor)
+        if not self.variance_floor > 0:
+            raise BadInputError(f"MIND: variance_floor must be > 0, got {variance_floor}")
         self.device = resolve_device(str(device))
 
     @property
@@ -102,20 +135,54 @@ class MindFeaturizer:
             "patch_radius": self.patch_radius,
             "match_patch_radius": self.match_patch_radius,
             "hu_window": list(self.hu_window),
+            "variance_floor": self.variance_floor,
         }
 
-    def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid:
+    def _box(self, volume: Volume, scale: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+        """Unit-norm MIND-SSC ``(12, ...)`` of the level box ``[lo, hi)`` at pooling ``scale``,
+        computed from the image within the descriptor's reach of the box (CPU)."""
+        reach = self.dilation + self.patch_radius
+        shape = np.asarray(volume.geometry.downsampled(scale).shape_kji)
+        first = np.maximum(np.asarray(lo_kji) - reach, 0)
+        last = np.minimum(np.asarray(hi_kji) + reach, shape)
+        region = tuple(slice(int(a) * scale, int(b) * scale) for a, b in zip(first, last))
         low, high = self.hu_window
-        image = torch.from_numpy(np.clip(volume.voxels, low, high)).to(self.device)
+        image = torch.from_numpy(np.clip(volume.voxels[region], low, high)).to(self.device, torch.float32)
         image = (image - low) / (high - low)
+        pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
+        features = _unit_norm_(mind_ssc(pooled, self.dilation, self.patch_radius, self.variance_floor))
+        inner = tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(lo_kji, hi_kji, first))
+        return features[(slice(None), *inner)].cpu()
+
+    def _level(self, volume: Volume, n: int, features: torch.Tensor, filler: RegionFiller | None) -> FeatureLevel:
+        scale = self.scales[n]
+        geometry = volume.geometry.downsampled(scale)
+        return FeatureLevel(
+            f"mind_1/{scale}", features, geometry, self.weights[n], self.match_patch_radius, True, filler
+        )
+
+    def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid:
         levels = []
-        for n, (scale, weight) in enumerate(zip(self.scales, self.weights)):
+        for n, scale in enumerate(self.scales):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
-            pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
-            features = _unit_norm_(mind_ssc(pooled, self.dilation, self.patch_radius)).cpu()
-            geometry = volume.geometry.downsampled(scale)
-            levels.append(
-                FeatureLevel(f"mind_1/{scale}", features, geometry, weight, self.match_patch_radius, unit_norm=True)
-            )
+            shape = np.asarray(volume.geometry.downsampled(scale).shape_kji)
+            levels.append(self._level(volume, n, self._box(volume, scale, np.zeros(3, int), shape), None))
         progress("features", 1.0, "MIND-SSC done")
+        return FeaturePyramid(levels, volume.geometry, self.name, self.config)
+
+    def extract_regions(self, volume: Volume) -> FeaturePyramid:
+        """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
+
+        Each level is allocated full size (zero pages cost no memory until written) and holds
+        ``volume`` to compute from.
+        """
+        levels = []
+        for n, scale in enumerate(self.scales):
+            shape = volume.geometry.downsampled(scale).shape_kji
+            features = torch.from_numpy(np.zeros((12, *shape), np.float32))
+
+            def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
+                return self._box(volume, scale, lo_kji, hi_kji)
+
+            levels.append(self._level(volume, n, features, RegionFiller(compute, shape)))
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)

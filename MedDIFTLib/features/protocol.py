@@ -3,6 +3,11 @@
 Each level holds a ``(C, K, J, I)`` float tensor on its own grid (a :class:`Geometry` whose
 ``affine_ijk_to_lps`` maps level voxels to LPS mm) and a fusion weight. Matching reads only
 this contract, never a backbone's internals.
+
+A level with a ``filler`` (:mod:`.regions`, from ``extract_regions`` of a backbone with local
+descriptors) is valid only where it has been filled: the point matcher asks for each box it reads
+(:meth:`FeatureLevel.ensure_boxes`); every other consumer takes a complete pyramid
+(:meth:`FeaturePyramid.fill`).
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
+from .regions import RegionFiller
 
 
 @dataclass
@@ -25,7 +32,8 @@ class FeatureLevel:
     the backbone's advice for matching: average the cosine over a (2r+1)^3 patch. Descriptors
     with a wide receptive field (diffusion features) need 0; very local ones (MIND) need more.
     ``unit_norm`` says every voxel's descriptor already has unit L2 norm, so matching can take the
-    stored values as they are instead of normalising each window it reads.
+    stored values as they are instead of normalising each window it reads. ``filler`` (None: the
+    tensor is complete) computes boxes of the tensor on demand.
     """
 
     name: str
@@ -34,6 +42,7 @@ class FeatureLevel:
     weight: float = 1.0
     patch_radius: int = 0
     unit_norm: bool = False
+    filler: RegionFiller | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 4 or tuple(self.features.shape[1:]) != self.geometry.shape_kji:
@@ -49,6 +58,20 @@ class FeatureLevel:
     def nbytes(self) -> int:
         return self.features.numel() * self.features.element_size()
 
+    @property
+    def complete(self) -> bool:
+        return self.filler is None or self.filler.done
+
+    def ensure_boxes(self, lo_ijk: np.ndarray, hi_ijk: np.ndarray) -> None:
+        """Make the level valid in the voxel boxes ``[lo, hi)`` (B, 3 ``ijk``; clipped to the grid)."""
+        if not self.complete:
+            self.filler.ensure_boxes(self.features, lo_ijk, hi_ijk)
+
+    def fill(self) -> None:
+        """Make the whole level valid."""
+        if not self.complete:
+            self.filler.fill(self.features)
+
 
 @dataclass
 class FeaturePyramid:
@@ -63,7 +86,21 @@ class FeaturePyramid:
     def nbytes(self) -> int:
         return sum(level.nbytes for level in self.levels)
 
+    @property
+    def complete(self) -> bool:
+        return all(level.complete for level in self.levels)
+
+    def fill(self, progress: ProgressFn = no_progress) -> FeaturePyramid:
+        """This pyramid with every level valid (filled in place)."""
+        for n, level in enumerate(self.levels):
+            if not level.complete:
+                progress("features", n / len(self.levels), f"{level.name}: the rest of the volume")
+                level.fill()
+        return self
+
     def to(self, device: torch.device | str) -> FeaturePyramid:
+        """A copy on ``device`` (filled first: a copy could not be filled any more)."""
+        self.fill()
         levels = [replace(level, features=level.features.to(device)) for level in self.levels]
         return FeaturePyramid(levels, self.image_geometry, self.backbone, dict(self.config))
 

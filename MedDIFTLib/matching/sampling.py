@@ -40,6 +40,15 @@ def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.devi
     return torch.as_tensor(ijk, dtype=torch.float32, device=device)
 
 
+def ensure_read(level: FeatureLevel, ijk: np.ndarray, reach: int = 0) -> None:
+    """Make ``level`` valid where trilinear reads at ``ijk`` (B, N, 3 continuous voxel coordinates)
+    and ``reach`` voxels around them land: one box per row (a no-op on a complete level)."""
+    if level.complete:
+        return
+    rows = np.asarray(ijk, float).reshape(len(ijk), -1, 3)
+    level.ensure_boxes(np.floor(rows.min(axis=1)) - reach - 1, np.floor(rows.max(axis=1)) + reach + 3)
+
+
 def unit_descriptors(level: FeatureLevel, features: torch.Tensor | None = None) -> torch.Tensor:
     """``features`` (default: the whole level, ``(C, ...)``) as float32 with unit L2 norm along
     channels; stored unit-norm levels are only converted, not normalised again."""
@@ -51,5 +60,6 @@ def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.
     """L2-normalised descriptors (..., C) of ``level`` at LPS points (..., 3), trilinear."""
     points = np.asarray(points_lps_mm, float)
     coords = level_ijk(level, points.reshape(-1, 3), level.features.device)
+    ensure_read(level, coords.cpu().numpy().reshape(points.shape if points.ndim > 1 else (1, 3)))
     samples = sample(level.features.float(), coords)
     return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)

@@ -170,7 +170,8 @@ def match(state: WorkerState, request: MatchRequest, progress: ProgressFn) -> di
     """Match the fixed points into the moving volume; labels pair inputs with outputs."""
     started = time.perf_counter()
     settings = request.settings
-    pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
+    device = device_name(settings.device)
+    pair = state.pair(settings, request.fixed_id, request.moving_id, device, progress, regions=True)
     progress("match", 0.0, f"matching {len(request.points_lps_mm)} points")
     match_started = time.perf_counter()
     result = match_points(

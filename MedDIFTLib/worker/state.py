@@ -124,25 +124,42 @@ class WorkerState:
         return featurizer
 
     def features(
-        self, settings: RunSettings, volume: Volume, device: str, progress: ProgressFn, role: str = ""
+        self,
+        settings: RunSettings,
+        volume: Volume,
+        device: str,
+        progress: ProgressFn,
+        role: str = "",
+        regions: bool = False,
     ) -> Features:
         """Features of ``volume`` (kept on the CPU), from the cache when possible.
 
-        ``role`` (e.g. ``fixed``) prefixes the progress messages.
+        ``role`` (e.g. ``fixed``) prefixes the progress messages. With ``regions`` the pyramid may
+        be one that the point matcher fills where it reads (a backbone with local descriptors, on
+        the CPU: :mod:`MedDIFTLib.features.regions`); otherwise it is complete.
         """
         featurizer = self.featurizer(settings, device)
         key = CacheKey.create(volume.content_hash(), featurizer.name, featurizer.config, device)
-        pyramid = self.cache.get(key)
-        if pyramid is not None:
-            return Features(pyramid, key, True, 0.0)
         prefix = f"{role}: " if role else ""
-        progress("features", 0.0, f"{prefix}{featurizer.name} features of {volume.name or 'volume'}")
-        started = time.perf_counter()
 
         def report(stage: str, fraction: float, message: str = "") -> None:
             progress(stage, fraction, prefix + message)
 
-        pyramid = featurizer.extract(volume, report).to("cpu")
+        started = time.perf_counter()
+        pyramid = self.cache.get(key)
+        if pyramid is not None:
+            if pyramid.complete or regions:
+                return Features(pyramid, key, True, 0.0)
+            pyramid.fill(report)
+            return Features(pyramid, key, False, time.perf_counter() - started)
+        extract_regions = getattr(featurizer, "extract_regions", None)
+        what = f"{prefix}{featurizer.name} features of {volume.name or 'volume'}"
+        if regions and device == "cpu" and extract_regions is not None:
+            progress("features", 0.0, f"{what}, computed where the search reads them")
+            pyramid = extract_regions(volume)
+        else:
+            progress("features", 0.0, what)
+            pyramid = featurizer.extract(volume, report).to("cpu")
         seconds = time.perf_counter() - started
         if not self.cache.put(key, pyramid, volume.name):
             self._log(
@@ -166,12 +183,20 @@ class WorkerState:
             self._device_copies.move_to_end(slot)
         return copy
 
-    def pair(self, settings: RunSettings, fixed_id: str, moving_id: str, device: str, progress: ProgressFn) -> Pair:
-        """Fixed and moving volumes and their pyramids on ``device``."""
+    def pair(
+        self,
+        settings: RunSettings,
+        fixed_id: str,
+        moving_id: str,
+        device: str,
+        progress: ProgressFn,
+        regions: bool = False,
+    ) -> Pair:
+        """Fixed and moving volumes and their pyramids on ``device`` (``regions``: see :meth:`features`)."""
         fixed = self.volume(fixed_id, "fixed_id")
         moving = self.volume(moving_id, "moving_id")
-        fixed_features = self.features(settings, fixed, device, progress, "fixed")
-        moving_features = self.features(settings, moving, device, progress, "moving")
+        fixed_features = self.features(settings, fixed, device, progress, "fixed", regions)
+        moving_features = self.features(settings, moving, device, progress, "moving", regions)
         return Pair(
             fixed,
             moving,

@@ -1,0 +1,66 @@
+"""Features filled on demand, box by box, for backbones whose descriptors are local (MIND).
+
+A :class:`RegionFiller` belongs to one :class:`~.protocol.FeatureLevel`: the level's tensor is
+allocated full size but holds valid values only where the filler has computed them. It keeps a
+map of filled blocks (``BLOCK`` level voxels per axis) and, asked for a box, computes the
+bounding box of the blocks still missing there in one call of the backbone's ``compute``. A
+backbone offers this only when a voxel's descriptor depends on the image near it alone, so that a
+box computed on its own equals the same box of the whole-volume extraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+BLOCK = 8
+
+RegionCompute = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+"""``compute(lo_kji, hi_kji)``: the ``(C, ...)`` features of the level box ``[lo, hi)``."""
+
+
+class RegionFiller:
+    """Fills a level's ``(C, K, J, I)`` tensor where it is read; ``done`` once all of it is filled."""
+
+    def __init__(self, compute: RegionCompute, shape_kji: tuple[int, int, int]) -> None:
+        self._compute = compute
+        self.shape_kji = np.asarray(shape_kji, int)
+        self._filled = np.zeros(-(-self.shape_kji // BLOCK), bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self._filled.all())
+
+    @property
+    def filled_share(self) -> float:
+        return float(self._filled.mean())
+
+    def ensure(self, features: torch.Tensor, lo_kji: np.ndarray, hi_kji: np.ndarray) -> None:
+        """Make ``features[:, lo:hi]`` valid (the box is clipped to the grid)."""
+        lo = np.clip(np.asarray(lo_kji, int), 0, self.shape_kji)
+        hi = np.clip(np.asarray(hi_kji, int), 0, self.shape_kji)
+        if np.any(hi <= lo):
+            return
+        first, last = lo // BLOCK, -(-hi // BLOCK)
+        missing = np.argwhere(~self._filled[tuple(slice(a, b) for a, b in zip(first, last))])
+        if not len(missing):
+            return
+        block_lo = first + missing.min(axis=0)
+        block_hi = first + missing.max(axis=0) + 1
+        box_lo = block_lo * BLOCK
+        box_hi = np.minimum(block_hi * BLOCK, self.shape_kji)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
+        features[(slice(None), *box)] = self._compute(box_lo, box_hi).to(features.device, features.dtype)
+        self._filled[tuple(slice(int(a), int(b)) for a, b in zip(block_lo, block_hi))] = True
+
+    def ensure_boxes(self, features: torch.Tensor, lo_ijk: np.ndarray, hi_ijk: np.ndarray) -> None:
+        """:meth:`ensure` for each row of ``lo_ijk`` / ``hi_ijk`` (B, 3), voxel index order ``ijk``
+        (as the matcher holds them), upper bounds exclusive."""
+        for lo, hi in zip(np.asarray(lo_ijk, int), np.asarray(hi_ijk, int)):
+            self.ensure(features, lo[::-1], hi[::-1])
+
+    def fill(self, features: torch.Tensor) -> None:
+        """Make the whole tensor valid."""
+        self.ensure(features, np.zeros(3, int), self.shape_kji)

@@ -1,0 +1,130 @@
+"""Features filled where they are read: MIND boxes equal the whole-volume extraction, and matching on
+region-filled pyramids equals matching on complete ones (the worker's interactive path)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from MedDIFTLib.core.errors import BadInputError
+from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.io import Volume
+from MedDIFTLib.core.options import MatchOptions, RunSettings
+from MedDIFTLib.features.mind import MindFeaturizer, mind_ssc
+from MedDIFTLib.features.regions import BLOCK, RegionFiller
+from MedDIFTLib.matching import match_points
+from MedDIFTLib.worker.protocol import Limits
+from MedDIFTLib.worker.state import WorkerState
+
+
+def _textured_volume(shape_kji: tuple[int, int, int], seed: int = 0) -> Volume:
+    """Smooth random texture in HU on an anisotropic grid (sizes not multiples of the MIND scales)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    voxels = ndimage.gaussian_filter(rng.normal(size=shape_kji), 1.5) * 4000.0 - 300.0
+    geometry = Geometry.create(shape_kji[::-1], (1.2, 1.0, 2.0), (-40.0, 10.0, 5.0))
+    return Volume(voxels.astype(np.float32), geometry, "texture")
+
+
+def _shifted(volume: Volume, shift_kji: tuple[int, int, int]) -> Volume:
+    return dataclasses.replace(volume, voxels=np.roll(volume.voxels, shift_kji, axis=(0, 1, 2)).copy(), name="moved")
+
+
+def test_region_filler_computes_only_missing_blocks():
+    calls = []
+
+    def compute(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+        calls.append((tuple(lo_kji), tuple(hi_kji)))
+        k, j, i = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo_kji, hi_kji)], indexing="ij")
+        return torch.from_numpy(np.stack([k, j, i]).astype(np.float32))
+
+    shape = (20, 17, 9)
+    features = torch.full((3, *shape), -1.0)
+    filler = RegionFiller(compute, shape)
+    filler.ensure(features, np.array([1, 1, 1]), np.array([3, 3, 3]))
+    assert calls == [((0, 0, 0), (BLOCK, BLOCK, BLOCK))]
+    filler.ensure(features, np.array([0, 0, 0]), np.array([BLOCK, BLOCK, BLOCK]))
+    assert len(calls) == 1
+    filler.ensure(features, np.array([-5, 2, 0]), np.array([BLOCK + 1, 3, 99]))
+    assert calls[1] == ((0, 0, 0), (2 * BLOCK, BLOCK, 9))  # the bounding box of the missing blocks
+    assert not filler.done and 0 < filler.filled_share < 1
+    filler.fill(features)
+    assert filler.done and torch.equal(features, compute(np.zeros(3, int), np.asarray(shape)))
+
+
+@pytest.mark.parametrize("scales", [(1, 2, 4), (3,)])
+def test_mind_boxes_equal_the_whole_volume(scales):
+    volume = _textured_volume((23, 30, 26))
+    featurizer = MindFeaturizer(scales=scales)
+    whole = featurizer.extract(volume)
+    regions = featurizer.extract_regions(volume)
+    assert not regions.complete and regions.config == whole.config
+    rng = np.random.default_rng(1)
+    for level, reference in zip(regions.levels, whole.levels):
+        shape = np.asarray(level.geometry.shape_ijk)
+        lo = rng.integers(-3, shape, (12, 3))
+        hi = lo + rng.integers(1, 9, (12, 3))
+        level.ensure_boxes(lo, hi)
+        for a, b in zip(np.clip(lo, 0, shape), np.clip(hi, 0, shape)):
+            box = (slice(None), slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
+            assert torch.equal(level.features[box], reference.features[box])
+    regions.fill()
+    assert regions.complete
+    for level, reference in zip(regions.levels, whole.levels):
+        assert torch.equal(level.features, reference.features)
+
+
+def test_mind_is_local_and_floored():
+    image = torch.rand(12, 13, 14)
+    changed = image.clone()
+    changed[:, :, 10:] = 0.5
+    reach = 2  # dilation 1 + patch radius 1
+    assert torch.equal(mind_ssc(image)[:, :, :, : 10 - reach], mind_ssc(changed)[:, :, :, : 10 - reach])
+    flat = mind_ssc(torch.full((6, 6, 6), 0.25))
+    assert torch.equal(flat, torch.ones_like(flat))
+    with pytest.raises(BadInputError, match="variance_floor"):
+        MindFeaturizer(variance_floor=0)
+    with pytest.raises(BadInputError, match="hu_window"):
+        MindFeaturizer(hu_window=(100, -100))
+    assert MindFeaturizer(variance_floor=1e-4).config != MindFeaturizer().config
+
+
+@pytest.mark.parametrize(
+    ("options", "partial"),
+    [(MatchOptions(), True), (MatchOptions(exact=True), True), (MatchOptions(mode="global"), False)],
+    ids=["default", "exact", "global"],
+)
+def test_matching_on_region_pyramids_equals_complete_ones(options, partial):
+    fixed = _textured_volume((28, 36, 32))
+    moving = _shifted(fixed, (1, -2, 3))
+    featurizer = MindFeaturizer()
+    ijk = np.array([[5.0, 6.0, 3.0], [30.0, 33.0, 26.0]])  # one at the border
+    points = fixed.geometry.ijk_to_lps(ijk)
+    options = dataclasses.replace(options, search_radius_mm=6.0)
+    complete = match_points(featurizer.extract(fixed), featurizer.extract(moving), points, options=options)
+    fixed_regions, moving_regions = featurizer.extract_regions(fixed), featurizer.extract_regions(moving)
+    lazy = match_points(fixed_regions, moving_regions, points, options=options)
+    assert np.array_equal(lazy.points_lps_mm, complete.points_lps_mm)
+    assert np.array_equal(lazy.similarity, complete.similarity)
+    assert np.array_equal(lazy.forward_backward_mm, complete.forward_backward_mm, equal_nan=True)
+    assert fixed_regions.levels[0].complete is not partial and moving_regions.levels[0].complete is not partial
+
+
+def test_worker_state_fills_a_region_pyramid_for_whole_volume_jobs():
+    state = WorkerState(2**30, Limits(), lambda level, message: None)
+    volume = _textured_volume((20, 24, 22))
+    settings = RunSettings(backbone="mind")
+    first = state.features(settings, volume, "cpu", lambda *args: None, regions=True)
+    assert not first.cached and not first.pyramid.complete
+    again = state.features(settings, volume, "cpu", lambda *args: None, regions=True)
+    assert again.cached and again.pyramid is first.pyramid
+    stages = []
+    whole = state.features(settings, volume, "cpu", lambda stage, *rest: stages.append(stage))
+    assert whole.pyramid is first.pyramid and whole.pyramid.complete and not whole.cached and "features" in stages
+    reference = MindFeaturizer().extract(volume)
+    for level, expected in zip(whole.pyramid.levels, reference.levels):
+        assert torch.equal(level.features, expected.features)
