@@ -335,8 +335,9 @@ def test_match_round_trip_equals_the_local_worker(remote, local, pair):
     got = remote.call("match", timeout=TIMEOUT_S, progress=lambda s, f, m: stages.append(s), **ids, **request)
     assert {"features", "match"} <= set(stages)
     assert got["labels"] == expected["labels"]
+    # the server's torch threads differ from the worker's, and the FFT scoring rounds differently per thread count
     for key in ("points_lps_mm", "similarity", "confidence", "forward_backward_mm"):
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-4, err_msg=key)
     assert got["reliable"] == expected["reliable"]
     assert remote.call("match", timeout=TIMEOUT_S, **ids, **request)["features_cached"] is True
 
