@@ -9,6 +9,7 @@ the SimpleITK/NumPy order ``[k, j, i]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,25 +45,34 @@ class Geometry:
     def num_voxels(self) -> int:
         return int(np.prod(self.shape_ijk))
 
-    @property
-    def affine_ijk_to_lps(self) -> np.ndarray:
-        """4x4 matrix mapping homogeneous ``ijk`` (column vector) to LPS mm."""
+    @cached_property
+    def _affine(self) -> np.ndarray:
         affine = np.eye(4)
         affine[:3, :3] = self.direction_matrix * np.asarray(self.spacing_mm)[None, :]
         affine[:3, 3] = self.origin_lps_mm
+        affine.setflags(write=False)
         return affine
+
+    @cached_property
+    def _lps_to_ijk_linear(self) -> np.ndarray:
+        inverse = np.linalg.inv(self._affine[:3, :3]).T
+        inverse.setflags(write=False)
+        return inverse
+
+    @property
+    def affine_ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix mapping homogeneous ``ijk`` (column vector) to LPS mm (a fresh copy)."""
+        return self._affine.copy()
 
     def ijk_to_lps(self, ijk) -> np.ndarray:
         """Continuous voxel indices (N, 3) -> LPS mm (N, 3)."""
         ijk = np.asarray(ijk, float)
-        affine = self.affine_ijk_to_lps
-        return ijk @ affine[:3, :3].T + affine[:3, 3]
+        return ijk @ self._affine[:3, :3].T + self._affine[:3, 3]
 
     def lps_to_ijk(self, points_lps_mm) -> np.ndarray:
         """LPS mm (N, 3) -> continuous voxel indices (N, 3)."""
         points = np.asarray(points_lps_mm, float)
-        affine = self.affine_ijk_to_lps
-        return (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+        return (points - self._affine[:3, 3]) @ self._lps_to_ijk_linear
 
     def contains_lps(self, points_lps_mm, margin_voxels: float = 0.5) -> np.ndarray:
         """True for points inside the grid's extent (voxel centres +- ``margin_voxels``)."""
