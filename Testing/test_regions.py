@@ -120,11 +120,15 @@ def test_worker_state_fills_a_region_pyramid_for_whole_volume_jobs():
     settings = RunSettings(backbone="mind")
     first = state.features(settings, volume, "cpu", lambda *args: None, regions=True)
     assert not first.cached and not first.pyramid.complete
+    assert first.pyramid.filled_bytes == 0 < first.pyramid.nbytes
+    first.pyramid.levels[0].ensure_boxes(np.array([[0, 0, 0]]), np.array([[4, 4, 4]]))
+    assert 0 < state.cache.describe()["filled_bytes"] < state.cache.describe()["used_bytes"] == first.pyramid.nbytes
     again = state.features(settings, volume, "cpu", lambda *args: None, regions=True)
     assert again.cached and again.pyramid is first.pyramid
     stages = []
     whole = state.features(settings, volume, "cpu", lambda stage, *rest: stages.append(stage))
     assert whole.pyramid is first.pyramid and whole.pyramid.complete and not whole.cached and "features" in stages
+    assert whole.pyramid.filled_bytes == whole.pyramid.nbytes
     reference = MindFeaturizer().extract(volume)
     for level, expected in zip(whole.pyramid.levels, reference.levels):
         assert torch.equal(level.features, expected.features)

@@ -59,6 +59,11 @@ class FeatureLevel:
         return self.features.numel() * self.features.element_size()
 
     @property
+    def filled_bytes(self) -> int:
+        """Bytes of the tensor computed so far (all of it when complete)."""
+        return self.nbytes if self.complete else int(self.nbytes * self.filler.filled_share)
+
+    @property
     def complete(self) -> bool:
         return self.filler is None or self.filler.done
 
@@ -85,6 +90,10 @@ class FeaturePyramid:
     @property
     def nbytes(self) -> int:
         return sum(level.nbytes for level in self.levels)
+
+    @property
+    def filled_bytes(self) -> int:
+        return sum(level.filled_bytes for level in self.levels)
 
     @property
     def complete(self) -> bool:

@@ -82,10 +82,13 @@ class FeatureCache:
         self._entries.clear()
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready summary: budget, bytes used and the entries, least recently used first."""
+        """JSON-ready summary: budget, bytes used (held for the whole pyramids), bytes computed so
+        far (``filled_bytes``: less where features are filled on demand) and the entries, least
+        recently used first."""
         return {
             "max_bytes": self.max_bytes,
             "used_bytes": self.used_bytes,
+            "filled_bytes": sum(entry.pyramid.filled_bytes for entry in self._entries.values()),
             "entries": [
                 {
                     "volume": entry.volume_name,
