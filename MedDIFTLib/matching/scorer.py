@@ -63,6 +63,7 @@ class Scorer:
         self.steps = [patch_taps(radius, options.patch_step)[0] for radius in self.radii]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
+        self._layouts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
         """Per level, (B, n_taps, C) fixed descriptors at the moving level's patch taps."""
@@ -83,8 +84,15 @@ class Scorer:
 
         Where the lattice steps over several level voxels along an axis (and the axes agree),
         the level is scored only every ``stride`` voxels; ``half`` samples each side of the
-        centre cover every candidate plus one sample for interpolation.
+        centre cover every candidate plus one sample for interpolation. Kept per level and
+        lattice (the search asks for it on every batch).
         """
+        key = (id(level), lattice.half.tobytes(), lattice.stride.tobytes())
+        if key not in self._layouts:
+            self._layouts[key] = self._compute_box_layout(level, lattice)
+        return self._layouts[key]
+
+    def _compute_box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
         image_to_level = self._image_to_level(level)
         extent = np.abs(image_to_level) @ (lattice.half * lattice.stride + 0.5)
         aligned = np.allclose(image_to_level, np.diag(np.diag(image_to_level)), atol=1e-6)
