@@ -9,6 +9,10 @@ the pulmonary crop and of the POPI thorax. Every case runs in its own process so
 
     python benchmarks/matching_accuracy.py                         # all cases, seed 0
     python benchmarks/matching_accuracy.py --cases elastix --seeds 0 1 2
+    python benchmarks/matching_accuracy.py --cases pulmonary --keypoints 300 --results /tmp/300.json
+
+``--keypoints`` sets the number of Förstner keypoints (cases without landmarks); ``--results`` writes
+the figures somewhere else than the README's results file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from MedDIFTLib.evaluation.settings import SimulationOptions
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestct_single_real"
 RESULTS = Path(__file__).resolve().parent / "results" / "matching_accuracy.json"  # the README's table
 CASES = {
@@ -31,7 +37,7 @@ CASES = {
 }
 
 
-def _child(case: str, seed: int, backbone: str, radius_mm: float, motion: str) -> dict:
+def _child(case: str, seed: int, backbone: str, radius_mm: float, motion: str, keypoints: int) -> dict:
     from MedDIFTLib.core.io import read_points, read_volume
     from MedDIFTLib.core.options import MatchOptions
     from MedDIFTLib.evaluation.metrics import tre_stats
@@ -47,7 +53,7 @@ def _child(case: str, seed: int, backbone: str, radius_mm: float, motion: str) -
         pair = make_synthetic_pair(volume, seed=seed, points_lps_mm=points.points_lps_mm, labels=points.labels,
                                    motion=motion)
     else:
-        pair = make_synthetic_pair(volume, seed=seed, motion=motion)
+        pair = make_synthetic_pair(volume, seed=seed, motion=motion, num_keypoints=keypoints)
     featurizer = create_featurizer(backbone)
     started = time.perf_counter()
     fixed, moving = featurizer.extract(pair.fixed), featurizer.extract(pair.moving)
@@ -79,12 +85,15 @@ def main() -> None:
     parser.add_argument("--radius-mm", type=float, default=25.0)
     parser.add_argument("--motion", default="breathing", choices=["breathing", "dirlab1", "dirlab2"],
                         help="motion family (SimulationOptions.motion): breathing model or DIR-Lab case 1/2")
+    parser.add_argument("--keypoints", type=int, default=SimulationOptions.num_keypoints,
+                        help="Förstner keypoints per case without landmarks")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: the README's)")
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm, args.motion)
+        record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm, args.motion, args.keypoints)
         Path(args.out).write_text(json.dumps(record), encoding="utf-8")
         return
     if not DATA.exists():
@@ -94,7 +103,8 @@ def main() -> None:
         for seed in args.seeds:
             with tempfile.NamedTemporaryFile(suffix=".json") as handle:
                 subprocess.run([sys.executable, __file__, "--child", case, str(seed), "--backbone", args.backbone,
-                                "--radius-mm", str(args.radius_mm), "--motion", args.motion, "--out", handle.name],
+                                "--radius-mm", str(args.radius_mm), "--motion", args.motion,
+                                "--keypoints", str(args.keypoints), "--out", handle.name],
                                check=True)
                 records.append(json.loads(Path(handle.name).read_text(encoding="utf-8")))
     lines = [
@@ -111,8 +121,8 @@ def main() -> None:
                      f"{m['max']:.2f} | {r['reliable']:.0%} | {r['features_seconds']:.1f} | "
                      f"{r['match_seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
     print("\n".join(lines))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"markdown": "\n".join(lines), "figures": records}, indent=1), encoding="utf-8")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"markdown": "\n".join(lines), "figures": records}, indent=1), encoding="utf-8")
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2), encoding="utf-8")
 
