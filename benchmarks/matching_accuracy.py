@@ -11,7 +11,7 @@ the pulmonary crop and of the POPI thorax. Every case runs in its own process so
     python benchmarks/matching_accuracy.py --cases elastix --seeds 0 1 2
     python benchmarks/matching_accuracy.py --cases pulmonary --keypoints 300 --results /tmp/300.json
 
-``--keypoints`` sets the number of Förstner keypoints (cases without landmarks); ``--results`` writes
+``--keypoints`` caps the Förstner keypoints (cases without landmarks; the detector may find fewer); ``--results`` writes
 the figures somewhere else than the README's results file.
 """
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--motion", default="breathing", choices=["breathing", "dirlab1", "dirlab2"],
                         help="motion family (SimulationOptions.motion): breathing model or DIR-Lab case 1/2")
     parser.add_argument("--keypoints", type=int, default=SimulationOptions.num_keypoints,
-                        help="Förstner keypoints per case without landmarks")
+                        help="at most this many Förstner keypoints per case without landmarks")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file (default: the README's)")
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SEED"), help=argparse.SUPPRESS)
