@@ -92,7 +92,8 @@ def test_manifest_rows_equal_the_single_pair_command(series, client, tmp_path):
         assert batch_points.labels == single_points.labels
         np.testing.assert_allclose(batch_points.points_lps_mm, single_points.points_lps_mm, atol=1e-4)
         assert batch_points.descriptions == single_points.descriptions
-        assert (out / f"pair{number}" / "matched.csv").read_text() == single.read_text()
+        # the Dask worker's torch thread count differs, and the FFT scoring rounds differently per thread count
+        assert_same_table(out / f"pair{number}" / "matched.csv", single, 1e-4)
     summary = read_summary(out / "summary.csv")
     assert [line["id"] for line in summary] == [f"pair{n}" for n in range(4)]
     assert all(float(line["tre_mean_mm"]) < 1.0 and float(line["peak_rss_mb"]) > 0 for line in summary)

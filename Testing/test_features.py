@@ -215,5 +215,6 @@ def test_mind_levels_are_stored_with_unit_norm_and_say_so():
     image = np.random.default_rng(0).normal(0.0, 300.0, (20, 18, 16)).astype(np.float32)
     pyramid = create_featurizer("mind").extract(Volume(image, Geometry.create((16, 18, 20), (1.0, 1.0, 1.5))))
     for level in pyramid.levels:
-        assert level.unit_norm
-        np.testing.assert_allclose(level.features.norm(dim=0).numpy(), 1.0, atol=1e-5)
+        assert level.unit_norm and level.features.dtype == torch.float16
+        norm = level.features.float().norm(dim=0).numpy()
+        np.testing.assert_allclose(norm, 1.0, atol=1e-3)  # half precision: 11 significant bits

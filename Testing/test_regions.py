@@ -1,5 +1,6 @@
-"""Features filled where they are read: MIND boxes equal the whole-volume extraction, and matching on
-region-filled pyramids equals matching on complete ones (the worker's interactive path)."""
+"""Feature storage: MIND filled where it is read (boxes equal the whole-volume extraction, and matching
+on region-filled pyramids equals matching on complete ones: the worker's interactive path), and kept
+at half precision (sampled without converting whole levels; matches agree with float32)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from MedDIFTLib.core.options import MatchOptions, RunSettings
 from MedDIFTLib.features.mind import MindFeaturizer, mind_ssc
 from MedDIFTLib.features.regions import BLOCK, RegionFiller
 from MedDIFTLib.matching import match_points
+from MedDIFTLib.matching.sampling import sample, sample_stored
 from MedDIFTLib.worker.protocol import Limits
 from MedDIFTLib.worker.state import WorkerState
 
@@ -132,3 +134,33 @@ def test_worker_state_fills_a_region_pyramid_for_whole_volume_jobs():
     reference = MindFeaturizer().extract(volume)
     for level, expected in zip(whole.pyramid.levels, reference.levels):
         assert torch.equal(level.features, expected.features)
+
+
+def test_stored_sampling_equals_grid_sample_also_outside_and_on_thin_axes():
+    rng = np.random.default_rng(3)
+    for shape in ((7, 6, 9), (1, 6, 1)):
+        values = torch.from_numpy(rng.random((5, *shape), dtype=np.float32))
+        ijk = torch.from_numpy(rng.random((300, 3), dtype=np.float32)) * (torch.tensor(shape[::-1]) + 4.0) - 2.0
+        torch.testing.assert_close(sample_stored(values, ijk), sample(values, ijk), atol=1e-6, rtol=0)
+        half = sample_stored(values.half(), ijk)
+        assert half.dtype == torch.float32
+        torch.testing.assert_close(half, sample(values.half().float(), ijk), atol=1e-6, rtol=0)
+
+
+def test_half_precision_storage_halves_memory_and_keeps_the_matches():
+    fixed = _textured_volume((24, 30, 28))
+    moving = _shifted(fixed, (1, 2, -1))
+    points = fixed.geometry.ijk_to_lps(np.array([[8.0, 9.0, 7.0], [16.5, 15.0, 12.0]]))
+    options = MatchOptions(search_radius_mm=6.0)
+    results, sizes = {}, {}
+    for dtype in ("float32", "float16"):
+        featurizer = MindFeaturizer(dtype=dtype)
+        pyramids = featurizer.extract(fixed), featurizer.extract(moving)
+        assert all(level.features.dtype == getattr(torch, dtype) for level in pyramids[0].levels)
+        sizes[dtype] = pyramids[0].nbytes
+        results[dtype] = match_points(*pyramids, points, options=options)
+    assert sizes["float16"] * 2 == sizes["float32"]
+    np.testing.assert_allclose(results["float16"].points_lps_mm, results["float32"].points_lps_mm, atol=0.01)
+    np.testing.assert_allclose(results["float16"].similarity, results["float32"].similarity, atol=1e-3)
+    with pytest.raises(BadInputError, match="dtype"):
+        MindFeaturizer(dtype="int8")

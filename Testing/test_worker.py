@@ -249,7 +249,7 @@ def test_cancel_stops_the_running_job_and_can_drop_a_queued_one(client, loaded, 
 
 def test_feature_cache_is_bounded_and_evicts_the_least_recently_used(client, loaded, pair):
     third = client.call("load", path=pair["third"], timeout=TIMEOUT_S)["volume_id"]
-    options = {"backbone": "mind", "backbone_options": {"hu_window": [-1000, 900]}, "device": "cpu"}
+    options = {"backbone": "mind", "backbone_options": {"hu_window": [-1000, 900], "dtype": "float32"}, "device": "cpu"}
 
     def features(volume_id: str) -> bool:
         return client.call("features", volume_id=volume_id, timeout=TIMEOUT_S, **options)["cached"]

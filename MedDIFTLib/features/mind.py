@@ -7,7 +7,8 @@ sqrt(2) apart: for a pair (a, b) the distance is the box-filtered squared differ
 Intensities are HU clipped to ``hu_window`` and scaled to [0, 1], so the floor is in those units
 (squared). The descriptor is computed at a few scales (the image average-pooled by 1, 2, 4, ...),
 one pyramid level each, so the fused similarity sees both fine detail and context. Each voxel's
-12-vector is stored with unit L2 norm (matching compares descriptors by cosine).
+12-vector is stored with unit L2 norm (matching compares descriptors by cosine), as float32 or, with
+``dtype="float16"``, at half the memory.
 
 The descriptor is local: a voxel's value depends only on the pooled image within
 ``dilation + patch_radius`` voxels of it (the border voxel repeated outside the volume). So a box
@@ -36,6 +37,7 @@ SSC_PAIRS = [
     (a, b) for a, b in combinations(range(6), 2) if np.sum((SIX_NEIGHBOURHOOD[a] - SIX_NEIGHBOURHOOD[b]) ** 2) == 2
 ]
 VARIANCE_FLOOR = 1e-5
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def _shifted(padded: torch.Tensor, offset_kji: np.ndarray, pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -107,6 +109,7 @@ class MindFeaturizer:
         match_patch_radius: int = 3,
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
         variance_floor: float = VARIANCE_FLOOR,
+        dtype: str = "float16",
         device: str = "cpu",
     ) -> None:
         if weights is not None and len(weights) != len(scales):
@@ -124,6 +127,9 @@ class MindFeaturizer:
         self.variance_floor = float(variance_floor)
         if not self.variance_floor > 0:
             raise BadInputError(f"MIND: variance_floor must be > 0, got {variance_floor}")
+        if dtype not in STORAGE_DTYPES:
+            raise BadInputError(f"MIND: dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+        self.dtype = str(dtype)
         self.device = resolve_device(str(device))
 
     @property
@@ -136,6 +142,7 @@ class MindFeaturizer:
             "match_patch_radius": self.match_patch_radius,
             "hu_window": list(self.hu_window),
             "variance_floor": self.variance_floor,
+            "dtype": self.dtype,
         }
 
     def _box(self, volume: Volume, scale: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
@@ -152,7 +159,7 @@ class MindFeaturizer:
         pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
         features = _unit_norm_(mind_ssc(pooled, self.dilation, self.patch_radius, self.variance_floor))
         inner = tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(lo_kji, hi_kji, first))
-        return features[(slice(None), *inner)].cpu()
+        return features[(slice(None), *inner)].to("cpu", STORAGE_DTYPES[self.dtype])
 
     def _level(self, volume: Volume, n: int, features: torch.Tensor, filler: RegionFiller | None) -> FeatureLevel:
         scale = self.scales[n]
@@ -179,7 +186,7 @@ class MindFeaturizer:
         levels = []
         for n, scale in enumerate(self.scales):
             shape = volume.geometry.downsampled(scale).shape_kji
-            features = torch.from_numpy(np.zeros((12, *shape), np.float32))
+            features = torch.from_numpy(np.zeros((12, *shape), np.dtype(self.dtype)))
 
             def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
                 return self._box(volume, scale, lo_kji, hi_kji)

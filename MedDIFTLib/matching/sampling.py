@@ -33,6 +33,28 @@ def sample(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
     return interpolate(values[None], ijk.reshape(1, -1, 3))[0].T
 
 
+def sample_stored(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
+    """Float32 trilinear samples ``(N, C)`` of stored features ``(C, K, J, I)`` (any float dtype,
+    e.g. half precision) at voxel coordinates ``(N, 3)``: the eight corners are gathered and only
+    they are converted, never the whole level. Outside the grid the border value is repeated, as
+    :func:`sample` does."""
+    upper = torch.tensor(values.shape[1:][::-1], dtype=ijk.dtype, device=ijk.device) - 1
+    clamped = ijk.reshape(-1, 3).clamp(min=torch.zeros_like(upper), max=upper)
+    base = clamped.floor().clamp(max=(upper - 1).clamp(min=0))
+    fraction = clamped - base
+    base = base.long()
+    top = upper.long()
+    samples = torch.zeros((len(clamped), values.shape[0]), dtype=torch.float32, device=values.device)
+    for corner in range(8):
+        bits = [(corner >> axis) & 1 for axis in range(3)]
+        index = [torch.minimum(base[:, axis] + bits[axis], top[axis]) for axis in range(3)]
+        weight = torch.ones(len(clamped), dtype=torch.float32, device=values.device)
+        for axis in range(3):
+            weight = weight * (fraction[:, axis] if bits[axis] else 1.0 - fraction[:, axis])
+        samples += weight[:, None] * values[:, index[2], index[1], index[0]].T.float()
+    return samples
+
+
 def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """Continuous voxel coordinates (..., 3) on ``level``'s grid of LPS points (..., 3)."""
     points = np.asarray(points_lps_mm, float)
@@ -61,5 +83,5 @@ def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.
     points = np.asarray(points_lps_mm, float)
     coords = level_ijk(level, points.reshape(-1, 3), level.features.device)
     ensure_read(level, coords.cpu().numpy().reshape(points.shape if points.ndim > 1 else (1, 3)))
-    samples = sample(level.features.float(), coords)
+    samples = sample_stored(level.features, coords)
     return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)

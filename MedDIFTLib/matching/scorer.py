@@ -27,7 +27,7 @@ from ..core.errors import BadInputError
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
-from .sampling import ensure_read, interpolate, level_ijk, sample_descriptors, unit_descriptors
+from .sampling import ensure_read, interpolate, level_ijk, sample_descriptors, sample_stored, unit_descriptors
 
 
 def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
@@ -167,8 +167,8 @@ class Scorer:
         batch, count, _ = coords.shape
         offsets = torch.as_tensor(patch_offsets_ijk(radius, step), dtype=coords.dtype, device=coords.device)
         ensure_read(level, coords.cpu().numpy(), radius)
-        positions = (coords[:, :, None, :] + offsets[None, None]).reshape(1, -1, 3)
-        samples = interpolate(level.features[None].float(), positions)[0]
+        positions = (coords[:, :, None, :] + offsets[None, None]).reshape(-1, 3)
+        samples = sample_stored(level.features, positions).T
         samples = F.normalize(samples.reshape(level.channels, batch, count, len(offsets)), dim=0)
         return torch.einsum("cbnd,bdc->bn", samples, descriptor) / len(offsets)
 
