@@ -148,7 +148,11 @@ def _linearise(terms: list[_LevelTerm], displacement: torch.Tensor):
 
 def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Per-node 3x3 products: ``matrices`` (3, 3, N) times ``vectors`` (3, N)."""
-    return torch.stack([(matrices[row] * vectors).sum(dim=0) for row in range(3)])
+    result = torch.empty_like(vectors)
+    for row in range(3):
+        torch.mul(matrices[row, 0], vectors[0], out=result[row])
+        result[row].addcmul_(matrices[row, 1], vectors[1]).addcmul_(matrices[row, 2], vectors[2])
+    return result
 
 
 class _Laplacian:
@@ -165,7 +169,7 @@ class _Laplacian:
             size = field.shape[dim]
             if size < 2:
                 continue
-            difference = torch.diff(field, dim=dim) * weight
+            difference = torch.diff(field, dim=dim).mul_(weight)
             result.narrow(dim, 0, size - 1).sub_(difference)
             result.narrow(dim, 1, size - 1).add_(difference)
         return result
@@ -175,32 +179,35 @@ class _Laplacian:
         return 2.0 * sum(self.weights)
 
 
+def _on_grid(hessian: torch.Tensor, node_index: torch.Tensor, count: int) -> torch.Tensor:
+    """``(3, 3, count)``: the per-node ``hessian`` (3, 3, N) at the grid nodes ``node_index``, zero elsewhere."""
+    dense = hessian.new_zeros((3, 3, count))
+    dense[:, :, node_index] = hessian
+    return dense
+
+
 def _solve_step(
     hessian: torch.Tensor,
     rhs: torch.Tensor,
-    node_index: torch.Tensor,
     laplacian: _Laplacian,
     regularisation: float,
     damping: float,
 ) -> torch.Tensor:
     """Solve ``(H + r L + d) x = rhs`` on the grid ``(3, K, J, I)`` by block-Jacobi CG.
 
-    ``hessian`` (3, 3, N) acts at the grid nodes ``node_index``.
+    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term).
     """
     shift = regularisation * laplacian.diagonal + damping
     block = hessian + torch.eye(3)[:, :, None] * shift
     block_inverse = torch.linalg.inv(block.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
 
     def apply(vector: torch.Tensor) -> torch.Tensor:
-        result = regularisation * laplacian(vector) + damping * vector
-        flat, source = result.view(3, -1), vector.view(3, -1)
-        flat[:, node_index] += _matvec(hessian, source[:, node_index])
+        result = laplacian(vector).mul_(regularisation).add_(vector, alpha=damping)
+        result.view(3, -1).add_(_matvec(hessian, vector.view(3, -1)))
         return result
 
     def precondition(vector: torch.Tensor) -> torch.Tensor:
-        result = vector / shift
-        result.view(3, -1)[:, node_index] = _matvec(block_inverse, vector.view(3, -1)[:, node_index])
-        return result
+        return _matvec(block_inverse, vector.view(3, -1)).view_as(vector)
 
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
@@ -213,11 +220,11 @@ def _solve_step(
         if curvature <= 0 or product <= 0:
             break
         step = product / curvature
-        solution += step * direction
-        residual -= step * image
+        solution.add_(direction, alpha=step)
+        residual.sub_(image, alpha=step)
         preconditioned = precondition(residual)
         new_product = float((residual * preconditioned).sum())
-        direction = preconditioned + (new_product / product) * direction
+        direction = preconditioned.add_(direction, alpha=new_product / product)
         product = new_product
     return solution
 
@@ -259,7 +266,7 @@ def instance_optimise(
     for iteration in range(iterations):
         rhs = -regularisation * laplacian(field)
         rhs.view(3, -1)[:, node_index] -= gradient
-        step = _solve_step(hessian, rhs, node_index, laplacian, regularisation, damping)
+        step = _solve_step(_on_grid(hessian, node_index, rhs[0].numel()), rhs, laplacian, regularisation, damping)
         step *= (max_step_mm / step.norm(dim=0).clamp(min=1e-12)).clamp(max=1.0)
         candidate = field + step
         candidate_energy, candidate_gradient, candidate_hessian = energy_of(candidate)
