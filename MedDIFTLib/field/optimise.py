@@ -44,21 +44,27 @@ MAX_STEP_VOXELS = 0.5
 class _LevelTerm:
     """One pyramid level's similarity term at the sample nodes."""
 
-    fixed_features: torch.Tensor  # (N, C) pooled, normalised fixed descriptors at the nodes
+    fixed_features: torch.Tensor  # (C, N) pooled, normalised fixed descriptors at the nodes
     moving_base_ijk: torch.Tensor  # (N, 3) the nodes in pooled moving-level voxel coordinates
     mm_to_moving_ijk: torch.Tensor  # (3, 3): moving_ijk = base + u @ this
-    moving_stack: torch.Tensor  # (4C, K, J, I): moving descriptors, then their d/di, d/dj, d/dk
+    moving_stack: torch.Tensor  # (4C, K, J, I) channels last: moving descriptors, then d/di, d/dj, d/dk
     weight: float
 
     @property
     def channels(self) -> int:
-        return int(self.fixed_features.shape[1])
+        return int(self.fixed_features.shape[0])
 
 
 def pooled_descriptors(level: FeatureLevel, spacing_mm: float) -> tuple[torch.Tensor, Geometry]:
     """The level's descriptors L2-normalised per voxel, then averaged over cells of about ``spacing_mm``."""
     factors = grids.pool_factors(level.geometry, spacing_mm)
     return grids.pool(unit_descriptors(level), factors), grids.pooled_grid(level.geometry, factors)
+
+
+def _channels_last(values: torch.Tensor) -> torch.Tensor:
+    """``(C, K, J, I)`` stored with the channel axis fastest: trilinear sampling of many channels
+    then reads each corner's channels together (same values)."""
+    return values.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -111,15 +117,15 @@ def _level_terms(
         moving_affine = moving_geometry.affine_ijk_to_lps
         moving_ijk = np.linalg.solve(moving_affine[:3, :3], (nodes_lps_mm - moving_affine[:3, 3]).T).T
         if fixed_geometry.same_grid(param_grid):
-            fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index].T
+            fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index]
         else:
-            fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm)
+            fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm).T
         terms.append(
             _LevelTerm(
                 fixed_features=fixed_at_nodes.contiguous(),
                 moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
                 mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
-                moving_stack=torch.cat([moving_features, *derivatives]).contiguous(),
+                moving_stack=_channels_last(torch.cat([moving_features, *derivatives])),
                 weight=1.0,
             )
         )
@@ -127,23 +133,29 @@ def _level_terms(
 
 
 def _linearise(terms: list[_LevelTerm], displacement: torch.Tensor):
-    """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N)."""
+    """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N) at
+    node displacements ``(N, 3)``; descriptors are handled channel-first, ``(C, N)``."""
     count = displacement.shape[0]
     energy = 0.0
-    gradient = displacement.new_zeros((count, 3))
-    hessian = displacement.new_zeros((count, 3, 3))
+    gradient = displacement.new_zeros((3, count))
+    hessian = displacement.new_zeros((3, 3, count))
     for term in terms:
         channels = term.channels
-        samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk)
-        residual = samples[:, :channels] - term.fixed_features
-        derivative_ijk = samples[:, channels:].reshape(count, 3, channels)
+        samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
+        residual = samples[:channels] - term.fixed_features
+        derivative_ijk = samples[channels:].reshape(3, channels, count)
         energy += term.weight * float(residual.pow(2).sum())
-        gradient_ijk = torch.bmm(derivative_ijk, residual[:, :, None])[:, :, 0]
-        hessian_ijk = torch.bmm(derivative_ijk, derivative_ijk.transpose(1, 2))
-        to_mm = term.mm_to_moving_ijk
-        gradient += term.weight * (gradient_ijk @ to_mm.T)
-        hessian += term.weight * (to_mm @ hessian_ijk @ to_mm.T)
-    return energy, gradient.T.contiguous(), hessian.permute(1, 2, 0).contiguous()
+        gradient_ijk = (derivative_ijk * residual).sum(dim=1)
+        hessian_ijk = displacement.new_empty((3, 3, count))
+        for row in range(3):
+            for column in range(row, 3):
+                hessian_ijk[row, column] = (derivative_ijk[row] * derivative_ijk[column]).sum(dim=0)
+                hessian_ijk[column, row] = hessian_ijk[row, column]
+        to_mm = term.mm_to_moving_ijk  # gradient_mm = to_mm @ gradient_ijk
+        gradient += term.weight * (to_mm @ gradient_ijk)
+        left = (to_mm @ hessian_ijk.reshape(3, -1)).reshape(3, 3, count)
+        hessian += term.weight * (left.permute(0, 2, 1) @ to_mm.T).permute(0, 2, 1)
+    return energy, gradient, hessian.contiguous()
 
 
 def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
