@@ -32,6 +32,7 @@ import torch
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeatureLevel, FeaturePyramid
+from ..matching.nodes import channels_last
 from ..matching.sampling import sample, unit_descriptors
 from . import grids
 
@@ -59,12 +60,6 @@ def pooled_descriptors(level: FeatureLevel, spacing_mm: float) -> tuple[torch.Te
     """The level's descriptors L2-normalised per voxel, then averaged over cells of about ``spacing_mm``."""
     factors = grids.pool_factors(level.geometry, spacing_mm)
     return grids.pool(unit_descriptors(level), factors), grids.pooled_grid(level.geometry, factors)
-
-
-def _channels_last(values: torch.Tensor) -> torch.Tensor:
-    """``(C, K, J, I)`` stored with the channel axis fastest: trilinear sampling of many channels
-    then reads each corner's channels together (same values)."""
-    return values.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
 
 
 def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -125,7 +120,7 @@ def _level_terms(
                 fixed_features=fixed_at_nodes.contiguous(),
                 moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
                 mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
-                moving_stack=_channels_last(torch.cat([moving_features, *derivatives])),
+                moving_stack=channels_last(torch.cat([moving_features, *derivatives])),
                 weight=1.0,
             )
         )
