@@ -14,11 +14,12 @@ It is minimised by Levenberg-Marquardt (Gauss-Newton with an adaptive damping) i
 ConvexAdam's Adam: every step linearises the moving descriptors (their spatial gradients are
 sampled with them) and solves the sparse, positive definite system
 ``(H + regularisation * L + damping) du = -(b + regularisation * L u)`` by block-Jacobi conjugate
-gradients; a step that raises E is refused and the damping raised. Ten steps bring the field to
-the energy's minimum on our test pairs, where Adam needs many more gradient steps, which keeps
-this stage cheap on a CPU. The diffusion term keeps the field smooth and free of folds. A level
-with many channels is first projected on its leading principal components (as DINO-Reg does with
-foundation features), so the cost does not grow with the backbone's width; any pyramid works.
+gradients (a few iterations per step: each step is only a linearisation); a step that raises E
+is refused and the damping raised. A handful of steps brings the field near the energy's
+minimum, where Adam needs many more gradient steps, which keeps this stage cheap on a CPU. The
+diffusion term keeps the field smooth and free of folds. A level with many channels is first
+projected on its leading principal components (as DINO-Reg does with foundation features), so
+the cost does not grow with the backbone's width; any pyramid works.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..matching.sampling import sample, unit_descriptors
 from . import grids
 
 MAX_CHANNELS = 16
-CG_ITERATIONS = 25
+CG_ITERATIONS = 10
 MAX_STEP_VOXELS = 0.5
 
 
