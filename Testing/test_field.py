@@ -340,3 +340,37 @@ def test_real_ct_synthetic_breathing_pair(elastix_ct):
     initial = np.linalg.norm(truth - pair.fixed_points.points_lps_mm, axis=1)
     assert error.mean() < 0.5 * initial.mean()
     assert jacobian_stats(field)["fraction_folding"] < 1e-3
+
+
+def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
+    """Descriptors linear in the voxel position (central differences and trilinear sampling are
+    then exact): the optimisation's gradient and Hessian halves are half the data energy's
+    derivatives, for a moving grid whose axes are not the fixed one's."""
+    from MedDIFTLib.field.optimise import _LevelTerm, _linearise
+    from MedDIFTLib.matching.nodes import channels_last
+
+    generator = torch.Generator().manual_seed(3)
+    channels, count = 5, 7
+    slopes = torch.randn((channels, 3), generator=generator, dtype=torch.float64)
+    k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (9, 10, 11)], indexing="ij")
+    grid_ijk = torch.stack([i, j, k])  # (3, K, J, I)
+    moving = torch.einsum("ca,akji->ckji", slopes, grid_ijk)
+    derivatives = [slopes[:, axis, None, None, None].expand_as(moving) for axis in range(3)]
+    stack = channels_last(torch.cat([moving, *derivatives]).float())
+    to_ijk = torch.tensor([[0.5, 0.1, 0.0], [0.0, 0.4, 0.2], [0.1, 0.0, 0.6]])
+    base = 3.0 + 4.0 * torch.rand((count, 3), generator=generator)
+    fixed = torch.randn((channels, count), generator=generator)
+    term = _LevelTerm(fixed, base, to_ijk, stack, 1.0)
+    displacement = torch.randn((count, 3), generator=generator)
+    energy, gradient, hessian = _linearise([term], displacement)
+
+    def data_energy(values: torch.Tensor) -> torch.Tensor:
+        ijk = base.double() + values @ to_ijk.double()
+        return ((ijk @ slopes.T).T - fixed.double()).pow(2).sum()
+
+    expected_gradient = torch.autograd.functional.jacobian(data_energy, displacement.double())
+    expected_hessian = torch.autograd.functional.hessian(data_energy, displacement.double())
+    per_node = expected_hessian[torch.arange(count), :, torch.arange(count), :]  # (N, 3, 3)
+    assert energy == pytest.approx(float(data_energy(displacement.double())), rel=1e-4)
+    assert torch.allclose(gradient.double(), 0.5 * expected_gradient.T, atol=1e-3)
+    assert torch.allclose(hessian.double(), 0.5 * per_node.permute(1, 2, 0), atol=1e-3)

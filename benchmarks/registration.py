@@ -2,8 +2,8 @@
 
 Pairs are real CTs from ../shared/data warped by the project's breathing simulation
 (:func:`MedDIFTLib.evaluation.simulate.make_synthetic_pair`: mean motion 7 mm at lung keypoints, density change,
-noise, 1.1x coarser moving grid; ``--motion dirlab1|dirlab2`` for a motion fitted to real DIR-Lab landmark
-displacements instead), one per motion seed: the POPI thorax (resampled to
+noise, 1.1x coarser moving grid; ``--motion dirlab1 dirlab2`` for motions fitted to real DIR-Lab landmark
+displacements, several families in one run), one per motion family and seed: the POPI thorax (resampled to
 ``--popi-spacing-mm`` isotropic to bound the CPU time) and the pulmonary crop (native 1.5 mm).
 Every method runs on the same pairs in its own fresh process, so wall time, CPU time (all threads)
 and peak memory (the process's maximum resident set, pair included) are its own:
@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="motion seeds (one pair each)")
     parser.add_argument("--popi-spacing-mm", type=float, default=2.0, help="isotropic spacing of the POPI volume")
     parser.add_argument("--mean-motion-mm", type=float, default=7.0, help="mean motion of the breathing model")
-    parser.add_argument("--motion", default="breathing", choices=["breathing", "dirlab1", "dirlab2"],
-                        help="motion family (SimulationOptions.motion): breathing model or DIR-Lab case 1/2")
+    parser.add_argument("--motion", nargs="+", default=["breathing"], choices=["breathing", "dirlab1", "dirlab2"],
+                        help="motion families (SimulationOptions.motion), one pair per family and seed: "
+                        "breathing model or DIR-Lab case 1/2")
     parser.add_argument("--motion-scale", type=float, default=1.0, help="factor on the DIR-Lab displacements")
     parser.add_argument("--threads", type=int, default=1, help="threads per method (torch and ITK), default 1")
     parser.add_argument("--weights-dir", help="MAISI weights, to include the maisi backbone")
@@ -232,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for case in args.cases:
             volume = _load_case(case, args.popi_spacing_mm)
-            for seed in args.seeds:
-                pair = make_synthetic_pair(volume, seed=seed, mean_motion_mm=args.mean_motion_mm, motion=args.motion,
+            for motion_family, seed in [(family, seed) for family in args.motion for seed in args.seeds]:
+                pair = make_synthetic_pair(volume, seed=seed, mean_motion_mm=args.mean_motion_mm, motion=motion_family,
                                            motion_scale=args.motion_scale)
-                pair_name = f"{case}-seed{seed}" if args.motion == "breathing" else f"{case}-{args.motion}-seed{seed}"
+                family_tag = "" if motion_family == "breathing" else f"-{motion_family}"
+                pair_name = f"{case}{family_tag}-seed{seed}"
                 pair_file = Path(scratch) / f"{pair_name}.pkl"
                 with open(pair_file, "wb") as handle:
                     pickle.dump((pair.fixed, pair.moving, pair.fixed_points.points_lps_mm), handle)
@@ -254,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(row), flush=True)
     table = _markdown(rows)
     notes = [f"- {method}: not run ({reason})" for method, reason in skipped.items()]
-    motion = (f"breathing motion, mean {args.mean_motion_mm} mm" if args.motion == "breathing"
-              else f"{args.motion} motion x{args.motion_scale:g}")
+    motion = " and ".join(f"breathing motion, mean {args.mean_motion_mm} mm" if family == "breathing"
+                          else f"{family} motion x{args.motion_scale:g}" for family in args.motion)
     header = (f"Pairs: {', '.join(args.cases)} x seeds {args.seeds}, {motion}, "
               f"POPI at {args.popi_spacing_mm} mm, {args.threads} thread(s) per method.")
     (out / "registration.md").write_text("\n".join([header, "", table, "", *notes]) + "\n", encoding="utf-8")

@@ -225,9 +225,12 @@ class FieldOptions(Options):
     that can be found. ``mask_threshold_hu``: the automatic body mask keeps voxels above it (None:
     the whole image)."""
 
-    levels: tuple[FieldLevel, ...] = option((FieldLevel(),), help="search levels, coarse to fine")
+    levels: tuple[FieldLevel, ...] = option(
+        (FieldLevel(spacing_mm=8.0), FieldLevel(spacing_mm=6.0, search_radius_mm=13.0, smoothness_mm=8.0)),
+        help="search levels, coarse to fine",
+    )
     robust_iterations: int = option(3, minimum=0, help="reweighting passes of the robust fit")
-    optimise_iterations: int = option(10, minimum=0, help="instance optimisation steps (0: off)")
+    optimise_iterations: int = option(8, minimum=0, help="instance optimisation steps (0: off)")
     optimise_spacing_mm: float = option(3.0, above=0.0, help="node spacing of the instance optimisation, mm")
     optimise_regularisation: float = option(0.1, minimum=0.0, help="diffusion penalty of the instance optimisation")
     mask_threshold_hu: float | None = option(-500.0, help="automatic body mask threshold, HU (None: whole image)")

@@ -14,11 +14,12 @@ It is minimised by Levenberg-Marquardt (Gauss-Newton with an adaptive damping) i
 ConvexAdam's Adam: every step linearises the moving descriptors (their spatial gradients are
 sampled with them) and solves the sparse, positive definite system
 ``(H + regularisation * L + damping) du = -(b + regularisation * L u)`` by block-Jacobi conjugate
-gradients; a step that raises E is refused and the damping raised. Ten steps bring the field to
-the energy's minimum on our test pairs, where Adam needs many more gradient steps, which keeps
-this stage cheap on a CPU. The diffusion term keeps the field smooth and free of folds. A level
-with many channels is first projected on its leading principal components (as DINO-Reg does with
-foundation features), so the cost does not grow with the backbone's width; any pyramid works.
+gradients (a few iterations per step: each step is only a linearisation); a step that raises E
+is refused and the damping raised. A handful of steps brings the field near the energy's
+minimum, where Adam needs many more gradient steps, which keeps this stage cheap on a CPU. The
+diffusion term keeps the field smooth and free of folds. A level with many channels is first
+projected on its leading principal components (as DINO-Reg does with foundation features), so
+the cost does not grow with the backbone's width; any pyramid works.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import torch
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeatureLevel, FeaturePyramid
+from ..matching.nodes import channels_last
 from ..matching.sampling import sample, unit_descriptors
 from . import grids
 
 MAX_CHANNELS = 16
-CG_ITERATIONS = 25
+CG_ITERATIONS = 10
 MAX_STEP_VOXELS = 0.5
 
 
@@ -44,15 +46,15 @@ MAX_STEP_VOXELS = 0.5
 class _LevelTerm:
     """One pyramid level's similarity term at the sample nodes."""
 
-    fixed_features: torch.Tensor  # (N, C) pooled, normalised fixed descriptors at the nodes
+    fixed_features: torch.Tensor  # (C, N) pooled, normalised fixed descriptors at the nodes
     moving_base_ijk: torch.Tensor  # (N, 3) the nodes in pooled moving-level voxel coordinates
     mm_to_moving_ijk: torch.Tensor  # (3, 3): moving_ijk = base + u @ this
-    moving_stack: torch.Tensor  # (4C, K, J, I): moving descriptors, then their d/di, d/dj, d/dk
+    moving_stack: torch.Tensor  # (4C, K, J, I) channels last: moving descriptors, then d/di, d/dj, d/dk
     weight: float
 
     @property
     def channels(self) -> int:
-        return int(self.fixed_features.shape[1])
+        return int(self.fixed_features.shape[0])
 
 
 def pooled_descriptors(level: FeatureLevel, spacing_mm: float) -> tuple[torch.Tensor, Geometry]:
@@ -111,15 +113,15 @@ def _level_terms(
         moving_affine = moving_geometry.affine_ijk_to_lps
         moving_ijk = np.linalg.solve(moving_affine[:3, :3], (nodes_lps_mm - moving_affine[:3, 3]).T).T
         if fixed_geometry.same_grid(param_grid):
-            fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index].T
+            fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index]
         else:
-            fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm)
+            fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm).T
         terms.append(
             _LevelTerm(
                 fixed_features=fixed_at_nodes.contiguous(),
                 moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
                 mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
-                moving_stack=torch.cat([moving_features, *derivatives]).contiguous(),
+                moving_stack=channels_last(torch.cat([moving_features, *derivatives])),
                 weight=1.0,
             )
         )
@@ -127,28 +129,38 @@ def _level_terms(
 
 
 def _linearise(terms: list[_LevelTerm], displacement: torch.Tensor):
-    """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N)."""
+    """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N) at
+    node displacements ``(N, 3)``; descriptors are handled channel-first, ``(C, N)``."""
     count = displacement.shape[0]
     energy = 0.0
-    gradient = displacement.new_zeros((count, 3))
-    hessian = displacement.new_zeros((count, 3, 3))
+    gradient = displacement.new_zeros((3, count))
+    hessian = displacement.new_zeros((3, 3, count))
     for term in terms:
         channels = term.channels
-        samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk)
-        residual = samples[:, :channels] - term.fixed_features
-        derivative_ijk = samples[:, channels:].reshape(count, 3, channels)
+        samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
+        residual = samples[:channels] - term.fixed_features
+        derivative_ijk = samples[channels:].reshape(3, channels, count)
         energy += term.weight * float(residual.pow(2).sum())
-        gradient_ijk = torch.bmm(derivative_ijk, residual[:, :, None])[:, :, 0]
-        hessian_ijk = torch.bmm(derivative_ijk, derivative_ijk.transpose(1, 2))
-        to_mm = term.mm_to_moving_ijk
-        gradient += term.weight * (gradient_ijk @ to_mm.T)
-        hessian += term.weight * (to_mm @ hessian_ijk @ to_mm.T)
-    return energy, gradient.T.contiguous(), hessian.permute(1, 2, 0).contiguous()
+        gradient_ijk = (derivative_ijk * residual).sum(dim=1)
+        hessian_ijk = displacement.new_empty((3, 3, count))
+        for row in range(3):
+            for column in range(row, 3):
+                hessian_ijk[row, column] = (derivative_ijk[row] * derivative_ijk[column]).sum(dim=0)
+                hessian_ijk[column, row] = hessian_ijk[row, column]
+        to_mm = term.mm_to_moving_ijk  # gradient_mm = to_mm @ gradient_ijk
+        gradient += term.weight * (to_mm @ gradient_ijk)
+        left = (to_mm @ hessian_ijk.reshape(3, -1)).reshape(3, 3, count)
+        hessian += term.weight * (left.permute(0, 2, 1) @ to_mm.T).permute(0, 2, 1)
+    return energy, gradient, hessian.contiguous()
 
 
 def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """Per-node 3x3 products: ``matrices`` (3, 3, N) times ``vectors`` (3, N)."""
-    return torch.stack([(matrices[row] * vectors).sum(dim=0) for row in range(3)])
+    result = torch.empty_like(vectors)
+    for row in range(3):
+        torch.mul(matrices[row, 0], vectors[0], out=result[row])
+        result[row].addcmul_(matrices[row, 1], vectors[1]).addcmul_(matrices[row, 2], vectors[2])
+    return result
 
 
 class _Laplacian:
@@ -165,7 +177,7 @@ class _Laplacian:
             size = field.shape[dim]
             if size < 2:
                 continue
-            difference = torch.diff(field, dim=dim) * weight
+            difference = torch.diff(field, dim=dim).mul_(weight)
             result.narrow(dim, 0, size - 1).sub_(difference)
             result.narrow(dim, 1, size - 1).add_(difference)
         return result
@@ -175,32 +187,35 @@ class _Laplacian:
         return 2.0 * sum(self.weights)
 
 
+def _on_grid(hessian: torch.Tensor, node_index: torch.Tensor, count: int) -> torch.Tensor:
+    """``(3, 3, count)``: the per-node ``hessian`` (3, 3, N) at the grid nodes ``node_index``, zero elsewhere."""
+    dense = hessian.new_zeros((3, 3, count))
+    dense[:, :, node_index] = hessian
+    return dense
+
+
 def _solve_step(
     hessian: torch.Tensor,
     rhs: torch.Tensor,
-    node_index: torch.Tensor,
     laplacian: _Laplacian,
     regularisation: float,
     damping: float,
 ) -> torch.Tensor:
     """Solve ``(H + r L + d) x = rhs`` on the grid ``(3, K, J, I)`` by block-Jacobi CG.
 
-    ``hessian`` (3, 3, N) acts at the grid nodes ``node_index``.
+    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term).
     """
     shift = regularisation * laplacian.diagonal + damping
     block = hessian + torch.eye(3)[:, :, None] * shift
     block_inverse = torch.linalg.inv(block.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
 
     def apply(vector: torch.Tensor) -> torch.Tensor:
-        result = regularisation * laplacian(vector) + damping * vector
-        flat, source = result.view(3, -1), vector.view(3, -1)
-        flat[:, node_index] += _matvec(hessian, source[:, node_index])
+        result = laplacian(vector).mul_(regularisation).add_(vector, alpha=damping)
+        result.view(3, -1).add_(_matvec(hessian, vector.view(3, -1)))
         return result
 
     def precondition(vector: torch.Tensor) -> torch.Tensor:
-        result = vector / shift
-        result.view(3, -1)[:, node_index] = _matvec(block_inverse, vector.view(3, -1)[:, node_index])
-        return result
+        return _matvec(block_inverse, vector.view(3, -1)).view_as(vector)
 
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
@@ -213,11 +228,11 @@ def _solve_step(
         if curvature <= 0 or product <= 0:
             break
         step = product / curvature
-        solution += step * direction
-        residual -= step * image
+        solution.add_(direction, alpha=step)
+        residual.sub_(image, alpha=step)
         preconditioned = precondition(residual)
         new_product = float((residual * preconditioned).sum())
-        direction = preconditioned + (new_product / product) * direction
+        direction = preconditioned.add_(direction, alpha=new_product / product)
         product = new_product
     return solution
 
@@ -259,7 +274,7 @@ def instance_optimise(
     for iteration in range(iterations):
         rhs = -regularisation * laplacian(field)
         rhs.view(3, -1)[:, node_index] -= gradient
-        step = _solve_step(hessian, rhs, node_index, laplacian, regularisation, damping)
+        step = _solve_step(_on_grid(hessian, node_index, rhs[0].numel()), rhs, laplacian, regularisation, damping)
         step *= (max_step_mm / step.norm(dim=0).clamp(min=1e-12)).clamp(max=1.0)
         candidate = field + step
         candidate_energy, candidate_gradient, candidate_hessian = energy_of(candidate)

@@ -100,8 +100,16 @@ def _best(scores: torch.Tensor, lattice: CandidateLattice, kept: np.ndarray, sub
 def _aggregate(scores: torch.Tensor, grid: Geometry, nodes: int) -> torch.Tensor:
     if nodes <= 0:
         return scores
-    padded = F.pad(scores.reshape(1, len(scores), *grid.shape_kji), (nodes,) * 6, mode="replicate")
-    return F.avg_pool3d(padded, 2 * nodes + 1, stride=1)[0].reshape(len(scores), -1)
+    """Mean of ``scores`` ``(Nc, N)`` over a box of ``2 nodes + 1`` nodes per axis (border repeated),
+    one axis at a time."""
+    result = F.pad(scores.reshape(1, len(scores), *grid.shape_kji), (nodes,) * 6, mode="replicate")[0]
+    width = 2 * nodes + 1
+    for dim, size in zip((1, 2, 3), grid.shape_kji):
+        total = result.narrow(dim, 0, size).clone()
+        for offset in range(1, width):
+            total += result.narrow(dim, offset, size)
+        result = total
+    return result.div_(width**3).reshape(len(scores), -1)
 
 
 def match_lattice(

@@ -20,7 +20,7 @@ from ..core.geometry import Geometry
 from ..core.progress import ProgressFn
 from ..features.protocol import FeatureLevel
 from .candidates import patch_taps
-from .nodes import FieldOnGrid, displacement_at, grid_points
+from .nodes import FieldOnGrid, channels_last, displacement_at, grid_points
 from .sampling import sample, unit_descriptors
 
 BATCH_BYTES = 2**26
@@ -105,7 +105,7 @@ def _moving_on_level(
     positions = grid_points(grown)
     positions = positions + displacement_at(prior, positions)
     ijk = torch.as_tensor(target.geometry.lps_to_ijk(positions), dtype=torch.float32)
-    values = sample(target.features.float(), ijk)
+    values = sample(channels_last(target.features.float()), ijk)
     return F.normalize(values, dim=1).T.reshape(-1, *grown.shape_kji)
 
 
