@@ -13,8 +13,8 @@
    in the follow-up), ``leaves_volume`` (the lesion reaches or passes the follow-up border),
    ``merges`` (it meets another tracked lesion), ``low_confidence`` (the centre match is below the
    threshold), ``touches_border`` (the baseline lesion touches the baseline border). The reported
-   follow-up centre is the engine's match (on generated pairs it is closer to the truth than the
-   segmentation's centre of mass, which is kept as ``segmented_centre_lps_mm``).
+   follow-up centre is the engine's match, which exists even where the segmentation is empty; the
+   segmentation's centre of mass is kept as ``segmented_centre_lps_mm``.
 """
 
 from __future__ import annotations
