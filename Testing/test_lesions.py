@@ -141,10 +141,27 @@ def test_refinement_captures_growth_and_shrinkage(factor):
     base_mask = ball(GEOMETRY, (0, 0, 0), radius)
     threshold = learned_threshold(base_mask, baseline.voxels, GEOMETRY)
     assert -600 < threshold < -250
-    refined = refine_lesion(base_mask, followup.voxels, GEOMETRY, threshold, np.zeros(3), 4.0)
+    refined = refine_lesion(base_mask, followup.voxels, GEOMETRY, threshold, np.zeros(3), radius, 4.0, 3.0)
     truth = ball(GEOMETRY, (0, 0, 0), grown)
     assert dice(base_mask, truth) < 0.85
     assert dice(refined, truth) > 0.9
+
+
+def test_refinement_grows_from_the_match_not_from_a_misplaced_carried_lesion():
+    radius = 5.0
+    grown = radius * 1.6 ** (1 / 3)
+    baseline = lung_with_nodules(GEOMETRY, [((0, 0, 0), radius)])
+    followup = lung_with_nodules(GEOMETRY, [((0, 0, 0), grown)], seed=1)
+    base_mask = ball(GEOMETRY, (0, 0, 0), radius)
+    carried = ball(GEOMETRY, (3.0, -2.0, 1.5), 3.5)  # what a poor field carries: shifted and shrunk
+    threshold = learned_threshold(base_mask, baseline.voxels, GEOMETRY)
+    refined = refine_lesion(carried, followup.voxels, GEOMETRY, threshold, np.zeros(3), radius, 4.0, 3.0)
+    truth = ball(GEOMETRY, (0, 0, 0), grown)
+    assert dice(carried, truth) < 0.6
+    assert dice(refined, truth) > 0.9
+    nothing = refine_lesion(np.zeros_like(carried), followup.voxels, GEOMETRY, threshold, np.zeros(3), radius,
+                            4.0, 3.0)
+    assert not nothing.any()
 
 
 def test_segment_from_seed_finds_the_nodule_and_not_the_neighbour():

@@ -4,8 +4,10 @@ Pairs (:func:`MedDIFTLib.evaluation.lesions.make_lesion_pair`): solid nodules (4
 lungs have room) inserted in a real CT of ../shared/data, grown or shrunk by a known volume factor
 (0.5x-2x) in the follow-up, which is also warped by the breathing simulation (mean motion
 ``--motion-mm`` at the nodule centres) or, with ``--motion dirlab1|dirlab2``, by the motion fitted to
-real DIR-Lab landmark displacements. Cases: the elastix right-lung crop and the pulmonary crop,
-one pair per seed. Methods, on the same pairs:
+real DIR-Lab landmark displacements (several families in one run: ``--motion breathing dirlab1``,
+one table row per method and family). Cases: the elastix right-lung crop, the pulmonary crop and
+the POPI thorax (resampled to ``--popi-spacing-mm`` as ``benchmarks/registration.py`` does), one
+pair per seed and motion. Methods, on the same pairs:
 
 - ``convexadam-carry``: ConvexAdam's field (fixed = follow-up, moving = baseline) carries the baseline
   labelmap (:func:`MedDIFTLib.lesions.carry.carry_labelmap`); centre = the carried lesion's centre of mass;
@@ -21,7 +23,7 @@ labelmaps' change: :func:`MedDIFTLib.evaluation.lesions.lesion_metrics`) and sec
 (the field is shared by both MedDIFT rows and counted in each). Writes
 ``benchmarks/results/lesion_tracking.json`` (``markdown`` and ``figures``). Run::
 
-    python benchmarks/lesion_tracking.py --seeds 0 1
+    python benchmarks/lesion_tracking.py --seeds 0 1 --motion breathing dirlab1
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR = Path(os.environ.get("MEDDIFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CASES = {"elastix": "elastix_lung_baseline_small", "pulmonary": "totalseg_pulmonary_crop"}
+CASES = {"elastix": "elastix_lung_baseline_small", "pulmonary": "totalseg_pulmonary_crop", "popi": "popi_4dct_phase00"}
 METHODS = ("convexadam-carry", "meddift-carry", "meddift-track")
 METRICS = {"centre_error_mean_mm": "centre error mean (mm)", "hit_rate_radius": "hit within radius",
            "hit_rate_10mm": "hit within 10 mm", "dice_median": "Dice median",
@@ -49,8 +51,21 @@ def _field_on(field, geometry):
     return DisplacementField.from_tensor(grids.resample(field.as_tensor(), field.geometry, geometry), geometry)
 
 
-def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str) -> dict:
+def _load_case(case: str, popi_spacing_mm: float):
+    """The case's CT named ``case``; POPI resampled by the registration benchmark's loader."""
+    from registration import _load_case as load_registration_case
+
     from MedDIFTLib.core.io import read_volume
+    from MedDIFTLib.core.io.volumes import Volume
+
+    if case == "popi":
+        ct = load_registration_case(case, popi_spacing_mm)
+    else:
+        ct = read_volume(DATA_DIR / "chestct_single_real" / CASES[case] / "image.nii.gz")
+    return Volume(ct.voxels, ct.geometry, case)
+
+
+def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, popi_spacing_mm: float) -> dict:
     from MedDIFTLib.core.io.volumes import Volume
     from MedDIFTLib.evaluation.baselines import convexadam, unavailable_reason
     from MedDIFTLib.evaluation.lesions import lesion_metrics, make_lesion_pair
@@ -61,8 +76,7 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str) ->
     from MedDIFTLib.lesions.settings import LesionOptions
     from MedDIFTLib.lesions.track import track_lesions
 
-    ct = read_volume(DATA_DIR / "chestct_single_real" / CASES[case] / "image.nii.gz")
-    ct = Volume(ct.voxels, ct.geometry, case)
+    ct = _load_case(case, popi_spacing_mm)
     pair = make_lesion_pair(ct, count=count, seed=seed, mean_motion_mm=motion_mm, motion=motion)
     lesions = lesions_from_labelmap(Volume(pair.baseline_labelmap.astype(np.float32), pair.baseline.geometry),
                                     pair.baseline)
@@ -104,33 +118,39 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str) ->
             statuses = [lesion.status for lesion in result.lesions]
         else:
             rows[method] = carried_rows(result.followup_labelmap)
-    return {"case": case, "seed": seed, "motion_mm": motion_mm, "rows": rows, "seconds": seconds,
+    return {"case": case, "seed": seed, "motion": motion, "motion_mm": motion_mm, "rows": rows, "seconds": seconds,
             "statuses": statuses}
 
 
-def _table(pairs: list[dict]) -> tuple[str, dict]:
+def _table(pairs: list[dict], motions: list[str]) -> tuple[str, dict]:
+    """The Markdown table (one row per motion family and method) and its figures, ``figures[motion][method]``."""
     from MedDIFTLib.evaluation.lesions import summarise
 
-    figures = {}
-    lines = ["| method | lesions | " + " | ".join(METRICS.values()) + " | seconds per pair |",
-             "|---|---|" + "---|" * (len(METRICS) + 1)]
-    for method in METHODS:
-        rows = [row for pair in pairs for row in pair["rows"].get(method, [])]
-        if not rows:
-            continue
-        summary = summarise(rows)
-        summary["seconds_mean"] = float(np.mean([pair["seconds"][method] for pair in pairs]))
-        if method == "meddift-track":
-            summary["segmented_centre_error_mean_mm"] = float(np.mean([r["segmented_centre_error_mm"] for r in rows]))
-        figures[method] = summary
-        lines.append(f"| {method} | {summary['lesions']} | {summary['centre_error_mean_mm']:.2f} | "
-                     f"{100 * summary['hit_rate_radius']:.0f} % | {100 * summary['hit_rate_10mm']:.0f} % | "
-                     f"{summary['dice_median']:.3f} | {summary['volume_change_error_median_points']:.1f} | "
-                     f"{summary['seconds_mean']:.0f} |")
-    if "meddift-track" in figures:
+    figures: dict[str, dict] = {}
+    lines = ["| motion | method | lesions | " + " | ".join(METRICS.values()) + " | seconds per pair |",
+             "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    for motion in motions:
+        chosen = [pair for pair in pairs if pair["motion"] == motion]
+        for method in METHODS:
+            rows = [row for pair in chosen for row in pair["rows"].get(method, [])]
+            if not rows:
+                continue
+            summary = summarise(rows)
+            summary["seconds_mean"] = float(np.mean([pair["seconds"][method] for pair in chosen]))
+            if method == "meddift-track":
+                summary["segmented_centre_error_mean_mm"] = float(
+                    np.mean([r["segmented_centre_error_mm"] for r in rows]))
+            figures.setdefault(motion, {})[method] = summary
+            lines.append(f"| {motion} | {method} | {summary['lesions']} | {summary['centre_error_mean_mm']:.2f} | "
+                         f"{100 * summary['hit_rate_radius']:.0f} % | {100 * summary['hit_rate_10mm']:.0f} % | "
+                         f"{summary['dice_median']:.3f} | {summary['volume_change_error_median_points']:.1f} | "
+                         f"{summary['seconds_mean']:.0f} |")
+    tracked = {motion: found["meddift-track"] for motion, found in figures.items() if "meddift-track" in found}
+    if tracked:
         lines.append("")
-        lines.append(f"meddift-track centre (segmentation's centre of mass instead of the engine's match): "
-                     f"{figures['meddift-track']['segmented_centre_error_mean_mm']:.2f} mm mean.")
+        lines.append("meddift-track centre (segmentation's centre of mass instead of the engine's match): " + ", ".join(
+            f"{motion} {summary['segmented_centre_error_mean_mm']:.2f} mm mean" for motion, summary in tracked.items())
+            + ".")
     return "\n".join(lines), figures
 
 
@@ -140,21 +160,25 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--nodules", type=int, default=4)
     parser.add_argument("--motion-mm", type=float, default=7.0, help="mean motion of the breathing model")
-    parser.add_argument("--motion", default="breathing", choices=("breathing", "dirlab1", "dirlab2"),
-                        help="motion family: the breathing model or the fit to DIR-Lab case 1/2 displacements")
+    parser.add_argument("--motion", nargs="+", default=["breathing"], choices=("breathing", "dirlab1", "dirlab2"),
+                        help="motion families: the breathing model and/or the fit to DIR-Lab case 1/2 displacements")
+    parser.add_argument("--popi-spacing-mm", type=float, default=2.0, help="isotropic spacing of the POPI volume")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lesion_tracking.json"))
     args = parser.parse_args()
     pairs = []
-    for case in args.cases:
-        for seed in args.seeds:
-            pair = run_pair(case, seed, args.nodules, args.motion_mm, args.motion)
-            print(f"{case} seed {seed}: {len(pair['rows']['meddift-track'])} nodules, statuses {pair['statuses']}, "
-                  f"seconds {', '.join(f'{k} {v:.0f}' for k, v in pair['seconds'].items())}", flush=True)
-            pairs.append(pair)
-    markdown, figures = _table(pairs)
-    motion_text = (f"breathing motion, mean {args.motion_mm:g} mm" if args.motion == "breathing"
-                   else f"{args.motion} motion (fitted to real DIR-Lab displacements)")
-    header = (f"Lesion tracking on {len(pairs)} generated pairs ({', '.join(args.cases)}; seeds "
+    for motion in args.motion:
+        for case in args.cases:
+            for seed in args.seeds:
+                pair = run_pair(case, seed, args.nodules, args.motion_mm, motion, args.popi_spacing_mm)
+                print(f"{motion} {case} seed {seed}: {len(pair['rows']['meddift-track'])} nodules, statuses "
+                      f"{pair['statuses']}, seconds {', '.join(f'{k} {v:.0f}' for k, v in pair['seconds'].items())}",
+                      flush=True)
+                pairs.append(pair)
+    markdown, figures = _table(pairs, args.motion)
+    motion_text = "; ".join(f"breathing motion, mean {args.motion_mm:g} mm" if motion == "breathing"
+                            else f"{motion} motion (fitted to real DIR-Lab displacements)" for motion in args.motion)
+    popi_text = f", POPI at {args.popi_spacing_mm:g} mm" if "popi" in args.cases else ""
+    header = (f"Lesion tracking on {len(pairs)} generated pairs ({', '.join(args.cases)}{popi_text}; seeds "
               f"{', '.join(map(str, args.seeds))}; up to {args.nodules} nodules each; {motion_text}; "
               f"0.5x-2x volume change; MIND features, CPU).\n\n")
     print(header + markdown)

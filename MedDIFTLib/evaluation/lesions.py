@@ -3,10 +3,15 @@
 A pair (:func:`make_lesion_pair`): solid nodules (radius ``radius_mm``, soft-tissue HU with a
 smooth texture and a soft edge) are inserted deep in the lungs of the CT: the baseline. The
 follow-up is the same CT with each nodule grown or shrunk by a known volume factor
-(log-uniform in ``volume_factor``), then warped by the breathing-like motion of
-:func:`MedDIFTLib.evaluation.simulate.make_synthetic_pair` (with its density change, noise and
-coarser grid). Truth: labelmaps on both grids (the nodule is where the distance to its centre is
-at most its radius: the middle of the soft edge) and the centres in both.
+(log-uniform in ``volume_factor``) in the follow-up: the CT is warped by the motion of
+:func:`MedDIFTLib.evaluation.simulate.make_synthetic_pair` (with its lung density change, noise and
+coarser grid) and each nodule is blended in afterwards, at the position the same motion gives it
+(its texture pulled through the motion, with fresh noise). Blending after the warp keeps the
+density change to the lung's share of a voxel: solid tissue does not densify, and scaling a whole
+soft-edge voxel by the lung's volume change would move the nodule's visible edge away from its
+true boundary where the lung is compressed. Truth: labelmaps on both grids (the nodule is where
+the distance to its centre is at most its radius: the middle of the soft edge) and the centres in
+both.
 
 Metrics per lesion (:func:`lesion_metrics`): centre error (mm), hit within the follow-up radius and
 within 10 mm (the DeepLesion tracking metrics), Dice of the follow-up segmentation, and the
@@ -23,6 +28,7 @@ from scipy import ndimage
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume
+from .settings import SimulationOptions
 from .simulate import LUNG_HU, lung_mask, make_synthetic_pair
 
 EDGE_MM = 0.6
@@ -91,20 +97,30 @@ def nodule_sites(ct: Volume, count: int, radius_mm: tuple[float, float], largest
     return np.asarray(centres), np.asarray(radii)
 
 
+def _texture(geometry: Geometry, box: tuple[slice, ...], density_hu: float, seed: int) -> np.ndarray:
+    """A nodule's HU over ``box`` of ``geometry``: ``density_hu`` plus smooth noise of ``TEXTURE_HU``."""
+    shape = tuple(s.stop - s.start for s in box)
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape),
+                                    1.0 / np.asarray(geometry.spacing_mm)[::-1])
+    return density_hu + TEXTURE_HU * noise / max(float(noise.std()), 1e-6)
+
+
+def _edge_weight(distance_mm: np.ndarray, radius_mm: float) -> np.ndarray:
+    """The nodule's share of a voxel at ``distance_mm`` from its centre (one half at the radius)."""
+    return 1.0 / (1.0 + np.exp(-(radius_mm - distance_mm) / EDGE_MM))
+
+
 def insert_nodules(ct: Volume, centres_lps_mm: np.ndarray, radii_mm: np.ndarray, density_hu: np.ndarray,
                    texture_seed: int) -> tuple[Volume, np.ndarray]:
     """``ct`` with solid nodules blended in (soft edge of ``EDGE_MM``, texture of ``TEXTURE_HU``) and
     their labelmap (distance to the centre at most the radius)."""
     voxels = ct.voxels.copy()
     labelmap = np.zeros(ct.geometry.shape_kji, np.int32)
-    spacing_kji = np.asarray(ct.geometry.spacing_mm)[::-1]
     for n, (centre, radius) in enumerate(zip(centres_lps_mm, radii_mm)):
         box = _box_around(ct.geometry, centre, radius + 4 * EDGE_MM)
         distance = np.linalg.norm(_voxel_world(ct.geometry, box) - centre, axis=-1)
-        noise = np.random.default_rng(texture_seed + n).standard_normal(distance.shape)
-        noise = ndimage.gaussian_filter(noise, 1.0 / spacing_kji)
-        texture = density_hu[n] + TEXTURE_HU * noise / max(float(noise.std()), 1e-6)
-        weight = 1.0 / (1.0 + np.exp(-(radius - distance) / EDGE_MM))
+        weight = _edge_weight(distance, radius)
+        texture = _texture(ct.geometry, box, density_hu[n], texture_seed + n)
         voxels[box] = voxels[box] * (1.0 - weight) + texture * weight
         labelmap[box][distance <= radius] = n + 1
     return Volume(voxels.astype(np.float32), ct.geometry, ct.name), labelmap
@@ -122,22 +138,30 @@ def make_lesion_pair(ct: Volume, count: int = 6, seed: int = 0, mean_motion_mm: 
     density = rng.uniform(0.0, 60.0, len(radii))
     baseline, baseline_labelmap = insert_nodules(ct, centres, radii, density, seed * 100)
     grown = radii * factors ** (1.0 / 3.0)
-    changed, _ = insert_nodules(ct, centres, grown, density, seed * 100)
     labels = [str(n + 1) for n in range(len(radii))]
-    moved = make_synthetic_pair(changed, seed=seed, mean_motion_mm=mean_motion_mm, points_lps_mm=centres,
+    moved = make_synthetic_pair(ct, seed=seed, mean_motion_mm=mean_motion_mm, points_lps_mm=centres,
                                 labels=labels, motion=motion)
     kept = np.asarray([int(label) - 1 for label in moved.moving_points.labels], int)
-    followup = moved.moving
-    followup_labelmap = np.zeros(followup.geometry.shape_kji, np.int32)
+    followup = moved.moving.voxels.copy()
+    followup_labelmap = np.zeros(moved.moving.geometry.shape_kji, np.int32)
+    noise = np.random.default_rng(seed + 2)
     for n, centre in zip(kept, moved.moving_points.points_lps_mm):
-        box = _box_around(followup.geometry, centre, grown[n] + 5.0)
-        world = _voxel_world(followup.geometry, box)
+        box = _box_around(moved.moving.geometry, centre, grown[n] + 5.0)
+        world = _voxel_world(moved.moving.geometry, box)
         field_kji = moved.field_geometry.lps_to_ijk(world.reshape(-1, 3))[:, ::-1].T
         pulled = world.reshape(-1, 3) + np.stack(
             [ndimage.map_coordinates(moved.pull_field_lps_mm[..., c], field_kji, order=1, mode="nearest")
              for c in range(3)], axis=1)
-        inside = (np.linalg.norm(pulled - centres[n], axis=1) <= grown[n]).reshape(world.shape[:3])
-        followup_labelmap[box][inside] = n + 1
+        distance = np.linalg.norm(pulled - centres[n], axis=1).reshape(world.shape[:3])
+        texture_box = _box_around(ct.geometry, centres[n], grown[n] + 4 * EDGE_MM)
+        texture_kji = (ct.geometry.lps_to_ijk(pulled)[:, ::-1] - [s.start for s in texture_box]).T
+        texture = ndimage.map_coordinates(_texture(ct.geometry, texture_box, density[n], seed * 100 + n),
+                                          texture_kji, order=1, mode="nearest").reshape(distance.shape)
+        texture += noise.normal(0.0, SimulationOptions.noise_hu, distance.shape)
+        weight = _edge_weight(distance, grown[n])
+        followup[box] = followup[box] * (1.0 - weight) + texture * weight
+        followup_labelmap[box][distance <= grown[n]] = n + 1
+    followup = Volume(followup.astype(np.float32), moved.moving.geometry, moved.moving.name)
     baseline_labelmap[~np.isin(baseline_labelmap, kept + 1)] = 0
     return LesionPair(Volume(baseline.voxels, baseline.geometry, f"{ct.name}_baseline_seed{seed}"),
                       Volume(followup.voxels, followup.geometry, f"{ct.name}_followup_seed{seed}"),

@@ -1,15 +1,23 @@
-"""Fit a carried lesion to the follow-up image, and segment a lesion from a seed point.
+"""Fit a lesion to the follow-up image around its matched centre, and segment a lesion from a seed point.
 
 Method (one for both): a threshold learned from the lesion's own intensities, half-way between
 the lesion's median HU and the median of a shell around it (its surroundings, lung parenchyma
 for a lung nodule), so that the boundary sits at the middle of a soft edge whatever the lesion's
 size. In the follow-up that threshold is averaged with the same half-way value measured there
-(the carried lesion's voxels above it against a shell beyond the growth region), since the two
-scans blur an edge differently (slice thickness, resampling); on generated pairs the average beat
-either threshold alone. The voxels above it are kept within ``growth_margin_mm`` (plus a third of
-the lesion's equivalent radius, enough for twice the volume) of the carried lesion; the connected
+(the voxels above it near the matched centre against a shell beyond the growth region), since the
+two scans blur an edge differently (slice thickness, resampling); on generated pairs the average
+beat either threshold alone.
+
+The follow-up lesion grows from the correspondence engine's matched centre, not from the carried
+labelmap: the match is more accurate than the field around a lesion (the field is smooth and is
+fitted to the whole lung, so a carried lesion is shifted and shrunk or swollen by its errors, and
+a region bounded by it cuts off growth, most on thick slices). The voxels above the threshold
+within a sphere around the match (radius: the baseline lesion's equivalent radius scaled to
+``largest_volume_factor`` in volume, plus ``growth_margin_mm``) and as near to the carried lesion
+form candidates: the carried lesion only bounds where the lesion may be, so that a match that
+went astray (a lesion gone, a low-confidence match) cannot claim another structure. The connected
 component holding the matched centre (else the one overlapping the carried lesion most) is the
-lesion, its holes filled. Work is done in a box around the lesion.
+lesion, its holes filled. Work is done in a box around the sphere.
 """
 
 from __future__ import annotations
@@ -68,29 +76,43 @@ def _component(candidates: np.ndarray, seed_kji: np.ndarray | None, prefer: np.n
     return ndimage.binary_fill_holes(components == chosen)
 
 
+def equivalent_radius_mm(mask: np.ndarray, geometry: Geometry) -> float:
+    """The radius (mm) of the sphere with the volume of ``mask``."""
+    return float((3.0 * mask.sum() * np.prod(geometry.spacing_mm) / (4.0 * np.pi)) ** (1.0 / 3.0))
+
+
 def refine_lesion(carried: np.ndarray, image: np.ndarray, geometry: Geometry, threshold_hu: float,
-                  centre_lps_mm: np.ndarray | None, growth_margin_mm: float) -> np.ndarray:
-    """The carried lesion ``carried`` (``[k, j, i]`` bool on the follow-up grid) fitted to ``image`` (HU)."""
+                  centre_lps_mm: np.ndarray | None, baseline_radius_mm: float, growth_margin_mm: float,
+                  largest_volume_factor: float) -> np.ndarray:
+    """The lesion in ``image`` (HU, follow-up grid) grown from ``centre_lps_mm`` (the matched centre;
+    ``None``: the carried lesion's centre of mass) within ``baseline_radius_mm`` times
+    ``largest_volume_factor`` ** (1/3) plus ``growth_margin_mm``, and as near to ``carried`` (the
+    carried lesion, ``[k, j, i]`` bool). Empty when nothing is carried."""
     if not carried.any():
-        return carried.copy()
+        return np.zeros_like(carried)
+    if centre_lps_mm is None:
+        centre_kji = np.asarray(ndimage.center_of_mass(carried), float)
+    else:
+        centre_kji = geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]
     spacing = _spacing_kji(geometry)
-    radius_mm = (3.0 * carried.sum() * np.prod(spacing) / (4.0 * np.pi)) ** (1.0 / 3.0)
-    reach_mm = growth_margin_mm + radius_mm / 3.0
-    box = _box(carried, np.ceil(reach_mm / spacing).astype(int) + 1)
-    region = _within(carried[box], reach_mm, spacing)
+    reach_mm = baseline_radius_mm * largest_volume_factor ** (1.0 / 3.0) + growth_margin_mm
+    seed = np.round(centre_kji).astype(int)
+    point = np.zeros(carried.shape, bool)
+    point[tuple(np.clip(seed, 0, np.asarray(carried.shape) - 1))] = True
+    box = _box(point, np.ceil((reach_mm + SHELL_MM) / spacing).astype(int) + 1)
+    low = np.asarray([s.start for s in box])
+    offsets = np.stack(np.meshgrid(*[np.arange(s.stop - s.start) for s in box], indexing="ij"), axis=-1)
+    distance_mm = np.linalg.norm((offsets - (centre_kji - low)) * spacing, axis=-1)
     values = image[box]
-    core = carried[box] & (values >= threshold_hu)
-    outer = _within(carried[box], reach_mm + SHELL_MM, spacing) & ~region
+    near_carried = _within(carried[box], reach_mm, spacing) if carried[box].any() else np.zeros_like(carried[box])
+    region = (distance_mm <= reach_mm) & near_carried
+    core = (distance_mm <= 0.5 * baseline_radius_mm) & (values >= threshold_hu)
+    outer = (distance_mm > reach_mm) & (distance_mm <= reach_mm + SHELL_MM)
     if core.any() and outer.any():
         followup_hu = 0.5 * (float(np.median(values[core])) + float(np.median(values[outer])))
         threshold_hu = 0.5 * (threshold_hu + followup_hu)
-    candidates = region & (values >= threshold_hu)
-    seed = None
-    if centre_lps_mm is not None:
-        seed = np.round(geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]).astype(int)
-        seed -= [s.start for s in box]
     refined = np.zeros_like(carried)
-    refined[box] = _component(candidates, seed, carried[box])
+    refined[box] = _component(region & (values >= threshold_hu), seed - low, carried[box])
     return refined
 
 

@@ -13,8 +13,10 @@ class LesionOptions(Options):
     """How each lesion is found, segmented and flagged in the follow-up (distances in mm)."""
 
     refine: bool = option(True, help="fit each carried lesion to the follow-up image (off: the carried labelmap)")
-    growth_margin_mm: float = option(4.0, minimum=0.0, help="the refined lesion may grow this far beyond the "
-                                     "carried one, mm (plus a third of its equivalent radius)")
+    growth_margin_mm: float = option(4.0, minimum=0.0, help="the refined lesion may reach this far beyond "
+                                     "the largest growth of the baseline lesion around its matched centre, mm")
+    largest_volume_factor: float = option(3.0, above=0.0, help="the largest growth in volume the refined lesion "
+                                          "may show (times the baseline volume)")
     seed_radius_mm: float = option(20.0, above=0.0, help="largest radius of a lesion segmented from a point, mm")
     confidence_threshold: float = option(0.5, minimum=0.0, maximum=1.0,
                                          help="a centre match below this confidence is flagged low_confidence")

@@ -7,13 +7,14 @@
 3. Each lesion's baseline centre is matched into the follow-up by the correspondence engine
    (:func:`MedDIFTLib.matching.match_points`), searched around the carried lesion's centre; the
    match carries the confidence and forward-backward distance.
-4. Refinement (:mod:`.refine`) fits each carried lesion to the follow-up image, seeded at the match.
+4. Refinement (:mod:`.refine`) grows each lesion in the follow-up image from its match, the carried
+   lesion as a fallback prior.
 5. Measurements at both time points (:mod:`.measure`) and status flags: ``not_found`` (nothing left
    in the follow-up), ``leaves_volume`` (the lesion reaches or passes the follow-up border),
    ``merges`` (it meets another tracked lesion), ``low_confidence`` (the centre match is below the
    threshold), ``touches_border`` (the baseline lesion touches the baseline border). The reported
-   follow-up centre is the engine's match (on generated pairs it is closer to the truth than the
-   segmentation's centre of mass, which is kept as ``segmented_centre_lps_mm``).
+   follow-up centre is the engine's match, which exists even where the segmentation is empty; the
+   segmentation's centre of mass is kept as ``segmented_centre_lps_mm``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..matching import match_points
 from .carry import carry_labelmap
 from .inputs import Lesions, centroids_lps_mm, touches_border
 from .measure import EMPTY, Measurement, change_pct, measure
-from .refine import learned_threshold, refine_lesion, segment_from_seed
+from .refine import equivalent_radius_mm, learned_threshold, refine_lesion, segment_from_seed
 from .settings import LesionOptions
 
 
@@ -154,7 +155,8 @@ def track_lesions(
         if options.refine and base_mask.any() and carried_mask.any():
             threshold = learned_threshold(base_mask, baseline.voxels, baseline.geometry)
             mask = refine_lesion(carried_mask, followup.voxels, geometry, threshold, matches.points_lps_mm[n],
-                                 options.growth_margin_mm)
+                                 equivalent_radius_mm(base_mask, baseline.geometry), options.growth_margin_mm,
+                                 options.largest_volume_factor)
         if (followup_labelmap[mask] != 0).any():
             flags.append("merges")
             for other in results:
