@@ -15,7 +15,7 @@ from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume
 from MedDIFTLib.core.options import MatchOptions, RunSettings
 from MedDIFTLib.features.mind import MindFeaturizer, mind_ssc
-from MedDIFTLib.features.regions import BLOCK, RegionFiller
+from MedDIFTLib.features.regions import BLOCK, READ_AHEAD, RegionFiller
 from MedDIFTLib.matching import match_points
 from MedDIFTLib.matching.sampling import sample, sample_stored
 from MedDIFTLib.worker.protocol import Limits
@@ -44,15 +44,17 @@ def test_region_filler_computes_only_missing_blocks():
         k, j, i = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo_kji, hi_kji)], indexing="ij")
         return torch.from_numpy(np.stack([k, j, i]).astype(np.float32))
 
-    shape = (20, 17, 9)
+    shape = (5 * BLOCK, 4 * BLOCK, 9)
     features = torch.full((3, *shape), -1.0)
     filler = RegionFiller(compute, shape)
-    filler.ensure(features, np.array([1, 1, 1]), np.array([3, 3, 3]))
-    assert calls == [((0, 0, 0), (BLOCK, BLOCK, BLOCK))]
-    filler.ensure(features, np.array([0, 0, 0]), np.array([BLOCK, BLOCK, BLOCK]))
+    filler.ensure(features, np.array([2 * BLOCK + 1, 1, 1]), np.array([2 * BLOCK + 3, 3, 3]))
+    assert READ_AHEAD == 1  # the figures below: the request's block and one block around it, clipped
+    assert calls == [((BLOCK, 0, 0), (4 * BLOCK, 2 * BLOCK, 9))]
+    filler.ensure(features, np.array([BLOCK, 0, 0]), np.array([4 * BLOCK, 2 * BLOCK, 9]))
     assert len(calls) == 1
-    filler.ensure(features, np.array([-5, 2, 0]), np.array([BLOCK + 1, 3, 99]))
-    assert calls[1] == ((0, 0, 0), (2 * BLOCK, BLOCK, 9))  # the bounding box of the missing blocks
+    filler.ensure(features, np.array([3 * BLOCK, 2, 0]), np.array([4 * BLOCK + 1, 3, 99]))
+    # the bounding box of the missing blocks (k block 4), grown by READ_AHEAD
+    assert calls[1] == ((3 * BLOCK, 0, 0), (5 * BLOCK, 2 * BLOCK, 9))
     assert not filler.done and 0 < filler.filled_share < 1
     filler.fill(features)
     assert filler.done and torch.equal(features, compute(np.zeros(3, int), np.asarray(shape)))

@@ -3,7 +3,8 @@
 A :class:`RegionFiller` belongs to one :class:`~.protocol.FeatureLevel`: the level's tensor is
 allocated full size but holds valid values only where the filler has computed them. It keeps a
 map of filled blocks (``BLOCK`` level voxels per axis) and, asked for a box, computes the
-bounding box of the blocks still missing there in one call of the backbone's ``compute``. A
+bounding box of the blocks still missing there, grown by ``READ_AHEAD`` blocks, in one call of the
+backbone's ``compute``. A
 backbone offers this only when a voxel's descriptor depends on the image near it alone, so that a
 box computed on its own equals the same box of the whole-volume extraction.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 BLOCK = 8
+READ_AHEAD = 1  # blocks computed beyond a request on each side, so a dragged point finds them ready
 
 RegionCompute = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 """``compute(lo_kji, hi_kji)``: the ``(C, ...)`` features of the level box ``[lo, hi)``."""
@@ -47,8 +49,9 @@ class RegionFiller:
         missing = np.argwhere(~self._filled[tuple(slice(a, b) for a, b in zip(first, last))])
         if not len(missing):
             return
-        block_lo = first + missing.min(axis=0)
-        block_hi = first + missing.max(axis=0) + 1
+        grid = np.asarray(self._filled.shape)
+        block_lo = np.maximum(first + missing.min(axis=0) - READ_AHEAD, 0)
+        block_hi = np.minimum(first + missing.max(axis=0) + 1 + READ_AHEAD, grid)
         box_lo = block_lo * BLOCK
         box_hi = np.minimum(block_hi * BLOCK, self.shape_kji)
         box = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
