@@ -87,15 +87,18 @@ def refine_lesion(carried: np.ndarray, image: np.ndarray, geometry: Geometry, th
     """The lesion in ``image`` (HU, follow-up grid) grown from ``centre_lps_mm`` (the matched centre;
     ``None``: the carried lesion's centre of mass) within ``baseline_radius_mm`` times
     ``largest_volume_factor`` ** (1/3) plus ``growth_margin_mm``, and as near to ``carried`` (the
-    carried lesion, ``[k, j, i]`` bool). Empty when nothing is carried."""
+    carried lesion, ``[k, j, i]`` bool). A matched centre farther than that reach from the carried
+    lesion's centre (match and field disagree by more than the lesion could have grown: the match
+    may have found a neighbour) is not used; the carried centre is. Empty when nothing is carried."""
     if not carried.any():
         return np.zeros_like(carried)
-    if centre_lps_mm is None:
-        centre_kji = np.asarray(ndimage.center_of_mass(carried), float)
-    else:
-        centre_kji = geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]
     spacing = _spacing_kji(geometry)
     reach_mm = baseline_radius_mm * largest_volume_factor ** (1.0 / 3.0) + growth_margin_mm
+    centre_kji = np.asarray(ndimage.center_of_mass(carried), float)
+    if centre_lps_mm is not None:
+        matched_kji = geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]
+        if np.linalg.norm((matched_kji - centre_kji) * spacing) <= reach_mm:
+            centre_kji = matched_kji
     seed = np.round(centre_kji).astype(int)
     point = np.zeros(carried.shape, bool)
     point[tuple(np.clip(seed, 0, np.asarray(carried.shape) - 1))] = True
