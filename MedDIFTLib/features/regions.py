@@ -4,9 +4,8 @@ A :class:`RegionFiller` belongs to one :class:`~.protocol.FeatureLevel`: the lev
 allocated full size but holds valid values only where the filler has computed them. It keeps a
 map of filled blocks (``BLOCK`` level voxels per axis) and, asked for a box, computes the
 bounding box of the blocks still missing there, grown by ``READ_AHEAD`` blocks, in one call of the
-backbone's ``compute``. A
-backbone offers this only when a voxel's descriptor depends on the image near it alone, so that a
-box computed on its own equals the same box of the whole-volume extraction.
+backbone's ``compute``. A backbone offers this only when a voxel's descriptor depends on the image
+near it alone, so that a box computed on its own equals the same box of the whole-volume extraction.
 """
 
 from __future__ import annotations

@@ -62,12 +62,12 @@ def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.devi
     return torch.as_tensor(ijk, dtype=torch.float32, device=device)
 
 
-def ensure_read(level: FeatureLevel, ijk: np.ndarray, reach: int = 0) -> None:
+def ensure_read(level: FeatureLevel, ijk: torch.Tensor, reach: int = 0) -> None:
     """Make ``level`` valid where trilinear reads at ``ijk`` (B, N, 3 continuous voxel coordinates)
     and ``reach`` voxels around them land: one box per row (a no-op on a complete level)."""
     if level.complete:
         return
-    rows = np.asarray(ijk, float).reshape(len(ijk), -1, 3)
+    rows = ijk.cpu().double().numpy().reshape(len(ijk), -1, 3)
     level.ensure_boxes(np.floor(rows.min(axis=1)) - reach - 1, np.floor(rows.max(axis=1)) + reach + 3)
 
 
@@ -82,6 +82,6 @@ def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.
     """L2-normalised descriptors (..., C) of ``level`` at LPS points (..., 3), trilinear."""
     points = np.asarray(points_lps_mm, float)
     coords = level_ijk(level, points.reshape(-1, 3), level.features.device)
-    ensure_read(level, coords.cpu().numpy().reshape(points.shape if points.ndim > 1 else (1, 3)))
+    ensure_read(level, coords.reshape(points.shape if points.ndim > 1 else (1, 3)))
     samples = sample_stored(level.features, coords)
     return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)

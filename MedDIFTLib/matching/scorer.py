@@ -166,7 +166,7 @@ class Scorer:
     ) -> torch.Tensor:
         batch, count, _ = coords.shape
         offsets = torch.as_tensor(patch_offsets_ijk(radius, step), dtype=coords.dtype, device=coords.device)
-        ensure_read(level, coords.cpu().numpy(), radius)
+        ensure_read(level, coords, radius)
         positions = (coords[:, :, None, :] + offsets[None, None]).reshape(-1, 3)
         samples = sample_stored(level.features, positions).T
         samples = F.normalize(samples.reshape(level.channels, batch, count, len(offsets)), dim=0)
