@@ -72,12 +72,13 @@ def _match_one_way(
         fine_lattice = CandidateLattice.around(geometry, refine_radius)
     else:
         fine_lattice, first = first, None
-    lattices = [lattice for lattice in (None if dense else first, fine_lattice) if lattice is not None]
-    batch = min(scorer.batch_size(lattice) for lattice in lattices)
+    coarse_levels = resolving_levels(target.levels, options.coarse_step_mm)
+    batch = scorer.batch_size(fine_lattice)
+    if first is not None and not dense:
+        batch = min(batch, scorer.batch_size(first, coarse_levels))
     if dense:
         largest = max(level.geometry.num_voxels for level in target.levels)
         batch = min(batch, max(1, int(scorer.budget_bytes // (largest * 4 * 3))))
-    coarse_levels = resolving_levels(target.levels, options.coarse_step_mm)
     radius = None if options.mode == "global" else options.search_radius_mm
     positions = np.zeros_like(points_lps_mm)
     scores = np.zeros(len(points_lps_mm))

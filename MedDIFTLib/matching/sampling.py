@@ -33,26 +33,24 @@ def sample(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
     return interpolate(values[None], ijk.reshape(1, -1, 3))[0].T
 
 
+_CORNER_BITS = torch.tensor([[(corner >> axis) & 1 for axis in range(3)] for corner in range(8)])
+"""(8, 3) the corners of a voxel cell, ijk offsets 0 or 1."""
+
+
 def sample_stored(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
     """Float32 trilinear samples ``(N, C)`` of stored features ``(C, K, J, I)`` (any float dtype,
-    e.g. half precision) at voxel coordinates ``(N, 3)``: the eight corners are gathered and only
-    they are converted, never the whole level. Outside the grid the border value is repeated, as
-    :func:`sample` does."""
+    e.g. half precision) at voxel coordinates ``(N, 3)``: the eight corners are gathered in one
+    indexing and only they are converted, never the whole level. Outside the grid the border
+    value is repeated, as :func:`sample` does."""
     upper = torch.tensor(values.shape[1:][::-1], dtype=ijk.dtype, device=ijk.device) - 1
     clamped = ijk.reshape(-1, 3).clamp(min=torch.zeros_like(upper), max=upper)
     base = clamped.floor().clamp(max=(upper - 1).clamp(min=0))
     fraction = clamped - base
-    base = base.long()
-    top = upper.long()
-    samples = torch.zeros((len(clamped), values.shape[0]), dtype=torch.float32, device=values.device)
-    for corner in range(8):
-        bits = [(corner >> axis) & 1 for axis in range(3)]
-        index = [torch.minimum(base[:, axis] + bits[axis], top[axis]) for axis in range(3)]
-        weight = torch.ones(len(clamped), dtype=torch.float32, device=values.device)
-        for axis in range(3):
-            weight = weight * (fraction[:, axis] if bits[axis] else 1.0 - fraction[:, axis])
-        samples += weight[:, None] * values[:, index[2], index[1], index[0]].T.float()
-    return samples
+    bits = _CORNER_BITS.to(ijk.device)
+    index = torch.minimum(base.long()[None] + bits[:, None, :], upper.long())
+    weights = torch.where(bits[:, None, :].bool(), fraction[None], 1.0 - fraction[None]).prod(dim=2)
+    corners = values[:, index[..., 2], index[..., 1], index[..., 0]].float()
+    return torch.einsum("cmn,mn->nc", corners, weights.float())
 
 
 def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -85,3 +83,36 @@ def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.
     ensure_read(level, coords.reshape(points.shape if points.ndim > 1 else (1, 3)))
     samples = sample_stored(level.features, coords)
     return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)
+
+
+def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
+    """L2-normalised descriptors (B, n, C) of ``level`` at B patches of n LPS points (B, n, 3),
+    trilinear as :func:`sample_descriptors`: each patch's bounding box of voxels is copied once and
+    sampled there (a patch is compact; gathers over the whole channel-first level are not)."""
+    points = np.asarray(points_lps_mm, float)
+    coords = level.geometry.lps_to_ijk(points.reshape(-1, 3)).reshape(points.shape)
+    ensure_read(level, torch.as_tensor(coords))
+    start = np.floor(coords.min(axis=1)).astype(int)
+    sizes = (np.floor(coords.max(axis=1)).astype(int) - start).max(axis=0) + 2
+    boxes = windows(level.features, start, sizes.tolist()).transpose(0, 1).float()
+    relative = torch.as_tensor(coords - start[:, None, :], dtype=torch.float32, device=boxes.device)
+    return F.normalize(interpolate(boxes, relative), dim=1).transpose(1, 2)
+
+
+def windows(features: torch.Tensor, start_ijk: np.ndarray, sizes_ijk: list[int]) -> torch.Tensor:
+    """``(C, B, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` from each ``start_ijk`` (B, 3) row,
+    ``sizes_ijk`` voxels long; outside the grid the border voxel is repeated."""
+    shape_ijk = np.asarray(features.shape[1:][::-1])
+    sizes = np.asarray(sizes_ijk)
+    inside = np.all((start_ijk >= 0) & (start_ijk + sizes <= shape_ijk), axis=1)
+    boxes = torch.empty((features.shape[0], len(start_ijk), *sizes[::-1]), dtype=features.dtype, device=features.device)
+    for row, (i, j, k) in enumerate(start_ijk.tolist()):
+        if inside[row]:
+            boxes[:, row] = features[:, k : k + sizes[2], j : j + sizes[1], i : i + sizes[0]]
+        else:
+            index = [
+                torch.as_tensor(np.clip(start + np.arange(size), 0, limit - 1), device=features.device)
+                for start, size, limit in zip((i, j, k), sizes, shape_ijk)
+            ]
+            boxes[:, row] = features[:, index[2][:, None, None], index[1][None, :, None], index[0][None, None, :]]
+    return boxes

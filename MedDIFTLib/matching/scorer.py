@@ -27,7 +27,7 @@ from ..core.errors import BadInputError
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
-from .sampling import ensure_read, interpolate, level_ijk, sample_descriptors, sample_stored, unit_descriptors
+from .sampling import ensure_read, interpolate, level_ijk, sample_patches, sample_stored, unit_descriptors, windows
 
 
 def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
@@ -64,6 +64,8 @@ class Scorer:
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
         self._layouts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._level_maps: dict[int, np.ndarray] = {}
+        self._exact: dict[tuple, list[bool]] = {}
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
         """Per level, (B, n_taps, C) fixed descriptors at the moving level's patch taps."""
@@ -72,12 +74,20 @@ class Scorer:
         for fixed_level, moving_level, radius, step in levels:
             offsets_mm = patch_offsets_ijk(radius, step) @ moving_level.geometry.affine_ijk_to_lps[:3, :3].T
             positions = points_lps_mm[:, None, :] + offsets_mm[None]
-            descriptors.append(sample_descriptors(fixed_level, positions))
+            descriptors.append(sample_patches(fixed_level, positions))
         return descriptors
 
     def _image_to_level(self, level: FeatureLevel) -> np.ndarray:
-        image = self.moving.image_geometry
-        return np.linalg.solve(level.geometry.affine_ijk_to_lps[:3, :3], image.affine_ijk_to_lps[:3, :3])
+        """(3, 3) image voxel steps in ``level`` voxels (kept per level)."""
+        if id(level) not in self._level_maps:
+            image = self.moving.image_geometry
+            linear = np.linalg.solve(level.geometry.affine_ijk_to_lps[:3, :3], image.affine_ijk_to_lps[:3, :3])
+            self._level_maps[id(level)] = linear
+        return self._level_maps[id(level)]
+
+    @staticmethod
+    def _lattice_key(lattice: CandidateLattice) -> tuple:
+        return lattice.half.tobytes(), lattice.stride.tobytes()
 
     def _box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
         """Stride and half-count (ijk, level voxels) of the similarity samples for one lattice.
@@ -87,18 +97,20 @@ class Scorer:
         centre cover every candidate plus one sample for interpolation. Kept per level and
         lattice (the search asks for it on every batch).
         """
-        key = (id(level), lattice.half.tobytes(), lattice.stride.tobytes())
+        key = (id(level), *self._lattice_key(lattice))
         if key not in self._layouts:
             self._layouts[key] = self._compute_box_layout(level, lattice)
         return self._layouts[key]
 
     def _compute_box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
         image_to_level = self._image_to_level(level)
-        extent = np.abs(image_to_level) @ (lattice.half * lattice.stride + 0.5)
+        extent = np.abs(image_to_level) @ (lattice.half * lattice.stride)
         aligned = np.allclose(image_to_level, np.diag(np.diag(image_to_level)), atol=1e-6)
         step = np.abs(np.diag(image_to_level)) * lattice.stride
         stride = np.maximum(1, np.floor(step + 1e-6)).astype(int) if aligned else np.ones(3, int)
-        half = np.ceil(extent / stride).astype(int) + 1
+        # The candidates lie within ``extent`` of the box centre's voxel plus a fraction in [0, 1);
+        # at stride 1 the samples reach one voxel beyond +half, at coarser strides they do not.
+        half = np.ceil((extent + (stride > 1) - 1e-6) / stride).astype(int)
         return stride, half
 
     def _coarser_than(self, level: FeatureLevel, lattice: CandidateLattice) -> bool:
@@ -116,13 +128,19 @@ class Scorer:
         """
         if self.exact or lattice is None:
             return [True] * len(self.moving.levels)
-        coarse = [self._coarser_than(level, lattice) for level in self.moving.levels]
-        return coarse if all(coarse) else [False] * len(coarse)
+        key = self._lattice_key(lattice)
+        if key not in self._exact:
+            coarse = [self._coarser_than(level, lattice) for level in self.moving.levels]
+            self._exact[key] = coarse if all(coarse) else [False] * len(coarse)
+        return self._exact[key]
 
-    def batch_size(self, lattice: CandidateLattice) -> int:
-        """Points per batch that keep one batch's working tensors within the memory budget."""
+    def batch_size(self, lattice: CandidateLattice, levels: list[int] | None = None) -> int:
+        """Points per batch that keep one batch's working tensors within the memory budget when
+        ``levels`` (default all) are scored on ``lattice``."""
         per_point = 0
-        for level, radius, step, exact in zip(self.moving.levels, self.radii, self.steps, self._exact_levels(lattice)):
+        exact_levels = self._exact_levels(lattice)
+        for n in range(len(self.moving.levels)) if levels is None else levels:
+            level, radius, step, exact = self.moving.levels[n], self.radii[n], self.steps[n], exact_levels[n]
             patch = patch_taps(radius, step)[1] ** 3
             if exact:
                 per_point = max(per_point, level.channels * lattice.size * patch * 4 * 2)
@@ -190,7 +208,7 @@ class Scorer:
         first = centre - stride * half
         sizes = [2 * (radius + s * h) + 2 for s, h in zip(stride, half)]
         level.ensure_boxes(first - radius, first - radius + np.asarray(sizes))
-        features = unit_descriptors(level, _windows(level.features, first - radius, sizes))
+        features = unit_descriptors(level, windows(level.features, first - radius, sizes))
         batch = features.shape[1]
         taps = patch_taps(radius, step)[1]
         kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, taps, taps, taps)
@@ -219,22 +237,3 @@ def _correlate(inputs: torch.Tensor, kernels: torch.Tensor, dilation: int, strid
     full = torch.fft.irfftn(spectrum, s=sizes, dim=(1, 2, 3))
     valid = [slice(0, int(n) - span + 1, int(s)) for n, s in zip(inputs.shape[2:], stride_kji)]
     return full[(slice(None), *valid)]
-
-
-def _windows(features: torch.Tensor, start_ijk: np.ndarray, sizes_ijk: list[int]) -> torch.Tensor:
-    """``(C, B, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` from each ``start_ijk`` (B, 3) row,
-    ``sizes_ijk`` voxels long; outside the grid the border voxel is repeated."""
-    shape_ijk = np.asarray(features.shape[1:][::-1])
-    sizes = np.asarray(sizes_ijk)
-    inside = np.all((start_ijk >= 0) & (start_ijk + sizes <= shape_ijk), axis=1)
-    boxes = torch.empty((features.shape[0], len(start_ijk), *sizes[::-1]), dtype=features.dtype, device=features.device)
-    for row, (i, j, k) in enumerate(start_ijk.tolist()):
-        if inside[row]:
-            boxes[:, row] = features[:, k : k + sizes[2], j : j + sizes[1], i : i + sizes[0]]
-        else:
-            index = [
-                torch.as_tensor(np.clip(start + np.arange(size), 0, limit - 1), device=features.device)
-                for start, size, limit in zip((i, j, k), sizes, shape_ijk)
-            ]
-            boxes[:, row] = features[:, index[2][:, None, None], index[1][None, :, None], index[0][None, None, :]]
-    return boxes
