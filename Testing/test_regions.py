@@ -60,6 +60,43 @@ def test_region_filler_computes_only_missing_blocks():
     assert filler.done and torch.equal(features, compute(np.zeros(3, int), np.asarray(shape)))
 
 
+def test_fill_some_steps_through_the_level_in_raster_order_within_its_budget():
+    calls = []
+
+    def compute(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+        calls.append((tuple(int(n) for n in lo_kji), tuple(int(n) for n in hi_kji)))
+        return torch.ones((1, *(np.asarray(hi_kji) - np.asarray(lo_kji))))
+
+    shape = (2 * BLOCK, 3 * BLOCK, 20)
+    features = torch.zeros((1, *shape))
+    filler = RegionFiller(compute, shape)
+    filler.ensure(features, np.array([0, 0, 0]), np.array([1, 1, 1]), ahead=0)  # one block already there
+    budget = 2 * BLOCK * BLOCK * 20  # two rows of blocks
+    steps = 0
+    while not filler.done:
+        filler.fill_some(features, budget)
+        steps += 1
+    b = BLOCK
+    assert calls[1:] == [((0, 0, 0), (b, 2 * b, 20)), ((0, 2 * b, 0), (b, 3 * b, 20)),
+                         ((b, 0, 0), (2 * b, 2 * b, 20)), ((b, 2 * b, 0), (2 * b, 3 * b, 20))]
+    assert steps == 4 and bool(features.eq(1).all())
+    filler.fill_some(features, budget)
+    assert len(calls) == 5
+
+
+def test_worker_state_fills_cached_region_pyramids_behind_step_by_step():
+    state = WorkerState(2**30, Limits(), lambda level, message: None)
+    volume = _textured_volume((20, 24, 22))
+    first = state.features(RunSettings(backbone="mind"), volume, "cpu", lambda *args: None, regions=True)
+    steps = 0
+    while state.fill_behind(voxels=BLOCK**3):
+        steps += 1
+        assert steps < 1000
+    assert steps > 1 and first.pyramid.complete and not state.fill_behind()
+    for level, expected in zip(first.pyramid.levels, MindFeaturizer().extract(volume).levels):
+        assert torch.equal(level.features, expected.features)
+
+
 @pytest.mark.parametrize("scales", [(1, 2, 4), (3,)])
 def test_mind_boxes_equal_the_whole_volume(scales):
     volume = _textured_volume((23, 30, 26))

@@ -142,9 +142,12 @@ def test_match_finds_the_known_shift_then_rematches_from_the_cache(client, loade
     np.testing.assert_allclose(second["points_lps_mm"], first["points_lps_mm"])
     assert second["seconds"] < first["seconds"]
 
-    # a match computes features only where it reads them; a features request completes them, then they are cached
-    features = client.call("features", volume_id=loaded["fixed_id"], backbone="mind", device="cpu")
-    assert not features["cached"] and features["seconds"] > 0.0
+    # a match computes features only where it reads them; the idle worker fills in the rest
+    deadline = time.monotonic() + TIMEOUT_S
+    while (cache := client.call("probe")["cache"])["filled_bytes"] < cache["used_bytes"]:
+        assert time.monotonic() < deadline, cache
+        time.sleep(0.05)
+    assert all(entry["filled_bytes"] == entry["bytes"] for entry in cache["entries"])
     features = client.call("features", volume_id=loaded["fixed_id"], backbone="mind", device="cpu")
     assert features["cached"] and features["seconds"] == 0.0
     assert [level["channels"] for level in features["levels"]] == [12, 12, 12]

@@ -77,6 +77,11 @@ class FeatureLevel:
         if not self.complete:
             self.filler.fill(self.features)
 
+    def fill_some(self, voxels: int) -> None:
+        """Make about ``voxels`` more of the level valid (see :meth:`.regions.RegionFiller.fill_some`)."""
+        if not self.complete:
+            self.filler.fill_some(self.features, voxels)
+
 
 @dataclass
 class FeaturePyramid:
@@ -106,6 +111,14 @@ class FeaturePyramid:
                 progress("features", n / len(self.levels), f"{level.name}: the rest of the volume")
                 level.fill()
         return self
+
+    def fill_some(self, voxels: int) -> bool:
+        """Fill about ``voxels`` more of the first incomplete level; False when all were complete."""
+        for level in self.levels:
+            if not level.complete:
+                level.fill_some(voxels)
+                return True
+        return False
 
     def to(self, device: torch.device | str) -> FeaturePyramid:
         """A copy on ``device`` (filled first: a copy could not be filled any more)."""

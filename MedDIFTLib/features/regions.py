@@ -38,8 +38,9 @@ class RegionFiller:
     def filled_share(self) -> float:
         return float(self._filled.mean())
 
-    def ensure(self, features: torch.Tensor, lo_kji: np.ndarray, hi_kji: np.ndarray) -> None:
-        """Make ``features[:, lo:hi]`` valid (the box is clipped to the grid)."""
+    def ensure(self, features: torch.Tensor, lo_kji: np.ndarray, hi_kji: np.ndarray, ahead: int = READ_AHEAD) -> None:
+        """Make ``features[:, lo:hi]`` valid (the box is clipped to the grid), computing ``ahead``
+        blocks more on each side of the missing ones."""
         lo = np.clip(np.asarray(lo_kji, int), 0, self.shape_kji)
         hi = np.clip(np.asarray(hi_kji, int), 0, self.shape_kji)
         if np.any(hi <= lo):
@@ -49,8 +50,8 @@ class RegionFiller:
         if not len(missing):
             return
         grid = np.asarray(self._filled.shape)
-        block_lo = np.maximum(first + missing.min(axis=0) - READ_AHEAD, 0)
-        block_hi = np.minimum(first + missing.max(axis=0) + 1 + READ_AHEAD, grid)
+        block_lo = np.maximum(first + missing.min(axis=0) - ahead, 0)
+        block_hi = np.minimum(first + missing.max(axis=0) + 1 + ahead, grid)
         box_lo = block_lo * BLOCK
         box_hi = np.minimum(block_hi * BLOCK, self.shape_kji)
         box = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
@@ -66,3 +67,16 @@ class RegionFiller:
     def fill(self, features: torch.Tensor) -> None:
         """Make the whole tensor valid."""
         self.ensure(features, np.zeros(3, int), self.shape_kji)
+
+    def fill_some(self, features: torch.Tensor, voxels: int) -> None:
+        """Fill about ``voxels`` more voxels (at least one block), from the first missing block in
+        raster order (k slowest) along rows of whole i lines, without read-ahead: one bounded step
+        of filling the rest of the level behind the searches."""
+        missing = np.argwhere(~self._filled)
+        if not len(missing):
+            return
+        k, j, _ = missing[0]
+        rows = max(1, int(voxels) // (BLOCK * BLOCK * int(self.shape_kji[2])))
+        lo = np.array([k, j, 0]) * BLOCK
+        hi = np.array([k + 1, j + rows, self._filled.shape[2]]) * BLOCK
+        self.ensure(features, lo, hi, ahead=0)

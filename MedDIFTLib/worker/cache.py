@@ -78,13 +78,20 @@ class FeatureCache:
         self._entries[key] = _Entry(pyramid, volume_name, size)
         return True
 
+    def incomplete(self) -> FeaturePyramid | None:
+        """The most recently used pyramid that is still filled on demand (None: all complete)."""
+        for entry in reversed(self._entries.values()):
+            if not entry.pyramid.complete:
+                return entry.pyramid
+        return None
+
     def clear(self) -> None:
         self._entries.clear()
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary: budget, bytes used (held for the whole pyramids), bytes computed so
-        far (``filled_bytes``: less where features are filled on demand) and the entries, least
-        recently used first."""
+        far (``filled_bytes``: less where features are filled on demand, until the idle worker has
+        filled them) and the entries, least recently used first."""
         return {
             "max_bytes": self.max_bytes,
             "used_bytes": self.used_bytes,
@@ -97,6 +104,7 @@ class FeatureCache:
                     "config": json.loads(key.config_json),
                     "device": key.device,
                     "bytes": entry.nbytes,
+                    "filled_bytes": entry.pyramid.filled_bytes,
                 }
                 for key, entry in self._entries.items()
             ],

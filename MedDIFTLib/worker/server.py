@@ -6,7 +6,9 @@ else ever reaches stdout (library output is sent to stderr at the file-descripto
 A reader thread parses each request (a bad one is answered at once), answers ``cancel`` and
 queues the rest; jobs run one at a time, in arrival order, on the main thread, each through its
 handler in :mod:`.handlers` (a cancelled running job stops at its next progress report). EOF
-on stdin acts as ``shutdown`` after the queued jobs.
+on stdin acts as ``shutdown`` after the queued jobs. While no job is queued, the worker fills the
+rest of the features that a point search computed only where it read them, one bounded step at a
+time (:meth:`.state.WorkerState.fill_behind`), so later jobs find them complete.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .stream import (
 )
 
 PROGRESS_INTERVAL_S = 0.1
+IDLE_WAIT_S = 0.5
 
 
 def _out_of_memory_advice(job_type: str, device: str) -> str:
@@ -79,12 +82,18 @@ class Worker:
     """Composes the protocol (reading, writing), the job queue, the state and the handlers."""
 
     def __init__(
-        self, writer: EventWriter, cache_bytes: int = DEFAULT_CACHE_BYTES, limits: Limits = DEFAULT_LIMITS
+        self,
+        writer: EventWriter,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        limits: Limits = DEFAULT_LIMITS,
+        fill_behind: bool = True,
     ) -> None:
         self.writer = writer
         self.limits = limits
         self.jobs = JobQueue()
         self.state = WorkerState(cache_bytes, limits, self.log)
+        self.fill_behind = fill_behind
+        self._fill_pending = False
 
     # ------------------------------------------------------------------ events
 
@@ -153,13 +162,30 @@ class Worker:
     def serve(self) -> int:
         """Run queued jobs until ``shutdown``; returns the exit code."""
         while True:
-            job = self.jobs.next(timeout_s=0.5)
+            job = self.jobs.next(timeout_s=0.0 if self._fill_pending else IDLE_WAIT_S)
             if job is None:
+                self._fill_step()
                 continue
             if job.type == "shutdown":
                 self._shut_down(job)
                 return 0
             self.run_job(job)
+            self._fill_pending = self.fill_behind
+
+    def _fill_step(self) -> None:
+        """Idle: one step of filling features computed only in part; a failure ends background filling."""
+        if not self._fill_pending:
+            return
+        try:
+            self._fill_pending = self.state.fill_behind()
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            self._fill_pending = self.fill_behind = False
+            self.log(
+                "warning",
+                f"stopped filling features in the background ({type(error).__name__}: {error}); "
+                "jobs compute what they need",
+            )
 
     def _shut_down(self, job: Job) -> None:
         if job.request_id is not None:
@@ -250,13 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-request-bytes", type=_byte_count, default=MAX_REQUEST_BYTES)
     parser.add_argument("--max-points", type=int, default=MAX_POINTS)
+    parser.add_argument(
+        "--no-fill-behind",
+        dest="fill_behind",
+        action="store_false",
+        help="do not fill the rest of partly computed features while idle (saves CPU and memory)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     writer = EventWriter(_claim_stdout())
-    worker = Worker(writer, args.cache_bytes, Limits(args.max_request_bytes, args.max_points))
+    worker = Worker(writer, args.cache_bytes, Limits(args.max_request_bytes, args.max_points), args.fill_behind)
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         worker.log("warning", f"{category.__name__}: {message}")

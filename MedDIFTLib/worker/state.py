@@ -25,6 +25,7 @@ from .cache import CacheKey, FeatureCache
 from .protocol import Limits
 
 DEVICE_COPIES = 2
+FILL_STEP_VOXELS = 2**18  # one background fill step: a fraction of a second of MIND on the CPU
 
 
 def device_name(name: str) -> str:
@@ -168,6 +169,12 @@ class WorkerState:
                 f"({self.cache.max_bytes / 2**20:.0f} MiB) and were not cached",
             )
         return Features(pyramid, key, False, seconds)
+
+    def fill_behind(self, voxels: int = FILL_STEP_VOXELS) -> bool:
+        """One bounded step of filling the rest of the most recently used pyramid that searches
+        computed only in part; False when every cached pyramid is complete."""
+        pyramid = self.cache.incomplete()
+        return pyramid is not None and pyramid.fill_some(voxels)
 
     def on_device(self, features: Features, device: str) -> FeaturePyramid:
         """The pyramid on ``device``; copies on a GPU are kept for the last pair of volumes."""
