@@ -21,9 +21,10 @@ Per method: centre error mean (mm), hit rate within the lesion radius and within
 of the follow-up segmentation, volume-change error median (percentage points, against the truth
 labelmaps' change: :func:`MedDIFTLib.evaluation.lesions.lesion_metrics`) and seconds per pair
 (the field is shared by both MedDIFT rows and counted in each). Writes
-``benchmarks/results/lesion_tracking.json`` (``markdown`` and ``figures``). Run::
+``benchmarks/results/lesion_tracking.json`` (``markdown``, ``figures`` and the per-lesion ``pairs``). Run::
 
-    python benchmarks/lesion_tracking.py --seeds 0 1 --motion breathing dirlab1
+    python benchmarks/lesion_tracking.py --seeds 0 1 --motion breathing dirlab1 --cases elastix pulmonary popi
+    python benchmarks/lesion_tracking.py --summarise benchmarks/results/lesion_tracking.json  # table only
 """
 
 from __future__ import annotations
@@ -151,6 +152,18 @@ def _table(pairs: list[dict], motions: list[str]) -> tuple[str, dict]:
         lines.append("meddift-track centre (segmentation's centre of mass instead of the engine's match): " + ", ".join(
             f"{motion} {summary['segmented_centre_error_mean_mm']:.2f} mm mean" for motion, summary in tracked.items())
             + ".")
+    cases = list(dict.fromkeys(pair["case"] for pair in pairs))
+    if len(cases) > 1:
+        cells = []
+        for case in cases:
+            per_method = {method: summarise([row for pair in pairs if pair["case"] == case
+                                             for row in pair["rows"].get(method, [])]) for method in (METHODS[2], METHODS[0])}
+            cells.append(f"{case} " + " against ".join(
+                f"{found['centre_error_mean_mm']:.2f} mm / {found['dice_median']:.3f} / "
+                f"{found['volume_change_error_median_points']:.1f}" for found in per_method.values()))
+        lines.append("")
+        lines.append("Per CT (all motions), centre error mean / Dice median / volume-change error median of "
+                     f"{METHODS[2]} against {METHODS[0]}: " + "; ".join(cells) + ".")
     return "\n".join(lines), figures
 
 
@@ -164,7 +177,16 @@ def main() -> None:
                         help="motion families: the breathing model and/or the fit to DIR-Lab case 1/2 displacements")
     parser.add_argument("--popi-spacing-mm", type=float, default=2.0, help="isotropic spacing of the POPI volume")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lesion_tracking.json"))
+    parser.add_argument("--summarise", type=Path,
+                        help="rebuild the table of this results file from its stored pairs (runs nothing)")
     args = parser.parse_args()
+    if args.summarise:
+        stored = json.loads(args.summarise.read_text(encoding="utf-8"))
+        motions = list(dict.fromkeys(pair["motion"] for pair in stored["pairs"]))
+        markdown, figures = _table(stored["pairs"], motions)
+        header = stored["markdown"].split("\n\n")[0] + "\n\n"
+        _write(Path(args.out), header + markdown, figures, stored["pairs"])
+        return
     pairs = []
     for motion in args.motion:
         for case in args.cases:
@@ -181,11 +203,14 @@ def main() -> None:
     header = (f"Lesion tracking on {len(pairs)} generated pairs ({', '.join(args.cases)}{popi_text}; seeds "
               f"{', '.join(map(str, args.seeds))}; up to {args.nodules} nodules each; {motion_text}; "
               f"0.5x-2x volume change; MIND features, CPU).\n\n")
-    print(header + markdown)
-    out = Path(args.out)
+    _write(Path(args.out), header + markdown, figures, pairs)
+
+
+def _write(out: Path, markdown: str, figures: dict, pairs: list[dict]) -> None:
+    print(markdown)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"markdown": header + markdown, "figures": figures, "pairs": pairs}, indent=2,
-                              default=float), encoding="utf-8")
+    out.write_text(json.dumps({"markdown": markdown, "figures": figures, "pairs": pairs}, indent=2, default=float),
+                   encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ Two ways to score a level, both memory-bounded (nothing is ever upsampled to the
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,6 @@ class Scorer:
         self.steps = [patch_taps(radius, options.patch_step)[0] for radius in self.radii]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
-        self._layouts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._level_maps: dict[int, np.ndarray] = {}
         self._exact: dict[tuple, list[bool]] = {}
 
@@ -87,31 +88,12 @@ class Scorer:
 
     @staticmethod
     def _lattice_key(lattice: CandidateLattice) -> tuple:
-        return lattice.half.tobytes(), lattice.stride.tobytes()
+        return lattice.half.astype(np.int64).tobytes(), lattice.stride.astype(np.int64).tobytes()
 
     def _box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
-        """Stride and half-count (ijk, level voxels) of the similarity samples for one lattice.
-
-        Where the lattice steps over several level voxels along an axis (and the axes agree),
-        the level is scored only every ``stride`` voxels; ``half`` samples each side of the
-        centre cover every candidate plus one sample for interpolation. Kept per level and
-        lattice (the search asks for it on every batch).
-        """
-        key = (id(level), *self._lattice_key(lattice))
-        if key not in self._layouts:
-            self._layouts[key] = self._compute_box_layout(level, lattice)
-        return self._layouts[key]
-
-    def _compute_box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
-        image_to_level = self._image_to_level(level)
-        extent = np.abs(image_to_level) @ (lattice.half * lattice.stride)
-        aligned = np.allclose(image_to_level, np.diag(np.diag(image_to_level)), atol=1e-6)
-        step = np.abs(np.diag(image_to_level)) * lattice.stride
-        stride = np.maximum(1, np.floor(step + 1e-6)).astype(int) if aligned else np.ones(3, int)
-        # The candidates lie within ``extent`` of the box centre's voxel plus a fraction in [0, 1);
-        # at stride 1 the samples reach one voxel beyond +half, at coarser strides they do not.
-        half = np.ceil((extent + (stride > 1) - 1e-6) / stride).astype(int)
-        return stride, half
+        """Stride and half-count (ijk, level voxels) of the similarity samples for one lattice
+        (:func:`_similarity_layout`)."""
+        return _similarity_layout(self._image_to_level(level).tobytes(), *self._lattice_key(lattice))
 
     def _coarser_than(self, level: FeatureLevel, lattice: CandidateLattice) -> bool:
         """True where the level's voxels are wider than the lattice step along some axis."""
@@ -218,6 +200,28 @@ class Scorer:
         step = torch.as_tensor(stride, dtype=coords.dtype, device=device)
         relative = (coords.clamp(min=torch.zeros_like(upper), max=upper) - origin) / step
         return interpolate(similarity[:, None], relative)[:, 0]
+
+
+@functools.lru_cache(maxsize=256)
+def _similarity_layout(image_to_level: bytes, half: bytes, stride: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Stride and half-count (ijk, level voxels) of the similarity samples of a lattice (``half``,
+    ``stride``: int64 ijk bytes) on a level (``image_to_level``: the (3, 3) float64 map of image
+    voxel steps to level voxels, as bytes). Kept: the search asks on every batch.
+
+    Where the lattice steps over several level voxels along an axis (and the axes agree), the
+    level is scored only every ``stride`` voxels; ``half`` samples each side of the centre cover
+    every candidate plus what interpolation reads.
+    """
+    linear = np.frombuffer(image_to_level).reshape(3, 3)
+    lattice_half, lattice_stride = np.frombuffer(half, dtype=np.int64), np.frombuffer(stride, dtype=np.int64)
+    extent = np.abs(linear) @ (lattice_half * lattice_stride)
+    aligned = np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6)
+    step = np.abs(np.diag(linear)) * lattice_stride
+    samples_stride = np.maximum(1, np.floor(step + 1e-6)).astype(int) if aligned else np.ones(3, int)
+    # The candidates lie within ``extent`` of the box centre's voxel plus a fraction in [0, 1);
+    # at stride 1 the samples reach one voxel beyond +half, at coarser strides they do not.
+    samples_half = np.ceil((extent + (samples_stride > 1) - 1e-6) / samples_stride).astype(int)
+    return samples_stride, samples_half
 
 
 def _correlate(inputs: torch.Tensor, kernels: torch.Tensor, dilation: int, stride_kji: np.ndarray) -> torch.Tensor:
