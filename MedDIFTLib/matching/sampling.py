@@ -69,11 +69,11 @@ def ensure_read(level: FeatureLevel, ijk: torch.Tensor, reach: int = 0) -> None:
     level.ensure_boxes(np.floor(rows.min(axis=1)) - reach - 1, np.floor(rows.max(axis=1)) + reach + 3)
 
 
-def unit_descriptors(level: FeatureLevel, features: torch.Tensor | None = None) -> torch.Tensor:
-    """``features`` (default: the whole level, ``(C, ...)``) as float32 with unit L2 norm along
-    channels; stored unit-norm levels are only converted, not normalised again."""
+def unit_descriptors(level: FeatureLevel, features: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+    """``features`` (default: the whole level, ``(C, ...)``; channels along ``dim``) as float32 with
+    unit L2 norm along channels; stored unit-norm levels are only converted, not normalised again."""
     values = (level.features if features is None else features).float()
-    return values if level.unit_norm else F.normalize(values, dim=0)
+    return values if level.unit_norm else F.normalize(values, dim=dim)
 
 
 def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
@@ -94,25 +94,24 @@ def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tens
     ensure_read(level, torch.as_tensor(coords))
     start = np.floor(coords.min(axis=1)).astype(int)
     sizes = (np.floor(coords.max(axis=1)).astype(int) - start).max(axis=0) + 2
-    boxes = windows(level.features, start, sizes.tolist()).transpose(0, 1).float()
+    boxes = windows(level.features, start, sizes.tolist()).float()
     relative = torch.as_tensor(coords - start[:, None, :], dtype=torch.float32, device=boxes.device)
     return F.normalize(interpolate(boxes, relative), dim=1).transpose(1, 2)
 
 
 def windows(features: torch.Tensor, start_ijk: np.ndarray, sizes_ijk: list[int]) -> torch.Tensor:
-    """``(C, B, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` from each ``start_ijk`` (B, 3) row,
+    """``(B, C, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` from each ``start_ijk`` (B, 3) row,
     ``sizes_ijk`` voxels long; outside the grid the border voxel is repeated."""
     shape_ijk = np.asarray(features.shape[1:][::-1])
     sizes = np.asarray(sizes_ijk)
-    inside = np.all((start_ijk >= 0) & (start_ijk + sizes <= shape_ijk), axis=1)
-    boxes = torch.empty((features.shape[0], len(start_ijk), *sizes[::-1]), dtype=features.dtype, device=features.device)
-    for row, (i, j, k) in enumerate(start_ijk.tolist()):
-        if inside[row]:
-            boxes[:, row] = features[:, k : k + sizes[2], j : j + sizes[1], i : i + sizes[0]]
-        else:
-            index = [
-                torch.as_tensor(np.clip(start + np.arange(size), 0, limit - 1), device=features.device)
-                for start, size, limit in zip((i, j, k), sizes, shape_ijk)
-            ]
-            boxes[:, row] = features[:, index[2][:, None, None], index[1][None, :, None], index[0][None, None, :]]
-    return boxes
+    boxes = []
+    for start in np.asarray(start_ijk, int):
+        lo = np.clip(start, 0, shape_ijk - 1)
+        hi = np.clip(start + sizes, lo + 1, shape_ijk)
+        box = features[:, lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
+        if np.any(lo != start) or np.any(hi != start + sizes):  # repeat the border voxels
+            for axis in range(3):
+                index = np.clip(start[axis] + np.arange(sizes[axis]), lo[axis], hi[axis] - 1) - lo[axis]
+                box = box.index_select(3 - axis, torch.as_tensor(index, device=features.device))
+        boxes.append(box)
+    return torch.stack(boxes)

@@ -190,11 +190,11 @@ class Scorer:
         first = centre - stride * half
         sizes = [2 * (radius + s * h) + 2 for s, h in zip(stride, half)]
         level.ensure_boxes(first - radius, first - radius + np.asarray(sizes))
-        features = unit_descriptors(level, windows(level.features, first - radius, sizes))
-        batch = features.shape[1]
+        features = unit_descriptors(level, windows(level.features, first - radius, sizes), dim=1)
+        batch = features.shape[0]
         taps = patch_taps(radius, step)[1]
         kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, taps, taps, taps)
-        similarity = _correlate(features.transpose(0, 1), kernels, step, stride[::-1]) / taps**3
+        similarity = _correlate(features, kernels, step, stride[::-1]) / taps**3
         upper = torch.tensor(shape_ijk, dtype=coords.dtype, device=device) - 1
         origin = torch.as_tensor(first, dtype=coords.dtype, device=device)[:, None, :]
         step = torch.as_tensor(stride, dtype=coords.dtype, device=device)
