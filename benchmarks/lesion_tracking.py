@@ -157,7 +157,8 @@ def _table(pairs: list[dict], motions: list[str]) -> tuple[str, dict]:
         cells = []
         for case in cases:
             per_method = {method: summarise([row for pair in pairs if pair["case"] == case
-                                             for row in pair["rows"].get(method, [])]) for method in (METHODS[2], METHODS[0])}
+                                             for row in pair["rows"].get(method, [])])
+                          for method in (METHODS[2], METHODS[0])}
             cells.append(f"{case} " + " against ".join(
                 f"{found['centre_error_mean_mm']:.2f} mm / {found['dice_median']:.3f} / "
                 f"{found['volume_change_error_median_points']:.1f}" for found in per_method.values()))

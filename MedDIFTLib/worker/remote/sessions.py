@@ -1,6 +1,7 @@
 """Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
 job queue) and its own folder of outputs under the server's cache folder; another session can
-neither name nor reach them. Jobs of all sessions share the device: one computes at a time.
+neither name nor reach them. Jobs of all sessions share the device: one computes at a time, and an
+idle session fills its partly computed features behind only while no job computes.
 
 Events of a session's worker are routed by request id to the HTTP stream that asked (an
 :class:`asyncio.Queue` per request), with file paths taken out of every message.
@@ -31,6 +32,7 @@ COMPUTE_TYPES = frozenset({"features", "match", "register"})
 RECENT_OUTCOMES = 64
 OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
+FILL_LOCK_WAIT_S = 0.05  # an idle session's wait for the device lock before one step of filling features
 SERVER_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s'\"<>|:;,()/\\]+[/\\]?)+")
 
 
@@ -106,6 +108,14 @@ class SessionWorker(Worker):
             return
         with self.device_lock:
             super().run_job(job)
+
+    def _fill_step(self) -> None:
+        """Fill features behind only while no session computes (a busy lock skips this turn)."""
+        if self.device_lock.acquire(timeout=FILL_LOCK_WAIT_S):
+            try:
+                super()._fill_step()
+            finally:
+                self.device_lock.release()
 
 
 @dataclass(eq=False)
