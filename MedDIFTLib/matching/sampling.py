@@ -91,9 +91,9 @@ def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tens
     sampled there (a patch is compact; gathers over the whole channel-first level are not)."""
     points = np.asarray(points_lps_mm, float)
     coords = level.geometry.lps_to_ijk(points.reshape(-1, 3)).reshape(points.shape)
-    ensure_read(level, torch.as_tensor(coords))
     start = np.floor(coords.min(axis=1)).astype(int)
     sizes = (np.floor(coords.max(axis=1)).astype(int) - start).max(axis=0) + 2
+    level.ensure_boxes(start, start + sizes)
     boxes = windows(level.features, start, sizes.tolist()).float()
     relative = torch.as_tensor(coords - start[:, None, :], dtype=torch.float32, device=boxes.device)
     return F.normalize(interpolate(boxes, relative), dim=1).transpose(1, 2)
