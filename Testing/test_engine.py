@@ -142,3 +142,19 @@ def test_global_mode_finds_the_brute_force_maximum():
         best = np.unravel_index(np.argmax(naive), naive.shape)
         assert similarity == pytest.approx(naive[best], abs=1e-5)
         np.testing.assert_allclose(matched, voxels_lps[best], atol=1e-6)
+
+
+def test_windows_repeat_the_border_like_clipped_indices():
+    """Boxes inside, across and wholly outside the grid equal gathering at clipped indices, for
+    half-precision storage too."""
+    from MedDIFTLib.matching.sampling import windows
+
+    features = torch.rand((3, 5, 6, 7), generator=torch.Generator().manual_seed(2)).half()
+    sizes = [4, 3, 5]
+    starts = np.array([[1, 1, 0], [-2, 4, 3], [6, -5, -1], [9, 8, 7], [-9, -9, -9], [0, 0, 0]])
+    boxes = windows(features, starts, sizes)
+    assert boxes.dtype == torch.float32 and boxes.shape == (len(starts), 3, 5, 3, 4)
+    for box, start in zip(boxes, starts):
+        i, j, k = (np.clip(s + np.arange(n), 0, limit - 1) for s, n, limit in zip(start, sizes, (7, 6, 5)))
+        expected = features[:, k[:, None, None], j[None, :, None], i[None, None, :]].float()
+        assert torch.equal(box, expected)

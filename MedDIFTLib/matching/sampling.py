@@ -94,24 +94,36 @@ def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tens
     start = np.floor(coords.min(axis=1)).astype(int)
     sizes = (np.floor(coords.max(axis=1)).astype(int) - start).max(axis=0) + 2
     level.ensure_boxes(start, start + sizes)
-    boxes = windows(level.features, start, sizes.tolist()).float()
+    boxes = windows(level.features, start, sizes.tolist())
     relative = torch.as_tensor(coords - start[:, None, :], dtype=torch.float32, device=boxes.device)
     return F.normalize(interpolate(boxes, relative), dim=1).transpose(1, 2)
 
 
+def _clipped_span(start: int, size: int, length: int) -> tuple[slice, int, int]:
+    """The part of ``[start, start + size)`` inside ``[0, length)`` and how many border copies go
+    before and after it (one border voxel when the span lies wholly outside)."""
+    if start >= length:
+        return slice(length - 1, length), 0, size - 1
+    if start + size <= 0:
+        return slice(0, 1), size - 1, 0
+    lo, hi = max(start, 0), min(start + size, length)
+    return slice(lo, hi), lo - start, start + size - hi
+
+
 def windows(features: torch.Tensor, start_ijk: np.ndarray, sizes_ijk: list[int]) -> torch.Tensor:
-    """``(B, C, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` from each ``start_ijk`` (B, 3) row,
-    ``sizes_ijk`` voxels long; outside the grid the border voxel is repeated."""
-    shape_ijk = np.asarray(features.shape[1:][::-1])
-    sizes = np.asarray(sizes_ijk)
-    boxes = []
-    for start in np.asarray(start_ijk, int):
-        lo = np.clip(start, 0, shape_ijk - 1)
-        hi = np.clip(start + sizes, lo + 1, shape_ijk)
-        box = features[:, lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
-        if np.any(lo != start) or np.any(hi != start + sizes):  # repeat the border voxels
-            for axis in range(3):
-                index = np.clip(start[axis] + np.arange(sizes[axis]), lo[axis], hi[axis] - 1) - lo[axis]
-                box = box.index_select(3 - axis, torch.as_tensor(index, device=features.device))
-        boxes.append(box)
-    return torch.stack(boxes)
+    """Float32 ``(B, C, K, J, I)`` boxes of ``features`` ``(C, K, J, I)`` (any float dtype) from each
+    ``start_ijk`` (B, 3) row, ``sizes_ijk`` voxels long; outside the grid the border voxel is
+    repeated. Each box is converted as it is copied into place (one pass over its voxels)."""
+    shape_ijk = features.shape[1:][::-1]
+    sizes = [int(n) for n in sizes_ijk]
+    starts = np.asarray(start_ijk, int).reshape(-1, 3)
+    boxes = torch.empty((len(starts), features.shape[0], *sizes[::-1]), device=features.device)
+    for row, start in enumerate(starts.tolist()):
+        spans = [_clipped_span(*axis) for axis in zip(start, sizes, shape_ijk)]
+        box = features[:, spans[2][0], spans[1][0], spans[0][0]]
+        pads = [n for _, before, after in spans for n in (before, after)]
+        if any(pads):  # repeat the border voxels
+            boxes[row] = F.pad(box.float(), pads, mode="replicate")
+        else:
+            boxes[row].copy_(box)
+    return boxes
