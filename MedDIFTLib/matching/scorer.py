@@ -29,7 +29,7 @@ from ..core.errors import BadInputError
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
-from .sampling import ensure_read, interpolate, level_ijk, sample_patches, sample_stored, unit_descriptors, windows
+from .sampling import ensure_read, interpolate, sample_patches, sample_stored, unit_descriptors, windows
 
 
 def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
@@ -65,7 +65,7 @@ class Scorer:
         self.steps = [patch_taps(radius, options.patch_step)[0] for radius in self.radii]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
-        self._level_maps: dict[int, np.ndarray] = {}
+        self._level_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._exact: dict[tuple, list[bool]] = {}
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
@@ -78,12 +78,14 @@ class Scorer:
             descriptors.append(sample_patches(fixed_level, positions))
         return descriptors
 
-    def _image_to_level(self, level: FeatureLevel) -> np.ndarray:
-        """(3, 3) image voxel steps in ``level`` voxels (kept per level)."""
+    def _image_to_level(self, level: FeatureLevel) -> tuple[np.ndarray, np.ndarray]:
+        """The affine map of moving image voxels to ``level`` voxels: (3, 3) linear part and (3,)
+        offset, ``level_ijk = image_ijk @ linear.T + offset`` (kept per level)."""
         if id(level) not in self._level_maps:
-            image = self.moving.image_geometry
-            linear = np.linalg.solve(level.geometry.affine_ijk_to_lps[:3, :3], image.affine_ijk_to_lps[:3, :3])
-            self._level_maps[id(level)] = linear
+            image, grid = self.moving.image_geometry.affine_ijk_to_lps, level.geometry.affine_ijk_to_lps
+            linear = np.linalg.solve(grid[:3, :3], image[:3, :3])
+            offset = np.linalg.solve(grid[:3, :3], image[:3, 3] - grid[:3, 3])
+            self._level_maps[id(level)] = linear, offset
         return self._level_maps[id(level)]
 
     @staticmethod
@@ -93,14 +95,14 @@ class Scorer:
     def _box_layout(self, level: FeatureLevel, lattice: CandidateLattice) -> tuple[np.ndarray, np.ndarray]:
         """Stride and half-count (ijk, level voxels) of the similarity samples for one lattice
         (:func:`_similarity_layout`)."""
-        return _similarity_layout(self._image_to_level(level).tobytes(), *self._lattice_key(lattice))
+        return _similarity_layout(self._image_to_level(level)[0].tobytes(), *self._lattice_key(lattice))
 
     def _coarser_than(self, level: FeatureLevel, lattice: CandidateLattice) -> bool:
         """True where the level's voxels are wider than the lattice step along some axis."""
-        step_in_level_voxels = np.linalg.norm(self._image_to_level(level) * lattice.stride[None, :], axis=0)
+        step_in_level_voxels = np.linalg.norm(self._image_to_level(level)[0] * lattice.stride[None, :], axis=0)
         return bool(np.any(step_in_level_voxels < 1.0 - 1e-6))
 
-    def _exact_levels(self, lattice: CandidateLattice | None) -> list[bool]:
+    def _exact_levels(self, lattice: CandidateLattice) -> list[bool]:
         """Which levels to score the exact way on this lattice.
 
         Interpolating a similarity map cannot place a peak between voxels wider than the lattice
@@ -108,7 +110,7 @@ class Scorer:
         peak and coarser levels only add context, so all stay native. When none is (the
         diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored exactly.
         """
-        if self.exact or lattice is None:
+        if self.exact:
             return [True] * len(self.moving.levels)
         key = self._lattice_key(lattice)
         if key not in self._exact:
@@ -135,27 +137,32 @@ class Scorer:
     def score(
         self,
         descriptors: list[torch.Tensor],
-        candidates_lps_mm: np.ndarray,
-        centres_lps_mm: np.ndarray,
-        lattice: CandidateLattice | None,
+        centres_ijk: np.ndarray,
+        lattice: CandidateLattice,
         levels: list[int] | None = None,
     ) -> torch.Tensor:
-        """Fused similarity (B, Nc) of B fixed descriptors at their (B, Nc, 3) candidates.
-
-        Without a ``lattice`` (arbitrary candidates) every level is scored the exact way.
-        ``levels`` restricts the fusion to those level indices (weights renormalised; default all).
+        """Fused similarity (B, Nc) of B fixed descriptors at their candidates: the ``lattice``
+        offsets around each of the (B, 3) ``centres_ijk`` (moving image voxels), in the lattice's
+        raster order. ``levels`` restricts the fusion to those level indices (weights
+        renormalised; default all).
         """
         fused = None
         exact_levels = self._exact_levels(lattice)
         chosen = range(len(self.moving.levels)) if levels is None else levels
         total = sum(self.weights[n] for n in chosen)
+        offsets_ijk = lattice.offsets_ijk()
         for n in chosen:
             level, descriptor, radius, step = self.moving.levels[n], descriptors[n], self.radii[n], self.steps[n]
-            coords = level_ijk(level, candidates_lps_mm, level.features.device)
+            linear, offset = self._image_to_level(level)
+            centres = centres_ijk @ linear.T + offset
+            device = level.features.device
+            coords = torch.as_tensor(centres, dtype=torch.float32, device=device)[:, None, :] + torch.as_tensor(
+                offsets_ijk @ linear.T, dtype=torch.float32, device=device
+            )
             if exact_levels[n]:
                 similarity = self._score_exact(level, descriptor, coords, radius, step)
             else:
-                similarity = self._score_native(level, descriptor, coords, centres_lps_mm, lattice, radius, step)
+                similarity = self._score_native(level, descriptor, coords, centres, lattice, radius, step)
             weight = self.weights[n] / total
             fused = weight * similarity if fused is None else fused + weight * similarity
         return fused
@@ -177,16 +184,17 @@ class Scorer:
         level: FeatureLevel,
         descriptor: torch.Tensor,
         coords: torch.Tensor,
-        centres_lps_mm: np.ndarray,
+        centres_level_ijk: np.ndarray,
         lattice: CandidateLattice,
         radius: int,
         step: int,
     ) -> torch.Tensor:
-        """Patch cosine on the level's own voxels (every ``stride``), interpolated at candidates."""
+        """Patch cosine on the level's own voxels (every ``stride``) in a box around each row's
+        centre (``centres_level_ijk``, level voxels), interpolated at the candidates ``coords``."""
         device = level.features.device
         shape_ijk = level.geometry.shape_ijk
         stride, half = self._box_layout(level, lattice)
-        centre = np.floor(level.geometry.lps_to_ijk(centres_lps_mm) + 1e-6).astype(int)
+        centre = np.floor(centres_level_ijk + 1e-6).astype(int)
         first = centre - stride * half
         sizes = [2 * (radius + s * h) + 2 for s, h in zip(stride, half)]
         level.ensure_boxes(first - radius, first - radius + np.asarray(sizes))
@@ -224,20 +232,34 @@ def _similarity_layout(image_to_level: bytes, half: bytes, stride: bytes) -> tup
     return samples_stride, samples_half
 
 
+def _fft_length(n: int) -> int:
+    """An FFT length >= ``n`` that the CPU FFT handles fast: ``n`` itself when its prime factors
+    are all at most 13 (padding costs more than such factors do), else the next 5-smooth length."""
+    rest = int(n)
+    for prime in (2, 3, 5, 7, 11, 13):
+        while rest % prime == 0:
+            rest //= prime
+    return int(n) if rest == 1 else next_fast_len(int(n), real=True)
+
+
 def _correlate(inputs: torch.Tensor, kernels: torch.Tensor, dilation: int, stride_kji: np.ndarray) -> torch.Tensor:
     """Valid cross-correlation of each row's ``inputs`` (B, C, K, J, I) with its ``kernels``
     (B, C, t, t, t; taps ``dilation`` voxels apart), summed over channels and sampled every
     ``stride_kji``: what a grouped ``conv3d`` computes, by FFT (several times faster on the CPU
-    for these small boxes, equal to float rounding).
+    for these small boxes, equal to float rounding). A length of at least the box keeps the
+    valid part free of wrap-around; the channel sum accumulates spectrum by spectrum, so no
+    (B, C, ...) product is ever held.
     """
     span = (kernels.shape[-1] - 1) * dilation + 1
-    sizes = [next_fast_len(int(n), real=True) for n in inputs.shape[2:]]
+    sizes = [_fft_length(n) for n in inputs.shape[2:]]
     dilated = kernels.new_zeros((*kernels.shape[:2], span, span, span))
     dilated[..., ::dilation, ::dilation, ::dilation] = kernels
     axes = (2, 3, 4)
     inputs_f = torch.fft.rfftn(inputs, s=sizes, dim=axes)
-    kernels_f = torch.fft.rfftn(dilated, s=sizes, dim=axes)
-    spectrum = (inputs_f * kernels_f.conj()).sum(dim=1)
+    kernels_f = torch.fft.rfftn(dilated, s=sizes, dim=axes).conj_physical_()
+    spectrum = inputs_f[:, 0] * kernels_f[:, 0]
+    for channel in range(1, inputs_f.shape[1]):
+        spectrum.addcmul_(inputs_f[:, channel], kernels_f[:, channel])
     full = torch.fft.irfftn(spectrum, s=sizes, dim=(1, 2, 3))
     valid = [slice(0, int(n) - span + 1, int(s)) for n, s in zip(inputs.shape[2:], stride_kji)]
     return full[(slice(None), *valid)]

@@ -31,11 +31,13 @@ def local_search(
     """
     geometry = scorer.moving.image_geometry
     centre_ijk = np.round(geometry.lps_to_ijk(priors_lps_mm))
-    candidates_ijk = centre_ijk[:, None, :] + lattice.offsets_ijk()[None]
-    candidates_lps = geometry.ijk_to_lps(candidates_ijk.reshape(-1, 3)).reshape(candidates_ijk.shape)
+    offsets_ijk = lattice.offsets_ijk()
+    candidates_ijk = centre_ijk[:, None, :] + offsets_ijk[None]
     inside = np.all((candidates_ijk >= 0) & (candidates_ijk <= np.asarray(geometry.shape_ijk) - 1), axis=2)
-    within = np.linalg.norm(candidates_lps - priors_lps_mm[:, None, :], axis=2) <= lattice.radius_mm + 1e-6
-    scores = scorer.score(descriptors, candidates_lps, geometry.ijk_to_lps(centre_ijk), lattice, levels)
+    rounding_mm = geometry.ijk_to_lps(centre_ijk) - priors_lps_mm
+    offsets_mm = offsets_ijk @ geometry.affine_ijk_to_lps[:3, :3].T
+    within = np.linalg.norm(rounding_mm[:, None, :] + offsets_mm[None], axis=2) <= lattice.radius_mm + 1e-6
+    scores = scorer.score(descriptors, centre_ijk, lattice, levels)
     scores = scores.masked_fill(~torch.as_tensor(inside & within, device=scores.device), float("-inf"))
     best_score, best = scores.max(dim=1)
     best_ijk = candidates_ijk[np.arange(len(best)), best.cpu().numpy()]
