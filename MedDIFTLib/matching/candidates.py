@@ -6,6 +6,7 @@ columns.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +32,8 @@ class CandidateLattice:
         return int(np.prod(2 * self.half + 1))
 
     def offsets_ijk(self) -> np.ndarray:
-        """(Nc, 3) voxel offsets in ``[k, j, i]`` raster order (i fastest)."""
-        axes = [np.arange(-h, h + 1) * s for h, s in zip(self.half, self.stride)]
-        k, j, i = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-        return np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+        """(Nc, 3) voxel offsets in ``[k, j, i]`` raster order (i fastest); read-only, shared."""
+        return _lattice_offsets(tuple(int(h) for h in self.half), tuple(int(s) for s in self.stride))
 
     def offsets_mm(self, geometry: Geometry) -> np.ndarray:
         """(Nc, 3) the offsets as LPS mm vectors on ``geometry``'s axes."""
@@ -66,9 +65,23 @@ def patch_taps(radius: int, step: int = 1) -> tuple[int, int]:
     return usable, span // usable + 1
 
 
+def _raster_offsets(axes: list[np.ndarray]) -> np.ndarray:
+    """(n, 3) read-only ``ijk`` offsets of the grid ``axes`` (i, j, k values) in ``[k, j, i]`` raster order."""
+    k, j, i = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    offsets = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+    offsets.setflags(write=False)
+    return offsets
+
+
+@functools.lru_cache(maxsize=64)
+def _lattice_offsets(half: tuple[int, int, int], stride: tuple[int, int, int]) -> np.ndarray:
+    return _raster_offsets([np.arange(-h, h + 1) * s for h, s in zip(half, stride)])
+
+
+@functools.lru_cache(maxsize=64)
 def patch_offsets_ijk(radius: int, step: int = 1) -> np.ndarray:
-    """(n, 3) integer offsets of a patch's taps (:func:`patch_taps`) in ``[k, j, i]`` raster order (i fastest)."""
+    """(n, 3) integer offsets of a patch's taps (:func:`patch_taps`) in ``[k, j, i]`` raster order
+    (i fastest); read-only, shared."""
     spacing, count = patch_taps(radius, step)
     steps = -radius + spacing * np.arange(count)
-    k, j, i = np.meshgrid(steps, steps, steps, indexing="ij")
-    return np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+    return _raster_offsets([steps, steps, steps])

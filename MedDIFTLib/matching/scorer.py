@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from scipy.fft import next_fast_len
 
 from ..core.errors import BadInputError
+from ..core.geometry import Geometry
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
@@ -65,7 +66,6 @@ class Scorer:
         self.steps = [patch_taps(radius, options.patch_step)[0] for radius in self.radii]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
-        self._level_maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._exact: dict[tuple, list[bool]] = {}
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
@@ -79,14 +79,8 @@ class Scorer:
         return descriptors
 
     def _image_to_level(self, level: FeatureLevel) -> tuple[np.ndarray, np.ndarray]:
-        """The affine map of moving image voxels to ``level`` voxels: (3, 3) linear part and (3,)
-        offset, ``level_ijk = image_ijk @ linear.T + offset`` (kept per level)."""
-        if id(level) not in self._level_maps:
-            image, grid = self.moving.image_geometry.affine_ijk_to_lps, level.geometry.affine_ijk_to_lps
-            linear = np.linalg.solve(grid[:3, :3], image[:3, :3])
-            offset = np.linalg.solve(grid[:3, :3], image[:3, 3] - grid[:3, 3])
-            self._level_maps[id(level)] = linear, offset
-        return self._level_maps[id(level)]
+        """The affine map of moving image voxels to ``level`` voxels (:func:`_level_affine`)."""
+        return _level_affine(self.moving.image_geometry, level.geometry)
 
     @staticmethod
     def _lattice_key(lattice: CandidateLattice) -> tuple:
@@ -172,7 +166,7 @@ class Scorer:
         level: FeatureLevel, descriptor: torch.Tensor, coords: torch.Tensor, radius: int, step: int
     ) -> torch.Tensor:
         batch, count, _ = coords.shape
-        offsets = torch.as_tensor(patch_offsets_ijk(radius, step), dtype=coords.dtype, device=coords.device)
+        offsets = torch.tensor(patch_offsets_ijk(radius, step).tolist(), dtype=coords.dtype, device=coords.device)
         ensure_read(level, coords, radius)
         positions = (coords[:, :, None, :] + offsets[None, None]).reshape(-1, 3)
         samples = sample_stored(level.features, positions).T
@@ -208,6 +202,18 @@ class Scorer:
         step = torch.as_tensor(stride, dtype=coords.dtype, device=device)
         relative = (coords.clamp(min=torch.zeros_like(upper), max=upper) - origin) / step
         return interpolate(similarity[:, None], relative)[:, 0]
+
+
+@functools.lru_cache(maxsize=256)
+def _level_affine(image: Geometry, grid: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """The map of ``image`` voxels to ``grid`` voxels: (3, 3) linear part and (3,) offset,
+    ``grid_ijk = image_ijk @ linear.T + offset`` (read-only; kept, the search asks per batch)."""
+    image_affine, grid_affine = image.affine_ijk_to_lps, grid.affine_ijk_to_lps
+    linear = np.linalg.solve(grid_affine[:3, :3], image_affine[:3, :3])
+    offset = np.linalg.solve(grid_affine[:3, :3], image_affine[:3, 3] - grid_affine[:3, 3])
+    linear.setflags(write=False)
+    offset.setflags(write=False)
+    return linear, offset
 
 
 @functools.lru_cache(maxsize=256)
