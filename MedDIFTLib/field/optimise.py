@@ -7,8 +7,10 @@ directly, as ConvexAdam does with MIND-SSC, on the energy
 
 where ``f`` / ``g`` are the fixed / moving descriptors of the pyramid's finest level (L2-normalised
 per voxel and averaged over the cells of the node grid, as ConvexAdam pools MIND to half
-resolution), ``u`` the displacement (mm) on that node grid, the data term taken at the nodes
-inside the mask and the diffusion term (mm/mm) over the whole grid.
+resolution; nodes about ``optimise_spacing_mm`` apart, resampled between voxels where whole-voxel
+cells would miss that spacing: :func:`.grids.cell_average`), ``u`` the displacement (mm) on that
+node grid, the data term taken at the nodes inside the mask and the diffusion term (mm/mm) over
+the whole grid.
 
 It is minimised by Levenberg-Marquardt (Gauss-Newton with an adaptive damping) instead of
 ConvexAdam's Adam: every step linearises the moving descriptors (their spatial gradients are
@@ -57,10 +59,10 @@ class _LevelTerm:
         return int(self.fixed_features.shape[0])
 
 
-def pooled_descriptors(level: FeatureLevel, spacing_mm: float) -> tuple[torch.Tensor, Geometry]:
-    """The level's descriptors L2-normalised per voxel, then averaged over cells of about ``spacing_mm``."""
-    factors = grids.pool_factors(level.geometry, spacing_mm)
-    return grids.pool(unit_descriptors(level), factors), grids.pooled_grid(level.geometry, factors)
+def pooled_descriptors(level: FeatureLevel, spacing_mm: float | np.ndarray) -> tuple[torch.Tensor, Geometry]:
+    """The level's descriptors L2-normalised per voxel, then averaged over cells of about
+    ``spacing_mm`` (one value or one per axis, :func:`.grids.cell_average`)."""
+    return grids.cell_average(unit_descriptors(level), level.geometry, spacing_mm)
 
 
 def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -96,7 +98,7 @@ def _level_terms(
     benchmark's pairs). Descriptors are pooled to the grid's cells; a level pooled
     onto exactly ``param_grid`` is taken as is, so fixed and moving descriptors are pooled alike.
     """
-    spacing_mm = float(np.min(param_grid.spacing_mm))
+    spacing_mm = np.asarray(param_grid.spacing_mm)
     finest = int(np.argmin([np.prod(level.geometry.spacing_mm) for level in fixed.levels]))
     terms = []
     for fixed_level, moving_level in [(fixed.levels[finest], moving.levels[finest])]:
