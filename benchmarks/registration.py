@@ -15,13 +15,17 @@ and peak memory (the process's maximum resident set, pair included) are its own:
 - ``convexadam``: :func:`MedDIFTLib.evaluation.baselines.convexadam` (the pip package, both images on one
   isotropic 2 mm grid, its voxel field turned into LPS mm);
 - ``meddift-<backbone>``: features of both volumes plus :func:`MedDIFTLib.field.register` with the
-  default options, for every backbone that runs here (MAISI needs ``--weights-dir``).
+  default options, for every backbone that runs here (MAISI needs ``--weights-dir``);
+- ``match-<backbone>``: the same features plus :func:`MedDIFTLib.matching.match_points` at the keypoints
+  (default options, backward check on): the point engine at the points the field is scored at.
 
 Per method: mean and p95 TRE (mm) at the pair's keypoints, the fraction of voxels of its field with
-a Jacobian determinant <= 0, wall and CPU seconds, peak memory. The Markdown table is printed and
+a Jacobian determinant <= 0, wall and CPU seconds, peak memory, and the ratios of its mean TRE, p95
+TRE and wall time to ConvexAdam's on the same pair (this run). The Markdown table is printed and
 written with a box plot of the TREs under ``--out``. Run (about 10 min on two cores)::
 
     python benchmarks/registration.py --out benchmarks/out
+    python benchmarks/registration.py --cases popi --methods convexadam meddift-mind match-mind --threads 2
 """
 
 from __future__ import annotations
@@ -144,11 +148,16 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
     else:
         from MedDIFTLib.features import create_featurizer
         from MedDIFTLib.field import register
+        from MedDIFTLib.matching import match_points
 
-        backbone = method.removeprefix("meddift-")
+        kind, backbone = method.split("-", 1)
         featurizer = create_featurizer(backbone, **({"weights_dir": weights_dir} if weights_dir else {}))
-        field = register(featurizer.extract(fixed), featurizer.extract(moving), fixed)
-        moved = field.transform_points(points)
+        fixed_features, moving_features = featurizer.extract(fixed), featurizer.extract(moving)
+        if kind == "match":
+            moved = match_points(fixed_features, moving_features, points).points_lps_mm
+        else:
+            field = register(fixed_features, moving_features, fixed)
+            moved = field.transform_points(points)
     seconds = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     folding = jacobian_stats(field)["fraction_folding"] if field is not None else 0.0
     peak_gb = _peak_resident_gb()
@@ -170,19 +179,28 @@ def _methods(weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
         if backbone_spec(backbone).requires_weights and not weights_dir:
             skipped[f"meddift-{backbone}"] = "needs pretrained weights (give --weights-dir)"
             continue
-        methods.append(f"meddift-{backbone}")
+        methods.extend([f"meddift-{backbone}", f"match-{backbone}"])
     return methods, skipped
 
 
 def _markdown(rows: list[dict]) -> str:
+    """The table, with each row's mean TRE, p95 TRE and wall time over ConvexAdam's on its pair."""
     lines = [
-        "| pair | method | mean TRE mm | p95 TRE mm | folding % | wall s | CPU s | peak GB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| pair | method | mean TRE mm | p95 TRE mm | folding % | wall s | CPU s | peak GB "
+        "| mean / CA | p95 / CA | wall / CA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    peers = {row["pair"]: row for row in rows if row["method"] == "convexadam"}
     for row in rows:
+        peer = peers.get(row["pair"])
+        ratios = (
+            " | ".join(f"{row[key] / peer[key]:.2f}" for key in ("mean", "p95", "wall"))
+            if peer is not None and row["method"] not in ("identity", "convexadam")
+            else " |  | "
+        )
         lines.append(
             f"| {row['pair']} | {row['method']} | {row['mean']:.2f} | {row['p95']:.2f} | {100 * row['folding']:.3f} "
-            f"| {row['wall']:.1f} | {row['cpu']:.1f} | {row['peak_gb']:.2f} |"
+            f"| {row['wall']:.1f} | {row['cpu']:.1f} | {row['peak_gb']:.2f} | {ratios} |"
         )
     return "\n".join(lines)
 
@@ -217,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--motion-scale", type=float, default=1.0, help="factor on the DIR-Lab displacements")
     parser.add_argument("--threads", type=int, default=1, help="threads per method (torch and ITK), default 1")
     parser.add_argument("--weights-dir", help="MAISI weights, to include the maisi backbone")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (default: every one that runs here)")
     args = parser.parse_args(argv)
     if not (DATA_DIR / "chestct_single_real").exists():
         print(f"shared data not found at {DATA_DIR}: nothing to benchmark", file=sys.stderr)
@@ -229,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods, skipped = _methods(args.weights_dir)
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods) - set(skipped))
+        if unknown:
+            parser.error(f"unknown methods {unknown}; choose from {methods + list(skipped)}")
+        methods = [method for method in methods if method in args.methods]
+        skipped = {method: reason for method, reason in skipped.items() if method in args.methods}
     rows, errors = [], {method: [] for method in methods}
     with tempfile.TemporaryDirectory() as scratch:
         for case in args.cases:
