@@ -352,7 +352,7 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     """Descriptors linear in the voxel position (central differences and trilinear sampling are
     then exact): the optimisation's gradient and Hessian halves are half the data energy's
     derivatives, for a moving grid whose axes are not the fixed one's."""
-    from MedDIFTLib.field.optimise import _LevelTerm, _linearise
+    from MedDIFTLib.field.optimise import _linearise, _SimilarityTerm
     from MedDIFTLib.matching.nodes import channels_last
 
     generator = torch.Generator().manual_seed(3)
@@ -366,9 +366,9 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     to_ijk = torch.tensor([[0.5, 0.1, 0.0], [0.0, 0.4, 0.2], [0.1, 0.0, 0.6]])
     base = 3.0 + 4.0 * torch.rand((count, 3), generator=generator)
     fixed = torch.randn((channels, count), generator=generator)
-    term = _LevelTerm(fixed, base, to_ijk, stack, 1.0)
+    term = _SimilarityTerm(fixed, base, to_ijk, stack)
     displacement = torch.randn((count, 3), generator=generator)
-    energy, gradient, hessian = _linearise([term], displacement)
+    energy, gradient, hessian = _linearise(term, displacement)
 
     def data_energy(values: torch.Tensor) -> torch.Tensor:
         ijk = base.double() + values @ to_ijk.double()

@@ -45,14 +45,13 @@ MAX_STEP_VOXELS = 0.5
 
 
 @dataclass
-class _LevelTerm:
-    """One pyramid level's similarity term at the sample nodes."""
+class _SimilarityTerm:
+    """The finest level's similarity term at the sample nodes."""
 
     fixed_features: torch.Tensor  # (C, N) pooled, normalised fixed descriptors at the nodes
     moving_base_ijk: torch.Tensor  # (N, 3) the nodes in pooled moving-level voxel coordinates
     mm_to_moving_ijk: torch.Tensor  # (3, 3): moving_ijk = base + u @ this
     moving_stack: torch.Tensor  # (4C, K, J, I) channels last: moving descriptors, then d/di, d/dj, d/dk
-    weight: float
 
     @property
     def channels(self) -> int:
@@ -84,14 +83,14 @@ def _project(features: torch.Tensor, projection: torch.Tensor | None) -> torch.T
     return torch.einsum("ckji,cd->dkji", features, projection).contiguous()
 
 
-def _level_terms(
+def _similarity_term(
     fixed: FeaturePyramid,
     moving: FeaturePyramid,
     param_grid: Geometry,
     node_index: torch.Tensor,
     nodes_lps_mm: np.ndarray,
-) -> list[_LevelTerm]:
-    """Similarity terms at the nodes ``node_index`` (flat, raster order) of ``param_grid``.
+) -> _SimilarityTerm:
+    """The similarity term at the nodes ``node_index`` (flat, raster order) of ``param_grid``.
 
     Only the finest level takes part: this step is for precision, the coarser levels have
     already given the capture range, and with them the optimum blurs (measured on the registration
@@ -100,59 +99,49 @@ def _level_terms(
     """
     spacing_mm = np.asarray(param_grid.spacing_mm)
     finest = int(np.argmin([np.prod(level.geometry.spacing_mm) for level in fixed.levels]))
-    terms = []
-    for fixed_level, moving_level in [(fixed.levels[finest], moving.levels[finest])]:
-        fixed_features, fixed_geometry = pooled_descriptors(fixed_level, spacing_mm)
-        moving_features, moving_geometry = pooled_descriptors(moving_level, spacing_mm)
-        projection = _principal_projection(fixed_features, moving_features, MAX_CHANNELS)
-        fixed_features = _project(fixed_features, projection)
-        moving_features = _project(moving_features, projection)
-        derivatives = [
-            torch.gradient(moving_features, dim=axis)[0] if moving_features.shape[axis] > 1
-            else torch.zeros_like(moving_features)
-            for axis in (3, 2, 1)
-        ]
-        moving_affine = moving_geometry.affine_ijk_to_lps
-        moving_ijk = np.linalg.solve(moving_affine[:3, :3], (nodes_lps_mm - moving_affine[:3, 3]).T).T
-        if fixed_geometry.same_grid(param_grid):
-            fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index]
-        else:
-            fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm).T
-        terms.append(
-            _LevelTerm(
-                fixed_features=fixed_at_nodes.contiguous(),
-                moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
-                mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
-                moving_stack=channels_last(torch.cat([moving_features, *derivatives])),
-                weight=1.0,
-            )
-        )
-    return terms
+    fixed_features, fixed_geometry = pooled_descriptors(fixed.levels[finest], spacing_mm)
+    moving_features, moving_geometry = pooled_descriptors(moving.levels[finest], spacing_mm)
+    projection = _principal_projection(fixed_features, moving_features, MAX_CHANNELS)
+    fixed_features = _project(fixed_features, projection)
+    moving_features = _project(moving_features, projection)
+    derivatives = [
+        torch.gradient(moving_features, dim=axis)[0] if moving_features.shape[axis] > 1
+        else torch.zeros_like(moving_features)
+        for axis in (3, 2, 1)
+    ]
+    moving_affine = moving_geometry.affine_ijk_to_lps
+    moving_ijk = np.linalg.solve(moving_affine[:3, :3], (nodes_lps_mm - moving_affine[:3, 3]).T).T
+    if fixed_geometry.same_grid(param_grid):
+        fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index]
+    else:
+        fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm).T
+    return _SimilarityTerm(
+        fixed_features=fixed_at_nodes.contiguous(),
+        moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
+        mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
+        moving_stack=channels_last(torch.cat([moving_features, *derivatives])),
+    )
 
 
-def _linearise(terms: list[_LevelTerm], displacement: torch.Tensor):
+def _linearise(term: _SimilarityTerm, displacement: torch.Tensor):
     """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N) at
     node displacements ``(N, 3)``; descriptors are handled channel-first, ``(C, N)``."""
     count = displacement.shape[0]
-    energy = 0.0
-    gradient = displacement.new_zeros((3, count))
-    hessian = displacement.new_zeros((3, 3, count))
-    for term in terms:
-        channels = term.channels
-        samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
-        residual = samples[:channels] - term.fixed_features
-        derivative_ijk = samples[channels:].reshape(3, channels, count)
-        energy += term.weight * float(residual.pow(2).sum())
-        gradient_ijk = (derivative_ijk * residual).sum(dim=1)
-        hessian_ijk = displacement.new_empty((3, 3, count))
-        for row in range(3):
-            for column in range(row, 3):
-                hessian_ijk[row, column] = (derivative_ijk[row] * derivative_ijk[column]).sum(dim=0)
-                hessian_ijk[column, row] = hessian_ijk[row, column]
-        to_mm = term.mm_to_moving_ijk  # gradient_mm = to_mm @ gradient_ijk
-        gradient += term.weight * (to_mm @ gradient_ijk)
-        left = (to_mm @ hessian_ijk.reshape(3, -1)).reshape(3, 3, count)
-        hessian += term.weight * (left.permute(0, 2, 1) @ to_mm.T).permute(0, 2, 1)
+    channels = term.channels
+    samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
+    residual = samples[:channels] - term.fixed_features
+    derivative_ijk = samples[channels:].reshape(3, channels, count)
+    energy = float(residual.pow(2).sum())
+    gradient_ijk = (derivative_ijk * residual).sum(dim=1)
+    hessian_ijk = displacement.new_empty((3, 3, count))
+    for row in range(3):
+        for column in range(row, 3):
+            hessian_ijk[row, column] = (derivative_ijk[row] * derivative_ijk[column]).sum(dim=0)
+            hessian_ijk[column, row] = hessian_ijk[row, column]
+    to_mm = term.mm_to_moving_ijk  # gradient_mm = to_mm @ gradient_ijk
+    gradient = to_mm @ gradient_ijk
+    left = (to_mm @ hessian_ijk.reshape(3, -1)).reshape(3, 3, count)
+    hessian = (left.permute(0, 2, 1) @ to_mm.T).permute(0, 2, 1)
     return energy, gradient, hessian.contiguous()
 
 
@@ -262,12 +251,12 @@ def instance_optimise(
         return field
     spacing_mm = float(np.min(param_grid.spacing_mm))
     node_index = torch.as_tensor(np.flatnonzero(keep))
-    terms = _level_terms(fixed, moving, param_grid, node_index, nodes[keep])
+    term = _similarity_term(fixed, moving, param_grid, node_index, nodes[keep])
     laplacian = _Laplacian(tuple(float(s) for s in param_grid.spacing_mm[::-1]))
     max_step_mm = MAX_STEP_VOXELS * spacing_mm
 
     def energy_of(values: torch.Tensor):
-        data, gradient, hessian = _linearise(terms, values.reshape(3, -1)[:, node_index].T)
+        data, gradient, hessian = _linearise(term, values.reshape(3, -1)[:, node_index].T)
         smoothness = float((values * laplacian(values)).sum())
         return data + regularisation * smoothness, gradient, hessian
 

@@ -98,10 +98,10 @@ def _best(scores: torch.Tensor, lattice: CandidateLattice, kept: np.ndarray, sub
 
 
 def _aggregate(scores: torch.Tensor, grid: Geometry, nodes: int) -> torch.Tensor:
+    """Mean of ``scores`` ``(Nc, N)`` over a box of ``2 nodes + 1`` nodes per axis (border repeated),
+    one axis at a time; ``nodes <= 0`` returns ``scores`` unchanged."""
     if nodes <= 0:
         return scores
-    """Mean of ``scores`` ``(Nc, N)`` over a box of ``2 nodes + 1`` nodes per axis (border repeated),
-    one axis at a time."""
     result = F.pad(scores.reshape(1, len(scores), *grid.shape_kji), (nodes,) * 6, mode="replicate")[0]
     width = 2 * nodes + 1
     for dim, size in zip((1, 2, 3), grid.shape_kji):
