@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from real_cts import DATA_DIR
 
 from MedDIFTLib.cli import main as meddift
 from MedDIFTLib.evaluation.raw import DIRLAB_4DCT
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ["identity", "mind", "bspline", "convexadam"]
 
 
@@ -49,7 +49,7 @@ def dirlab_landmark_folder(landmarks: Path, out: Path) -> None:
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results", help="output folder (new or empty; default results)")
-    parser.add_argument("--data", default=str(DATA), help="the shared data folder (default ../shared/data)")
+    parser.add_argument("--data", default=str(DATA_DIR), help="the shared data folder (default ../shared/data)")
     parser.add_argument("--methods", nargs="+", default=METHODS, help=f"methods (default: {' '.join(METHODS)})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     args = parser.parse_args()

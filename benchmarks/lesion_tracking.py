@@ -6,7 +6,7 @@ lungs have room) inserted in a real CT of ../shared/data, grown or shrunk by a k
 ``--motion-mm`` at the nodule centres) or, with ``--motion dirlab1|dirlab2``, by the motion fitted to
 real DIR-Lab landmark displacements (several families in one run: ``--motion breathing dirlab1``,
 one table row per method and family). Cases: the elastix right-lung crop, the pulmonary crop and
-the POPI thorax (resampled to ``--popi-spacing-mm`` as ``benchmarks/registration.py`` does), one
+the POPI thorax (resampled to ``--popi-spacing-mm`` by ``benchmarks/real_cts.py``), one
 pair per seed and motion. Methods, on the same pairs:
 
 - ``convexadam-carry``: ConvexAdam's field (fixed = follow-up, moving = baseline) carries the baseline
@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+from real_cts import CASES, load_case
 
-DATA_DIR = Path(os.environ.get("MEDDIFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CASES = {"elastix": "elastix_lung_baseline_small", "pulmonary": "totalseg_pulmonary_crop", "popi": "popi_4dct_phase00"}
 METHODS = ("convexadam-carry", "meddift-carry", "meddift-track")
 METRICS = {"centre_error_mean_mm": "centre error mean (mm)", "hit_rate_radius": "hit within radius",
            "hit_rate_10mm": "hit within 10 mm", "dice_median": "Dice median",
@@ -52,20 +50,6 @@ def _field_on(field, geometry):
     return DisplacementField.from_tensor(grids.resample(field.as_tensor(), field.geometry, geometry), geometry)
 
 
-def _load_case(case: str, popi_spacing_mm: float):
-    """The case's CT named ``case``; POPI resampled by the registration benchmark's loader."""
-    from registration import _load_case as load_registration_case
-
-    from MedDIFTLib.core.io import read_volume
-    from MedDIFTLib.core.io.volumes import Volume
-
-    if case == "popi":
-        ct = load_registration_case(case, popi_spacing_mm)
-    else:
-        ct = read_volume(DATA_DIR / "chestct_single_real" / CASES[case] / "image.nii.gz")
-    return Volume(ct.voxels, ct.geometry, case)
-
-
 def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, popi_spacing_mm: float) -> dict:
     from MedDIFTLib.core.io.volumes import Volume
     from MedDIFTLib.evaluation.baselines import convexadam, unavailable_reason
@@ -77,7 +61,7 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, po
     from MedDIFTLib.lesions.settings import LesionOptions
     from MedDIFTLib.lesions.track import track_lesions
 
-    ct = _load_case(case, popi_spacing_mm)
+    ct = load_case(case, popi_spacing_mm)
     pair = make_lesion_pair(ct, count=count, seed=seed, mean_motion_mm=motion_mm, motion=motion)
     lesions = lesions_from_labelmap(Volume(pair.baseline_labelmap.astype(np.float32), pair.baseline.geometry),
                                     pair.baseline)

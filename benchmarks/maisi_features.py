@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from real_cts import image_path
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chestct_single_real"
-POPI = DATA_DIR / "popi_4dct_phase00" / "image.nii.gz"
+POPI = image_path("popi")
 
 
 def write_random_weights(folder: Path, config_name: str = "ddpm-ct", seed: int = 0) -> None:

@@ -26,15 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from real_cts import CASES, CT_DIR, case_folder
+
 from MedDIFTLib.evaluation.settings import SimulationOptions
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chestct_single_real"
 RESULTS = Path(__file__).resolve().parent / "results" / "matching_accuracy.json"  # the README's table
-CASES = {
-    "elastix": "elastix_lung_baseline_small",
-    "pulmonary": "totalseg_pulmonary_crop",
-    "popi": "popi_4dct_phase00",
-}
 
 
 def _child(case: str, seed: int, backbone: str, radius_mm: float, motion: str, keypoints: int) -> dict:
@@ -45,7 +41,7 @@ def _child(case: str, seed: int, backbone: str, radius_mm: float, motion: str, k
     from MedDIFTLib.features import create_featurizer
     from MedDIFTLib.matching import match_points
 
-    folder = DATA / CASES[case]
+    folder = case_folder(case)
     volume = read_volume(folder / "image.nii.gz")
     landmarks = folder / "landmarks.csv"
     if landmarks.exists():
@@ -96,8 +92,8 @@ def main() -> None:
         record = _child(args.child[0], int(args.child[1]), args.backbone, args.radius_mm, args.motion, args.keypoints)
         Path(args.out).write_text(json.dumps(record), encoding="utf-8")
         return
-    if not DATA.exists():
-        sys.exit(f"shared data not found at {DATA}")
+    if not CT_DIR.exists():
+        sys.exit(f"shared data not found at {CT_DIR}")
     records = []
     for case in args.cases:
         for seed in args.seeds:

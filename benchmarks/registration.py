@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -42,9 +41,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from real_cts import CT_DIR, load_case
 
-DATA_DIR = Path(os.environ.get("MEDDIFT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CASES = {"popi": "popi_4dct_phase00", "pulmonary": "totalseg_pulmonary_crop"}
+REGISTRATION_CASES = ("popi", "pulmonary")
 CLIP_HU = (-1000.0, 1500.0)
 SHRINK_FACTORS = [4, 2, 1]
 RESULTS = Path(__file__).resolve().parent / "results" / "registration.json"  # the README's table
@@ -57,24 +56,6 @@ def _set_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def _load_case(name: str, popi_spacing_mm: float):
-    import SimpleITK as sitk
-
-    from MedDIFTLib.core.io import Volume, read_volume
-
-    volume = read_volume(DATA_DIR / "chestct_single_real" / CASES[name] / "image.nii.gz")
-    if name != "popi":
-        return volume
-    image = volume.to_sitk()
-    spacing = (popi_spacing_mm,) * 3
-    size = [int(round(n * s / popi_spacing_mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    sigma = [max(popi_spacing_mm**2 - s**2, 0.0) ** 0.5 / 2.0 + 1e-3 for s in image.GetSpacing()]
-    image = sitk.SmoothingRecursiveGaussian(image, sigma)
-    image = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                          image.GetDirection(), -1024.0, sitk.sitkFloat32)
-    return Volume.from_sitk(image, f"popi_{popi_spacing_mm:g}mm")
 
 
 def _bspline(fixed, moving, points: np.ndarray):
@@ -225,7 +206,7 @@ def _box_plot(errors: dict[str, list[float]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="output folder")
-    parser.add_argument("--cases", nargs="+", default=["popi", "pulmonary"], choices=sorted(CASES))
+    parser.add_argument("--cases", nargs="+", default=["popi", "pulmonary"], choices=REGISTRATION_CASES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="motion seeds (one pair each)")
     parser.add_argument("--popi-spacing-mm", type=float, default=2.0, help="isotropic spacing of the POPI volume")
     parser.add_argument("--mean-motion-mm", type=float, default=7.0, help="mean motion of the breathing model")
@@ -237,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", help="MAISI weights, to include the maisi backbone")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: every one that runs here)")
     args = parser.parse_args(argv)
-    if not (DATA_DIR / "chestct_single_real").exists():
-        print(f"shared data not found at {DATA_DIR}: nothing to benchmark", file=sys.stderr)
+    if not CT_DIR.exists():
+        print(f"shared data not found at {CT_DIR}: nothing to benchmark", file=sys.stderr)
         return 0
     import pickle
 
@@ -257,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, errors = [], {method: [] for method in methods}
     with tempfile.TemporaryDirectory() as scratch:
         for case in args.cases:
-            volume = _load_case(case, args.popi_spacing_mm)
+            volume = load_case(case, args.popi_spacing_mm)
             for motion_family, seed in [(family, seed) for family in args.motion for seed in args.seeds]:
                 pair = make_synthetic_pair(volume, seed=seed, mean_motion_mm=args.mean_motion_mm, motion=motion_family,
                                            motion_scale=args.motion_scale)

@@ -30,12 +30,14 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from real_cts import image_path  # noqa: E402
+
 from MedDIFTLib.core.io import Volume, read_volume, write_volume  # noqa: E402
 from MedDIFTLib.worker.client import WorkerClient  # noqa: E402
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app  # noqa: E402
 from MedDIFTLib.worker.remote_client import RemoteWorkerClient  # noqa: E402
 
-VOLUME = REPO.parent / "shared" / "data" / "chestct_single_real" / "elastix_lung_baseline_small" / "image.nii.gz"
+VOLUME = image_path("elastix")
 TOKEN = "serve-load-benchmark-token-0123456789"
 STEP_MM = np.array([0.7, -0.4, 0.9])
 REQUEST = {"backbone": "mind", "device": "cpu", "options": {"search_radius_mm": 8}}

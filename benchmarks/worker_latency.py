@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from real_cts import image_path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "worker_latency.json"
-POPI = REPO.parent / "shared" / "data" / "chestct_single_real" / "popi_4dct_phase00" / "image.nii.gz"
+POPI = image_path("popi")
 SHIFT_STEP_MM = np.array([1.0, -1.0, 2.0])  # each repeat moves the points, as when a landmark is dragged
 
 
