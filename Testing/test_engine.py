@@ -158,3 +158,42 @@ def test_windows_repeat_the_border_like_clipped_indices():
         i, j, k = (np.clip(s + np.arange(n), 0, limit - 1) for s, n, limit in zip(start, sizes, (7, 6, 5)))
         expected = features[:, k[:, None, None], j[None, :, None], i[None, None, :]].float()
         assert torch.equal(box, expected)
+
+
+@pytest.mark.parametrize(
+    ("box_kji", "taps", "dilation", "stride_kji"),
+    [((9, 11, 13), 3, 1, (1, 1, 1)), ((17, 10, 12), 3, 2, (2, 1, 3)), ((7, 7, 8), 1, 1, (1, 1, 1))],
+)
+def test_fft_correlation_equals_grouped_conv3d(box_kji, taps, dilation, stride_kji):
+    """The scorer's FFT correlation (kernel spectra from small DFT matrices) is the grouped
+    ``conv3d`` of each row's box with its kernels, summed over channels, on odd, prime and
+    padded lengths, dilated taps and strided samples."""
+    from MedDIFTLib.matching.scorer import _correlate
+
+    generator = torch.Generator().manual_seed(4)
+    batch, channels = 3, 5
+    inputs = torch.randn((batch, channels, *box_kji), generator=generator)
+    kernels = torch.randn((batch, channels, taps, taps, taps), generator=generator)
+    expected = torch.nn.functional.conv3d(inputs.reshape(1, batch * channels, *box_kji), kernels,
+                                          dilation=dilation, groups=batch)[0]
+    expected = expected[:, :: stride_kji[0], :: stride_kji[1], :: stride_kji[2]]
+    result = _correlate(inputs, kernels, dilation, np.asarray(stride_kji))
+    assert result.shape == expected.shape
+    assert torch.allclose(result, expected, atol=1e-4 * channels * taps**3)
+
+
+def test_subvoxel_vertex_of_a_sampled_paraboloid():
+    """The parabola step recovers the peak of a separable quadratic between lattice nodes, is 0 at
+    a border (missing neighbour) and on a flat row."""
+    from MedDIFTLib.matching.subvoxel import subvoxel_offsets
+
+    k, j, i = np.meshgrid(np.arange(5.0), np.arange(6.0), np.arange(7.0), indexing="ij")
+    peak_ijk = np.array([3.3, 2.2, 1.9])
+    paraboloid = -((i - peak_ijk[0]) ** 2) - 2 * (j - peak_ijk[1]) ** 2 - 0.5 * (k - peak_ijk[2]) ** 2
+    scores = np.stack([paraboloid, paraboloid, np.zeros_like(paraboloid)]).astype(np.float32)
+    best = scores.reshape(3, -1).argmax(axis=1)
+    best[1] = np.ravel_multi_index((2, 2, 0), scores.shape[1:])  # on the i = 0 border
+    offsets = subvoxel_offsets(scores, best)
+    assert np.allclose(offsets[0], peak_ijk - np.round(peak_ijk), atol=1e-5)
+    assert offsets[1, 0] == 0.0
+    assert np.all(offsets[2] == 0.0)

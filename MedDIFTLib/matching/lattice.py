@@ -93,7 +93,7 @@ def _best(scores: torch.Tensor, lattice: CandidateLattice, kept: np.ndarray, sub
                 torch.where(table[:, axis, c] >= 0, scores[table[:, axis, c].clamp(min=0), columns], float("-inf"))
                 for c in (0, 1)
             )
-            offsets[:, axis] += parabola_vertex(minus, best_score, plus).numpy() * lattice.stride[axis]
+            offsets[:, axis] += parabola_vertex(minus.numpy(), best_score.numpy(), plus.numpy()) * lattice.stride[axis]
     return best_score.numpy(), offsets
 
 

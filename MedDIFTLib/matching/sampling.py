@@ -7,6 +7,8 @@ the border value is repeated, as ``F.interpolate`` does.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,10 +16,20 @@ import torch.nn.functional as F
 from ..features.protocol import FeatureLevel
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_map(shape_ijk: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Scale and shift (3,) taking voxel coordinates on ``shape_ijk`` to ``grid_sample``'s [-1, 1]
+    (``align_corners=True``; 0 along an axis of one voxel). Kept: every sampling asks."""
+    sizes = np.asarray(shape_ijk, float)
+    scale = np.where(sizes > 1, 2.0 / np.maximum(sizes - 1, 1), 0.0)
+    shift = np.where(sizes > 1, -1.0, 0.0)
+    return tuple(torch.as_tensor(values, dtype=dtype, device=device) for values in (scale, shift))
+
+
 def normalised(ijk: torch.Tensor, shape_ijk: tuple[int, int, int]) -> torch.Tensor:
     """Voxel coordinates -> ``grid_sample``'s [-1, 1] (``align_corners=True``)."""
-    sizes = torch.tensor(shape_ijk, dtype=ijk.dtype, device=ijk.device)
-    return torch.where(sizes > 1, 2.0 * ijk / (sizes - 1).clamp(min=1) - 1.0, torch.zeros_like(ijk))
+    scale, shift = _grid_map(tuple(int(n) for n in shape_ijk), ijk.dtype, ijk.device)
+    return torch.addcmul(shift, ijk, scale)
 
 
 def interpolate(volume: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:

@@ -66,7 +66,6 @@ class Scorer:
         self.steps = [patch_taps(radius, options.patch_step)[0] for radius in self.radii]
         self.exact = options.exact
         self.budget_bytes = options.memory_budget_mb * 2**20
-        self._exact: dict[tuple, list[bool]] = {}
 
     def fixed_descriptors(self, points_lps_mm: np.ndarray) -> list[torch.Tensor]:
         """Per level, (B, n_taps, C) fixed descriptors at the moving level's patch taps."""
@@ -91,26 +90,12 @@ class Scorer:
         (:func:`_similarity_layout`)."""
         return _similarity_layout(self._image_to_level(level)[0].tobytes(), *self._lattice_key(lattice))
 
-    def _coarser_than(self, level: FeatureLevel, lattice: CandidateLattice) -> bool:
-        """True where the level's voxels are wider than the lattice step along some axis."""
-        step_in_level_voxels = np.linalg.norm(self._image_to_level(level)[0] * lattice.stride[None, :], axis=0)
-        return bool(np.any(step_in_level_voxels < 1.0 - 1e-6))
-
     def _exact_levels(self, lattice: CandidateLattice) -> list[bool]:
-        """Which levels to score the exact way on this lattice.
-
-        Interpolating a similarity map cannot place a peak between voxels wider than the lattice
-        step. When some level is fine enough (MIND's full-resolution level), it localises the
-        peak and coarser levels only add context, so all stay native. When none is (the
-        diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored exactly.
-        """
+        """Which levels to score the exact way on this lattice (:func:`_exact_plan`)."""
         if self.exact:
             return [True] * len(self.moving.levels)
-        key = self._lattice_key(lattice)
-        if key not in self._exact:
-            coarse = [self._coarser_than(level, lattice) for level in self.moving.levels]
-            self._exact[key] = coarse if all(coarse) else [False] * len(coarse)
-        return self._exact[key]
+        maps = tuple(self._image_to_level(level)[0].tobytes() for level in self.moving.levels)
+        return list(_exact_plan(maps, self._lattice_key(lattice)[1]))
 
     def batch_size(self, lattice: CandidateLattice, levels: list[int] | None = None) -> int:
         """Points per batch that keep one batch's working tensors within the memory budget when
@@ -217,6 +202,25 @@ def _level_affine(image: Geometry, grid: Geometry) -> tuple[np.ndarray, np.ndarr
 
 
 @functools.lru_cache(maxsize=256)
+def _exact_plan(image_to_levels: tuple[bytes, ...], stride: bytes) -> tuple[bool, ...]:
+    """Per level (``image_to_levels``: each level's (3, 3) float64 map of image voxel steps to level
+    voxels, as bytes), whether to score it the exact way on a lattice of ``stride`` (int64 ijk
+    bytes). Kept: the search asks on every batch.
+
+    Interpolating a similarity map cannot place a peak between voxels wider than the lattice
+    step. When some level is fine enough (MIND's full-resolution level), it localises the
+    peak and coarser levels only add context, so all stay native. When none is (the
+    diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored exactly.
+    """
+    lattice_stride = np.frombuffer(stride, dtype=np.int64)
+    coarse = []
+    for linear in image_to_levels:
+        step_in_level_voxels = np.linalg.norm(np.frombuffer(linear).reshape(3, 3) * lattice_stride[None, :], axis=0)
+        coarse.append(bool(np.any(step_in_level_voxels < 1.0 - 1e-6)))
+    return tuple(coarse) if all(coarse) else (False,) * len(coarse)
+
+
+@functools.lru_cache(maxsize=256)
 def _similarity_layout(image_to_level: bytes, half: bytes, stride: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Stride and half-count (ijk, level voxels) of the similarity samples of a lattice (``half``,
     ``stride``: int64 ijk bytes) on a level (``image_to_level``: the (3, 3) float64 map of image
@@ -248,24 +252,41 @@ def _fft_length(n: int) -> int:
     return int(n) if rest == 1 else next_fast_len(int(n), real=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _conjugate_dft(length: int, taps: int, dilation: int, half: bool, device: str) -> torch.Tensor:
+    """(F, taps) complex64: ``exp(+2 pi i f a dilation / length)`` for the frequencies ``f`` of a
+    length ``length`` (``length // 2 + 1`` of them when ``half``, as ``rfft`` keeps) and the taps
+    ``a``: the conjugate DFT of taps ``dilation`` voxels apart. Kept (the search asks per batch)."""
+    frequencies = length // 2 + 1 if half else length
+    phase = (2 * np.pi / length) * np.outer(np.arange(frequencies), np.arange(taps) * dilation)
+    return torch.as_tensor(np.exp(1j * phase), dtype=torch.complex64, device=device)
+
+
+def _conjugate_kernel_spectra(kernels: torch.Tensor, dilation: int, sizes: list[int]) -> torch.Tensor:
+    """Complex conjugates of the spectra (B, C, K, J, I // 2 + 1) of the kernels (B, C, t, t, t;
+    taps ``dilation`` voxels apart) zero padded to ``sizes`` (kji), as ``rfftn`` gives them: one
+    small DFT matrix per axis (a kernel is much smaller than the box it is padded to)."""
+    batch, channels, taps = kernels.shape[0], kernels.shape[1], kernels.shape[-1]
+    device = str(kernels.device)
+    along_k, along_j, along_i = (
+        _conjugate_dft(n, taps, dilation, half, device) for n, half in zip(sizes, (False, False, True))
+    )
+    spectra = torch.matmul(kernels.to(along_i.dtype), along_i.T)  # (B, C, t, t, I // 2 + 1)
+    spectra = torch.matmul(along_j, spectra)  # (B, C, t, J, I // 2 + 1)
+    return torch.matmul(along_k, spectra.reshape(batch, channels, taps, -1)).reshape(batch, channels, *sizes[:2], -1)
+
+
 def _correlate(inputs: torch.Tensor, kernels: torch.Tensor, dilation: int, stride_kji: np.ndarray) -> torch.Tensor:
     """Valid cross-correlation of each row's ``inputs`` (B, C, K, J, I) with its ``kernels``
     (B, C, t, t, t; taps ``dilation`` voxels apart), summed over channels and sampled every
     ``stride_kji``: what a grouped ``conv3d`` computes, by FFT (several times faster on the CPU
     for these small boxes, equal to float rounding). A length of at least the box keeps the
-    valid part free of wrap-around; the channel sum accumulates spectrum by spectrum, so no
-    (B, C, ...) product is ever held.
+    valid part free of wrap-around; the product is taken in place of the inputs' spectra.
     """
     span = (kernels.shape[-1] - 1) * dilation + 1
     sizes = [_fft_length(n) for n in inputs.shape[2:]]
-    dilated = kernels.new_zeros((*kernels.shape[:2], span, span, span))
-    dilated[..., ::dilation, ::dilation, ::dilation] = kernels
-    axes = (2, 3, 4)
-    inputs_f = torch.fft.rfftn(inputs, s=sizes, dim=axes)
-    kernels_f = torch.fft.rfftn(dilated, s=sizes, dim=axes).conj_physical_()
-    spectrum = inputs_f[:, 0] * kernels_f[:, 0]
-    for channel in range(1, inputs_f.shape[1]):
-        spectrum.addcmul_(inputs_f[:, channel], kernels_f[:, channel])
+    spectra = torch.fft.rfftn(inputs, s=sizes, dim=(2, 3, 4))
+    spectrum = spectra.mul_(_conjugate_kernel_spectra(kernels, dilation, sizes)).sum(dim=1)
     full = torch.fft.irfftn(spectrum, s=sizes, dim=(1, 2, 3))
     valid = [slice(0, int(n) - span + 1, int(s)) for n, s in zip(inputs.shape[2:], stride_kji)]
     return full[(slice(None), *valid)]

@@ -37,17 +37,17 @@ def local_search(
     rounding_mm = geometry.ijk_to_lps(centre_ijk) - priors_lps_mm
     offsets_mm = offsets_ijk @ geometry.affine_ijk_to_lps[:3, :3].T
     within = np.linalg.norm(rounding_mm[:, None, :] + offsets_mm[None], axis=2) <= lattice.radius_mm + 1e-6
-    scores = scorer.score(descriptors, centre_ijk, lattice, levels)
-    scores = scores.masked_fill(~torch.as_tensor(inside & within, device=scores.device), float("-inf"))
-    best_score, best = scores.max(dim=1)
-    best_ijk = candidates_ijk[np.arange(len(best)), best.cpu().numpy()]
+    scores = np.where(inside & within, scorer.score(descriptors, centre_ijk, lattice, levels).cpu().numpy(), -np.inf)
+    best = scores.argmax(axis=1)
+    rows = np.arange(len(best))
+    best_score = scores[rows, best]
+    best_ijk = candidates_ijk[rows, best]
     if subvoxel:
-        steps = subvoxel_offsets(scores.reshape(-1, *lattice.shape_kji), best).cpu().numpy()
-        best_ijk = best_ijk + steps * lattice.stride
+        best_ijk = best_ijk + subvoxel_offsets(scores.reshape(-1, *lattice.shape_kji), best) * lattice.stride
     best_lps = geometry.ijk_to_lps(best_ijk)
-    found = torch.isfinite(best_score).cpu().numpy()
+    found = np.isfinite(best_score)
     best_lps[~found] = priors_lps_mm[~found]
-    return best_lps, best_score.cpu().numpy()
+    return best_lps, best_score
 
 
 def dense_candidates(

@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 
-def parabola_vertex(minus: torch.Tensor, centre: torch.Tensor, plus: torch.Tensor) -> torch.Tensor:
+def parabola_vertex(minus: np.ndarray, centre: np.ndarray, plus: np.ndarray) -> np.ndarray:
     """Vertex offset in [-0.5, 0.5] steps of the parabola through three equally spaced scores.
 
     0 where a neighbour is missing (not finite) or the scores do not form a peak.
     """
-    curvature = minus - 2.0 * centre + plus
-    usable = torch.isfinite(minus) & torch.isfinite(plus) & (curvature < 0)
-    offset = (minus - plus) / (2.0 * torch.where(usable, curvature, -torch.ones_like(curvature)))
-    return torch.where(usable, offset, torch.zeros_like(offset)).clamp(-0.5, 0.5)
+    with np.errstate(invalid="ignore"):
+        curvature = minus - 2.0 * centre + plus
+        usable = np.isfinite(minus) & np.isfinite(plus) & (curvature < 0)
+        offset = (minus - plus) / (2.0 * np.where(usable, curvature, -1.0))
+    return np.clip(np.where(usable, offset, 0.0), -0.5, 0.5)
 
 
-def subvoxel_offsets(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """Vertex (B, 3) in lattice steps, ijk order, around flat index ``best`` of (B, K, J, I) scores."""
-    batch = scores.shape[0]
-    rows = torch.arange(batch, device=scores.device)
+def subvoxel_offsets(scores: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """Vertex (B, 3) in lattice steps, ijk order, around flat index ``best`` (B,) of (B, K, J, I) scores."""
+    rows = np.arange(scores.shape[0])
     shape = scores.shape[1:]
-    k, rest = best // (shape[1] * shape[2]), best % (shape[1] * shape[2])
-    position = [k, rest // shape[2], rest % shape[2]]
-    centre = scores[rows, position[0], position[1], position[2]]
-    offsets = torch.zeros(batch, 3, dtype=scores.dtype, device=scores.device)
-    missing = torch.full_like(centre, float("-inf"))
+    position = list(np.unravel_index(best, shape))
+    centre = scores[(rows, *position)]
+    offsets = np.zeros((len(rows), 3), scores.dtype)
     for axis in range(3):
         lower, upper = list(position), list(position)
-        lower[axis] = (position[axis] - 1).clamp(min=0)
-        upper[axis] = (position[axis] + 1).clamp(max=shape[axis] - 1)
-        minus = torch.where(position[axis] > 0, scores[(rows, *lower)], missing)
-        plus = torch.where(position[axis] < shape[axis] - 1, scores[(rows, *upper)], missing)
+        lower[axis] = np.maximum(position[axis] - 1, 0)
+        upper[axis] = np.minimum(position[axis] + 1, shape[axis] - 1)
+        minus = np.where(position[axis] > 0, scores[(rows, *lower)], -np.inf)
+        plus = np.where(position[axis] < shape[axis] - 1, scores[(rows, *upper)], -np.inf)
         offsets[:, 2 - axis] = parabola_vertex(minus, centre, plus)
     return offsets
