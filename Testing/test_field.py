@@ -382,6 +382,16 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     assert torch.allclose(hessian.double(), 0.5 * per_node.permute(1, 2, 0), atol=1e-3)
 
 
+def test_block_jacobi_inverse_of_symmetric_positive_definite_blocks():
+    from MedDIFTLib.field.optimise import _symmetric_inverse
+
+    generator = torch.Generator().manual_seed(5)
+    factors = torch.randn((40, 3, 3), generator=generator, dtype=torch.float64)
+    blocks = factors @ factors.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    inverse = _symmetric_inverse(blocks.permute(1, 2, 0).float().contiguous()).permute(2, 0, 1)
+    assert torch.allclose(inverse.double() @ blocks, torch.eye(3, dtype=torch.float64).expand(40, 3, 3), atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("spacing_mm", "voxels_mm", "nodes_mm"),
     [

@@ -1,5 +1,5 @@
 """Lattice layout helpers: the separable similarity aggregation equals the box mean it replaces,
-and channels-last sampling gives the same samples as the plain layout."""
+and channels-last sampling (or sampling split among threads) gives the same samples as the plain layout."""
 
 import torch
 import torch.nn.functional as F
@@ -27,3 +27,23 @@ def test_channels_last_sampling_gives_the_same_samples():
     stored = channels_last(values)
     assert stored.stride(0) == 1 and torch.equal(stored, values)
     assert torch.allclose(sample(stored, ijk), sample(values, ijk), atol=1e-6)
+
+
+def test_sampling_split_among_threads_gives_the_same_samples():
+    """Many points of one volume are sampled in one part per thread: the same values, in order."""
+    from MedDIFTLib.matching.sampling import SPLIT_POINTS
+
+    generator = torch.Generator().manual_seed(2)
+    values = torch.randn((5, 6, 7, 8), generator=generator)
+    count = 3 * SPLIT_POINTS + 17  # not a multiple of the parts
+    ijk = torch.rand((count, 3), generator=generator) * torch.tensor([9.0, 8.0, 7.0]) - 0.5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = sample(values, ijk)
+        torch.set_num_threads(3)
+        split = sample(values, ijk)
+    finally:
+        torch.set_num_threads(threads)
+    assert split.shape == (count, 5)
+    assert torch.equal(split, whole)

@@ -185,6 +185,17 @@ def _on_grid(hessian: torch.Tensor, node_index: torch.Tensor, count: int) -> tor
     return dense
 
 
+def _symmetric_inverse(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverses (3, 3, N) of symmetric positive definite 3x3 blocks (3, 3, N), by their adjugates
+    (read from the upper triangle)."""
+    a, b, c = blocks[0, 0], blocks[0, 1], blocks[0, 2]
+    d, e, f = blocks[1, 1], blocks[1, 2], blocks[2, 2]
+    cofactors = [d * f - e * e, c * e - b * f, b * e - c * d, a * f - c * c, b * c - a * e, a * d - b * b]
+    scale = 1.0 / (a * cofactors[0] + b * cofactors[1] + c * cofactors[2])
+    xx, xy, xz, yy, yz, zz = (cofactor.mul_(scale) for cofactor in cofactors)
+    return torch.stack([torch.stack(row) for row in ((xx, xy, xz), (xy, yy, yz), (xz, yz, zz))])
+
+
 def _solve_step(
     hessian: torch.Tensor,
     rhs: torch.Tensor,
@@ -197,8 +208,7 @@ def _solve_step(
     ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term).
     """
     shift = regularisation * laplacian.diagonal + damping
-    block = hessian + torch.eye(3)[:, :, None] * shift
-    block_inverse = torch.linalg.inv(block.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
+    block_inverse = _symmetric_inverse(hessian + torch.eye(3)[:, :, None] * shift)
 
     def apply(vector: torch.Tensor) -> torch.Tensor:
         result = laplacian(vector).mul_(regularisation).add_(vector, alpha=damping)

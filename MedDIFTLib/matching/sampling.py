@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 from ..features.protocol import FeatureLevel
 
+SPLIT_POINTS = 8192
+"""Fewest points per thread worth sampling apart (:func:`interpolate`)."""
+
 
 @functools.lru_cache(maxsize=256)
 def _grid_map(shape_ijk: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -33,11 +36,25 @@ def normalised(ijk: torch.Tensor, shape_ijk: tuple[int, int, int]) -> torch.Tens
 
 
 def interpolate(volume: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples ``(B, C, N)`` of ``volume`` ``(B, C, K, J, I)`` at ``(B, N, 3)`` voxel coordinates."""
+    """Trilinear samples ``(B, C, N)`` of ``volume`` ``(B, C, K, J, I)`` at ``(B, N, 3)`` voxel coordinates.
+
+    On the CPU ``grid_sample`` shares out only the batch among threads: one volume's many points
+    are sampled as one part per thread (the volume repeated by a stride-0 view), with the same values.
+    """
     shape_ijk = tuple(int(n) for n in volume.shape[2:][::-1])
-    grid = normalised(ijk.to(volume.dtype), shape_ijk)[:, :, None, None, :]
-    samples = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return samples[:, :, :, 0, 0]
+    grid = normalised(ijk.to(volume.dtype), shape_ijk)
+    batch, count = grid.shape[:2]
+    parts = torch.get_num_threads() if batch == 1 and volume.device.type == "cpu" else 1
+    parts = max(1, min(parts, count // SPLIT_POINTS))
+    if parts == 1:
+        samples = F.grid_sample(volume, grid[:, :, None, None], mode="bilinear", padding_mode="border",
+                                align_corners=True)
+        return samples[:, :, :, 0, 0]
+    per_part = -(-count // parts)
+    padded = torch.cat([grid[0], grid.new_zeros((per_part * parts - count, 3))]).reshape(parts, per_part, 1, 1, 3)
+    samples = F.grid_sample(volume.expand(parts, *volume.shape[1:]), padded, mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return samples[:, :, :, 0, 0].transpose(0, 1).reshape(1, volume.shape[1], -1)[:, :, :count]
 
 
 def sample(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
