@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.geometry import Geometry
+from ..matching.sampling import vector_lengths
 
 FILL_WIDTH = 4.0
 FILL_SHARE = 1e-2
@@ -75,7 +76,7 @@ def robust_fit(
         fitted = _normalised_convolution(data, weights, sigma_kji)
         if iteration == robust_iterations:
             break
-        residual = (fitted - data).norm(dim=0)
+        residual = vector_lengths(fitted - data, 0)
         spread = 1.4826 * float(residual[matched].median())
         scale = max(2.5 * spread, min_scale_mm)
         weights = confidence / (1.0 + (residual / scale) ** 2)

@@ -36,7 +36,7 @@ from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeatureLevel, FeaturePyramid
 from ..matching.nodes import channels_last
-from ..matching.sampling import sample, unit_descriptors
+from ..matching.sampling import sample, unit_descriptors, vector_lengths
 from . import grids
 
 MAX_CHANNELS = 16
@@ -276,7 +276,7 @@ def instance_optimise(
         rhs = -regularisation * laplacian(field)
         rhs.view(3, -1)[:, node_index] -= gradient
         step = _solve_step(_on_grid(hessian, node_index, rhs[0].numel()), rhs, laplacian, regularisation, damping)
-        step *= (max_step_mm / step.norm(dim=0).clamp(min=1e-12)).clamp(max=1.0)
+        step *= (max_step_mm / vector_lengths(step, 0).clamp(min=1e-12)).clamp(max=1.0)
         candidate = field + step
         candidate_energy, candidate_gradient, candidate_hessian = energy_of(candidate)
         if candidate_energy < energy:

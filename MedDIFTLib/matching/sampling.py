@@ -98,11 +98,22 @@ def ensure_read(level: FeatureLevel, ijk: torch.Tensor, reach: int = 0) -> None:
     level.ensure_boxes(np.floor(rows.min(axis=1)) - reach - 1, np.floor(rows.max(axis=1)) + reach + 3)
 
 
+def vector_lengths(values: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """L2 lengths of ``values`` along ``dim``. (``torch.linalg.vector_norm`` reduces a short axis
+    such as 3 coordinates or 12 channels an order of magnitude slower on the CPU.)"""
+    return values.pow(2).sum(dim, keepdim=keepdim).sqrt_()
+
+
+def unit_vectors(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values`` divided by their L2 length along ``dim`` (at least 1e-12), as ``F.normalize``."""
+    return values / vector_lengths(values, dim, keepdim=True).clamp_(min=1e-12)
+
+
 def unit_descriptors(level: FeatureLevel, features: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
     """``features`` (default: the whole level, ``(C, ...)``; channels along ``dim``) as float32 with
     unit L2 norm along channels; stored unit-norm levels are only converted, not normalised again."""
     values = (level.features if features is None else features).float()
-    return values if level.unit_norm else F.normalize(values, dim=dim)
+    return values if level.unit_norm else unit_vectors(values, dim)
 
 
 def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
@@ -111,7 +122,7 @@ def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.
     coords = level_ijk(level, points.reshape(-1, 3), level.features.device)
     ensure_read(level, coords.reshape(points.shape if points.ndim > 1 else (1, 3)))
     samples = sample_stored(level.features, coords)
-    return F.normalize(samples, dim=1).reshape(*points.shape[:-1], level.channels)
+    return unit_vectors(samples, 1).reshape(*points.shape[:-1], level.channels)
 
 
 def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
@@ -125,7 +136,7 @@ def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tens
     level.ensure_boxes(start, start + sizes)
     boxes = windows(level.features, start, sizes.tolist())
     relative = torch.as_tensor(coords - start[:, None, :], dtype=torch.float32, device=boxes.device)
-    return F.normalize(interpolate(boxes, relative), dim=1).transpose(1, 2)
+    return unit_vectors(interpolate(boxes, relative), 1).transpose(1, 2)
 
 
 def _clipped_span(start: int, size: int, length: int) -> tuple[slice, int, int]:

@@ -22,7 +22,6 @@ import functools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.fft import next_fast_len
 
 from ..core.errors import BadInputError
@@ -30,7 +29,7 @@ from ..core.geometry import Geometry
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
-from .sampling import ensure_read, interpolate, sample_patches, sample_stored, unit_descriptors, windows
+from .sampling import ensure_read, interpolate, sample_patches, sample_stored, unit_descriptors, unit_vectors, windows
 
 
 def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
@@ -155,7 +154,7 @@ class Scorer:
         ensure_read(level, coords, radius)
         positions = (coords[:, :, None, :] + offsets[None, None]).reshape(-1, 3)
         samples = sample_stored(level.features, positions).T
-        samples = F.normalize(samples.reshape(level.channels, batch, count, len(offsets)), dim=0)
+        samples = unit_vectors(samples.reshape(level.channels, batch, count, len(offsets)), 0)
         return torch.einsum("cbnd,bdc->bn", samples, descriptor) / len(offsets)
 
     def _score_native(

@@ -21,7 +21,7 @@ from ..core.progress import ProgressFn
 from ..features.protocol import FeatureLevel
 from .candidates import patch_taps
 from .nodes import FieldOnGrid, channels_last, displacement_at, grid_points
-from .sampling import sample, unit_descriptors
+from .sampling import sample, unit_descriptors, unit_vectors
 
 BATCH_BYTES = 2**26
 
@@ -106,7 +106,7 @@ def _moving_on_level(
     positions = positions + displacement_at(prior, positions)
     ijk = torch.as_tensor(target.geometry.lps_to_ijk(positions), dtype=torch.float32)
     values = sample(channels_last(target.features.float()), ijk)
-    return F.normalize(values, dim=1).T.reshape(-1, *grown.shape_kji)
+    return unit_vectors(values, 1).T.reshape(-1, *grown.shape_kji)
 
 
 def _interpolation_corners(shifts_level: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
