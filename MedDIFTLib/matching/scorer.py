@@ -128,15 +128,13 @@ class Scorer:
         exact_levels = self._exact_levels(lattice)
         chosen = range(len(self.moving.levels)) if levels is None else levels
         total = sum(self.weights[n] for n in chosen)
-        offsets_ijk = lattice.offsets_ijk()
         for n in chosen:
             level, descriptor, radius, step = self.moving.levels[n], descriptors[n], self.radii[n], self.steps[n]
             linear, offset = self._image_to_level(level)
             centres = centres_ijk @ linear.T + offset
             device = level.features.device
-            coords = torch.as_tensor(centres, dtype=torch.float32, device=device)[:, None, :] + torch.as_tensor(
-                offsets_ijk @ linear.T, dtype=torch.float32, device=device
-            )
+            offsets = _level_offsets(linear.tobytes(), *self._lattice_key(lattice), str(device))
+            coords = torch.as_tensor(centres, dtype=torch.float32, device=device)[:, None, :] + offsets
             if exact_levels[n]:
                 similarity = self._score_exact(level, descriptor, coords, radius, step)
             else:
@@ -198,6 +196,16 @@ def _level_affine(image: Geometry, grid: Geometry) -> tuple[np.ndarray, np.ndarr
     linear.setflags(write=False)
     offset.setflags(write=False)
     return linear, offset
+
+
+@functools.lru_cache(maxsize=256)
+def _level_offsets(image_to_level: bytes, half: bytes, stride: bytes, device: str) -> torch.Tensor:
+    """(Nc, 3) float32 candidate offsets of a lattice (``half``, ``stride``: int64 ijk bytes) in the
+    voxels of a level (``image_to_level``: the (3, 3) float64 map of image voxel steps to level
+    voxels, as bytes), on ``device``. Kept and shared: never modify it."""
+    lattice = CandidateLattice(np.frombuffer(half, dtype=np.int64), np.frombuffer(stride, dtype=np.int64), 0.0)
+    linear = np.frombuffer(image_to_level).reshape(3, 3)
+    return torch.as_tensor(lattice.offsets_ijk() @ linear.T, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=256)

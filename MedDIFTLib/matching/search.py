@@ -35,8 +35,8 @@ def local_search(
     candidates_ijk = centre_ijk[:, None, :] + offsets_ijk[None]
     inside = np.all((candidates_ijk >= 0) & (candidates_ijk <= np.asarray(geometry.shape_ijk) - 1), axis=2)
     rounding_mm = geometry.ijk_to_lps(centre_ijk) - priors_lps_mm
-    offsets_mm = offsets_ijk @ geometry.affine_ijk_to_lps[:3, :3].T
-    within = np.linalg.norm(rounding_mm[:, None, :] + offsets_mm[None], axis=2) <= lattice.radius_mm + 1e-6
+    from_prior_mm = rounding_mm[:, None, :] + lattice.offsets_mm(geometry)[None]
+    within = np.einsum("bnk,bnk->bn", from_prior_mm, from_prior_mm) <= (lattice.radius_mm + 1e-6) ** 2
     scores = np.where(inside & within, scorer.score(descriptors, centre_ijk, lattice, levels).cpu().numpy(), -np.inf)
     best = scores.argmax(axis=1)
     rows = np.arange(len(best))
