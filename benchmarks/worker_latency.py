@@ -170,6 +170,7 @@ def main() -> int:
     if not args.volume.exists():
         print(f"volume not found: {args.volume}", file=sys.stderr)
         return 1
+    args.volume = args.volume.resolve()  # each engine runs in its own checkout
     sys.path.insert(0, str(REPO))
     engines = {"this checkout": REPO} | ({f"baseline {args.baseline.name}": args.baseline} if args.baseline else {})
     with tempfile.TemporaryDirectory(prefix="meddift-bench-") as folder:
@@ -177,7 +178,7 @@ def main() -> int:
         write_shifted_copy(args.volume, moving)
         figures = {name: _run_engine(repo.resolve(), args, moving) for name, repo in engines.items()}
     table = _markdown(figures, args.points)
-    header = (f"{args.volume.name}, backbone mind, default match options with backward check, search radius "
+    header = (f"{args.volume.parent.name}/{args.volume.name}, backbone mind, default match options with backward check, search radius "
               f"{args.radius_mm:g} mm, {args.threads} threads, median of {args.repeats} re-matches (round trip)")
     markdown = f"{header}\n\n{table}"
     print(markdown)
