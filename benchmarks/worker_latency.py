@@ -178,8 +178,9 @@ def main() -> int:
         write_shifted_copy(args.volume, moving)
         figures = {name: _run_engine(repo.resolve(), args, moving) for name, repo in engines.items()}
     table = _markdown(figures, args.points)
-    header = (f"{args.volume.parent.name}/{args.volume.name}, backbone mind, default match options with backward check, search radius "
-              f"{args.radius_mm:g} mm, {args.threads} threads, median of {args.repeats} re-matches (round trip)")
+    header = (f"{args.volume.parent.name}/{args.volume.name}, backbone mind, default match options with backward "
+              f"check, search radius {args.radius_mm:g} mm, {args.threads} threads, median of {args.repeats} "
+              "re-matches (round trip)")
     markdown = f"{header}\n\n{table}"
     print(markdown)
     args.results.parent.mkdir(parents=True, exist_ok=True)
