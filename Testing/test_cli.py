@@ -196,6 +196,22 @@ def test_register_field_options_come_from_the_option_classes():
     assert options.levels == (FieldLevel(spacing_mm=8.0),) and options.optimise_iterations == 0
 
 
+def test_track_lesion_options_come_from_the_option_class():
+    from MedDIFTLib.cli import build_parser
+    from MedDIFTLib.cli.common import options_from_args
+    from MedDIFTLib.lesions.settings import LesionOptions
+
+    parser = build_parser()
+    base = ["track", "b.nii.gz", "f.nii.gz", "--lesions", "l.nii.gz", "--out", "out"]
+    assert options_from_args(parser.parse_args(base), LesionOptions) == LesionOptions()
+    flags = ["--largest-volume-factor", "8", "--seed-radius-mm", "30", "--centre-search-radius-mm", "10"]
+    options = options_from_args(parser.parse_args([*base, *flags]), LesionOptions)
+    assert (options.largest_volume_factor, options.seed_radius_mm, options.centre_search_radius_mm) == (8, 30, 10)
+    batch = options_from_args(parser.parse_args(["batch", "rows.csv", "--out", "o", "--task", "track", *flags]),
+                              LesionOptions)
+    assert batch == options
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--grid-spacing-mm", "0"], "--grid-spacing-mm: option 'spacing_mm' must be > 0"),
     (["--search-radius-mm", "-1"], "--search-radius-mm: option 'search_radius_mm' must be > 0"),

@@ -51,6 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "refine", "--no-refine",
                help="track: keep the carried labelmap as it is (default: refine it to the follow-up image)")
     add_option(parser, LesionOptions, "growth_margin_mm")
+    add_option(parser, LesionOptions, "largest_volume_factor")
+    add_option(parser, LesionOptions, "seed_radius_mm")
+    add_option(parser, LesionOptions, "centre_search_radius_mm")
     add_option(parser, LesionOptions, "confidence_threshold", "--lesion-confidence-threshold")
     parser.add_argument("--inverse", action="store_true", help="register: also write inverse.nii.gz")
     parser.add_argument("--warped", action="store_true", help="register: also write warped.nii.gz")

@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "refine", "--no-refine",
                help="keep the carried labelmap as it is (default: refine it to the follow-up image)")
     add_option(parser, LesionOptions, "growth_margin_mm")
+    add_option(parser, LesionOptions, "largest_volume_factor")
+    add_option(parser, LesionOptions, "seed_radius_mm")
+    add_option(parser, LesionOptions, "centre_search_radius_mm")
     add_option(parser, LesionOptions, "confidence_threshold")
     add_option(parser, FieldLevel, "search_radius_mm")
     add_option(parser, FieldLevel, "spacing_mm", "--grid-spacing-mm")
