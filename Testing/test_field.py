@@ -382,6 +382,20 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     assert torch.allclose(hessian.double(), 0.5 * per_node.permute(1, 2, 0), atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (2, 1, 2, 4), (4, 3, 1, 2)])
+def test_moving_stack_holds_the_features_and_their_central_differences(shape):
+    """The optimisation's channels-last stack equals the features followed by ``torch.gradient``
+    along i, j and k (zeros along an axis of one voxel)."""
+    from MedDIFTLib.field.optimise import _with_derivatives
+
+    features = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    derivatives = [torch.gradient(features, dim=axis)[0] if shape[axis] > 1 else torch.zeros_like(features)
+                   for axis in (3, 2, 1)]
+    stack = _with_derivatives(features)
+    assert stack.stride(0) == 1
+    assert torch.equal(stack, torch.cat([features, *derivatives]))
+
+
 def test_block_jacobi_inverse_of_symmetric_positive_definite_blocks():
     from MedDIFTLib.field.optimise import _symmetric_inverse
 

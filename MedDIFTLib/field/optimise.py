@@ -35,7 +35,6 @@ import torch
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeatureLevel, FeaturePyramid
-from ..matching.nodes import channels_last
 from ..matching.sampling import sample, unit_descriptors, vector_lengths
 from . import grids
 
@@ -104,11 +103,6 @@ def _similarity_term(
     projection = _principal_projection(fixed_features, moving_features, MAX_CHANNELS)
     fixed_features = _project(fixed_features, projection)
     moving_features = _project(moving_features, projection)
-    derivatives = [
-        torch.gradient(moving_features, dim=axis)[0] if moving_features.shape[axis] > 1
-        else torch.zeros_like(moving_features)
-        for axis in (3, 2, 1)
-    ]
     moving_affine = moving_geometry.affine_ijk_to_lps
     moving_ijk = np.linalg.solve(moving_affine[:3, :3], (nodes_lps_mm - moving_affine[:3, 3]).T).T
     if fixed_geometry.same_grid(param_grid):
@@ -119,8 +113,31 @@ def _similarity_term(
         fixed_features=fixed_at_nodes.contiguous(),
         moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),
         mm_to_moving_ijk=torch.as_tensor(np.linalg.inv(moving_affine[:3, :3]).T, dtype=torch.float32),
-        moving_stack=channels_last(torch.cat([moving_features, *derivatives])),
+        moving_stack=_with_derivatives(moving_features),
     )
+
+
+def _with_derivatives(features: torch.Tensor) -> torch.Tensor:
+    """``(4C, K, J, I)`` stored channels last: the ``(C, K, J, I)`` features, then their central
+    differences along i, j and k (one-sided at the ends, 0 along an axis of one voxel, as
+    ``torch.gradient``), written straight into place."""
+    channels = features.shape[0]
+    stack = torch.empty((*features.shape[1:], 4 * channels), dtype=features.dtype, device=features.device)
+    stack[..., :channels] = features.permute(1, 2, 3, 0)
+    for block, axis in enumerate((3, 2, 1), start=1):
+        target = stack[..., block * channels : (block + 1) * channels].permute(3, 0, 1, 2)
+        size = features.shape[axis]
+        if size < 2:
+            target.zero_()
+            continue
+        torch.sub(features.narrow(axis, 1, 1), features.narrow(axis, 0, 1), out=target.narrow(axis, 0, 1))
+        end = features.narrow(axis, size - 1, 1) - features.narrow(axis, size - 2, 1)
+        target.narrow(axis, size - 1, 1).copy_(end)
+        if size > 2:
+            interior = target.narrow(axis, 1, size - 2)
+            torch.sub(features.narrow(axis, 2, size - 2), features.narrow(axis, 0, size - 2), out=interior)
+            interior.mul_(0.5)
+    return stack.permute(3, 0, 1, 2)
 
 
 def _linearise(term: _SimilarityTerm, displacement: torch.Tensor):

@@ -75,18 +75,20 @@ class NodeSampler:
     def apply(self, maps: torch.Tensor, shifts_ijk: np.ndarray | None = None) -> torch.Tensor:
         """``(B, N)`` node values (raster order) of ``(B, K + 2r, J + 2r, I + 2r)`` maps, map ``b``
         read at each node minus ``shifts_ijk[b]`` (level voxels; default none)."""
+        batch, size_k = maps.shape[:2]
         if shifts_ijk is None:
             along_i, along_j, along_k = (self._matrix(axis, 0.0) for axis in range(3))
-            values = torch.einsum("bkji,zi->bkjz", maps, along_i)
-            values = torch.einsum("bkjz,yj->bkyz", values, along_j)
-            values = torch.einsum("bkyz,xk->bxyz", values, along_k)
+            along_i, along_j = along_i.T, along_j
         else:
             along_i, along_j, along_k = (
                 torch.stack([self._matrix(axis, float(shift[axis])) for shift in shifts_ijk]) for axis in range(3)
             )
-            values = torch.einsum("bkji,bzi->bkjz", maps, along_i)
-            values = torch.einsum("bkjz,byj->bkyz", values, along_j)
-            values = torch.einsum("bkyz,bxk->bxyz", values, along_k)
+            along_i, along_j = along_i.transpose(1, 2)[:, None], along_j[:, None]
+        # Each product contracts one axis in place of the layout (no permuted copies of the maps).
+        values = torch.matmul(maps, along_i)  # (B, K, J, Z)
+        values = torch.matmul(along_j, values)  # (B, K, Y, Z)
+        size_y, size_z = values.shape[2:]
+        values = torch.matmul(along_k, values.reshape(batch, size_k, -1)).reshape(batch, -1, size_y, size_z)
         return values.permute(*self.permutation).reshape(len(maps), self.count)
 
 
@@ -166,5 +168,6 @@ def _combine(at_whole: torch.Tensor, index: np.ndarray, weights: np.ndarray) -> 
     weights_t = torch.as_tensor(weights, dtype=torch.float32)
     for corner in range(index.shape[1]):
         if (weights[:, corner] > 0).any():
-            result += weights_t[:, corner, None] * at_whole[torch.as_tensor(index[:, corner])]
+            gathered = at_whole.index_select(0, torch.as_tensor(index[:, corner]))
+            result.addcmul_(gathered, weights_t[:, corner, None])
     return result
