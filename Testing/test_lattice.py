@@ -47,3 +47,14 @@ def test_sampling_split_among_threads_gives_the_same_samples():
         torch.set_num_threads(threads)
     assert split.shape == (count, 5)
     assert torch.equal(split, whole)
+
+
+def test_unit_vectors_and_lengths_equal_normalize_and_norm():
+    from MedDIFTLib.matching.sampling import unit_vectors, vector_lengths
+
+    values = torch.randn((4, 12, 9), generator=torch.Generator().manual_seed(3))
+    values[1, :, 2] = 0.0  # a zero vector stays zero, as F.normalize leaves it
+    for dim in (0, 1, 2):
+        assert torch.allclose(unit_vectors(values, dim), F.normalize(values, dim=dim), atol=1e-6)
+        assert torch.allclose(vector_lengths(values, dim), values.norm(dim=dim), atol=1e-5)
+    assert torch.equal(unit_vectors(values, 1)[1, :, 2], torch.zeros(12))
