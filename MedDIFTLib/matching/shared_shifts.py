@@ -78,7 +78,7 @@ class NodeSampler:
         batch, size_k = maps.shape[:2]
         if shifts_ijk is None:
             along_i, along_j, along_k = (self._matrix(axis, 0.0) for axis in range(3))
-            along_i, along_j = along_i.T, along_j
+            along_i = along_i.T
         else:
             along_i, along_j, along_k = (
                 torch.stack([self._matrix(axis, float(shift[axis])) for shift in shifts_ijk]) for axis in range(3)
