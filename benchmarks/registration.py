@@ -62,11 +62,10 @@ def _bspline(fixed, moving, points: np.ndarray):
     """SimpleITK B-spline (correlation, 3 levels); returns moved points and the field on a fixed grid."""
     import SimpleITK as sitk
 
-    from MedDIFTLib.evaluation.baselines import working_geometry
     from MedDIFTLib.field import DisplacementField
 
     def prepared(volume):
-        grid = working_geometry(volume.geometry, 2.0)
+        grid = volume.geometry.working_grid(2.0, isotropic=False)
         image = sitk.Clamp(volume.to_sitk(sitk.sitkFloat32), sitk.sitkFloat32, *CLIP_HU)
         image = sitk.Resample(image, [int(n) for n in grid.shape_ijk], sitk.Transform(), sitk.sitkLinear,
                               grid.origin_lps_mm, grid.spacing_mm, grid.direction, CLIP_HU[0], sitk.sitkFloat32)

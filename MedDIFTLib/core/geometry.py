@@ -94,6 +94,24 @@ class Geometry:
         shape = [max(1, n // f) for n, f in zip(self.shape_ijk, factors)]
         return Geometry.create(shape, spacing, origin, self.direction_matrix)
 
+    def working_grid(self, spacing_mm: float | None = None, isotropic: bool = True) -> Geometry:
+        """A grid over the same extent and orientation with other voxels: ``isotropic``, cubes of
+        ``spacing_mm`` (default: this grid's finest spacing; never finer than it); otherwise each
+        axis coarsened to at least ``spacing_mm``. Voxel 0 stays where it is."""
+        spacing = np.asarray(self.spacing_mm, float)
+        if isotropic:
+            target = np.full(3, max(float(spacing.min()), spacing_mm or 0.0))
+        else:
+            target = np.maximum(spacing, spacing_mm or 0.0)
+        extent = spacing * (np.asarray(self.shape_ijk) - 1)
+        shape = np.floor(extent / target + 1e-6).astype(int) + 1
+        return Geometry.create(shape, target, self.origin_lps_mm, self.direction_matrix)
+
+    @property
+    def anisotropy(self) -> float:
+        """Largest over smallest voxel spacing (1 for cubic voxels)."""
+        return float(max(self.spacing_mm) / min(self.spacing_mm))
+
     def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:
         return self.shape_ijk == other.shape_ijk and np.allclose(
             self.affine_ijk_to_lps, other.affine_ijk_to_lps, atol=tol

@@ -81,31 +81,14 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
-def working_geometry(geometry: Geometry, spacing_mm: float, isotropic: bool = False) -> Geometry:
-    """A grid over the same extent and orientation as ``geometry`` with voxels of at least ``spacing_mm``
-    (``isotropic``: exactly ``max(spacing_mm, finest input spacing)`` along every axis)."""
-    spacing = np.asarray(geometry.spacing_mm, float)
-    if isotropic:
-        target = np.full(3, max(spacing_mm, float(spacing.min())))
-    else:
-        target = np.maximum(spacing, spacing_mm)
-    extent = spacing * (np.asarray(geometry.shape_ijk) - 1)
-    shape = np.floor(extent / target + 1e-6).astype(int) + 1
-    return Geometry.create(shape, target, geometry.origin_lps_mm, geometry.direction_matrix)
-
-
 def _resampled_image(volume, target: Geometry):
-    """``volume`` clipped to :data:`CLIP_HU`, smoothed where the target grid is coarser, resampled
-    (trilinear) onto ``target``: a SimpleITK float32 image."""
-    import SimpleITK as sitk
+    """``volume`` clipped to :data:`CLIP_HU` and resampled onto ``target``
+    (:func:`MedDIFTLib.core.resample.resample_volume`): a SimpleITK float32 image."""
+    from ..core.io.volumes import Volume
+    from ..core.resample import resample_volume
 
-    image = sitk.Clamp(volume.to_sitk(sitk.sitkFloat32), sitk.sitkFloat32, *CLIP_HU)
-    source_spacing = np.asarray(volume.geometry.spacing_mm)
-    sigma = np.sqrt(np.maximum(np.asarray(target.spacing_mm) ** 2 - source_spacing**2, 0.0)) / 2.0
-    if sigma.max() > 0:
-        image = sitk.SmoothingRecursiveGaussian(image, [float(max(s, 1e-3)) for s in sigma])
-    return sitk.Resample(image, [int(n) for n in target.shape_ijk], sitk.Transform(), sitk.sitkLinear,
-                         target.origin_lps_mm, target.spacing_mm, target.direction, CLIP_HU[0], sitk.sitkFloat32)
+    clipped = Volume(np.clip(volume.voxels, *CLIP_HU), volume.geometry, volume.name)
+    return resample_volume(clipped, target, outside_value=CLIP_HU[0]).to_sitk()
 
 
 def _field_from_transform(transform, geometry: Geometry):
@@ -140,9 +123,9 @@ def bspline(
 
     settings = parse_options(BSplineOptions, options, "bspline")
     levels = settings.levels
-    fixed_grid = working_geometry(fixed.geometry, settings.working_spacing_mm)
+    fixed_grid = fixed.geometry.working_grid(settings.working_spacing_mm, isotropic=False)
     fixed_image = _resampled_image(fixed, fixed_grid)
-    moving_image = _resampled_image(moving, working_geometry(moving.geometry, settings.working_spacing_mm))
+    moving_image = _resampled_image(moving, moving.geometry.working_grid(settings.working_spacing_mm, isotropic=False))
     extent = np.asarray(fixed_grid.spacing_mm) * (np.asarray(fixed_grid.shape_ijk) - 1)
     coarsest_mm = settings.control_spacing_mm * 2 ** (levels - 1)
     mesh = [max(1, int(round(e / coarsest_mm))) for e in extent]
@@ -209,7 +192,7 @@ def convexadam(
     from ..field import DisplacementField
 
     settings = dataclasses.asdict(parse_options(ConvexAdamOptions, options, "convexadam"))
-    grid = working_geometry(fixed.geometry, settings.pop("working_spacing_mm"), isotropic=True)
+    grid = fixed.geometry.working_grid(settings.pop("working_spacing_mm"))
     progress("convexadam", 0.0, "resampling")
     import SimpleITK as sitk
 

@@ -10,6 +10,12 @@ one pyramid level each, so the fused similarity sees both fine detail and contex
 12-vector is stored with unit L2 norm (matching compares descriptors by cosine), as float32 or, with
 ``dtype="float16"``, at half the memory.
 
+Features see the anatomy in millimetres: on voxels that are not cubic (thick slices), the image is
+first resampled onto an isotropic working grid (default: its finest spacing; ``isotropic=False``
+keeps the native grid), so the offsets, the boxes and the matching patches have the same size in
+mm along every axis. The levels lie on that grid; matching maps them to the image by their
+geometry, and results stay in the image's world mm.
+
 The descriptor is local: a voxel's value depends only on the pooled image within
 ``dilation + patch_radius`` voxels of it (the border voxel repeated outside the volume). So a box
 computed from the image around it equals the same box of the whole level, which lets the worker
@@ -29,6 +35,7 @@ from ..core.devices import resolve_device
 from ..core.errors import BadInputError
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
+from ..core.resample import resample_volume
 from .protocol import FeatureLevel, FeaturePyramid
 from .regions import RegionFiller
 
@@ -38,6 +45,7 @@ SSC_PAIRS = [
 ]
 VARIANCE_FLOOR = 1e-5
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+CUBIC_TOLERANCE = 1.05  # voxels whose largest / smallest spacing is below this count as cubic
 
 
 def _shifted(padded: torch.Tensor, offset_kji: np.ndarray, pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -110,6 +118,8 @@ class MindFeaturizer:
         hu_window: tuple[float, float] = (-1000.0, 1000.0),
         variance_floor: float = VARIANCE_FLOOR,
         dtype: str = "float16",
+        isotropic: bool = True,
+        spacing_mm: float | None = None,
         device: str = "cpu",
     ) -> None:
         if weights is not None and len(weights) != len(scales):
@@ -130,6 +140,10 @@ class MindFeaturizer:
         if dtype not in STORAGE_DTYPES:
             raise BadInputError(f"MIND: dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
         self.dtype = str(dtype)
+        self.isotropic = bool(isotropic)
+        if spacing_mm is not None and not (np.isfinite(spacing_mm) and spacing_mm > 0):
+            raise BadInputError(f"MIND: spacing_mm must be a positive number of mm (or null), got {spacing_mm!r}")
+        self.spacing_mm = None if spacing_mm is None else float(spacing_mm)
         self.device = resolve_device(str(device))
 
     @property
@@ -143,7 +157,21 @@ class MindFeaturizer:
             "hu_window": list(self.hu_window),
             "variance_floor": self.variance_floor,
             "dtype": self.dtype,
+            "isotropic": self.isotropic,
+            "spacing_mm": self.spacing_mm,
         }
+
+    def working_volume(self, volume: Volume) -> Volume:
+        """The image the descriptors are computed on: ``volume`` itself, or resampled onto an
+        isotropic grid of ``spacing_mm`` (default its finest spacing) when ``isotropic`` and its
+        voxels are not cubic (or another spacing is asked for)."""
+        geometry = volume.geometry
+        if not self.isotropic:
+            return volume
+        grid = geometry.working_grid(self.spacing_mm)
+        if geometry.anisotropy < CUBIC_TOLERANCE and np.allclose(grid.spacing_mm, geometry.spacing_mm, rtol=0.05):
+            return volume
+        return resample_volume(volume, grid, outside_value=self.hu_window[0])
 
     def _box(self, volume: Volume, scale: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
         """Unit-norm MIND-SSC ``(12, ...)`` of the level box ``[lo, hi)`` at pooling ``scale``,
@@ -169,20 +197,22 @@ class MindFeaturizer:
         )
 
     def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid:
+        image_geometry, volume = volume.geometry, self.working_volume(volume)
         levels = []
         for n, scale in enumerate(self.scales):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
             shape = np.asarray(volume.geometry.downsampled(scale).shape_kji)
             levels.append(self._level(volume, n, self._box(volume, scale, np.zeros(3, int), shape), None))
         progress("features", 1.0, "MIND-SSC done")
-        return FeaturePyramid(levels, volume.geometry, self.name, self.config)
+        return FeaturePyramid(levels, image_geometry, self.name, self.config)
 
     def extract_regions(self, volume: Volume) -> FeaturePyramid:
         """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
 
         Each level is allocated full size (zero pages cost no memory until written) and holds
-        ``volume`` to compute from.
+        the (working) volume to compute from.
         """
+        image_geometry, volume = volume.geometry, self.working_volume(volume)
         levels = []
         for n, scale in enumerate(self.scales):
             shape = volume.geometry.downsampled(scale).shape_kji
@@ -192,4 +222,4 @@ class MindFeaturizer:
                 return self._box(volume, scale, lo_kji, hi_kji)
 
             levels.append(self._level(volume, n, features, RegionFiller(compute, shape)))
-        return FeaturePyramid(levels, volume.geometry, self.name, self.config)
+        return FeaturePyramid(levels, image_geometry, self.name, self.config)

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
 
 from ...core.errors import BadInputError
 from ...core.geometry import Geometry
-from ...core.io.volumes import Volume, sitk_image
+from ...core.io.volumes import Volume
+from ...core.resample import resample_volume
 
 # LPS direction of the model axes R, A, S (rows)
 RAS_IN_LPS = np.array([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
@@ -71,23 +70,12 @@ def model_grid(image: Geometry, spacing_mm: float | tuple[float, float, float] |
 
 
 def model_image(volume: Volume, grid: Geometry, hu_window: tuple[float, float]) -> np.ndarray:
-    """``volume`` resampled onto ``grid``, HU clipped to ``hu_window`` and scaled to [0, 1]: ``(I, J, K)`` float32.
-
-    Linear interpolation, with Gaussian anti-aliasing along the image axes the grid coarsens;
-    outside the image is air (the window's low end, 0 after scaling).
-    """
+    """``volume`` resampled onto ``grid`` (:func:`MedDIFTLib.core.resample.resample_volume`: linear,
+    anti-aliased where the grid is coarser; outside the image is air), HU clipped to ``hu_window``
+    and scaled to [0, 1]: ``(I, J, K)`` float32."""
     low, high = hu_window
-    voxels = volume.voxels
-    permutation, _ = closest_ras_axes(volume.geometry.direction_matrix)
-    model_spacing_per_image_axis = np.empty(3)
-    model_spacing_per_image_axis[permutation] = grid.spacing_mm
-    sigma_voxels_ijk = np.maximum((model_spacing_per_image_axis / np.asarray(volume.geometry.spacing_mm) - 1) / 2, 0)
-    if np.any(sigma_voxels_ijk > 0):
-        voxels = ndimage.gaussian_filter(voxels, sigma=sigma_voxels_ijk[::-1], mode="nearest")
-    source = sitk_image(np.ascontiguousarray(voxels, dtype=np.float32), volume.geometry)
-    reference = sitk_image(np.zeros(grid.shape_kji, np.float32), grid)
-    resampled = sitk.Resample(source, reference, sitk.Transform(), sitk.sitkLinear, low, sitk.sitkFloat32)
-    normalised_kji = (np.clip(sitk.GetArrayFromImage(resampled), low, high) - low) / (high - low)
+    resampled = resample_volume(volume, grid, outside_value=low).voxels
+    normalised_kji = (np.clip(resampled, low, high) - low) / (high - low)
     return np.ascontiguousarray(normalised_kji.transpose(2, 1, 0), dtype=np.float32)
 
 
