@@ -179,3 +179,29 @@ def test_cancel_of_a_run_waiting_for_the_cursor_drops_it_only(scene):
         worker_session.shutdown()
     assert cursor_answers == [None] and not client.killed
     assert [request for request, _ in client.requests].count("match") == 1, "the dropped run sent nothing"
+
+
+# ------------------------------------------------------------------------------------ lesion tracking in the scene
+
+
+def test_tracking_leaks_no_image_and_leaves_no_colour_table(scene, tmp_path):
+    import SimpleITK as sitk
+    from test_lesions import GEOMETRY, ball, labelmap_volume, volume_node
+
+    from MedDIFTLib.slicer import lesions as glue
+
+    baseline = volume_node(scene, np.zeros(GEOMETRY.shape_kji, np.float32), GEOMETRY, name="baseline")
+    labels = labelmap_volume([(ball(GEOMETRY, (-8, 0, 0), 4.0), 1)], GEOMETRY).voxels.astype(np.uint8)
+    source = volume_node(scene, labels, GEOMETRY, "vtkMRMLLabelMapVolumeNode", "source")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
+    assert slicer_core.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation)
+    color_tables = scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems()
+    segments = glue.write_baseline_lesions(scene, segmentation, baseline, tmp_path / "lesions.nii.gz")
+    assert scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == color_tables, "no nodules_ColorTable"
+
+    sitk.WriteImage(sitk.Cast(labelmap_volume([(labels == 1, 1)], GEOMETRY).to_sitk(), sitk.sitkUInt16),
+                    str(tmp_path / "followup_lesions.nii.gz"))
+    filled = glue.fill_followup_segmentation(scene, tmp_path / "followup_lesions.nii.gz", segments)
+    segment = filled.GetSegmentation().GetNthSegment(0)
+    image = segment.GetRepresentation(slicer_core.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    assert image.GetReferenceCount() == 2, "held by the segment and by this test only: nothing leaked"
