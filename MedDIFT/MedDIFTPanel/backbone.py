@@ -43,7 +43,7 @@ class BackboneSection(Section):
             self.panel.parameterNode.backbone = self.ui.backboneComboBox.itemData(index)
 
     def _buildRows(self, backbone: PanelBackbone) -> None:
-        layout = self.ui.backboneOptionsFormLayout
+        layout = self.ui.backboneOptionsWidget.layout()
         while layout.rowCount():
             layout.removeRow(0)
         values = self.panel.logic.backboneOptionValues(self.panel.parameterNode).get(backbone.name, {})
