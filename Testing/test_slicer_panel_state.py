@@ -205,3 +205,30 @@ def test_tracking_leaks_no_image_and_leaves_no_colour_table(scene, tmp_path):
     segment = filled.GetSegmentation().GetNthSegment(0)
     image = segment.GetRepresentation(slicer_core.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
     assert image.GetReferenceCount() == 2, "held by the segment and by this test only: nothing leaked"
+
+
+# ------------------------------------------------------------------------------------ backbones in the panel
+
+
+def test_panel_backbones_are_the_registrys_with_its_options_and_defaults():
+    """The torch-free catalogue the panel reads names registered backbones, their weights need, and
+    options each featurizer takes, with the featurizer's own defaults."""
+    pytest.importorskip("torch")
+    import inspect
+
+    from MedDIFTLib.core.backbones import BODY_REGIONS, PANEL_BACKBONES, backbone_options
+    from MedDIFTLib.features.maisi.config import BODY_REGIONS as MAISI_REGIONS
+    from MedDIFTLib.features.registry import BACKBONES
+
+    assert BODY_REGIONS == MAISI_REGIONS
+    for backbone in PANEL_BACKBONES:
+        spec = BACKBONES[backbone.name]
+        assert spec.requires_weights == backbone.requires_weights, backbone.name
+        parameters = inspect.signature(spec.featurizer_class()).parameters
+        for option in backbone.options:
+            assert parameters[option.name].default == option.default, (backbone.name, option.name)
+    assert backbone_options("mind", {}, "/weights") == {}
+    with pytest.raises(BadInputError, match="timestep"):
+        backbone_options("maisi", {"timestep": 5000})
+    assert backbone_options("maisi", {"top_region": "abdomen"}, "/weights") == {
+        "timestep": 20, "top_region": "abdomen", "bottom_region": "chest", "weights_dir": "/weights"}
