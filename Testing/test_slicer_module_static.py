@@ -619,3 +619,16 @@ def test_module_refuses_cleanly_on_python_3_9(monkeypatch):
     result = unittest.TestResult()
     module.MedDIFTTest("test_MatchShiftedVolume").run(result)
     assert [reason for _, reason in result.skipped] == [module.UNSUPPORTED_REASON]
+
+
+def test_a_missing_weights_error_runs_again_only_after_the_transfers():
+    """Offering the weights starts transfers and returns: the job is run again from the chain's end only."""
+    def calls(path: Path, cls: str, method: str) -> set[str]:
+        body = next(node for node in module_classes(ast.parse(path.read_text()))[cls].body
+                    if isinstance(node, ast.FunctionDef) and node.name == method)
+        return {ast.unparse(node.func) for node in ast.walk(body) if isinstance(node, ast.Call)}
+
+    assert "self.panel.weights.offer" in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
+    assert "self.startJob" not in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
+    assert "then" not in calls(PANEL_DIR / "weights.py", "WeightsSection", "offer")
+    assert "then" in calls(PANEL_DIR / "weights.py", "WeightsSection", "onTransfersDone")
