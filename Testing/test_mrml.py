@@ -747,8 +747,9 @@ def test_live_propagation_rematches_only_moved_points(scene):
     assert moved.moved(fixed) == []
     fixed.SetNthControlPointSelected(1, False)
     fixed.SetNthControlPointLocked(2, True)
-    fixed.SetNthControlPointDescription(0, "relabelled")
-    assert moved.moved(fixed) == [], "selecting, locking or describing a point does not re-match it"
+    fixed.SetNthControlPointDescription(0, "described")
+    fixed.SetNthControlPointLabel(2, "renamed")
+    assert moved.moved(fixed) == [], "selecting, locking, describing or relabelling a point does not re-match it"
     fixed.SetNthControlPointPositionWorld(1, 4.0, 5.0, 16.0)
     assert moved.moved(fixed, index=0) == []
     assert moved.moved(fixed, index=1) == [1]

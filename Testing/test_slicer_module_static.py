@@ -26,6 +26,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE_FILE = ROOT / "MedDIFT" / "MedDIFT.py"
+PANEL_DIR = ROOT / "MedDIFT" / "MedDIFTPanel"
+PANEL_FILES = sorted(PANEL_DIR.glob("*.py"))
 UI_FILE = ROOT / "MedDIFT" / "Resources" / "UI" / "MedDIFT.ui"
 ICON_FILE = ROOT / "MedDIFT" / "Resources" / "Icons" / "MedDIFT.png"
 EXTENSION_ICON_FILE = ROOT / "Resources" / "MedDIFT.png"
@@ -72,7 +74,8 @@ def top_level_statements(tree: ast.Module):
 
 
 def module_classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
-    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    """Classes of the module body, including those defined under a top-level ``if`` (the version guard)."""
+    return {node.name: node for node in top_level_statements(tree) if isinstance(node, ast.ClassDef)}
 
 
 # ------------------------------------------------------------------------------------ MedDIFT.py
@@ -200,11 +203,18 @@ def bound_widgets(root: ElementTree.Element) -> dict[str, ElementTree.Element]:
     return bound
 
 
+# Parameter node fields that the backbone section writes (the backbone combo box and the option rows are
+# built from the backbone catalogue, so no .ui widget is bound to them).
+SET_BY_CODE = {"backbone", "backboneOptions"}
+
+
 def test_every_ui_parameter_is_a_parameter_node_field_and_vice_versa(module_tree, ui_root):
     fields = set(parameter_fields(module_tree))
     bound = set(bound_widgets(ui_root))
     assert bound - fields == set(), f"the .ui binds names the parameter node lacks: {sorted(bound - fields)}"
-    assert fields - bound == set(), f"parameter node fields without a widget: {sorted(fields - bound)}"
+    assert fields - bound == SET_BY_CODE, f"parameter node fields without a widget: {sorted(fields - bound)}"
+    backbone_section = (PANEL_DIR / "backbone.py").read_text()
+    assert all(f"parameterNode.{name} =" in backbone_section for name in SET_BY_CODE)
 
 
 WIDGETS_FOR_TYPE = {
@@ -219,6 +229,8 @@ WIDGETS_FOR_TYPE = {
 def test_each_bound_widget_can_show_its_parameter_type(module_tree, ui_root):
     enums = enum_names(module_tree)
     for name, annotation in parameter_fields(module_tree).items():
+        if name in SET_BY_CODE:
+            continue
         widget = bound_widgets(ui_root)[name]
         base = annotation.removeprefix("Annotated[").split(",")[0].rstrip("]")
         kind = "node" if base.startswith("vtkMRML") else "enum" if base in enums else base
@@ -232,7 +244,7 @@ def test_each_bound_widget_can_show_its_parameter_type(module_tree, ui_root):
 
 
 def test_widgets_used_in_code_exist_in_the_ui(ui_root):
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = {name for path in (MODULE_FILE, *PANEL_FILES) for name in re.findall(r"self\.ui\.(\w+)", path.read_text())}
     missing = used - set(ui_widgets(ui_root))
     assert missing == set(), f"MedDIFT.py uses widgets the .ui lacks: {sorted(missing)}"
 
@@ -342,7 +354,7 @@ def test_build_macros_and_extension_dependencies():
     assert ("project", ["MedDIFT"]) in top
     subdirectories = [args[0] for command, args in top if command == "add_subdirectory"]
     assert subdirectories[:2] == ["MedDIFTLib", "MedDIFT"]
-    assert cmake_variables(top)["EXTENSION_DEPENDS"] == ["PyTorch"]
+    assert cmake_variables(top)["EXTENSION_DEPENDS"] == ["NA"], "no extension dependency (PyTorch comes from pip)"
 
 
 def read_s4ext() -> dict[str, str]:
@@ -360,7 +372,7 @@ def test_s4ext_has_the_required_keys_and_agrees_with_cmake():
                 "category", "iconurl", "status", "description", "enabled")
     assert [key for key in required if not entries.get(key)] == []
     assert entries["category"] == "Registration"
-    assert "PyTorch" in entries["depends"].split()
+    assert entries["depends"] == "NA"
     variables = {k: " ".join(v) for k, v in cmake_variables(cmake_commands(CMAKE_FILES["top"])).items()}
     for key, variable in (("homepage", "EXTENSION_HOMEPAGE"), ("category", "EXTENSION_CATEGORY"),
                           ("description", "EXTENSION_DESCRIPTION"), ("iconurl", "EXTENSION_ICONURL"),
@@ -397,38 +409,67 @@ def test_extensions_index_catalog_entry_agrees_with_the_s4ext():
     assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
     assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
     assert entry["category"] == s4ext["category"]
-    assert entry["build_dependencies"] == s4ext["depends"].split()
+    assert "build_dependencies" not in entry and s4ext["depends"] == "NA"
     assert entry["scm_revision"] == s4ext["scmrevision"] and entry["build_subdirectory"] == s4ext["build_subdirectory"]
     assert entry["scm_url"] == s4ext["scmurl"] == URL_PLACEHOLDER
     assert (ROOT / "LICENSE").is_file()
 
 
-def test_weights_download_never_runs_on_the_gui_thread_or_needs_slicer_5_12(module_tree):
-    """``logProcessOutput(..., logCallback=...)`` exists only from Slicer 5.12 and blocks the GUI:
-    weights go through the background WeightsTransfer, polled from a timer."""
-    source = MODULE_FILE.read_text()
-    assert "logCallback" not in source
-    calls = {ast.unparse(node.func) for node in ast.walk(module_tree) if isinstance(node, ast.Call)}
-    assert "WeightsTransfer" in calls
-    assert not any(call.endswith("downloadWeights") or call.endswith("_runWeightsCommand") for call in calls)
+def panel_source() -> str:
+    return "\n".join(path.read_text() for path in (MODULE_FILE, *PANEL_FILES))
 
 
-def test_torch_is_installed_in_a_child_process_and_never_imported_in_slicer(module_tree):
-    """PyTorchUtils' installTorch() ends with ``import torch`` (and installs torchvision): not used."""
-    source = MODULE_FILE.read_text()
-    assert "installTorch" not in source and "PyTorchUtils" not in source
-    assert "light_the_torch" in source
+def test_weights_and_installs_never_run_on_the_gui_thread(module_tree):
+    """``logProcessOutput(..., logCallback=...)`` exists only from Slicer 5.12 and blocks the GUI, and
+    ``pip_install`` blocks it too: weights and packages go through background chains polled by timers."""
+    source = panel_source()
+    assert "logCallback" not in source and "pip_install" not in source and "launchConsoleProcess" not in source
+    assert "weights_chain(" in source and "install_chain(" in source
+
+
+def test_torch_comes_from_pip_and_is_never_imported_in_slicer(module_tree):
+    """No PyTorch extension (PyTorchUtils' installTorch() ends with ``import torch``), no light-the-torch
+    (it needs an older pip than Slicer 5.12 ships): pip with PyTorch's index, in child processes."""
+    source = panel_source()
+    for absent in ("installTorch", "PyTorchUtils", "light_the_torch", "light-the-torch"):
+        assert absent not in source
+    for path in PANEL_FILES:
+        assert "torch" not in imported_modules(ast.walk(ast.parse(path.read_text()))), path.name
     assert "torch" not in imported_modules(ast.walk(module_tree))
+    assert "PyTorch" not in (S4EXT_FILE.read_text() + CATALOG_FILE.read_text()).replace("PyTorch included", "")
 
 
-def test_landmark_callback_takes_no_index_for_batched_edits(module_tree):
+def test_no_backbone_name_or_option_in_the_module(module_tree):
+    """Backbones and their options come from the catalogue (MedDIFTLib.core.backbones), never the module."""
+    from MedDIFTLib.core.backbones import PANEL_BACKBONES
+
+    names = {backbone.name for backbone in PANEL_BACKBONES}
+    options = {option.name for backbone in PANEL_BACKBONES for option in backbone.options}
+    strings = {node.value for path in (MODULE_FILE, *PANEL_FILES) for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert strings & (names | options) == set()
+
+
+def test_landmark_callback_takes_no_index_for_batched_edits():
     """VTK calls PointModifiedEvent observers without call data for batched edits: the index defaults to None."""
-    widget = module_classes(module_tree)["MedDIFTWidget"]
+    live = module_classes(ast.parse((PANEL_DIR / "live.py").read_text()))["LiveSection"]
     method = next(
-        node for node in widget.body if isinstance(node, ast.FunctionDef) and node.name == "onLandmarkModified"
+        node for node in live.body if isinstance(node, ast.FunctionDef) and node.name == "onLandmarkModified"
     )
     assert [ast.unparse(default) for default in method.args.defaults] == ["None"]
-    assert "MovedPoints" in MODULE_FILE.read_text()
+    assert "MovedPoints" in (PANEL_DIR / "live.py").read_text()
+
+
+def test_every_section_forgets_the_closed_scene():
+    """Close Scene calls reset() on every section; each section with state or timers defines it."""
+    source = MODULE_FILE.read_text()
+    assert "for section in self.sections:\n            section.reset()" in source
+    for path in PANEL_FILES:
+        for name, node in module_classes(ast.parse(path.read_text())).items():
+            methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+            holds_state = "QTimer" in ast.unparse(node) or "self._rows" in ast.unparse(node)
+            if name.endswith("Section") and holds_state and name != "RunSection":
+                assert {"reset", "cleanup"} & methods, f"{name} keeps state across Close Scene"
 
 
 @pytest.mark.parametrize("icon", [ICON_FILE, EXTENSION_ICON_FILE], ids=["module", "extension"])
@@ -436,18 +477,6 @@ def test_icon_is_a_128_pixel_png(icon):
     data = icon.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (128, 128)
-
-
-def test_worker_requirements_cover_the_project_dependencies(module_tree):
-    tomllib = pytest.importorskip("tomllib")
-    declared = next(
-        node.value for node in module_tree.body
-        if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["PYTHON_REQUIREMENTS"]
-    )
-    requirements = {re.split(r"[<>=!~ \[]", pair[1])[0].lower() for pair in ast.literal_eval(declared)}
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    needed = {re.split(r"[<>=!~ \[]", spec)[0].lower() for spec in project} - {"torch"}
-    assert needed - requirements == set(), f"add to PYTHON_REQUIREMENTS in MedDIFT.py: {sorted(needed - requirements)}"
 
 
 # ------------------------------------------------------------------------------------ logic on slicer-core
@@ -465,11 +494,22 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
             pass
 
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
         setattr(scripted, name, type(name, (Base,), {}))
+    scripted.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (Base,),
+                                                {"getParameterNode": lambda self: None})
     scripted.ScriptedLoadableModuleTest = SelfTest
+    def parameter_node_wrapper(cls):
+        """Instances hold the fields' defaults (the real wrapper keeps them in a MRML node)."""
+        def __init__(self, node=None):
+            for name in cls.__annotations__:
+                setattr(self, name, getattr(cls, name, None))
+
+        cls.__init__ = __init__
+        return cls
+
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.parameterNodeWrapper = parameter_node_wrapper
     wrapper.WithinRange = lambda minimum, maximum: (minimum, maximum)
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
@@ -489,6 +529,7 @@ def load_module(monkeypatch):
     for name, module in stand_in_modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.syspath_prepend(str(MODULE_FILE.parent))  # Slicer puts a module's folder on sys.path
     spec = importlib.util.spec_from_file_location("MedDIFT", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -522,6 +563,7 @@ sys.path.remove(testing)
 import slicer, slicer_core
 sys.modules.update(static.stand_in_modules())
 slicer.mrmlScene = slicer_core.vtkMRMLScene()
+sys.path.append(str(static.MODULE_FILE.parent))  # Slicer puts a module's folder on sys.path
 spec = importlib.util.spec_from_file_location("MedDIFT", static.MODULE_FILE)
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
 import MedDIFTLib.slicer.session
@@ -549,20 +591,44 @@ def test_module_loads_the_library_by_its_path_without_exposing_the_checkout(tmp_
 def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatch):
     pytest.importorskip("torch")
     module, scene = load_module(monkeypatch)
-    assert module.MedDIFTLogic.missingPythonPackages() == []
-    self_test = module.MedDIFTTest("test_MatchShiftedVolume")
-    result = unittest.TestResult()
-    self_test.run(result)
-    assert result.wasSuccessful(), result.failures + result.errors
-    moving_landmarks = scene.GetFirstNodeByName("F in moving")
-    assert moving_landmarks is not None and moving_landmarks.GetNumberOfControlPoints() == 3
-    assert scene.GetNodesByClass("vtkMRMLGridTransformNode").GetNumberOfItems() == 1
     for step, check in (
+        ("test_PackagesAndBackboneOptions", lambda: True),
+        ("test_MatchShiftedVolume", lambda: scene.GetNodesByClass("vtkMRMLGridTransformNode").GetNumberOfItems() == 1
+         and scene.GetFirstNodeByName("F in moving").GetNumberOfControlPoints() == 3),
         ("test_VisualQA", lambda: scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 3),
         ("test_TrackLesions", lambda: scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems() == 1),
-        ("test_WeightsTransferInBackground", lambda: True),
+        ("test_WeightsTransfersInBackground", lambda: True),
     ):
         result = unittest.TestResult()
         module.MedDIFTTest(step).run(result)
         assert result.wasSuccessful(), (step, result.failures + result.errors)
         assert check(), step
+
+
+def test_module_refuses_cleanly_on_python_3_9(monkeypatch):
+    """Slicer 5.6 and 5.8 run Python 3.9: the module loads, says which Slicer it needs, imports no library."""
+    for name in [name for name in sys.modules if name.startswith(("MedDIFTLib", "MedDIFTPanel"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "version_info", (3, 9, 10, "final", 0))
+    module, _scene = load_module(monkeypatch)
+    assert "3D Slicer 5.10 or later" in module.UNSUPPORTED_REASON
+    assert not [name for name in sys.modules if name.startswith(("MedDIFTLib", "MedDIFTPanel"))]
+    assert not hasattr(module, "MedDIFTParameterNode")
+    with pytest.raises(RuntimeError, match="5.10"):
+        module.MedDIFTLogic()
+    result = unittest.TestResult()
+    module.MedDIFTTest("test_MatchShiftedVolume").run(result)
+    assert [reason for _, reason in result.skipped] == [module.UNSUPPORTED_REASON]
+
+
+def test_a_missing_weights_error_runs_again_only_after_the_transfers():
+    """Offering the weights starts transfers and returns: the job is run again from the chain's end only."""
+    def calls(path: Path, cls: str, method: str) -> set[str]:
+        body = next(node for node in module_classes(ast.parse(path.read_text()))[cls].body
+                    if isinstance(node, ast.FunctionDef) and node.name == method)
+        return {ast.unparse(node.func) for node in ast.walk(body) if isinstance(node, ast.Call)}
+
+    assert "self.panel.weights.offer" in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
+    assert "self.startJob" not in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
+    assert "then" not in calls(PANEL_DIR / "weights.py", "WeightsSection", "offer")
+    assert "then" in calls(PANEL_DIR / "weights.py", "WeightsSection", "onTransfersDone")

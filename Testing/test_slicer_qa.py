@@ -177,3 +177,39 @@ def test_worker_overlays_of_a_translation_are_on_the_fixed_grid(tmp_path):
         parse_request("overlays", {**fields, "transform": None})
     with pytest.raises(BadRequestError, match="out_confidence"):
         parse_request("overlays", {key: value for key, value in fields.items() if key != "out_confidence"})
+
+
+def _print_command(text: str, code: int = 0) -> list[str]:
+    return [sys.executable, "-c", f"import sys; print({text!r}); sys.exit({code})"]
+
+
+def test_chained_weight_imports_each_run_and_report_once_at_the_end(tmp_path):
+    """Two files chosen in the dialog: the second import is polled to its end, then the job reruns once."""
+    outcomes = []
+    chain = weights_job.weights_chain([_print_command("first"), _print_command("second")], tmp_path, outcomes.append)
+    chain.start()
+    assert outcomes == [], "starting the transfers does not rerun the job"
+    deadline = time.monotonic() + 60.0
+    while chain.poll():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert outcomes == [None] and chain.lines == ["first", "second"]
+    assert not chain.poll() and outcomes == [None], "reported once"
+
+
+def test_a_failed_or_cancelled_weight_import_stops_the_chain(tmp_path):
+    outcomes = []
+    chain = weights_job.weights_chain([_print_command("bad file", 2), _print_command("never run")], tmp_path,
+                                      outcomes.append)
+    chain.start()
+    deadline = time.monotonic() + 60.0
+    while chain.poll():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert len(outcomes) == 1 and "bad file" in str(outcomes[0]) and "never run" not in chain.lines
+    cancelled = []
+    chain = weights_job.weights_chain([[sys.executable, "-c", "import time; time.sleep(60)"], _print_command("no")],
+                                      tmp_path, cancelled.append)
+    chain.start()
+    chain.cancel()
+    assert len(cancelled) == 1 and isinstance(cancelled[0], CancelledError) and not chain.poll()

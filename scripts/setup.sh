@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create a virtual environment (default .venv) with the CPU build of PyTorch and MedDIFT with its
 # test extra. Usage: bash scripts/setup.sh [VENV_DIR]
-# A later run does nothing (and says so) while pyproject.toml is unchanged and the install imports.
+# A later run does nothing (and says so) while pyproject.toml and MedDIFTLib/requirements.txt are unchanged
+# and the install imports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv}"
 stamp="$venv/.meddift-installed"
-wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+wanted="$(cat pyproject.toml MedDIFTLib/requirements.txt | sha256sum | cut -d' ' -f1)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] \
     && "$venv/bin/python" -c "import torch, MedDIFTLib" 2>/dev/null; then
   echo "MedDIFT is up to date in $venv"

@@ -2,6 +2,9 @@
 
 :mod:`.nodes` (volume, transform and markups node I/O, RAS <-> LPS), :mod:`.results` (worker
 match results into markups and table rows), :mod:`.views` (slice views for QA), :mod:`.jobs`
-(a run as worker requests over scene nodes) and :mod:`.session` (the worker client, the job
-folder and the running job).
+(a run as worker requests over scene nodes), :mod:`.session` (the worker client, the job
+folder and the running job), :mod:`.cursor`, :mod:`.live`, :mod:`.qa`, :mod:`.overlays`,
+:mod:`.lesions` / :mod:`.track_job` (the panel's feature areas), :mod:`.background` (commands in
+child processes polled from a timer), :mod:`.weights_job` and :mod:`.installs` (weights and
+packages fetched in the background).
 """

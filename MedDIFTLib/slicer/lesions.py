@@ -88,6 +88,14 @@ def _segmentation_class(name: str):
     return getattr(module, name)
 
 
+def _node_ids(scene, node_class: str) -> set[str]:
+    found = scene.GetNodesByClass(node_class)
+    try:
+        return {found.GetItemAsObject(index).GetID() for index in range(found.GetNumberOfItems())}
+    finally:
+        found.UnRegister(None)
+
+
 def _labelmap_voxels(volume_node) -> np.ndarray:
     from vtkmodules.util import numpy_support
 
@@ -117,6 +125,7 @@ def write_baseline_lesions(scene, lesions_node, baseline_volume_node, path: str 
     ids = vtkStringArray()
     for segment_id in segment_ids:
         ids.InsertNextValue(segment_id)
+    color_tables_before = _node_ids(scene, "vtkMRMLColorTableNode")
     labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("lesions"))
     try:
         if not logic.ExportSegmentsToLabelmapNode(lesions_node, ids, labelmap_node, baseline_volume_node):
@@ -126,6 +135,8 @@ def write_baseline_lesions(scene, lesions_node, baseline_volume_node, path: str 
         write_volume_node(labelmap_node, path)
     finally:
         scene.RemoveNode(labelmap_node)
+        for node_id in _node_ids(scene, "vtkMRMLColorTableNode") - color_tables_before:  # "<seg>_ColorTable"
+            scene.RemoveNode(scene.GetNodeByID(node_id))
     segments = []
     for n, segment_id in enumerate(segment_ids):
         segment = lesions_node.GetSegmentation().GetSegment(segment_id)
@@ -164,7 +175,9 @@ def fill_followup_segmentation(scene, labelmap_path: str | Path, segments: list[
             lesion = _segmentation_class("vtkSegment")()
             lesion.SetName(segment.name)
             lesion.SetColor(*segment.color)
-            lesion.AddRepresentation(representation, logic.CreateOrientedImageDataFromVolumeNode(binary))
+            oriented = logic.CreateOrientedImageDataFromVolumeNode(binary)
+            oriented.UnRegister(None)  # the caller owns the new image (as Slicer's own code releases it)
+            lesion.AddRepresentation(representation, oriented)
             segmentation.AddSegment(lesion, segment.segment_id)
     finally:
         scene.RemoveNode(binary)

@@ -257,6 +257,25 @@ def markups_to_points(markups_node, indices: Sequence[int] | None = None) -> Poi
     return PointSet(positions_ras * RAS_FROM_LPS, labels, descriptions)
 
 
+SELECTION_NODE_ID = "vtkMRMLSelectionNodeSingleton"
+
+
+def add_markups_node(scene, name: str, node_class: str = "vtkMRMLMarkupsFiducialNode"):
+    """A new markups node in the scene that does not become the active place list.
+
+    Slicer's markups logic makes every markups node added to the scene the list that mouse clicks
+    place points into; a node made here (matches, the cursor marker) must not take over a place
+    mode the user has started, so the selection node's active place node is put back.
+    """
+    selection = scene.GetNodeByID(SELECTION_NODE_ID)
+    active = None if selection is None else (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
+    node = scene.AddNewNodeByClass(node_class, name)
+    if selection is not None and (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) != active:
+        selection.SetReferenceActivePlaceNodeClassName(active[0])
+        selection.SetActivePlaceNodeID(active[1])
+    return node
+
+
 def ensure_markups_display(
     markups_node, selected_color: tuple = RELIABLE_COLOR, color: tuple = UNRELIABLE_COLOR
 ) -> None:
@@ -277,7 +296,7 @@ def points_to_markups(scene, points: PointSet, markups_node=None, name: str = "M
     their descriptions start with ``UNRELIABLE``. A new node is created when none is given.
     """
     if markups_node is None:
-        markups_node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
+        markups_node = add_markups_node(scene, scene.GenerateUniqueName(name))
     ensure_markups_display(markups_node)
     was_modifying = markups_node.StartModify()
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.errors import MedDIFTError
+from ..core.errors import BadInputError, MedDIFTError
 from .nodes import REFERENCE_FIXED_VOLUME, fill_volume_node, read_volume_file, set_input_references
 from .views import FIXED_VIEW, confidence_color, node_by_layout_name
 
@@ -132,13 +132,28 @@ def show_overlay(scene, fixed_volume, overlay_node, view: str = FIXED_VIEW, opac
     composite.SetForegroundOpacity(opacity if overlay_node is not None else 0.0)
 
 
+def show_through_transform(moving_volume, transform_node) -> None:
+    """Put ``moving_volume`` under ``transform_node``, so it is shown resampled onto the fixed volume.
+
+    A volume already under another transform is refused (that transform is the user's: it is never
+    replaced); the message says how to combine the two."""
+    parent = moving_volume.GetParentTransformNode()
+    if parent is transform_node:
+        return
+    if parent is not None:
+        raise BadInputError(
+            f"the moving volume is already under the transform '{parent.GetName()}'; place '{parent.GetName()}' "
+            f"under '{transform_node.GetName()}' in the Transforms module to see the result"
+        )
+    moving_volume.SetAndObserveTransformNodeID(transform_node.GetID())
+
+
 def show_fade(scene, fixed_volume, moving_volume, transform_node, fade: float, view: str = FIXED_VIEW) -> None:
     """Fade between the fixed volume (0) and the moving volume through the transform (1) in ``view``.
 
-    The moving volume is put under ``transform_node`` (so it is resampled onto the fixed one);
-    flicker is a fade that jumps between 0 and 1."""
-    if moving_volume.GetParentTransformNode() is not transform_node:
-        moving_volume.SetAndObserveTransformNodeID(transform_node.GetID())
+    The moving volume is put under ``transform_node`` (:func:`show_through_transform`, which refuses
+    to replace another parent transform); flicker is a fade that jumps between 0 and 1."""
+    show_through_transform(moving_volume, transform_node)
     composite = _composite(scene, view)
     composite.SetBackgroundVolumeID(fixed_volume.GetID())
     composite.SetForegroundVolumeID(moving_volume.GetID())

@@ -18,7 +18,7 @@ import numpy as np
 from ..core.errors import MedDIFTError
 from ..core.io.points import RAS_FROM_LPS
 from ..core.match_text import describe_match
-from .nodes import ensure_markups_display, positions_ras_by_label
+from .nodes import add_markups_node, ensure_markups_display, positions_ras_by_label
 
 MATCH_SCORES_ATTRIBUTE = "MedDIFT.matchScores"  # JSON: label -> confidence, forward-backward mm, reliable
 REVIEW_ATTRIBUTE = "MedDIFT.review"  # JSON: label -> ACCEPTED | REJECTED (see .qa)
@@ -147,7 +147,7 @@ def write_matches_to_markups(scene, matches: MatchResult, markups_node=None, nam
     on a re-matched label is cleared (the pair is new).
     """
     if markups_node is None:
-        markups_node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
+        markups_node = add_markups_node(scene, scene.GenerateUniqueName(name))
     ensure_markups_display(markups_node)
     scores = {} if replace_all else match_scores(markups_node)
     decisions = {} if replace_all else reviews(markups_node)

@@ -4,7 +4,8 @@
 :meth:`Session.start_job`, then :meth:`Session.poll` from a timer until it returns False; the
 job's ``on_done(outputs, error)`` is called once. Blocking use (scripts, tests):
 :meth:`Session.run`. The worker is started on first use and kept alive between jobs, so its
-feature cache makes a re-match a matter of the search alone. Events come typed from the
+feature cache makes a re-match a matter of the search alone. A job started while a cursor match
+is in flight waits for it (the worker and its cache are kept), then runs. Events come typed from the
 client (:mod:`MedDIFTLib.worker.events`); nothing here reads the wire.
 """
 
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import BadInputError, CancelledError, MedDIFTError
@@ -131,6 +133,16 @@ class JobRunner:
         self._finish(None, CancelledError("cancelled by the user"))
 
 
+@dataclass
+class _QueuedJob:
+    """A job's steps and callbacks, waiting for the cursor match in flight."""
+
+    steps: Steps
+    on_done: DoneCallback
+    on_progress: ProgressCallback | None
+    on_log: LogCallback | None
+
+
 class Session:
     """One worker process (started on first use), its job folder (a temporary folder removed by
     :meth:`shutdown`) and at most one running job, for scene ``scene``.
@@ -163,6 +175,8 @@ class Session:
         self._client = None
         self._folder: JobFolder | None = None
         self._runner: JobRunner | None = None
+        self._runner_is_cursor = False
+        self._queued: _QueuedJob | None = None
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
 
@@ -172,8 +186,13 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        """True while a job started by :meth:`start_job` has not ended."""
-        return self._runner is not None and not self._runner.finished
+        """True while anything runs in the worker (a job or a cursor match) or a job waits."""
+        return (self._runner is not None and not self._runner.finished) or self._queued is not None
+
+    @property
+    def job_running(self) -> bool:
+        """True while a job (not a cursor match) runs or waits for the cursor match in flight."""
+        return self._queued is not None or (self.busy and not self._runner_is_cursor)
 
     @property
     def folder(self) -> JobFolder:
@@ -182,7 +201,8 @@ class Session:
         return self._folder
 
     def _check_idle(self) -> None:
-        if self.busy:
+        """Refuse a second job; a cursor match in flight is no obstacle (the job waits for it)."""
+        if self.job_running:
             raise MedDIFTError("a MedDIFT job is already running")
 
     def _steps(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
@@ -215,8 +235,10 @@ class Session:
                            on_done: DoneCallback) -> None:
         """Match one fixed point (RAS mm) in the background for the correspondence cursor; the scene
         is not changed and ``on_done(outputs, error)`` gets ``outputs.matches`` (one row)."""
-        self._check_idle()
-        self._start(SceneJob(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras), on_done, None, None)
+        if self.busy:
+            raise MedDIFTError("the MedDIFT worker is busy")
+        steps = SceneJob(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras)
+        self._start(steps, on_done, None, None, cursor=True)
 
     def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
         self._check_idle()
@@ -237,9 +259,13 @@ class Session:
         return self._wait(self._track_steps(inputs, settings, options), progress, timeout_s)
 
     def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
-               on_log: LogCallback | None) -> None:
+               on_log: LogCallback | None, cursor: bool = False) -> None:
+        if self.busy:  # a cursor match is in flight: the job starts when it ends (see poll)
+            self._queued = _QueuedJob(steps, on_done, on_progress, on_log)
+            return
         client = self._client if self.worker_running else self._new_client()
         self._runner = JobRunner(client, steps, on_done=on_done, on_progress=on_progress, on_log=on_log)
+        self._runner_is_cursor = cursor
         if self.worker_running:
             self._runner.start()
             return
@@ -255,7 +281,16 @@ class Session:
         self._starter.start()
 
     def poll(self) -> bool:
-        """Advance the running job (call from a GUI timer); False once it has ended."""
+        """Advance the running job (call from a GUI timer); False once it has ended (and no job waits)."""
+        if self._advance_runner():
+            return True
+        queued, self._queued = self._queued, None
+        if queued is None:
+            return False
+        self._start(queued.steps, queued.on_done, queued.on_progress, queued.on_log)
+        return self._advance_runner()
+
+    def _advance_runner(self) -> bool:
         runner = self._runner
         if runner is None or runner.finished:
             return False
@@ -273,7 +308,17 @@ class Session:
         return runner.poll()
 
     def cancel(self) -> None:
-        """Kill the worker's process tree; the job ends with CancelledError and the scene is unchanged."""
+        """Stop the job: one waiting for a cursor match is dropped (the worker keeps its cache); a
+        running one kills the worker's process tree. It ends with CancelledError; the scene is unchanged."""
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            queued.steps.close()
+            queued.on_done(None, CancelledError("cancelled by the user"))
+        elif not self._runner_is_cursor:
+            self._kill_runner()
+
+    def _kill_runner(self) -> None:
+        """End what runs in the worker (a job or a cursor match) by killing the worker's process tree."""
         runner = self._runner
         if runner is None or runner.finished:
             return
@@ -294,6 +339,9 @@ class Session:
 
     def _wait(self, steps: Steps, progress: ProgressCallback | None, timeout_s: float | None):
         """Drive ``steps`` to their outputs in this thread, starting the worker if needed."""
+        if self.busy:
+            steps.close()
+            raise MedDIFTError("the MedDIFT worker is busy")
         if not self.worker_running:
             self._new_client().start(timeout=self.start_timeout_s)
         return run_blocking(self._client, steps, progress=progress, timeout_s=timeout_s)
@@ -301,6 +349,7 @@ class Session:
     def shutdown(self) -> None:
         """Stop the worker and delete the job files."""
         self.cancel()
+        self._kill_runner()
         if self._client is not None:
             self._client.stop()
             self._client = None

@@ -1,12 +1,13 @@
 """Weights download and import in a background process, without Qt and without blocking.
 
 The panel starts a :class:`WeightsTransfer` (``meddift weights download|import`` in a child
-Python, never in Slicer's process, which stays torch-free) and calls :meth:`WeightsTransfer.poll`
-from a timer. Progress is read from the file being written: the weights library writes each
-file through a temporary ``.NAME.*.part*`` file beside its target (renamed only when complete
-and checked), so the bytes written so far are that file's size and the rate follows from two
-polls. :meth:`WeightsTransfer.cancel` kills the child's process tree and removes the temporary
-files it left, so a cancelled or failed transfer leaves no partial file in the weights folder.
+Python, never in Slicer's process, which stays torch-free), one after another in a
+:class:`~.background.CommandChain` (:func:`weights_chain`), and calls its ``poll`` from a timer.
+Progress is read from the file being written: the weights library writes each file through
+a temporary ``.NAME.*.part*`` file beside its target (renamed only when complete and checked),
+so the bytes written so far are that file's size and the rate follows from two polls.
+:meth:`WeightsTransfer.cancel` kills the child's process tree and removes the temporary files it
+left, so a cancelled or failed transfer leaves no partial file in the weights folder.
 """
 
 from __future__ import annotations
@@ -14,19 +15,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import CancelledError, MedDIFTError
+from .background import ChildCommand, CommandChain, DoneCallback
 
-OUTPUT_LINES_KEPT = 50
 PART_MARKER = ".part"
 _PERCENT = re.compile(r"^\w+:\s*(\d+(?:\.\d+)?)%")
 
@@ -72,96 +67,45 @@ def _fraction_in(line: str) -> float | None:
     return None if found is None else min(max(float(found.group(1)) / 100.0, 0.0), 1.0)
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """Kill the child and everything it started (its own process group / job on Windows)."""
-    if process.poll() is not None:
-        return
-    if sys.platform == "win32":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
-    else:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
-class WeightsTransfer:
+class WeightsTransfer(ChildCommand):
     """One ``meddift weights`` command in a child process writing into ``weights_dir``.
 
     ``command`` is the child's argument list (:func:`download_command`, :func:`import_command`);
     ``environment`` its environment (e.g. :func:`MedDIFTLib.core.environment.child_environment`
     merged into the current one). ``on_done(error)`` is called once from :meth:`poll` or
-    :meth:`cancel`: None on success, a :class:`CancelledError` after cancel, else a
-    :class:`MedDIFTError` with the command's last output lines. ``clock`` gives seconds (tests).
+    :meth:`cancel` (see :class:`~.background.ChildCommand`); the temporary files the command left
+    are removed first. :attr:`progress` is updated by :meth:`poll`; ``clock`` gives seconds (tests).
     """
+
+    what = "weights command"
 
     def __init__(
         self,
         command: Sequence[str],
         weights_dir: str | os.PathLike,
-        on_done: Callable[[Exception | None], None],
+        on_done: DoneCallback,
         environment: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(command, on_done, environment)
         self.weights_dir = Path(weights_dir)
-        self._command = list(command)
-        self._environment = None if environment is None else dict(environment)
-        self._on_done = on_done
         self._clock = clock
-        self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-        self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
-        self._lock = threading.Lock()
         self._partials_before: set[Path] = set()
         self._last_sample: tuple[float, Path, int] | None = None
         self._fraction = math.nan
         self.progress = TransferProgress(0, 0.0, "")
-        self.finished = False
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and not self.finished
 
     def start(self) -> None:
         """Start the child; returns at once."""
-        if self._process is not None:
-            raise MedDIFTError("this weights transfer was already started")
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         self._partials_before = partial_files(self.weights_dir)
-        extra = {"start_new_session": True} if sys.platform != "win32" else {
-            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP
-        }
-        try:
-            self._process = subprocess.Popen(
-                self._command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=self._environment,
-                **extra,
-            )
-        except OSError as error:
-            self._finish(MedDIFTError(f"could not start {self._command[0]}: {error.strerror or error}"))
-            return
-        self._reader = threading.Thread(target=self._read_output, name="MedDIFT weights output", daemon=True)
-        self._reader.start()
+        super().start()
 
-    def _read_output(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for raw in self._process.stdout:
-            for line in raw.decode(errors="replace").replace("\r", "\n").splitlines():
-                if line.strip():
-                    fraction = _fraction_in(line.strip())
-                    with self._lock:
-                        self._output.append(line.strip())
-                        if fraction is not None:
-                            self._fraction = fraction
-
-    def output_lines(self) -> list[str]:
-        """The command's last output lines (stdout and stderr)."""
-        with self._lock:
-            return list(self._output)
+    def _read_line(self, line: str) -> None:
+        fraction = _fraction_in(line)
+        if fraction is not None:
+            with self._lock:
+                self._fraction = fraction
 
     def _sample(self) -> None:
         """Bytes written so far (the newest temporary file's size) and the rate since the last sample."""
@@ -187,51 +131,13 @@ class WeightsTransfer:
 
     def poll(self) -> bool:
         """Update :attr:`progress`; True while the child runs (``on_done`` is called when it ends)."""
-        if self.finished or self._process is None:
-            return False
-        self._sample()
-        code = self._process.poll()
-        if code is None:
-            return True
-        if self._reader is not None:
-            self._reader.join(timeout=5.0)
-        self._remove_partials()
-        if code == 0:
-            self._finish(None)
-        else:
-            tail = "\n".join(self.output_lines()[-8:])
-            self._finish(MedDIFTError(f"the weights command failed (code {code})" + (f":\n{tail}" if tail else "")))
-        return False
+        if self.running:
+            self._sample()
+        return super().poll()
 
-    def cancel(self) -> None:
-        """Kill the child's process tree and remove its temporary files; ``on_done`` gets CancelledError."""
-        if self.finished:
-            return
-        if self._process is not None:
-            _kill_tree(self._process)
-            if self._reader is not None:
-                self._reader.join(timeout=5.0)
-        self._remove_partials()
-        self._finish(CancelledError("weights transfer cancelled by the user"))
-
-    def wait(self, timeout_s: float, poll_interval_s: float = 0.1) -> bool:
-        """Poll until the transfer ends or ``timeout_s`` passes (scripts, tests); True if it ended."""
-        deadline = time.monotonic() + timeout_s
-        while self.poll():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(poll_interval_s)
-        return True
-
-    def _remove_partials(self) -> None:
+    def _clean_up(self) -> None:
         for path in partial_files(self.weights_dir) - self._partials_before:
             path.unlink(missing_ok=True)
-
-    def _finish(self, error: Exception | None) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._on_done(error)
 
 
 def format_progress(progress: TransferProgress) -> str:
@@ -242,3 +148,12 @@ def format_progress(progress: TransferProgress) -> str:
     if progress.rate_bytes_per_s > 0:
         text += f", {progress.rate_bytes_per_s / 2**20:.1f} MiB/s"
     return f"{progress.file_name}: {text}" if progress.file_name else text
+
+
+def weights_chain(commands: Sequence[Sequence[str]], weights_dir: str | os.PathLike, on_done: DoneCallback,
+                  environment: Mapping[str, str] | None = None):
+    """The transfers of ``commands`` one after another into ``weights_dir``; ``on_done(error)`` once
+    after the last (None) or the first that fails or is cancelled. Call ``start``, then ``poll``."""
+    return CommandChain([
+        lambda done, command=command: WeightsTransfer(command, weights_dir, done, environment) for command in commands
+    ], on_done)
