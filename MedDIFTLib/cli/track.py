@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "lesion's centre is matched by the correspondence engine (confidence, forward-backward distance) and "
         "its segmentation is refined to the follow-up image. DIR gets followup_lesions.nii.gz (same label "
         f"values), lesions.csv ({CSV_COLUMNS}; l,p,s = follow-up centre, LPS mm; status ok or flags joined by ';': "
-        "not_found, leaves_volume, merges, low_confidence, touches_border), report.md and lesions.png.",
+        "not_found, leaves_volume, merges, low_confidence, touches_border, unsupported_growth), report.md and "
+        "lesions.png.",
     )
     parser.add_argument("baseline", help="baseline CT: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("followup", help="follow-up CT: NIfTI, NRRD, MHA or a DICOM folder")
