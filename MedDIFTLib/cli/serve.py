@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                          idle_timeout_s=args.idle_timeout_s,
                          requests_per_minute=args.requests_per_minute, cache_bytes=int(args.cache_mb * 2**20),
                          device_label=label, weights_dir=Path(args.weights_dir) if args.weights_dir else None,
-                         session_memory_bytes=int(args.session_memory_mb * 2**20), devices=_devices())
+                         session_memory_bytes=int(args.session_memory_mb * 2**20))
     scheme = "https" if args.tls_cert else "http"
     print(f"meddift serve: {scheme}://{args.host}:{args.port} on {label}; "
           f"{'token required' if token else 'no token (loopback only)'}", flush=True)
@@ -129,14 +129,6 @@ def _check_tls(cert: str, key: str) -> None:
                             f"({error.reason or error}): give the certificate and its own private key, PEM") from None
     except OSError as error:
         raise BadInputError(f"--tls-cert {cert}, --tls-key {key}: cannot read ({error.strerror or error})") from None
-
-
-def _devices() -> tuple[str, ...]:
-    """The devices a request may name on this machine: cpu, and cuda, cuda:N for each GPU."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return ("cpu", *(("cuda",) if count else ()), *(f"cuda:{index}" for index in range(count)))
 
 
 def _device_label(device: str) -> str:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +48,15 @@ DEVICE_TYPES = ("features", "match", "register")
 LOCAL_TYPES = ("overlays", "track")  # they read or write files beside the worker: local workers only
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
-DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 SESSION_LIMIT = "this session's memory limit (meddift serve --session-memory-mb)"
-log = logging.getLogger("meddift.serve")
+
+
+def available_devices() -> tuple[str, ...]:
+    """The devices of this machine a request may name: cpu, and cuda, cuda:N for each GPU."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ("cpu", *(("cuda",) if count else ()), *(f"cuda:{index}" for index in range(count)))
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class ServeConfig:
     device_label: str = ""
     weights_dir: Path | None = None
     session_memory_bytes: int = 16 * 2**30
-    devices: tuple[str, ...] = ("cpu",)
+    devices: tuple[str, ...] = field(default_factory=available_devices)
     """The devices a request may name when ``device`` is ``auto`` (besides ``auto``)."""
 
 
@@ -221,12 +225,13 @@ def create_app(config: ServeConfig) -> Starlette:
         return StreamingResponse(_stream(session, request_id, request_type, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
-    async def not_found(request: Request, error: HTTPException) -> Response:
+    async def http_refusal(request: Request, error: HTTPException) -> Response:
+        """An unknown route or method (Starlette's 404 and 405), as JSON."""
         return refusal(error.status_code, "bad_request", f"{error.detail}: {request.method} {request.url.path} is "
                        f"not a route of meddift serve (its routes start with {API}/)")
 
     async def failed(request: Request, error: Exception) -> Response:
-        log.exception("internal error answering %s %s", request.method, request.url.path)
+        """Any unexpected failure, as a path-free JSON 500 (Starlette then re-raises it into the server's log)."""
         return refusal(500, "internal", INTERNAL_MESSAGE)
 
     async def get_output(request: Request, session: Session) -> Response:
@@ -262,7 +267,7 @@ def create_app(config: ServeConfig) -> Starlette:
         Route(session_path + "/outputs/{request_id:path}/{name}", guarded(get_output), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: not_found, Exception: failed})
+                    exception_handlers={HTTPException: http_refusal, Exception: failed})
     app.state.sessions = store
     return app
 
@@ -284,9 +289,7 @@ def server_options(request_type: str, fields: dict[str, Any], config: ServeConfi
     if request_type not in DEVICE_TYPES:
         return fields
     device = fields.get("device")
-    if config.device == "auto" and device is not None and (
-        not isinstance(device, str) or not DEVICE_NAME.fullmatch(device) or device not in ("auto", *config.devices)
-    ):
+    if config.device == "auto" and device is not None and device not in ("auto", *config.devices):
         shown = repr(device)[:40]
         raise BadRequestError(f"'device' {shown} is not a device of this server; ask for one of "
                               f"{', '.join(('auto', *config.devices))}")
