@@ -196,8 +196,9 @@ def test_serve_refuses_a_missing_or_mismatched_tls_key_before_serving(tmp_path, 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not available to make a test certificate")
     for name in ("one", "two"):
+        key, certificate = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                        "/CN=127.0.0.1", "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.crt")],
+                        "/CN=127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
                        check=True, capture_output=True, timeout=60)
     code, error = _run(["serve", "--port", "1", "--tls-cert", str(tmp_path / "one.crt"), "--tls-key",
                         str(tmp_path / "absent.key")], capsys)
