@@ -261,7 +261,7 @@ def test_bad_manifests_are_refused_before_any_work(tmp_path):
     cases = {"fixed,points\na.nii.gz,p.csv\n": "lacks column(s) moving",
              "fixed,moving\n": "has no rows",
              "id,fixed,moving\nx,a,b\nx,a,c\n": "used twice",
-             "id,fixed,moving\n../up,a,b\n": "must be letters",
+             "id,fixed,moving\n../up,a,b\n": "must start with a letter or a digit",
              "fixed,moving\na.nii.gz,\n": "has no moving"}
     for number, (text, message) in enumerate(cases.items()):
         manifest = tmp_path / f"m{number}.csv"
@@ -290,3 +290,73 @@ def test_track_rows_equal_the_single_pair_command(series, client, tmp_path):
     names = sorted(p.name for p in (tmp_path / "single").iterdir())
     assert sorted(p.name for p in (tmp_path / "out" / "t0").iterdir()) == sorted([*names, "row.json"])
     assert (tmp_path / "out" / "t0" / "lesions.csv").read_text() == (tmp_path / "single" / "lesions.csv").read_text()
+
+
+# ------------------------------------------------------------------ nothing silently wrong (issue 26)
+
+
+def test_a_truncated_volume_fails_its_row_with_the_reason_and_the_others_go_on(series, client, tmp_path):
+    """SimpleITK would read the cut file's missing part as zeros and the row would say ``ok``."""
+    data = (series / "followup2.nii.gz").read_bytes()
+    (series / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    text = (series / "manifest.csv").read_text().splitlines()
+    text.append("cut,baseline.nii.gz,cut.nii.gz,points.csv,truth2.csv")
+    manifest = series / "with_cut.csv"
+    manifest.write_text("\n".join(text) + "\n")
+    records = {record["id"]: record for record in run_batch(read_manifest(manifest), _job(), tmp_path, client)}
+    assert records["cut"]["status"] == "failed" and records["cut"]["kind"] == "bad_input"
+    assert "cut.nii.gz: the compressed file is damaged or truncated" in records["cut"]["error"]
+    assert all(records[f"pair{n}"]["status"] == "ok" for n in range(4))
+    assert not (tmp_path / "cut").exists()
+    line = next(line for line in read_summary(tmp_path / "summary.csv") if line["id"] == "cut")
+    assert line["status"] == "failed" and "truncated" in line["error"]
+
+
+def test_a_row_over_the_workers_memory_is_refused_before_its_lattice_and_the_others_go_on(series, client,
+                                                                                          tmp_path):
+    """A 2 mm lattice searched 25 mm around on this grid needs over 2 GB of similarity tables; the workers have 2 GB."""
+    from MedDIFTLib.core.options import FieldLevel
+
+    fine = BatchJob(task="register", recipe=FeatureRecipe("mind", {}, "cpu"),
+                    field_options=FieldOptions(levels=(FieldLevel(spacing_mm=2.0, search_radius_mm=25.0),),
+                                               optimise_iterations=0))
+    records = run_batch(read_manifest(series / "manifest.csv")[:2], fine, tmp_path, client)
+    assert [record["status"] for record in records] == ["failed", "failed"]
+    assert all(record["kind"] == "out_of_memory" for record in records)
+    assert "this Dask worker's memory limit (--memory-limit): use a coarser lattice (--grid-spacing-mm, now 2 mm)" \
+        in records[0]["error"]
+    assert not any(path.name != "summary.csv" for path in tmp_path.iterdir())
+
+
+def test_an_interrupted_batch_leaves_no_staging_folder(series, tmp_path):
+    out = tmp_path / "out"
+    process = _run_cli(series, out)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not any((out / ".staging").glob("*")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        output = process.communicate(timeout=TIMEOUT_S)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output
+    assert not (out / ".staging").exists(), list((out / ".staging").rglob("*"))
+
+
+def test_a_hidden_row_id_is_told_what_ids_may_be(tmp_path):
+    manifest = tmp_path / "hidden.csv"
+    manifest.write_text("id,fixed,moving\n.staging,a.nii.gz,b.nii.gz\n")
+    with pytest.raises(BadInputError, match=r"id '.staging' must start with a letter or a digit, then letters"):
+        read_manifest(manifest)
+
+
+def test_an_input_inside_a_rows_output_folder_is_refused_before_the_row_replaces_it(series, tmp_path):
+    out = tmp_path / "out"
+    (out / "pair0").mkdir(parents=True)
+    (out / "pair0" / "baseline.nii.gz").write_bytes((series / "baseline.nii.gz").read_bytes())
+    (tmp_path / "inside.csv").write_text(f"id,fixed,moving\npair0,{out / 'pair0' / 'baseline.nii.gz'},"
+                                         f"{series / 'followup0.nii.gz'}\n")
+    assert main(["batch", str(tmp_path / "inside.csv"), "--out", str(out), "--quiet", *MATCH]) == 2
+    assert sorted(p.name for p in out.rglob("*")) == ["baseline.nii.gz", "pair0"]

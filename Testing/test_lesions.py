@@ -388,3 +388,52 @@ def test_track_lesions_from_points_segments_both_time_points(moved_pair):
                                                           rel=0.25)
         assert np.linalg.norm(lesion.centre_lps_mm - centre) < 1.5
         assert lesion.volume_change_pct == pytest.approx(100 * (factor - 1), abs=25)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refinement the image does not support is flagged (issue 26)
+
+
+def test_refinement_reports_how_much_of_the_lesion_edge_the_image_shows():
+    """A nodule's edge stops the growth (open surface about 0); a box of parenchyma (textured like a lung's:
+    correlated over a few mm) has no edge and grows until the sphere stops it, open over much of its surface."""
+    from scipy import ndimage
+
+    from MedDIFTLib.lesions.refine import OPEN_SURFACE_LIMIT, fit_lesion
+
+    volume = lung_with_nodules(GEOMETRY, [((0, 0, 0), 5.0)])
+    texture = ndimage.gaussian_filter(np.random.default_rng(5).standard_normal(GEOMETRY.shape_kji), 1.5)
+    volume = Volume((volume.voxels + 300.0 * texture).astype(np.float32), GEOMETRY)
+    nodule = ball(GEOMETRY, (0, 0, 0), 5.0)
+    fitted = fit_lesion(nodule, volume.voxels, GEOMETRY, learned_threshold(nodule, volume.voxels, GEOMETRY),
+                        np.zeros(3), 5.0, 4.0, 3.0)
+    assert fitted.open_surface < 0.05 and dice(fitted.mask, nodule) > 0.9
+    box = np.zeros(GEOMETRY.shape_kji, bool)
+    box[12:16, 14:20, 24:30] = True  # parenchyma, far from the nodule
+    centre = GEOMETRY.ijk_to_lps(np.array([[26.5, 16.5, 13.5]]))[0]
+    radius = (3 * box.sum() * np.prod(GEOMETRY.spacing_mm) / (4 * np.pi)) ** (1 / 3)
+    grown = fit_lesion(box, volume.voxels, GEOMETRY, learned_threshold(box, volume.voxels, GEOMETRY), centre,
+                       radius, 4.0, 3.0)
+    assert grown.mask.sum() > 1.5 * box.sum() and grown.open_surface > OPEN_SURFACE_LIMIT
+
+
+def test_tracking_parenchyma_into_the_same_scan_flags_unsupported_growth(elastix_ct, tmp_path, capsys):
+    """The issue's case: ``track F F`` with a small box of lung parenchyma as the lesion reported +108 % and
+    status ok; refinement only grew it. It is flagged now; with --no-refine nothing grows and it is ok."""
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(elastix_ct, ct)
+    lesion = np.zeros(elastix_ct.geometry.shape_kji, np.float32)
+    lesion[32:35, 45:50, 28:33] = 1  # 3 x 5 x 5 voxels of parenchyma (HU about -900), right lung
+    assert np.median(elastix_ct.voxels[lesion > 0]) < -800
+    write_volume(Volume(lesion, elastix_ct.geometry), tmp_path / "box.nii.gz")
+    fast = ["--grid-spacing-mm", "8", "--optimise-iterations", "0", "--quiet", "--backbone", "mind", "--device", "cpu"]
+    rows = {}
+    for name, extra in (("refined", []), ("kept", ["--no-refine"])):
+        assert main(["track", str(ct), str(ct), "--lesions", str(tmp_path / "box.nii.gz"), "--out",
+                     str(tmp_path / name), *fast, *extra]) == 0, capsys.readouterr().err
+        with (tmp_path / name / "lesions.csv").open() as handle:
+            rows[name] = next(csv.DictReader(handle))
+    assert float(rows["refined"]["volume_change_pct"]) > 50
+    assert "unsupported_growth" in rows["refined"]["status"].split(";")
+    assert rows["kept"]["status"] == "ok" and abs(float(rows["kept"]["volume_change_pct"])) < 1
+    assert "not an edge in the image" in (tmp_path / "refined" / "report.md").read_text()

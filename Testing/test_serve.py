@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -503,3 +504,184 @@ def test_failed_token_attempts_count_against_the_rate(tmp_path):
         assert running.raw("GET", "/info")[0] == 429
     finally:
         running.stop()
+
+
+# ------------------------------------------------------------------ nothing silently wrong (issue 26)
+
+
+def _upload(server, session_id: str, volume: Volume, geometry: dict | None = None) -> tuple[int, dict]:
+    body, headers = encode_volume(volume)
+    if geometry is not None:
+        headers[GEOMETRY_HEADER] = json.dumps(geometry)
+    status, answer = server.raw("PUT", f"/sessions/{session_id}/volumes/{volume.content_hash()}", body=body,
+                                headers=headers)
+    return status, json.loads(answer)
+
+
+def test_every_refusal_is_json_unknown_routes_and_a_shape_overflowing_int64_included(server, remote):
+    for path in ("/nowhere", f"/sessions/{remote.session_id}/nothing/here"):
+        status, body = server.raw("GET", path)
+        answer = json.loads(body)
+        assert status == 404 and answer["kind"] == "bad_request" and "not a route of meddift serve" in answer["message"]
+    status, body = server.raw("DELETE", "/info")
+    assert status == 405 and json.loads(body)["kind"] == "bad_request"
+    volume = _small_volume(6)
+    geometry = {"shape_ijk": [2**40, 2**40, 2**40], "spacing_mm": [1, 1, 1], "origin_lps_mm": [0, 0, 0],
+                "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+    status, answer = _upload(server, remote.session_id, volume, geometry)
+    assert status == 400 and answer["kind"] == "bad_request" and "exceeds the server's limit" in answer["message"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"direction": [2, 0, 0, 0, 2, 0, 0, 0, 2]}, "not orthonormal"),
+    ({"direction": [0] * 9}, "not orthonormal"),
+    ({"spacing_mm": [1e300, 1, 1]}, "voxel spacing"),
+])
+def test_an_upload_with_impossible_geometry_is_refused(server, remote, change, message):
+    volume = _small_volume(7)
+    geometry = {"shape_ijk": list(volume.geometry.shape_ijk), "spacing_mm": list(volume.geometry.spacing_mm),
+                "origin_lps_mm": list(volume.geometry.origin_lps_mm), "direction": list(volume.geometry.direction),
+                **change}
+    status, answer = _upload(server, remote.session_id, volume, geometry)
+    assert status == 400 and answer["kind"] == "bad_request" and message in answer["message"], answer
+
+
+@pytest.mark.parametrize("limit_bytes", [5 * 2**20, 5 * 2**20 - 4])
+def test_size_messages_never_round_both_sides_to_the_same_number(limit_bytes):
+    """A volume of 5.2 MiB over a limit of 5 MiB used to read "(5 MiB of voxels) exceeds the limit of 5 MiB"."""
+    volume = _small_volume(8, (52, 100, 262))  # 5.2 MiB of float32
+    body, headers = encode_volume(volume)
+    with pytest.raises(BadRequestError) as refused:
+        decode_volume(body, headers[GEOMETRY_HEADER], "", limit_bytes)
+    sizes = re.fullmatch(r"the uploaded volume \((\S+) MiB of voxels\) exceeds the server's limit of (\S+) MiB",
+                         str(refused.value))
+    assert sizes is not None and float(sizes[1]) > float(sizes[2]), refused.value
+
+
+def test_a_session_holds_no_more_voxels_than_its_memory_limit(tmp_path):
+    volume_bytes = 12 * 14 * 16 * 4
+    running = ThreadServer(_config(tmp_path, session_memory_bytes=int(2.5 * volume_bytes)))
+    try:
+        client = RemoteWorkerClient(running.url, token=TOKEN, timeout_s=TIMEOUT_S)
+        client.start()
+        ids = [_upload(running, client.session_id, _small_volume(seed))[1]["volume_id"] for seed in (10, 11)]
+        status, answer = _upload(running, client.session_id, _small_volume(12))
+        assert status == 400 and "exceeds the room left in this session" in answer["message"]
+        assert "--session-memory-mb" in answer["message"]
+        assert client.call("unload", volume_id=ids[0], timeout=TIMEOUT_S)["unloaded"] is True
+        assert _upload(running, client.session_id, _small_volume(12))[0] == 200
+        client.stop()
+    finally:
+        running.stop()
+
+
+def test_a_job_over_the_session_memory_limit_is_refused_before_any_work(tmp_path):
+    from MedDIFTLib.core.budget import estimate_register
+    from MedDIFTLib.core.options import FieldOptions, parse_options
+
+    volume = _small_volume(13, (40, 40, 40))
+    fine = {**QUICK_FIELD, "levels": [{"spacing_mm": 2.0, "search_radius_mm": 20.0}]}
+    sizes = [estimate_register(volume.geometry, volume.geometry, parse_options(FieldOptions, options)).total_bytes
+             for options in (QUICK_FIELD, fine)]
+    running = ThreadServer(_config(tmp_path, session_memory_bytes=sum(sizes) // 2))
+    try:
+        client = RemoteWorkerClient(running.url, token=TOKEN, timeout_s=TIMEOUT_S)
+        client.start()
+        volume_id = _upload(running, client.session_id, volume)[1]["volume_id"]
+        request = {"fixed_id": volume_id, "moving_id": volume_id, "backbone": "mind", "device": "cpu",
+                   "out_transform": "field.nii.gz"}
+        stages = []
+        with pytest.raises(MedDIFTError, match=r"register would need about .* of memory .* this session's memory "
+                           r"limit \(meddift serve --session-memory-mb\): use a coarser lattice \(spacing_mm, now 2 mm"
+                           ) as refused:
+            client.call("register", options=fine, progress=lambda s, f, m: stages.append(s), timeout=TIMEOUT_S,
+                        **request)
+        assert refused.value.kind == "out_of_memory" and "features" not in stages
+        out = tmp_path / "out.nii.gz"
+        client.call("register", options=QUICK_FIELD, timeout=TIMEOUT_S, **{**request, "out_transform": str(out)})
+        assert out.exists()
+        client.stop()
+    finally:
+        running.stop()
+
+
+def test_outputs_of_a_request_id_holding_a_slash_can_be_fetched(server, remote, tmp_path):
+    volume = _small_volume(14, (24, 24, 24))
+    volume_id = _upload(server, remote.session_id, volume)[1]["volume_id"]
+    line = {"id": "job/1", "type": "register", "fixed_id": volume_id, "moving_id": volume_id, "backbone": "mind",
+            "device": "cpu", "options": QUICK_FIELD, "out_transform": "field.nii.gz"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    assert status == 200 and _stream_events(body)[-1]["event"] == "result", body
+    for request_id in ("job%2F1", "job/1"):
+        status, data = server.raw("GET", f"/sessions/{remote.session_id}/outputs/{request_id}/transform")
+        assert status == 200 and len(data) > 1000
+    remote._ids = iter(["/slashed/id"])  # the client's own download of such an id
+    out = tmp_path / "field.nii.gz"
+    remote.call("register", timeout=TIMEOUT_S, fixed_id=volume_id, moving_id=volume_id, backbone="mind",
+                device="cpu", options=QUICK_FIELD, out_transform=str(out))
+    assert out.exists()
+
+
+def test_a_device_the_server_lacks_is_refused_without_command_line_advice(server, remote):
+    for device in ("/dev/nvidia0", "cuda:7", "tpu"):
+        line = {"id": "d", "type": "features", "volume_id": "v1", "backbone": "mind", "device": device}
+        status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+        message = json.loads(body)["message"]
+        assert status == 400 and "is not a device of this server; ask for one of auto, cpu" in message, message
+        assert "--device" not in message and "<server path>" not in message
+
+
+def test_a_refusal_that_is_not_meddift_json_says_so(tmp_path):
+    """Another HTTP server (or a wrong path) answers 404 with plain text: the message says what happened."""
+    import http.server
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404, "File not found")
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=other.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        with pytest.raises(MedDIFTError, match=r"refused \(HTTP 404\): File not found; .* does not answer as meddift "
+                           "serve"):
+            RemoteWorkerClient(url).test_connection()
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_serve_exits_cleanly_on_sigterm_and_leaves_no_temporary_folder(tmp_path):
+    import signal
+
+    port = _free_port()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    code = "import sys; from MedDIFTLib.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", code, "serve", "--port", str(port)],
+                               env={**os.environ, "PYTHONPATH": PACKAGE_PARENT, "TMPDIR": str(temporary)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = RemoteWorkerClient(f"http://127.0.0.1:{port}", timeout_s=TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            try:
+                client.test_connection()
+                break
+            except WorkerError:
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert [path.name.startswith("meddift-serve-") for path in temporary.iterdir()] == [True]
+        client.start()  # a session with its folder
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=TIMEOUT_S)[0].decode()
+        assert process.returncode == 0, output
+        assert "Traceback" not in output and "stopped" in output
+        assert not list(temporary.iterdir())
+    finally:
+        process.kill()
+        process.wait(30)

@@ -17,6 +17,8 @@ _EXPORTS = {
     "FeatureRecipe": ".job",
     "Row": ".manifest",
     "read_manifest": ".manifest",
+    "check_inputs_outside": ".manifest",
+    "discard_staging": ".graph",
     "dask_client": ".cluster",
     "run_batch": ".graph",
 }

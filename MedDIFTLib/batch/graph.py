@@ -6,7 +6,8 @@ by several rows (one baseline against its follow-ups, an atlas against many subj
 feature task, keyed by its content and the backbone recipe, whose result feeds each of those rows'
 tasks (:mod:`.features`). A worker that dies takes its tasks with it; the scheduler reruns them
 (and the feature tasks whose results were lost) on the others. Rows finish in any order;
-``summary.csv`` is rewritten after each.
+``summary.csv`` is rewritten after each. An interrupted run cancels what has not started; once its
+workers have stopped, :func:`discard_staging` deletes the unfinished rows' staging folders.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from .job import BatchJob, file_digest, row_hash
 from .manifest import Row
 from .rows import RECORD, STAGING, run_row
 from .summary import write_summary
+
+
+def discard_staging(out: str | Path) -> None:
+    """Delete ``out/.staging``: the unfinished rows of an interrupted run (its workers stopped)."""
+    shutil.rmtree(Path(out) / STAGING, ignore_errors=True)
 
 
 def finished_record(out: Path, row: Row, input_hash: str) -> dict | None:
@@ -63,7 +69,7 @@ def run_batch(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+    discard_staging(out)
     records: dict[str, dict] = {row.id: {"id": row.id, "task": job.task, "status": "pending", "fixed": row.fixed,
                                           "moving": row.moving} for row in rows}
     digests: dict[str, str] = {}
@@ -118,6 +124,7 @@ def run_batch(
             if on_record is not None:
                 on_record(record)
     except KeyboardInterrupt:
+        client.cancel(list(futures))
         for row, input_hash in todo:
             published = finished_record(out, row, input_hash) if records[row.id]["status"] == "pending" else None
             if published is not None:

@@ -12,6 +12,7 @@ row never stops the others; a manifest that cannot be read at all is refused bef
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,24 @@ def read_manifest(path: str | Path) -> list[Row]:
             raise BadInputError(f"{manifest}: line {number} has no {' and no '.join(empty)}")
         row_id = values.pop("id") or f"row{number - 1}"
         if not ID_PATTERN.match(row_id):
-            raise BadInputError(f"{manifest}: line {number}: id {row_id!r} must be letters, digits, '.', '_' or '-' "
-                                "(it names the row's output folder)")
+            raise BadInputError(f"{manifest}: line {number}: id {row_id!r} must start with a letter or a digit, then "
+                                "letters, digits, '.', '_' or '-' (it names the row's output folder)")
         if row_id in seen:
             raise BadInputError(f"{manifest}: line {number}: id {row_id!r} is used twice")
         seen.add(row_id)
         paths = {field: str(base / value) if value else None for field, value in values.items()}
         rows.append(Row(id=row_id, line=number, **paths))
     return rows
+
+
+def check_inputs_outside(rows: list[Row], out: str | Path) -> None:
+    """Refuse, before any work, a row input inside a row's output folder ``out/<id>`` (a rerun replaces
+    that folder whole) or inside ``out/.staging``."""
+    owned = {Path(os.path.realpath(Path(out) / name)) for name in [row.id for row in rows] + [".staging"]}
+    for row in rows:
+        for column, path in row.input_paths().items():
+            resolved = Path(os.path.realpath(path))
+            folder = next((folder for folder in owned if folder == resolved or folder in resolved.parents), None)
+            if folder is not None:
+                raise BadInputError(f"row {row.id}: its {column} {path} lies in the output folder {folder}, which the "
+                                    "batch replaces; move the input or choose another --out")

@@ -19,6 +19,7 @@ import traceback
 import uuid
 from pathlib import Path
 
+from ..core.budget import Budget, MemoryEstimate, check_memory, default_budget, estimate_match, estimate_register
 from ..core.errors import BadInputError, MedDIFTError
 from ..core.io import check_overlap, read_points, read_volume, write_points
 from .features import VolumeFeatures, pyramid_for, this_worker
@@ -119,6 +120,32 @@ def _publish(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+FIELD_FLAGS = {"spacing_mm": "--grid-spacing-mm", "search_radius_mm": "--field-search-radius-mm"}
+
+
+def _estimate(job: BatchJob, fixed, moving) -> MemoryEstimate:
+    """The row's memory estimate (:mod:`MedDIFTLib.core.budget`): the engine's batches for ``match``,
+    the field's lattice for ``register`` and ``track`` (whose fixed image is the follow-up)."""
+    if job.task == "match":
+        return estimate_match(fixed.geometry, moving.geometry, job.match_options.memory_budget_mb)
+    first, second = (moving, fixed) if job.task == "track" else (fixed, moving)
+    return estimate_register(first.geometry, second.geometry, job.field_options, FIELD_FLAGS, job.task)
+
+
+def _budget() -> Budget | None:
+    """The machine's budget, or this Dask worker's memory limit when lower."""
+    budget = default_budget()
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        limit = None
+    if limit and (budget is None or limit < budget.limit_bytes):
+        return Budget(int(limit), "this Dask worker's memory limit (--memory-limit)")
+    return budget
+
+
 def run_row(row: Row, job: BatchJob, input_hash: str, fixed_features: VolumeFeatures,
             moving_features: VolumeFeatures, out: str) -> dict:
     """The Dask task of one row: run it, publish its folder, return its record (never raises for the row's own
@@ -140,6 +167,7 @@ def run_row(row: Row, job: BatchJob, input_hash: str, fixed_features: VolumeFeat
             started = time.perf_counter()
             fixed, moving = read_volume(row.fixed), read_volume(row.moving)
             check_overlap(fixed, moving)
+            check_memory(_estimate(job, fixed, moving), _budget())
             fixed_pyramid, fixed_seconds = pyramid_for(fixed_features, row.fixed, job.recipe)
             moving_pyramid, moving_seconds = pyramid_for(moving_features, row.moving, job.recipe)
             staging.mkdir(parents=True)

@@ -76,7 +76,15 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from ..batch import BatchJob, FeatureRecipe, dask_client, read_manifest, run_batch
+    from ..batch import (
+        BatchJob,
+        FeatureRecipe,
+        check_inputs_outside,
+        dask_client,
+        discard_staging,
+        read_manifest,
+        run_batch,
+    )
     from ..core.errors import BadInputError, MissingWeightsError
     from ..core.io import check_output_path
     from ..core.options import parse_assignments
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.share_features_mb >= 0:
         raise BadInputError("--share-features-mb must be >= 0")
     rows = read_manifest(args.manifest)
+    check_inputs_outside(rows, out)
     options = parse_assignments(args.backbone_option, "backbone option")
     if args.weights_dir:
         options["weights_dir"] = str(Path(args.weights_dir).resolve())
@@ -115,10 +124,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(_line(record), flush=True)
 
-    with ProgressBar(enabled=not args.quiet) as progress, dask_client(
-        args.scheduler, args.workers, args.threads_per_worker, args.memory_limit
-    ) as client:
-        records = run_batch(rows, job, out, client, progress, report)
+    try:
+        with ProgressBar(enabled=not args.quiet) as progress, dask_client(
+            args.scheduler, args.workers, args.threads_per_worker, args.memory_limit
+        ) as client:
+            records = run_batch(rows, job, out, client, progress, report)
+    except KeyboardInterrupt:
+        discard_staging(out)  # a local cluster is closed; a remote worker still on a row removes its own
+        raise
     failed = [record for record in records if record["status"] == "failed"]
     print(f"{len(records) - len(failed)} of {len(records)} rows done; summary: {out / 'summary.csv'}")
     if failed:

@@ -49,14 +49,31 @@ class ProgressBar:
 
 
 def read_input_points(path: str, geometry: Any):
-    """The point file at ``path`` (LPS mm; ``geometry`` places voxel formats); what the reader skipped
+    """The point file at ``path`` (LPS mm; ``geometry`` places voxel formats), at most
+    :data:`~MedDIFTLib.core.budget.MAX_POINTS` points as on a server; what the reader skipped
     (e.g. an unplaced markup) is told on stderr as ``meddift: note: ...``."""
+    from ..core.budget import MAX_POINTS
     from ..core.io import read_points
 
     points = read_points(path, geometry)
+    if len(points) > MAX_POINTS:
+        raise BadInputError(f"{path}: {len(points)} points exceed the limit of {MAX_POINTS} per job; "
+                            "split them into several files")
     for note in points.notes:
         print(f"meddift: note: {path}: {note}", file=sys.stderr)
     return points
+
+
+FIELD_FLAGS = {"spacing_mm": "--grid-spacing-mm", "search_radius_mm": "--search-radius-mm"}
+"""The flags of register and track that set a field level's lattice, for memory advice."""
+
+
+def check_memory_here(estimate: Any) -> None:
+    """Refuse, before any work, a job whose :class:`~MedDIFTLib.core.budget.MemoryEstimate` exceeds
+    this machine's memory budget."""
+    from ..core.budget import check_memory, default_budget
+
+    check_memory(estimate, default_budget())
 
 
 def check_point_output(path: str) -> Path:

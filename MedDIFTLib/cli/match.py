@@ -11,12 +11,13 @@ from .common import (
     ProgressBar,
     add_backbone_arguments,
     add_option,
+    check_memory_here,
     check_point_output,
     featurizer_from_args,
     options_from_args,
     read_input_points,
 )
-from .remote import add_server_arguments
+from .remote import add_server_arguments, server_client
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -50,16 +51,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.io import check_overlap, read_volume, write_points
+    from ..core.budget import estimate_match
+    from ..core.io import check_outputs_apart, check_overlap, read_volume, write_points
     from ..matching import check_points
 
     output = check_point_output(args.out)
+    if args.server:
+        server_client(args)  # refuses a bad address, token file or certificate before any work
+    check_outputs_apart({"--out": args.out}, {"FIXED": args.fixed, "MOVING": args.moving, "--points": args.points})
     options = options_from_args(args, MatchOptions)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)
     points = read_input_points(args.points, fixed.geometry)
     check_points(fixed.geometry, points.points_lps_mm)
+    if not args.server:
+        check_memory_here(estimate_match(fixed.geometry, moving.geometry, options.memory_budget_mb))
     started = time.perf_counter()
     if args.server:
         from .remote import match_remotely

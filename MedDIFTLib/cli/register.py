@@ -6,17 +6,19 @@ import argparse
 
 from ..core.options import FieldLevel, FieldOptions
 from .common import (
+    FIELD_FLAGS,
     MATCH_COLUMNS,
     ProgressBar,
     add_backbone_arguments,
     add_option,
+    check_memory_here,
     check_point_output,
     featurizer_from_args,
     given_options,
     options_from_args,
     read_input_points,
 )
-from .remote import add_server_arguments
+from .remote import add_server_arguments, server_client
 
 LOADING = (
     "Loading the field: a .h5 file is an ITK transform (SimpleITK: sitk.ReadTransform(path); Slicer: drag and "
@@ -65,14 +67,24 @@ def field_options(args: argparse.Namespace) -> FieldOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.budget import estimate_register
     from ..core.errors import BadInputError
-    from ..core.io import check_output_path, check_overlap, check_volume_output, read_volume, write_points
+    from ..core.io import (
+        check_output_path,
+        check_outputs_apart,
+        check_overlap,
+        check_volume_output,
+        read_volume,
+        write_points,
+    )
     from ..core.options import to_json
     from ..field import carried_points, read_field, summary_path, write_summary
     from ..field.displacement import check_field_path
 
     if (args.points is None) != (args.out_points is None):
         raise BadInputError("--points and --out-points go together")
+    if args.server:
+        server_client(args)  # refuses a bad address, token file or certificate before any work
     for path in filter(None, (args.out_transform, args.out_inverse)):
         check_field_path(path)
         check_output_path(path)
@@ -81,11 +93,18 @@ def run(args: argparse.Namespace) -> int:
     if args.out_points:
         check_point_output(args.out_points)
     check_output_path(summary_path(args.out_transform))
+    check_outputs_apart(
+        {"--out-transform": args.out_transform, "--out-inverse": args.out_inverse, "--out-warped": args.out_warped,
+         "--out-points": args.out_points, "the summary": summary_path(args.out_transform)},
+        {"FIXED": args.fixed, "MOVING": args.moving, "--points": args.points, "--mask": args.mask},
+    )
     options = field_options(args)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)
     points = read_input_points(args.points, fixed.geometry) if args.points else None
+    if not args.server:
+        check_memory_here(estimate_register(fixed.geometry, moving.geometry, options, FIELD_FLAGS))
     if args.server:
         from .remote import register_remotely
 

@@ -16,8 +16,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="certificate (or its CA) to trust for an https server")
 
 
-def connect(args: argparse.Namespace):
-    """An open session on ``args.server`` (a :class:`~MedDIFTLib.worker.remote_client.RemoteWorkerClient`)."""
+def server_client(args: argparse.Namespace):
+    """The :class:`~MedDIFTLib.worker.remote_client.RemoteWorkerClient` of ``--server``, not connected
+    yet: a bad address, token file or ``--ca-file`` is refused here, before any work."""
     from ..core.errors import BadInputError
     from ..worker.remote.security import read_token_file
     from ..worker.remote_client import RemoteWorkerClient
@@ -25,8 +26,15 @@ def connect(args: argparse.Namespace):
     if args.weights_dir:
         raise BadInputError("--weights-dir names a folder on this computer; with --server the server's weights "
                             "are used (meddift serve --weights-dir)")
+    if (args.token_file or args.ca_file) and not args.server:
+        raise BadInputError("--token-file and --ca-file go with --server")
     token = read_token_file(args.token_file) if args.token_file else None
-    client = RemoteWorkerClient(args.server, token=token, ca_file=args.ca_file)
+    return RemoteWorkerClient(args.server, token=token, ca_file=args.ca_file)
+
+
+def connect(args: argparse.Namespace):
+    """An open session on ``args.server``."""
+    client = server_client(args)
     client.start()
     return client
 

@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="requests per client address and minute (default: 1200)")
     parser.add_argument("--cache-mb", type=float, default=2048,
                         help="feature cache of each session in MiB (default: 2048)")
+    parser.add_argument("--session-memory-mb", type=float, default=16384,
+                        help="memory each session may use in MiB: the voxels it holds, and each job's memory estimate "
+                        "(refused up front when over it) (default: 16384)")
     parser.add_argument("--cache-dir", help="folder for the sessions' outputs (default: a new temporary folder, "
                         "deleted at exit); nothing is written elsewhere")
     parser.add_argument("--weights-dir", help="folder of the backbones' pretrained weights on this machine "
@@ -42,7 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
     import shutil
+    import signal
     import tempfile
     from pathlib import Path
 
@@ -60,11 +65,15 @@ def run(args: argparse.Namespace) -> int:
     check_bind(args.host, token)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise BadInputError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        _check_tls(args.tls_cert, args.tls_key)
+    if not 0 <= args.port <= 65535:
+        raise BadInputError(f"--port must be from 0 to 65535, got {args.port}")
     for name, value in (("--max-upload-mb", args.max_upload_mb), ("--max-sessions", args.max_sessions),
                         ("--idle-timeout-s", args.idle_timeout_s), ("--requests-per-minute", args.requests_per_minute),
-                        ("--cache-mb", args.cache_mb)):
-        if not value > 0:
-            raise BadInputError(f"{name} must be > 0, got {value}")
+                        ("--cache-mb", args.cache_mb), ("--session-memory-mb", args.session_memory_mb)):
+        if not value > 0 or not math.isfinite(value):
+            raise BadInputError(f"{name} must be a number > 0, got {value}")
     device = device_name(args.device) if args.device != "auto" else "auto"
     label = _device_label(device_name(args.device))
     own_folder = args.cache_dir is None
@@ -74,17 +83,52 @@ def run(args: argparse.Namespace) -> int:
                          max_upload_bytes=int(args.max_upload_mb * 2**20), max_sessions=args.max_sessions,
                          idle_timeout_s=args.idle_timeout_s,
                          requests_per_minute=args.requests_per_minute, cache_bytes=int(args.cache_mb * 2**20),
-                         device_label=label, weights_dir=Path(args.weights_dir) if args.weights_dir else None)
+                         device_label=label, weights_dir=Path(args.weights_dir) if args.weights_dir else None,
+                         session_memory_bytes=int(args.session_memory_mb * 2**20))
     scheme = "https" if args.tls_cert else "http"
     print(f"meddift serve: {scheme}://{args.host}:{args.port} on {label}; "
           f"{'token required' if token else 'no token (loopback only)'}", flush=True)
+    # uvicorn shuts down on SIGTERM, then raises the signal again; this handler turns that into a
+    # normal exit, so that the cache folder is deleted.
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         uvicorn.run(create_app(config), host=args.host, port=args.port, ssl_certfile=args.tls_cert,
                     ssl_keyfile=args.tls_key, log_level="warning", access_log=False)
+    except _Stopped:
+        pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if own_folder:
             shutil.rmtree(cache_dir, ignore_errors=True)
+    print("meddift serve: stopped", flush=True)
     return 0
+
+
+class _Stopped(Exception):
+    """SIGTERM after the server has shut down."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Refuse, before serving, a certificate and key that TLS cannot use together."""
+    import os
+    import ssl
+
+    from ..core.errors import BadInputError
+
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not os.path.isfile(path):
+            raise BadInputError(f"{flag} {path}: no such file")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as error:  # an OSError too: caught first
+        raise BadInputError(f"--tls-cert {cert} and --tls-key {key} cannot be used together "
+                            f"({error.reason or error}): give the certificate and its own private key, PEM") from None
+    except OSError as error:
+        raise BadInputError(f"--tls-cert {cert}, --tls-key {key}: cannot read ({error.strerror or error})") from None
 
 
 def _device_label(device: str) -> str:

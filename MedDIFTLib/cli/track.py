@@ -7,9 +7,11 @@ import argparse
 from ..core.options import FieldLevel, FieldOptions
 from ..lesions.settings import LesionOptions
 from .common import (
+    FIELD_FLAGS,
     ProgressBar,
     add_backbone_arguments,
     add_option,
+    check_memory_here,
     featurizer_from_args,
     given_options,
     options_from_args,
@@ -30,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "lesion's centre is matched by the correspondence engine (confidence, forward-backward distance) and "
         "its segmentation is refined to the follow-up image. DIR gets followup_lesions.nii.gz (same label "
         f"values), lesions.csv ({CSV_COLUMNS}; l,p,s = follow-up centre, LPS mm; status ok or flags joined by ';': "
-        "not_found, leaves_volume, merges, low_confidence, touches_border), report.md and lesions.png.",
+        "not_found, leaves_volume, merges, low_confidence, touches_border, unsupported_growth), report.md and "
+        "lesions.png.",
     )
     parser.add_argument("baseline", help="baseline CT: NIfTI, NRRD, MHA or a DICOM folder")
     parser.add_argument("followup", help="follow-up CT: NIfTI, NRRD, MHA or a DICOM folder")
@@ -53,14 +56,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.budget import estimate_register
     from ..core.devices import out_of_memory_as_error, resolve_device
-    from ..core.io import check_overlap, read_volume
+    from ..core.io import check_outputs_apart, check_overlap, read_volume
     from ..core.progress import scaled
     from ..lesions.inputs import read_lesions
     from ..lesions.outputs import check_outputs, write_outputs
     from ..lesions.track import track_lesions
 
     paths = check_outputs(args.out)
+    check_outputs_apart({f"--out {path.name}": path for path in paths.values()},
+                        {"BASELINE": args.baseline, "FOLLOWUP": args.followup, "--lesions": args.lesions})
     options = options_from_args(args, LesionOptions)
     level = given_options(args, FieldLevel)
     field_options = options_from_args(args, FieldOptions, **({"levels": [level]} if level else {}))
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     followup = read_volume(args.followup)
     check_overlap(baseline, followup)
     lesions = read_lesions(args.lesions, baseline)
+    check_memory_here(estimate_register(followup.geometry, baseline.geometry, field_options, FIELD_FLAGS, "track"))
     featurizer = featurizer_from_args(args, device)
     with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
         baseline_features = featurizer.extract(baseline, scaled(progress, 0.0, 0.15)).to(device)

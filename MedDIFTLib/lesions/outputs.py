@@ -32,6 +32,8 @@ STATUS_TEXT = {
     "merges": "meets another tracked lesion",
     "low_confidence": "the centre match has low confidence: check it",
     "touches_border": "touches the baseline volume border (baseline measurements may be incomplete)",
+    "unsupported_growth": "refinement grew it until its limits, not an edge in the image, stopped it: the follow-up "
+    "size is not the lesion's (check it, or track with --no-refine)",
 }
 
 

@@ -24,6 +24,6 @@ class LesionOptions(Options):
                                             "where the field carries it, mm")
 
 
-STATUSES = ("ok", "not_found", "leaves_volume", "merges", "low_confidence", "touches_border")
+STATUSES = ("ok", "not_found", "leaves_volume", "merges", "low_confidence", "touches_border", "unsupported_growth")
 
 __all__ = ["STATUSES", "LesionOptions"]

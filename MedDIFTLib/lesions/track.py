@@ -12,7 +12,9 @@
 5. Measurements at both time points (:mod:`.measure`) and status flags: ``not_found`` (nothing left
    in the follow-up), ``leaves_volume`` (the lesion reaches or passes the follow-up border),
    ``merges`` (it meets another tracked lesion), ``low_confidence`` (the centre match is below the
-   threshold), ``touches_border`` (the baseline lesion touches the baseline border). The reported
+   threshold), ``touches_border`` (the baseline lesion touches the baseline border),
+   ``unsupported_growth`` (refinement grew it until its limits, not an edge of the image, stopped
+   it: its follow-up size is not measured, see :mod:`.refine`). The reported
    follow-up centre is the engine's match, which exists even where the segmentation is empty; the
    segmentation's centre of mass is kept as ``segmented_centre_lps_mm``.
 """
@@ -34,7 +36,7 @@ from ..matching import match_points
 from .carry import carry_labelmap
 from .inputs import Lesions, centroids_lps_mm, touches_border
 from .measure import EMPTY, Measurement, change_pct, measure
-from .refine import equivalent_radius_mm, learned_threshold, refine_lesion, segment_from_seed
+from .refine import OPEN_SURFACE_LIMIT, equivalent_radius_mm, fit_lesion, learned_threshold, segment_from_seed
 from .settings import LesionOptions
 
 
@@ -154,9 +156,12 @@ def track_lesions(
         mask = carried_mask
         if options.refine and base_mask.any() and carried_mask.any():
             threshold = learned_threshold(base_mask, baseline.voxels, baseline.geometry)
-            mask = refine_lesion(carried_mask, followup.voxels, geometry, threshold, matches.points_lps_mm[n],
-                                 equivalent_radius_mm(base_mask, baseline.geometry), options.growth_margin_mm,
-                                 options.largest_volume_factor)
+            refinement = fit_lesion(carried_mask, followup.voxels, geometry, threshold, matches.points_lps_mm[n],
+                                    equivalent_radius_mm(base_mask, baseline.geometry), options.growth_margin_mm,
+                                    options.largest_volume_factor)
+            mask = refinement.mask
+            if refinement.open_surface > OPEN_SURFACE_LIMIT:
+                flags.append("unsupported_growth")
         if (followup_labelmap[mask] != 0).any():
             flags.append("merges")
             for other in results:

@@ -20,8 +20,10 @@ import SimpleITK as sitk
 import torch
 
 from .. import __version__
+from ..core.budget import estimate_match, estimate_register
 from ..core.io import Volume, write_volume
 from ..core.io.volumes import check_overlap, check_volume_output
+from ..core.options import FieldOptions
 from ..core.progress import ProgressFn, scaled
 from ..features import available_backbones, backbone_spec
 from ..field import DisplacementField, jacobian_determinant, read_field, register_and_write
@@ -171,6 +173,9 @@ def match(state: WorkerState, request: MatchRequest, progress: ProgressFn) -> di
     started = time.perf_counter()
     settings = request.settings
     device = device_name(settings.device)
+    state.check_memory(estimate_match(state.volume(request.fixed_id, "fixed_id").geometry,
+                                      state.volume(request.moving_id, "moving_id").geometry,
+                                      settings.match.memory_budget_mb))
     pair = state.pair(settings, request.fixed_id, request.moving_id, device, progress, regions=True)
     progress("match", 0.0, f"matching {len(request.points_lps_mm)} points")
     match_started = time.perf_counter()
@@ -195,6 +200,8 @@ def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn)
     """Dense registration written to files (see :func:`MedDIFTLib.field.register_and_write`)."""
     settings = request.settings
     mask = state.volume(request.mask_id, "mask_id") if request.mask_id is not None else None
+    state.check_memory(estimate_register(state.volume(request.fixed_id, "fixed_id").geometry,
+                                         state.volume(request.moving_id, "moving_id").geometry, settings.field))
     pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
     progress("register", 0.0, "registering")
     return register_and_write(
@@ -224,6 +231,10 @@ def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn)
         if path is not None
     }
     settings = request.settings
+    lattice_only = FieldOptions(levels=(request.lattice,), optimise_iterations=0)
+    state.check_memory(estimate_register(state.volume(request.fixed_id, "fixed_id").geometry,
+                                         state.volume(request.moving_id, "moving_id").geometry, lattice_only,
+                                         what="overlays"))
     pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
     geometry = pair.fixed_pyramid.image_geometry
     field = None if request.transform is None else read_field(request.transform)
@@ -265,6 +276,7 @@ def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> di
     baseline = state.volume(request.baseline_id, "baseline_id")
     followup = state.volume(request.followup_id, "followup_id")
     check_overlap(baseline, followup)
+    state.check_memory(estimate_register(followup.geometry, baseline.geometry, settings.field, what="track"))
     progress("track", 0.0, f"reading the lesions {os.path.basename(request.lesions)}")
     lesions = read_lesions(request.lesions, baseline)
     pair = state.pair(settings, request.baseline_id, request.followup_id, device_name(settings.device),

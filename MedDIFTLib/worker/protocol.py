@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from ..core.budget import MAX_POINTS
 from ..core.errors import BadRequestError
 from ..core.options import FieldLevel, FieldOptions, MatchOptions, RunSettings, parse_options
 from ..lesions.settings import LesionOptions
 
 MAX_REQUEST_BYTES = 16 * 2**20
-MAX_POINTS = 100_000
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
 
 

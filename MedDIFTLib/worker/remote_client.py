@@ -21,6 +21,7 @@ import threading
 import urllib.parse
 from typing import Any
 
+from ..core.budget import describe_bytes
 from ..core.errors import BadRequestError, CancelledError, MedDIFTError
 from .client import WorkerClient, _to_json
 from .events import Error, Result, WorkerError, error_from_event, parse_event
@@ -40,17 +41,22 @@ class RemoteWorkerClient(WorkerClient):
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None,
                  timeout_s: float = 60.0) -> None:
         super().__init__()
+        shape = f"server URL {url!r} must look like http://host:port or https://host:port"
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise BadRequestError(f"server URL {url!r} must look like http://host:port or https://host:port")
+            raise BadRequestError(shape)
+        try:
+            port = parsed.port
+        except ValueError:
+            raise BadRequestError(f"{shape}, with a port from 1 to 65535") from None
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         self.info: dict[str, Any] = {}
         self.session_id: str | None = None
-        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
+        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, port
         self._base = parsed.path.rstrip("/") + API
-        self._tls = ssl.create_default_context(cafile=ca_file) if parsed.scheme == "https" else None
+        self._tls = _tls_context(ca_file) if parsed.scheme == "https" else None
         self._connections: set[http.client.HTTPConnection] = set()
 
     # ----------------------------------------------------------------- lifecycle
@@ -164,8 +170,8 @@ class RemoteWorkerClient(WorkerClient):
         body, headers = encode_volume(volume)
         limit = self.info.get("limits", {}).get("max_upload_bytes")
         if limit is not None and len(body) > limit:
-            raise BadRequestError(f"{params['path']}: {len(body) / 2**20:.0f} MiB compressed exceeds the server's "
-                                  f"upload limit of {limit / 2**20:.0f} MiB")
+            raise BadRequestError(f"{params['path']}: {describe_bytes(len(body), limit)} compressed exceeds the "
+                                  f"server's upload limit of {describe_bytes(limit, len(body))}")
         return self._json("PUT", volume_path, body=body, headers=headers)
 
     def _register(self, request_id: str, params: dict[str, Any]) -> None:
@@ -192,7 +198,8 @@ class RemoteWorkerClient(WorkerClient):
         with contextlib.ExitStack() as stack:
             for name, path in local.items():
                 tmp = stack.enter_context(atomic_output(path))
-                connection, response = self._open("GET", self._session(f"/outputs/{request_id}/{name}"))
+                output = f"/outputs/{urllib.parse.quote(request_id, safe='')}/{name}"
+                connection, response = self._open("GET", self._session(output))
                 try:
                     if response.status != 200:
                         raise self._refusal(response)
@@ -274,19 +281,30 @@ class RemoteWorkerClient(WorkerClient):
         finally:
             self._done(connection)
 
-    @staticmethod
-    def _refusal_of(response: http.client.HTTPResponse) -> tuple[str, str]:
-        """``(kind, message)`` of a refused request (its body: ``{"kind", "message", ...}``)."""
+    def _refusal_of(self, response: http.client.HTTPResponse) -> tuple[str, str]:
+        """``(kind, message)`` of a refused request (its body: ``{"kind", "message", ...}``); an
+        answer without them did not come from ``meddift serve`` (another server, a proxy, a wrong path)."""
         try:
             answer = json.loads(response.read())
-            kind, message = str(answer.get("kind", "internal")), str(answer.get("message", ""))
-        except (ValueError, AttributeError):
-            kind, message = "internal", ""
+            kind, message = str(answer["kind"]), str(answer["message"])
+        except (ValueError, TypeError, KeyError):
+            kind = "internal"
+            message = (f"{response.reason or 'no reason given'}; {self.url} does not answer as meddift serve "
+                       "(check the address and port)")
         return kind, f"the server refused (HTTP {response.status}): {message}"
 
     def _refusal(self, response: http.client.HTTPResponse) -> MedDIFTError:
         """The MedDIFTLib exception of a refused request."""
         return error_from_event(Error(None, *self._refusal_of(response)))
+
+
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS settings of an https server: the system's trusted certificates, or ``ca_file``'s."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as error:
+        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
+        raise BadRequestError(f"{ca_file}: cannot use as the server's certificate ({reason})") from None
 
 
 def _ending(path: str) -> str:

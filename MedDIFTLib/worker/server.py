@@ -25,6 +25,7 @@ import warnings
 from typing import Any, BinaryIO, NoReturn
 
 from .. import __version__
+from ..core.budget import Budget
 from ..core.devices import is_out_of_memory
 from ..core.errors import CancelledError, MedDIFTError, OutOfMemoryError
 from ..core.progress import ProgressFn
@@ -87,11 +88,12 @@ class Worker:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         limits: Limits = DEFAULT_LIMITS,
         fill_behind: bool = True,
+        memory_budget: Budget | None = None,
     ) -> None:
         self.writer = writer
         self.limits = limits
         self.jobs = JobQueue()
-        self.state = WorkerState(cache_bytes, limits, self.log)
+        self.state = WorkerState(cache_bytes, limits, self.log, memory_budget)
         self.fill_behind = fill_behind
         self._fill_pending = False
 

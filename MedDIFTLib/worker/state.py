@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import devices
+from ..core.budget import Budget, MemoryEstimate, check_memory, default_budget
 from ..core.errors import BadInputError, BadRequestError
 from ..core.io import Volume, read_volume
 from ..core.options import RunSettings
@@ -64,9 +65,11 @@ class WorkerState:
     cache); ``limits`` are the request limits, reported by ``probe``.
     """
 
-    def __init__(self, cache_bytes: int, limits: Limits, log: Callable[[str, str], None]) -> None:
+    def __init__(self, cache_bytes: int, limits: Limits, log: Callable[[str, str], None],
+                 memory_budget: Budget | None = None) -> None:
         self.cache = FeatureCache(cache_bytes)
         self.limits = limits
+        self.memory_budget = memory_budget
         self.volumes: dict[str, Volume] = {}
         self._log = log
         self._volume_count = 0
@@ -100,6 +103,11 @@ class WorkerState:
         if volume is None:
             raise BadRequestError(f"{field}: unknown volume id {volume_id!r}; load the volume first")
         return volume
+
+    def check_memory(self, estimate: MemoryEstimate) -> None:
+        """Refuse a job whose estimate exceeds this worker's budget or the machine's (:mod:`MedDIFTLib.core.budget`)."""
+        for budget in (self.memory_budget, default_budget()):
+            check_memory(estimate, budget)
 
     # ------------------------------------------------------------------ features
 

@@ -1,10 +1,11 @@
 """Reading and writing volumes and point sets, keeping world geometry (LPS mm)."""
 
-from .atomic import atomic_output, check_output_path
+from .atomic import atomic_output, check_output_path, check_outputs_apart
 from .points import PointSet, read_dirlab_points, read_points, write_points
 from .volumes import (
     VOLUME_EXTENSIONS,
     Volume,
+    check_geometry,
     check_overlap,
     check_volume_output,
     read_volume,
@@ -17,8 +18,10 @@ __all__ = [
     "PointSet",
     "Volume",
     "atomic_output",
+    "check_geometry",
     "check_overlap",
     "check_output_path",
+    "check_outputs_apart",
     "check_volume_output",
     "read_dirlab_points",
     "read_points",

@@ -2,6 +2,12 @@
 
 Formats: anything SimpleITK reads by extension (NIfTI, NRRD, MHA/MHD, ...) and a DICOM
 series folder. Voxel data are float32 in array order ``[k, j, i]``.
+
+A reader proves it read the whole file before any voxel is allocated (:mod:`.verify`): the header
+first, then the file's bytes against what the header declares (a gzip stream to its end, length
+and CRC; a NIfTI's float voxels checked for NaN and infinity, which ITK's NIfTI reader turns into
+zeros), and a DICOM series' slice positions for gaps. Every volume's geometry is checked
+(:func:`check_geometry`): finite spacing in a plausible range, finite origin, orthonormal direction.
 """
 
 from __future__ import annotations
@@ -19,6 +25,35 @@ import SimpleITK as sitk
 from ..errors import BadInputError
 from ..geometry import Geometry
 from .atomic import atomic_output, check_output_path
+from .verify import check_dicom_slices, check_file_holds_voxels
+
+SPACING_RANGE_MM = (1e-4, 1e4)
+"""Voxel spacings a volume may have (0.1 micrometre to 10 m)."""
+ORIGIN_LIMIT_MM = 1e9
+DIRECTION_TOLERANCE = 1e-3
+"""Largest departure of the direction matrix's D^T D from the identity (file rounding)."""
+
+
+def check_geometry(spacing_mm, origin_lps_mm, direction, label: str) -> None:
+    """Refuse a geometry no scan has: spacing not finite or outside :data:`SPACING_RANGE_MM`, an
+    origin not finite (or beyond a million km), a direction that is not orthonormal (a scaled,
+    sheared or zero matrix)."""
+    spacing = np.asarray(spacing_mm, float)
+    low, high = SPACING_RANGE_MM
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or not np.all((spacing >= low) & (spacing <= high)):
+        raise BadInputError(f"{label}: voxel spacing {tuple(spacing.tolist())} mm must be finite, between {low:g} and "
+                            f"{high:g} mm")
+    origin = np.asarray(origin_lps_mm, float)
+    if origin.shape != (3,) or not np.all(np.isfinite(origin)) or np.abs(origin).max() > ORIGIN_LIMIT_MM:
+        raise BadInputError(f"{label}: origin {tuple(origin.tolist())} mm must be finite")
+    matrix = np.asarray(direction, float)
+    if matrix.size != 9 or not np.all(np.isfinite(matrix)):
+        raise BadInputError(f"{label}: the direction must be 9 finite numbers")
+    matrix = matrix.reshape(3, 3)
+    departure = float(np.abs(matrix.T @ matrix - np.eye(3)).max())
+    if departure > DIRECTION_TOLERANCE:
+        raise BadInputError(f"{label}: the direction matrix {matrix.round(4).tolist()} is not orthonormal (its axes "
+                            "must be unit vectors at right angles; spacing belongs in the spacing)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +87,7 @@ class Volume:
         size = image.GetSize()
         if min(size) < 2:
             raise BadInputError(f"{label}: expected a 3D volume, got size {size} (a 2D slice?)")
+        check_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), label)
         voxels = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
         if not np.isfinite(voxels).all():
             count = int((~np.isfinite(voxels)).sum())
@@ -151,7 +187,18 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise BadInputError(
             f"{folder}: folder holds {len(series_ids)} DICOM series; point to a folder with one series"
         )
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    check_dicom_slices(folder, files)
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _read_file(source: Path) -> sitk.Image:
+    """The image of a single file, once its header's promise is checked against the file's bytes."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    reader.ReadImageInformation()
+    check_file_holds_voxels(source, reader)
     return reader.Execute()
 
 
@@ -162,7 +209,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         raise BadInputError(f"{source}: no such file or folder")
     try:
         with _quiet_itk():
-            image = _read_dicom_folder(source) if source.is_dir() else sitk.ReadImage(str(source))
+            image = _read_dicom_folder(source) if source.is_dir() else _read_file(source)
     except RuntimeError as error:
         raise BadInputError(f"{source}: cannot read as an image ({_first_line(error)})") from None
     return Volume.from_sitk(image, name=source.name)

@@ -6,12 +6,15 @@
 - ``POST /sessions/{sid}/requests``: one protocol request line as the body; its events come back as
   server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
   stream closing early cancels the request;
-- ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` request.
+- ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` request
+  (the request id URL-quoted; it may hold ``/``).
 
 Every route is rate-limited per client address (429; failed token attempts count) and needs
-``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals are
-``{"kind", "message"}`` JSON, never a path or a traceback. A path-style ``load`` and ``shutdown``
-are refused: volumes are uploaded.
+``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals, unknown
+routes and unexpected failures alike are ``{"kind", "message"}`` JSON, never a path or a traceback.
+A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded. Each session may hold
+``session_memory_bytes`` of uploaded voxels, and each of its jobs is refused up front when its
+memory estimate (:mod:`MedDIFTLib.core.budget`) exceeds that.
 """
 
 from __future__ import annotations
@@ -19,23 +22,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ... import __version__
+from ...core.budget import Budget, describe_bytes
 from ...core.errors import BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
 from ..jobs import Job
 from ..protocol import Limits, LoadRequest, RejectedRequest, parse_line
 from ..stream import error_event
 from .security import RateLimiter, token_matches
-from .sessions import Session, SessionStore, hide_paths
+from .sessions import INTERNAL_MESSAGE, Session, SessionStore, hide_paths
 from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume
 
 REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
@@ -43,6 +48,15 @@ DEVICE_TYPES = ("features", "match", "register")
 LOCAL_TYPES = ("overlays", "track")  # they read or write files beside the worker: local workers only
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
+SESSION_LIMIT = "this session's memory limit (meddift serve --session-memory-mb)"
+
+
+def available_devices() -> tuple[str, ...]:
+    """The devices of this machine a request may name: cpu, and cuda, cuda:N for each GPU."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ("cpu", *(("cuda",) if count else ()), *(f"cuda:{index}" for index in range(count)))
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,9 @@ class ServeConfig:
     limits: Limits = Limits()
     device_label: str = ""
     weights_dir: Path | None = None
+    session_memory_bytes: int = 16 * 2**30
+    devices: tuple[str, ...] = field(default_factory=available_devices)
+    """The devices a request may name when ``device`` is ``auto`` (besides ``auto``)."""
 
 
 def refusal(status: int, kind: str, message: str) -> JSONResponse:
@@ -87,7 +104,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def create_app(config: ServeConfig) -> Starlette:
     """The server's application; its sessions live in ``config.cache_dir``."""
     store = SessionStore(config.cache_dir, config.max_sessions, config.idle_timeout_s,
-                         config.cache_bytes, config.limits)
+                         config.cache_bytes, config.limits, Budget(config.session_memory_bytes, SESSION_LIMIT))
     rate = RateLimiter(config.requests_per_minute)
     info = {
         "version": __version__,
@@ -96,6 +113,7 @@ def create_app(config: ServeConfig) -> Starlette:
         "device_label": config.device_label,
         "limits": {"max_upload_bytes": config.max_upload_bytes, "max_request_bytes": config.limits.max_request_bytes,
                    "max_points": config.limits.max_points, "max_sessions": config.max_sessions,
+                   "session_memory_bytes": config.session_memory_bytes,
                    "idle_timeout_s": config.idle_timeout_s, "requests_per_minute": config.requests_per_minute},
     }
 
@@ -150,10 +168,17 @@ def create_app(config: ServeConfig) -> Starlette:
             body = await read_body(request, config.max_upload_bytes)
         except BodyTooLarge:
             return refusal(413, "bad_request", f"upload over the server's limit of "
-                           f"{config.max_upload_bytes / 2**20:.0f} MiB")
+                           f"{describe_bytes(config.max_upload_bytes)}")
+        held = session.held_bytes()
+        room = config.session_memory_bytes - held
+        limit, limit_name, limit_note = config.max_upload_bytes, "the server's limit", ""
+        if room < limit:
+            limit, limit_name = max(room, 0), "the room left in this session"
+            limit_note = (f"it holds {describe_bytes(held)} of voxels (meddift serve --session-memory-mb): unload a "
+                          "volume or open a new session")
         try:
             volume = await asyncio.to_thread(decode_volume, body, request.headers.get(GEOMETRY_HEADER),
-                                             request.headers.get(NAME_HEADER), config.max_upload_bytes)
+                                             request.headers.get(NAME_HEADER), limit, limit_name, limit_note)
         except MedDIFTError as error:
             return refusal(400, error.kind, str(error))
         if volume.content_hash() != content_hash:
@@ -200,6 +225,15 @@ def create_app(config: ServeConfig) -> Starlette:
         return StreamingResponse(_stream(session, request_id, request_type, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
+    async def http_refusal(request: Request, error: HTTPException) -> Response:
+        """An unknown route or method (Starlette's 404 and 405), as JSON."""
+        return refusal(error.status_code, "bad_request", f"{error.detail}: {request.method} {request.url.path} is "
+                       f"not a route of meddift serve (its routes start with {API}/)")
+
+    async def failed(request: Request, error: Exception) -> Response:
+        """Any unexpected failure, as a path-free JSON 500 (Starlette then re-raises it into the server's log)."""
+        return refusal(500, "internal", INTERNAL_MESSAGE)
+
     async def get_output(request: Request, session: Session) -> Response:
         name = request.path_params["name"]
         path = session.outputs.get(request.path_params["request_id"], {}).get(name)
@@ -230,9 +264,10 @@ def create_app(config: ServeConfig) -> Starlette:
         Route(session_path + "/volumes/{content_hash}", guarded(find_volume), methods=["GET"]),
         Route(session_path + "/volumes/{content_hash}", guarded(upload_volume), methods=["PUT"]),
         Route(session_path + "/requests", guarded(post_request), methods=["POST"]),
-        Route(session_path + "/outputs/{request_id}/{name}", guarded(get_output), methods=["GET"]),
+        Route(session_path + "/outputs/{request_id:path}/{name}", guarded(get_output), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_refusal, Exception: failed})
     app.state.sessions = store
     return app
 
@@ -253,6 +288,11 @@ def server_options(request_type: str, fields: dict[str, Any], config: ServeConfi
                                       f"{', '.join(packaged_configs())}")
     if request_type not in DEVICE_TYPES:
         return fields
+    device = fields.get("device")
+    if config.device == "auto" and device is not None and device not in ("auto", *config.devices):
+        shown = repr(device)[:40]
+        raise BadRequestError(f"'device' {shown} is not a device of this server; ask for one of "
+                              f"{', '.join(('auto', *config.devices))}")
     if config.weights_dir is not None:
         fields = {**fields, "backbone_options": {**options, "weights_dir": str(config.weights_dir)}}
     if config.device != "auto":

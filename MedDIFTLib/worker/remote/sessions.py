@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...core.budget import Budget
 from ...core.errors import BadRequestError
 from ..jobs import Job
 from ..protocol import Limits
@@ -98,8 +99,9 @@ class SessionEvents:
 class SessionWorker(Worker):
     """A session's worker; jobs that compute take the server's device lock first."""
 
-    def __init__(self, events: SessionEvents, cache_bytes: int, limits: Limits, device_lock: threading.Lock) -> None:
-        super().__init__(events, cache_bytes, limits)
+    def __init__(self, events: SessionEvents, cache_bytes: int, limits: Limits, device_lock: threading.Lock,
+                 memory_budget: Budget | None = None) -> None:
+        super().__init__(events, cache_bytes, limits, memory_budget=memory_budget)
         self.device_lock = device_lock
 
     def run_job(self, job: Job) -> None:
@@ -139,6 +141,10 @@ class Session:
     def busy(self) -> bool:
         return self.events.open_count > 0 or self.worker.jobs.running is not None
 
+    def held_bytes(self) -> int:
+        """Bytes of the voxels this session's worker holds."""
+        return sum(volume.voxels.nbytes for volume in list(self.worker.state.volumes.values()))
+
     def uploaded(self, content_hash: str) -> dict[str, Any] | None:
         """The load result of a volume uploaded before and still held (None otherwise)."""
         found = self.uploads.get(content_hash)
@@ -173,11 +179,13 @@ class Session:
 
 
 class SessionStore:
-    """The open sessions: at most ``max_sessions``; idle ones closed after ``idle_timeout_s``."""
+    """The open sessions: at most ``max_sessions``; idle ones closed after ``idle_timeout_s``; each
+    session's jobs within ``memory_budget``."""
 
     def __init__(self, root: Path, max_sessions: int, idle_timeout_s: float, cache_bytes: int,
-                 limits: Limits) -> None:
+                 limits: Limits, memory_budget: Budget | None = None) -> None:
         self.root = root
+        self.memory_budget = memory_budget
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.cache_bytes = cache_bytes
@@ -198,7 +206,7 @@ class SessionStore:
             folder = self.root / f"session-{secrets.token_hex(8)}"
             folder.mkdir(parents=True)
             events = SessionEvents()
-            worker = SessionWorker(events, self.cache_bytes, self.limits, self.device_lock)
+            worker = SessionWorker(events, self.cache_bytes, self.limits, self.device_lock, self.memory_budget)
             thread = threading.Thread(target=worker.serve, name="meddift-session", daemon=True)
             session = Session(session_id, folder, events, worker, thread)
             self._sessions[session_id] = session

@@ -9,6 +9,8 @@ after decoding, so the client can ask whether it was sent before. Imports neithe
 from __future__ import annotations
 
 import json
+import math
+import operator
 import re
 import urllib.parse
 import zlib
@@ -16,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ...core.errors import BadRequestError
+from ...core.budget import describe_bytes
+from ...core.errors import BadInputError, BadRequestError
 from ...core.geometry import Geometry
-from ...core.io import Volume
+from ...core.io import Volume, check_geometry
 
 API = "/v1"
 GEOMETRY_HEADER = "X-MedDIFT-Geometry"
@@ -47,26 +50,30 @@ def encode_volume(volume: Volume) -> tuple[bytes, dict[str, str]]:
     return body, headers
 
 
-def decode_volume(body: bytes, geometry_text: str | None, name_text: str | None, max_bytes: int) -> Volume:
-    """The volume of an upload; refuses a bad geometry, a voxel count over ``max_bytes`` (float32)
-    and data that do not decompress to exactly the declared grid."""
+def decode_volume(body: bytes, geometry_text: str | None, name_text: str | None, max_bytes: int,
+                  limit_name: str = "the server's limit", limit_note: str = "") -> Volume:
+    """The volume of an upload; refuses a bad geometry (as a file's: :func:`~MedDIFTLib.core.io.check_geometry`),
+    a voxel count over ``max_bytes`` (float32; ``limit_name`` says whose limit that is, ``limit_note`` what
+    to do about it), data that do
+    not decompress to exactly the declared grid, and NaN or infinite voxels."""
     try:
         header: Any = json.loads(geometry_text or "")
-        geometry = Geometry.create(header["shape_ijk"], header["spacing_mm"], header["origin_lps_mm"],
-                                   header["direction"])
-        shape = [int(n) for n in header["shape_ijk"]]
+        shape = [operator.index(n) for n in header["shape_ijk"]]
+        spacing, origin, direction = header["spacing_mm"], header["origin_lps_mm"], header["direction"]
+        check_geometry(spacing, origin, direction, "the uploaded volume")
     except (ValueError, TypeError, KeyError):
-        raise BadRequestError(f"the upload's {GEOMETRY_HEADER} header must hold shape_ijk, spacing_mm, "
-                              "origin_lps_mm and direction") from None
-    numbers = np.array([*geometry.spacing_mm, *geometry.origin_lps_mm, *geometry.direction])
-    if not np.isfinite(numbers).all() or min(geometry.spacing_mm) <= 0:
-        raise BadRequestError("an uploaded volume needs finite geometry and positive spacing")
+        raise BadRequestError(f"the upload's {GEOMETRY_HEADER} header must hold shape_ijk (3 whole numbers), "
+                              "spacing_mm, origin_lps_mm and direction") from None
+    except BadInputError as error:
+        raise BadRequestError(str(error)) from None
     if len(shape) != 3 or min(shape) < 2:
         raise BadRequestError(f"an uploaded volume must be 3D with at least 2 voxels per axis, got {shape}")
-    expected = 4 * int(np.prod(shape, dtype=np.int64))
+    expected = 4 * math.prod(shape)
     if expected > max_bytes:
-        raise BadRequestError(f"the uploaded volume ({expected / 2**20:.0f} MiB of voxels) exceeds the server's "
-                              f"limit of {max_bytes / 2**20:.0f} MiB")
+        raise BadRequestError(f"the uploaded volume ({describe_bytes(expected, max_bytes)} of voxels) exceeds "
+                              f"{limit_name} of {describe_bytes(max_bytes, expected)}"
+                              + (f"; {limit_note}" if limit_note else ""))
+    geometry = Geometry.create(shape, spacing, origin, direction)
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(body, expected + 1)
