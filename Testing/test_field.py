@@ -38,7 +38,7 @@ SHAPE_IJK = (40, 36, 32)
 SPACING_MM = (2.0, 2.0, 2.0)
 ORIGIN_LPS = (-40.0, 30.0, 100.0)
 # Small synthetic volumes are not CT in HU with a body around them: search the whole grid.
-WHOLE_GRID = FieldOptions(mask_threshold_hu=None)
+WHOLE_GRID = FieldOptions(automatic_region=False)
 # Tolerances (mm) on smooth synthetic motion imaged at 2 mm voxels.
 TRANSLATION_TOLERANCE_MM = 0.5
 DEFORMATION_TOLERANCE_MM = 1.0
@@ -149,7 +149,7 @@ def test_coarse_to_fine_levels_without_optimisation(translated_pair):
     fixed, _, fixed_pyramid, moving_pyramid, _, shift_mm = translated_pair
     levels = (FieldLevel(6.0, 24.0, 10.0), FieldLevel(3.0, 6.0, 5.0))
     field = register(fixed_pyramid, moving_pyramid, fixed,
-                     FieldOptions(levels=levels, optimise_iterations=0, mask_threshold_hu=None))
+                     FieldOptions(levels=levels, optimise_iterations=0, automatic_region=False))
     points = _interior_points(fixed.geometry)
     assert np.allclose(np.median(transform_points(field, points) - points, axis=0), shift_mm, atol=0.5)
 
@@ -273,7 +273,7 @@ def test_jacobian_of_a_linear_field_and_of_a_fold():
 
 def test_register_and_write_outputs(tmp_path, translated_pair):
     fixed, moving, fixed_pyramid, moving_pyramid, _, shift_mm = translated_pair
-    options = FieldOptions(mask_threshold_hu=None, optimise_iterations=3)
+    options = FieldOptions(automatic_region=False, optimise_iterations=3)
     moving = dataclasses.replace(moving, stored_dtype="int16")  # as read from an int16 CT file
     summary = register_and_write(fixed, moving, fixed_pyramid, moving_pyramid, tmp_path / "t.nii.gz",
                                  tmp_path / "inverse.h5", tmp_path / "warped.nrrd", options)
@@ -397,7 +397,7 @@ def test_moving_stack_holds_the_features_and_their_central_differences(shape):
 
 
 def test_block_jacobi_inverse_of_symmetric_positive_definite_blocks():
-    from MedDIFTLib.field.optimise import _symmetric_inverse
+    from MedDIFTLib.field.solver import _symmetric_inverse
 
     generator = torch.Generator().manual_seed(5)
     factors = torch.randn((40, 3, 3), generator=generator, dtype=torch.float64)

@@ -43,7 +43,7 @@ from MedDIFTLib.worker.remote_client import RemoteWorkerClient
 TOKEN = "test-token-0123456789abcdef"
 TIMEOUT_S = 120
 QUICK_FIELD = {"levels": [{"spacing_mm": 6.0, "search_radius_mm": 10.0, "smoothness_mm": 24.0}],
-               "optimise_iterations": 0, "mask_threshold_hu": None}
+               "optimise_iterations": 0, "automatic_region": False}
 
 
 class ThreadServer:

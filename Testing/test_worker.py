@@ -275,7 +275,7 @@ def _quick_field_options() -> dict:
     defaults = FieldOptions()
     level = dataclasses.asdict(defaults.levels[0])
     level.update(spacing_mm=6.0, search_radius_mm=10.0, smoothness_mm=24.0)
-    return {"levels": [level], "optimise_iterations": 0, "mask_threshold_hu": None}
+    return {"levels": [level], "optimise_iterations": 0, "automatic_region": False}
 
 
 def test_register_writes_the_field_and_warped_image(client, loaded, pair, tmp_path):

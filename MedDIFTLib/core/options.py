@@ -215,6 +215,7 @@ class FieldLevel(Options):
     search_radius_mm: float = option(SEARCH_RADIUS_MM, above=0.0, help="largest motion searched for, mm")
     smoothness_mm: float = option(10.0, above=0.0, help="smoothing length of the fitted field, mm")
     aggregation_nodes: int = option(1, minimum=0, help="half-width of the similarity aggregation box, nodes")
+    step_mm: float | None = option(None, above=0.0, help="step of the searched shifts, mm (default: spacing_mm)")
 
 
 @dataclass(frozen=True)
@@ -222,18 +223,28 @@ class FieldOptions(Options):
     """How the dense field is built (distances in mm).
 
     ``levels``: coarse to fine; the first searches from identity, so its radius bounds the motion
-    that can be found. ``mask_threshold_hu``: the automatic body mask keeps voxels above it (None:
-    the whole image)."""
+    that can be found. ``automatic_region``: fit the field where the fixed image has content, leaving
+    out uniform dark background connected to its border (:mod:`MedDIFTLib.field.region`; false: the
+    whole image)."""
 
     levels: tuple[FieldLevel, ...] = option(
-        (FieldLevel(spacing_mm=8.0), FieldLevel(spacing_mm=6.0, search_radius_mm=13.0, smoothness_mm=8.0)),
+        (
+            FieldLevel(spacing_mm=8.0, search_radius_mm=35.0, smoothness_mm=4.0),
+            FieldLevel(spacing_mm=6.0, search_radius_mm=13.0, smoothness_mm=3.0),
+        ),
         help="search levels, coarse to fine",
     )
     robust_iterations: int = option(3, minimum=0, help="reweighting passes of the robust fit")
     optimise_iterations: int = option(8, minimum=0, help="instance optimisation steps (0: off)")
     optimise_spacing_mm: float = option(3.0, above=0.0, help="node spacing of the instance optimisation, mm")
-    optimise_regularisation: float = option(0.1, minimum=0.0, help="diffusion penalty of the instance optimisation")
-    mask_threshold_hu: float | None = option(-500.0, help="automatic body mask threshold, HU (None: whole image)")
+    optimise_regularisation: float = option(0.1, minimum=0.0, help="smoothness penalty of the instance optimisation")
+    break_gradient: float | None = option(
+        0.2, above=0.0, help="displacement gradient (mm/mm) above which the field may break where organs slide "
+        "(total variation); None: diffusion everywhere"
+    )
+    automatic_region: bool = option(
+        True, help="leave out uniform dark background at the image border (air, no signal); false: whole image"
+    )
     inverse_spacing_mm: float = option(2.0, above=0.0, help="grid on which the inverse field is solved, mm")
 
     def __post_init__(self) -> None:

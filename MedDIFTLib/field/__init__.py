@@ -16,19 +16,20 @@ from .displacement import (
     write_field,
 )
 from .outputs import carried_points, summary_path, write_summary
-from .register import FieldLevel, FieldOptions, Mask, body_mask, mask_from_volume, register, register_and_write
+from .region import Region, automatic_region, region_from_mask
+from .register import FieldLevel, FieldOptions, register, register_and_write
 
 __all__ = [
     "DisplacementField",
     "FieldLevel",
     "FieldOptions",
-    "Mask",
-    "body_mask",
+    "Region",
+    "automatic_region",
     "carried_points",
     "invert",
     "jacobian_determinant",
     "jacobian_stats",
-    "mask_from_volume",
+    "region_from_mask",
     "read_field",
     "register",
     "register_and_write",

@@ -15,32 +15,18 @@ seconds, and the field that follows (instance optimisation) refines what a Gauss
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.geometry import Geometry
+from ..matching.nodes import grid_points
 from ..matching.sampling import vector_lengths
+from .grids import gaussian_filter
+from .solver import MatchTerm, minimise
 
 FILL_WIDTH = 4.0
 FILL_SHARE = 1e-2
-
-
-def gaussian_filter(values: torch.Tensor, sigma_kji: tuple[float, float, float]) -> torch.Tensor:
-    """Separable Gaussian of ``(C, K, J, I)`` (sigma in voxels per axis), zero outside the grid."""
-    result = values[None]
-    for axis, sigma in enumerate(sigma_kji):
-        if sigma <= 0 or values.shape[axis + 1] < 2:
-            continue
-        radius = int(min(np.ceil(3.0 * sigma), values.shape[axis + 1] - 1))
-        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=values.dtype) / sigma) ** 2)
-        shape = [1, 1, 1, 1, 1]
-        shape[axis + 2] = len(taps)
-        kernel = (taps / taps.sum()).reshape(shape).expand(values.shape[0], 1, *shape[2:])
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        result = F.conv3d(result, kernel, padding=tuple(padding), groups=values.shape[0])
-    return result[0]
+FIT_ITERATIONS = 5
+MATCH_SCALE_MM = 2.0
 
 
 def _normalised_convolution(data: torch.Tensor, weights: torch.Tensor, sigma_kji) -> torch.Tensor:
@@ -51,7 +37,7 @@ def _normalised_convolution(data: torch.Tensor, weights: torch.Tensor, sigma_kji
     return (numerator[:3] + share * fill) / (numerator[3:] + share)
 
 
-def robust_fit(
+def gaussian_fit(
     displacements_lps_mm: torch.Tensor,
     confidence: torch.Tensor,
     grid: Geometry,
@@ -81,3 +67,30 @@ def robust_fit(
         scale = max(2.5 * spread, min_scale_mm)
         weights = confidence / (1.0 + (residual / scale) ** 2)
     return fitted, weights
+
+
+def robust_fit(
+    displacements_lps_mm: torch.Tensor,
+    confidence: torch.Tensor,
+    grid: Geometry,
+    smoothness_mm: float,
+    break_gradient: float | None,
+    robust_iterations: int = 3,
+    iterations: int = FIT_ITERATIONS,
+) -> torch.Tensor:
+    """The field ``(3, K, J, I)`` fitted to the lattice's matches: :func:`gaussian_fit`, then
+    ``iterations`` steps of the robust, edge-preserving fit (:func:`.solver.minimise`) of the
+    matches (Charbonnier, scale ``MATCH_SCALE_MM``, weighted by ``confidence``) under the
+    regulariser with ``break_gradient``, whose weight gives a smoothing length of about
+    ``smoothness_mm``, so the field follows the matches on each side of a sliding interface."""
+    fitted, _ = gaussian_fit(displacements_lps_mm, confidence, grid, smoothness_mm, robust_iterations)
+    matched = confidence > 0
+    if iterations <= 0 or not bool(matched.any()):
+        return fitted
+    nodes = grid_points(grid)
+    term = MatchTerm.at_points(
+        grid, nodes, displacements_lps_mm.reshape(3, -1).T.numpy(), confidence.reshape(-1).numpy(), MATCH_SCALE_MM
+    )
+    regularisation = float(smoothness_mm) ** 2 * float(confidence[matched].median())
+    max_step_mm = float(min(grid.spacing_mm))
+    return minimise(fitted, grid, regularisation, break_gradient, iterations, max_step_mm, matches=term)

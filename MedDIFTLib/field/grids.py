@@ -54,7 +54,7 @@ def cell_grid(geometry: Geometry, spacing_mm: float | np.ndarray) -> Geometry:
     if np.allclose(node_spacing, pooled.spacing_mm):
         return pooled
     extent = (np.asarray(pooled.shape_ijk) - 1) * np.asarray(pooled.spacing_mm)
-    shape = np.floor(extent / node_spacing + 1e-6).astype(int) + 1
+    shape = np.ceil(extent / node_spacing - 1e-6).astype(int) + 1
     return Geometry.create(shape, node_spacing, pooled.origin_lps_mm, geometry.direction_matrix)
 
 
@@ -69,6 +69,23 @@ def cell_average(
     if grid.same_grid(pooled_geometry):
         return pooled, grid
     return resample(pooled, pooled_geometry, grid), grid
+
+
+def gaussian_filter(values: torch.Tensor, sigma_kji: tuple[float, float, float]) -> torch.Tensor:
+    """Separable Gaussian of ``(C, K, J, I)`` (sigma in voxels per axis), zero outside the grid."""
+    result = values[None]
+    for axis, sigma in enumerate(sigma_kji):
+        if sigma <= 0 or values.shape[axis + 1] < 2:
+            continue
+        radius = int(min(np.ceil(3.0 * sigma), values.shape[axis + 1] - 1))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=values.dtype) / sigma) ** 2)
+        shape = [1, 1, 1, 1, 1]
+        shape[axis + 2] = len(taps)
+        kernel = (taps / taps.sum()).reshape(shape).expand(values.shape[0], 1, *shape[2:])
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        result = F.conv3d(result, kernel, padding=tuple(padding), groups=values.shape[0])
+    return result[0]
 
 
 def pool(values: torch.Tensor, factors_ijk: np.ndarray) -> torch.Tensor:

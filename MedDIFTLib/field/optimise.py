@@ -35,11 +35,11 @@ import torch
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeatureLevel, FeaturePyramid
-from ..matching.sampling import sample, unit_descriptors, vector_lengths
+from ..matching.sampling import sample, unit_descriptors
 from . import grids
+from .solver import minimise
 
 MAX_CHANNELS = 16
-CG_ITERATIONS = 10
 MAX_STEP_VOXELS = 0.5
 
 
@@ -162,99 +162,6 @@ def _linearise(term: _SimilarityTerm, displacement: torch.Tensor):
     return energy, gradient, hessian.contiguous()
 
 
-def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Per-node 3x3 products: ``matrices`` (3, 3, N) times ``vectors`` (3, N)."""
-    result = torch.empty_like(vectors)
-    for row in range(3):
-        torch.mul(matrices[row, 0], vectors[0], out=result[row])
-        result[row].addcmul_(matrices[row, 1], vectors[1]).addcmul_(matrices[row, 2], vectors[2])
-    return result
-
-
-class _Laplacian:
-    """Graph Laplacian of the node grid (edges weighted 1/h^2, mm), free boundaries."""
-
-    def __init__(self, spacing_kji: tuple[float, float, float]) -> None:
-        self.weights = [1.0 / s**2 for s in spacing_kji]
-
-    def __call__(self, field: torch.Tensor) -> torch.Tensor:
-        """``L u`` for ``u`` of shape ``(3, K, J, I)``."""
-        result = torch.zeros_like(field)
-        for axis, weight in enumerate(self.weights):
-            dim = axis + 1
-            size = field.shape[dim]
-            if size < 2:
-                continue
-            difference = torch.diff(field, dim=dim).mul_(weight)
-            result.narrow(dim, 0, size - 1).sub_(difference)
-            result.narrow(dim, 1, size - 1).add_(difference)
-        return result
-
-    @property
-    def diagonal(self) -> float:
-        return 2.0 * sum(self.weights)
-
-
-def _on_grid(hessian: torch.Tensor, node_index: torch.Tensor, count: int) -> torch.Tensor:
-    """``(3, 3, count)``: the per-node ``hessian`` (3, 3, N) at the grid nodes ``node_index``, zero elsewhere."""
-    dense = hessian.new_zeros((3, 3, count))
-    dense[:, :, node_index] = hessian
-    return dense
-
-
-def _symmetric_inverse(blocks: torch.Tensor) -> torch.Tensor:
-    """Inverses (3, 3, N) of symmetric positive definite 3x3 blocks (3, 3, N), by their adjugates
-    (read from the upper triangle)."""
-    a, b, c = blocks[0, 0], blocks[0, 1], blocks[0, 2]
-    d, e, f = blocks[1, 1], blocks[1, 2], blocks[2, 2]
-    cofactors = [d * f - e * e, c * e - b * f, b * e - c * d, a * f - c * c, b * c - a * e, a * d - b * b]
-    scale = 1.0 / (a * cofactors[0] + b * cofactors[1] + c * cofactors[2])
-    xx, xy, xz, yy, yz, zz = (cofactor.mul_(scale) for cofactor in cofactors)
-    return torch.stack([torch.stack(row) for row in ((xx, xy, xz), (xy, yy, yz), (xz, yz, zz))])
-
-
-def _solve_step(
-    hessian: torch.Tensor,
-    rhs: torch.Tensor,
-    laplacian: _Laplacian,
-    regularisation: float,
-    damping: float,
-) -> torch.Tensor:
-    """Solve ``(H + r L + d) x = rhs`` on the grid ``(3, K, J, I)`` by block-Jacobi CG.
-
-    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term).
-    """
-    shift = regularisation * laplacian.diagonal + damping
-    block_inverse = _symmetric_inverse(hessian + torch.eye(3)[:, :, None] * shift)
-
-    def apply(vector: torch.Tensor) -> torch.Tensor:
-        result = laplacian(vector).mul_(regularisation).add_(vector, alpha=damping)
-        result.view(3, -1).add_(_matvec(hessian, vector.view(3, -1)))
-        return result
-
-    def precondition(vector: torch.Tensor) -> torch.Tensor:
-        return _matvec(block_inverse, vector.view(3, -1)).view_as(vector)
-
-    solution = torch.zeros_like(rhs)
-    residual = rhs.clone()
-    preconditioned = precondition(residual)
-    direction = preconditioned.clone()
-    product = float((residual * preconditioned).sum())
-    for _ in range(CG_ITERATIONS):
-        image = apply(direction)
-        curvature = float((direction * image).sum())
-        if curvature <= 0 or product <= 0:
-            break
-        step = product / curvature
-        solution.add_(direction, alpha=step)
-        residual.sub_(image, alpha=step)
-        preconditioned = precondition(residual)
-        new_product = float((residual * preconditioned).sum())
-        direction = preconditioned.add_(direction, alpha=new_product / product)
-        product = new_product
-    return solution
-
-
 def instance_optimise(
     fixed: FeaturePyramid,
     moving: FeaturePyramid,
@@ -264,42 +171,42 @@ def instance_optimise(
     iterations: int,
     regularisation: float,
     progress: ProgressFn = no_progress,
+    *,
+    break_gradient: float | None = None,
 ) -> torch.Tensor:
     """Refine ``initial`` node values ``(3, K, J, I)`` (LPS mm) on ``param_grid``.
 
-    The data term is taken at the nodes where ``inside(points_lps_mm)`` holds (the body or a
-    user mask); ``iterations`` counts Levenberg-Marquardt steps, refused ones included.
+    The similarity term is taken at the nodes where ``inside(points_lps_mm)`` holds (the region or
+    a user mask); the regulariser is :class:`.solver.Smoothness` with ``break_gradient``, and the
+    field may break where organs slide but not fold (:func:`.solver.minimise`). ``iterations`` counts
+    Levenberg-Marquardt steps, refused ones included.
     """
     kji = np.argwhere(np.ones(param_grid.shape_kji, bool))
     nodes = param_grid.ijk_to_lps(kji[:, ::-1].astype(float))
     keep = inside(nodes)
-    field = initial.clone().float()
     if iterations <= 0 or not keep.any():
-        return field
-    spacing_mm = float(np.min(param_grid.spacing_mm))
+        return initial.clone().float()
+    count = len(nodes)
     node_index = torch.as_tensor(np.flatnonzero(keep))
     term = _similarity_term(fixed, moving, param_grid, node_index, nodes[keep])
-    laplacian = _Laplacian(tuple(float(s) for s in param_grid.spacing_mm[::-1]))
-    max_step_mm = MAX_STEP_VOXELS * spacing_mm
 
-    def energy_of(values: torch.Tensor):
-        data, gradient, hessian = _linearise(term, values.reshape(3, -1)[:, node_index].T)
-        smoothness = float((values * laplacian(values)).sum())
-        return data + regularisation * smoothness, gradient, hessian
+    def similarity(flat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        energy, at_nodes_gradient, at_nodes_hessian = _linearise(term, flat[:, node_index].T)
+        gradient = flat.new_zeros((3, count))
+        gradient[:, node_index] = at_nodes_gradient
+        hessian = flat.new_zeros((3, 3, count))
+        hessian[:, :, node_index] = at_nodes_hessian
+        return energy, gradient, hessian
 
-    energy, gradient, hessian = energy_of(field)
-    damping = 1e-3 * float(hessian.diagonal(dim1=0, dim2=1).mean()) + 1e-9
-    for iteration in range(iterations):
-        rhs = -regularisation * laplacian(field)
-        rhs.view(3, -1)[:, node_index] -= gradient
-        step = _solve_step(_on_grid(hessian, node_index, rhs[0].numel()), rhs, laplacian, regularisation, damping)
-        step *= (max_step_mm / vector_lengths(step, 0).clamp(min=1e-12)).clamp(max=1.0)
-        candidate = field + step
-        candidate_energy, candidate_gradient, candidate_hessian = energy_of(candidate)
-        if candidate_energy < energy:
-            field, energy, gradient, hessian = candidate, candidate_energy, candidate_gradient, candidate_hessian
-            damping /= 3.0
-        else:
-            damping *= 10.0
-        progress("optimise", (iteration + 1) / iterations, f"step {iteration + 1}/{iterations}")
-    return field
+    return minimise(
+        initial,
+        param_grid,
+        regularisation,
+        break_gradient,
+        iterations,
+        MAX_STEP_VOXELS * float(np.min(param_grid.spacing_mm)),
+        similarity,
+        None,
+        progress,
+        unfold=True,
+    )

@@ -6,7 +6,7 @@ Pipeline (each step reads only the :class:`FeaturePyramid` contract, so any back
    matches every node of a regular lattice of the fixed image (``FieldLevel.spacing_mm``) within
    ``search_radius_mm`` of the field so far, with its forward-backward check and confidence, so
    the field and ``match`` rest on the same similarity.
-2. Robust fit: a smooth field is fitted to those Correspondences inside the body (or a user mask),
+2. Robust fit: a smooth field is fitted to those Correspondences inside the region (or a user mask),
    each weighted by its confidence and by a robust weight, so bad matches do not pull it (:mod:`.fit`).
 3. Coarse to fine: a further level matches a finer lattice through the field so far (the moving
    descriptors are sampled through it) and the field is fitted again to its matches.
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
@@ -43,66 +41,16 @@ from .displacement import (
 )
 from .fit import robust_fit
 from .optimise import instance_optimise
+from .region import Region, automatic_region, region_from_mask
 
 MIN_POINTS = 8
 
 
-@dataclass(frozen=True)
-class Mask:
-    """A binary mask ``[k, j, i]`` on a grid; ``contains`` looks points up (nearest voxel)."""
-
-    inside: np.ndarray
-    geometry: Geometry
-
-    def contains(self, points_lps_mm: np.ndarray) -> np.ndarray:
-        ijk = np.round(self.geometry.lps_to_ijk(np.asarray(points_lps_mm, float).reshape(-1, 3))).astype(int)
-        valid = np.all((ijk >= 0) & (ijk < np.asarray(self.geometry.shape_ijk)), axis=1)
-        result = np.zeros(len(ijk), bool)
-        result[valid] = self.inside[ijk[valid, 2], ijk[valid, 1], ijk[valid, 0]]
-        return result
-
-    @property
-    def fraction(self) -> float:
-        return float(self.inside.mean())
-
-
-def body_mask(volume: Volume, threshold_hu: float = -500.0, spacing_mm: float = 3.0) -> Mask:
-    """The body in a CT (HU): voxels above ``threshold_hu`` at about ``spacing_mm``, largest
-    component, holes (lungs, airways) filled slice by slice across the body axis, one voxel grown.
-
-    Falls back to the whole grid when the threshold finds almost nothing (not a CT in HU).
-    """
-    geometry = volume.geometry
-    factors = grids.pool_factors(geometry, spacing_mm)
-    pooled = grids.pool(torch.from_numpy(volume.voxels)[None], factors)[0].numpy()
-    mask_geometry = grids.pooled_grid(geometry, factors)
-    inside = pooled > threshold_hu
-    labels, count = ndimage.label(inside)
-    if count == 0 or inside.mean() < 0.01:
-        return Mask(np.ones(mask_geometry.shape_kji, bool), mask_geometry)
-    sizes = ndimage.sum_labels(inside, labels, index=np.arange(1, count + 1))
-    inside = labels == (1 + int(np.argmax(sizes)))
-    body_axis_ijk = int(np.argmax(np.abs(geometry.direction_matrix[2])))
-    array_axis = 2 - body_axis_ijk
-    for index in range(inside.shape[array_axis]):
-        selector = [slice(None)] * 3
-        selector[array_axis] = index
-        inside[tuple(selector)] = ndimage.binary_fill_holes(inside[tuple(selector)])
-    inside = ndimage.binary_dilation(inside, iterations=1)
-    return Mask(inside, mask_geometry)
-
-
-def mask_from_volume(mask: Volume) -> Mask:
-    """A user mask: non-zero voxels are inside."""
-    inside = mask.voxels != 0
-    if not inside.any():
-        raise BadInputError(f"{mask.name or 'mask'}: the mask is empty")
-    return Mask(inside, mask.geometry)
-
-
 def level_match_options(level: FieldLevel) -> MatchOptions:
-    """The engine's options for one field level: its radius, candidates every ``spacing_mm``."""
-    return MatchOptions(search_radius_mm=level.search_radius_mm, coarse_step_mm=level.spacing_mm)
+    """The engine's options for one field level: its radius, candidates every ``step_mm`` (default
+    ``spacing_mm``)."""
+    step_mm = level.spacing_mm if level.step_mm is None else level.step_mm
+    return MatchOptions(search_radius_mm=level.search_radius_mm, coarse_step_mm=step_mm)
 
 
 def register(
@@ -115,8 +63,8 @@ def register(
 ) -> DisplacementField:
     """Dense displacement field (ITK convention, fixed grid, LPS mm) from two feature pyramids.
 
-    ``fixed`` (the fixed CT in HU) gives the automatic body mask; ``mask`` (non-zero = inside,
-    any grid) replaces it. Without either, the whole fixed grid is used.
+    ``fixed`` (the fixed image) gives the automatic region (:mod:`.region`); ``mask`` (non-zero =
+    inside, any grid) replaces it. Without either, the whole fixed grid is used.
     """
     options = options or FieldOptions()
     if len(fixed_pyramid.levels) != len(moving_pyramid.levels):
@@ -125,11 +73,12 @@ def register(
     if fixed is not None and not fixed.geometry.same_grid(geometry):
         raise BadInputError("the fixed volume and the fixed features are on different grids")
     if mask is not None:
-        region = mask_from_volume(mask)
-    elif fixed is not None and options.mask_threshold_hu is not None:
-        region = body_mask(fixed, options.mask_threshold_hu)
+        region = region_from_mask(mask)
+    elif fixed is not None and options.automatic_region:
+        region = automatic_region(fixed)
     else:
-        region = Mask(np.ones(geometry.shape_kji, bool), geometry)
+        region = Region.whole(geometry)
+    param_grid = grids.cell_grid(geometry, options.optimise_spacing_mm)
     level_count = len(options.levels)
     matching_share = 0.7 if options.optimise_iterations > 0 else 0.95
     values: torch.Tensor | None = None
@@ -154,16 +103,16 @@ def register(
                     "use a larger mask or a finer lattice"
                 )
             report("fit", 0.8, f"level {index + 1}: fitting {int(inside.sum())} matches")
-            values, _ = robust_fit(
+            values = robust_fit(
                 lattice.on_grid(matches.displacement_lps_mm),
                 lattice.on_grid(np.where(inside, matches.confidence, 0.0)),
                 lattice.grid,
                 level.smoothness_mm,
-                robust_iterations=options.robust_iterations,
+                options.break_gradient,
+                options.robust_iterations,
             )
             values_grid = lattice.grid
             report("fit", 1.0, f"level {index + 1} done")
-    param_grid = grids.cell_grid(geometry, options.optimise_spacing_mm)
     if values is None:
         initial = torch.zeros((3, *param_grid.shape_kji))
     else:
@@ -178,6 +127,7 @@ def register(
             options.optimise_iterations,
             options.optimise_regularisation,
             scaled(progress, matching_share, 0.97),
+            break_gradient=options.break_gradient,
         )
     progress("field", 0.98, "dense field on the fixed grid")
     dense = grids.resample(initial, param_grid, geometry)
@@ -260,8 +210,8 @@ def register_and_write(
 __all__ = [
     "FieldLevel",
     "FieldOptions",
-    "Mask",
-    "body_mask",
+    "Region",
+    "automatic_region",
     "register",
     "register_and_write",
 ]
