@@ -218,3 +218,48 @@ def test_mind_levels_are_stored_with_unit_norm_and_say_so():
         assert level.unit_norm and level.features.dtype == torch.float16
         norm = level.features.float().norm(dim=0).numpy()
         np.testing.assert_allclose(norm, 1.0, atol=1e-3)  # half precision: 11 significant bits
+
+
+def _thick_slice_texture(spacing_mm: tuple[float, float, float], seed: int = 0) -> Volume:
+    """A smooth random texture sampled on a grid of ``spacing_mm`` over about 48 x 48 x 48 mm."""
+    from scipy import ndimage
+
+    shape_ijk = [int(round(48.0 / s)) for s in spacing_mm]
+    fine = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=(96, 96, 96)), 3.0)
+    kji = np.meshgrid(*[np.arange(n) * s / 0.5 for n, s in zip(shape_ijk[::-1], spacing_mm[::-1])], indexing="ij")
+    voxels = ndimage.map_coordinates(fine, kji, order=1) * 4000.0 - 300.0
+    return Volume(voxels.astype(np.float32), Geometry.create(shape_ijk, spacing_mm, (10.0, -20.0, 30.0)))
+
+
+def test_mind_descriptors_live_on_an_isotropic_grid_of_the_finest_spacing():
+    """Thick slices (1.5 x 1.5 x 4.5 mm): the levels lie on cubic voxels of 1.5 mm (then 3, 6) over
+    the same extent and orientation; the pyramid keeps the image's own grid; cubic voxels and
+    ``isotropic=False`` keep the native grid; the choice is part of the features' identity."""
+    thick = _thick_slice_texture((1.5, 1.5, 4.5))
+    pyramid = create_featurizer("mind").extract(thick)
+    assert pyramid.image_geometry == thick.geometry
+    for level, scale in zip(pyramid.levels, (1, 2, 4)):
+        np.testing.assert_allclose(level.geometry.spacing_mm, (1.5 * scale,) * 3)
+    assert np.allclose(pyramid.levels[0].geometry.origin_lps_mm, thick.geometry.origin_lps_mm)
+    assert pyramid.levels[0].geometry.shape_ijk[2] == 31  # 10 slices of 4.5 mm: 45 mm at 1.5 mm
+    native = create_featurizer("mind", isotropic=False).extract(thick)
+    assert native.levels[0].geometry == thick.geometry
+    assert native.config != pyramid.config
+    cubic = _thick_slice_texture((2.0, 2.0, 2.0))
+    assert create_featurizer("mind").extract(cubic).levels[0].geometry == cubic.geometry
+    with pytest.raises(BadInputError, match="spacing_mm"):
+        create_featurizer("mind", spacing_mm=-1.0)
+
+
+def test_thick_slice_matches_are_reported_in_the_images_world_millimetres():
+    """A thick-slice texture and the same texture moved by (2, -3, 5) mm: matches on the isotropic
+    working grid come back in the input's LPS mm, within a fraction of the 4.5 mm slices."""
+    shift_mm = np.array([2.0, -3.0, 5.0])
+    fixed = _thick_slice_texture((1.5, 1.5, 4.5))
+    moved_geometry = Geometry.create(fixed.geometry.shape_ijk, fixed.geometry.spacing_mm,
+                                     np.asarray(fixed.geometry.origin_lps_mm) + shift_mm)
+    moving = Volume(fixed.voxels.copy(), moved_geometry)  # the same voxels placed shift_mm further
+    mind = create_featurizer("mind")
+    centre = fixed.geometry.ijk_to_lps(np.array([[12.0, 14.0, 5.0], [20.0, 12.0, 4.0], [16.0, 20.0, 6.0]]))
+    found = match_points(mind.extract(fixed), mind.extract(moving), centre, options=MatchOptions(search_radius_mm=12.0))
+    np.testing.assert_allclose(found.points_lps_mm - centre, np.tile(shift_mm, (3, 1)), atol=0.75)

@@ -84,7 +84,8 @@ def automatic_region(volume: Volume) -> Region:
     local_std = np.sqrt(np.maximum(local_square - local_mean**2, 0.0))
     low, high = np.percentile(mean, [0.5, 99.5])
     spread = max(float(high - low), 1e-6)
-    background = _border_connected((local_mean < low + DARK_SHARE * spread) & (local_std < FLAT_SHARE * spread))
+    empty = (local_mean < low + DARK_SHARE * spread) & (local_std < FLAT_SHARE * spread)
+    background = _border_connected(ndimage.binary_opening(empty, iterations=OPENING_CELLS))
     content = ~background
     core = _largest_component(ndimage.binary_opening(content, iterations=OPENING_CELLS))
     if core.any():
