@@ -16,7 +16,13 @@ from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, Volume, write_points, write_volume
 from MedDIFTLib.core.options import FieldOptions, MatchOptions
-from MedDIFTLib.evaluation.baselines import BSplineOptions, bspline, convexadam, unavailable_reason
+from MedDIFTLib.evaluation.baselines import (
+    BSplineOptions,
+    bspline,
+    convexadam,
+    convexadam_spacing_mm,
+    unavailable_reason,
+)
 from MedDIFTLib.evaluation.cases import RawGeometry
 from MedDIFTLib.evaluation.datasets import detect_layout, load_case, open_dataset
 from MedDIFTLib.evaluation.methods import method_names, parse_method, run_method
@@ -288,6 +294,43 @@ def test_convexadam_voxel_steps_become_lps_mm_on_the_working_grid(shifted_phanto
     np.testing.assert_allclose(output.points_lps_mm - points, [[7.5, 5.0, 2.5]] * len(points), atol=1e-5)
     assert calls["shape"] == calls["moving_shape"] == (48, 56, 64) and calls["grid_sp"] == 4
     assert calls["lambda_weight"] == 1.25 and output.field.geometry.spacing_mm == (2.5, 2.5, 2.5)
+
+
+def test_convexadam_works_at_the_finest_spacing_where_the_voxels_are_not_cubic():
+    thick_mri = Geometry.create((166, 195, 25), (1.367, 1.367, 4.0))
+    thick_ct = Geometry.create((57, 78, 64), (2.73, 2.73, 5.0))
+    cubic_ct = Geometry.create((122, 102, 112), (1.5, 1.5, 1.5))
+    coarser_moving = Geometry.create((111, 93, 102), (1.65, 1.65, 1.65))  # a synthetic pair's 1.1x moving grid
+    coarse_ct = Geometry.create((40, 40, 40), (3.0, 3.0, 3.0))
+    assert convexadam_spacing_mm(thick_mri, thick_mri) == pytest.approx(1.367)
+    assert convexadam_spacing_mm(thick_ct, thick_ct) == pytest.approx(2.73)
+    assert convexadam_spacing_mm(cubic_ct, coarser_moving) == 2.0
+    assert convexadam_spacing_mm(cubic_ct, thick_mri) == pytest.approx(1.367)  # either image's thick slices count
+    assert convexadam_spacing_mm(coarse_ct, coarse_ct) == 3.0
+    assert convexadam_spacing_mm(thick_mri, thick_mri, 2.5, thick_slices_at_finest=False) == 2.5
+    assert convexadam_spacing_mm(cubic_ct, cubic_ct, working_spacing_mm=1.0) == 1.5
+
+
+@pytest.mark.skipif(unavailable_reason("convexadam") is not None, reason="convexAdam not installed")
+def test_convexadam_runs_thick_slices_on_an_isotropic_grid_of_their_finest_spacing(monkeypatch):
+    import convexAdam.convex_adam_MIND as module
+
+    calls = {}
+
+    def fake_convex_adam_pt(img_fixed, img_moving, **options):
+        calls.update(fixed=img_fixed.numpy(), moving=img_moving.numpy())
+        return np.zeros((*img_fixed.shape, 3))
+
+    monkeypatch.setattr(module, "convex_adam_pt", fake_convex_adam_pt)
+    mri = Volume(np.full((10, 30, 20), 100.0, np.float32), Geometry.create((20, 30, 10), (1.25, 1.25, 4.0)))
+    moving = Volume(mri.voxels, Geometry.create((20, 30, 10), (1.25, 1.25, 4.0), (0.0, 0.0, 2.0)))
+    output = convexadam(mri, moving, np.zeros((1, 3)))
+    assert output.field.geometry.spacing_mm == (1.25, 1.25, 1.25) and calls["fixed"].shape == (29, 30, 20)
+    # the moving image, 2 mm further along k, leaves the fixed grid's first slices uncovered: they take its
+    # lowest value (MR signal 100 here), never a CT air value of -1000 (an edge ConvexAdam's MIND would follow)
+    assert calls["moving"].min() == 100.0
+    assert convexadam(mri, moving, np.zeros((1, 3)), working_spacing_mm=2.5,
+                      thick_slices_at_finest=False).field.geometry.spacing_mm == (2.5, 2.5, 2.5)
 
 
 @pytest.mark.slow

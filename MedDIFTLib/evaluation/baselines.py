@@ -9,7 +9,13 @@ statistics):
   on grids of at least ``working_spacing_mm``. ITK's metric costs (samples x control points) per
   evaluation, so the defaults use a coarse control grid and a few thousand random samples.
 - ``convexadam``: ConvexAdam (Siebert, Hansen & Heinrich 2021; pip package ``convexAdam``, optional)
-  with both images resampled to one isotropic grid over the fixed image.
+  with both images resampled to one isotropic grid over the fixed image, run as its users run it well:
+  where the voxels are not cubic (thick slices) the grid has the finest spacing of the pair, else
+  ``working_spacing_mm`` (:func:`convexadam_spacing_mm`, the one place that rule lives).
+
+Both resample the images with :func:`MedDIFTLib.core.resample.resample_volume` after clipping to
+:data:`CLIP_HU` (a no-op on MR signal); outside an image they take its lowest clipped value (air in
+CT, no signal in MRI).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..core.options import Options, option, parse_options
 from ..core.progress import ProgressFn, no_progress
 
 CLIP_HU = (-1000.0, 1500.0)
+CUBIC_TOLERANCE = 1.05  # voxels whose largest / smallest spacing is at most this count as cubic
 BSPLINE_METRICS = ("meansquares", "correlation", "mattes")
 
 
@@ -47,7 +54,10 @@ class BSplineOptions(Options):
 class ConvexAdamOptions(Options):
     """ConvexAdam settings: the working grid (mm) and the keywords of ``convex_adam_pt``."""
 
-    working_spacing_mm: float = option(2.0, above=0.0, help="isotropic working grid, mm")
+    working_spacing_mm: float = option(2.0, above=0.0, help="isotropic working grid for cubic voxels, mm "
+                                       "(never finer than the fixed image)")
+    thick_slices_at_finest: bool = option(True, help="where the voxels are not cubic (thick slices), work on an "
+                                          "isotropic grid of the pair's finest spacing instead of working_spacing_mm")
     mind_r: int = option(1, minimum=0, help="MIND radius, voxels")
     mind_d: int = option(2, minimum=1, help="MIND dilation, voxels")
     lambda_weight: float = option(1.25, minimum=0.0, help="regularisation of the convex step")
@@ -81,14 +91,34 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
+def convexadam_spacing_mm(
+    fixed: Geometry, moving: Geometry, working_spacing_mm: float = ConvexAdamOptions.working_spacing_mm,
+    thick_slices_at_finest: bool = ConvexAdamOptions.thick_slices_at_finest,
+) -> float:
+    """The spacing (mm) of ConvexAdam's isotropic working grid for a pair of image grids.
+
+    Where either image's voxels are not cubic (largest over smallest spacing above
+    :data:`CUBIC_TOLERANCE`, e.g. MRI of 1.37 x 1.37 x 4 mm) and ``thick_slices_at_finest``: the finest
+    spacing of the pair, so the in-plane detail is kept (1.37 mm there). Otherwise
+    ``working_spacing_mm``, or the pair's finest spacing where that is coarser. The grid covers the fixed
+    image and is never finer than its finest spacing (:meth:`Geometry.working_grid`).
+    """
+    finest = float(min(min(fixed.spacing_mm), min(moving.spacing_mm)))
+    thick_slices = max(fixed.anisotropy, moving.anisotropy) > CUBIC_TOLERANCE
+    if thick_slices and thick_slices_at_finest:
+        return finest
+    return max(float(working_spacing_mm), finest)
+
+
 def _resampled_image(volume, target: Geometry):
     """``volume`` clipped to :data:`CLIP_HU` and resampled onto ``target``
-    (:func:`MedDIFTLib.core.resample.resample_volume`): a SimpleITK float32 image."""
+    (:func:`MedDIFTLib.core.resample.resample_volume`; outside the image its lowest clipped value):
+    a SimpleITK float32 image."""
     from ..core.io.volumes import Volume
     from ..core.resample import resample_volume
 
     clipped = Volume(np.clip(volume.voxels, *CLIP_HU), volume.geometry, volume.name)
-    return resample_volume(clipped, target, outside_value=CLIP_HU[0]).to_sitk()
+    return resample_volume(clipped, target, outside_value=float(clipped.voxels.min())).to_sitk()
 
 
 def _field_from_transform(transform, geometry: Geometry):
@@ -178,8 +208,9 @@ def convexadam(
     progress: ProgressFn = no_progress,
     **options: Any,
 ) -> MethodOutput:
-    """ConvexAdam (pip package ``convexAdam``) on both images resampled to one isotropic grid of
-    ``working_spacing_mm`` over the fixed image; the other :class:`ConvexAdamOptions` go to ``convex_adam_pt``.
+    """ConvexAdam (pip package ``convexAdam``) on both images resampled to one isotropic grid over the
+    fixed image, of :func:`convexadam_spacing_mm` (``working_spacing_mm``, or the pair's finest spacing where
+    the voxels are not cubic); the other :class:`ConvexAdamOptions` go to ``convex_adam_pt``.
 
     ConvexAdam returns voxel displacements along the array axes of that grid, mapping a fixed voxel to
     its moving position (the ITK direction); they are turned into LPS mm on the grid.
@@ -192,7 +223,9 @@ def convexadam(
     from ..field import DisplacementField
 
     settings = dataclasses.asdict(parse_options(ConvexAdamOptions, options, "convexadam"))
-    grid = fixed.geometry.working_grid(settings.pop("working_spacing_mm"))
+    spacing_mm = convexadam_spacing_mm(fixed.geometry, moving.geometry, settings.pop("working_spacing_mm"),
+                                       settings.pop("thick_slices_at_finest"))
+    grid = fixed.geometry.working_grid(spacing_mm)
     progress("convexadam", 0.0, "resampling")
     import SimpleITK as sitk
 
