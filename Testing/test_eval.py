@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import DIRLAB_DIR, require
+from conftest import DATA_DIR, DIRLAB_DIR, require
 
 from MedDIFTLib.cli import main
 from MedDIFTLib.core.errors import BadInputError
@@ -38,6 +38,8 @@ from MedDIFTLib.evaluation.report import (
     write_tables,
 )
 from MedDIFTLib.evaluation.simulate import phantom_ct
+
+LIVER_PAIRS_DIR = DATA_DIR / "liver4dmri_real_pairs"
 
 
 def _sparse(path, size):
@@ -189,6 +191,51 @@ def test_manifest_pairs_points_by_label_and_names_bad_files(tmp_path):
         open_dataset(tmp_path / "bad.csv")
     with pytest.raises(BadInputError, match="no case named nope"):
         dataset.select(["nope"])
+
+
+def _pair_folder(folder: Path, volume: Volume, shift_mm: float, points_name: str = "moving_points.csv") -> None:
+    """A pair folder as liver4dmri_real_pairs has them: images, and ``label,l,p,s`` CSVs whose rows pair."""
+    write_volume(volume, folder / "fixed.nii.gz")
+    write_volume(volume, folder / "moving.nii.gz")
+    points = volume.geometry.ijk_to_lps([[1, 1, 1], [5, 4, 3], [8, 6, 4]])
+    write_points(PointSet(points, ["liver-00", "liver-01", "outside-00"]), folder / "fixed_points.csv")
+    write_points(PointSet(points + [0, shift_mm, 0], ["liver-00", "liver-01", "outside-00"]), folder / points_name)
+
+
+def test_pair_folders_layout_is_detected_and_names_a_missing_file(tmp_path):
+    volume = _small_volume()
+    _pair_folder(tmp_path / "pair-b", volume, 2.0)
+    _pair_folder(tmp_path / "pair-a", volume, 1.0)
+    _pair_folder(tmp_path / "no-moving-points", volume, 1.0, points_name="other.csv")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("not a pair")
+    assert detect_layout(tmp_path) == "pairs"
+    dataset = open_dataset(tmp_path)
+    assert [case.name for case in dataset.cases] == ["no-moving-points", "pair-a", "pair-b"]
+    pair = load_case(dataset.cases[2])
+    assert pair.fixed_points.labels == pair.moving_points.labels == ["liver-00", "liver-01", "outside-00"]
+    np.testing.assert_allclose(pair.moving_points.points_lps_mm - pair.fixed_points.points_lps_mm, [[0, 2, 0]] * 3)
+    assert pair.fixed.geometry.same_grid(volume.geometry) and pair.fixed_mask is None
+    missing = r"no-moving-points: no moving_points file \(looked for moving_points with .*\.csv\)"
+    with pytest.raises(BadInputError, match=missing):
+        load_case(dataset.cases[0])
+    single = open_dataset(tmp_path / "pair-a", layout="pairs")  # one pair folder is a dataset of one case
+    assert [case.name for case in single.cases] == ["pair-a"] and detect_layout(tmp_path / "pair-a") == "pairs"
+    write_volume(volume, tmp_path / "pair-a" / "moving.nrrd")
+    with pytest.raises(BadInputError, match=r"several moving files \(moving.nii.gz, moving.nrrd\)"):
+        load_case(open_dataset(tmp_path).select(["pair-a"]).cases[0])
+
+
+def test_the_real_liver_pairs_are_read_as_pair_folders():
+    dataset = open_dataset(require(LIVER_PAIRS_DIR))
+    assert dataset.layout == "pairs" and len(dataset.cases) == 4
+    for case in dataset.cases:
+        pair = load_case(case, images=False)
+        labels = pair.fixed_points.labels
+        assert len(labels) == 52 and labels == pair.moving_points.labels
+        assert sum(label.startswith("liver-") for label in labels) == 32
+        assert sum(label.startswith("outside-") for label in labels) == 20
+        np.testing.assert_allclose(pair.fixed_geometry.spacing_mm, (1.36719, 1.36719, 4.0), atol=1e-4)
 
 
 def test_unknown_layout_is_a_clear_error(tmp_path):

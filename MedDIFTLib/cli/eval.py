@@ -22,9 +22,10 @@ from pathlib import Path
 
 from ..core.options import RunSettings
 from ..evaluation.methods import IDENTITY
+from ..evaluation.settings import DATASET_LAYOUTS
 from .common import add_device_argument
 
-LAYOUT_CHOICES = ("auto", "dirlab", "copdgene", "learn2reg", "manifest")
+LAYOUT_CHOICES = ("auto", *DATASET_LAYOUTS)
 OUTPUTS = ("results.json", "results.csv", "results.md", "points", "logs", "plots")
 
 
@@ -34,15 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="target registration error (mm) of MedDIFT and baselines on a benchmark or your own pairs",
         description="Evaluate correspondence methods on DATASET: a DIR-Lab 4DCT or COPDgene folder (raw .img + "
         "landmark txt; geometry from the published per-case tables), a Learn2Reg folder (dataset.json, imagesTr, "
-        "keypointsTr, masksTr) or a CSV manifest (fixed,moving,fixed_points,moving_points; see meddift simulate "
-        "--manifest). Per case and overall: mean, std, p50, p95 and max TRE in mm, folding fraction where a "
-        "field exists, the correlation of a method's confidence with its error, time and peak memory, as CSV, "
-        "JSON and Markdown, with plots. Methods: identity; BACKBONE (MedDIFT point matching with a registered "
-        "backbone, e.g. mind); BACKBONE-field (MedDIFT's dense field, e.g. mind-field); bspline; convexadam "
-        "(when installed). Options as NAME:KEY=VALUE,... with JSON values (e.g. mind:search_radius_mm=15). "
-        "One failing case is recorded and the others go on.",
+        "keypointsTr, masksTr), a CSV manifest (fixed,moving,fixed_points,moving_points; see meddift simulate "
+        "--manifest) or a folder of pair folders (each with fixed.nii.gz, moving.nii.gz, fixed_points.csv, "
+        "moving_points.csv; any volume or point format). Per case and overall: mean, std, p50, p95 and max TRE "
+        "in mm, folding fraction where a field exists, the correlation of a method's confidence with its error, "
+        "time and peak memory, as CSV, JSON and Markdown, with plots. Methods: identity; BACKBONE (MedDIFT point "
+        "matching with a registered backbone, e.g. mind); BACKBONE-field (MedDIFT's dense field, e.g. "
+        "mind-field); bspline; convexadam (when installed). Options as NAME:KEY=VALUE,... with JSON values "
+        "(e.g. mind:search_radius_mm=15). One failing case is recorded and the others go on.",
     )
-    parser.add_argument("dataset", help="dataset folder or CSV manifest")
+    parser.add_argument("dataset", help="dataset folder, pair folder(s) or CSV manifest")
     methods = [IDENTITY, RunSettings.backbone]
     parser.add_argument("--methods", nargs="+", default=methods, metavar="METHOD",
                         help=f"methods to compare (default: {' '.join(methods)})")

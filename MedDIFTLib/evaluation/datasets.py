@@ -14,6 +14,10 @@ Layouts (see :func:`open_dataset`; ``detect_layout`` picks one from what is on d
 - ``manifest``: a CSV file with columns ``fixed,moving,fixed_points,moving_points`` (optional
   ``case``, ``fixed_mask``), paths relative to the manifest; point files in any format of
   :func:`MedDIFTLib.core.io.read_points` (voxel formats use the geometry of their own image).
+- ``pairs``: a folder of pair folders (or one pair folder), each one case named after its folder and
+  holding ``fixed`` and ``moving`` images (any volume format of :data:`.cases.VOLUME_SUFFIXES`, e.g.
+  ``fixed.nii.gz``), ``fixed_points`` and ``moving_points`` files (``.csv``, ``.fcsv`` or ``.mrk.json``,
+  read like a manifest's) and optionally ``fixed_mask``; e.g. ``../shared/data/liver4dmri_real_pairs``.
 
 World coordinates are LPS mm.
 
@@ -35,11 +39,19 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.points import PointSet, read_dirlab_points, read_points
 from ..core.io.volumes import read_volume
-from .cases import Case, CaseData, Dataset, file_stem, walk_files
+from .cases import POINT_SUFFIXES, VOLUME_SUFFIXES, Case, CaseData, Dataset, file_stem, walk_files
 from .raw import dirlab_cases, read_raw_volume
+from .settings import DATASET_LAYOUTS
 
-LAYOUTS = ("dirlab", "copdgene", "learn2reg", "manifest")
+LAYOUTS = DATASET_LAYOUTS
 MANIFEST_COLUMNS = ("fixed", "moving", "fixed_points", "moving_points")
+PAIR_FILES = {  # Case field: (file stem in a pair folder, accepted suffixes)
+    "fixed_image": ("fixed", VOLUME_SUFFIXES),
+    "moving_image": ("moving", VOLUME_SUFFIXES),
+    "fixed_points": ("fixed_points", POINT_SUFFIXES),
+    "moving_points": ("moving_points", POINT_SUFFIXES),
+}
+PAIR_MASK = "fixed_mask"
 
 
 def _learn2reg_json(root: Path) -> Path | None:
@@ -65,10 +77,13 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "dirlab"
     if (source / "manifest.csv").is_file():
         return "manifest"
+    if _pair_folders(source):
+        return "pairs"
     raise BadInputError(
         f"{source}: unknown dataset layout; expected a DIR-Lab 4DCT folder (caseN_T00*.img + landmark txt), a "
         "COPDgene folder (copdN_iBHCT.img + copdN_300_iBH_xyz_r1.txt), a Learn2Reg folder (dataset.json, imagesTr, "
-        "keypointsTr) or a CSV manifest (fixed,moving,fixed_points,moving_points)"
+        "keypointsTr), a CSV manifest (fixed,moving,fixed_points,moving_points) or a folder of pair folders "
+        "(each with fixed.nii.gz, moving.nii.gz, fixed_points.csv, moving_points.csv)"
     )
 
 
@@ -87,6 +102,8 @@ def open_dataset(path: str | os.PathLike, layout: str = "auto", split: str = "va
         cases = _manifest_cases(manifest)
     elif layout == "learn2reg":
         cases = _learn2reg_cases(source, split)
+    elif layout == "pairs":
+        cases = [_pair_folder_case(folder) for folder in _pair_folders(source)]
     else:
         cases = dirlab_cases(source, layout)
     if not cases:
@@ -152,6 +169,42 @@ def _pair_name(fixed_stem: str, moving_stem: str) -> str:
     if fixed_prefix and fixed_prefix == moving_prefix:
         return f"{fixed_prefix}_{fixed_tail}-{moving_tail}"
     return f"{fixed_stem}-{moving_stem}"
+
+
+def _pair_files(folder: Path, stem: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files ``stem + suffix`` in ``folder`` (exact names, one per accepted suffix)."""
+    return [folder / (stem + suffix) for suffix in suffixes if (folder / (stem + suffix)).is_file()]
+
+
+def _is_pair_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a fixed or a moving image of a pair."""
+    return any(_pair_files(folder, PAIR_FILES[key][0], VOLUME_SUFFIXES) for key in ("fixed_image", "moving_image"))
+
+
+def _pair_folders(root: Path) -> list[Path]:
+    """``root`` when it is a pair folder itself, else its pair folders (sorted, hidden ones skipped)."""
+    if not root.is_dir():
+        return []
+    if _is_pair_folder(root):
+        return [root]
+    return sorted(f for f in root.iterdir() if f.is_dir() and not f.name.startswith(".") and _is_pair_folder(f))
+
+
+def _pair_folder_case(folder: Path) -> Case:
+    """The case of one pair folder; a missing or doubled file is recorded as its problem."""
+    paths, problems = {}, []
+    for key, (stem, suffixes) in PAIR_FILES.items():
+        found = _pair_files(folder, stem, suffixes)
+        if len(found) > 1:
+            problems.append(f"several {stem} files ({', '.join(p.name for p in found)}): keep one")
+        elif not found:
+            problems.append(f"no {stem} file (looked for {stem} with {', '.join(suffixes)})")
+        paths[key] = str(found[0] if found else folder / (stem + suffixes[0]))
+    masks = _pair_files(folder, PAIR_MASK, VOLUME_SUFFIXES)
+    if len(masks) > 1:
+        problems.append(f"several {PAIR_MASK} files ({', '.join(p.name for p in masks)}): keep one")
+    return Case(name=folder.name, layout="pairs", **paths, fixed_mask=str(masks[0]) if masks else None,
+                problem=f"{folder}: {'; '.join(problems)}" if problems else None)
 
 
 def _manifest_cases(manifest: Path) -> list[Case]:

@@ -1,5 +1,6 @@
-"""The knobs of the synthetic pairs, typed and range-checked like :mod:`MedDIFTLib.core.options`
-(torch- and numpy-free, so ``meddift simulate --help`` reads its defaults from here)."""
+"""The knobs of the synthetic pairs, typed and range-checked like :mod:`MedDIFTLib.core.options`, and
+the names of the dataset layouts (torch- and numpy-free, so ``meddift simulate --help`` and
+``meddift eval --help`` read their defaults and choices from here)."""
 
 from __future__ import annotations
 
@@ -27,4 +28,6 @@ class SimulationOptions(Options):
                                  "no one-to-one ground truth")
 
 
-__all__ = ["SimulationOptions"]
+DATASET_LAYOUTS = ("dirlab", "copdgene", "learn2reg", "manifest", "pairs")  # see MedDIFTLib.evaluation.datasets
+
+__all__ = ["DATASET_LAYOUTS", "SimulationOptions"]
