@@ -1,5 +1,6 @@
-"""``meddift eval`` and its parts: dataset layouts (DIR-Lab, COPDgene, Learn2Reg, manifest) on small
-fixtures made here, the baselines' direction convention, the reports, and the error paths."""
+"""``meddift eval`` and its parts: dataset layouts (DIR-Lab, COPDgene, Learn2Reg, manifest, pair folders)
+on small fixtures made here, the baselines' direction convention and working grid, the reports and their
+display windows, and the error paths."""
 
 import csv
 import json
@@ -29,7 +30,9 @@ from MedDIFTLib.evaluation.methods import method_names, parse_method, run_method
 from MedDIFTLib.evaluation.metrics import confidence_correlation
 from MedDIFTLib.evaluation.raw import DIRLAB_4DCT, read_raw_volume
 from MedDIFTLib.evaluation.report import (
+    HU_WINDOW,
     PointTable,
+    display_window,
     make_plots,
     markdown_tables,
     read_point_table,
@@ -456,6 +459,18 @@ def test_plots_are_written_and_skipped_cleanly_without_matplotlib(tmp_path, monk
     notes = make_plots(tmp_path / "none", records, tables, ["identity", "mind"], lambda case: (volume, volume),
                        {"identity": "identity", "mind": "mind"})
     assert "matplotlib is not installed" in notes[0] and not (tmp_path / "none").exists()
+
+
+def test_slices_are_drawn_in_a_window_of_their_own_modality():
+    ct = phantom_ct(seed=2)
+    assert display_window(ct) == HU_WINDOW
+    signal = np.random.default_rng(0).uniform(0.0, 250.0, (10, 30, 20)).astype(np.float32)
+    signal[0, 0, :5] = 4000.0  # a few bright voxels must not set the window
+    mri = Volume(signal, Geometry.create((20, 30, 10), (1.37, 1.37, 4.0)))
+    low, high = display_window(mri)
+    assert 0.0 <= low < 5.0 and 245.0 < high <= 250.0
+    flat = Volume(np.full((4, 4, 4), 7.0, np.float32), Geometry.create((4, 4, 4), (1.0, 1.0, 1.0)))
+    assert display_window(flat) == (7.0, 8.0)
 
 
 # ---------------------------------------------------------------- command line

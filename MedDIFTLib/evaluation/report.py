@@ -9,7 +9,8 @@ its matches ``confidence_spearman`` / ``confidence_pearson`` (correlation of the
 confidence with the TRE: negative when the confidence follows the error). The overall row of a
 method pools the TRE and the correlations over every point of its successful cases. Plots need
 matplotlib (Agg backend, imported only here); without it the tables are still written and the plots
-are skipped with a note.
+are skipped with a note. Slices are drawn in a window chosen from each image (:func:`display_window`):
+the lung CT window for a CT in HU, the image's own robust range for any other modality.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ POINT_COLUMNS = ("label", "fixed_l", "fixed_p", "fixed_s", "true_l", "true_p", "
                  "predicted_p", "predicted_s", "initial_mm", "error_mm", "confidence")
 OVERALL = "ALL"
 HU_WINDOW = (-1000.0, 400.0)
+AIR_HU = -500.0  # an image holding values at or below this is a CT in HU (air); MR signal never is
+ROBUST_PERCENTILES = (1.0, 99.0)
+WINDOW_SAMPLES = 1_000_000  # voxels the robust range is estimated from (an even stride through the volume)
 
 
 @dataclass
@@ -264,6 +268,18 @@ def plot_error_vs_initial(path: Path, points_by_method: dict[str, tuple[np.ndarr
     _save(figure, path)
 
 
+def display_window(volume) -> tuple[float, float]:
+    """The grey-level window (low, high) to draw ``volume`` (:class:`Volume`) in: :data:`HU_WINDOW` for a
+    CT in HU (values at or below :data:`AIR_HU`: air), else the image's own :data:`ROBUST_PERCENTILES`
+    (1st to 99th percentile, so an MRI is not washed out by a CT window nor by a few bright voxels)."""
+    values = np.ravel(volume.voxels)
+    if values.min() <= AIR_HU:
+        return HU_WINDOW
+    values = values[:: max(1, values.size // WINDOW_SAMPLES)]
+    low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
 def _axial_slice(volume, point_lps_mm: np.ndarray):
     """The array slice ``k`` nearest to a point, its extent in mm (i, j scaled) and the point's (i, j, k)."""
     ijk = volume.geometry.lps_to_ijk(np.asarray(point_lps_mm, float)[None])[0]
@@ -282,7 +298,8 @@ def _in_plane(volume, point_lps_mm: np.ndarray) -> tuple[float, float, float]:
 
 def plot_worst_points(path: Path, method: str, worst: list[dict], load_volumes: Callable) -> None:
     """One row per worst point of ``method``: the fixed image through the fixed point, and the moving
-    image through the true point with the true and predicted positions (axial array slices).
+    image through the true point with the true and predicted positions (axial array slices, each image
+    in its own :func:`display_window`).
 
     ``worst`` items: ``case``, ``label``, ``error``, ``fixed``, ``true``, ``predicted`` (LPS mm);
     ``load_volumes(case)`` returns the case's (fixed, moving) :class:`Volume`.
@@ -292,14 +309,16 @@ def plot_worst_points(path: Path, method: str, worst: list[dict], load_volumes: 
         fixed, moving = load_volumes(item["case"])
         left = figure.add_subplot(len(worst), 2, 2 * row + 1)
         image, extent, _, k = _axial_slice(fixed, item["fixed"])
-        left.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], extent=extent)
+        low, high = display_window(fixed)
+        left.imshow(image, cmap="gray", vmin=low, vmax=high, extent=extent)
         x, y, _ = _in_plane(fixed, item["fixed"])
         left.plot(x, y, "o", markersize=9, markerfacecolor="none", markeredgecolor="deepskyblue", label="fixed")
         left.set_title(f"{item['case']} · point {item['label']} · fixed slice {k}", fontsize=9)
         left.legend(fontsize=7, loc="lower right")
         right = figure.add_subplot(len(worst), 2, 2 * row + 2)
         image, extent, _, k = _axial_slice(moving, item["true"])
-        right.imshow(image, cmap="gray", vmin=HU_WINDOW[0], vmax=HU_WINDOW[1], extent=extent)
+        low, high = display_window(moving)
+        right.imshow(image, cmap="gray", vmin=low, vmax=high, extent=extent)
         x, y, _ = _in_plane(moving, item["true"])
         right.plot(x, y, "+", markersize=12, markeredgewidth=2, color="lime", label="true")
         x, y, depth = _in_plane(moving, item["predicted"])
