@@ -39,8 +39,10 @@ def options_table() -> str:
     for cls in (options.MatchOptions, options.FieldLevel, options.FieldOptions):
         for field in dataclasses.fields(cls):
             if field.name == "levels":
-                default = "one level: " + ", ".join(
-                    f"{f.name} {getattr(options.FieldLevel(), f.name)}" for f in dataclasses.fields(options.FieldLevel)
+                levels = options.FieldOptions().levels
+                default = f"{len(levels)} level(s): " + "; ".join(
+                    ", ".join(f"{f.name} {getattr(level, f.name)}" for f in dataclasses.fields(options.FieldLevel))
+                    for level in levels
                 )
             else:
                 default = field.default
