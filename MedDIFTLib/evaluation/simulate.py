@@ -1,7 +1,7 @@
 """Realistic synthetic pairs: a real CT warped by a known breathing-like motion.
 
-No real image pair with landmarks is available offline, so accuracy is measured on pairs made
-from one real CT (the fixed image) and a moving image built from it:
+Real image pairs with landmarks are few (../shared/data holds four liver MRI pairs), so accuracy is
+also measured on pairs made from one real CT (the fixed image) and a moving image built from it:
 
 - motion: largest near the diaphragm (it grows from the lung apex to the lung base), mostly
   superior-inferior with a smaller anterior-posterior part, confined to the lungs by a smooth
