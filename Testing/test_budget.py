@@ -42,7 +42,10 @@ def test_over_the_budget_the_refusal_names_the_largest_parts_and_the_options():
     assert message.startswith(f"register would need about {budget.describe_bytes(estimate.total_bytes)} of memory "
                               "(lattice similarity tables ")
     assert "more than the 1.0 GiB of a test budget" in message
-    assert "use a coarser lattice (--grid, now 4 mm) or a smaller search radius (--r, now 20 mm)" in message
+    assert ": use a coarser lattice (--grid, now 4 mm); or run it" in message  # the finest lattice's knob
+    first_largest = FieldOptions(levels=(FieldLevel(spacing_mm=4.0, search_radius_mm=30.0), FieldLevel(spacing_mm=8.0)))
+    advice = budget.estimate_register(ELASTIX, ELASTIX, first_largest, {"spacing_mm": "-g", "search_radius_mm": "-r"})
+    assert advice.advice == "use a smaller search radius (-r, now 30 mm)"  # the largest motion's knob
     budget.check_memory(estimate, budget.Budget(estimate.total_bytes, "enough"))
     budget.check_memory(estimate, None)
 

@@ -166,7 +166,7 @@ def _one_line_error(capsys) -> str:
 
 
 def test_help_states_defaults_from_the_one_source_of_options(capsys):
-    from MedDIFTLib.core.options import FieldLevel, FieldOptions, MatchOptions, RunSettings, describe
+    from MedDIFTLib.core.options import FieldOptions, MatchOptions, RunSettings, describe
 
     with pytest.raises(SystemExit):
         main(["match", "--help"])
@@ -179,21 +179,30 @@ def test_help_states_defaults_from_the_one_source_of_options(capsys):
         main(["register", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "sitk.ReadTransform(path)" in text and "sitk.ReadTransform does not read it" in text
-    for owner, name in ((FieldLevel, "search_radius_mm"), (FieldLevel, "spacing_mm"),
-                        (FieldOptions, "optimise_iterations")):
-        assert " ".join(describe(owner, name).split()) in text
+    assert " ".join(describe(FieldOptions, "optimise_iterations").split()) in text
+    levels = FieldOptions().levels
+    assert f"the first level's radius; default {levels[0].search_radius_mm:g})" in text
+    assert f"(the last level's; default {levels[-1].spacing_mm:g})" in text
 
 
 def test_register_field_options_come_from_the_option_classes():
+    """No flag: the default levels. The level flags set the largest motion (the first level's radius),
+    the finest lattice (the last level's spacing; no earlier level finer) and its smoothing."""
     from MedDIFTLib.cli import build_parser
-    from MedDIFTLib.cli.register import field_options
-    from MedDIFTLib.core.options import FieldLevel, FieldOptions
+    from MedDIFTLib.cli.common import field_options_from_args
+    from MedDIFTLib.core.options import FieldOptions
 
     parser = build_parser()
     base = ["register", "f.nii.gz", "m.nii.gz", "--out-transform", "t.h5"]
-    assert field_options(parser.parse_args(base)) == FieldOptions()
-    options = field_options(parser.parse_args([*base, "--grid-spacing-mm", "8", "--optimise-iterations", "0"]))
-    assert options.levels == (FieldLevel(spacing_mm=8.0),) and options.optimise_iterations == 0
+    default = FieldOptions()
+    assert field_options_from_args(parser.parse_args(base)) == default
+    first, last = default.levels[0], default.levels[-1]
+    options = field_options_from_args(parser.parse_args([*base, "--grid-spacing-mm", "10", "--optimise-iterations",
+                                                         "0", "--search-radius-mm", "20", "--smoothness-mm", "7"]))
+    assert options.optimise_iterations == 0 and len(options.levels) == len(default.levels)
+    assert options.levels[0].search_radius_mm == 20.0 and options.levels[-1].search_radius_mm == last.search_radius_mm
+    assert [level.spacing_mm for level in options.levels] == [10.0] * len(default.levels)
+    assert options.levels[-1].smoothness_mm == 7.0 and options.levels[0].smoothness_mm == first.smoothness_mm
 
 
 def test_track_lesion_options_come_from_the_option_class():

@@ -7,8 +7,7 @@ import sys
 import pytest
 
 from MedDIFTLib.cli import build_parser
-from MedDIFTLib.cli.common import options_from_args
-from MedDIFTLib.cli.register import field_options
+from MedDIFTLib.cli.common import field_options_from_args, options_from_args
 from MedDIFTLib.core.errors import BadInputError, BadRequestError
 from MedDIFTLib.core.options import (
     FieldLevel,
@@ -77,7 +76,7 @@ def test_the_command_line_defaults_are_the_classes_defaults():
     assert options_from_args(match, MatchOptions) == MatchOptions()
     assert match.backbone == RunSettings.backbone and match.device == RunSettings.device
     register = parser.parse_args(["register", "f.nii.gz", "m.nii.gz", "--out-transform", "t.h5"])
-    assert field_options(register) == FieldOptions()
+    assert field_options_from_args(register) == FieldOptions()
     assert FieldLevel.search_radius_mm == MatchOptions.search_radius_mm
     simulate = parser.parse_args(["simulate", "ct.nii.gz", "out"])
     assert options_from_args(simulate, SimulationOptions) == SimulationOptions()

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 
 from ..batch.job import TASKS
-from ..core.options import FieldLevel, FieldOptions, MatchOptions
+from ..core.options import FieldOptions, MatchOptions
 from ..lesions.settings import LesionOptions
-from .common import ProgressBar, add_backbone_arguments, add_option, given_options, options_from_args
+from .common import (
+    ProgressBar,
+    add_backbone_arguments,
+    add_field_level_options,
+    add_option,
+    field_options_from_args,
+    options_from_args,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,9 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, MatchOptions, "search_radius_mm", "--match-search-radius-mm")
     add_option(parser, MatchOptions, "mode")
     add_option(parser, MatchOptions, "confidence_threshold")
-    add_option(parser, FieldLevel, "search_radius_mm", "--field-search-radius-mm")
-    add_option(parser, FieldLevel, "spacing_mm", "--grid-spacing-mm")
-    add_option(parser, FieldLevel, "smoothness_mm")
+    add_field_level_options(parser, "--field-search-radius-mm")
     add_option(parser, FieldOptions, "optimise_iterations")
     add_option(parser, FieldOptions, "optimise_regularisation", "--regularisation")
     add_option(parser, LesionOptions, "refine", "--no-refine",
@@ -101,12 +106,11 @@ def run(args: argparse.Namespace) -> int:
     options = parse_assignments(args.backbone_option, "backbone option")
     if args.weights_dir:
         options["weights_dir"] = str(Path(args.weights_dir).resolve())
-    level = given_options(args, FieldLevel)
     job = BatchJob(
         task=args.task,
         recipe=FeatureRecipe(args.backbone, options, args.device),
         match_options=options_from_args(args, MatchOptions),
-        field_options=options_from_args(args, FieldOptions, **({"levels": [level]} if level else {})),
+        field_options=field_options_from_args(args),
         lesion_options=options_from_args(args, LesionOptions),
         write_inverse=args.inverse,
         write_warped=args.warped,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import BadInputError
-from ..core.options import RunSettings, describe, parse_assignments, parse_options
+from ..core.options import FieldLevel, FieldOptions, RunSettings, describe, parse_assignments, parse_options
 
 POINT_EXTENSIONS = (".mrk.json", ".json", ".fcsv", ".csv")
 MATCH_COLUMNS = "label,l,p,s,confidence,similarity,forward_backward_mm,reliable,description"
@@ -129,6 +129,26 @@ def given_options(args: argparse.Namespace, owner: type) -> dict[str, Any]:
 def options_from_args(args: argparse.Namespace, owner: type, **fixed: Any) -> Any:
     """An ``owner`` instance from the flags given (class defaults for the rest) and ``fixed`` values."""
     return parse_options(owner, {**given_options(args, owner), **fixed})
+
+
+def add_field_level_options(
+    parser: argparse.ArgumentParser, radius_flag: str = "--search-radius-mm", smoothness: bool = True
+) -> None:
+    """The flags over the field's levels (:meth:`FieldOptions.with_level_knobs`): the largest motion
+    searched for, the finest lattice and (``smoothness``) its smoothing length."""
+    first, last = FieldOptions().levels[0], FieldOptions().levels[-1]
+    add_option(parser, FieldLevel, "search_radius_mm", radius_flag,
+               help=f"largest motion searched for, mm (the first level's radius; default {first.search_radius_mm:g})")
+    add_option(parser, FieldLevel, "spacing_mm", "--grid-spacing-mm",
+               help=f"finest lattice of searched points, mm (the last level's; default {last.spacing_mm:g})")
+    if smoothness:
+        add_option(parser, FieldLevel, "smoothness_mm",
+                   help=f"smoothing length of the finest level's fit, mm (default {last.smoothness_mm:g})")
+
+
+def field_options_from_args(args: argparse.Namespace) -> FieldOptions:
+    """The field options of the command line: :class:`FieldOptions` flags, then the level knobs given."""
+    return options_from_args(args, FieldOptions).with_level_knobs(**given_options(args, FieldLevel))
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.options import FieldLevel, FieldOptions
+from ..core.options import FieldOptions
 from .common import (
     FIELD_FLAGS,
     MATCH_COLUMNS,
     ProgressBar,
     add_backbone_arguments,
+    add_field_level_options,
     add_option,
     check_memory_here,
     check_point_output,
     featurizer_from_args,
-    given_options,
-    options_from_args,
+    field_options_from_args,
     read_input_points,
 )
 from .remote import add_server_arguments, server_client
@@ -49,21 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-points", help="the points pushed through the field (.mrk.json, .fcsv or .csv)")
     parser.add_argument("--mask", help="fixed-image mask (non-zero inside) replacing the automatic body mask")
     add_backbone_arguments(parser)
-    add_option(parser, FieldLevel, "search_radius_mm")
-    add_option(parser, FieldLevel, "spacing_mm", "--grid-spacing-mm")
-    add_option(parser, FieldLevel, "smoothness_mm")
+    add_field_level_options(parser)
     add_option(parser, FieldOptions, "optimise_iterations")
     add_option(parser, FieldOptions, "optimise_regularisation", "--regularisation")
     add_server_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
-
-
-def field_options(args: argparse.Namespace) -> FieldOptions:
-    """The field options of the command line: one level from the level flags given (defaults otherwise)."""
-    level = given_options(args, FieldLevel)
-    levels = {"levels": [level]} if level else {}
-    return options_from_args(args, FieldOptions, **levels)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
          "--out-points": args.out_points, "the summary": summary_path(args.out_transform)},
         {"FIXED": args.fixed, "MOVING": args.moving, "--points": args.points, "--mask": args.mask},
     )
-    options = field_options(args)
+    options = field_options_from_args(args)
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
     check_overlap(fixed, moving)

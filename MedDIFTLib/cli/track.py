@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.options import FieldLevel, FieldOptions
+from ..core.options import FieldOptions
 from ..lesions.settings import LesionOptions
 from .common import (
     FIELD_FLAGS,
     ProgressBar,
     add_backbone_arguments,
+    add_field_level_options,
     add_option,
     check_memory_here,
     featurizer_from_args,
-    given_options,
+    field_options_from_args,
     options_from_args,
 )
 
@@ -48,8 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "seed_radius_mm")
     add_option(parser, LesionOptions, "centre_search_radius_mm")
     add_option(parser, LesionOptions, "confidence_threshold")
-    add_option(parser, FieldLevel, "search_radius_mm")
-    add_option(parser, FieldLevel, "spacing_mm", "--grid-spacing-mm")
+    add_field_level_options(parser, smoothness=False)
     add_option(parser, FieldOptions, "optimise_iterations")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs_apart({f"--out {path.name}": path for path in paths.values()},
                         {"BASELINE": args.baseline, "FOLLOWUP": args.followup, "--lesions": args.lesions})
     options = options_from_args(args, LesionOptions)
-    level = given_options(args, FieldLevel)
-    field_options = options_from_args(args, FieldOptions, **({"levels": [level]} if level else {}))
+    field_options = field_options_from_args(args)
     device = resolve_device(args.device)
     baseline = read_volume(args.baseline)
     followup = read_volume(args.followup)

@@ -133,14 +133,17 @@ class MemoryEstimate:
 
 
 def _volumes_and_features(fixed: Geometry, moving: Geometry) -> dict[str, int]:
+    """Volumes on their grids; features on the isotropic working grid of the finest spacing where the
+    voxels are not cubic (as MIND computes them), which holds more voxels than a thick-slice grid."""
     voxels = fixed.num_voxels + moving.num_voxels
-    return {"volumes": VOLUME_BYTES_PER_VOXEL * voxels, "features": FEATURE_BYTES_PER_VOXEL * voxels}
+    feature_voxels = sum(max(grid.num_voxels, grid.working_grid().num_voxels) for grid in (fixed, moving))
+    return {"volumes": VOLUME_BYTES_PER_VOXEL * voxels, "features": FEATURE_BYTES_PER_VOXEL * feature_voxels}
 
 
 def level_table_bytes(fixed: Geometry, level: FieldLevel) -> int:
     """The similarity tables of one field level: nodes x shifts x 4 bytes x :data:`SIMILARITY_TABLES`."""
     nodes = lattice_nodes(fixed, level.spacing_mm)
-    shifts = lattice_shifts(fixed, level.search_radius_mm, level.spacing_mm)
+    shifts = lattice_shifts(fixed, level.search_radius_mm, level.spacing_mm if level.step_mm is None else level.step_mm)
     return SIMILARITY_TABLES * 4 * nodes * shifts
 
 
@@ -157,10 +160,15 @@ def estimate_register(fixed: Geometry, moving: Geometry, options: FieldOptions,
     advice = ""
     if options.levels:
         tables = [level_table_bytes(fixed, level) for level in options.levels]
-        largest = options.levels[tables.index(max(tables))]
+        index = tables.index(max(tables))
+        largest = options.levels[index]
         parts["lattice similarity tables"] = max(tables)
-        advice = (f"use a coarser lattice ({names['spacing_mm']}, now {largest.spacing_mm:g} mm) or a smaller search "
-                  f"radius ({names['search_radius_mm']}, now {largest.search_radius_mm:g} mm)")
+        knobs = []  # the command line's level knobs: the last level's lattice, the first level's radius
+        if index == len(options.levels) - 1:
+            knobs.append(f"a coarser lattice ({names['spacing_mm']}, now {largest.spacing_mm:g} mm)")
+        if index == 0:
+            knobs.append(f"a smaller search radius ({names['search_radius_mm']}, now {largest.search_radius_mm:g} mm)")
+        advice = "use " + " or ".join(knobs)
     return MemoryEstimate(what, parts, advice)
 
 

@@ -252,6 +252,25 @@ class FieldOptions(Options):
         if not self.levels and self.optimise_iterations <= 0:
             raise BadInputError("the field needs at least one matching level or instance optimisation")
 
+    def with_level_knobs(
+        self, search_radius_mm: float | None = None, spacing_mm: float | None = None, smoothness_mm: float | None = None
+    ) -> FieldOptions:
+        """These options with the knobs a command line or panel offers over the levels: the largest
+        motion searched for (the first level's radius), and the finest lattice and its smoothing (the
+        last level's spacing and smoothness; an earlier level keeps a lattice at least that coarse).
+        A knob left None keeps the levels' own value."""
+        if not self.levels:
+            return self
+        levels = list(self.levels)
+        if search_radius_mm is not None:
+            levels[0] = dataclasses.replace(levels[0], search_radius_mm=search_radius_mm)
+        if spacing_mm is not None:
+            levels = [dataclasses.replace(level, spacing_mm=max(level.spacing_mm, spacing_mm)) for level in levels]
+            levels[-1] = dataclasses.replace(levels[-1], spacing_mm=spacing_mm)
+        if smoothness_mm is not None:
+            levels[-1] = dataclasses.replace(levels[-1], smoothness_mm=smoothness_mm)
+        return dataclasses.replace(self, levels=tuple(levels))
+
 
 DEVICES = ("auto", "cpu", "cuda")
 
