@@ -233,8 +233,9 @@ def _thick_slice_texture(spacing_mm: tuple[float, float, float], seed: int = 0) 
 
 def test_mind_descriptors_live_on_an_isotropic_grid_of_the_finest_spacing():
     """Thick slices (1.5 x 1.5 x 4.5 mm): the levels lie on cubic voxels of 1.5 mm (then 3, 6) over
-    the same extent and orientation; the pyramid keeps the image's own grid; cubic voxels and
-    ``isotropic=False`` keep the native grid; the choice is part of the features' identity."""
+    the same extent and orientation, never finer than 1.25 mm; the pyramid keeps the image's own
+    grid; cubic voxels and ``isotropic=False`` keep the native grid; the choice is part of the
+    features' identity."""
     thick = _thick_slice_texture((1.5, 1.5, 4.5))
     pyramid = create_featurizer("mind").extract(thick)
     assert pyramid.image_geometry == thick.geometry
@@ -245,8 +246,11 @@ def test_mind_descriptors_live_on_an_isotropic_grid_of_the_finest_spacing():
     native = create_featurizer("mind", isotropic=False).extract(thick)
     assert native.levels[0].geometry == thick.geometry
     assert native.config != pyramid.config
-    cubic = _thick_slice_texture((2.0, 2.0, 2.0))
-    assert create_featurizer("mind").extract(cubic).levels[0].geometry == cubic.geometry
+    for cubic_mm in (2.0, 0.8):
+        cubic = _thick_slice_texture((cubic_mm,) * 3)
+        assert create_featurizer("mind").extract(cubic).levels[0].geometry == cubic.geometry
+    fine_thick = _thick_slice_texture((1.0, 1.0, 2.0))  # a full-resolution CT: not finer than 1.25 mm
+    np.testing.assert_allclose(create_featurizer("mind").extract(fine_thick).levels[0].geometry.spacing_mm, (1.25,) * 3)
     with pytest.raises(BadInputError, match="spacing_mm"):
         create_featurizer("mind", spacing_mm=-1.0)
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import OutOfMemoryError
-from .geometry import Geometry
+from .geometry import FINEST_WORKING_MM, Geometry
 from .options import FieldLevel, FieldOptions
 
 MAX_POINTS = 100_000
@@ -136,7 +136,8 @@ def _volumes_and_features(fixed: Geometry, moving: Geometry) -> dict[str, int]:
     """Volumes on their grids; features on the isotropic working grid of the finest spacing where the
     voxels are not cubic (as MIND computes them), which holds more voxels than a thick-slice grid."""
     voxels = fixed.num_voxels + moving.num_voxels
-    feature_voxels = sum(max(grid.num_voxels, grid.working_grid().num_voxels) for grid in (fixed, moving))
+    grids = (fixed, moving)
+    feature_voxels = sum(max(grid.num_voxels, grid.working_grid(FINEST_WORKING_MM).num_voxels) for grid in grids)
     return {"volumes": VOLUME_BYTES_PER_VOXEL * voxels, "features": FEATURE_BYTES_PER_VOXEL * feature_voxels}
 
 

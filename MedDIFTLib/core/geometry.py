@@ -13,6 +13,10 @@ from functools import cached_property
 
 import numpy as np
 
+FINEST_WORKING_MM = 1.25
+"""The finest isotropic working grid the features take by default for voxels that are not cubic
+(thick slices): a full-resolution CT of 2 mm slices is not doubled in memory."""
+
 
 @dataclass(frozen=True)
 class Geometry:

@@ -11,9 +11,10 @@ one pyramid level each, so the fused similarity sees both fine detail and contex
 ``dtype="float16"``, at half the memory.
 
 Features see the anatomy in millimetres: on voxels that are not cubic (thick slices), the image is
-first resampled onto an isotropic working grid (default: its finest spacing; ``isotropic=False``
-keeps the native grid), so the offsets, the boxes and the matching patches have the same size in
-mm along every axis. The levels lie on that grid; matching maps them to the image by their
+first resampled onto an isotropic working grid (default: its finest spacing, but not finer than
+``FINEST_WORKING_MM``, so a full-resolution CT of 2 mm slices is not doubled in memory;
+``isotropic=False`` keeps the native grid), so the offsets, the boxes and the matching patches have
+the same size in mm along every axis. The levels lie on that grid; matching maps them to the image by their
 geometry, and results stay in the image's world mm.
 
 The descriptor is local: a voxel's value depends only on the pooled image within
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from ..core.devices import resolve_device
 from ..core.errors import BadInputError
+from ..core.geometry import FINEST_WORKING_MM
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
 from ..core.resample import resample_volume
@@ -163,13 +165,13 @@ class MindFeaturizer:
 
     def working_volume(self, volume: Volume) -> Volume:
         """The image the descriptors are computed on: ``volume`` itself, or resampled onto an
-        isotropic grid of ``spacing_mm`` (default its finest spacing) when ``isotropic`` and its
-        voxels are not cubic (or another spacing is asked for)."""
+        isotropic grid of ``spacing_mm`` (default its finest spacing, at least ``FINEST_WORKING_MM``)
+        when ``isotropic`` and its voxels are not cubic (or another spacing is asked for)."""
         geometry = volume.geometry
-        if not self.isotropic:
+        if not self.isotropic or (self.spacing_mm is None and geometry.anisotropy < CUBIC_TOLERANCE):
             return volume
-        grid = geometry.working_grid(self.spacing_mm)
-        if geometry.anisotropy < CUBIC_TOLERANCE and np.allclose(grid.spacing_mm, geometry.spacing_mm, rtol=0.05):
+        grid = geometry.working_grid(self.spacing_mm or FINEST_WORKING_MM)
+        if np.allclose(grid.spacing_mm, geometry.spacing_mm, rtol=0.05):
             return volume
         return resample_volume(volume, grid, outside_value=self.hu_window[0])
 

@@ -109,27 +109,40 @@ def warp_volume(
 
 
 def jacobian_determinant(field: DisplacementField) -> np.ndarray:
-    """``det(I + du/dx)`` ``[k, j, i]`` (float32), x in LPS mm; central differences inside.
+    """``det(I + du/dx)`` ``[k, j, i]`` (float32), x in LPS mm; central differences inside, one-sided
+    at the ends, none along an axis of one voxel.
 
     Kept over ``sitk.DisplacementFieldJacobianDeterminant``, which differentiates along the voxel
     axes scaled by spacing but ignores the direction cosines, so it is wrong on oblique grids
     (``benchmarks/field_tools.py`` measures both).
     """
-    geometry = field.geometry
-    inverse_axes = np.linalg.inv(geometry.direction_matrix * np.asarray(geometry.spacing_mm)[None, :])
-    displacement = field.displacement_lps_mm
+    return determinant_of_tensor(torch.from_numpy(field.displacement_lps_mm).permute(3, 0, 1, 2), field.geometry)
+
+
+def determinant_of_tensor(values: torch.Tensor, geometry: Geometry) -> np.ndarray:
+    """:func:`jacobian_determinant` of a field held as ``(3, K, J, I)`` values (LPS mm) on ``geometry``,
+    slab by slab of ``k`` slices (bounded memory)."""
+    inverse_axes = torch.as_tensor(
+        np.linalg.inv(geometry.direction_matrix * np.asarray(geometry.spacing_mm)[None, :]), dtype=torch.float32
+    )
     size_k = geometry.shape_ijk[2]
     output = np.empty(geometry.shape_kji, np.float32)
     for k_start, k_stop in grids.slabs(geometry, grids.SLAB_VOXELS // 4):
         lower, upper = max(k_start - 1, 0), min(k_stop + 1, size_k)
-        block = displacement[lower:upper].astype(np.float64)
-        jacobian = np.empty((*block.shape[:3], 3, 3))
-        for array_axis in range(3):
-            derivative = np.gradient(block, axis=array_axis) if block.shape[array_axis] > 1 else np.zeros_like(block)
-            jacobian[..., :, 2 - array_axis] = derivative
-        jacobian = jacobian[k_start - lower : k_start - lower + (k_stop - k_start)] @ inverse_axes
-        jacobian += np.eye(3)
-        output[k_start:k_stop] = np.linalg.det(jacobian)
+        block = values[:, lower:upper].float()
+        steps = []  # d u / d (i, j, k): (3 components, ...) each
+        for array_axis in (3, 2, 1):
+            if block.shape[array_axis] > 1:
+                steps.append(torch.gradient(block, dim=array_axis)[0][:, k_start - lower : k_stop - lower])
+            else:
+                steps.append(torch.zeros_like(block[:, k_start - lower : k_stop - lower]))
+        # jacobian[c, a] = sum_v d u_c / d v * inverse_axes[v, a], plus the identity
+        jacobian = torch.einsum("vc...,va->ca...", torch.stack(steps), inverse_axes)
+        for axis in range(3):
+            jacobian[axis, axis] += 1.0
+        (a, b, c), (d, e, f), (g, h, i) = jacobian
+        determinant = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+        output[k_start:k_stop] = determinant.numpy()
     return output
 
 

@@ -25,7 +25,7 @@ from .solver import MatchTerm, minimise
 
 FILL_WIDTH = 4.0
 FILL_SHARE = 1e-2
-FIT_ITERATIONS = 5
+FIT_ITERATIONS = 3
 MATCH_SCALE_MM = 2.0
 
 

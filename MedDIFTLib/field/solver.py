@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..matching.sampling import vector_lengths
-from .displacement import DisplacementField, jacobian_determinant
+from .displacement import determinant_of_tensor
 from .grids import gaussian_filter
 
 CG_ITERATIONS = 10
@@ -256,7 +256,7 @@ def unfolded(field: torch.Tensor, grid: Geometry) -> torch.Tensor:
     determinant positive, is left as it is."""
     sigma_kji = (1.0, 1.0, 1.0)
     for _ in range(UNFOLD_ROUNDS):
-        determinant = jacobian_determinant(DisplacementField.from_tensor(field, grid))
+        determinant = determinant_of_tensor(field, grid)
         folding = torch.from_numpy(determinant <= FOLD_DETERMINANT).float()
         if not bool(folding.any()):
             break
