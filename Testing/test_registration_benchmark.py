@@ -41,18 +41,28 @@ def test_the_table_has_one_cell_per_column_and_ratios_to_convexadam():
         _row("liver-a", "real", "convexadam", 2.0, 20.0, liver, (0.4, 2.5), 1.36719),
         _row("liver-a", "real", "meddift-mind", 1.0, 5.0, liver, (-0.1, 3.0)),
         _row("popi-dirlab1x3-seed0", "synthetic", "match-mind", 0.8, 1.0),
+        _row("liver-a", "real", "match-mind", 0.8, 1.0, liver),
     ]
     lines = registration.markdown(rows).splitlines()
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
     assert "liver mean mm | outside mean mm" in lines[0] and "Jacobian min / max" in lines[0]
     register = lines[4]
     assert "| 1.50 | 4.00 |" in register and "| -0.10 / 3.00 |" in register
-    assert register.endswith("| 0.50 | 0.50 | 0.25 |")  # mean, p95, wall over ConvexAdam's on the pair
-    assert lines[5].endswith("|  |  |  |")  # no ConvexAdam on that pair: no ratio
+    # mean, p95, wall over ConvexAdam's on the pair; mean and p95 over the point engine's at the same points
+    assert register.endswith("| 0.50 | 0.50 | 0.25 | 1.25 | 1.25 |")
+    assert lines[5].endswith("|  |  |  |  |  |")  # no ConvexAdam on that pair, not the field: no ratio
     notes = registration.notes(rows, {"popi-dirlab1x3-seed0": -0.08}, {"bspline": "not installed"}, ["elastix"])
     assert notes[0] == "- ConvexAdam on an isotropic 1.367 mm grid: liver-a"
     assert "popi-dirlab1x3-seed0 (min -0.08)" in notes[1]
     assert notes[2:] == ["- bspline: not run (not installed)", "- elastix: not run (data folder absent)"]
+
+
+def test_motion_recovered_is_the_median_share_of_the_true_motion_along_it():
+    fixed = np.zeros((4, 3))
+    truth = np.array([[10.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 4.0], [0.5, 0.0, 0.0]])
+    moved = np.array([[8.0, 3.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 4.0], [0.0, 0.0, 0.0]])
+    assert registration.motion_recovered(fixed, moved, truth) == pytest.approx(0.9)  # the last moves < 1 mm
+    assert registration.motion_recovered(fixed, moved, fixed) is None
 
 
 def test_absent_data_is_skipped_with_a_message_and_nothing_written(tmp_path, monkeypatch, capsys):

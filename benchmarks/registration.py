@@ -33,9 +33,11 @@ memory (the process's maximum resident set, pair included) are its own:
   (default options, backward check on): the point engine at the points the field is scored at.
 
 Per method and pair: mean and p95 TRE (mm), the liver and outside means on the real liver pairs, the
-share of voxels of its field with a Jacobian determinant <= 0 (folding) and the determinant's range
-(a sliding break shrinks or stretches without folding), wall and CPU seconds, peak memory, and the
-ratios of its mean TRE, p95 TRE and wall time to ConvexAdam's on the same pair (this run). The Markdown
+share of the true motion recovered (:func:`motion_recovered`), the share of voxels of its field with a
+Jacobian determinant <= 0 (folding) and the determinant's range (a sliding break shrinks or stretches
+without folding), wall and CPU seconds, peak memory, the ratios of its mean TRE, p95 TRE and wall time
+to ConvexAdam's on the same pair (this run), and for the field, its mean and p95 TRE over the point
+engine's at the same points. The Markdown
 table goes to ``--results`` (default benchmarks/results/registration.json, the README's table) and,
 with the rows and a box plot of the TREs, to ``--out``. A case whose data folder is absent is skipped
 with a message. The README's table (about an hour on two cores)::
@@ -215,6 +217,18 @@ def group_errors(labels: list[str], errors_mm: np.ndarray) -> dict[str, dict]:
     return groups
 
 
+def motion_recovered(fixed_lps_mm: np.ndarray, moved_lps_mm: np.ndarray, true_lps_mm: np.ndarray) -> float | None:
+    """The share of the true motion a method recovers: the median over the points that move more than
+    1 mm of the method's displacement projected on the true one, over the true one's length."""
+    truth = true_lps_mm - fixed_lps_mm
+    length = np.linalg.norm(truth, axis=1)
+    moving = length > 1.0
+    if not moving.any():
+        return None
+    found = moved_lps_mm - fixed_lps_mm
+    return float(np.median(np.einsum("nk,nk->n", found[moving], truth[moving]) / length[moving] ** 2))
+
+
 def _cell(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -223,11 +237,14 @@ def markdown(rows: list[dict]) -> str:
     """The table, with each row's mean TRE, p95 TRE and wall time over ConvexAdam's on its pair."""
     groups = " | ".join(f"{group} mean mm" for group in LANDMARK_GROUPS)
     lines = [
-        f"| pair | data | method | mean TRE mm | p95 TRE mm | {groups} | folding % | Jacobian min / max "
-        "| wall s | CPU s | peak GB | mean / CA | p95 / CA | wall / CA |",
-        "|---|---|---|" + "---:|" * (10 + len(LANDMARK_GROUPS)),
+        f"| pair | data | method | mean TRE mm | p95 TRE mm | {groups} | motion recovered % | folding % "
+        "| Jacobian min / max | wall s | CPU s | peak GB | mean / CA | p95 / CA | wall / CA | mean / match "
+        "| p95 / match |",
+        "|---|---|---|" + "---:|" * (13 + len(LANDMARK_GROUPS)),
     ]
     peers = {row["pair"]: row for row in rows if row["method"] == "convexadam"}
+    matches = {(row["pair"], row["method"].removeprefix("match-")): row for row in rows
+               if row["method"].startswith("match-")}
     for row in rows:
         peer = peers.get(row["pair"])
         ratios = (
@@ -235,14 +252,18 @@ def markdown(rows: list[dict]) -> str:
             if peer is not None and row["method"] not in ("identity", "convexadam")
             else " |  | "
         )
+        match = matches.get((row["pair"], row["method"].removeprefix("meddift-")))
+        to_match = (" | ".join(f"{row[key] / match[key]:.2f}" for key in ("mean", "p95"))
+                    if match is not None and row["method"].startswith("meddift-") else " | ")
+        recovered = "" if row.get("recovered") is None else f"{100 * row['recovered']:.0f}"
         group_cells = " | ".join(f"{row['groups'][g]['mean']:.2f}" if g in row["groups"] else ""
                                  for g in LANDMARK_GROUPS)
         folding = "–" if row["folding"] is None else f"{100 * row['folding']:.3f}"
         jacobian = "–" if row["jacobian_min"] is None else f"{row['jacobian_min']:.2f} / {row['jacobian_max']:.2f}"
         lines.append(
             f"| {row['pair']} | {row['data']} | {row['method']} | {row['mean']:.2f} | {row['p95']:.2f} | "
-            f"{group_cells} | {folding} | {jacobian} | {row['wall']:.1f} | {row['cpu']:.1f} | "
-            f"{row['peak_gb']:.2f} | {ratios} |"
+            f"{group_cells} | {recovered} | {folding} | {jacobian} | {row['wall']:.1f} | {row['cpu']:.1f} | "
+            f"{row['peak_gb']:.2f} | {ratios} | {to_match} |"
         )
     return "\n".join(lines)
 
@@ -360,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                                              args.weights_dir).result()
                     error = tre_mm(np.asarray(result["moved"]), pair.true_points_lps_mm)
                     errors.setdefault(f"{method} ({pair.data})", []).extend(error.tolist())
+                    recovered = motion_recovered(pair.fixed_points_lps_mm, np.asarray(result["moved"]),
+                                                 pair.true_points_lps_mm)
                     row = {"pair": pair.name, "data": pair.data, "method": method, "mean": float(error.mean()),
-                           "p95": float(np.percentile(error, 95)), "points": len(error),
+                           "p95": float(np.percentile(error, 95)), "points": len(error), "recovered": recovered,
                            "groups": group_errors(pair.labels, error), "truth_jacobian_min": pair.truth_jacobian_min,
                            **{key: value for key, value in result.items() if key != "moved"}}
                     rows.append(row)
