@@ -37,7 +37,7 @@ from ..core.errors import BadInputError
 from ..core.geometry import FINEST_WORKING_MM
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
-from ..core.resample import resample_volume
+from ..core.resample import WorkingImage
 from .protocol import FeatureLevel, FeaturePyramid
 from .regions import RegionFiller
 
@@ -163,65 +163,66 @@ class MindFeaturizer:
             "spacing_mm": self.spacing_mm,
         }
 
-    def working_volume(self, volume: Volume) -> Volume:
-        """The image the descriptors are computed on: ``volume`` itself, or resampled onto an
-        isotropic grid of ``spacing_mm`` (default its finest spacing, at least ``FINEST_WORKING_MM``)
-        when ``isotropic`` and its voxels are not cubic (or another spacing is asked for)."""
+    def working_image(self, volume: Volume) -> WorkingImage:
+        """The image the descriptors are computed on, read box by box: ``volume`` on its own grid, or
+        on an isotropic grid of ``spacing_mm`` (default its finest spacing, at least
+        ``FINEST_WORKING_MM``) when ``isotropic`` and its voxels are not cubic (or another spacing is
+        asked for)."""
         geometry = volume.geometry
         if not self.isotropic or (self.spacing_mm is None and geometry.anisotropy < CUBIC_TOLERANCE):
-            return volume
+            return WorkingImage(volume, geometry)
         grid = geometry.working_grid(self.spacing_mm or FINEST_WORKING_MM)
         if np.allclose(grid.spacing_mm, geometry.spacing_mm, rtol=0.05):
-            return volume
-        return resample_volume(volume, grid, outside_value=self.hu_window[0])
+            return WorkingImage(volume, geometry)
+        return WorkingImage(volume, grid)
 
-    def _box(self, volume: Volume, scale: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+    def _box(self, image: WorkingImage, scale: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
         """Unit-norm MIND-SSC ``(12, ...)`` of the level box ``[lo, hi)`` at pooling ``scale``,
-        computed from the image within the descriptor's reach of the box (CPU)."""
+        computed from the working image within the descriptor's reach of the box (CPU)."""
         reach = self.dilation + self.patch_radius
-        shape = np.asarray(volume.geometry.downsampled(scale).shape_kji)
+        shape = np.asarray(image.geometry.downsampled(scale).shape_kji)
         first = np.maximum(np.asarray(lo_kji) - reach, 0)
         last = np.minimum(np.asarray(hi_kji) + reach, shape)
-        region = tuple(slice(int(a) * scale, int(b) * scale) for a, b in zip(first, last))
         low, high = self.hu_window
-        image = torch.from_numpy(np.clip(volume.voxels[region], low, high)).to(self.device, torch.float32)
+        voxels = np.clip(image.box(first * scale, last * scale), low, high)
+        image = torch.from_numpy(voxels).to(self.device, torch.float32)
         image = (image - low) / (high - low)
         pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
         features = _unit_norm_(mind_ssc(pooled, self.dilation, self.patch_radius, self.variance_floor))
         inner = tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(lo_kji, hi_kji, first))
         return features[(slice(None), *inner)].to("cpu", STORAGE_DTYPES[self.dtype])
 
-    def _level(self, volume: Volume, n: int, features: torch.Tensor, filler: RegionFiller | None) -> FeatureLevel:
+    def _level(self, image: WorkingImage, n: int, features: torch.Tensor, filler: RegionFiller | None) -> FeatureLevel:
         scale = self.scales[n]
-        geometry = volume.geometry.downsampled(scale)
+        geometry = image.geometry.downsampled(scale)
         return FeatureLevel(
             f"mind_1/{scale}", features, geometry, self.weights[n], self.match_patch_radius, True, filler
         )
 
     def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid:
-        image_geometry, volume = volume.geometry, self.working_volume(volume)
+        image = self.working_image(volume)
         levels = []
         for n, scale in enumerate(self.scales):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
-            shape = np.asarray(volume.geometry.downsampled(scale).shape_kji)
-            levels.append(self._level(volume, n, self._box(volume, scale, np.zeros(3, int), shape), None))
+            shape = np.asarray(image.geometry.downsampled(scale).shape_kji)
+            levels.append(self._level(image, n, self._box(image, scale, np.zeros(3, int), shape), None))
         progress("features", 1.0, "MIND-SSC done")
-        return FeaturePyramid(levels, image_geometry, self.name, self.config)
+        return FeaturePyramid(levels, volume.geometry, self.name, self.config)
 
     def extract_regions(self, volume: Volume) -> FeaturePyramid:
         """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
 
         Each level is allocated full size (zero pages cost no memory until written) and holds
-        the (working) volume to compute from.
+        the working image to compute from.
         """
-        image_geometry, volume = volume.geometry, self.working_volume(volume)
+        image = self.working_image(volume)
         levels = []
         for n, scale in enumerate(self.scales):
-            shape = volume.geometry.downsampled(scale).shape_kji
+            shape = image.geometry.downsampled(scale).shape_kji
             features = torch.from_numpy(np.zeros((12, *shape), np.dtype(self.dtype)))
 
             def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
-                return self._box(volume, scale, lo_kji, hi_kji)
+                return self._box(image, scale, lo_kji, hi_kji)
 
-            levels.append(self._level(volume, n, features, RegionFiller(compute, shape)))
-        return FeaturePyramid(levels, image_geometry, self.name, self.config)
+            levels.append(self._level(image, n, features, RegionFiller(compute, shape)))
+        return FeaturePyramid(levels, volume.geometry, self.name, self.config)
