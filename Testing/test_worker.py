@@ -22,7 +22,7 @@ from scipy import ndimage
 
 import MedDIFTLib
 from MedDIFTLib.core.environment import PACKAGE_PARENT
-from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.core.geometry import FINEST_WORKING_MM, Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 from MedDIFTLib.worker.cache import CacheKey, FeatureCache
@@ -31,7 +31,7 @@ from MedDIFTLib.worker.events import Error, Exit, Progress, Result
 from MedDIFTLib.worker.stream import json_safe, read_bounded_line
 
 # Two MIND pyramids of the 57x78x64 crop (15.5 MB each) fit, three do not.
-CACHE_BYTES = 40_000_000
+CACHE_BYTES = 70_000_000  # two volumes' float32 MIND features (on the crop's isotropic grid), not three
 SHIFT_KJI = (1, -1, 2)  # voxels: moving content = fixed content moved by this many voxels
 TIMEOUT_S = 120
 
@@ -151,7 +151,8 @@ def test_match_finds_the_known_shift_then_rematches_from_the_cache(client, loade
     features = client.call("features", volume_id=loaded["fixed_id"], backbone="mind", device="cpu")
     assert features["cached"] and features["seconds"] == 0.0
     assert [level["channels"] for level in features["levels"]] == [12, 12, 12]
-    assert features["levels"][0]["shape_ijk"] == [57, 78, 64]
+    working_grid = read_volume(pair["fixed"]).geometry.working_grid(FINEST_WORKING_MM)  # of the 5 mm slices
+    assert features["levels"][0]["shape_ijk"] == list(working_grid.shape_ijk)
 
 
 def test_poll_hands_out_events_without_blocking(client):
