@@ -482,3 +482,41 @@ def test_the_field_honours_confident_consistent_matches(sliding_pair, deformed_p
         distance = np.linalg.norm(transform_points(field, points[trusted]) - matches.points_lps_mm[trusted], axis=1)
         assert np.median(distance) < 1.0
         assert np.percentile(distance, 90) < 2.0
+
+
+def _unfolded_over_the_whole_grid(field: torch.Tensor, grid: Geometry) -> torch.Tensor:
+    """The reference of ``solver.unfolded``: every round smooths the whole grid and keeps the
+    smoothing within ``FOLD_MARGIN`` nodes of each fold."""
+    from MedDIFTLib.field.displacement import determinant_of_tensor
+    from MedDIFTLib.field.solver import FOLD_DETERMINANT, FOLD_MARGIN, UNFOLD_ROUNDS
+
+    for _ in range(UNFOLD_ROUNDS):
+        folding = determinant_of_tensor(field, grid) <= FOLD_DETERMINANT
+        if not folding.any():
+            break
+        near = torch.from_numpy(ndimage.maximum_filter(folding, 2 * FOLD_MARGIN + 1))
+        field = torch.where(near, grids.gaussian_filter(field, (1.0, 1.0, 1.0)), field)
+    return field
+
+
+def test_folds_are_smoothed_away_in_boxes_as_over_the_whole_grid():
+    """Folds far apart, near each other and on the grid's border: smoothing box by box gives the
+    same field as smoothing the whole grid each round, and the folds are gone."""
+    from MedDIFTLib.field.displacement import determinant_of_tensor
+    from MedDIFTLib.field.solver import unfolded
+
+    grid = Geometry.create((40, 34, 30), (2.0, 2.5, 3.0), ORIGIN_LPS)
+    kji = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in grid.shape_kji], indexing="ij"))
+    field = np.zeros((3, *grid.shape_kji), np.float32)
+    centres_kji = [(5, 6, 7), (24, 20, 30), (24, 20, 37), (0, 33, 0)]  # apart, close together, on the border
+    for centre_kji, strength in zip(centres_kji, (15.0, -15.0, 15.0, 15.0)):
+        distance = np.linalg.norm(kji - np.array(centre_kji, float)[:, None, None, None], axis=0)
+        field[2] += strength * np.exp(-((distance / 1.5) ** 2))  # a sharp bump along k folds there
+    field = torch.from_numpy(field)
+    determinant = determinant_of_tensor(field, grid)
+    for k, j, i in centres_kji:
+        assert (determinant[max(k - 3, 0) : k + 4, max(j - 3, 0) : j + 4, max(i - 3, 0) : i + 4] <= 0).any()
+    result = unfolded(field, grid)
+    assert torch.equal(result, _unfolded_over_the_whole_grid(field, grid))
+    assert (determinant_of_tensor(result, grid) > 0).all()
+    assert torch.equal(result[:, 12:18, 10:16, 14:22], field[:, 12:18, 10:16, 14:22])  # far from folds: kept

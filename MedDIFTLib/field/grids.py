@@ -71,13 +71,18 @@ def cell_average(
     return resample(pooled, pooled_geometry, grid), grid
 
 
+def gaussian_reach(sigma: float) -> int:
+    """How many voxels on each side :func:`gaussian_filter` reads with ``sigma`` (voxels)."""
+    return int(np.ceil(3.0 * sigma))
+
+
 def gaussian_filter(values: torch.Tensor, sigma_kji: tuple[float, float, float]) -> torch.Tensor:
     """Separable Gaussian of ``(C, K, J, I)`` (sigma in voxels per axis), zero outside the grid."""
     result = values[None]
     for axis, sigma in enumerate(sigma_kji):
         if sigma <= 0 or values.shape[axis + 1] < 2:
             continue
-        radius = int(min(np.ceil(3.0 * sigma), values.shape[axis + 1] - 1))
+        radius = min(gaussian_reach(sigma), values.shape[axis + 1] - 1)
         taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=values.dtype) / sigma) ** 2)
         shape = [1, 1, 1, 1, 1]
         shape[axis + 2] = len(taps)
