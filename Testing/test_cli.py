@@ -208,7 +208,7 @@ def test_register_field_options_come_from_the_option_classes():
 def test_track_lesion_options_come_from_the_option_class():
     from MedDIFTLib.cli import build_parser
     from MedDIFTLib.cli.common import options_from_args
-    from MedDIFTLib.lesions.settings import LesionOptions
+    from MedDIFTLib.core.options import LesionOptions
 
     parser = build_parser()
     base = ["track", "b.nii.gz", "f.nii.gz", "--lesions", "l.nii.gz", "--out", "out"]

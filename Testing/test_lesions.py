@@ -18,7 +18,7 @@ from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, read_volume, write_points, write_volume
 from MedDIFTLib.core.io.volumes import Volume
-from MedDIFTLib.core.options import FieldLevel, FieldOptions
+from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions
 from MedDIFTLib.evaluation.lesions import dice, lesion_metrics, make_lesion_pair, summarise
 from MedDIFTLib.evaluation.simulate import phantom_ct
 from MedDIFTLib.features import create_featurizer
@@ -28,7 +28,6 @@ from MedDIFTLib.lesions.inputs import lesions_from_labelmap, lesions_from_points
 from MedDIFTLib.lesions.measure import measure
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
 from MedDIFTLib.lesions.refine import learned_threshold, refine_lesion, segment_from_seed
-from MedDIFTLib.lesions.settings import LesionOptions
 from MedDIFTLib.lesions.track import track_lesions
 
 FAST_FIELD = FieldOptions(levels=(FieldLevel(spacing_mm=8.0, search_radius_mm=12.0),), optimise_iterations=0)

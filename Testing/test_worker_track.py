@@ -12,9 +12,8 @@ from test_lesions import GEOMETRY, ball, labelmap_volume, lung_with_nodules, vol
 
 from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError
 from MedDIFTLib.core.io import read_volume, write_volume
-from MedDIFTLib.core.options import FieldOptions, RunSettings, parse_options
+from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, parse_options
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
-from MedDIFTLib.lesions.settings import LesionOptions
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Result
 from MedDIFTLib.worker.protocol import TrackRequest, parse_request

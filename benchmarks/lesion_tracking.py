@@ -52,13 +52,13 @@ def _field_on(field, geometry):
 
 def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, popi_spacing_mm: float) -> dict:
     from MedDIFTLib.core.io.volumes import Volume
+    from MedDIFTLib.core.options import LesionOptions
     from MedDIFTLib.evaluation.baselines import convexadam, unavailable_reason
     from MedDIFTLib.evaluation.lesions import lesion_metrics, make_lesion_pair
     from MedDIFTLib.features import create_featurizer
     from MedDIFTLib.field import register
     from MedDIFTLib.lesions.carry import carry_labelmap
     from MedDIFTLib.lesions.inputs import centroids_lps_mm, lesions_from_labelmap
-    from MedDIFTLib.lesions.settings import LesionOptions
     from MedDIFTLib.lesions.track import track_lesions
 
     ct = load_case(case, popi_spacing_mm)

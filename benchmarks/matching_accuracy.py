@@ -28,7 +28,7 @@ from pathlib import Path
 
 from real_cts import CASES, CT_DIR, case_folder
 
-from MedDIFTLib.evaluation.settings import SimulationOptions
+from MedDIFTLib.core.options import SimulationOptions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matching_accuracy.json"  # the README's table
 

@@ -36,7 +36,9 @@ def synopsis() -> str:
 
 def options_table() -> str:
     rows = ["| options | knob | default | meaning |", "|---|---|---|---|"]
-    for cls in (options.MatchOptions, options.FieldLevel, options.FieldOptions):
+    classes = (options.MatchOptions, options.FieldLevel, options.FieldOptions, options.LesionOptions,
+               options.SimulationOptions)
+    for cls in classes:
         for field in dataclasses.fields(cls):
             if field.name == "levels":
                 levels = options.FieldOptions().levels

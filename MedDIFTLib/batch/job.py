@@ -17,8 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.errors import BadInputError
-from ..core.options import FieldOptions, MatchOptions, to_json
-from ..lesions.settings import LesionOptions
+from ..core.options import FieldOptions, LesionOptions, MatchOptions, to_json
 from .manifest import Row
 
 TASKS = ("match", "register", "track")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..batch.job import TASKS
-from ..core.options import FieldOptions, MatchOptions
-from ..lesions.settings import LesionOptions
+from ..core.options import FieldOptions, LesionOptions, MatchOptions
 from .common import (
     ProgressBar,
     add_backbone_arguments,

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..evaluation.settings import SimulationOptions
+from ..core.options import SimulationOptions
 from .common import add_device_argument, add_option, options_from_args
 
 ELASTIX_CASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "chestct_single_real" / \

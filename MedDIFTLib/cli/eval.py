@@ -20,9 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.options import RunSettings
+from ..core.options import DATASET_LAYOUTS, RunSettings
 from ..evaluation.methods import IDENTITY
-from ..evaluation.settings import DATASET_LAYOUTS
 from .common import add_device_argument
 
 LAYOUT_CHOICES = ("auto", *DATASET_LAYOUTS)

@@ -11,8 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..core.options import to_json
-from ..evaluation.settings import SimulationOptions
+from ..core.options import SimulationOptions, to_json
 from .common import add_option, options_from_args, read_input_points
 
 FILES = ("fixed.nii.gz", "moving.nii.gz", "fixed_points.csv", "moving_points_true.csv", "pair.json")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.options import FieldOptions
-from ..lesions.settings import LesionOptions
+from ..core.options import FieldOptions, LesionOptions
 from .common import (
     FIELD_FLAGS,
     ProgressBar,

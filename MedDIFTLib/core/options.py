@@ -1,9 +1,10 @@
 """Every user-facing knob, once: typed option dataclasses and the one parser that builds them.
 
 The CLI, the worker, the evaluation methods and the Slicer panel all take their defaults from
-these classes and build them through :func:`parse_options`, which checks names, types and
-ranges and names the bad key. Distances are in mm. This module imports neither torch nor
-numpy, so the Slicer side can read it.
+these classes (matching, the field, a run, lesion tracking, synthetic pairs) and build them
+through :func:`parse_options`, which checks names, types and ranges and names the bad key.
+Distances are in mm. This module imports neither torch nor numpy, so the Slicer side (and
+``--help``) can read it.
 """
 
 from __future__ import annotations
@@ -287,13 +288,58 @@ class RunSettings(Options):
     field: FieldOptions = dataclasses.field(default_factory=FieldOptions)
 
 
+@dataclass(frozen=True)
+class LesionOptions(Options):
+    """How each lesion is found, segmented and flagged in the follow-up (distances in mm)."""
+
+    refine: bool = option(True, help="fit each carried lesion to the follow-up image (off: the carried labelmap)")
+    growth_margin_mm: float = option(4.0, minimum=0.0, help="the refined lesion may reach this far beyond "
+                                     "the largest growth of the baseline lesion around its matched centre, mm")
+    largest_volume_factor: float = option(3.0, above=0.0, help="the largest growth in volume the refined lesion "
+                                          "may show (times the baseline volume)")
+    seed_radius_mm: float = option(20.0, above=0.0, help="largest radius of a lesion segmented from a point, mm")
+    confidence_threshold: float = option(0.5, minimum=0.0, maximum=1.0,
+                                         help="a centre match below this confidence is flagged low_confidence")
+    centre_search_radius_mm: float = option(15.0, above=0.0, help="the centre is searched this far around "
+                                            "where the field carries it, mm")
+
+
+STATUSES = ("ok", "not_found", "leaves_volume", "merges", "low_confidence", "touches_border", "unsupported_growth")
+
+
+@dataclass(frozen=True)
+class SimulationOptions(Options):
+    """How a synthetic pair is made from a real CT (distances in mm)."""
+
+    seed: int = option(0, minimum=0, help="motion and noise seed")
+    motion: str = option("breathing", choices=("breathing", "dirlab1", "dirlab2"),
+                         help="motion family: the parametric breathing model, or a thin-plate spline through the "
+                         "real T00->T50 landmark displacements of DIR-Lab 4DCT case 1 or 2 mapped onto the CT's "
+                         "lungs (needs ../shared/data/dirlab4dct_landmarks)")
+    mean_motion_mm: float = option(7.0, minimum=0.0, help="mean motion at the points, mm (breathing motion only)")
+    motion_scale: float = option(1.0, minimum=0.0, help="factor on the DIR-Lab displacements (DIR-Lab motions "
+                                 "only; 2-3 reaches the motion of the harder 4DCT cases)")
+    num_keypoints: int = option(200, minimum=1, help="automatic keypoints in the lungs (when no points are given)")
+    noise_hu: float = option(20.0, minimum=0.0, help="Gaussian noise, HU")
+    spacing_factor: float = option(1.1, above=0.0, help="moving voxel size relative to the CT")
+    allow_folding: bool = option(False, help="keep a motion that folds (Jacobian determinant <= 0), which has "
+                                 "no one-to-one ground truth")
+
+
+DATASET_LAYOUTS = ("dirlab", "copdgene", "learn2reg", "manifest", "pairs")  # see MedDIFTLib.evaluation.datasets
+
+
 __all__ = [
+    "DATASET_LAYOUTS",
     "SEARCH_RADIUS_MM",
+    "STATUSES",
     "FieldLevel",
     "FieldOptions",
+    "LesionOptions",
     "MatchOptions",
     "Options",
     "RunSettings",
+    "SimulationOptions",
     "describe",
     "option",
     "parse_assignments",

@@ -39,9 +39,9 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.points import PointSet, read_dirlab_points, read_points
 from ..core.io.volumes import read_volume
+from ..core.options import DATASET_LAYOUTS
 from .cases import POINT_SUFFIXES, VOLUME_SUFFIXES, Case, CaseData, Dataset, file_stem, walk_files
 from .raw import dirlab_cases, read_raw_volume
-from .settings import DATASET_LAYOUTS
 
 LAYOUTS = DATASET_LAYOUTS
 MANIFEST_COLUMNS = ("fixed", "moving", "fixed_points", "moving_points")

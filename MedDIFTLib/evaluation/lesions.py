@@ -28,7 +28,7 @@ from scipy import ndimage
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume
-from .settings import SimulationOptions
+from ..core.options import SimulationOptions
 from .simulate import LUNG_HU, lung_mask, make_synthetic_pair
 
 EDGE_MM = 0.6
@@ -130,7 +130,7 @@ def make_lesion_pair(ct: Volume, count: int = 6, seed: int = 0, mean_motion_mm: 
                      radius_mm: tuple[float, float] = (4.0, 12.0),
                      volume_factor: tuple[float, float] = (0.5, 2.0), motion: str = "breathing") -> LesionPair:
     """A baseline/follow-up pair with ``count`` nodules of ``ct`` (see the module notes); ``motion`` is
-    the motion family of :class:`MedDIFTLib.evaluation.settings.SimulationOptions` (``mean_motion_mm``
+    the motion family of :class:`MedDIFTLib.core.options.SimulationOptions` (``mean_motion_mm``
     applies to the breathing model only)."""
     rng = np.random.default_rng(seed)
     centres, radii = nodule_sites(ct, count, radius_mm, volume_factor[1], rng)

@@ -28,10 +28,9 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.points import PointSet
 from ..core.io.volumes import Volume
-from ..core.options import parse_options
+from ..core.options import SimulationOptions, parse_options
 from ..field import DisplacementField, jacobian_determinant
 from .dirlab_motion import DIRLAB_MOTIONS, dirlab_pull_field
-from .settings import SimulationOptions
 
 LUNG_HU = -400.0
 LUNG_DENSITY_HU = -200.0

@@ -5,6 +5,6 @@ segmented at both time points by :mod:`.refine`). :mod:`.inputs` reads and check
 :mod:`.carry` pulls the labelmap onto the follow-up grid through the field (label-preserving),
 :mod:`.refine` fits each carried lesion to the follow-up image, :mod:`.measure` gives volumes,
 RECIST-style axial diameters and mean HU, :mod:`.track` runs the whole job and :mod:`.outputs`
-writes ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md`` and ``lesions.png``. Nothing is
-imported here, so the torch-free :mod:`.settings` loads alone.
+writes ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md`` and ``lesions.png``. The knobs
+(:class:`~MedDIFTLib.core.options.LesionOptions`) live in :mod:`MedDIFTLib.core.options`.
 """

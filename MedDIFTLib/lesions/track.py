@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.io.volumes import Volume
-from ..core.options import FieldOptions, MatchOptions
+from ..core.options import FieldOptions, LesionOptions, MatchOptions
 from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
 from ..field import DisplacementField, register
@@ -37,7 +37,6 @@ from .carry import carry_labelmap
 from .inputs import Lesions, centroids_lps_mm, touches_border
 from .measure import EMPTY, Measurement, change_pct, measure
 from .refine import OPEN_SURFACE_LIMIT, equivalent_radius_mm, fit_lesion, learned_threshold, segment_from_seed
-from .settings import LesionOptions
 
 
 @dataclass

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import BadInputError, CancelledError, MedDIFTError
-from ..core.options import RunSettings
-from ..lesions.settings import LesionOptions
+from ..core.options import LesionOptions, RunSettings
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
 from ..worker.remote_client import RemoteWorkerClient

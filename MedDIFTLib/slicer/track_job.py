@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import BadInputError
-from ..core.options import RunSettings, to_json
-from ..lesions.settings import LesionOptions
+from ..core.options import LesionOptions, RunSettings, to_json
 from .jobs import JobFolder, Steps, WorkerRequest
 from .lesions import (
     LesionRow,

@@ -23,8 +23,7 @@ import numpy as np
 
 from ..core.budget import MAX_POINTS
 from ..core.errors import BadRequestError
-from ..core.options import FieldLevel, FieldOptions, MatchOptions, RunSettings, parse_options
-from ..lesions.settings import LesionOptions
+from ..core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options
 
 MAX_REQUEST_BYTES = 16 * 2**20
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
