@@ -457,6 +457,9 @@ def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
     assert match_params["options"]["search_radius_mm"] == 12.0
     assert client.requests[3][1]["options"] == to_json(settings.field)
     assert match_params["backbone"] == "mind" and match_params["device"] == "cpu"
+    run_keys = {"fixed_id", "moving_id", "backbone", "backbone_options", "device", "options"}
+    assert set(match_params) == run_keys | {"points_lps_mm", "labels"}, "no priors key, as before"
+    assert set(client.requests[3][1]) == run_keys | {"out_transform", "out_warped"}, "no null outputs or mask"
 
     moving_points = nodes.markups_to_points(outputs.moving_landmarks)
     assert moving_points.labels == ["p1", "p2"]
@@ -931,7 +934,7 @@ def test_overlays_without_a_transform_give_confidence_only(scene, tmp_path):
     job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
     outputs = session.run_blocking(client, job.steps())
     assert list(outputs.overlays) == ["confidence"]
-    assert dict(client.requests)["overlays"]["transform"] is None
+    assert "transform" not in dict(client.requests)["overlays"], "no field: the key is left out"
 
 
 def test_session_cursor_match_runs_in_the_background_and_leaves_the_scene_alone(scene):

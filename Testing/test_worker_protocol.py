@@ -3,6 +3,7 @@ the job queue with cancel, and the Worker composing them over in-memory streams.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -15,17 +16,24 @@ import pytest
 from MedDIFTLib.core import errors
 from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import ERROR_KINDS, BadInputError, BadRequestError
-from MedDIFTLib.core.options import FieldOptions, MatchOptions, RunSettings
+from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings
 from MedDIFTLib.worker import events
 from MedDIFTLib.worker.jobs import Job, JobQueue
 from MedDIFTLib.worker.protocol import (
+    REQUEST_TYPES,
+    CancelRequest,
+    FeaturesRequest,
     Limits,
+    LoadRequest,
     MatchRequest,
+    OverlaysRequest,
     ProbeRequest,
     RegisterRequest,
     RejectedRequest,
     ShutdownRequest,
+    TrackRequest,
     UnloadRequest,
+    encode_request,
     parse_line,
     parse_request,
 )
@@ -135,6 +143,79 @@ def test_bad_fields_raise_the_error_kind_naming_the_field(case):
 def test_probe_options_default_per_backbone():
     assert parse_request("probe", {}) == ProbeRequest({})
     assert parse_request("probe", {"backbone_options": {"maisi": None}}) == ProbeRequest({"maisi": {}})
+
+
+# ---------------------------------------------------------------------- encoded requests
+
+RUN = RunSettings(backbone="maisi", backbone_options={"timestep": 20, "precision": "bf16"}, device="cpu")
+FIELD = FieldOptions(levels=(FieldLevel(spacing_mm=5.0, search_radius_mm=9.0, step_mm=2.5),), optimise_iterations=0,
+                     break_gradient=None)
+# One request of each type, every field away from its default; then the optional fields left out.
+ENCODED = [
+    ProbeRequest({"maisi": {"timestep": 30}, "mind": {}}),
+    LoadRequest("/data/fixed.nii.gz"),
+    UnloadRequest("v3"),
+    FeaturesRequest("v1", RUN),
+    MatchRequest("v1", "v2", np.array([[1.5, -2.0, 3.25], [4.0, 5.0, 6.0]]), ["a", 7],
+                 np.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]),
+                 dataclasses.replace(RUN, match=MatchOptions(search_radius_mm=12.0, mode="global",
+                                                             level_weights=(1.0, 0.5), patch_radius=2))),
+    RegisterRequest("v1", "v2", "t.nii.gz", "i.nii.gz", "w.nrrd", "v3", dataclasses.replace(RUN, field=FIELD)),
+    OverlaysRequest("v1", "v2", "t.nrrd", "c.nrrd", "j.nrrd", "m.nrrd", FieldLevel(spacing_mm=8.0, step_mm=2.0),
+                    RUN),
+    TrackRequest("v1", "v2", "lesions.mrk.json", "out", LesionOptions(refine=False, growth_margin_mm=2.0),
+                 dataclasses.replace(RUN, field=FIELD)),
+    CancelRequest("r7"),
+    ShutdownRequest(),
+    ProbeRequest({}),
+    MatchRequest("v1", "v2", np.zeros((0, 3)), [], None, RunSettings()),
+    RegisterRequest("v1", "v2", "t.nii.gz", None, None, None, RunSettings()),
+    OverlaysRequest("v1", "v2", None, "c.nrrd", None, None, FieldLevel(), RunSettings()),
+    CancelRequest(None),
+]
+
+
+def same_request(one, other) -> bool:
+    """Dataclass equality, with arrays compared by shape and values."""
+    if type(one) is not type(other):
+        return False
+    for field in dataclasses.fields(one):
+        mine, theirs = getattr(one, field.name), getattr(other, field.name)
+        if isinstance(mine, np.ndarray) or isinstance(theirs, np.ndarray):
+            if not (isinstance(mine, np.ndarray) and isinstance(theirs, np.ndarray) and mine.shape == theirs.shape
+                    and np.array_equal(mine, theirs)):
+                return False
+        elif mine != theirs:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("request_", ENCODED, ids=lambda request_: type(request_).__name__)
+def test_an_encoded_request_parses_back_to_itself_through_a_json_line(request_):
+    request_type, fields = encode_request(request_)
+    line = json.dumps({"id": "r1", "type": request_type, **fields}, allow_nan=False).encode()
+    request_id, parsed_type, parsed_fields = parse_line(line)
+    assert (request_id, parsed_type) == ("r1", request_type)
+    assert same_request(parse_request(parsed_type, parsed_fields), request_)
+    assert None not in fields.values(), "optional fields left None are left out"
+
+
+def test_every_request_type_has_an_encoding():
+    assert sorted({encode_request(request_)[0] for request_ in ENCODED}) == sorted(REQUEST_TYPES)
+
+
+def test_what_a_request_type_does_not_carry_is_refused_by_the_encoder():
+    match = MatchRequest("v1", "v2", np.zeros((1, 3)), ["1"], None, RunSettings(field=FIELD))
+    with pytest.raises(ValueError, match="settings.field"):
+        encode_request(match)
+    overlays = OverlaysRequest("v1", "v2", None, "c.nrrd", None, None, FieldLevel(),
+                               RunSettings(match=MatchOptions(exact=True)))
+    with pytest.raises(ValueError, match="settings.match"):
+        encode_request(overlays)
+    with pytest.raises(ValueError, match="upload"):
+        encode_request(LoadRequest("ct", volume=object()))
+    with pytest.raises(TypeError, match="not a request"):
+        encode_request({"type": "load", "path": "ct.nii.gz"})
 
 
 # ---------------------------------------------------------------------- events
@@ -254,7 +335,6 @@ def test_a_request_that_breaks_the_parser_is_an_internal_error_and_serving_goes_
 
 def test_every_queued_request_type_has_one_handler():
     from MedDIFTLib.worker.handlers import HANDLERS
-    from MedDIFTLib.worker.protocol import REQUEST_TYPES
 
     assert set(HANDLERS) == set(REQUEST_TYPES) - {"cancel", "shutdown"}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..core.options import FieldOptions, MatchOptions, parse_assignments, to_json
+from ..core.options import FieldOptions, MatchOptions, RunSettings, parse_assignments
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,17 +39,31 @@ def connect(args: argparse.Namespace):
     return client
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {"backbone": args.backbone, "device": args.device,
-            "backbone_options": parse_assignments(args.backbone_option, "backbone option")}
+def _send(client, request, progress=None) -> dict[str, Any]:
+    """Send one typed request (:mod:`MedDIFTLib.worker.protocol`) as ``encode_request`` writes it; its result."""
+    from ..worker.protocol import encode_request
+
+    request_type, fields = encode_request(request)
+    return client.call(request_type, progress=progress, **fields)
 
 
-def _volumes(client, args: argparse.Namespace, progress) -> dict[str, str]:
+def _settings(args: argparse.Namespace, **part: Any) -> RunSettings:
+    """The backbone, its options and the device of ``args``, with the options ``part`` a request carries."""
+    return RunSettings(backbone=args.backbone, device=args.device,
+                       backbone_options=parse_assignments(args.backbone_option, "backbone option"), **part)
+
+
+def _load(client, path: str) -> str:
+    from ..worker.protocol import LoadRequest
+
+    return _send(client, LoadRequest(path))["volume_id"]
+
+
+def _volumes(client, args: argparse.Namespace, progress) -> tuple[str, str]:
     progress("upload", 0.0, "fixed volume")
-    ids = {"fixed_id": client.call("load", path=args.fixed)["volume_id"]}
+    fixed_id = _load(client, args.fixed)
     progress("upload", 0.5, "moving volume")
-    ids["moving_id"] = client.call("load", path=args.moving)["volume_id"]
-    return ids
+    return fixed_id, _load(client, args.moving)
 
 
 def match_remotely(args: argparse.Namespace, points, options: MatchOptions, progress):
@@ -58,12 +72,14 @@ def match_remotely(args: argparse.Namespace, points, options: MatchOptions, prog
     import numpy as np
 
     from ..matching import Correspondences
+    from ..worker.protocol import MatchRequest
 
     with connect(args) as client:
-        ids = _volumes(client, args, progress)
-        found = client.call("match", progress=progress, points_lps_mm=points.points_lps_mm,
-                            labels=[str(label) for label in points.labels], options=to_json(options),
-                            **ids, **_settings(args))
+        fixed_id, moving_id = _volumes(client, args, progress)
+        request = MatchRequest(fixed_id=fixed_id, moving_id=moving_id, points_lps_mm=points.points_lps_mm,
+                               labels=[str(label) for label in points.labels], priors_lps_mm=None,
+                               settings=_settings(args, match=options))
+        found = _send(client, request, progress)
         version = client.version
 
     def column(name: str) -> np.ndarray:
@@ -77,10 +93,12 @@ def match_remotely(args: argparse.Namespace, points, options: MatchOptions, prog
 
 def register_remotely(args: argparse.Namespace, options: FieldOptions, progress) -> dict[str, Any]:
     """The summary of a registration run on the server, its outputs written to the local paths."""
+    from ..worker.protocol import RegisterRequest
+
     with connect(args) as client:
-        ids = _volumes(client, args, progress)
-        if args.mask:
-            ids["mask_id"] = client.call("load", path=args.mask)["volume_id"]
-        return client.call("register", progress=progress, out_transform=args.out_transform,
-                           out_inverse=args.out_inverse, out_warped=args.out_warped, options=to_json(options),
-                           **ids, **_settings(args))
+        fixed_id, moving_id = _volumes(client, args, progress)
+        mask_id = _load(client, args.mask) if args.mask else None
+        request = RegisterRequest(fixed_id=fixed_id, moving_id=moving_id, out_transform=args.out_transform,
+                                  out_inverse=args.out_inverse, out_warped=args.out_warped, mask_id=mask_id,
+                                  settings=_settings(args, field=options))
+        return _send(client, request, progress)

@@ -1,10 +1,11 @@
 """One run as a sequence of worker requests built from scene nodes; results reach the scene only at the end.
 
 A :class:`SceneJob` checks its inputs when its steps are asked for (so bad inputs fail at
-once, before any request), then yields :class:`WorkerRequest` values and receives each
-request's result payload. Only after every request has succeeded are the outputs written into
-the scene, so a failed or cancelled run changes nothing. Points travel in LPS mm; options are
-the typed :class:`~MedDIFTLib.core.options.RunSettings`, sent as JSON.
+once, before any request), then yields typed requests of the worker protocol
+(:mod:`MedDIFTLib.worker.protocol`; the driver sends what ``encode_request`` makes of them) and
+receives each request's result payload. Only after every request has succeeded are the outputs
+written into the scene, so a failed or cancelled run changes nothing. Points travel in LPS mm;
+options are the typed :class:`~MedDIFTLib.core.options.RunSettings`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 from ..core.errors import BadInputError, MedDIFTError
 from ..core.io import PointSet
 from ..core.io.points import RAS_FROM_LPS
-from ..core.options import RunSettings, to_json
+from ..core.options import FieldLevel, RunSettings
+from ..worker.protocol import LoadRequest, MatchRequest, OverlaysRequest, RegisterRequest, Request
 from .nodes import (
     fill_transform_node,
     fill_volume_node,
@@ -35,16 +37,7 @@ from .nodes import (
 from .overlays import KINDS, existing_overlay, put_overlay, read_overlay
 from .results import MatchResult, write_matches_to_markups
 
-
-@dataclass(frozen=True)
-class WorkerRequest:
-    """One request of the worker protocol: ``type`` and its parameters."""
-
-    type: str
-    params: dict[str, Any]
-
-
-Steps = Generator[WorkerRequest, dict, "JobOutputs"]
+Steps = Generator[Request, dict, "JobOutputs"]
 
 
 @dataclass
@@ -98,7 +91,7 @@ class JobFolder:
         """A file name in the folder that no earlier call returned."""
         return self.path / f"{stem}-{next(self._file_numbers)}{suffix}"
 
-    def volume_id(self, volume_node, include_parent_transform: bool = True) -> Generator[WorkerRequest, dict, str]:
+    def volume_id(self, volume_node, include_parent_transform: bool = True) -> Generator[Request, dict, str]:
         """Steps that give the worker volume id of ``volume_node`` (writing and loading it if new)."""
         signature = volume_node_signature(volume_node, include_parent_transform)
         node_id = volume_node.GetID()
@@ -107,13 +100,19 @@ class JobFolder:
             return cached[2]
         path = cached[1] if cached is not None else self.new_path("volume")
         write_volume_node(volume_node, path, include_parent_transform)
-        result = yield WorkerRequest("load", {"path": str(path)})
+        result = yield LoadRequest(str(path))
         try:
             volume_id = str(result["volume_id"])
         except (KeyError, TypeError):
             raise MedDIFTError("the worker returned a malformed load result") from None
         self._loaded[node_id] = (signature, path, volume_id)
         return volume_id
+
+
+def request_settings(settings: RunSettings, **part: Any) -> RunSettings:
+    """``settings``' backbone, backbone options and device, with only the options ``part`` (``match`` or
+    ``field``) that a request carries; the worker takes the defaults for the rest."""
+    return RunSettings(settings.backbone, dict(settings.backbone_options), settings.device, **part)
 
 
 def _check_full_run(inputs: JobInputs) -> None:
@@ -198,16 +197,7 @@ class SceneJob:
         matches = yield from self._match(fixed_id, moving_id, point)
         return JobOutputs(matches=matches)
 
-    def _common_params(self, fixed_id: str, moving_id: str) -> dict[str, Any]:
-        return {
-            "fixed_id": fixed_id,
-            "moving_id": moving_id,
-            "backbone": self.settings.backbone,
-            "backbone_options": dict(self.settings.backbone_options),
-            "device": self.settings.device,
-        }
-
-    def _volume_ids(self) -> Generator[WorkerRequest, dict, tuple[str, str]]:
+    def _volume_ids(self) -> Generator[Request, dict, tuple[str, str]]:
         inputs = self.inputs
         fixed_id = yield from self.folder.volume_id(inputs.fixed_volume)
         moving_id = yield from self.folder.volume_id(
@@ -215,14 +205,11 @@ class SceneJob:
         )
         return fixed_id, moving_id
 
-    def _match(self, fixed_id: str, moving_id: str, points: PointSet) -> Generator[WorkerRequest, dict, MatchResult]:
-        params = self._common_params(fixed_id, moving_id)
-        params.update(
-            points_lps_mm=points.points_lps_mm.tolist(),
-            labels=list(points.labels),
-            options=to_json(self.settings.match),
-        )
-        return MatchResult.from_worker((yield WorkerRequest("match", params)))
+    def _match(self, fixed_id: str, moving_id: str, points: PointSet) -> Generator[Request, dict, MatchResult]:
+        request = MatchRequest(fixed_id=fixed_id, moving_id=moving_id, points_lps_mm=points.points_lps_mm,
+                               labels=list(points.labels), priors_lps_mm=None,
+                               settings=request_settings(self.settings, match=self.settings.match))
+        return MatchResult.from_worker((yield request))
 
     def _moving_landmarks_name(self) -> str:
         return f"{self.inputs.fixed_landmarks.GetName()} in {_volume_name(self.inputs.moving_volume)}"
@@ -237,12 +224,13 @@ class SceneJob:
         transform_path = warped_path = None
         if inputs.compute_transform:
             transform_path = self.folder.new_path("transform")
-            params = self._common_params(fixed_id, moving_id)
-            params.update(out_transform=str(transform_path), options=to_json(self.settings.field))
             if inputs.compute_warped:
                 warped_path = self.folder.new_path("warped")
-                params["out_warped"] = str(warped_path)
-            summary = yield WorkerRequest("register", params)
+            summary = yield RegisterRequest(
+                fixed_id=fixed_id, moving_id=moving_id, out_transform=str(transform_path), out_inverse=None,
+                out_warped=None if warped_path is None else str(warped_path), mask_id=None,
+                settings=request_settings(self.settings, field=self.settings.field),
+            )
         overlay_paths: dict[str, Path] = {}
         overlay_summary = None
         try:
@@ -252,12 +240,14 @@ class SceneJob:
                     for name in KINDS
                     if name == "confidence" or transform_path is not None
                 }
-                params = self._common_params(fixed_id, moving_id)
-                params.update(
+                paths = {name: str(path) for name, path in overlay_paths.items()}
+                overlay_summary = yield OverlaysRequest(
+                    fixed_id=fixed_id, moving_id=moving_id,
                     transform=None if transform_path is None else str(transform_path),
-                    **{f"out_{name}": str(path) for name, path in overlay_paths.items()},
+                    out_confidence=paths["confidence"], out_jacobian=paths.get("jacobian"),
+                    out_magnitude=paths.get("magnitude"), lattice=FieldLevel(),
+                    settings=request_settings(self.settings),
                 )
-                overlay_summary = yield WorkerRequest("overlays", params)
             loaded = {name: read_overlay(self.scene, path, KINDS[name]) for name, path in overlay_paths.items()}
             outputs = self._apply(matches, summary, transform_path, warped_path)
             outputs.overlay_summary = overlay_summary

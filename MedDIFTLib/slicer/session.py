@@ -22,8 +22,9 @@ from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import LesionOptions, RunSettings
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
+from ..worker.protocol import Request, encode_request
 from ..worker.remote_client import RemoteWorkerClient
-from .jobs import JobFolder, JobInputs, JobOutputs, SceneJob, Steps, WorkerRequest
+from .jobs import JobFolder, JobInputs, JobOutputs, SceneJob, Steps
 from .track_job import TrackInputs, TrackOutputs, track_steps
 
 ProgressCallback = Callable[[str, float, str], None]
@@ -45,12 +46,14 @@ def describe_server(server_url: str, token: str | None = None, timeout_s: float 
 
 def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
                  timeout_s: float | None = None) -> JobOutputs:
-    """Drive a job to its end with blocking ``client.call`` requests; ``timeout_s`` bounds the
-    wait for each worker event."""
+    """Drive a job to its end with blocking ``client.call`` requests (each step's typed request,
+    encoded by :func:`~MedDIFTLib.worker.protocol.encode_request`); ``timeout_s`` bounds the wait
+    for each worker event."""
     try:
         request = next(steps)
         while True:
-            result = client.call(request.type, progress=progress, timeout=timeout_s, **request.params)
+            request_type, fields = encode_request(request)
+            result = client.call(request_type, progress=progress, timeout=timeout_s, **fields)
             request = steps.send(result)
     except StopIteration as finished:
         return finished.value
@@ -79,10 +82,10 @@ class JobRunner:
         """Send the first request (or finish at once when the job needs none)."""
         self._advance(lambda: next(self._steps))
 
-    def _advance(self, step: Callable[[], WorkerRequest]) -> None:
+    def _advance(self, step: Callable[[], Request]) -> None:
         try:
-            request = step()
-            self._request_id = self._client.send(request.type, **request.params)
+            request_type, fields = encode_request(step())
+            self._request_id = self._client.send(request_type, **fields)
         except StopIteration as finished:
             self._finish(finished.value, None)
         except Exception as error:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import BadInputError
-from ..core.options import LesionOptions, RunSettings, to_json
-from .jobs import JobFolder, Steps, WorkerRequest
+from ..core.options import LesionOptions, RunSettings
+from ..worker.protocol import TrackRequest
+from .jobs import JobFolder, Steps, request_settings
 from .lesions import (
     LesionRow,
     LesionSegment,
@@ -90,19 +91,13 @@ def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: JobFolder,
     lesions_path = folder.new_path("lesions", ".mrk.json" if is_points else ".nii.gz")
     segments = write_baseline_lesions(scene, inputs.baseline_lesions, inputs.baseline_volume, lesions_path)
     out_dir = folder.new_path("track", "")
-    summary = yield WorkerRequest(
-        "track",
-        {
-            "baseline_id": baseline_id,
-            "followup_id": followup_id,
-            "lesions": str(lesions_path),
-            "out_dir": str(out_dir),
-            "backbone": settings.backbone,
-            "backbone_options": dict(settings.backbone_options),
-            "device": settings.device,
-            "options": to_json(options),
-            "field_options": to_json(settings.field),
-        },
+    summary = yield TrackRequest(
+        baseline_id=baseline_id,
+        followup_id=followup_id,
+        lesions=str(lesions_path),
+        out_dir=str(out_dir),
+        lesion_options=options,
+        settings=request_settings(settings, field=settings.field),
     )
     files = {str(key): str(path) for key, path in (summary.get("files") or {}).items()}
     rows = read_lesion_rows(files["csv"], segments)

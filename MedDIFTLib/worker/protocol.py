@@ -5,6 +5,8 @@ JSON lines: one request per line, one event per line. A request is ``{"id": str,
 dataclass below, built by :func:`parse_request`, which checks every field once (types, shapes,
 limits; option ranges through :func:`MedDIFTLib.core.options.parse_options`). What needs the
 worker's state (does a volume id exist, does a device exist) is checked when the job runs.
+Clients build their requests as these dataclasses too and send what :func:`encode_request`, the
+inverse of :func:`parse_request`, makes of them: no client writes a request's fields by hand.
 
 The stream around it (bounded line reading, the event lines written back) is :mod:`.stream`.
 Coordinates are LPS mm.
@@ -23,7 +25,7 @@ import numpy as np
 
 from ..core.budget import MAX_POINTS
 from ..core.errors import BadRequestError
-from ..core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options
+from ..core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options, to_json
 
 MAX_REQUEST_BYTES = 16 * 2**20
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
@@ -369,3 +371,128 @@ _PARSERS = {
     "shutdown": _parse_shutdown,
 }
 REQUEST_TYPES = tuple(_PARSERS)
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def encode_request(request: Request) -> tuple[str, dict[str, Any]]:
+    """``(type, fields)`` of ``request``, JSON-ready: the inverse of :func:`parse_request`, so
+    ``parse_request(*encode_request(request)) == request``; the line is ``{"id", "type", **fields}``.
+
+    An optional field that is None is left out (every reader takes absent for null). Options travel
+    whole (:func:`~MedDIFTLib.core.options.to_json`). ``settings`` travel as ``backbone``,
+    ``backbone_options`` and ``device``, plus the one part of them a type carries: ``settings.match``
+    (match, as ``options``) or ``settings.field`` (register, as ``options``; track, as
+    ``field_options``). A part a type does not carry must be left at its default, since the worker
+    would not see it; so must a load's ``volume``, set only by the server. Either raises ValueError."""
+    encode = _ENCODERS.get(type(request))
+    if encode is None:
+        raise TypeError(f"{type(request).__name__} is not a request of the worker protocol")
+    request_type, fields = encode(request)
+    return request_type, {name: value for name, value in fields.items() if value is not None}
+
+
+def _run_fields(settings: RunSettings, request_type: str, carries: str | None = None) -> dict[str, Any]:
+    """Backbone, backbone options and device of ``settings``; its match and field options other than
+    ``carries`` must be the defaults the worker will use."""
+    defaults = RunSettings()
+    for part in ("match", "field"):
+        if part != carries and getattr(settings, part) != getattr(defaults, part):
+            raise ValueError(f"a {request_type} request does not carry settings.{part}: leave it at its default")
+    return {"backbone": settings.backbone, "backbone_options": dict(settings.backbone_options),
+            "device": settings.device}
+
+
+def _point_list(points: np.ndarray | None) -> list[list[float]] | None:
+    return None if points is None else np.asarray(points, dtype=float).tolist()
+
+
+def _encode_probe(request: ProbeRequest) -> tuple[str, dict[str, Any]]:
+    return "probe", {"backbone_options": {name: dict(options) for name, options in request.backbone_options.items()}}
+
+
+def _encode_load(request: LoadRequest) -> tuple[str, dict[str, Any]]:
+    if request.volume is not None:
+        raise ValueError("a load carrying its volume is made by the server from an upload; send the path")
+    return "load", {"path": request.path}
+
+
+def _encode_unload(request: UnloadRequest) -> tuple[str, dict[str, Any]]:
+    return "unload", {"volume_id": request.volume_id}
+
+
+def _encode_features(request: FeaturesRequest) -> tuple[str, dict[str, Any]]:
+    return "features", {"volume_id": request.volume_id, **_run_fields(request.settings, "features")}
+
+
+def _encode_match(request: MatchRequest) -> tuple[str, dict[str, Any]]:
+    return "match", {
+        "fixed_id": request.fixed_id,
+        "moving_id": request.moving_id,
+        "points_lps_mm": _point_list(request.points_lps_mm),
+        "labels": list(request.labels),
+        "priors_lps_mm": _point_list(request.priors_lps_mm),
+        "options": to_json(request.settings.match),
+        **_run_fields(request.settings, "match", carries="match"),
+    }
+
+
+def _encode_register(request: RegisterRequest) -> tuple[str, dict[str, Any]]:
+    return "register", {
+        "fixed_id": request.fixed_id,
+        "moving_id": request.moving_id,
+        "mask_id": request.mask_id,
+        "out_transform": request.out_transform,
+        "out_inverse": request.out_inverse,
+        "out_warped": request.out_warped,
+        "options": to_json(request.settings.field),
+        **_run_fields(request.settings, "register", carries="field"),
+    }
+
+
+def _encode_overlays(request: OverlaysRequest) -> tuple[str, dict[str, Any]]:
+    return "overlays", {
+        "fixed_id": request.fixed_id,
+        "moving_id": request.moving_id,
+        "transform": request.transform,
+        "out_confidence": request.out_confidence,
+        "out_jacobian": request.out_jacobian,
+        "out_magnitude": request.out_magnitude,
+        "lattice": to_json(request.lattice),
+        **_run_fields(request.settings, "overlays"),
+    }
+
+
+def _encode_track(request: TrackRequest) -> tuple[str, dict[str, Any]]:
+    return "track", {
+        "baseline_id": request.baseline_id,
+        "followup_id": request.followup_id,
+        "lesions": request.lesions,
+        "out_dir": request.out_dir,
+        "options": to_json(request.lesion_options),
+        "field_options": to_json(request.settings.field),
+        **_run_fields(request.settings, "track", carries="field"),
+    }
+
+
+def _encode_cancel(request: CancelRequest) -> tuple[str, dict[str, Any]]:
+    return "cancel", {"job_id": request.job_id}
+
+
+def _encode_shutdown(request: ShutdownRequest) -> tuple[str, dict[str, Any]]:
+    return "shutdown", {}
+
+
+_ENCODERS = {
+    ProbeRequest: _encode_probe,
+    LoadRequest: _encode_load,
+    UnloadRequest: _encode_unload,
+    FeaturesRequest: _encode_features,
+    MatchRequest: _encode_match,
+    RegisterRequest: _encode_register,
+    OverlaysRequest: _encode_overlays,
+    TrackRequest: _encode_track,
+    CancelRequest: _encode_cancel,
+    ShutdownRequest: _encode_shutdown,
+}
