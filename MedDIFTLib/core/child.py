@@ -24,6 +24,7 @@ from typing import IO, Any
 
 DEFAULT_GRACE_S = 2.0
 READER_JOIN_S = 5.0
+STDERR_AFTER_EXIT_S = 1.0  # how long ``on_end`` waits for stderr a surviving grandchild may still hold open
 TAIL_LINES = 400
 
 LineCallback = Callable[[str], bool | None]
@@ -190,7 +191,7 @@ class ChildProcess:
                 self.note(line)
         code = process.wait()
         if self._stderr_reader is not None:
-            self._stderr_reader.join(READER_JOIN_S)
+            self._stderr_reader.join(STDERR_AFTER_EXIT_S)
         if self._on_end is not None:
             self._on_end(code)
 
