@@ -5,6 +5,7 @@ display windows, and the error paths."""
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -530,6 +531,57 @@ def test_eval_runs_each_case_in_its_own_process_and_records_a_timeout(tmp_path):
                  "--timeout-s", "0.01", "--quiet"]) == 1
     record = json.loads((tmp_path / "again" / "results.json").read_text())["cases"][0]
     assert record["status"] == "failed" and record["error"].startswith("timed out after")
+
+
+_GRANDCHILD_RUN = """\
+import os, subprocess, sys, time
+pid_file = sys.argv[1]
+# the grandchild does not hold the run's output pipe, so only a process-tree kill can end it
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+with open(pid_file + ".tmp", "w") as file:
+    file.write(str(grandchild.pid))
+os.replace(pid_file + ".tmp", pid_file)
+print("grandchild started", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the stand-in run is checked with POSIX process groups")
+def test_a_timed_out_isolated_run_leaves_no_grandchild_alive(tmp_path, monkeypatch):
+    """A run that started a process of its own and then hung: the timeout ends both (the whole
+    process tree, not only the direct child) and the record says it timed out."""
+    psutil = pytest.importorskip("psutil")
+    import MedDIFTLib.evaluation.runner as runner
+
+    pid_file = tmp_path / "grandchild.pid"
+    monkeypatch.setattr(runner, "isolated_command",
+                        lambda job_path: [sys.executable, "-c", _GRANDCHILD_RUN, str(pid_file)])
+    job = {"case": {"name": "stuck"}, "method": "identity"}
+    record = None
+    for timeout_s in (2.0, 8.0, 30.0):  # longer until the stand-in had time to start its grandchild
+        record = runner.run_isolated(job, tmp_path, tmp_path / "run.log", timeout_s)
+        if pid_file.is_file():
+            break
+    assert pid_file.is_file(), "the stand-in run never started its grandchild"
+    grandchild = int(pid_file.read_text())
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    try:
+        deadline = time.monotonic() + 30.0
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(), "the timed-out run's grandchild is still running"
+    finally:
+        if alive():
+            psutil.Process(grandchild).kill()
+    assert record["status"] == "failed" and record["error"].startswith("timed out after")
+    assert "grandchild started" in (tmp_path / "run.log").read_text()
 
 
 def test_eval_bad_arguments_end_with_a_message_and_no_output(tmp_path, capsys):

@@ -117,14 +117,33 @@ def test_weights_transfer_that_cannot_start_fails_once(tmp_path):
 def test_weights_commands_are_the_cli_in_a_child_python(tmp_path):
     command = weights_job.download_command("/opt/PythonSlicer", tmp_path)
     assert command[:5] == ["/opt/PythonSlicer", "-m", "MedDIFTLib", "weights", "download"]
-    assert "--yes" in command and str(tmp_path) in command
+    assert "--yes" in command and str(tmp_path) in command and command[-2:] == ["--progress", "json"]
     imported = weights_job.import_command("/opt/PythonSlicer", tmp_path / "a.pt", tmp_path)
-    assert imported[3:6] == ["weights", "import", str(tmp_path / "a.pt")]
+    assert imported[3:6] == ["weights", "import", str(tmp_path / "a.pt")] and imported[-2:] == ["--progress", "json"]
 
 
-def test_progress_line_fraction_and_partial_names():
-    assert weights_job._fraction_in("download: 40% autoencoder_v1.pt: 1.0 MiB") == pytest.approx(0.4)
+def test_the_cli_json_progress_is_what_a_transfer_reads_and_keeps_out_of_its_output(tmp_path, capsys):
+    """``meddift weights ... --progress json`` writes the worker's progress events (once per whole
+    percent); the transfer reads their fraction with the worker client's parser, keeps other lines."""
+    from MedDIFTLib.cli.weights import _JsonProgress
+
+    report = _JsonProgress()
+    for fraction in (0.1, 0.101, 0.4):
+        report("download", fraction, "autoencoder_v1.pt: 1.0 MiB")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert [weights_job._fraction_in(line) for line in lines] == [pytest.approx(0.1), pytest.approx(0.4)]
     assert weights_job._fraction_in("saved to x") is None
+    assert weights_job._fraction_in("download: 40% autoencoder_v1.pt") is None
+    assert weights_job._fraction_in('{"id": null, "event": "log", "level": "info", "message": "x"}') is None
+    script = f"import sys; [print(line) for line in {[*lines, 'saved to x']!r}]"
+    transfer = weights_job.WeightsTransfer([sys.executable, "-c", script], tmp_path / "w", [].append)
+    transfer.start()
+    assert transfer.wait(timeout_s=60.0)
+    assert transfer.output_lines() == ["saved to x"] and transfer._fraction == pytest.approx(0.4)
+
+
+def test_partial_names():
     from pathlib import Path
 
     assert weights_job._file_target_name(Path(".diff_unet_3d_ddpm.pt.k2j_9x.part.pt")) == "diff_unet_3d_ddpm.pt"

@@ -1,10 +1,12 @@
 """The worker client without the worker: typed events parsed from the wire, error kinds mapped to
-exceptions, and :class:`WorkerClient` routing events of a stand-in worker process (a short Python
-script speaking the protocol), all without torch."""
+exceptions, :class:`WorkerClient` routing events of a stand-in worker process (a short Python
+script speaking the protocol), and the child-process runner it starts the worker with
+(:class:`~MedDIFTLib.core.child.ChildProcess`: lines, tail, cancelling the whole tree), all without torch."""
 
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import time
 
 import pytest
 
+from MedDIFTLib.core.child import ChildProcess
 from MedDIFTLib.core.errors import (
     BadInputError,
     BadRequestError,
@@ -196,3 +199,68 @@ def test_the_client_and_its_events_import_without_torch():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S,
                                check=True)
     assert completed.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------- the child-process runner
+
+
+def test_child_process_hands_out_lines_keeps_the_rest_in_its_tail_and_reports_its_end():
+    """Lines the callback takes are not kept; the others and stderr are; the end comes once, with the code."""
+    script = "import sys; print('event'); print('plain'); print('warning', file=sys.stderr); sys.exit(3)"
+    taken, ends = [], []
+
+    def take_events(line: str) -> bool:
+        if line == "event":
+            taken.append(line)
+            return True
+        return False
+
+    child = ChildProcess([sys.executable, "-c", script], take_events, ends.append, name="test-child")
+    child.start()
+    assert child.wait(TIMEOUT_S) == 3
+    child.join()
+    assert taken == ["event"] and ends == [3]
+    assert sorted(child.tail()) == ["plain", "warning"] and len(child.tail(1)) == 1
+    assert child.cancel() == 3 and ends == [3], "cancelling an ended child does nothing more"
+
+
+_TREE = """\
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL, after the grace period, ends this one
+sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+in_group = subprocess.Popen(sleeper)
+left_group = subprocess.Popen(sleeper, start_new_session=True)
+print(in_group.pid, left_group.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups and signals are POSIX")
+def test_cancel_ends_the_whole_process_tree_even_a_child_that_ignores_sigterm():
+    psutil = pytest.importorskip("psutil")
+    lines = []
+    child = ChildProcess([sys.executable, "-c", _TREE], lines.append, name="test-tree")
+    child.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    while not lines and child.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lines, f"the stand-in never started its children: {child.tail()}"
+    pids = [int(pid) for pid in lines[0].split()]
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    try:
+        assert child.cancel(grace_s=0.5) == -signal.SIGKILL
+        assert not child.running
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if alive(pid)], "a grandchild outlived the cancel"
+    finally:
+        for pid in pids:
+            if alive(pid):
+                psutil.Process(pid).kill()

@@ -6,12 +6,15 @@
     meddift weights verify [NAME ...]         checksums where published, and key layout
     meddift weights import FILE [--as NAME]   copy a file you already have into the folder
 
-The folder is ``--weights-dir``, else ``$MEDDIFT_WEIGHTS_DIR``, else the user cache.
+The folder is ``--weights-dir``, else ``$MEDDIFT_WEIGHTS_DIR``, else the user cache. Progress goes
+to stderr as text, or with ``--progress json`` as the worker's JSON ``progress`` events, one a line
+(how the Slicer module follows a transfer it runs in a child process).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     import_parser = action("import", "copy a weight file you already have into the weights folder")
     import_parser.add_argument("file", type=Path, help="the checkpoint file")
     import_parser.add_argument("--as", dest="as_name", default=None, help="registry name, if the file name differs")
+    for reporting in (download_parser, verify_parser, import_parser):
+        reporting.add_argument("--progress", choices=("text", "json"), default="text",
+                               help="progress on stderr: text, or the worker's JSON progress events (one a line)")
     parser.set_defaults(run=run)
 
 
@@ -67,6 +73,28 @@ class _StderrProgress:
         if self.interactive:
             print(file=sys.stderr)
         self.last_decile = -1
+
+
+class _JsonProgress:
+    """The worker's ``progress`` events (no request id) on stderr, one a line, at each whole percent."""
+
+    def __init__(self) -> None:
+        self.last_percent = -1
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        from ..worker.stream import progress_event
+
+        percent = int(min(max(fraction, 0.0), 1.0) * 100)
+        if percent != self.last_percent:
+            print(json.dumps(progress_event(None, stage, fraction, message)), file=sys.stderr, flush=True)
+        self.last_percent = percent
+
+    def finish(self) -> None:
+        self.last_percent = -1
+
+
+def _progress(args: argparse.Namespace) -> _StderrProgress | _JsonProgress:
+    return _JsonProgress() if args.progress == "json" else _StderrProgress()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +173,7 @@ def _download(args: argparse.Namespace, folder: Path) -> int:
     if not args.yes and not _confirm("Download these files?"):
         print("nothing downloaded")
         return 1
-    progress = _StderrProgress()
+    progress = _progress(args)
     for entry in wanted:
         path = weights.download_file(entry.name, folder, source=args.source, progress=progress)
         progress.finish()
@@ -163,7 +191,7 @@ def _verify(args: argparse.Namespace, folder: Path) -> int:
         print(f"no weight files in {folder}; {weights.fetch_commands()}")
         return 1
     failed = False
-    progress = _StderrProgress()
+    progress = _progress(args)
     for name in names:
         result = weights.verify_file(name, folder, progress=progress)
         progress.finish()
@@ -176,7 +204,7 @@ def _verify(args: argparse.Namespace, folder: Path) -> int:
 def _import(args: argparse.Namespace, folder: Path) -> int:
     from .. import weights
 
-    progress = _StderrProgress()
+    progress = _progress(args)
     path = weights.import_file(args.file, folder, name=args.as_name, progress=progress)
     progress.finish()
     print(f"imported {args.file} as {path}")

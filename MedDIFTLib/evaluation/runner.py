@@ -1,9 +1,10 @@
 """One (case, method) run of ``meddift eval``, in this process or in a fresh one.
 
 In a fresh Python process (``python -m MedDIFTLib.evaluation.runner JOB``) a crash, an out-of-memory
-kill or a timeout loses that run only, and the peak memory reported is that run's own (peak RSS of
-the process, ``VmHWM`` on Linux: interpreter, libraries, both volumes and the method). In this
-process, memory is sampled with psutil and includes what earlier runs left behind.
+kill or a timeout (which ends the process and everything it started) loses that run only, and the
+peak memory reported is that run's own (peak RSS of the process, ``VmHWM`` on Linux: interpreter,
+libraries, both volumes and the method). In this process, memory is sampled with psutil and includes
+what earlier runs left behind.
 
 A job is a dict: ``case`` (:meth:`Case.to_dict`), ``method`` (spec text), ``device``,
 ``weights_dir`` and ``points_out`` (where the per-point table goes). A run returns its record:
@@ -20,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..core.child import ChildProcess
 from ..core.environment import child_environment
 from ..core.errors import MedDIFTError
 from ..core.io import atomic_output
@@ -141,34 +143,45 @@ def evaluate(job: dict, isolated: bool) -> dict:
     return record
 
 
-def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> dict:
-    """Run ``job`` in a fresh Python process; a crash or timeout becomes a failed record. The run's
-    output goes to ``log_path``; ``folder`` holds the job and result files."""
-    import subprocess
+def isolated_command(job_path: Path) -> list[str]:
+    """The command that runs the job in ``job_path`` in a fresh Python process."""
+    return [sys.executable, "-m", __name__, str(job_path)]
 
+
+def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> dict:
+    """Run ``job`` in a fresh Python process; a crash or timeout becomes a failed record. On a timeout
+    the process is cancelled with everything it started (:class:`~MedDIFTLib.core.child.ChildProcess`).
+    The run's output (stdout and stderr) goes to ``log_path``; ``folder`` holds the job and result files."""
     job_path, result_path = folder / "job.json", folder / "result.json"
     job = {**job, "result": str(result_path)}
     job_path.write_text(json.dumps(job), encoding="utf-8")
-    command = [sys.executable, "-m", __name__, str(job_path)]
+    lines: list[str] = []
+
+    def keep(line: str) -> bool:
+        lines.append(line)
+        return True
+
+    child = ChildProcess(isolated_command(job_path), keep, env=child_environment(), merge_stderr=True,
+                         name="meddift-eval-run")
+    child.start()
     failure = None
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                                   env=child_environment())
-        output = completed.stdout + completed.stderr
-        if completed.returncode != 0:
-            killed = completed.returncode < 0 or completed.returncode == 137
-            failure = (f"the run's process ended with code {completed.returncode}"
-                       + (" (killed: out of memory?)" if killed else ""))
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+    code = child.wait(timeout_s)
+    if code is None:
+        child.cancel()
         failure = f"timed out after {timeout_s:.0f} s"
+    else:
+        child.join()
+        if code != 0:
+            killed = code < 0 or code == 137
+            failure = f"the run's process ended with code {code}" + (" (killed: out of memory?)" if killed else "")
+    output = "".join(line + "\n" for line in lines)
     with atomic_output(log_path) as tmp:
         tmp.write_text(output, encoding="utf-8")
     base = {"case": job["case"]["name"], "method": job["method"], "status": "failed",
             "published_initial_mm": (job["case"].get("raw_geometry") or {}).get("published_initial_mm")}
     if failure is None and result_path.is_file():
         return json.loads(result_path.read_text(encoding="utf-8"))
-    last_line = next((line for line in reversed(output.strip().splitlines()) if line.strip()), "")
+    last_line = next((line for line in reversed(lines) if line.strip()), "")
     return {**base, "error": f"{failure or 'no result'}; last output: {last_line[:200]}", "kind": "internal"}
 
 

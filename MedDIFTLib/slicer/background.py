@@ -1,49 +1,34 @@
 """Commands in child processes, polled from a GUI timer, without Qt and without blocking.
 
-:class:`ChildCommand` runs one command (its own process group, so :meth:`ChildCommand.cancel`
-kills everything it started) and keeps its last output lines; :meth:`ChildCommand.poll` reports
-the end once through ``on_done(error)``. :class:`CommandChain` runs steps one after another (the
-weights files to fetch, the packages to install) and reports once, after the last step or the
-first one that fails or is cancelled; the panel's timer only calls :meth:`CommandChain.poll`.
+:class:`ChildCommand` runs one command through :class:`~MedDIFTLib.core.child.ChildProcess` (its own
+process group, so :meth:`ChildCommand.cancel` ends everything it started) and keeps its last output
+lines; :meth:`ChildCommand.poll` reports the end once through ``on_done(error)``. :class:`CommandChain`
+runs steps one after another (the weights files to fetch, the packages to install) and reports once,
+after the last step or the first one that fails or is cancelled; the panel's timer only calls
+:meth:`CommandChain.poll`.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from ..core.child import ChildProcess
 from ..core.errors import CancelledError, MedDIFTError
 
 OUTPUT_LINES_KEPT = 50
+CANCEL_GRACE_S = 1.0  # SIGTERM first, SIGKILL after this: the panel waits for it
 DoneCallback = Callable[[Exception | None], None]
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """Kill the child and everything it started (its own process group / job on Windows)."""
-    if process.poll() is not None:
-        return
-    if sys.platform == "win32":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
-    else:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
 
 
 class ChildCommand:
     """``command`` in a child process with ``environment``; ``on_done(error)`` is called once from
     :meth:`poll` or :meth:`cancel`: None on success, :class:`CancelledError` after cancel, else a
     :class:`MedDIFTError` ending with the command's last output lines. Subclasses hook into each
-    output line (:meth:`_read_line`, from a reader thread) and into the end (:meth:`_clean_up`)."""
+    output line (:meth:`_read_line`, from a reader thread; ``_lock`` guards what it writes) and into
+    the end (:meth:`_clean_up`)."""
 
     what = "command"
 
@@ -52,61 +37,55 @@ class ChildCommand:
         self._command = list(command)
         self._environment = None if environment is None else dict(environment)
         self._on_done = on_done
-        self._process: subprocess.Popen | None = None
-        self._reader: threading.Thread | None = None
-        self._output: deque[str] = deque(maxlen=OUTPUT_LINES_KEPT)
+        self._child: ChildProcess | None = None
         self._lock = threading.Lock()
         self.finished = False
 
     @property
     def running(self) -> bool:
-        return self._process is not None and not self.finished
+        return self._child is not None and not self.finished
 
     def start(self) -> None:
         """Start the child; returns at once."""
-        if self._process is not None:
+        if self._child is not None:
             raise MedDIFTError(f"this {self.what} was already started")
-        extra = {"start_new_session": True} if sys.platform != "win32" else {
-            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP
-        }
+        self._child = ChildProcess(self._command, self._take_output, env=self._environment, merge_stderr=True,
+                                   tail_lines=OUTPUT_LINES_KEPT, name=f"MedDIFT {self.what}")
         try:
-            self._process = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                             stderr=subprocess.STDOUT, env=self._environment, **extra)
+            self._child.start()
         except OSError as error:
             self._finish(MedDIFTError(f"could not start {self._command[0]}: {error.strerror or error}"))
-            return
-        self._reader = threading.Thread(target=self._read_output, name=f"MedDIFT {self.what} output", daemon=True)
-        self._reader.start()
 
-    def _read_output(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for raw in self._process.stdout:
-            for line in raw.decode(errors="replace").replace("\r", "\n").splitlines():
-                if line.strip():
-                    with self._lock:
-                        self._output.append(line.strip())
-                    self._read_line(line.strip())
+    def _take_output(self, text: str) -> bool:
+        """One output line of the child (reader thread), split at carriage returns (progress bars
+        redrawn in place): each non-empty part goes to :meth:`_read_line`, and is kept unless that
+        took it as an event."""
+        for line in text.replace("\r", "\n").splitlines():
+            line = line.strip()
+            if line and self._read_line(line) is not True:
+                self._child.note(line)
+        return True
 
-    def _read_line(self, line: str) -> None:
-        """Called (from the reader thread) with each non-empty output line."""
+    def _read_line(self, line: str) -> bool:
+        """Called (from the reader thread) with each non-empty output line; True when it took the
+        line as an event, which is then left out of :meth:`output_lines`."""
+        return False
 
     def _clean_up(self) -> None:
         """Called once the child has ended, before ``on_done``."""
 
     def output_lines(self) -> list[str]:
         """The command's last output lines (stdout and stderr)."""
-        with self._lock:
-            return list(self._output)
+        return [] if self._child is None else self._child.tail()
 
     def poll(self) -> bool:
         """True while the child runs (``on_done`` is called when it ends)."""
-        if self.finished or self._process is None:
+        if self.finished or self._child is None:
             return False
-        code = self._process.poll()
+        code = self._child.returncode
         if code is None:
             return True
-        if self._reader is not None:
-            self._reader.join(timeout=5.0)
+        self._child.join()
         self._clean_up()
         if code == 0:
             self._finish(None)
@@ -116,13 +95,12 @@ class ChildCommand:
         return False
 
     def cancel(self) -> None:
-        """Kill the child's process tree; ``on_done`` gets CancelledError."""
+        """End the child's process tree (SIGTERM, then SIGKILL after :data:`CANCEL_GRACE_S`);
+        ``on_done`` gets CancelledError."""
         if self.finished:
             return
-        if self._process is not None:
-            kill_tree(self._process)
-            if self._reader is not None:
-                self._reader.join(timeout=5.0)
+        if self._child is not None:
+            self._child.cancel(CANCEL_GRACE_S)
         self._clean_up()
         self._finish(CancelledError(f"{self.what} cancelled by the user"))
 

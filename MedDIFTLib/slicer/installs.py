@@ -115,9 +115,10 @@ class PipInstall(ChildCommand):
         super().__init__(command, on_done, environment)
         self.cancellable = True
 
-    def _read_line(self, line: str) -> None:
+    def _read_line(self, line: str) -> bool:
         if line.startswith(INSTALLING_MARKER):
             self.cancellable = False
+        return False
 
     def cancel(self) -> None:
         """Cancel while pip downloads; once it installs, it is left to finish (nothing half installed)."""

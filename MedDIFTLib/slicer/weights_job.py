@@ -5,7 +5,10 @@ Python, never in Slicer's process, which stays torch-free), one after another in
 :class:`~.background.CommandChain` (:func:`weights_chain`), and calls its ``poll`` from a timer.
 Progress is read from the file being written: the weights library writes each file through
 a temporary ``.NAME.*.part*`` file beside its target (renamed only when complete and checked),
-so the bytes written so far are that file's size and the rate follows from two polls.
+so the bytes written so far are that file's size and the rate follows from two polls. The command
+also reports the fraction of the current file as the worker's JSON ``progress`` events
+(``--progress json``), read with the worker client's parser
+(:func:`~MedDIFTLib.worker.events.parse_event_line`) and left out of the output lines kept.
 :meth:`WeightsTransfer.cancel` kills the child's process tree and removes the temporary files it
 left, so a cancelled or failed transfer leaves no partial file in the weights folder.
 """
@@ -14,27 +17,29 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..worker.events import Progress, parse_event_line
 from .background import ChildCommand, CommandChain, DoneCallback
 
 PART_MARKER = ".part"
-_PERCENT = re.compile(r"^\w+:\s*(\d+(?:\.\d+)?)%")
+PROGRESS_OPTIONS = ("--progress", "json")
 
 
 def download_command(python_executable: str, weights_dir: str | os.PathLike) -> list[str]:
     """The command that downloads the registered diffusion weights into ``weights_dir`` (the
     user consented in the dialog, hence ``--yes``)."""
-    return [python_executable, "-m", "MedDIFTLib", "weights", "download", "--weights-dir", str(weights_dir), "--yes"]
+    return [python_executable, "-m", "MedDIFTLib", "weights", "download", "--weights-dir", str(weights_dir), "--yes",
+            *PROGRESS_OPTIONS]
 
 
 def import_command(python_executable: str, path: str | os.PathLike, weights_dir: str | os.PathLike) -> list[str]:
     """The command that copies a checkpoint the user has into ``weights_dir`` (layout and checksums checked)."""
-    return [python_executable, "-m", "MedDIFTLib", "weights", "import", str(path), "--weights-dir", str(weights_dir)]
+    return [python_executable, "-m", "MedDIFTLib", "weights", "import", str(path), "--weights-dir", str(weights_dir),
+            *PROGRESS_OPTIONS]
 
 
 def partial_files(folder: Path) -> set[Path]:
@@ -62,9 +67,14 @@ def _file_target_name(part: Path) -> str:
 
 
 def _fraction_in(line: str) -> float | None:
-    """The fraction of a ``stage: 40% ...`` progress line of the command, else None."""
-    found = _PERCENT.match(line)
-    return None if found is None else min(max(float(found.group(1)) / 100.0, 0.0), 1.0)
+    """The fraction of a JSON ``progress`` event line of the command, else None (any other line)."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = parse_event_line(line)
+    except ValueError:
+        return None
+    return event.fraction if isinstance(event, Progress) else None
 
 
 class WeightsTransfer(ChildCommand):
@@ -101,11 +111,14 @@ class WeightsTransfer(ChildCommand):
         self._partials_before = partial_files(self.weights_dir)
         super().start()
 
-    def _read_line(self, line: str) -> None:
+    def _read_line(self, line: str) -> bool:
+        """A progress event updates the fraction and is not kept among the output lines."""
         fraction = _fraction_in(line)
-        if fraction is not None:
-            with self._lock:
-                self._fraction = fraction
+        if fraction is None:
+            return False
+        with self._lock:
+            self._fraction = fraction
+        return True
 
     def _sample(self) -> None:
         """Bytes written so far (the newest temporary file's size) and the rate since the last sample."""

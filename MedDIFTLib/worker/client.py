@@ -1,7 +1,8 @@
 """Client of the background worker (``python -m MedDIFTLib.worker``), for the Slicer module and tests.
 
 Imports neither torch nor Qt: it runs inside Slicer's process. The worker runs in its own
-process group (session), so :meth:`WorkerClient.kill` ends it and everything it started.
+process group (session) through :class:`~MedDIFTLib.core.child.ChildProcess`, so
+:meth:`WorkerClient.kill` ends it and everything it started.
 Every line the worker writes is parsed once into a typed event (:mod:`.events`).
 
 Two ways to consume events:
@@ -20,8 +21,6 @@ import itertools
 import json
 import os
 import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..core.child import ChildProcess
 from ..core.environment import child_environment
 from ..core.errors import BadRequestError, CancelledError
 from .events import (
@@ -41,7 +41,7 @@ from .events import (
     Result,
     WorkerError,
     error_from_event,
-    parse_event,
+    parse_event_line,
 )
 
 STDERR_TAIL_LINES = 400
@@ -77,30 +77,27 @@ class WorkerClient:
         self.cwd = cwd
         self.worker_args = list(worker_args or [])
         self.version: str | None = None
-        self._process: subprocess.Popen | None = None
-        self._write_lock = threading.Lock()
+        self._child: ChildProcess | None = None
         self._route_lock = threading.Lock()
         self._unclaimed: deque[Event] = deque()
         self._waiters: dict[str, queue.Queue] = {}
         self._outstanding: set[str] = set()
-        self._stderr_lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._ids = itertools.count(1)
         self._killed = False
-        self._threads: list[threading.Thread] = []
 
     # ----------------------------------------------------------------- lifecycle
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._child is not None and self._child.running
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        return None if self._child is None else self._child.pid
 
     @property
     def returncode(self) -> int | None:
-        return None if self._process is None else self._process.poll()
+        return None if self._child is None else self._child.returncode
 
     def start(self, timeout: float = 60.0) -> None:
         """Spawn the worker in its own process group and wait up to ``timeout`` s for ``ready``."""
@@ -108,27 +105,19 @@ class WorkerClient:
             raise WorkerError("the worker is already running")
         env = child_environment(self.env)
         env["PYTHONUNBUFFERED"] = "1"
-        platform_options: dict[str, Any] = (
-            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
-        )
         self._killed = False
         self._unclaimed.clear()
-        self._stderr_lines.clear()
-        self._process = subprocess.Popen(
+        self._child = child = ChildProcess(
             [self.python_executable, "-m", "MedDIFTLib.worker", *self.worker_args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.cwd,
+            lambda line: self._read_event_line(child, line),
+            self._worker_ended,
             env=env,
-            **platform_options,
+            cwd=self.cwd,
+            stdin=True,
+            tail_lines=STDERR_TAIL_LINES,
+            name="meddift-worker",
         )
-        self._threads = [
-            threading.Thread(target=self._read_stdout, args=(self._process,), name="meddift-worker-out", daemon=True),
-            threading.Thread(target=self._read_stderr, args=(self._process,), name="meddift-worker-err", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._child.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ready = self._take_unclaimed(lambda event: isinstance(event, (Ready, Exit)))
@@ -143,7 +132,8 @@ class WorkerClient:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Cancel every unanswered request, ask the worker to shut down, wait ``timeout`` s, then kill it."""
-        if self._process is None:
+        child = self._child
+        if child is None:
             return None
         if self.running:
             with self._route_lock:
@@ -152,32 +142,21 @@ class WorkerClient:
                 for request_id in unanswered:
                     self.cancel(request_id)
                 self.send("shutdown")
-                self._process.stdin.close()
+                child.close_input()
             except (WorkerError, OSError):
                 pass
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if child.wait(timeout) is None:
                 self.kill()
-        self._join_threads()
-        return self._process.poll()
+        child.join()
+        return child.returncode
 
     def kill(self, grace: float = 2.0) -> None:
-        """End the worker and every process in its group: SIGTERM, then SIGKILL after ``grace`` s."""
-        process = self._process
-        if process is None:
+        """End the worker and every process it started: SIGTERM to its process group and descendants,
+        then SIGKILL after ``grace`` s (:meth:`~MedDIFTLib.core.child.ChildProcess.cancel`)."""
+        if self._child is None:
             return
         self._killed = True
-        descendants = self._descendants(process.pid)
-        if process.poll() is None or descendants:
-            self._signal_tree(process, descendants, terminate=True)
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            self._signal_tree(process, descendants, terminate=False)
-            process.wait()
-        self._join_threads()
+        self._child.cancel(grace)
 
     def __enter__(self) -> WorkerClient:
         if not self.running:
@@ -261,8 +240,8 @@ class WorkerClient:
 
     def stderr_tail(self, max_lines: int = 50) -> str:
         """The worker's last ``max_lines`` lines of stderr (logs, tracebacks)."""
-        lines = list(self._stderr_lines)
-        return "".join(lines[-max_lines:])
+        lines = [] if self._child is None else self._child.tail(max_lines)
+        return "".join(line + "\n" for line in lines)
 
     # ----------------------------------------------------------------- internals
 
@@ -283,9 +262,7 @@ class WorkerClient:
         if not self.running:
             raise WorkerError(f"the worker is not running{self._tail()}")
         try:
-            with self._write_lock:
-                self._process.stdin.write(data)
-                self._process.stdin.flush()
+            self._child.write(data)
         except (BrokenPipeError, ValueError, OSError) as error:
             raise WorkerError(f"cannot write to the worker ({error}){self._tail()}") from None
 
@@ -323,15 +300,20 @@ class WorkerClient:
             else:
                 self._unclaimed.append(event)
 
-    def _read_stdout(self, process: subprocess.Popen) -> None:
-        for raw in process.stdout:
-            try:
-                event = parse_event(json.loads(raw))
-            except ValueError as error:
-                self._stderr_lines.append(f"[client] not a worker event ({error}): {raw[:200]!r}\n")
-                continue
-            self._route(event)
-        returncode = process.wait()
+    def _read_event_line(self, child: ChildProcess, line: str) -> bool:
+        """One line of the worker's stdout (reader thread): its event is routed; anything else is
+        noted in the worker's stderr tail."""
+        try:
+            event = parse_event_line(line)
+        except ValueError as error:
+            child.note(f"[client] not a worker event ({error}): {line[:200]!r}")
+            return True
+        self._route(event)
+        return True
+
+    def _worker_ended(self, returncode: int) -> None:
+        """The worker's output ended and it exited (reader thread): every unanswered request gets
+        an error, then :meth:`poll` gets :class:`~.events.Exit`."""
         with self._route_lock:
             unanswered = sorted(self._outstanding)
         kind = CancelledError.kind if self._killed else WorkerError.kind
@@ -340,45 +322,6 @@ class WorkerClient:
             self._route(Error(request_id, kind, message + self._tail()))
         self._route(Exit(returncode))
 
-    def _read_stderr(self, process: subprocess.Popen) -> None:
-        for raw in process.stderr:
-            self._stderr_lines.append(raw.decode("utf-8", errors="replace"))
-
-    def _join_threads(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=5.0)
-
     def _tail(self) -> str:
         tail = self.stderr_tail(8).strip()
         return f"\nworker stderr:\n{tail}" if tail else ""
-
-    @staticmethod
-    def _descendants(pid: int) -> list[Any]:
-        """Child processes (psutil objects) of ``pid``, if psutil is installed, else []."""
-        try:
-            import psutil
-
-            return psutil.Process(pid).children(recursive=True)
-        except Exception:
-            return []
-
-    @staticmethod
-    def _signal_tree(process: subprocess.Popen, descendants: list[Any], terminate: bool) -> None:
-        if os.name == "nt":
-            if process.poll() is None:
-                subprocess.run(
-                    ["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True, check=False
-                )
-        else:
-            try:
-                os.killpg(process.pid, signal.SIGTERM if terminate else signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for child in descendants:
-            try:
-                if terminate:
-                    child.terminate()
-                else:
-                    child.kill()
-            except Exception:
-                pass

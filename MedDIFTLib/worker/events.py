@@ -2,12 +2,14 @@
 
 The worker writes one JSON object per line (``{"id": ..., "event": "progress" | "log" |
 "result" | "error" | "ready", ...}``); :func:`parse_event` turns each into one of the classes
-below, and nothing else reads the raw dicts. :class:`Exit` is made by the client when the
-worker process ends. Imports neither torch nor numpy (it runs inside Slicer's process).
+below (:func:`parse_event_line` from the line's text), and nothing else reads the raw dicts.
+:class:`Exit` is made by the client when the worker process ends. Imports neither torch nor numpy
+(it runs inside Slicer's process).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +137,15 @@ def parse_event(wire: Any) -> Event:
     raise ValueError(f"unknown worker event {kind!r}")
 
 
+def parse_event_line(line: str | bytes) -> Event:
+    """The typed event of one wire line (a JSON object); raises ValueError for anything else.
+
+    Every reader of event lines goes through it: the worker client, and the Slicer module's
+    weights transfers (``meddift weights ... --progress json`` writes the same progress events).
+    """
+    return parse_event(json.loads(line))
+
+
 __all__ = [
     "ERROR_CLASSES",
     "FINAL_EVENTS",
@@ -148,4 +159,5 @@ __all__ = [
     "WorkerError",
     "error_from_event",
     "parse_event",
+    "parse_event_line",
 ]
