@@ -33,9 +33,10 @@ from MedDIFTLib.core.io import Volume, read_volume, write_volume
 from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
+from MedDIFTLib.worker.http_transport import read_token_file
 from MedDIFTLib.worker.protocol import Limits
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
-from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, read_token_file, token_matches
+from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
 from MedDIFTLib.worker.remote.wire import GEOMETRY_HEADER, decode_volume, encode_volume
 from MedDIFTLib.worker.remote_client import RemoteWorkerClient
@@ -277,18 +278,18 @@ def test_upload_over_the_limit_is_refused(server, remote):
     assert json.loads(server.raw("GET", f"/sessions/{remote.session_id}")[1])["volumes"] == 0
 
 
-def test_a_volume_is_uploaded_once_and_sessions_cannot_see_each_others(server, remote, tmp_path):
+def test_a_volume_is_uploaded_once_and_sessions_cannot_see_each_others(server, remote, tmp_path, monkeypatch):
     volume = _small_volume(3)
     write_volume(volume, tmp_path / "small.nrrd")
     uploads = []
-    original = remote._open
+    original = http.client.HTTPConnection.request
 
-    def counting(method, path, **options):
+    def counting(connection, method, url, *args, **options):
         if method == "PUT":
-            uploads.append(path)
-        return original(method, path, **options)
+            uploads.append(url)
+        return original(connection, method, url, *args, **options)
 
-    remote._open = counting
+    monkeypatch.setattr(http.client.HTTPConnection, "request", counting)
     first = remote.call("load", path=str(tmp_path / "small.nrrd"), timeout=TIMEOUT_S)
     again = remote.call("load", path=str(tmp_path / "small.nrrd"), timeout=TIMEOUT_S)
     assert first == again and len(uploads) == 1
@@ -428,7 +429,8 @@ def test_server_killed_mid_job_is_reported_and_nothing_is_written(pair, tmp_path
 
 def test_remote_client_imports_neither_torch_nor_qt():
     heavy = ("torch", "monai", "qt", "PythonQt", "PyQt5", "PySide2", "starlette", "uvicorn")
-    code = (f"import sys, MedDIFTLib.worker.remote_client, MedDIFTLib.worker.remote.wire; "
+    code = (f"import sys, MedDIFTLib.worker.remote_client, MedDIFTLib.worker.http_transport, "
+            f"MedDIFTLib.worker.remote.wire; "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -98,7 +98,7 @@ def test_probe_reports_versions_devices_backbones_and_cache(client, tmp_path):
     probe = client.call("probe", backbone_options={"maisi": {"weights_dir": str(tmp_path)}}, timeout=TIMEOUT_S)
     assert probe["version"] == MedDIFTLib.__version__ == client.version
     assert probe["torch"] == torch.__version__
-    assert probe["pid"] == client.pid
+    assert probe["pid"] == client.transport.pid
     cpu = probe["devices"][0]
     assert cpu["name"] == "cpu" and 0 < cpu["free_bytes"] <= cpu["memory_bytes"]
     assert [d["name"] for d in probe["devices"][1:]] == [f"cuda:{n}" for n in range(torch.cuda.device_count())]
@@ -205,7 +205,7 @@ def test_each_error_kind_is_reported_and_the_worker_keeps_serving(client, loaded
         client.call(request_type, timeout=TIMEOUT_S, **params)
     assert raised.value.kind == kind, str(raised.value)
     assert str(raised.value)
-    assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.pid
+    assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.transport.pid
     assert not list(tmp_path.iterdir())
 
 
@@ -218,7 +218,7 @@ def test_malformed_and_oversized_requests_are_rejected_and_serving_goes_on(clien
     huge_events = list(client.events("huge", timeout=TIMEOUT_S))
     assert [(type(e), e.kind) for e in huge_events] == [(Error, "bad_request")]
     assert "longer than" in huge_events[0].message
-    assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.pid
+    assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.transport.pid
     rejected = [e for e in client.poll() if e.request_id is None and isinstance(e, Error)]
     assert [e.kind for e in rejected] == ["bad_request"] * 4
 
@@ -248,7 +248,7 @@ def test_cancel_stops_the_running_job_and_can_drop_a_queued_one(client, loaded, 
     assert time.monotonic() - cancelled_at < 5.0
     assert list(client.events(cancel_request, timeout=TIMEOUT_S))[-1].payload == {"cancelled": job}
     assert client.call("cancel") == {"cancelled": None}
-    assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.pid
+    assert client.call("probe", timeout=TIMEOUT_S)["pid"] == client.transport.pid
 
 
 def test_feature_cache_is_bounded_and_evicts_the_least_recently_used(client, loaded, pair):

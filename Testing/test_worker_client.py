@@ -36,6 +36,7 @@ from MedDIFTLib.worker.events import (
     error_from_event,
     parse_event,
 )
+from MedDIFTLib.worker.transports import Transport
 
 TIMEOUT_S = 30
 
@@ -189,6 +190,90 @@ def test_a_dying_worker_answers_every_request_and_says_it_exited(stand_in_client
 def test_the_client_stops_the_worker_cleanly(stand_in_client):
     assert stand_in_client.stop(timeout=TIMEOUT_S) == 0
     assert not stand_in_client.running
+
+
+class ScriptedTransport(Transport):
+    """A transport without a worker: it records what it was sent; the test delivers the events."""
+
+    def __init__(self) -> None:
+        self.deliver = None
+        self.sent: list[tuple[str, str, dict]] = []
+        self.closed_with: str | None = None
+        self.is_open = False
+        self.was_killed = False
+
+    @property
+    def running(self) -> bool:
+        return self.is_open
+
+    @property
+    def killed(self) -> bool:
+        return self.was_killed
+
+    def open(self, deliver, timeout):
+        self.deliver, self.is_open, self.was_killed = deliver, True, False
+        return "scripted"
+
+    def send(self, request_id, type, params):
+        if not self.is_open:
+            raise WorkerError("closed")
+        self.sent.append((request_id, type, params))
+
+    def send_line(self, data):
+        self.sent.append((None, "raw", {"line": data}))
+
+    def close(self, timeout, shutdown_id):
+        self.closed_with, self.is_open = shutdown_id, False
+        return 0
+
+    def kill(self, grace):
+        self.was_killed = True
+
+    def stderr_tail(self, max_lines):
+        return "last words\n"
+
+
+def test_one_client_routes_any_transport_and_answers_requests_its_worker_left():
+    transport = ScriptedTransport()
+    client = WorkerClient(transport=transport)
+    client.start()
+    assert client.version == "scripted" and client.running
+    first, second = client.send("echo", value=1), client.send("echo", value=2)
+    assert [(request_id, params) for request_id, _, params in transport.sent] == [(first, {"value": 1}),
+                                                                                 (second, {"value": 2})]
+    transport.deliver(Progress(first, "echo", 0.5, ""))
+    transport.deliver(Result(first, {"echo": 1}))
+    transport.deliver(Exit(5))
+    events = client.poll()
+    assert events[:2] == [Progress(first, "echo", 0.5, ""), Result(first, {"echo": 1})]
+    assert events[2].request_id == second and events[2].kind == "internal"
+    assert "exited (code 5)" in events[2].message and "last words" in events[2].message
+    assert events[3] == Exit(5)
+
+
+def test_after_kill_the_unanswered_requests_are_cancelled_and_the_transport_closed():
+    transport = ScriptedTransport()
+    client = WorkerClient(transport=transport)
+    client.start()
+    request_id = client.send("echo")
+    client.kill()
+    assert transport.was_killed and not client.running and transport.closed_with is not None
+    transport.deliver(Exit(-15))
+    assert client.poll()[0] == Error(request_id, "cancelled", "the worker was stopped\nworker stderr:\nlast words")
+    with pytest.raises(WorkerError):
+        client.send("echo")
+
+
+def test_stop_cancels_each_unanswered_request_then_closes_with_a_fresh_id():
+    transport = ScriptedTransport()
+    client = WorkerClient(transport=transport)
+    client.start()
+    request_id = client.send("echo")
+    assert client.stop() == 0
+    assert transport.sent[-1][1:] == ("cancel", {"job_id": request_id})
+    assert transport.closed_with not in {sent[0] for sent in transport.sent}
+    with pytest.raises(ValueError, match="either a transport"):
+        WorkerClient(python_executable=sys.executable, transport=transport)
 
 
 def test_the_client_and_its_events_import_without_torch():

@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise BadInputError("meddift serve needs starlette and uvicorn: pip install 'meddift[serve]'") from None
+    from ..worker.http_transport import read_token_file
     from ..worker.remote.app import ServeConfig, create_app
-    from ..worker.remote.security import check_bind, read_token_file
+    from ..worker.remote.security import check_bind
     from ..worker.state import device_name
 
     token = read_token_file(args.token_file) if args.token_file else None

@@ -1,9 +1,10 @@
-"""Client of the background worker (``python -m MedDIFTLib.worker``), for the Slicer module and tests.
+"""Client of the MedDIFT worker, for the Slicer module, the CLI and tests: one client over a
+:class:`~.transports.Transport`, the local worker process (:class:`~.transports.ProcessTransport`,
+the default) or ``meddift serve`` (:class:`~.http_transport.HttpTransport`, see
+:class:`~.remote_client.RemoteWorkerClient`).
 
-Imports neither torch nor Qt: it runs inside Slicer's process. The worker runs in its own
-process group (session) through :class:`~MedDIFTLib.core.child.ChildProcess`, so
-:meth:`WorkerClient.kill` ends it and everything it started.
-Every line the worker writes is parsed once into a typed event (:mod:`.events`).
+Imports neither torch nor Qt: it runs inside Slicer's process. Every line the worker writes is
+parsed once into a typed event (:mod:`.events`); the client routes them.
 
 Two ways to consume events:
 - GUI: :meth:`send` a request, then call :meth:`poll` from a timer (never blocks);
@@ -18,51 +19,31 @@ If the worker dies, every unanswered request gets an :class:`~.events.Error` (ki
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import queue
-import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..core.child import ChildProcess
-from ..core.environment import child_environment
-from ..core.errors import BadRequestError, CancelledError
+from ..core.errors import BadRequestError, CancelledError, MedDIFTError
 from .events import (
     FINAL_EVENTS,
     Error,
     Event,
     Exit,
     Progress,
-    Ready,
     Result,
     WorkerError,
     error_from_event,
-    parse_event_line,
 )
-
-STDERR_TAIL_LINES = 400
-
-
-def _to_json(value: Any) -> Any:
-    """``json.dumps`` fallback: NumPy arrays and scalars become lists and numbers."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"cannot send a {type(value).__name__} to the worker")
+from .transports import ProcessTransport, Transport
 
 
 class WorkerClient:
-    """Start, talk to and stop one worker subprocess.
+    """Start, talk to and stop one worker through ``transport``.
 
-    ``python_executable`` defaults to this interpreter; ``env`` defaults to this process's
-    environment. The folder holding ``MedDIFTLib`` is put first on the worker's PYTHONPATH
-    (:func:`~MedDIFTLib.core.environment.child_environment`).
-    ``worker_args`` are extra command-line options of the worker (e.g. ``["--cache-bytes", "1e9"]``).
+    Without a transport, the worker is a local subprocess (:class:`~.transports.ProcessTransport`
+    of ``python_executable``, ``env``, ``cwd`` and ``worker_args``; see there).
     """
 
     def __init__(
@@ -71,92 +52,53 @@ class WorkerClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         worker_args: list[str] | None = None,
+        *,
+        transport: Transport | None = None,
     ) -> None:
-        self.python_executable = python_executable or sys.executable
-        self.env = dict(os.environ if env is None else env)
-        self.cwd = cwd
-        self.worker_args = list(worker_args or [])
+        if transport is None:
+            transport = ProcessTransport(python_executable, env, cwd, worker_args)
+        elif python_executable is not None or env is not None or cwd is not None or worker_args:
+            raise ValueError("give either a transport or the options of a local worker process, not both")
+        self.transport = transport
         self.version: str | None = None
-        self._child: ChildProcess | None = None
         self._route_lock = threading.Lock()
         self._unclaimed: deque[Event] = deque()
         self._waiters: dict[str, queue.Queue] = {}
         self._outstanding: set[str] = set()
         self._ids = itertools.count(1)
-        self._killed = False
 
     # ----------------------------------------------------------------- lifecycle
 
     @property
     def running(self) -> bool:
-        return self._child is not None and self._child.running
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._child is None else self._child.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._child is None else self._child.returncode
+        return self.transport.running
 
     def start(self, timeout: float = 60.0) -> None:
-        """Spawn the worker in its own process group and wait up to ``timeout`` s for ``ready``."""
-        if self.running:
-            raise WorkerError("the worker is already running")
-        env = child_environment(self.env)
-        env["PYTHONUNBUFFERED"] = "1"
-        self._killed = False
-        self._unclaimed.clear()
-        self._child = child = ChildProcess(
-            [self.python_executable, "-m", "MedDIFTLib.worker", *self.worker_args],
-            lambda line: self._read_event_line(child, line),
-            self._worker_ended,
-            env=env,
-            cwd=self.cwd,
-            stdin=True,
-            tail_lines=STDERR_TAIL_LINES,
-            name="meddift-worker",
-        )
-        self._child.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready = self._take_unclaimed(lambda event: isinstance(event, (Ready, Exit)))
-            if isinstance(ready, Ready):
-                self.version = ready.version
-                return
-            if isinstance(ready, Exit):
-                raise WorkerError(f"the worker exited while starting (code {ready.returncode}){self._tail()}")
-            time.sleep(0.02)
-        self.kill()
-        raise WorkerError(f"the worker did not start within {timeout:g} s{self._tail()}")
+        """Start the worker (open the session) and wait up to ``timeout`` s until it is ready."""
+        with self._route_lock:
+            self._unclaimed.clear()
+        self.version = self.transport.open(self._deliver, timeout)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """Cancel every unanswered request, ask the worker to shut down, wait ``timeout`` s, then kill it."""
-        child = self._child
-        if child is None:
-            return None
+        """Cancel every unanswered request, then close the transport (the local worker shuts down within
+        ``timeout`` s or is killed; a server session is closed and its data deleted); the exit code
+        of a local worker."""
         if self.running:
             with self._route_lock:
                 unanswered = sorted(self._outstanding)
             try:
                 for request_id in unanswered:
                     self.cancel(request_id)
-                self.send("shutdown")
-                child.close_input()
-            except (WorkerError, OSError):
+            except (MedDIFTError, OSError):
                 pass
-            if child.wait(timeout) is None:
-                self.kill()
-        child.join()
-        return child.returncode
+        return self.transport.close(timeout, self._new_id())
 
     def kill(self, grace: float = 2.0) -> None:
-        """End the worker and every process it started: SIGTERM to its process group and descendants,
-        then SIGKILL after ``grace`` s (:meth:`~MedDIFTLib.core.child.ChildProcess.cancel`)."""
-        if self._child is None:
-            return
-        self._killed = True
-        self._child.cancel(grace)
+        """End the worker at once, then close: a local worker's whole process tree gets SIGTERM, then
+        SIGKILL after ``grace`` s; a server's connections are dropped (it cancels their jobs) and
+        the session closed."""
+        self.transport.kill(grace)
+        self.stop(timeout=grace)
 
     def __enter__(self) -> WorkerClient:
         if not self.running:
@@ -170,14 +112,13 @@ class WorkerClient:
 
     def send(self, type: str, **params: Any) -> str:
         """Send one request; returns its id. Parameters must be JSON-serialisable (NumPy is converted)."""
-        request_id = f"r{next(self._ids)}"
+        request_id = self._new_id()
         self._send_request(request_id, type, params)
         return request_id
 
     def send_line(self, line: bytes | str) -> None:
-        """Write one raw line to the worker (for protocol tests); a newline is added when missing."""
-        data = line.encode() if isinstance(line, str) else bytes(line)
-        self._write(data if data.endswith(b"\n") else data + b"\n")
+        """Send one raw line (for protocol tests); its events go to :meth:`poll`."""
+        self.transport.send_line(line.encode() if isinstance(line, str) else bytes(line))
 
     def cancel(self, job_id: str | None = None) -> str:
         """Ask the worker to cancel ``job_id`` (default: the running job); returns the cancel request's id."""
@@ -221,7 +162,7 @@ class WorkerClient:
         ``progress(stage, fraction, message)`` receives its progress events; ``timeout`` bounds
         the wait between two events (seconds).
         """
-        request_id = f"r{next(self._ids)}"
+        request_id = self._new_id()
         self._claim(request_id)
         try:
             self._send_request(request_id, type, params)
@@ -239,32 +180,26 @@ class WorkerClient:
         raise WorkerError(f"request {request_id} ended without a result")
 
     def stderr_tail(self, max_lines: int = 50) -> str:
-        """The worker's last ``max_lines`` lines of stderr (logs, tracebacks)."""
-        lines = [] if self._child is None else self._child.tail(max_lines)
-        return "".join(line + "\n" for line in lines)
+        """The worker's last ``max_lines`` lines of stderr (logs, tracebacks); '' where the transport
+        cannot see them (a server's)."""
+        return self.transport.stderr_tail(max_lines)
 
     # ----------------------------------------------------------------- internals
+
+    def _new_id(self) -> str:
+        return f"r{next(self._ids)}"
 
     def _send_request(self, request_id: str, type: str, params: dict[str, Any]) -> None:
         if "id" in params or "type" in params:
             raise BadRequestError("request parameters may not be named 'id' or 'type'")
-        line = json.dumps({"id": request_id, "type": type, **params}, default=_to_json, allow_nan=False)
         with self._route_lock:
             self._outstanding.add(request_id)
         try:
-            self._write(line.encode() + b"\n")
-        except WorkerError:
+            self.transport.send(request_id, type, params)
+        except BaseException:
             with self._route_lock:
                 self._outstanding.discard(request_id)
             raise
-
-    def _write(self, data: bytes) -> None:
-        if not self.running:
-            raise WorkerError(f"the worker is not running{self._tail()}")
-        try:
-            self._child.write(data)
-        except (BrokenPipeError, ValueError, OSError) as error:
-            raise WorkerError(f"cannot write to the worker ({error}){self._tail()}") from None
 
     def _claim(self, request_id: str) -> queue.Queue:
         """Route ``request_id``'s events to a private queue, moving any already received into it."""
@@ -281,13 +216,12 @@ class WorkerClient:
                 self._unclaimed = kept
         return waiter
 
-    def _take_unclaimed(self, wanted: Callable[[Event], bool]) -> Event | None:
-        with self._route_lock:
-            for event in self._unclaimed:
-                if wanted(event):
-                    self._unclaimed.remove(event)
-                    return event
-        return None
+    def _deliver(self, event: Event) -> None:
+        """An event from the transport (its reader or request threads). :class:`~.events.Exit` first
+        answers every unanswered request with an error, then goes to :meth:`poll`."""
+        if isinstance(event, Exit):
+            self._answer_unanswered(event.returncode)
+        self._route(event)
 
     def _route(self, event: Event) -> None:
         with self._route_lock:
@@ -300,27 +234,15 @@ class WorkerClient:
             else:
                 self._unclaimed.append(event)
 
-    def _read_event_line(self, child: ChildProcess, line: str) -> bool:
-        """One line of the worker's stdout (reader thread): its event is routed; anything else is
-        noted in the worker's stderr tail."""
-        try:
-            event = parse_event_line(line)
-        except ValueError as error:
-            child.note(f"[client] not a worker event ({error}): {line[:200]!r}")
-            return True
-        self._route(event)
-        return True
-
-    def _worker_ended(self, returncode: int) -> None:
-        """The worker's output ended and it exited (reader thread): every unanswered request gets
-        an error, then :meth:`poll` gets :class:`~.events.Exit`."""
+    def _answer_unanswered(self, returncode: int | None) -> None:
+        """The worker has ended: each unanswered request gets an error (kind ``cancelled`` after :meth:`kill`)."""
         with self._route_lock:
             unanswered = sorted(self._outstanding)
-        kind = CancelledError.kind if self._killed else WorkerError.kind
+        killed = self.transport.killed
+        kind = CancelledError.kind if killed else WorkerError.kind
         for request_id in unanswered:
-            message = "the worker was stopped" if self._killed else f"the worker exited (code {returncode})"
+            message = "the worker was stopped" if killed else f"the worker exited (code {returncode})"
             self._route(Error(request_id, kind, message + self._tail()))
-        self._route(Exit(returncode))
 
     def _tail(self) -> str:
         tail = self.stderr_tail(8).strip()

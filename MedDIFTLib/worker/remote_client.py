@@ -1,316 +1,48 @@
-"""Client of ``meddift serve``: the interface and typed events of :class:`~.client.WorkerClient`,
-with the worker on another machine (HTTP or HTTPS, standard library only; imports neither torch
-nor Qt, so it runs inside Slicer).
-
-It differs from the local client only where a network must: :meth:`RemoteWorkerClient.start`
-opens a session, :meth:`~RemoteWorkerClient.stop` closes it (the server deletes its data); a
-``load`` reads the volume here and uploads it unless this session holds its content already; a
-``register`` writes its outputs on the server, then downloads them to the local paths it was given
-(all written atomically, only once all arrived). A dropped connection ends each unanswered request
-with an :class:`~.events.Error` (kind ``internal``; ``cancelled`` after :meth:`~RemoteWorkerClient.kill`).
+"""Client of ``meddift serve``, for scripts and the Slicer module: a :class:`~.client.WorkerClient`
+over an :class:`~.http_transport.HttpTransport` (standard library only; imports neither torch nor
+Qt). The same requests, events and errors as the local worker; see the transport for what a
+network changes (uploads, downloads, sessions).
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import json
-import socket
-import ssl
-import threading
-import urllib.parse
 from typing import Any
 
-from ..core.budget import describe_bytes
-from ..core.errors import BadRequestError, CancelledError, MedDIFTError
-from .client import WorkerClient, _to_json
-from .events import Error, Result, WorkerError, error_from_event, parse_event
-
-API = "/v1"
-OUTPUT_NAMES = ("transform", "inverse", "warped")
+from .client import WorkerClient
+from .http_transport import HttpTransport
 
 
 class RemoteWorkerClient(WorkerClient):
-    """One session on the server at ``url`` (``http://host:port`` or ``https://...``).
+    """A :class:`~.client.WorkerClient` with one session on the server at ``url`` (``http://host:port``
+    or ``https://...``): :meth:`start` opens the session, :meth:`stop` closes it (the server deletes
+    its data).
 
     ``token``: the server's token (sent as ``Authorization: Bearer``); ``ca_file``: the certificate
     (or its CA) to trust for HTTPS when it is not in the system's store; ``timeout_s`` bounds each
     network wait, a long job keeps its stream alive with comments.
     """
 
+    transport: HttpTransport
+
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None,
                  timeout_s: float = 60.0) -> None:
-        super().__init__()
-        shape = f"server URL {url!r} must look like http://host:port or https://host:port"
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise BadRequestError(shape)
-        try:
-            port = parsed.port
-        except ValueError:
-            raise BadRequestError(f"{shape}, with a port from 1 to 65535") from None
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
-        self.info: dict[str, Any] = {}
-        self.session_id: str | None = None
-        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, port
-        self._base = parsed.path.rstrip("/") + API
-        self._tls = _tls_context(ca_file) if parsed.scheme == "https" else None
-        self._connections: set[http.client.HTTPConnection] = set()
-
-    # ----------------------------------------------------------------- lifecycle
+        super().__init__(transport=HttpTransport(url, token=token, ca_file=ca_file, timeout_s=timeout_s))
 
     @property
-    def running(self) -> bool:
-        return self.session_id is not None
+    def url(self) -> str:
+        return self.transport.url
 
     @property
-    def pid(self) -> None:
-        return None
+    def session_id(self) -> str | None:
+        """The open session's id on the server, None while none is open."""
+        return self.transport.session_id
 
     @property
-    def returncode(self) -> None:
-        return None
+    def info(self) -> dict[str, Any]:
+        """The server's answer to the session's opening (version, device, limits, session_id)."""
+        return self.transport.info
 
     def test_connection(self) -> dict[str, Any]:
         """The server's ``info`` (version, device, device_label, limits) without opening a session;
         raises :class:`~.events.WorkerError` (unreachable) or BadRequestError (refused, e.g. the token)."""
-        return self._json("GET", "/info")
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Open a session on the server."""
-        if self.running:
-            raise WorkerError("the session is already open")
-        self._killed = False
-        self.info = self._json("POST", "/sessions", timeout_s=timeout)
-        self.session_id = self.info["session_id"]
-        self.version = self.info.get("version")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every unanswered request and close the session (the server deletes its volumes and outputs)."""
-        if self.session_id is None:
-            return None
-        with self._route_lock:
-            unanswered = sorted(self._outstanding)
-        with contextlib.suppress(MedDIFTError):
-            for request_id in unanswered:
-                self.cancel(request_id)
-            self._json("DELETE", self._session(""), timeout_s=timeout)
-        self.session_id = None
-        return None
-
-    def kill(self, grace: float = 2.0) -> None:
-        """Drop every open connection at once (the server cancels their jobs), then close the session."""
-        self._killed = True
-        for connection in list(self._connections):
-            if connection.sock is not None:
-                with contextlib.suppress(OSError):
-                    connection.sock.shutdown(socket.SHUT_RDWR)
-        self.stop(timeout=grace)
-
-    def stderr_tail(self, max_lines: int = 50) -> str:
-        return ""
-
-    # ----------------------------------------------------------------- requests
-
-    def send_line(self, line: bytes | str) -> None:
-        """Post one raw request line (for protocol tests); its events go to :meth:`poll`."""
-        data = line.encode() if isinstance(line, str) else bytes(line)
-        threading.Thread(target=self._stream, args=(None, data), daemon=True).start()
-
-    def _send_request(self, request_id: str, type: str, params: dict[str, Any]) -> None:
-        if "id" in params or "type" in params:
-            raise BadRequestError("request parameters may not be named 'id' or 'type'")
-        if not self.running:
-            raise WorkerError("no session is open on the server: call start() first")
-        with self._route_lock:
-            self._outstanding.add(request_id)
-        thread = threading.Thread(target=self._run, args=(request_id, type, params), daemon=True,
-                                  name=f"meddift-remote-{request_id}")
-        thread.start()
-
-    def _run(self, request_id: str, type: str, params: dict[str, Any]) -> None:
-        """Run one request to its final event, routed like the local worker's."""
-        try:
-            if type == "load":
-                self._route(Result(request_id, self._upload(params)))
-            elif type == "register":
-                self._register(request_id, params)
-            else:
-                self._stream(request_id, self._line(request_id, type, params))
-        except MedDIFTError as error:
-            self._route(Error(request_id, error.kind, str(error)))
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            self._route(self._lost(request_id, error))
-
-    def _lost(self, request_id: str, error: Exception) -> Error:
-        if self._killed:
-            return Error(request_id, CancelledError.kind, "the request was stopped")
-        reason = str(error) or type(error).__name__
-        return Error(request_id, WorkerError.kind, f"lost the connection to the server {self.url} ({reason}); "
-                     "nothing was written")
-
-    @staticmethod
-    def _line(request_id: str, type: str, params: dict[str, Any]) -> bytes:
-        return json.dumps({"id": request_id, "type": type, **params}, default=_to_json, allow_nan=False).encode()
-
-    def _upload(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Read the volume here; upload it unless this session holds its content; the load result."""
-        from ..core.io import read_volume
-        from .remote.wire import encode_volume
-
-        if set(params) != {"path"}:
-            raise BadRequestError("a load takes only 'path': a volume file or DICOM folder on this computer")
-        volume = read_volume(params["path"])
-        volume_path = self._session(f"/volumes/{volume.content_hash()}")
-        status, found = self._request("GET", volume_path)
-        if status == 200:
-            return found
-        body, headers = encode_volume(volume)
-        limit = self.info.get("limits", {}).get("max_upload_bytes")
-        if limit is not None and len(body) > limit:
-            raise BadRequestError(f"{params['path']}: {describe_bytes(len(body), limit)} compressed exceeds the "
-                                  f"server's upload limit of {describe_bytes(limit, len(body))}")
-        return self._json("PUT", volume_path, body=body, headers=headers)
-
-    def _register(self, request_id: str, params: dict[str, Any]) -> None:
-        """Send a register with output names only; download its outputs to the local paths."""
-        from ..core.io import check_output_path
-
-        local = {name: params[f"out_{name}"] for name in OUTPUT_NAMES if params.get(f"out_{name}") is not None}
-        for path in local.values():
-            if _ending(str(path)) in (".nhdr", ".mhd"):
-                raise BadRequestError(f"{path}: a two-file format cannot come back from a server; "
-                                      "use .nii.gz, .nrrd or .mha")
-            check_output_path(path)
-        sent = {**params, **{f"out_{name}": f"{name}{_ending(str(path))}" for name, path in local.items()}}
-        final = self._stream(request_id, self._line(request_id, "register", sent), route_final=False)
-        if isinstance(final, Result):
-            self._download(request_id, local)
-            final = Result(request_id, {**final.payload, **{name: str(path) for name, path in local.items()}})
-        self._route(final)
-
-    def _download(self, request_id: str, local: dict[str, Any]) -> None:
-        """Fetch each output to a temporary file beside its path; rename all once all arrived."""
-        from ..core.io import atomic_output
-
-        with contextlib.ExitStack() as stack:
-            for name, path in local.items():
-                tmp = stack.enter_context(atomic_output(path))
-                output = f"/outputs/{urllib.parse.quote(request_id, safe='')}/{name}"
-                connection, response = self._open("GET", self._session(output))
-                try:
-                    if response.status != 200:
-                        raise self._refusal(response)
-                    with open(tmp, "wb") as handle:
-                        while chunk := response.read(2**20):
-                            handle.write(chunk)
-                finally:
-                    self._done(connection)
-
-    def _stream(self, request_id: str | None, line: bytes, route_final: bool = True) -> Any:
-        """Post one request line and route its server-sent events; returns its final event."""
-        connection, response = self._open("POST", self._session("/requests"), body=line,
-                                          headers={"Content-Type": "application/json"})
-        try:
-            if response.status != 200:
-                final = Error(request_id, *self._refusal_of(response))
-                if route_final:
-                    self._route(final)
-                return final
-            while raw := response.readline():
-                if not raw.startswith(b"data: "):
-                    continue
-                event = parse_event(json.loads(raw[6:]))
-                if isinstance(event, (Result, Error)):
-                    if route_final:
-                        self._route(event)
-                    return event
-                self._route(event)
-            raise http.client.IncompleteRead(b"", None)
-        finally:
-            self._done(connection)
-
-    # ----------------------------------------------------------------- HTTP
-
-    def _session(self, path: str) -> str:
-        if self.session_id is None:
-            raise WorkerError("no session is open on the server")
-        return f"/sessions/{self.session_id}{path}"
-
-    def _open(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-              timeout_s: float | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        timeout = timeout_s or self.timeout_s
-        if self._tls is not None:
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls)
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        sent = dict(headers or {})
-        if self.token is not None:
-            sent["Authorization"] = f"Bearer {self.token}"
-        self._connections.add(connection)
-        try:
-            connection.request(method, self._base + path, body=body, headers=sent)
-            return connection, connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
-            self._done(connection)
-            if self._killed:
-                raise CancelledError("the request was stopped") from None
-            raise WorkerError(f"cannot reach the server {self.url} ({error or type(error).__name__})") from None
-
-    def _done(self, connection: http.client.HTTPConnection) -> None:
-        self._connections.discard(connection)
-        connection.close()
-
-    def _request(self, method: str, path: str, **options: Any) -> tuple[int, dict[str, Any]]:
-        connection, response = self._open(method, path, **options)
-        try:
-            data = response.read()
-            return response.status, json.loads(data) if data else {}
-        finally:
-            self._done(connection)
-
-    def _json(self, method: str, path: str, **options: Any) -> dict[str, Any]:
-        """The JSON answer of a plain request; a refusal raises its error."""
-        connection, response = self._open(method, path, **options)
-        try:
-            if response.status != 200:
-                raise self._refusal(response)
-            return json.loads(response.read())
-        finally:
-            self._done(connection)
-
-    def _refusal_of(self, response: http.client.HTTPResponse) -> tuple[str, str]:
-        """``(kind, message)`` of a refused request (its body: ``{"kind", "message", ...}``); an
-        answer without them did not come from ``meddift serve`` (another server, a proxy, a wrong path)."""
-        try:
-            answer = json.loads(response.read())
-            kind, message = str(answer["kind"]), str(answer["message"])
-        except (ValueError, TypeError, KeyError):
-            kind = "internal"
-            message = (f"{response.reason or 'no reason given'}; {self.url} does not answer as meddift serve "
-                       "(check the address and port)")
-        return kind, f"the server refused (HTTP {response.status}): {message}"
-
-    def _refusal(self, response: http.client.HTTPResponse) -> MedDIFTError:
-        """The MedDIFTLib exception of a refused request."""
-        return error_from_event(Error(None, *self._refusal_of(response)))
-
-
-def _tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """The TLS settings of an https server: the system's trusted certificates, or ``ca_file``'s."""
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as error:
-        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
-        raise BadRequestError(f"{ca_file}: cannot use as the server's certificate ({reason})") from None
-
-
-def _ending(path: str) -> str:
-    """``.nii.gz`` for ``a/b.nii.gz``, ``.h5`` for ``t.h5``: the ending that chooses a file's format."""
-    name = path.rsplit("/", 1)[-1].lower()
-    for ending in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".h5", ".hdf5", ".tfm", ".txt"):
-        if name.endswith(ending):
-            return ending
-    return "." + name.rsplit(".", 1)[-1] if "." in name else ""
+        return self.transport.test_connection()

@@ -1,17 +1,16 @@
-"""Who may use ``meddift serve`` and how much: the bind check, the token, the request rate."""
+"""Who may use ``meddift serve`` and how much: the bind check, the token, the request rate.
+
+The token file is read by :func:`~MedDIFTLib.worker.http_transport.read_token_file`, the client's.
+"""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import threading
 import time
-from pathlib import Path
 
 from ...core.errors import BadInputError
-
-MIN_TOKEN_CHARS = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -29,18 +28,6 @@ def check_bind(host: str, token: str | None) -> None:
     if token is None and not is_loopback(host):
         raise BadInputError(f"refusing to serve on {host} without a token: give --token-file, or bind 127.0.0.1 "
                             "and reach it through an SSH tunnel")
-
-
-def read_token_file(path: str | os.PathLike) -> str:
-    """The token in ``path`` (its first line, stripped); refuses a missing, empty or short token."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"{path}: cannot read the token file ({error})") from None
-    if not token or len(token[0].strip()) < MIN_TOKEN_CHARS:
-        raise BadInputError(f"{path}: the token must be at least {MIN_TOKEN_CHARS} characters on its first line "
-                            "(e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
-    return token[0].strip()
 
 
 def token_matches(expected: str | None, authorization: str | None) -> bool:
