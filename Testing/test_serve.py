@@ -6,6 +6,7 @@ cancel on disconnect, and a server killed mid-job."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import re
@@ -618,7 +619,7 @@ def test_outputs_of_a_request_id_holding_a_slash_can_be_fetched(server, remote, 
     for request_id in ("job%2F1", "job/1"):
         status, data = server.raw("GET", f"/sessions/{remote.session_id}/outputs/{request_id}/transform")
         assert status == 200 and len(data) > 1000
-    remote._ids = iter(["/slashed/id"])  # the client's own download of such an id
+    remote._ids = itertools.chain(["/slashed/id"], itertools.count(1))  # the client's own download of such an id
     out = tmp_path / "field.nii.gz"
     remote.call("register", timeout=TIMEOUT_S, fixed_id=volume_id, moving_id=volume_id, backbone="mind",
                 device="cpu", options=QUICK_FIELD, out_transform=str(out))

@@ -325,7 +325,7 @@ def test_kill_mid_job_leaves_no_process_and_no_output_then_restart_and_stop(pair
         for event in events:
             if isinstance(event, Progress) and event.stage not in ("features", "load"):
                 break
-        pgid = worker.pid
+        pgid = worker.transport.pid
         assert _group_alive(pgid)
         worker.kill()
         assert not worker.running and not _group_alive(pgid)
@@ -387,11 +387,11 @@ def test_internal_error_stdout_purity_and_shutdown_on_end_of_input():
 def test_terminated_worker_exits_at_once():
     worker = WorkerClient()
     worker.start(timeout=TIMEOUT_S)
-    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.transport.pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while worker.running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert worker.returncode == 128 + signal.SIGTERM
+    assert worker.transport.returncode == 128 + signal.SIGTERM
     worker.kill()
 
 

@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = show_warning
     signal.signal(signal.SIGTERM, terminate)
     reader = threading.Thread(target=worker.read_requests, args=(sys.stdin.buffer,), name="requests", daemon=True)
-    worker.emit(ready_event(__version__, os.getpid()))
-    reader.start()
     try:
+        worker.emit(ready_event(__version__, os.getpid()))
+        reader.start()
         return worker.serve()
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 1
