@@ -28,7 +28,6 @@ from ..core.progress import ProgressFn, scaled
 from ..features import available_backbones, backbone_spec
 from ..field import DisplacementField, jacobian_determinant, read_field, register_and_write
 from ..field.grids import resample
-from ..field.register import level_match_options
 from ..lesions.inputs import read_lesions
 from ..lesions.outputs import check_outputs, write_outputs
 from ..lesions.track import track_lesions
@@ -243,7 +242,7 @@ def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn)
         pair.fixed_pyramid,
         pair.moving_pyramid,
         request.lattice.spacing_mm,
-        level_match_options(request.lattice),
+        request.lattice.match_options(),
         None if field is None else (field.as_tensor(), field.geometry),
         request.lattice.aggregation_nodes,
         progress,
