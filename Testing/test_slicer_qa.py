@@ -198,6 +198,64 @@ def test_worker_overlays_of_a_translation_are_on_the_fixed_grid(tmp_path):
         parse_request("overlays", {key: value for key, value in fields.items() if key != "out_confidence"})
 
 
+def test_library_qa_overlays_are_the_lattice_confidence_and_the_field_on_the_fixed_grid():
+    """:func:`MedDIFTLib.field.overlays.qa_overlays` without the worker: float32 maps on the fixed grid;
+    confidence is the level's lattice (matched along the field, the level's match options) resampled to
+    the fixed grid; Jacobian and magnitude are those of the field, resampled first when it lies on
+    another grid; without a field, confidence only (from identity)."""
+    pytest.importorskip("torch")
+    from scipy import ndimage
+
+    from MedDIFTLib.core.geometry import Geometry
+    from MedDIFTLib.core.io import Volume
+    from MedDIFTLib.core.options import FieldLevel, MatchOptions
+    from MedDIFTLib.features import create_featurizer
+    from MedDIFTLib.field import DisplacementField, grids, jacobian_determinant
+    from MedDIFTLib.field.overlays import OVERLAY_NAMES, qa_overlays
+    from MedDIFTLib.matching import match_lattice
+
+    level = FieldLevel(spacing_mm=8.0, search_radius_mm=6.0, aggregation_nodes=1)
+    assert level.match_options() == MatchOptions(search_radius_mm=6.0, coarse_step_mm=8.0)
+    assert FieldLevel(step_mm=2.0).match_options().coarse_step_mm == 2.0
+
+    rng = np.random.default_rng(3)
+    fixed_voxels = (ndimage.gaussian_filter(rng.normal(size=(24, 24, 24)), 2.0) * 3000.0).astype(np.float32)
+    geometry = Geometry.create((24, 24, 24), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    mind = create_featurizer("mind")
+    fixed = mind.extract(Volume(fixed_voxels, geometry, name="fixed"))
+    moving = mind.extract(Volume(np.roll(fixed_voxels, 2, axis=2), geometry, name="moving"))
+    k, j, i = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
+    smooth = DisplacementField(
+        np.stack([4.0 + np.sin(i / 5.0), np.cos(j / 7.0), 0.5 * np.sin(k / 4.0)], -1).astype(np.float32), geometry
+    )
+    coarse_grid = Geometry.create((10, 9, 11), (5.0, 5.5, 4.5), (-1.0, 0.5, 2.0), np.eye(3))
+    kk, jj, ii = np.meshgrid(np.arange(11), np.arange(9), np.arange(10), indexing="ij")
+    coarse = DisplacementField(np.stack([3.0 + 0.2 * ii, 0.1 * jj * kk, -0.3 * kk], -1).astype(np.float32), coarse_grid)
+
+    def lattice_confidence(field):
+        prior = None if field is None else (field.as_tensor(), field.geometry)
+        lattice = match_lattice(fixed, moving, 8.0, level.match_options(), prior, 1)
+        return grids.resample(lattice.on_grid(lattice.matches.confidence)[None], lattice.grid, geometry)[0].numpy()
+
+    overlays = qa_overlays(fixed, moving, level, smooth)
+    assert tuple(overlays) == OVERLAY_NAMES
+    assert all(v.dtype == np.float32 and v.shape == geometry.shape_kji for v in overlays.values())
+    assert 0.0 <= overlays["confidence"].min() and overlays["confidence"].max() <= 1.0
+    np.testing.assert_array_equal(overlays["confidence"], lattice_confidence(smooth))
+    np.testing.assert_array_equal(overlays["jacobian"], jacobian_determinant(smooth))
+    np.testing.assert_array_equal(overlays["magnitude"], np.linalg.norm(smooth.displacement_lps_mm, axis=-1))
+
+    overlays = qa_overlays(fixed, moving, level, coarse)
+    on_fixed = DisplacementField.from_tensor(grids.resample(coarse.as_tensor(), coarse_grid, geometry), geometry)
+    np.testing.assert_array_equal(overlays["confidence"], lattice_confidence(coarse))
+    np.testing.assert_array_equal(overlays["jacobian"], jacobian_determinant(on_fixed))
+    np.testing.assert_array_equal(overlays["magnitude"], np.linalg.norm(on_fixed.displacement_lps_mm, axis=-1))
+
+    overlays = qa_overlays(fixed, moving, level)
+    assert list(overlays) == ["confidence"]
+    np.testing.assert_array_equal(overlays["confidence"], lattice_confidence(None))
+
+
 def _print_command(text: str, code: int = 0) -> list[str]:
     return [sys.executable, "-c", f"import sys; print({text!r}); sys.exit({code})"]
 

@@ -218,6 +218,12 @@ class FieldLevel(Options):
     aggregation_nodes: int = option(1, minimum=0, help="half-width of the similarity aggregation box, nodes")
     step_mm: float | None = option(None, above=0.0, help="step of the searched shifts, mm (default: spacing_mm)")
 
+    def match_options(self) -> MatchOptions:
+        """The correspondence engine's options for this level: its search radius (mm), candidates
+        every ``step_mm`` (mm; default ``spacing_mm``), the other matching knobs at their defaults."""
+        step_mm = self.spacing_mm if self.step_mm is None else self.step_mm
+        return MatchOptions(search_radius_mm=self.search_radius_mm, coarse_step_mm=step_mm)
+
 
 @dataclass(frozen=True)
 class FieldOptions(Options):

@@ -1,4 +1,5 @@
-"""Dense displacement fields from feature matches: fit, refine, invert, warp, check and save.
+"""Dense displacement fields from feature matches: fit, refine, invert, warp, check and save;
+the QA overlays of a registration (:mod:`MedDIFTLib.field.overlays`).
 
 See :mod:`MedDIFTLib.field.register` for the method and :mod:`MedDIFTLib.field.displacement`
 for the field's convention (ITK: fixed grid, maps fixed points to moving points, LPS mm).
@@ -16,6 +17,7 @@ from .displacement import (
     write_field,
 )
 from .outputs import carried_points, summary_path, write_summary
+from .overlays import qa_overlays
 from .region import Region, automatic_region, region_from_mask
 from .register import FieldLevel, FieldOptions, register, register_and_write
 
@@ -29,6 +31,7 @@ __all__ = [
     "invert",
     "jacobian_determinant",
     "jacobian_stats",
+    "qa_overlays",
     "region_from_mask",
     "read_field",
     "register",

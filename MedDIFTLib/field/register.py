@@ -26,7 +26,7 @@ import torch
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume, write_volume
-from ..core.options import FieldLevel, FieldOptions, MatchOptions
+from ..core.options import FieldLevel, FieldOptions
 from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
 from ..matching import match_lattice
@@ -44,13 +44,6 @@ from .optimise import instance_optimise
 from .region import Region, automatic_region, region_from_mask
 
 MIN_POINTS = 8
-
-
-def level_match_options(level: FieldLevel) -> MatchOptions:
-    """The engine's options for one field level: its radius, candidates every ``step_mm`` (default
-    ``spacing_mm``)."""
-    step_mm = level.spacing_mm if level.step_mm is None else level.step_mm
-    return MatchOptions(search_radius_mm=level.search_radius_mm, coarse_step_mm=step_mm)
 
 
 def register(
@@ -90,7 +83,7 @@ def register(
                 fixed_pyramid,
                 moving_pyramid,
                 level.spacing_mm,
-                level_match_options(level),
+                level.match_options(),
                 None if values is None else (values, values_grid),
                 level.aggregation_nodes,
                 scaled(report, 0.0, 0.8),

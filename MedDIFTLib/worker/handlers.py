@@ -26,13 +26,12 @@ from ..core.io.volumes import check_overlap, check_volume_output
 from ..core.options import FieldOptions
 from ..core.progress import ProgressFn, scaled
 from ..features import available_backbones, backbone_spec
-from ..field import DisplacementField, jacobian_determinant, read_field, register_and_write
-from ..field.grids import resample
-from ..field.register import level_match_options
+from ..field import read_field, register_and_write
+from ..field.overlays import CONFIDENCE, JACOBIAN, MAGNITUDE, qa_overlays
 from ..lesions.inputs import read_lesions
 from ..lesions.outputs import check_outputs, write_outputs
 from ..lesions.track import track_lesions
-from ..matching import match_lattice, match_points
+from ..matching import match_points
 from .protocol import (
     FeaturesRequest,
     LoadRequest,
@@ -219,14 +218,15 @@ def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn)
 
 
 def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn) -> dict[str, Any]:
-    """QA overlays on the fixed grid: lattice match confidence, and from the field its Jacobian
-    determinant and displacement magnitude (mm). Every path is checked before any work."""
+    """QA overlays on the fixed grid (:func:`MedDIFTLib.field.overlays.qa_overlays`): lattice match
+    confidence, and from the field its Jacobian determinant and displacement magnitude (mm), written
+    where the request asks. Every path is checked before any work."""
     outputs = {
         name: check_volume_output(path)
         for name, path in (
-            ("confidence", request.out_confidence),
-            ("jacobian", request.out_jacobian),
-            ("magnitude", request.out_magnitude),
+            (CONFIDENCE, request.out_confidence),
+            (JACOBIAN, request.out_jacobian),
+            (MAGNITUDE, request.out_magnitude),
         )
         if path is not None
     }
@@ -236,30 +236,13 @@ def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn)
                                          state.volume(request.moving_id, "moving_id").geometry, lattice_only,
                                          what="overlays"))
     pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
-    geometry = pair.fixed_pyramid.image_geometry
     field = None if request.transform is None else read_field(request.transform)
-    progress("overlays", 0.0, "matching the confidence lattice")
-    lattice = match_lattice(
-        pair.fixed_pyramid,
-        pair.moving_pyramid,
-        request.lattice.spacing_mm,
-        level_match_options(request.lattice),
-        None if field is None else (field.as_tensor(), field.geometry),
-        request.lattice.aggregation_nodes,
-        progress,
-    )
-    values = {"confidence": resample(lattice.on_grid(lattice.matches.confidence)[None], lattice.grid, geometry)[0]}
-    if field is not None:
-        dense = field.as_tensor() if field.geometry.same_grid(geometry) else resample(
-            field.as_tensor(), field.geometry, geometry
-        )
-        on_fixed = DisplacementField.from_tensor(dense, geometry)
-        values["jacobian"] = jacobian_determinant(on_fixed)
-        values["magnitude"] = np.linalg.norm(on_fixed.displacement_lps_mm, axis=-1)
+    values = qa_overlays(pair.fixed_pyramid, pair.moving_pyramid, request.lattice, field, progress)
     progress("overlays", 0.9, "writing the overlays")
+    geometry = pair.fixed_pyramid.image_geometry
     result: dict[str, Any] = {}
     for name, path in outputs.items():
-        voxels = np.asarray(values[name], np.float32)
+        voxels = values[name]
         write_volume(Volume(voxels, geometry, name=name), path)
         result[name] = {"path": str(path), "min": float(voxels.min()), "max": float(voxels.max()),
                         "mean": float(voxels.mean())}
