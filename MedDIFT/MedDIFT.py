@@ -313,7 +313,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedDIFTLogic(ScriptedLoadableModuleLogic):
-    """Runs MedDIFT jobs through a ``MedDIFTLib.slicer.session.Session``: a background worker
+    """Runs MedDIFT jobs through a ``MedDIFTLib.slicer.session.WorkerSession``: a background worker
     process that stays alive between runs (features stay cached). Non-blocking: :meth:`startJob`
     then :meth:`pollJob` from a timer. Blocking: :meth:`run`, for scripts and tests."""
 
@@ -375,9 +375,9 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def jobInputs(parameterNode):
         """Scene nodes of a run from the parameter node."""
-        from MedDIFTLib.slicer.jobs import JobInputs
+        from MedDIFTLib.slicer.scene_run import RunInputs
 
-        return JobInputs(
+        return RunInputs(
             fixed_volume=parameterNode.fixedVolume,
             moving_volume=parameterNode.movingVolume,
             fixed_landmarks=parameterNode.fixedLandmarks,
@@ -393,7 +393,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def trackInputs(parameterNode, table=None):
         """Scene nodes of a lesion tracking run: baseline = fixed volume, follow-up = moving volume."""
-        from MedDIFTLib.slicer.track_job import TrackInputs
+        from MedDIFTLib.slicer.track_run import TrackInputs
 
         return TrackInputs(
             baseline_volume=parameterNode.fixedVolume,
@@ -447,10 +447,10 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     def session(self):
         """The worker session (started on first use) of Slicer's scene."""
         if self._session is None:
-            from MedDIFTLib.slicer.session import Session
+            from MedDIFTLib.slicer.session import WorkerSession
 
             serverUrl, token = self._server
-            self._session = Session(slicer.mrmlScene, python_executable=self.pythonExecutable(),
+            self._session = WorkerSession(slicer.mrmlScene, python_executable=self.pythonExecutable(),
                                     server_url=serverUrl, token=token)
         return self._session
 
@@ -487,7 +487,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
                                control_point_indices=controlPointIndices)
 
     def startTrack(self, inputs, settings, onDone, onProgress=None, onLog=None) -> None:
-        """Track lesions in the background (``inputs``: a ``MedDIFTLib.slicer.track_job.TrackInputs``);
+        """Track lesions in the background (``inputs``: a ``MedDIFTLib.slicer.track_run.TrackInputs``);
         ``onDone(outputs, error)`` gets a ``TrackOutputs``. Raises MedDIFTError at once for bad inputs."""
         self.session.start_track(inputs, settings, onDone, on_progress=onProgress, on_log=onLog)
 
@@ -496,7 +496,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         self.session.start_cursor_match(inputs, settings, fixedRas, onDone)
 
     def runTrack(self, inputs, settings=None, progress=None, timeout=None):
-        """Track lesions and wait (scripts and tests); returns ``MedDIFTLib.slicer.track_job.TrackOutputs``."""
+        """Track lesions and wait (scripts and tests); returns ``MedDIFTLib.slicer.track_run.TrackOutputs``."""
         return self.session.run_track(inputs, settings or RunSettings(), progress=progress, timeout_s=timeout)
 
     def pollJob(self) -> bool:
@@ -509,9 +509,9 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
             self._session.cancel()
 
     def run(self, inputs, settings=None, controlPointIndices=None, progress=None, timeout=None):
-        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.jobs.JobOutputs``.
+        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.scene_run.RunOutputs``.
 
-        ``inputs``: a ``MedDIFTLib.slicer.jobs.JobInputs``; ``settings``: a
+        ``inputs``: a ``MedDIFTLib.slicer.scene_run.RunInputs``; ``settings``: a
         ``MedDIFTLib.core.options.RunSettings`` (default: the library's defaults).
         ``controlPointIndices``: update only the partners of these fixed control points.
         ``progress(stage, fraction, message)`` receives progress; ``timeout`` bounds the wait for

@@ -19,8 +19,8 @@ from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, read_volume, write_points, write_volume
 from MedDIFTLib.core.io.volumes import Volume
 from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions
-from MedDIFTLib.evaluation.lesions import dice, lesion_metrics, make_lesion_pair, summarise
 from MedDIFTLib.evaluation.simulate import phantom_ct
+from MedDIFTLib.evaluation.synthetic_lesions import dice, lesion_metrics, make_lesion_pair, summarise
 from MedDIFTLib.features import create_featurizer
 from MedDIFTLib.field import DisplacementField
 from MedDIFTLib.lesions.carry import carry_labelmap
@@ -303,7 +303,7 @@ def volume_node(scene, voxels_kji, geometry: Geometry, node_class="vtkMRMLScalar
 def test_scene_glue_round_trip_keeps_segments(scene, tmp_path):
     from slicer_core import vtkSlicerSegmentationsModuleLogic
 
-    from MedDIFTLib.slicer import lesions as glue
+    from MedDIFTLib.slicer import lesion_nodes as glue
 
     baseline_node = volume_node(scene, np.zeros(GEOMETRY.shape_kji, np.float32), GEOMETRY, name="baseline")
     masks = [ball(GEOMETRY, (-8, 0, 0), 4.0), ball(GEOMETRY, (10, 5, 4), 3.0)]
@@ -347,7 +347,7 @@ def test_scene_glue_round_trip_keeps_segments(scene, tmp_path):
 def test_scene_glue_table_and_jump(scene, tmp_path):
     import slicer_core
 
-    from MedDIFTLib.slicer import lesions as glue
+    from MedDIFTLib.slicer import lesion_nodes as glue
 
     segments = [glue.LesionSegment(1, "s1", "nodule A", (1.0, 0.0, 0.0), (8.0, 0.0, 0.0)),
                 glue.LesionSegment(2, "s2", "nodule B", (0.0, 0.0, 1.0), None)]

@@ -88,7 +88,7 @@ def test_simulate_command_takes_the_motion_family(elastix_ct, tmp_path):
 
 def test_lesion_pairs_take_the_dirlab_motion(elastix_ct):
     require(DIRLAB_DIR)
-    from MedDIFTLib.evaluation.lesions import make_lesion_pair
+    from MedDIFTLib.evaluation.synthetic_lesions import make_lesion_pair
 
     breathing = make_lesion_pair(elastix_ct, count=2, seed=1, mean_motion_mm=3.0)
     dirlab = make_lesion_pair(elastix_ct, count=2, seed=1, mean_motion_mm=3.0, motion="dirlab1")

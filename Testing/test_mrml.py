@@ -18,7 +18,7 @@ from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  
 from MedDIFTLib.core.io import PointSet  # noqa: E402
 from MedDIFTLib.core.io.points import UNRELIABLE_TAG  # noqa: E402
 from MedDIFTLib.core.options import MatchOptions, RunSettings, to_json  # noqa: E402
-from MedDIFTLib.slicer import cursor, jobs, live, nodes, overlays, qa, results, session, views  # noqa: E402
+from MedDIFTLib.slicer import cursor, live, nodes, overlays, qa, results, scene_run, session, views  # noqa: E402
 from MedDIFTLib.worker.events import Error, Exit, Log, Progress, Result  # noqa: E402
 
 RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
@@ -354,7 +354,7 @@ def test_confidence_colors_go_from_red_to_green():
     assert views.confidence_color(math.nan) == (0.6, 0.6, 0.6)
 
 
-# ------------------------------------------------------------------------------------ jobs
+# ------------------------------------------------------------------------------------ scene runs
 
 
 class FakeClient:
@@ -439,12 +439,12 @@ def job_scene(scene):
 
 def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
-    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_transform=True, compute_warped=True)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True, compute_warped=True)
     settings = RunSettings(backbone="mind", device="cpu", match=MatchOptions(search_radius_mm=12.0))
     client = FakeClient()
-    folder = jobs.JobFolder(tmp_path)
+    folder = scene_run.WorkerFiles(tmp_path)
     stages = []
-    outputs = session.run_blocking(client, jobs.SceneJob(scene, inputs, settings, folder).steps(),
+    outputs = session.run_blocking(client, scene_run.SceneRun(scene, inputs, settings, folder).steps(),
                                 progress=lambda stage, fraction, message: stages.append(stage))
 
     types = [request_type for request_type, _ in client.requests]
@@ -481,7 +481,7 @@ def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
         outputs.moving_landmarks, outputs.transform, outputs.warped_volume)
     nodes_before = scene.GetNumberOfNodes()
     client.requests.clear()
-    again = session.run_blocking(client, jobs.SceneJob(scene, inputs, settings, folder).steps())
+    again = session.run_blocking(client, scene_run.SceneRun(scene, inputs, settings, folder).steps())
     assert [request_type for request_type, _ in client.requests] == ["match", "register"]
     assert again.moving_landmarks is outputs.moving_landmarks and again.transform is outputs.transform
     assert scene.GetNumberOfNodes() == nodes_before
@@ -492,23 +492,24 @@ def test_moving_volume_under_the_output_transform_is_registered_on_its_own_grid(
     write_translation_field(tmp_path / "old.nrrd", (9.0, 9.0, 9.0))
     transform = nodes.load_transform_file(scene, tmp_path / "old.nrrd")
     moving.SetAndObserveTransformNodeID(transform.GetID())
-    inputs = jobs.JobInputs(fixed, moving, landmarks, transform=transform, compute_transform=True)
-    session.run_blocking(FakeClient(), jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
+    inputs = scene_run.RunInputs(fixed, moving, landmarks, transform=transform, compute_transform=True)
+    run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+    session.run_blocking(FakeClient(), run.steps())
     moved = transform.GetTransformFromParent().TransformPoint(-1.0, -2.0, 3.0)
     np.testing.assert_allclose(moved, (-3.0, 1.0, 8.0), atol=1e-4)
 
     fixed.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(BadInputError, match="fixed volume is under the output transform"):
-        next(jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
+        next(scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path)).steps())
 
 
 def test_failed_register_changes_nothing_in_the_scene(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
     user_output = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "out")
     user_output.AddControlPointWorld([5.0, 5.0, 5.0], "keep")
-    inputs = jobs.JobInputs(fixed, moving, landmarks, moving_landmarks=user_output, compute_transform=True)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks, moving_landmarks=user_output, compute_transform=True)
     nodes_before = scene.GetNumberOfNodes()
-    job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
+    job = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
     with pytest.raises(BadInputError, match="register failed on purpose"):
         session.run_blocking(FakeClient(fail_on="register"), job.steps())
     assert scene.GetNumberOfNodes() == nodes_before
@@ -528,22 +529,23 @@ def test_failed_register_changes_nothing_in_the_scene(scene, tmp_path):
 )
 def test_scene_job_rejects_bad_inputs_before_any_request(scene, tmp_path, change, message):
     fixed, moving, landmarks = job_scene(scene)
-    inputs = jobs.JobInputs(fixed, moving, landmarks)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks)
     for name, value in change.items():
         setattr(inputs, name, landmarks if value == "fixed_landmarks" else value)
     client = FakeClient()
     with pytest.raises(BadInputError, match=message):
-        session.run_blocking(client, jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
+        run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+        session.run_blocking(client, run.steps())
     assert client.requests == []
 
 
 def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
-    folder = jobs.JobFolder(tmp_path)
-    inputs = jobs.JobInputs(fixed, moving, landmarks)
+    folder = scene_run.WorkerFiles(tmp_path)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks)
     client = FakeClient()
     done, progress = [], []
-    runner = session.JobRunner(client, jobs.SceneJob(scene, inputs, RunSettings(), folder).steps(),
+    runner = session.RunDriver(client, scene_run.SceneRun(scene, inputs, RunSettings(), folder).steps(),
                             on_done=lambda outputs, error: done.append((outputs, error)),
                             on_progress=lambda stage, fraction, message: progress.append(stage))
     runner.start()
@@ -555,8 +557,8 @@ def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
     assert error is None and len(done) == 1
     assert progress == ["load", "load", "match"]
 
-    fresh = session.run_blocking(client, jobs.SceneJob(scene, jobs.JobInputs(fixed, moving, landmarks),
-                                                    RunSettings(), folder).steps([0]))
+    fresh = session.run_blocking(client, scene_run.SceneRun(scene, scene_run.RunInputs(fixed, moving, landmarks),
+                                                         RunSettings(), folder).steps([0]))
     assert fresh.moving_landmarks is not outputs.moving_landmarks
     assert nodes.markups_to_points(fresh.moving_landmarks).labels == ["p1"]
     assert fresh.moving_landmarks.GetNodeReference(nodes.REFERENCE_FIXED_LANDMARKS) is landmarks
@@ -564,7 +566,7 @@ def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
     landmarks.SetNthControlPointPositionWorld(1, 0.0, 0.0, 0.0)
     inputs.moving_landmarks = outputs.moving_landmarks
     client.requests.clear()
-    session.run_blocking(client, jobs.SceneJob(scene, inputs, RunSettings(), folder).steps([1]))
+    session.run_blocking(client, scene_run.SceneRun(scene, inputs, RunSettings(), folder).steps([1]))
     assert [request_type for request_type, _ in client.requests] == ["match"]
     assert client.requests[0][1]["labels"] == ["p2"]
     np.testing.assert_allclose(control_point_ras(outputs.moving_landmarks, 1), [-2.0, 3.0, 5.0])
@@ -573,10 +575,10 @@ def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
 
 def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
-    inputs = jobs.JobInputs(fixed, moving, landmarks)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks)
     done = []
-    runner = session.JobRunner(FakeClient(fail_on="match"),
-                            jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps(),
+    runner = session.RunDriver(FakeClient(fail_on="match"),
+                            scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path)).steps(),
                             on_done=lambda outputs, error: done.append((outputs, error)))
     runner.start()
     while runner.poll():
@@ -585,8 +587,9 @@ def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
 
     client = FakeClient()
     done.clear()
-    runner = session.JobRunner(client, jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps(),
-                            on_done=lambda outputs, error: done.append((outputs, error)))
+    run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+    runner = session.RunDriver(client, run.steps(),
+                               on_done=lambda outputs, error: done.append((outputs, error)))
     runner.start()
     runner.cancel()
     assert client.killed and isinstance(done[0][1], CancelledError)
@@ -629,9 +632,9 @@ def test_job_runner_reads_typed_events_of_its_own_request_only(scene, tmp_path):
                     Result("someone-else", {}), *events]
 
     done, progress, logs = [], [], []
-    runner = session.JobRunner(
-        NoisyClient(), jobs.SceneJob(scene, jobs.JobInputs(fixed, moving, landmarks), RunSettings(),
-                                     jobs.JobFolder(tmp_path)).steps(),
+    runner = session.RunDriver(
+        NoisyClient(), scene_run.SceneRun(scene, scene_run.RunInputs(fixed, moving, landmarks), RunSettings(),
+                                          scene_run.WorkerFiles(tmp_path)).steps(),
         on_done=lambda outputs, error: done.append((outputs, error)),
         on_progress=lambda stage, fraction, message: progress.append(stage),
         on_log=lambda level, message: logs.append(level))
@@ -647,9 +650,9 @@ def test_job_runner_reads_typed_events_of_its_own_request_only(scene, tmp_path):
             return [Exit(-9)]
 
     done.clear()
-    runner = session.JobRunner(
-        DyingClient(), jobs.SceneJob(scene, jobs.JobInputs(fixed, moving, landmarks), RunSettings(),
-                                     jobs.JobFolder(tmp_path)).steps(),
+    runner = session.RunDriver(
+        DyingClient(), scene_run.SceneRun(scene, scene_run.RunInputs(fixed, moving, landmarks), RunSettings(),
+                                          scene_run.WorkerFiles(tmp_path)).steps(),
         on_done=lambda outputs, error: done.append((outputs, error)))
     runner.start()
     assert not runner.poll()
@@ -675,8 +678,8 @@ def test_session_starts_the_worker_runs_jobs_and_cleans_up(scene):
         clients[-1].running = False
         return clients[-1]
 
-    worker_session = session.Session(scene, client_factory=new_client)
-    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_transform=True)
+    worker_session = session.WorkerSession(scene, client_factory=new_client)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True)
     done = []
     worker_session.start_job(inputs, RunSettings(), on_done=lambda outputs, error: done.append((outputs, error)))
     assert worker_session.busy
@@ -711,12 +714,12 @@ def test_session_reports_bad_inputs_at_once_and_a_failed_start_through_on_done(s
         client.running = False
         return client
 
-    worker_session = session.Session(scene, client_factory=new_client)
+    worker_session = session.WorkerSession(scene, client_factory=new_client)
     done = []
     with pytest.raises(BadInputError, match="choose a fixed and a moving volume"):
-        worker_session.start_job(jobs.JobInputs(None, moving, landmarks), RunSettings(), on_done=done.append)
+        worker_session.start_job(scene_run.RunInputs(None, moving, landmarks), RunSettings(), on_done=done.append)
     assert not worker_session.busy
-    worker_session.start_job(jobs.JobInputs(fixed, moving, landmarks), RunSettings(),
+    worker_session.start_job(scene_run.RunInputs(fixed, moving, landmarks), RunSettings(),
                              on_done=lambda outputs, error: done.append((outputs, error)))
     poll_to_the_end(worker_session)
     assert done[0][0] is None and isinstance(done[0][1], MedDIFTError) and "no such interpreter" in str(done[0][1])
@@ -727,11 +730,11 @@ def test_session_reports_bad_inputs_at_once_and_a_failed_start_through_on_done(s
 def test_session_cancel_kills_the_worker_and_leaves_the_scene_unchanged(scene):
     fixed, moving, landmarks = job_scene(scene)
     client = FakeClient()
-    worker_session = session.Session(scene, client_factory=lambda: client)
-    worker_session.run(jobs.JobInputs(fixed, moving, landmarks), RunSettings())  # starts the worker
+    worker_session = session.WorkerSession(scene, client_factory=lambda: client)
+    worker_session.run(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())  # starts the worker
     nodes_before = scene.GetNumberOfNodes()
     done = []
-    worker_session.start_job(jobs.JobInputs(fixed, moving, landmarks, compute_transform=True), RunSettings(),
+    worker_session.start_job(scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True), RunSettings(),
                              on_done=lambda outputs, error: done.append((outputs, error)))
     worker_session.cancel()
     assert client.killed and isinstance(done[0][1], CancelledError) and not worker_session.busy
@@ -886,8 +889,8 @@ def test_overlays_are_volumes_on_the_fixed_grid_with_colour_tables(scene, tmp_pa
     moving = add_volume_node(scene, np.ones((4, 5, 6), np.float32), (1, 1, 1), (0, 0, 0), name="moving")
     landmarks = add_fiducials(scene, [[1.0, 2.0, 3.0]], ["p1"])
     client = FakeClient()
-    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True)
-    job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
+    inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True)
+    job = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
     outputs = session.run_blocking(client, job.steps())
     overlay_request = dict(client.requests)["overlays"]
     assert overlay_request["transform"].endswith(".nrrd")
@@ -914,7 +917,8 @@ def test_overlays_are_volumes_on_the_fixed_grid_with_colour_tables(scene, tmp_pa
     confidence_rows = overlays.color_rows(overlays.CONFIDENCE)
     assert confidence_rows[0][0] > confidence_rows[0][1] and confidence_rows[-1][1] > confidence_rows[-1][0]
 
-    again = session.run_blocking(client, jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path)).steps())
+    run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+    again = session.run_blocking(client, run.steps())
     assert again.overlays["jacobian"] is outputs.overlays["jacobian"], "a new run fills the same overlay nodes"
 
     overlays.show_overlay(scene, fixed, outputs.overlays["jacobian"])
@@ -930,8 +934,8 @@ def test_overlays_are_volumes_on_the_fixed_grid_with_colour_tables(scene, tmp_pa
 def test_overlays_without_a_transform_give_confidence_only(scene, tmp_path):
     fixed, moving, landmarks = job_scene(scene)
     client = FakeClient()
-    inputs = jobs.JobInputs(fixed, moving, landmarks, compute_overlays=True)
-    job = jobs.SceneJob(scene, inputs, RunSettings(), jobs.JobFolder(tmp_path))
+    inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_overlays=True)
+    job = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
     outputs = session.run_blocking(client, job.steps())
     assert list(outputs.overlays) == ["confidence"]
     assert "transform" not in dict(client.requests)["overlays"], "no field: the key is left out"
@@ -940,11 +944,11 @@ def test_overlays_without_a_transform_give_confidence_only(scene, tmp_path):
 def test_session_cursor_match_runs_in_the_background_and_leaves_the_scene_alone(scene):
     fixed, moving, landmarks = job_scene(scene)
     client = FakeClient(translation_lps=(1.0, 2.0, 3.0))
-    worker_session = session.Session(scene, client_factory=lambda: client)
+    worker_session = session.WorkerSession(scene, client_factory=lambda: client)
     answers = []
     nodes_before = scene.GetNumberOfNodes()
     try:
-        worker_session.start_cursor_match(jobs.JobInputs(fixed, moving), RunSettings(), (4.0, 5.0, 6.0),
+        worker_session.start_cursor_match(scene_run.RunInputs(fixed, moving), RunSettings(), (4.0, 5.0, 6.0),
                                           lambda outputs, error: answers.append((outputs, error)))
         deadline = time.monotonic() + 30.0
         while worker_session.poll() and time.monotonic() < deadline:
@@ -968,13 +972,13 @@ def test_session_on_a_server_uses_the_remote_client_and_refuses_overlays(scene):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     fixed, moving, landmarks = job_scene(scene)
-    remote = session.Session(scene, server_url=f"http://127.0.0.1:{port}", token="secret", start_timeout_s=5.0)
+    remote = session.WorkerSession(scene, server_url=f"http://127.0.0.1:{port}", token="secret", start_timeout_s=5.0)
     try:
         with pytest.raises(BadInputError, match="this computer only"):
-            remote.run(jobs.JobInputs(fixed, moving, landmarks, compute_overlays=True), RunSettings())
+            remote.run(scene_run.RunInputs(fixed, moving, landmarks, compute_overlays=True), RunSettings())
         nodes_before = scene.GetNumberOfNodes()
         with pytest.raises(MedDIFTError) as refused:
-            remote.run(jobs.JobInputs(fixed, moving, landmarks), RunSettings())
+            remote.run(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())
         assert f"127.0.0.1:{port}" in str(refused.value), "the server was asked, not a local worker"
         assert scene.GetNumberOfNodes() == nodes_before
     finally:

@@ -14,7 +14,7 @@ from test_mrml import FakeClient, _slice_views, add_fiducials, add_volume_node, 
 
 from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  # noqa: E402
 from MedDIFTLib.core.options import MatchOptions, RunSettings  # noqa: E402
-from MedDIFTLib.slicer import cursor, jobs, nodes, overlays, session  # noqa: E402
+from MedDIFTLib.slicer import cursor, nodes, overlays, scene_run, session  # noqa: E402
 
 
 @pytest.fixture
@@ -142,8 +142,8 @@ def test_apply_during_a_cursor_match_waits_for_it_and_keeps_the_worker(scene):
     """A run started while the cursor's match is in flight neither cancels it nor kills the worker."""
     fixed, moving, landmarks = job_scene(scene)
     client = FakeClient()
-    worker_session = session.Session(scene, client_factory=lambda: client)
-    inputs = jobs.JobInputs(fixed, moving, landmarks)
+    worker_session = session.WorkerSession(scene, client_factory=lambda: client)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks)
     cursor_answers, job_answers = [], []
     try:
         worker_session.start_cursor_match(inputs, RunSettings(), (1.0, 2.0, 3.0),
@@ -165,8 +165,8 @@ def test_apply_during_a_cursor_match_waits_for_it_and_keeps_the_worker(scene):
 def test_cancel_of_a_run_waiting_for_the_cursor_drops_it_only(scene):
     fixed, moving, landmarks = job_scene(scene)
     client = FakeClient()
-    worker_session = session.Session(scene, client_factory=lambda: client)
-    inputs = jobs.JobInputs(fixed, moving, landmarks)
+    worker_session = session.WorkerSession(scene, client_factory=lambda: client)
+    inputs = scene_run.RunInputs(fixed, moving, landmarks)
     cursor_answers, job_answers = [], []
     try:
         worker_session.start_cursor_match(inputs, RunSettings(), (1.0, 2.0, 3.0),
@@ -188,7 +188,7 @@ def test_tracking_leaks_no_image_and_leaves_no_colour_table(scene, tmp_path):
     import SimpleITK as sitk
     from test_lesions import GEOMETRY, ball, labelmap_volume, volume_node
 
-    from MedDIFTLib.slicer import lesions as glue
+    from MedDIFTLib.slicer import lesion_nodes as glue
 
     baseline = volume_node(scene, np.zeros(GEOMETRY.shape_kji, np.float32), GEOMETRY, name="baseline")
     labels = labelmap_volume([(ball(GEOMETRY, (-8, 0, 0), 4.0), 1)], GEOMETRY).voxels.astype(np.uint8)

@@ -14,7 +14,7 @@ import pytest
 
 from MedDIFTLib.core.environment import child_environment
 from MedDIFTLib.core.errors import CancelledError, MedDIFTError
-from MedDIFTLib.slicer import weights_job
+from MedDIFTLib.slicer import weights_transfer
 
 SLOW_CHUNK_BYTES = 64 * 1024
 SLOW_CHUNKS_MAX = 400
@@ -64,7 +64,7 @@ def _download_command(url: str, folder) -> list[str]:
 def test_weights_download_runs_in_the_background_reports_bytes_and_rate_and_cancels_cleanly(slow_server, tmp_path):
     folder = tmp_path / "weights"
     outcomes = []
-    transfer = weights_job.WeightsTransfer(
+    transfer = weights_transfer.WeightsTransfer(
         _download_command(slow_server, folder), folder, outcomes.append, environment=child_environment()
     )
     started = time.monotonic()
@@ -82,8 +82,8 @@ def test_weights_download_runs_in_the_background_reports_bytes_and_rate_and_canc
     assert seen and seen[-1].bytes_done >= SLOW_CHUNK_BYTES
     assert seen[-1].file_name == "autoencoder_v1.pt"
     assert seen[-1].bytes_done >= seen[0].bytes_done
-    assert weights_job.partial_files(folder), "the download writes through a temporary file"
-    assert "MiB/s" in weights_job.format_progress(seen[-1])
+    assert weights_transfer.partial_files(folder), "the download writes through a temporary file"
+    assert "MiB/s" in weights_transfer.format_progress(seen[-1])
 
     transfer.cancel()
     assert len(outcomes) == 1 and isinstance(outcomes[0], CancelledError)
@@ -94,7 +94,7 @@ def test_weights_download_runs_in_the_background_reports_bytes_and_rate_and_canc
 def test_weights_transfer_failure_reports_the_command_output_and_leaves_no_file(tmp_path):
     folder = tmp_path / "weights"
     outcomes = []
-    transfer = weights_job.WeightsTransfer(
+    transfer = weights_transfer.WeightsTransfer(
         [sys.executable, "-c", "import sys; print('download: 50% half'); sys.exit('no network here')"],
         folder,
         outcomes.append,
@@ -108,17 +108,17 @@ def test_weights_transfer_failure_reports_the_command_output_and_leaves_no_file(
 
 def test_weights_transfer_that_cannot_start_fails_once(tmp_path):
     outcomes = []
-    transfer = weights_job.WeightsTransfer([str(tmp_path / "no-such-python")], tmp_path, outcomes.append)
+    transfer = weights_transfer.WeightsTransfer([str(tmp_path / "no-such-python")], tmp_path, outcomes.append)
     transfer.start()
     assert len(outcomes) == 1 and isinstance(outcomes[0], MedDIFTError)
     assert not transfer.poll()
 
 
 def test_weights_commands_are_the_cli_in_a_child_python(tmp_path):
-    command = weights_job.download_command("/opt/PythonSlicer", tmp_path)
+    command = weights_transfer.download_command("/opt/PythonSlicer", tmp_path)
     assert command[:5] == ["/opt/PythonSlicer", "-m", "MedDIFTLib", "weights", "download"]
     assert "--yes" in command and str(tmp_path) in command and command[-2:] == ["--progress", "json"]
-    imported = weights_job.import_command("/opt/PythonSlicer", tmp_path / "a.pt", tmp_path)
+    imported = weights_transfer.import_command("/opt/PythonSlicer", tmp_path / "a.pt", tmp_path)
     assert imported[3:6] == ["weights", "import", str(tmp_path / "a.pt")] and imported[-2:] == ["--progress", "json"]
 
 
@@ -132,12 +132,12 @@ def test_the_cli_json_progress_is_what_a_transfer_reads_and_keeps_out_of_its_out
         report("download", fraction, "autoencoder_v1.pt: 1.0 MiB")
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
-    assert [weights_job._fraction_in(line) for line in lines] == [pytest.approx(0.1), pytest.approx(0.4)]
-    assert weights_job._fraction_in("saved to x") is None
-    assert weights_job._fraction_in("download: 40% autoencoder_v1.pt") is None
-    assert weights_job._fraction_in('{"id": null, "event": "log", "level": "info", "message": "x"}') is None
+    assert [weights_transfer._fraction_in(line) for line in lines] == [pytest.approx(0.1), pytest.approx(0.4)]
+    assert weights_transfer._fraction_in("saved to x") is None
+    assert weights_transfer._fraction_in("download: 40% autoencoder_v1.pt") is None
+    assert weights_transfer._fraction_in('{"id": null, "event": "log", "level": "info", "message": "x"}') is None
     script = f"import sys; [print(line) for line in {[*lines, 'saved to x']!r}]"
-    transfer = weights_job.WeightsTransfer([sys.executable, "-c", script], tmp_path / "w", [].append)
+    transfer = weights_transfer.WeightsTransfer([sys.executable, "-c", script], tmp_path / "w", [].append)
     transfer.start()
     assert transfer.wait(timeout_s=60.0)
     assert transfer.output_lines() == ["saved to x"] and transfer._fraction == pytest.approx(0.4)
@@ -146,8 +146,8 @@ def test_the_cli_json_progress_is_what_a_transfer_reads_and_keeps_out_of_its_out
 def test_partial_names():
     from pathlib import Path
 
-    assert weights_job._file_target_name(Path(".diff_unet_3d_ddpm.pt.k2j_9x.part.pt")) == "diff_unet_3d_ddpm.pt"
-    assert np.isnan(weights_job.TransferProgress(0, 0.0, "").fraction)
+    assert weights_transfer._file_target_name(Path(".diff_unet_3d_ddpm.pt.k2j_9x.part.pt")) == "diff_unet_3d_ddpm.pt"
+    assert np.isnan(weights_transfer.TransferProgress(0, 0.0, "").fraction)
 
 
 def test_worker_overlays_of_a_translation_are_on_the_fixed_grid(tmp_path):
@@ -263,7 +263,8 @@ def _print_command(text: str, code: int = 0) -> list[str]:
 def test_chained_weight_imports_each_run_and_report_once_at_the_end(tmp_path):
     """Two files chosen in the dialog: the second import is polled to its end, then the job reruns once."""
     outcomes = []
-    chain = weights_job.weights_chain([_print_command("first"), _print_command("second")], tmp_path, outcomes.append)
+    chain = weights_transfer.weights_chain([_print_command("first"), _print_command("second")], tmp_path,
+                                           outcomes.append)
     chain.start()
     assert outcomes == [], "starting the transfers does not rerun the job"
     deadline = time.monotonic() + 60.0
@@ -276,8 +277,8 @@ def test_chained_weight_imports_each_run_and_report_once_at_the_end(tmp_path):
 
 def test_a_failed_or_cancelled_weight_import_stops_the_chain(tmp_path):
     outcomes = []
-    chain = weights_job.weights_chain([_print_command("bad file", 2), _print_command("never run")], tmp_path,
-                                      outcomes.append)
+    chain = weights_transfer.weights_chain([_print_command("bad file", 2), _print_command("never run")], tmp_path,
+                                           outcomes.append)
     chain.start()
     deadline = time.monotonic() + 60.0
     while chain.poll():
@@ -285,8 +286,8 @@ def test_a_failed_or_cancelled_weight_import_stops_the_chain(tmp_path):
         time.sleep(0.02)
     assert len(outcomes) == 1 and "bad file" in str(outcomes[0]) and "never run" not in chain.lines
     cancelled = []
-    chain = weights_job.weights_chain([[sys.executable, "-c", "import time; time.sleep(60)"], _print_command("no")],
-                                      tmp_path, cancelled.append)
+    chain = weights_transfer.weights_chain([[sys.executable, "-c", "import time; time.sleep(60)"],
+                                            _print_command("no")], tmp_path, cancelled.append)
     chain.start()
     chain.cancel()
     assert len(cancelled) == 1 and isinstance(cancelled[0], CancelledError) and not chain.poll()

@@ -147,9 +147,9 @@ def test_cancel_stops_a_track_job_and_writes_nothing(worker, files, tmp_path):
 
 def test_slicer_track_job_fills_the_followup_segmentation_in_place_and_the_table(files):
     slicer_core = pytest.importorskip("slicer_core", reason="slicer-core is not installed")
-    from MedDIFTLib.slicer import lesions as glue
-    from MedDIFTLib.slicer.session import Session
-    from MedDIFTLib.slicer.track_job import TrackInputs
+    from MedDIFTLib.slicer import lesion_nodes as glue
+    from MedDIFTLib.slicer.session import WorkerSession
+    from MedDIFTLib.slicer.track_run import TrackInputs
 
     scene = slicer_core.vtkMRMLScene()
     baseline = read_volume(files["baseline"])
@@ -167,7 +167,7 @@ def test_slicer_track_job_fills_the_followup_segmentation_in_place_and_the_table
     output.GetSegmentation().AddEmptySegment("old", "old", [0.5, 0.5, 0.5])
 
     settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, FAST_FIELD))
-    session = Session(scene)
+    session = WorkerSession(scene)
     try:
         inputs = TrackInputs(baseline_node, followup_node, segmentation, followup_lesions=output)
         with pytest.raises(BadInputError, match="another node"):

@@ -1,6 +1,6 @@
 """Lesion tracking benchmark: our tracking against carrying the baseline labelmap over with a field.
 
-Pairs (:func:`MedDIFTLib.evaluation.lesions.make_lesion_pair`): solid nodules (4-12 mm radius where the
+Pairs (:func:`MedDIFTLib.evaluation.synthetic_lesions.make_lesion_pair`): solid nodules (4-12 mm radius where the
 lungs have room) inserted in a real CT of ../shared/data, grown or shrunk by a known volume factor
 (0.5x-2x) in the follow-up, which is also warped by the breathing simulation (mean motion
 ``--motion-mm`` at the nodule centres) or, with ``--motion dirlab1|dirlab2``, by the motion fitted to
@@ -19,7 +19,7 @@ pair per seed and motion. Methods, on the same pairs:
 
 Per method: centre error mean (mm), hit rate within the lesion radius and within 10 mm, Dice median
 of the follow-up segmentation, volume-change error median (percentage points, against the truth
-labelmaps' change: :func:`MedDIFTLib.evaluation.lesions.lesion_metrics`) and seconds per pair
+labelmaps' change: :func:`MedDIFTLib.evaluation.synthetic_lesions.lesion_metrics`) and seconds per pair
 (the field is shared by both MedDIFT rows and counted in each). Writes
 ``benchmarks/results/lesion_tracking.json`` (``markdown``, ``figures`` and the per-lesion ``pairs``). Run::
 
@@ -54,7 +54,7 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, po
     from MedDIFTLib.core.io.volumes import Volume
     from MedDIFTLib.core.options import LesionOptions
     from MedDIFTLib.evaluation.baselines import convexadam, unavailable_reason
-    from MedDIFTLib.evaluation.lesions import lesion_metrics, make_lesion_pair
+    from MedDIFTLib.evaluation.synthetic_lesions import lesion_metrics, make_lesion_pair
     from MedDIFTLib.features import create_featurizer
     from MedDIFTLib.field import register
     from MedDIFTLib.lesions.carry import carry_labelmap
@@ -109,7 +109,7 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, po
 
 def _table(pairs: list[dict], motions: list[str]) -> tuple[str, dict]:
     """The Markdown table (one row per motion family and method) and its figures, ``figures[motion][method]``."""
-    from MedDIFTLib.evaluation.lesions import summarise
+    from MedDIFTLib.evaluation.synthetic_lesions import summarise
 
     figures: dict[str, dict] = {}
     lines = ["| motion | method | lesions | " + " | ".join(METRICS.values()) + " | seconds per pair |",

@@ -7,7 +7,7 @@ import math
 import qt
 from slicer.i18n import tr as _
 
-from MedDIFTLib.slicer.lesions import jump_to_lesion
+from MedDIFTLib.slicer.lesion_nodes import jump_to_lesion
 
 from .section import Section
 

@@ -77,7 +77,7 @@ class SelfTestSteps:
     def matchShiftedVolume(self):
         import numpy as np
 
-        from MedDIFTLib.slicer.jobs import JobInputs
+        from MedDIFTLib.slicer.scene_run import RunInputs
 
         fixed, moving, shiftRas = self._syntheticPair()
         landmarks = self._landmarks([(12, 16, 14), (20, 14, 18), (16, 20, 12)])
@@ -85,7 +85,7 @@ class SelfTestSteps:
         logic = self.Logic()
         try:
             self.delayDisplay("Matching with the weight-free backbone")
-            outputs = logic.run(JobInputs(fixed, moving, landmarks, compute_transform=True), settings, timeout=600)
+            outputs = logic.run(RunInputs(fixed, moving, landmarks, compute_transform=True), settings, timeout=600)
             movingLandmarks = outputs.moving_landmarks
             self.test.assertEqual([movingLandmarks.GetNthControlPointLabel(i) for i in range(3)], ["a", "b", "c"])
             for index in range(3):
@@ -98,7 +98,7 @@ class SelfTestSteps:
 
             self.delayDisplay("Live update of one landmark")
             landmarks.SetNthControlPointPositionWorld(1, 30.0, 34.0, 26.0)
-            logic.run(JobInputs(fixed, moving, landmarks, movingLandmarks), settings, controlPointIndices=[1],
+            logic.run(RunInputs(fixed, moving, landmarks, movingLandmarks), settings, controlPointIndices=[1],
                       timeout=600)
             movingRas = [0.0] * 3
             movingLandmarks.GetNthControlPointPositionWorld(1, movingRas)
@@ -114,7 +114,7 @@ class SelfTestSteps:
         import numpy as np
 
         from MedDIFTLib.slicer import cursor, live, nodes, qa, results
-        from MedDIFTLib.slicer.jobs import JobInputs
+        from MedDIFTLib.slicer.scene_run import RunInputs
 
         fixed, moving, shiftRas = self._syntheticPair()
         landmarks = self._landmarks([(12, 16, 14), (20, 14, 18)])
@@ -122,7 +122,7 @@ class SelfTestSteps:
         logic = self.Logic()
         try:
             self.delayDisplay("QA overlays on the fixed grid")
-            outputs = logic.run(JobInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True),
+            outputs = logic.run(RunInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True),
                                 settings, timeout=600)
             self.test.assertEqual(sorted(outputs.overlays), ["confidence", "jacobian", "magnitude"])
             for node in outputs.overlays.values():
@@ -137,9 +137,9 @@ class SelfTestSteps:
             movingRas = cursor.map_through_field(outputs.transform, fixedRas)
             np.testing.assert_allclose(np.subtract(movingRas, fixedRas), shiftRas, atol=1.5)
             answers = []
-            logic.startCursorMatch(JobInputs(fixed, moving), settings, fixedRas,
+            logic.startCursorMatch(RunInputs(fixed, moving), settings, fixedRas,
                                    lambda out, error: answers.append(cursor.cursor_match_from(out.matches)))
-            logic.startJob(JobInputs(fixed, moving, landmarks, outputs.moving_landmarks), settings,
+            logic.startJob(RunInputs(fixed, moving, landmarks, outputs.moving_landmarks), settings,
                            lambda out, error: answers.append(error))
             deadline = time.monotonic() + 600
             while logic.pollJob() and time.monotonic() < deadline:
@@ -171,7 +171,7 @@ class SelfTestSteps:
         """Lesion tracking: a baseline segmentation into an existing follow-up segmentation node and a table."""
         import numpy as np
 
-        from MedDIFTLib.slicer.track_job import TrackInputs
+        from MedDIFTLib.slicer.track_run import TrackInputs
 
         fixed, moving, shiftRas = self._syntheticPair()
         kji = np.indices((32, 32, 32))
@@ -209,7 +209,7 @@ class SelfTestSteps:
         import tempfile
         import time
 
-        from MedDIFTLib.slicer.weights_job import weights_chain
+        from MedDIFTLib.slicer.weights_transfer import weights_chain
 
         folder = tempfile.mkdtemp(prefix="MedDIFT-weights-test-")
         outcomes = []

@@ -12,7 +12,7 @@ from slicer.i18n import tr as _
 
 from MedDIFTLib.core.environment import child_environment
 from MedDIFTLib.core.errors import CancelledError
-from MedDIFTLib.slicer import weights_job
+from MedDIFTLib.slicer import weights_transfer
 
 from .section import Section
 
@@ -82,18 +82,18 @@ class WeightsSection(Section):
         box.exec_()
         python = self.panel.logic.pythonExecutable()
         if box.clickedButton() == downloadButton:
-            commands = [weights_job.download_command(python, folder)]
+            commands = [weights_transfer.download_command(python, folder)]
         elif box.clickedButton() == fileButton:
             paths = qt.QFileDialog.getOpenFileNames(
                 slicer.util.mainWindow(), _("Choose the checkpoint files"), "",
                 _("PyTorch checkpoints (*.pt *.pth *.ckpt);;All files (*)"))
-            commands = [weights_job.import_command(python, path, folder) for path in paths]
+            commands = [weights_transfer.import_command(python, path, folder) for path in paths]
         else:
             commands = []
         if not commands or self._chain is not None:
             return
         self._then = then
-        self._chain = weights_job.weights_chain(commands, folder, self.onTransfersDone, child_environment())
+        self._chain = weights_transfer.weights_chain(commands, folder, self.onTransfersDone, child_environment())
         self.ui.weightsProgressBar.setRange(0, 0)
         self.ui.weightsProgressBar.show()
         self.ui.weightsCancelButton.show()
@@ -111,7 +111,7 @@ class WeightsSection(Section):
         if math.isfinite(progress.fraction):
             self.ui.weightsProgressBar.setRange(0, 100)
             self.ui.weightsProgressBar.value = int(round(100 * progress.fraction))
-        self.ui.weightsStatusLabel.text = weights_job.format_progress(progress) or _("starting...")
+        self.ui.weightsStatusLabel.text = weights_transfer.format_progress(progress) or _("starting...")
 
     def onCancel(self) -> None:
         if self._chain is not None:

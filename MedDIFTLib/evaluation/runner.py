@@ -1,12 +1,12 @@
 """One (case, method) run of ``meddift eval``, in this process or in a fresh one.
 
-In a fresh Python process (``python -m MedDIFTLib.evaluation.runner JOB``) a crash, an out-of-memory
+In a fresh Python process (``python -m MedDIFTLib.evaluation.runner RUN_SPEC``) a crash, an out-of-memory
 kill or a timeout (which ends the process and everything it started) loses that run only, and the
 peak memory reported is that run's own (peak RSS of the process, ``VmHWM`` on Linux: interpreter,
 libraries, both volumes and the method). In this process, memory is sampled with psutil and includes
 what earlier runs left behind.
 
-A job is a dict: ``case`` (:meth:`Case.to_dict`), ``method`` (spec text), ``device``,
+A run spec is a dict: ``case`` (:meth:`Case.to_dict`), ``method`` (spec text), ``device``,
 ``weights_dir`` and ``points_out`` (where the per-point table goes). A run returns its record:
 status ``ok`` (with TRE statistics, folding, confidence correlation, time and memory) or ``failed``
 (with the error).
@@ -93,35 +93,35 @@ def _folding(field, mask) -> tuple[float, float]:
     return stats["fraction_folding"], stats["min"]
 
 
-def evaluate(job: dict, isolated: bool) -> dict:
-    """Run one (case, method) job; return its record (status ``ok`` or ``failed`` with the error)."""
+def evaluate(run_spec: dict, isolated: bool) -> dict:
+    """Run one (case, method) run spec; return its record (status ``ok`` or ``failed`` with the error)."""
     from .cases import Case
     from .datasets import load_case
     from .methods import parse_method, run_method
     from .metrics import confidence_correlation, error_stats
     from .report import PointTable, write_point_table
 
-    case = Case.from_dict(job["case"])
-    spec = parse_method(job["method"])
+    case = Case.from_dict(run_spec["case"])
+    spec = parse_method(run_spec["method"])
     record = {"case": case.name, "method": spec.label, "status": "failed", "error": "",
               "published_initial_mm": case.published_initial_mm}
     try:
         data = load_case(case, images=spec.needs_images)
-        cuda = str(job["device"]).startswith("cuda")
+        cuda = str(run_spec["device"]).startswith("cuda")
         if cuda:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
         with PeakMemory() as memory:
             started = time.perf_counter()
-            output = run_method(spec, data, job["device"], job.get("weights_dir"))
+            output = run_method(spec, data, run_spec["device"], run_spec.get("weights_dir"))
             seconds = time.perf_counter() - started
         predicted = output.points_lps_mm
         if predicted.shape != data.fixed_points.points_lps_mm.shape:
             raise RuntimeError(f"{spec.label} returned {predicted.shape} points for {len(data.fixed_points)}")
         table = PointTable(data.fixed_points.labels, data.fixed_points.points_lps_mm,
                            data.moving_points.points_lps_mm, predicted, output.confidence)
-        write_point_table(table, job["points_out"])
+        write_point_table(table, run_spec["points_out"])
         folding = jacobian_min = None
         if output.field is not None:
             folding, jacobian_min = _folding(output.field, data.fixed_mask)
@@ -143,25 +143,25 @@ def evaluate(job: dict, isolated: bool) -> dict:
     return record
 
 
-def isolated_command(job_path: Path) -> list[str]:
-    """The command that runs the job in ``job_path`` in a fresh Python process."""
-    return [sys.executable, "-m", __name__, str(job_path)]
+def isolated_command(spec_path: Path) -> list[str]:
+    """The command that runs the run spec in ``spec_path`` in a fresh Python process."""
+    return [sys.executable, "-m", __name__, str(spec_path)]
 
 
-def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> dict:
-    """Run ``job`` in a fresh Python process; a crash or timeout becomes a failed record. On a timeout
+def run_isolated(run_spec: dict, folder: Path, log_path: Path, timeout_s: float) -> dict:
+    """Run ``run_spec`` in a fresh Python process; a crash or timeout becomes a failed record. On a timeout
     the process is cancelled with everything it started (:class:`~MedDIFTLib.core.child.ChildProcess`).
-    The run's output (stdout and stderr) goes to ``log_path``; ``folder`` holds the job and result files."""
-    job_path, result_path = folder / "job.json", folder / "result.json"
-    job = {**job, "result": str(result_path)}
-    job_path.write_text(json.dumps(job), encoding="utf-8")
+    The run's output (stdout and stderr) goes to ``log_path``; ``folder`` holds the run spec and result files."""
+    spec_path, result_path = folder / "run_spec.json", folder / "result.json"
+    run_spec = {**run_spec, "result": str(result_path)}
+    spec_path.write_text(json.dumps(run_spec), encoding="utf-8")
     lines: list[str] = []
 
     def keep(line: str) -> bool:
         lines.append(line)
         return True
 
-    child = ChildProcess(isolated_command(job_path), keep, env=child_environment(), merge_stderr=True,
+    child = ChildProcess(isolated_command(spec_path), keep, env=child_environment(), merge_stderr=True,
                          name="meddift-eval-run")
     child.start()
     failure = None
@@ -177,18 +177,18 @@ def run_isolated(job: dict, folder: Path, log_path: Path, timeout_s: float) -> d
     output = "".join(line + "\n" for line in lines)
     with atomic_output(log_path) as tmp:
         tmp.write_text(output, encoding="utf-8")
-    base = {"case": job["case"]["name"], "method": job["method"], "status": "failed",
-            "published_initial_mm": (job["case"].get("raw_geometry") or {}).get("published_initial_mm")}
+    base = {"case": run_spec["case"]["name"], "method": run_spec["method"], "status": "failed",
+            "published_initial_mm": (run_spec["case"].get("raw_geometry") or {}).get("published_initial_mm")}
     if failure is None and result_path.is_file():
         return json.loads(result_path.read_text(encoding="utf-8"))
     last_line = next((line for line in reversed(lines) if line.strip()), "")
     return {**base, "error": f"{failure or 'no result'}; last output: {last_line[:200]}", "kind": "internal"}
 
 
-def _child_main(job_path: str) -> int:
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    record = evaluate(job, isolated=True)
-    Path(job["result"]).write_text(json.dumps(record), encoding="utf-8")
+def _child_main(spec_path: str) -> int:
+    run_spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    record = evaluate(run_spec, isolated=True)
+    Path(run_spec["result"]).write_text(json.dumps(record), encoding="utf-8")
     return 0
 
 

@@ -25,7 +25,7 @@ its surroundings, a nodule that touches a structure as bright as itself), the le
 the sphere or the carried lesion's neighbourhood stops it, and the voxels just outside are above
 the threshold. Their share of the lesion's outer surface (:attr:`Refinement.open_surface`) says
 which. Refining lesions into the very scan they came from: 0 for 23 of 24 nodules generated in
-two real lungs (``evaluation.lesions.make_lesion_pair``), 0.43 for the 24th, which touches the
+two real lungs (``evaluation.synthetic_lesions.make_lesion_pair``), 0.43 for the 24th, which touches the
 chest wall and swelled 1.9x; 0.28-0.40 for boxes of lung parenchyma (the elastix crop), which
 "grew" 2.3-3.3x.
 """

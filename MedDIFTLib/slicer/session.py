@@ -1,9 +1,10 @@
-"""The module's worker session without Qt: one worker client, its job folder and the running job.
+"""The module's worker session without Qt: one worker client, its :class:`~.scene_run.WorkerFiles` and the
+running job (a :class:`~.scene_run.SceneRun` or a tracking run, driven by a :class:`RunDriver`).
 
-:class:`Session` is what the Slicer module's Logic holds. Non-blocking use (the GUI):
-:meth:`Session.start_job`, then :meth:`Session.poll` from a timer until it returns False; the
+:class:`WorkerSession` is what the Slicer module's Logic holds. Non-blocking use (the GUI):
+:meth:`WorkerSession.start_job`, then :meth:`WorkerSession.poll` from a timer until it returns False; the
 job's ``on_done(outputs, error)`` is called once. Blocking use (scripts, tests):
-:meth:`Session.run`. The worker is started on first use and kept alive between jobs, so its
+:meth:`WorkerSession.run`. The worker is started on first use and kept alive between jobs, so its
 feature cache makes a re-match a matter of the search alone. A job started while a cursor match
 is in flight waits for it (the worker and its cache are kept), then runs. Events come typed from the
 client (:mod:`MedDIFTLib.worker.events`); nothing here reads the wire.
@@ -24,11 +25,11 @@ from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
 from ..worker.protocol import Request, encode_request
 from ..worker.remote_client import RemoteWorkerClient
-from .jobs import JobFolder, JobInputs, JobOutputs, SceneJob, Steps
-from .track_job import TrackInputs, TrackOutputs, track_steps
+from .scene_run import RunInputs, RunOutputs, SceneRun, Steps, WorkerFiles
+from .track_run import TrackInputs, TrackOutputs, track_steps
 
 ProgressCallback = Callable[[str, float, str], None]
-DoneCallback = Callable[[JobOutputs | None, Exception | None], None]
+DoneCallback = Callable[[RunOutputs | None, Exception | None], None]
 LogCallback = Callable[[str, str], None]
 WORKER_START_TIMEOUT_S = 180.0
 SERVER_TEST_TIMEOUT_S = 10.0
@@ -45,7 +46,7 @@ def describe_server(server_url: str, token: str | None = None, timeout_s: float 
 
 
 def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
-                 timeout_s: float | None = None) -> JobOutputs:
+                 timeout_s: float | None = None) -> RunOutputs:
     """Drive a job to its end with blocking ``client.call`` requests (each step's typed request,
     encoded by :func:`~MedDIFTLib.worker.protocol.encode_request`); ``timeout_s`` bounds the wait
     for each worker event."""
@@ -59,7 +60,7 @@ def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
         return finished.value
 
 
-class JobRunner:
+class RunDriver:
     """Drive a job without blocking: :meth:`poll` (from a GUI timer) handles the worker's events.
 
     ``on_progress(stage, fraction, message)`` and ``on_log(level, message)`` report as events
@@ -91,7 +92,7 @@ class JobRunner:
         except Exception as error:
             self._finish(None, error)
 
-    def _finish(self, outputs: JobOutputs | None, error: Exception | None) -> None:
+    def _finish(self, outputs: RunOutputs | None, error: Exception | None) -> None:
         if self.finished:
             return
         self.finished = True
@@ -136,7 +137,7 @@ class JobRunner:
 
 
 @dataclass
-class _QueuedJob:
+class _QueuedRun:
     """A job's steps and callbacks, waiting for the cursor match in flight."""
 
     steps: Steps
@@ -145,9 +146,9 @@ class _QueuedJob:
     on_log: LogCallback | None
 
 
-class Session:
-    """One worker process (started on first use), its job folder (a temporary folder removed by
-    :meth:`shutdown`) and at most one running job, for scene ``scene``.
+class WorkerSession:
+    """One worker process (started on first use), its files (:class:`WorkerFiles`, in a temporary
+    folder removed by :meth:`shutdown`) and at most one running job, for scene ``scene``.
 
     ``python_executable`` and ``environment`` are those of the worker process (the folder
     holding ``MedDIFTLib`` is put first on its PYTHONPATH). With ``server_url`` the work runs on
@@ -175,10 +176,10 @@ class Session:
                                  env=None if environment is None else dict(environment))
         )
         self._client = None
-        self._folder: JobFolder | None = None
-        self._runner: JobRunner | None = None
+        self._folder: WorkerFiles | None = None
+        self._runner: RunDriver | None = None
         self._runner_is_cursor = False
-        self._queued: _QueuedJob | None = None
+        self._queued: _QueuedRun | None = None
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
 
@@ -197,9 +198,9 @@ class Session:
         return self._queued is not None or (self.busy and not self._runner_is_cursor)
 
     @property
-    def folder(self) -> JobFolder:
+    def folder(self) -> WorkerFiles:
         if self._folder is None:
-            self._folder = JobFolder(tempfile.mkdtemp(prefix="MedDIFT-"))
+            self._folder = WorkerFiles(tempfile.mkdtemp(prefix="MedDIFT-"))
         return self._folder
 
     def _check_idle(self) -> None:
@@ -207,12 +208,12 @@ class Session:
         if self.job_running:
             raise MedDIFTError("a MedDIFT job is already running")
 
-    def _steps(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
+    def _steps(self, inputs: RunInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
         self._check_idle()
         if self.server_url is not None and inputs.compute_overlays:
             raise BadInputError("QA overlays are computed on this computer only; choose 'Compute on: this computer' "
                                 "or turn the overlays off")
-        return SceneJob(self.scene, inputs, settings, self.folder).steps(control_point_indices)
+        return SceneRun(self.scene, inputs, settings, self.folder).steps(control_point_indices)
 
     def _new_client(self):
         """A fresh worker client; volumes loaded by an earlier worker are forgotten."""
@@ -222,7 +223,7 @@ class Session:
         self._client = self._client_factory()
         return self._client
 
-    def start_job(self, inputs: JobInputs, settings: RunSettings, on_done: DoneCallback,
+    def start_job(self, inputs: RunInputs, settings: RunSettings, on_done: DoneCallback,
                   on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
                   control_point_indices: Sequence[int] | None = None) -> None:
         """Check the inputs, then run the job in the background (starting the worker if needed).
@@ -233,13 +234,13 @@ class Session:
         """
         self._start(self._steps(inputs, settings, control_point_indices), on_done, on_progress, on_log)
 
-    def start_cursor_match(self, inputs: JobInputs, settings: RunSettings, fixed_ras: Sequence[float],
+    def start_cursor_match(self, inputs: RunInputs, settings: RunSettings, fixed_ras: Sequence[float],
                            on_done: DoneCallback) -> None:
         """Match one fixed point (RAS mm) in the background for the correspondence cursor; the scene
         is not changed and ``on_done(outputs, error)`` gets ``outputs.matches`` (one row)."""
         if self.busy:
             raise MedDIFTError("the MedDIFT worker is busy")
-        steps = SceneJob(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras)
+        steps = SceneRun(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras)
         self._start(steps, on_done, None, None, cursor=True)
 
     def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
@@ -251,8 +252,8 @@ class Session:
     def start_track(self, inputs: TrackInputs, settings: RunSettings, on_done: DoneCallback,
                     on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
                     options: LesionOptions | None = None) -> None:
-        """Track the baseline lesions in the background (:func:`~.track_job.track_steps`);
-        ``on_done(outputs, error)`` gets a :class:`~.track_job.TrackOutputs`. Bad inputs raise at once."""
+        """Track the baseline lesions in the background (:func:`~.track_run.track_steps`);
+        ``on_done(outputs, error)`` gets a :class:`~.track_run.TrackOutputs`. Bad inputs raise at once."""
         self._start(self._track_steps(inputs, settings, options), on_done, on_progress, on_log)
 
     def run_track(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None = None,
@@ -263,10 +264,10 @@ class Session:
     def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
                on_log: LogCallback | None, cursor: bool = False) -> None:
         if self.busy:  # a cursor match is in flight: the job starts when it ends (see poll)
-            self._queued = _QueuedJob(steps, on_done, on_progress, on_log)
+            self._queued = _QueuedRun(steps, on_done, on_progress, on_log)
             return
         client = self._client if self.worker_running else self._new_client()
-        self._runner = JobRunner(client, steps, on_done=on_done, on_progress=on_progress, on_log=on_log)
+        self._runner = RunDriver(client, steps, on_done=on_done, on_progress=on_progress, on_log=on_log)
         self._runner_is_cursor = cursor
         if self.worker_running:
             self._runner.start()
@@ -330,8 +331,8 @@ class Session:
             self._starter = None
         runner.cancel()
 
-    def run(self, inputs: JobInputs, settings: RunSettings, control_point_indices: Sequence[int] | None = None,
-            progress: ProgressCallback | None = None, timeout_s: float | None = None) -> JobOutputs:
+    def run(self, inputs: RunInputs, settings: RunSettings, control_point_indices: Sequence[int] | None = None,
+            progress: ProgressCallback | None = None, timeout_s: float | None = None) -> RunOutputs:
         """Run a job and wait for it; raises :class:`MedDIFTError` on failure, leaving the scene unchanged.
 
         ``progress(stage, fraction, message)`` receives progress; ``timeout_s`` bounds the wait

@@ -40,7 +40,7 @@ from ..jobs import Job
 from ..protocol import Limits, LoadRequest, RejectedRequest, parse_line
 from ..stream import error_event
 from .security import RateLimiter, token_matches
-from .sessions import INTERNAL_MESSAGE, Session, SessionStore, hide_paths
+from .sessions import INTERNAL_MESSAGE, ServerSession, SessionStore, hide_paths
 from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume
 
 REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
@@ -144,23 +144,23 @@ def create_app(config: ServeConfig) -> Starlette:
             return refusal(503, "bad_request", f"the server holds its limit of {config.max_sessions} sessions")
         return JSONResponse({"session_id": session.session_id, **info})
 
-    async def describe_session(request: Request, session: Session) -> Response:
+    async def describe_session(request: Request, session: ServerSession) -> Response:
         running = session.worker.jobs.running
         return JSONResponse({"volumes": len(session.worker.state.volumes),
                              "running": running.request_id if running else None,
                              "outcomes": dict(session.events.outcomes)})
 
-    async def close_session(request: Request, session: Session) -> Response:
+    async def close_session(request: Request, session: ServerSession) -> Response:
         await asyncio.to_thread(store.close, session.session_id)
         return JSONResponse({"closed": True})
 
-    async def find_volume(request: Request, session: Session) -> Response:
+    async def find_volume(request: Request, session: ServerSession) -> Response:
         found = session.uploaded(request.path_params["content_hash"])
         if found is None:
             return refusal(404, "bad_request", "not uploaded to this session")
         return JSONResponse(found)
 
-    async def upload_volume(request: Request, session: Session) -> Response:
+    async def upload_volume(request: Request, session: ServerSession) -> Response:
         content_hash = request.path_params["content_hash"]
         if not CONTENT_HASH.fullmatch(content_hash):
             return refusal(400, "bad_request", "a volume is named by its 40-digit content hash")
@@ -199,7 +199,7 @@ def create_app(config: ServeConfig) -> Starlette:
         finally:
             session.events.close(request_id)
 
-    async def post_request(request: Request, session: Session) -> Response:
+    async def post_request(request: Request, session: ServerSession) -> Response:
         try:
             body = await read_body(request, config.limits.max_request_bytes)
         except BodyTooLarge:
@@ -234,7 +234,7 @@ def create_app(config: ServeConfig) -> Starlette:
         """Any unexpected failure, as a path-free JSON 500 (Starlette then re-raises it into the server's log)."""
         return refusal(500, "internal", INTERNAL_MESSAGE)
 
-    async def get_output(request: Request, session: Session) -> Response:
+    async def get_output(request: Request, session: ServerSession) -> Response:
         name = request.path_params["name"]
         path = session.outputs.get(request.path_params["request_id"], {}).get(name)
         if name not in OUTPUT_NAMES or path is None or not path.is_file():
@@ -309,7 +309,7 @@ def _not_remote(request_type: str) -> str:
     return f"'{request_type}' is not available on a server; close the session instead"
 
 
-async def _stream(session: Session, request_id: str, request_type: str, queue: asyncio.Queue):
+async def _stream(session: ServerSession, request_id: str, request_type: str, queue: asyncio.Queue):
     """Server-sent events of one request; leaving before its final event cancels it."""
     finished = False
     try:

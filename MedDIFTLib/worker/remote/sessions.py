@@ -121,7 +121,7 @@ class SessionWorker(Worker):
 
 
 @dataclass(eq=False)
-class Session:
+class ServerSession:
     """One client's worker, its thread, its output folder and the uploads it holds."""
 
     session_id: str
@@ -191,13 +191,13 @@ class SessionStore:
         self.cache_bytes = cache_bytes
         self.limits = limits
         self.device_lock = threading.Lock()
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, ServerSession] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self) -> Session | None:
+    def create(self) -> ServerSession | None:
         """A new session, or None when ``max_sessions`` are open."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
@@ -208,12 +208,12 @@ class SessionStore:
             events = SessionEvents()
             worker = SessionWorker(events, self.cache_bytes, self.limits, self.device_lock, self.memory_budget)
             thread = threading.Thread(target=worker.serve, name="meddift-session", daemon=True)
-            session = Session(session_id, folder, events, worker, thread)
+            session = ServerSession(session_id, folder, events, worker, thread)
             self._sessions[session_id] = session
         thread.start()
         return session
 
-    def get(self, session_id: str) -> Session | None:
+    def get(self, session_id: str) -> ServerSession | None:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is not None:

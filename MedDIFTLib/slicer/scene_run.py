@@ -1,6 +1,6 @@
 """One run as a sequence of worker requests built from scene nodes; results reach the scene only at the end.
 
-A :class:`SceneJob` checks its inputs when its steps are asked for (so bad inputs fail at
+A :class:`SceneRun` checks its inputs when its steps are asked for (so bad inputs fail at
 once, before any request), then yields typed requests of the worker protocol
 (:mod:`MedDIFTLib.worker.protocol`; the driver sends what ``encode_request`` makes of them) and
 receives each request's result payload. Only after every request has succeeded are the outputs
@@ -37,11 +37,11 @@ from .nodes import (
 from .overlays import KINDS, existing_overlay, put_overlay, read_overlay
 from .results import MatchResult, write_matches_to_markups
 
-Steps = Generator[Request, dict, "JobOutputs"]
+Steps = Generator[Request, dict, "RunOutputs"]
 
 
 @dataclass
-class JobInputs:
+class RunInputs:
     """Scene nodes of one run. Output nodes left None are created; flags say what to compute."""
 
     fixed_volume: Any
@@ -57,7 +57,7 @@ class JobInputs:
 
 
 @dataclass
-class JobOutputs:
+class RunOutputs:
     """What a run put into the scene, and the worker's numbers behind it. ``overlays``: QA
     overlay volume nodes by kind (``confidence``; with the transform also ``jacobian`` and
     ``magnitude``), with the worker's ``overlay_summary`` (min, max, mean per kind)."""
@@ -71,11 +71,11 @@ class JobOutputs:
     register_summary: dict[str, Any] | None = None
 
 
-class JobFolder:
+class WorkerFiles:
     """The files of one worker session: exported volumes and per-run outputs, in ``path``.
 
     Volume nodes are written once and loaded once per worker process (node signature ->
-    job file and worker volume id); an unchanged node is reused. Call :meth:`clear` when
+    file and worker volume id); an unchanged node is reused. Call :meth:`clear` when
     the worker restarts.
     """
 
@@ -115,7 +115,7 @@ def request_settings(settings: RunSettings, **part: Any) -> RunSettings:
     return RunSettings(settings.backbone, dict(settings.backbone_options), settings.device, **part)
 
 
-def _check_full_run(inputs: JobInputs) -> None:
+def _check_full_run(inputs: RunInputs) -> None:
     if inputs.fixed_volume is None or inputs.moving_volume is None:
         raise BadInputError("choose a fixed and a moving volume")
     for node, node_class, role in (
@@ -138,12 +138,12 @@ def _check_full_run(inputs: JobInputs) -> None:
         raise BadInputError("the fixed volume is under the output transform; remove it from that transform first")
 
 
-def _check_output_landmarks(inputs: JobInputs) -> None:
+def _check_output_landmarks(inputs: RunInputs) -> None:
     if inputs.moving_landmarks is not None and inputs.moving_landmarks is inputs.fixed_landmarks:
         raise BadInputError("the output landmarks must be another node than the fixed landmarks")
 
 
-def _moving_follows_output_transform(inputs: JobInputs) -> bool:
+def _moving_follows_output_transform(inputs: RunInputs) -> bool:
     """True when the moving volume was put under the output transform (to view the result).
 
     Its own grid is then what is registered: the transform about to be replaced is ignored.
@@ -155,10 +155,10 @@ def _volume_name(node) -> str:
     return node.GetName() or node.GetID()
 
 
-class SceneJob:
+class SceneRun:
     """One run over scene nodes; drive :meth:`steps` with a session's runner or :func:`run_blocking`."""
 
-    def __init__(self, scene, inputs: JobInputs, settings: RunSettings, folder: JobFolder) -> None:
+    def __init__(self, scene, inputs: RunInputs, settings: RunSettings, folder: WorkerFiles) -> None:
         if not isinstance(settings, RunSettings):
             raise BadInputError(f"run settings must be a RunSettings, got {type(settings).__name__}")
         self.scene = scene
@@ -195,7 +195,7 @@ class SceneJob:
     def _cursor_match(self, point: PointSet) -> Steps:
         fixed_id, moving_id = yield from self._volume_ids()
         matches = yield from self._match(fixed_id, moving_id, point)
-        return JobOutputs(matches=matches)
+        return RunOutputs(matches=matches)
 
     def _volume_ids(self) -> Generator[Request, dict, tuple[str, str]]:
         inputs = self.inputs
@@ -264,14 +264,14 @@ class SceneJob:
                     path.unlink()
 
     def _apply(self, matches: MatchResult | None, summary: dict | None, transform_path: Path | None,
-               warped_path: Path | None) -> JobOutputs:
+               warped_path: Path | None) -> RunOutputs:
         """Write every output into the scene; files are read into detached nodes first."""
         inputs = self.inputs
         scene = self.scene
         fixed_name, moving_name = _volume_name(inputs.fixed_volume), _volume_name(inputs.moving_volume)
         transform_loaded = None if transform_path is None else read_displacement_field(scene, transform_path)
         warped_loaded = None if warped_path is None else read_volume_file(scene, warped_path, "warped volume")
-        outputs = JobOutputs(matches=matches, register_summary=summary)
+        outputs = RunOutputs(matches=matches, register_summary=summary)
         if matches is not None:
             outputs.moving_landmarks = write_matches_to_markups(
                 scene, matches, inputs.moving_landmarks, name=self._moving_landmarks_name()
@@ -298,4 +298,4 @@ class SceneJob:
             self.scene, matches, inputs.moving_landmarks, name=self._moving_landmarks_name(), replace_all=False
         )
         set_input_references(moving_landmarks, inputs.fixed_volume, inputs.moving_volume, inputs.fixed_landmarks)
-        return JobOutputs(moving_landmarks=moving_landmarks, matches=matches)
+        return RunOutputs(moving_landmarks=moving_landmarks, matches=matches)

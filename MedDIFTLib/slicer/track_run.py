@@ -1,10 +1,10 @@
-"""Lesion tracking over scene nodes, as worker steps like :class:`~.jobs.SceneJob`'s (torch-free).
+"""Lesion tracking over scene nodes, as worker steps like :class:`~.scene_run.SceneRun`'s (torch-free).
 
 :func:`track_steps` checks its inputs at once, then: the baseline and follow-up volume nodes are
-loaded into the worker (through the session's :class:`~.jobs.JobFolder`, so unchanged nodes are
+loaded into the worker (through the session's :class:`~.scene_run.WorkerFiles`, so unchanged nodes are
 not sent again), the baseline lesions (a segmentation or markups node) are written as the
-``--lesions`` file (:func:`~.lesions.write_baseline_lesions`), the worker's ``track`` request writes
-the files of ``meddift track`` into a job folder, and only then are the follow-up segmentation node
+``--lesions`` file (:func:`~.lesion_nodes.write_baseline_lesions`), the worker's ``track`` request writes
+the files of ``meddift track`` into the worker files' folder, and only then are the follow-up segmentation node
 (filled in place when given: same segment IDs, names and colours) and the lesion table node filled.
 A failed or cancelled run leaves both nodes as they were.
 """
@@ -17,8 +17,7 @@ from typing import Any
 from ..core.errors import BadInputError
 from ..core.options import LesionOptions, RunSettings
 from ..worker.protocol import TrackRequest
-from .jobs import JobFolder, Steps, request_settings
-from .lesions import (
+from .lesion_nodes import (
     LesionRow,
     LesionSegment,
     fill_followup_segmentation,
@@ -27,6 +26,7 @@ from .lesions import (
     write_baseline_lesions,
 )
 from .nodes import node_label, set_input_references
+from .scene_run import Steps, WorkerFiles, request_settings
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _check(inputs: TrackInputs) -> None:
 
 
 def track_steps(
-    scene, inputs: TrackInputs, settings: RunSettings, folder: JobFolder, options: LesionOptions | None = None
+    scene, inputs: TrackInputs, settings: RunSettings, folder: WorkerFiles, options: LesionOptions | None = None
 ) -> Steps:
     """Check ``inputs`` now (raising :class:`BadInputError`), then return the run's steps; drive them
     with :func:`~.session.run_blocking` or a session. ``settings.field`` is the registration."""
@@ -84,7 +84,7 @@ def track_steps(
     return _track(scene, inputs, settings, folder, options or LesionOptions())
 
 
-def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: JobFolder, options: LesionOptions) -> Steps:
+def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: WorkerFiles, options: LesionOptions) -> Steps:
     baseline_id = yield from folder.volume_id(inputs.baseline_volume)
     followup_id = yield from folder.volume_id(inputs.followup_volume)
     is_points = inputs.baseline_lesions.IsA("vtkMRMLMarkupsNode")
