@@ -211,3 +211,37 @@ def test_native_scoring_equals_exact_with_spaced_taps_also_at_the_border(step):
     exact = match_points(fixed, moving, points, options=MatchOptions(**{**options.__dict__, "exact": True}))
     np.testing.assert_allclose(native.points_lps_mm, exact.points_lps_mm)
     np.testing.assert_allclose(native.similarity, exact.similarity, atol=1e-5)
+
+
+def _smooth_level_pyramid(grid: Geometry, image: Geometry, seed: int, shift_kji: tuple[int, int, int] = (0, 0, 0)):
+    """One smooth random level on ``grid`` (a working grid over ``image``), rolled by ``shift_kji`` voxels."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand((8, *grid.shape_kji), generator=generator).numpy()
+    smooth = np.stack([ndimage.gaussian_filter(channel, 1.0) for channel in noise]) - 0.5
+    features = torch.roll(torch.as_tensor(smooth, dtype=torch.float32), shift_kji, dims=(1, 2, 3))
+    return FeaturePyramid([FeatureLevel("working", features, grid, 1.0, patch_radius=2)], image, "smooth")
+
+
+def test_a_working_grid_somewhat_coarser_than_the_pixels_is_scored_natively_where_exact_agrees():
+    """Thick slices with fine pixels: MIND's isotropic working grid (1.25 mm) is coarser than the
+    0.625 mm pixels, so a lattice step is half a level voxel. That level still localises the peak by
+    interpolating its similarity map (native, not the far slower exact scoring) and finds the
+    motion as exact scoring does; a level of four lattice steps is scored exactly."""
+    from MedDIFTLib.matching.candidates import CandidateLattice
+    from MedDIFTLib.matching.scorer import Scorer
+
+    image = Geometry.create((48, 48, 16), (0.625, 0.625, 2.5), (3.0, -7.0, 11.0))
+    grid = image.working_grid(1.25)
+    fixed = _smooth_level_pyramid(grid, image, 5)
+    moving = _smooth_level_pyramid(grid, image, 5, (2, 1, -1))
+    options = MatchOptions(search_radius_mm=5.0, backward_check=False, coarse_to_fine=False)
+    fine = CandidateLattice.around(image, 3.0)
+    assert Scorer(fixed, moving, options)._exact_levels(fine) == [False]
+    coarse = _smooth_level_pyramid(image.working_grid(2.5), image, 6)
+    assert Scorer(coarse, coarse, options)._exact_levels(fine) == [True]
+    points = image.ijk_to_lps(np.array([[20.0, 24.0, 7.0], [28.0, 18.0, 9.0], [24.0, 30.0, 6.0]]))
+    truth = points + np.array([-1.25, 1.25, 2.5])
+    native = match_points(fixed, moving, points, options=options)
+    exact = match_points(fixed, moving, points, options=MatchOptions(**{**options.__dict__, "exact": True}))
+    assert np.abs(native.points_lps_mm - truth).max() < 0.3, native.points_lps_mm - truth
+    assert np.abs(exact.points_lps_mm - truth).max() < 0.3, exact.points_lps_mm - truth

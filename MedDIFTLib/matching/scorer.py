@@ -32,6 +32,11 @@ from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
 from .sampling import ensure_read, interpolate, sample_patches, sample_stored, unit_descriptors, unit_vectors, windows
 
 
+NATIVE_SPAN = 2.5
+"""Widest level voxel, in lattice steps, whose similarity map is interpolated at the candidates
+(native scoring, :func:`_exact_plan`); coarser levels are scored exactly when none is this fine."""
+
+
 def resolving_levels(levels: list[FeatureLevel], step_mm: float) -> list[int]:
     """Indices of the levels whose voxels are at least half of ``step_mm`` (finer ones would only
     alias on a lattice of that step); the coarsest level when none is."""
@@ -214,16 +219,18 @@ def _exact_plan(image_to_levels: tuple[bytes, ...], stride: bytes) -> tuple[bool
     voxels, as bytes), whether to score it the exact way on a lattice of ``stride`` (int64 ijk
     bytes). Kept: the search asks on every batch.
 
-    Interpolating a similarity map cannot place a peak between voxels wider than the lattice
-    step. When some level is fine enough (MIND's full-resolution level), it localises the
-    peak and coarser levels only add context, so all stay native. When none is (the
-    diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored exactly.
+    Interpolating a similarity map cannot place a peak between voxels much wider than the
+    lattice step. When some level is fine enough (voxels at most ``NATIVE_SPAN`` lattice steps:
+    MIND's first level, also on an isotropic working grid somewhat coarser than the image's
+    pixels), it localises the peak and coarser levels only add context, so all stay native.
+    When none is (the diffusion levels: 1/4 to 1/16 of the grid), the coarse levels are scored
+    exactly.
     """
     lattice_stride = np.frombuffer(stride, dtype=np.int64)
     coarse = []
     for linear in image_to_levels:
         step_in_level_voxels = np.linalg.norm(np.frombuffer(linear).reshape(3, 3) * lattice_stride[None, :], axis=0)
-        coarse.append(bool(np.any(step_in_level_voxels < 1.0 - 1e-6)))
+        coarse.append(bool(np.any(step_in_level_voxels < 1.0 / NATIVE_SPAN - 1e-6)))
     return tuple(coarse) if all(coarse) else (False,) * len(coarse)
 
 
