@@ -24,17 +24,19 @@ T = TypeVar("T")
 
 
 def option(
-    default: Any,
+    default: Any = dataclasses.MISSING,
     *,
+    default_factory: Any = dataclasses.MISSING,
     minimum: float | None = None,
     maximum: float | None = None,
     above: float | None = None,
     choices: tuple[str, ...] | None = None,
     help: str = "",
 ) -> Any:
-    """A dataclass field with its range: ``minimum``/``maximum`` inclusive, ``above`` exclusive."""
+    """A dataclass field with its range: ``minimum``/``maximum`` inclusive, ``above`` exclusive.
+    ``default_factory`` instead of ``default`` for a mutable or nested default."""
     metadata = {"minimum": minimum, "maximum": maximum, "above": above, "choices": choices, "help": help}
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def describe(instance_or_class: Any, name: str) -> str:
@@ -288,10 +290,12 @@ class RunSettings(Options):
     and the match and field options."""
 
     backbone: str = option("mind", help="feature backbone")
-    backbone_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backbone_options: dict[str, Any] = option(
+        default_factory=dict, help="the backbone's own options, e.g. MAISI's timestep (each backbone checks its own)"
+    )
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
-    match: MatchOptions = dataclasses.field(default_factory=MatchOptions)
-    field: FieldOptions = dataclasses.field(default_factory=FieldOptions)
+    match: MatchOptions = option(default_factory=MatchOptions, help="how the correspondence engine searches and scores")
+    field: FieldOptions = option(default_factory=FieldOptions, help="how the dense field is built")
 
 
 @dataclass(frozen=True)
