@@ -31,7 +31,6 @@ from ..features.protocol import FeatureLevel, FeaturePyramid
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
 from .sampling import ensure_read, interpolate, sample_patches, sample_stored, unit_descriptors, unit_vectors, windows
 
-
 NATIVE_SPAN = 2.5
 """Widest level voxel, in lattice steps, whose similarity map is interpolated at the candidates
 (native scoring, :func:`_exact_plan`); coarser levels are scored exactly when none is this fine."""
