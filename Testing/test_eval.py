@@ -17,14 +17,8 @@ from MedDIFTLib.cli import main
 from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, Volume, write_points, write_volume
-from MedDIFTLib.core.options import FieldOptions, MatchOptions
-from MedDIFTLib.evaluation.baselines import (
-    BSplineOptions,
-    bspline,
-    convexadam,
-    convexadam_spacing_mm,
-    unavailable_reason,
-)
+from MedDIFTLib.core.options import BSplineOptions, FieldOptions, MatchOptions
+from MedDIFTLib.evaluation.baselines import bspline, convexadam, convexadam_spacing_mm, unavailable_reason
 from MedDIFTLib.evaluation.cases import RawGeometry
 from MedDIFTLib.evaluation.datasets import detect_layout, load_case, open_dataset
 from MedDIFTLib.evaluation.methods import method_names, parse_method, run_method

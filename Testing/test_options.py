@@ -10,6 +10,8 @@ from MedDIFTLib.cli import build_parser
 from MedDIFTLib.cli.common import field_options_from_args, options_from_args
 from MedDIFTLib.core.errors import BadInputError, BadRequestError
 from MedDIFTLib.core.options import (
+    BSplineOptions,
+    ConvexAdamOptions,
     FieldLevel,
     FieldOptions,
     MatchOptions,
@@ -20,7 +22,6 @@ from MedDIFTLib.core.options import (
     parse_options,
     to_json,
 )
-from MedDIFTLib.evaluation.baselines import BSplineOptions, ConvexAdamOptions
 
 
 def test_unknown_key_and_wrong_type_are_bad_requests_naming_the_key():

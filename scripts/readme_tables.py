@@ -34,21 +34,33 @@ def synopsis() -> str:
     return "```text\n" + "\n".join(usages) + "\n```"
 
 
+def option_classes() -> list[type]:
+    """Every option class of MedDIFTLib.core.options, in the module's order, so none can be left out."""
+    return [value for value in vars(options).values()
+            if isinstance(value, type) and issubclass(value, options.Options) and value is not options.Options]
+
+
+def default_text(cls: type, field: dataclasses.Field) -> str:
+    """The default of ``field`` as the table shows it: the field levels spelled out, a nested option
+    class by name (its own rows hold its knobs)."""
+    if field.name == "levels" and cls is options.FieldOptions:
+        levels = options.FieldOptions().levels
+        return f"{len(levels)} level(s): " + "; ".join(
+            ", ".join(f"{f.name} {getattr(level, f.name)}" for f in dataclasses.fields(options.FieldLevel))
+            for level in levels
+        )
+    if field.default is not dataclasses.MISSING:
+        return str(field.default)
+    value = field.default_factory()
+    return f"{type(value).__name__} defaults" if isinstance(value, options.Options) else str(value)
+
+
 def options_table() -> str:
     rows = ["| options | knob | default | meaning |", "|---|---|---|---|"]
-    classes = (options.MatchOptions, options.FieldLevel, options.FieldOptions, options.LesionOptions,
-               options.SimulationOptions)
-    for cls in classes:
+    for cls in option_classes():
         for field in dataclasses.fields(cls):
-            if field.name == "levels":
-                levels = options.FieldOptions().levels
-                default = f"{len(levels)} level(s): " + "; ".join(
-                    ", ".join(f"{f.name} {getattr(level, f.name)}" for f in dataclasses.fields(options.FieldLevel))
-                    for level in levels
-                )
-            else:
-                default = field.default
-            rows.append(f"| {cls.__name__} | `{field.name}` | {default} | {field.metadata.get('help', '')} |")
+            rows.append(f"| {cls.__name__} | `{field.name}` | {default_text(cls, field)} | "
+                        f"{field.metadata.get('help', '')} |")
     return "\n".join(rows)
 
 

@@ -1,10 +1,10 @@
 """Every user-facing knob, once: typed option dataclasses and the one parser that builds them.
 
 The CLI, the worker, the evaluation methods and the Slicer panel all take their defaults from
-these classes (matching, the field, a run, lesion tracking, synthetic pairs) and build them
-through :func:`parse_options`, which checks names, types and ranges and names the bad key.
-Distances are in mm. This module imports neither torch nor numpy, so the Slicer side (and
-``--help``) can read it.
+these classes (matching, the field, a run, lesion tracking, synthetic pairs, the evaluation's
+B-spline and ConvexAdam baselines) and build them through :func:`parse_options`, which checks
+names, types and ranges and names the bad key. Distances are in mm. This module imports neither
+torch nor numpy, so the Slicer side (and ``--help``) can read it.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ T = TypeVar("T")
 
 
 def option(
-    default: Any,
+    default: Any = dataclasses.MISSING,
     *,
+    default_factory: Any = dataclasses.MISSING,
     minimum: float | None = None,
     maximum: float | None = None,
     above: float | None = None,
     choices: tuple[str, ...] | None = None,
     help: str = "",
 ) -> Any:
-    """A dataclass field with its range: ``minimum``/``maximum`` inclusive, ``above`` exclusive."""
+    """A dataclass field with its range: ``minimum``/``maximum`` inclusive, ``above`` exclusive.
+    ``default_factory`` instead of ``default`` for a mutable or nested default."""
     metadata = {"minimum": minimum, "maximum": maximum, "above": above, "choices": choices, "help": help}
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def describe(instance_or_class: Any, name: str) -> str:
@@ -288,10 +290,12 @@ class RunSettings(Options):
     and the match and field options."""
 
     backbone: str = option("mind", help="feature backbone")
-    backbone_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backbone_options: dict[str, Any] = option(
+        default_factory=dict, help="the backbone's own options, e.g. MAISI's timestep (each backbone checks its own)"
+    )
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
-    match: MatchOptions = dataclasses.field(default_factory=MatchOptions)
-    field: FieldOptions = dataclasses.field(default_factory=FieldOptions)
+    match: MatchOptions = option(default_factory=MatchOptions, help="how the correspondence engine searches and scores")
+    field: FieldOptions = option(default_factory=FieldOptions, help="how the dense field is built")
 
 
 @dataclass(frozen=True)
@@ -335,10 +339,50 @@ class SimulationOptions(Options):
 DATASET_LAYOUTS = ("dirlab", "copdgene", "learn2reg", "manifest", "pairs")  # see MedDIFTLib.evaluation.datasets
 
 
+BSPLINE_METRICS = ("meansquares", "correlation", "mattes")
+
+
+@dataclass(frozen=True)
+class BSplineOptions(Options):
+    """SimpleITK B-spline registration settings, the ``bspline`` baseline of ``meddift eval``
+    (distances in mm)."""
+
+    control_spacing_mm: float = option(24.0, above=0.0, help="control point spacing at the finest level, mm")
+    levels: int = option(3, minimum=1, help="resolution levels (the control grid doubles per coarser level)")
+    iterations: int = option(30, minimum=1, help="L-BFGS iterations per level")
+    samples: int = option(5000, minimum=100, help="random metric samples per level")
+    working_spacing_mm: float = option(2.0, above=0.0, help="images are resampled to voxels of at least this, mm")
+    seed: int = option(1, minimum=0, help="seed of the metric sampling")
+    metric: str = option("meansquares", choices=BSPLINE_METRICS, help="similarity metric")
+
+
+@dataclass(frozen=True)
+class ConvexAdamOptions(Options):
+    """ConvexAdam settings, the ``convexadam`` baseline of ``meddift eval``: the working grid (mm)
+    and the keywords of ``convex_adam_pt``."""
+
+    working_spacing_mm: float = option(2.0, above=0.0, help="isotropic working grid for cubic voxels, mm "
+                                       "(never finer than the fixed image)")
+    thick_slices_at_finest: bool = option(True, help="where the voxels are not cubic (thick slices), work on an "
+                                          "isotropic grid of the pair's finest spacing instead of working_spacing_mm")
+    mind_r: int = option(1, minimum=0, help="MIND radius, voxels")
+    mind_d: int = option(2, minimum=1, help="MIND dilation, voxels")
+    lambda_weight: float = option(1.25, minimum=0.0, help="regularisation of the convex step")
+    grid_sp: int = option(6, minimum=1, help="grid spacing of the convex step, voxels")
+    disp_hw: int = option(4, minimum=1, help="displacement search half-width, grid steps")
+    selected_niter: int = option(80, minimum=0, help="Adam iterations")
+    selected_smooth: int = option(0, minimum=0, help="smoothing kernel of the result (0: none)")
+    grid_sp_adam: int = option(2, minimum=1, help="grid spacing of the Adam step, voxels")
+    ic: bool = option(True, help="inverse consistency")
+
+
 __all__ = [
+    "BSPLINE_METRICS",
     "DATASET_LAYOUTS",
     "SEARCH_RADIUS_MM",
     "STATUSES",
+    "BSplineOptions",
+    "ConvexAdamOptions",
     "FieldLevel",
     "FieldOptions",
     "LesionOptions",
