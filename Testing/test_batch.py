@@ -183,7 +183,13 @@ def _run_cli(series: Path, out: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "MedDIFTLib", "batch", str(series / "manifest.csv"), "--out", str(out),
                "--workers", "1", "--quiet", *MATCH, *extra]
     return subprocess.Popen(command, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_take_interrupts)
+
+
+def _take_interrupts() -> None:
+    """In the batch's process: SIGINT interrupts it even when the tests run as a background job of a
+    shell, which starts them with SIGINT ignored (a setting every child inherits)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_an_interrupted_batch_resumes_without_recomputing(series, tmp_path):
