@@ -25,17 +25,20 @@ import SimpleITK as sitk
 import uvicorn
 from conftest import CHEST_DIR, require
 from scipy import ndimage
+from test_lesions import GEOMETRY, ball, labelmap_volume, lung_with_nodules
 
 import MedDIFTLib
 from MedDIFTLib.core.environment import PACKAGE_PARENT
-from MedDIFTLib.core.errors import BadInputError, BadRequestError, MedDIFTError
+from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, parse_options
+from MedDIFTLib.lesions.outputs import FILES
 from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_transport import read_token_file
-from MedDIFTLib.worker.protocol import Limits
+from MedDIFTLib.worker.protocol import Limits, TrackRequest, encode_request
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
@@ -254,17 +257,15 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
     assert "not found in <server path>" in maisi["message"] and str(Path.home()) not in maisi["message"]
 
 
-def test_track_and_overlays_are_refused_on_a_server_with_a_clear_message(server, remote):
-    base = f"/sessions/{remote.session_id}/requests"
-    for request_type in ("track", "overlays"):
-        line = {"id": request_type, "type": request_type, "baseline_id": "v1", "followup_id": "v2",
-                "lesions": "/tmp/lesions.nii.gz", "out_dir": "/tmp/out"}
-        status, body = server.raw("POST", base, json.dumps(line).encode())
-        refused = json.loads(body)
-        assert status == 400 and refused["id"] == request_type and refused["kind"] == "bad_request"
-        assert f"'{request_type}'" in refused["message"] and "this computer" in refused["message"]
+def test_overlays_is_refused_on_a_server_with_a_clear_message(server, remote):
+    line = {"id": "overlays", "type": "overlays", "fixed_id": "v1", "moving_id": "v2",
+            "transform": "/tmp/field.nii.gz", "out_confidence": "/tmp/confidence.nii.gz"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    refused = json.loads(body)
+    assert status == 400 and refused["id"] == "overlays" and refused["kind"] == "bad_request"
+    assert "'overlays'" in refused["message"] and "this computer" in refused["message"]
     with pytest.raises(BadRequestError, match="this computer"):
-        remote.call("track", timeout=TIMEOUT_S, baseline_id="v1", followup_id="v2", lesions="l.nii.gz", out_dir="o")
+        remote.call("overlays", timeout=TIMEOUT_S, fixed_id="v1", moving_id="v2", out_confidence="c.nii.gz")
 
 
 def test_upload_over_the_limit_is_refused(server, remote):
@@ -362,6 +363,98 @@ def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(re
     # the same computation in two processes whose float32 sums may run in another order: equal to 1 um
     np.testing.assert_allclose(remote_field, local_field, atol=1e-3)
     assert sitk.ReadImage(str(out / "warped.nrrd")).GetSize() == (57, 78, 64)
+
+
+# ------------------------------------------------------------------ lesion tracking on a server
+
+NODULES = [((-8.0, 0.0, 0.0), 5.0), ((10.0, 4.0, 4.0), 4.5)]
+SHIFT_LPS = np.array([4.0, -3.0, 2.0])
+TRACK_FIELD = {"levels": [{"spacing_mm": 8.0, "search_radius_mm": 12.0}], "optimise_iterations": 0}
+
+
+@pytest.fixture(scope="module")
+def track_files(tmp_path_factory) -> dict:
+    """A baseline with two nodules, a follow-up moved by SHIFT_LPS (new noise) and the baseline labelmap."""
+    folder = tmp_path_factory.mktemp("serve_track")
+    baseline = lung_with_nodules(GEOMETRY, NODULES)
+    followup = lung_with_nodules(GEOMETRY, [(np.asarray(c) + SHIFT_LPS, r) for c, r in NODULES], seed=1)
+    labelmap = labelmap_volume([(ball(GEOMETRY, c, r), n + 1) for n, (c, r) in enumerate(NODULES)], GEOMETRY)
+    for name, volume in (("baseline", baseline), ("followup", followup), ("lesions", labelmap)):
+        write_volume(volume, folder / f"{name}.nii.gz")
+    return {name: str(folder / f"{name}.nii.gz") for name in ("baseline", "followup", "lesions")}
+
+
+def _call_track(client, track_files: dict, lesions: str, out_dir: Path, field: dict = TRACK_FIELD) -> dict:
+    """A track request built as every client builds it (protocol dataclass, encode_request), its result."""
+    ids = {name: client.call("load", path=track_files[source], timeout=TIMEOUT_S)["volume_id"]
+           for name, source in (("baseline_id", "baseline"), ("followup_id", "followup"))}
+    request = TrackRequest(**ids, lesions=lesions, out_dir=str(out_dir), lesion_options=LesionOptions(),
+                           settings=RunSettings(backbone="mind", device="cpu",
+                                                field=parse_options(FieldOptions, field)))
+    request_type, fields = encode_request(request)
+    return client.call(request_type, timeout=TIMEOUT_S, **fields)
+
+
+def test_track_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(remote, local, track_files,
+                                                                                 tmp_path):
+    worker, _ = local
+    expected = _call_track(worker, track_files, track_files["lesions"], tmp_path / "local")
+    out = tmp_path / "remote"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    got = _call_track(remote, track_files, track_files["lesions"], out)
+    assert got["files"] == {key: str(out / name) for key, name in FILES.items()}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "notes.txt"])
+    assert (out / "notes.txt").read_text() == "mine"
+    for lesion, want in zip(got["lesions"], expected["lesions"], strict=True):
+        assert (lesion["label"], lesion["name"], lesion["status"]) == (want["label"], want["name"], want["status"])
+        np.testing.assert_allclose(lesion["centre_lps_mm"], want["centre_lps_mm"], atol=1e-3)
+    np.testing.assert_array_equal(read_volume(out / FILES["labelmap"]).voxels,
+                                  read_volume(tmp_path / "local" / FILES["labelmap"]).voxels)
+    local_rows = (tmp_path / "local" / FILES["csv"]).read_text().splitlines()
+    assert (out / FILES["csv"]).read_text().splitlines() == local_rows and len(local_rows) == 3
+    assert (out / FILES["sheet"]).read_bytes().startswith(b"\x89PNG")
+    assert "<server path>" not in (out / FILES["report"]).read_text()
+
+
+def test_a_remote_track_that_fails_or_is_cancelled_leaves_out_dir_as_it_was(remote, track_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / FILES["csv"]).write_text("the user's own table")
+    bad = labelmap_volume([(ball(GEOMETRY, (0, 0, 0), 3.0), 0.5)], GEOMETRY)
+    write_volume(bad, tmp_path / "bad.nii.gz")
+    with pytest.raises(BadInputError, match="label values must be integers") as refused:
+        _call_track(remote, track_files, str(tmp_path / "bad.nii.gz"), out)
+    assert str(tmp_path) not in str(refused.value)
+    assert sorted(p.name for p in out.iterdir()) == [FILES["csv"]]
+
+    slow = {"levels": [{"spacing_mm": 3.0, "search_radius_mm": 12.0}], "optimise_iterations": 200}
+    ids = {name: remote.call("load", path=track_files[source], timeout=TIMEOUT_S)["volume_id"]
+           for name, source in (("baseline_id", "baseline"), ("followup_id", "followup"))}
+    request = TrackRequest(**ids, lesions=track_files["lesions"], out_dir=str(out), lesion_options=LesionOptions(),
+                           settings=RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, slow)))
+    request_type, fields = encode_request(request)
+    job = remote.send(request_type, **fields)
+    events = remote.events(job, timeout=TIMEOUT_S)
+    assert isinstance(next(events), Progress)  # the server runs it: cancel it there
+    remote.cancel(job)
+    final = list(events)[-1]
+    assert isinstance(final, Error) and final.kind == CancelledError.kind
+    assert sorted(p.name for p in out.iterdir()) == [FILES["csv"]]
+    assert (out / FILES["csv"]).read_text() == "the user's own table"
+
+
+def test_remote_track_lesions_must_be_an_uploaded_labelmap(server, remote, track_files, tmp_path):
+    points = tmp_path / "points.csv"
+    points.write_text("label,l,p,s\nA,-7.0,1.0,0.0\n")
+    with pytest.raises(BadRequestError, match="point files and .seg.nrrd segment names are read by a local worker"):
+        _call_track(remote, track_files, str(points), tmp_path / "out")
+    line = {"id": "t", "type": "track", "baseline_id": "v1", "followup_id": "v2", "lesions": "/etc/passwd",
+            "out_dir": "track"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    refused = json.loads(body)
+    assert status == 400 and "volume id of a labelmap uploaded to this session" in refused["message"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_dropped_stream_cancels_its_job(server, remote):

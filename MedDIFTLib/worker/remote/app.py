@@ -7,12 +7,16 @@
   server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
   stream closing early cancels the request;
 - ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` request
-  (the request id URL-quoted; it may hold ``/``).
+  (``name``: transform, inverse, warped) or a ``track`` request (labelmap, csv, report, sheet: the
+  files of ``meddift track``), written in the session's folder (the request id URL-quoted; it may
+  hold ``/``).
 
 Every route is rate-limited per client address (429; failed token attempts count) and needs
 ``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals, unknown
 routes and unexpected failures alike are ``{"kind", "message"}`` JSON, never a path or a traceback.
-A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded. Each session may hold
+A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded, and so is the lesion
+labelmap of a ``track`` (its ``lesions`` names the uploaded volume). ``overlays`` is refused: its
+field file would have to be read on the server. Each session may hold
 ``session_memory_bytes`` of uploaded voxels, and each of its jobs is refused up front when its
 memory estimate (:mod:`MedDIFTLib.core.budget`) exceeds that.
 """
@@ -43,9 +47,9 @@ from .security import RateLimiter, token_matches
 from .sessions import INTERNAL_MESSAGE, ServerSession, SessionStore, hide_paths
 from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume
 
-REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
-DEVICE_TYPES = ("features", "match", "register")
-LOCAL_TYPES = ("overlays", "track")  # they read or write files beside the worker: local workers only
+REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "track", "cancel")
+DEVICE_TYPES = ("features", "match", "register", "track")
+LOCAL_TYPES = ("overlays",)  # it reads a field file beside the worker: local workers only
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
 SESSION_LIMIT = "this session's memory limit (meddift serve --session-memory-mb)"
@@ -209,9 +213,11 @@ def create_app(config: ServeConfig) -> Starlette:
             request_id, request_type, fields = parse_line(body)
             if request_type not in REMOTE_TYPES:
                 raise RejectedRequest(_not_remote(request_type), request_id)
+            fields = server_options(request_type, fields, config)
             if request_type == "register":
                 fields = session.output_paths(request_id, fields)
-            fields = server_options(request_type, fields, config)
+            elif request_type == "track":
+                fields = await asyncio.to_thread(session.track_paths, request_id, fields)
         except RejectedRequest as error:
             return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
         except BadRequestError as error:
@@ -237,7 +243,7 @@ def create_app(config: ServeConfig) -> Starlette:
     async def get_output(request: Request, session: ServerSession) -> Response:
         name = request.path_params["name"]
         path = session.outputs.get(request.path_params["request_id"], {}).get(name)
-        if name not in OUTPUT_NAMES or path is None or not path.is_file():
+        if path is None or not path.is_file():
             return refusal(404, "bad_request", "no such output of this session")
         return FileResponse(path, media_type="application/octet-stream")
 
@@ -304,8 +310,8 @@ def _not_remote(request_type: str) -> str:
     if request_type == "load":
         return "the server never reads its own files: upload the volume (RemoteWorkerClient's load does)"
     if request_type in LOCAL_TYPES:
-        return (f"'{request_type}' reads or writes files on the computer that runs it, so it is not available on a "
-                "server; run it on this computer (a local worker)")
+        return (f"'{request_type}' reads its displacement field file on the computer that runs it, so it is not "
+                "available on a server; run it on this computer (a local worker)")
     return f"'{request_type}' is not available on a server; close the session instead"
 
 
@@ -330,10 +336,13 @@ async def _stream(session: ServerSession, request_id: str, request_type: str, qu
 
 
 def _public_result(request_type: str, result: dict[str, Any]) -> dict[str, Any]:
-    """What a client may see of a result: a register's outputs by name (the client maps them to its
-    paths), a probe without the server's process id and with path-free backbone messages."""
+    """What a client may see of a result: a register's outputs and a track's files by name (the
+    client maps them to its paths), a probe without the server's process id and with path-free
+    backbone messages."""
     if request_type == "register":
         return {**result, **{name: name for name in OUTPUT_NAMES if result.get(name)}}
+    if request_type == "track":
+        return {**result, "files": {key: key for key in result["files"]}}
     if request_type == "probe":
         backbones = [{**backbone, "message": hide_paths(backbone["message"])} for backbone in result["backbones"]]
         return {**{key: value for key, value in result.items() if key not in ("pid", "platform")},

@@ -1,5 +1,6 @@
 """Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
-job queue) and its own folder of outputs under the server's cache folder; another session can
+job queue) and its own folder under the server's cache folder (a job's outputs, and the lesion
+labelmap a ``track`` reads, written there by the server from an upload); another session can
 neither name nor reach them. Jobs of all sessions share the device: one computes at a time, and an
 idle session fills its partly computed features behind only while no job computes.
 
@@ -11,25 +12,29 @@ Idle sessions are closed and their folders deleted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import secrets
 import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...core.budget import Budget
 from ...core.errors import BadRequestError
+from ...core.io import write_volume
+from ...lesions.outputs import output_paths
 from ..jobs import Job
 from ..protocol import Limits
 from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES
 
-COMPUTE_TYPES = frozenset({"features", "match", "register"})
+COMPUTE_TYPES = frozenset({"features", "match", "register", "track"})
 RECENT_OUTCOMES = 64
 OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
@@ -132,7 +137,7 @@ class ServerSession:
     last_used: float = field(default_factory=time.monotonic)
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
-    _jobs: int = 0
+    _job_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -155,8 +160,7 @@ class ServerSession:
     def output_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """``fields`` of a register request with its output names (only their endings count) turned
         into files of this session's folder."""
-        self._jobs += 1
-        folder = self.folder / f"job{self._jobs}"
+        folder = self._job_folder()
         paths = {}
         for name in OUTPUT_NAMES:
             given = fields.get(f"out_{name}")
@@ -168,6 +172,26 @@ class ServerSession:
             paths[name] = folder / f"{name}{ending.group(0)}"
         self.outputs[request_id] = paths
         return {**fields, **{f"out_{name}": str(path) for name, path in paths.items()}}
+
+    def track_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of a track request with ``lesions`` (on a server: the volume id of a labelmap
+        uploaded to this session) written as a file of this session's folder, and ``out_dir`` a
+        folder of it whose files of ``meddift track`` are the request's outputs."""
+        lesions = fields.get("lesions")
+        volume = self.worker.state.volumes.get(lesions) if isinstance(lesions, str) else None
+        if volume is None:
+            raise BadRequestError("'lesions' on a server must be the volume id of a labelmap uploaded to this "
+                                  "session (RemoteWorkerClient's track uploads it)")
+        folder = self._job_folder()
+        labelmap = folder / "lesions.nii.gz"
+        write_volume(volume, labelmap)
+        out_dir = folder / "track"
+        self.outputs[request_id] = output_paths(out_dir)
+        return {**fields, "lesions": str(labelmap), "out_dir": str(out_dir)}
+
+    def _job_folder(self) -> Path:
+        """A new folder name for one job's files in this session's folder (made when written)."""
+        return self.folder / f"job{next(self._job_numbers)}"
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Cancel its jobs, stop its worker and delete its folder."""
