@@ -32,13 +32,13 @@ from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
-from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, parse_options
+from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, RunSettings, parse_options
 from MedDIFTLib.lesions.outputs import FILES
 from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_transport import read_token_file
-from MedDIFTLib.worker.protocol import Limits, TrackRequest, encode_request
+from MedDIFTLib.worker.protocol import Limits, OverlaysRequest, TrackRequest, encode_request
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
@@ -257,17 +257,6 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
     assert "not found in <server path>" in maisi["message"] and str(Path.home()) not in maisi["message"]
 
 
-def test_overlays_is_refused_on_a_server_with_a_clear_message(server, remote):
-    line = {"id": "overlays", "type": "overlays", "fixed_id": "v1", "moving_id": "v2",
-            "transform": "/tmp/field.nii.gz", "out_confidence": "/tmp/confidence.nii.gz"}
-    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
-    refused = json.loads(body)
-    assert status == 400 and refused["id"] == "overlays" and refused["kind"] == "bad_request"
-    assert "'overlays'" in refused["message"] and "this computer" in refused["message"]
-    with pytest.raises(BadRequestError, match="this computer"):
-        remote.call("overlays", timeout=TIMEOUT_S, fixed_id="v1", moving_id="v2", out_confidence="c.nii.gz")
-
-
 def test_upload_over_the_limit_is_refused(server, remote):
     big = _small_volume(2, (64, 64, 64))
     body, headers = encode_volume(big)
@@ -363,6 +352,58 @@ def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(re
     # the same computation in two processes whose float32 sums may run in another order: equal to 1 um
     np.testing.assert_allclose(remote_field, local_field, atol=1e-3)
     assert sitk.ReadImage(str(out / "warped.nrrd")).GetSize() == (57, 78, 64)
+
+
+def _call_overlays(client, fixed_id: str, moving_id: str, transform: str | None, out: Path) -> dict:
+    """An overlays request built as every client builds it (protocol dataclass, encode_request), its result."""
+    with_field = transform is not None
+    request = OverlaysRequest(fixed_id=fixed_id, moving_id=moving_id, transform=transform,
+                              out_confidence=str(out / "confidence.nii.gz"),
+                              out_jacobian=str(out / "jacobian.nrrd") if with_field else None,
+                              out_magnitude=str(out / "magnitude.mha") if with_field else None,
+                              lattice=parse_options(FieldLevel, {"spacing_mm": 10.0, "search_radius_mm": 6.0}),
+                              settings=RunSettings(backbone="mind", device="cpu"))
+    request_type, fields = encode_request(request)
+    return client.call(request_type, timeout=TIMEOUT_S, **fields)
+
+
+def test_overlays_round_trip_uploads_the_field_and_equals_the_local_worker(remote, local, pair, tmp_path):
+    worker, local_ids = local
+    field = tmp_path / "field.h5"
+    worker.call("register", timeout=TIMEOUT_S, out_transform=str(field), backbone="mind", device="cpu",
+                options=QUICK_FIELD, **local_ids)
+    expected = _call_overlays(worker, local_ids["fixed_id"], local_ids["moving_id"], str(field), tmp_path / "local")
+    ids = {"fixed_id": remote.call("load", path=pair["fixed"])["volume_id"],
+           "moving_id": remote.call("load", path=pair["moving"])["volume_id"]}
+    out = tmp_path / "remote"
+    got = _call_overlays(remote, ids["fixed_id"], ids["moving_id"], str(field), out)
+    assert sorted(p.name for p in out.iterdir()) == ["confidence.nii.gz", "jacobian.nrrd", "magnitude.mha"]
+    assert sorted(got) == sorted(expected) == ["confidence", "jacobian", "magnitude"]
+    for name, summary in got.items():
+        assert summary["path"] == str(out / Path(expected[name]["path"]).name)
+        local_voxels = read_volume(expected[name]["path"]).voxels
+        remote_voxels = read_volume(summary["path"]).voxels
+        assert remote_voxels.shape == local_voxels.shape == read_volume(pair["fixed"]).voxels.shape
+        # the same computation in two processes whose float32 sums may run in another order
+        np.testing.assert_allclose(remote_voxels, local_voxels, atol=1e-3, err_msg=name)
+        for key in ("min", "max", "mean"):
+            assert summary[key] == pytest.approx(expected[name][key], abs=1e-3)
+    assert np.ptp(read_volume(out / "magnitude.mha").voxels) > 0
+    confidence_only = _call_overlays(remote, ids["fixed_id"], ids["moving_id"], None, tmp_path / "plain")
+    assert list(confidence_only) == ["confidence"] and (tmp_path / "plain" / "confidence.nii.gz").is_file()
+
+
+def test_overlays_on_a_server_take_only_an_uploaded_field(server, remote, tmp_path):
+    line = {"id": "o", "type": "overlays", "fixed_id": "v1", "moving_id": "v2", "transform": "/etc/passwd",
+            "out_confidence": "confidence.nii.gz"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    refused = json.loads(body)
+    assert status == 400 and refused["id"] == "o" and "a field uploaded to this session" in refused["message"]
+    not_a_field = tmp_path / "image.nii.gz"
+    write_volume(_small_volume(15), not_a_field)
+    with pytest.raises(BadInputError, match="3 components per voxel"):
+        _call_overlays(remote, "v1", "v2", str(not_a_field), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ lesion tracking on a server

@@ -6,12 +6,12 @@ It differs from the local worker process only where a network must: :meth:`HttpT
 opens a session, :meth:`~HttpTransport.close` closes it (the server deletes its data); a ``load``
 reads the volume here and uploads it unless this session holds its content already; a
 ``register`` writes its outputs on the server, then downloads them to the local paths it was given
-(all written atomically, only once all arrived); a ``track`` uploads its lesion labelmap as a load
-does and downloads the files of ``meddift track`` into its local ``out_dir`` the same way. Both send
-the request as :func:`~.protocol.encode_request` writes it, server-side names in place of the local
-paths. The server refuses ``overlays`` (its field file stays on this computer). A dropped connection
-ends each unanswered request with an :class:`~.events.Error` (kind ``internal``; ``cancelled`` after
-:meth:`~HttpTransport.kill`).
+(all written atomically, only once all arrived); ``overlays`` uploads its field (``transform``,
+read here) and comes back the same way; a ``track`` uploads its lesion labelmap as a load does and
+downloads the files of ``meddift track`` into its local ``out_dir`` the same way. Each is sent as
+:func:`~.protocol.encode_request` writes it, server-side names in place of the local paths. A
+dropped connection ends each unanswered request with an :class:`~.events.Error` (kind
+``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .events import Error, Result, WorkerError, error_from_event, parse_event
 from .transports import Deliver, Transport, request_line
 
 API = "/v1"
-OUTPUT_NAMES = ("transform", "inverse", "warped")
+OUTPUT_NAMES = {"register": ("transform", "inverse", "warped"), "overlays": ("confidence", "jacobian", "magnitude")}
 MIN_TOKEN_CHARS = 16
 
 
@@ -149,6 +149,8 @@ class HttpTransport(Transport):
                 self._deliver(Result(request_id, self._upload(params)))
             elif type == "register":
                 self._register(request_id, params)
+            elif type == "overlays":
+                self._overlays(request_id, params)
             elif type == "track":
                 self._track(request_id, params)
             else:
@@ -183,29 +185,50 @@ class HttpTransport(Transport):
         if status == 200:
             return found
         body, headers = encode_volume(volume)
+        self._check_upload_size(source, body)
+        return self._json("PUT", volume_path, body=body, headers=headers)
+
+    def _check_upload_size(self, source: str, body: bytes) -> None:
+        """Refuse, before sending, an upload of ``source`` over the server's limit."""
         limit = self.info.get("limits", {}).get("max_upload_bytes")
         if limit is not None and len(body) > limit:
             raise BadRequestError(f"{source}: {describe_bytes(len(body), limit)} compressed exceeds the "
                                   f"server's upload limit of {describe_bytes(limit, len(body))}")
-        return self._json("PUT", volume_path, body=body, headers=headers)
 
     def _register(self, request_id: str, params: dict[str, Any]) -> None:
         """Send a register with output names only; download its outputs to the local paths."""
-        from ..core.io import check_output_path
         from .protocol import parse_request
 
         request = parse_request("register", params)
-        local = {name: path for name in OUTPUT_NAMES if (path := getattr(request, f"out_{name}")) is not None}
-        for path in local.values():
-            if _ending(path) in (".nhdr", ".mhd"):
-                raise BadRequestError(f"{path}: a two-file format cannot come back from a server; "
-                                      "use .nii.gz, .nrrd or .mha")
-            check_output_path(path)
-        sent = dataclasses.replace(request, **{f"out_{name}": f"{name}{_ending(path)}" for name, path in local.items()})
-        final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
+        local = _local_outputs("register", request)
+        final = self._stream(request_id, _line(request_id, _output_names(request, local)), deliver_final=False)
         if isinstance(final, Result):
             self._download(request_id, local)
             final = Result(request_id, {**final.payload, **{name: str(path) for name, path in local.items()}})
+        self._deliver(final)
+
+    def _overlays(self, request_id: str, params: dict[str, Any]) -> None:
+        """Upload the field (``transform``, read here) and send the overlays with its hash and output
+        names only; download the overlays to the local paths."""
+        from ..core.io.fields import read_field_file
+        from .protocol import parse_request
+        from .remote.wire import encode_field, field_hash
+
+        request = parse_request("overlays", params)
+        local = _local_outputs("overlays", request)
+        sent = _output_names(request, local)
+        if request.transform is not None:
+            displacement, geometry = read_field_file(request.transform)
+            body, headers = encode_field(displacement, geometry)
+            self._check_upload_size(request.transform, body)
+            uploaded = self._json("PUT", self._session(f"/fields/{field_hash(displacement, geometry)}"), body=body,
+                                  headers=headers)
+            sent = dataclasses.replace(sent, transform=uploaded["field"])
+        final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
+        if isinstance(final, Result):
+            self._download(request_id, local)
+            final = Result(request_id, {name: {**summary, "path": str(local[name])}
+                                        for name, summary in final.payload.items() if name in local})
         self._deliver(final)
 
     def _track(self, request_id: str, params: dict[str, Any]) -> None:
@@ -345,6 +368,25 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as error:
         reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
         raise BadRequestError(f"{ca_file}: cannot use as the server's certificate ({reason})") from None
+
+
+def _local_outputs(request_type: str, request: Any) -> dict[str, str]:
+    """The local paths of a register or overlays request's outputs by name, checked before any work
+    (one-file formats only: a two-file one cannot come back from a server)."""
+    from ..core.io import check_output_path
+
+    local = {name: path for name in OUTPUT_NAMES[request_type] if (path := getattr(request, f"out_{name}")) is not None}
+    for path in local.values():
+        if _ending(path) in (".nhdr", ".mhd"):
+            raise BadRequestError(f"{path}: a two-file format cannot come back from a server; "
+                                  "use .nii.gz, .nrrd or .mha")
+        check_output_path(path)
+    return local
+
+
+def _output_names(request: Any, local: dict[str, str]) -> Any:
+    """``request`` with each local output path replaced by the name the server takes (``name.ending``)."""
+    return dataclasses.replace(request, **{f"out_{name}": f"{name}{_ending(path)}" for name, path in local.items()})
 
 
 def _line(request_id: str, request: Any) -> bytes:

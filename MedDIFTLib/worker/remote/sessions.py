@@ -1,6 +1,7 @@
 """Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
-job queue) and its own folder under the server's cache folder (a job's outputs, and the lesion
-labelmap a ``track`` reads, written there by the server from an upload); another session can
+job queue) and its own folder under the server's cache folder (a job's outputs, and the inputs
+a job reads from a file: the lesion labelmap of a ``track``, the field of ``overlays``, written there
+by the server from an upload); another session can
 neither name nor reach them. Jobs of all sessions share the device: one computes at a time, and an
 idle session fills its partly computed features behind only while no job computes.
 
@@ -26,7 +27,9 @@ from typing import Any
 
 from ...core.budget import Budget
 from ...core.errors import BadRequestError
+from ...core.geometry import Geometry
 from ...core.io import write_volume
+from ...field import DisplacementField, write_field
 from ...lesions.outputs import output_paths
 from ..jobs import Job
 from ..protocol import Limits
@@ -34,7 +37,7 @@ from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES
 
-COMPUTE_TYPES = frozenset({"features", "match", "register", "track"})
+COMPUTE_TYPES = frozenset({"features", "match", "register", "overlays", "track"})
 RECENT_OUTCOMES = 64
 OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
@@ -137,6 +140,7 @@ class ServerSession:
     last_used: float = field(default_factory=time.monotonic)
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
+    uploaded_fields: dict[str, Path] = field(default_factory=dict)
     _job_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def touch(self) -> None:
@@ -157,12 +161,31 @@ class ServerSession:
             return None
         return found
 
-    def output_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of a register request with its output names (only their endings count) turned
-        into files of this session's folder."""
+    def add_field(self, field_hash: str, displacement_lps_mm: Any, geometry: Geometry) -> None:
+        """Keep an uploaded displacement field (``[k, j, i, 3]``, LPS mm) as a file of this session's
+        folder, named by its hash for the ``transform`` of an ``overlays`` request."""
+        path = self.folder / "fields" / f"{field_hash}.nii.gz"
+        write_field(DisplacementField(displacement_lps_mm, geometry), path)
+        self.uploaded_fields[field_hash] = path
+
+    def overlays_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of an overlays request with ``transform`` (on a server: the hash of a field
+        uploaded to this session) and its output names turned into files of this session's folder."""
+        transform = fields.get("transform")
+        if transform is not None:
+            path = self.uploaded_fields.get(transform) if isinstance(transform, str) else None
+            if path is None:
+                raise BadRequestError("'transform' on a server must name a field uploaded to this session "
+                                      "(RemoteWorkerClient's overlays uploads it)")
+            fields = {**fields, "transform": str(path)}
+        return self.output_paths(request_id, "overlays", fields)
+
+    def output_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of a register or overlays request with its output names (only their endings
+        count) turned into files of this session's folder."""
         folder = self._job_folder()
         paths = {}
-        for name in OUTPUT_NAMES:
+        for name in OUTPUT_NAMES[request_type]:
             given = fields.get(f"out_{name}")
             if given is None:
                 continue
