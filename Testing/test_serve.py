@@ -498,6 +498,37 @@ def test_remote_track_lesions_must_be_an_uploaded_labelmap(server, remote, track
     assert not (tmp_path / "out").exists()
 
 
+def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server, track_files):
+    slicer_core = pytest.importorskip("slicer_core", reason="slicer-core is not installed")
+    from test_lesions import volume_node
+
+    from MedDIFTLib.slicer.scene_run import RunInputs
+    from MedDIFTLib.slicer.session import WorkerSession
+    from MedDIFTLib.slicer.track_run import TrackInputs
+
+    scene = slicer_core.vtkMRMLScene()
+    baseline, followup = (volume_node(scene, read_volume(track_files[name]).voxels, GEOMETRY, name=name)
+                          for name in ("baseline", "followup"))
+    source = volume_node(scene, read_volume(track_files["lesions"]).voxels.astype(np.uint8), GEOMETRY,
+                         "vtkMRMLLabelMapVolumeNode", "source")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
+    assert slicer_core.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation)
+    scene.RemoveNode(source)
+    settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, TRACK_FIELD))
+    panel = WorkerSession(scene, server_url=server.url, token=TOKEN)
+    try:
+        outputs = panel.run(RunInputs(baseline, followup, compute_landmarks=False, compute_transform=True,
+                                      compute_overlays=True), settings, timeout_s=TIMEOUT_S)
+        tracked = panel.run_track(TrackInputs(baseline, followup, segmentation), settings, timeout_s=TIMEOUT_S)
+    finally:
+        panel.shutdown()
+    assert sorted(outputs.overlays) == ["confidence", "jacobian", "magnitude"]
+    assert sorted(outputs.overlay_summary) == ["confidence", "jacobian", "magnitude"]
+    assert all(node.GetImageData().GetDimensions() == GEOMETRY.shape_ijk for node in outputs.overlays.values())
+    assert [row.status for row in tracked.rows] == ["ok", "ok"]
+    assert tracked.followup_lesions.GetSegmentation().GetNumberOfSegments() == 2
+
+
 def test_a_dropped_stream_cancels_its_job(server, remote):
     volume = _small_volume(4, (96, 96, 96))
     body, headers = encode_volume(volume)
