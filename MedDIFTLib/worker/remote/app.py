@@ -18,9 +18,9 @@ Every route is rate-limited per client address (429; failed token attempts count
 routes and unexpected failures alike are ``{"kind", "message"}`` JSON, never a path or a traceback.
 A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded, and so are the lesion
 labelmap of a ``track`` (its ``lesions`` names the uploaded volume) and the field of ``overlays``
-(its ``transform`` names the upload). Each session may hold
-``session_memory_bytes`` of uploaded voxels, and each of its jobs is refused up front when its
-memory estimate (:mod:`MedDIFTLib.core.budget`) exceeds that.
+(its ``transform`` names the upload). Each session may hold ``session_memory_bytes`` of uploaded
+voxels, and each of its jobs is refused up front when its memory estimate
+(:mod:`MedDIFTLib.core.budget`) exceeds that.
 """
 
 from __future__ import annotations
