@@ -1,7 +1,8 @@
 """``meddift serve`` driven for real on 127.0.0.1 (uvicorn in a thread, or a subprocess when it
-must be killed): match and register round trips equal to the local worker's, the token, the bind
-check, upload and request limits, path-style loads refused, session isolation and clean-up,
-cancel on disconnect, and a server killed mid-job."""
+must be killed): match, register, overlays and track round trips equal to the local worker's (the
+Slicer panel's session on the server too), a failed or cancelled track leaving its folder as it was,
+the token, the bind check, upload and request limits, path-style loads refused, session isolation
+and clean-up, cancel on disconnect, and a server killed mid-job."""
 
 from __future__ import annotations
 
