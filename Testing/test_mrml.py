@@ -19,6 +19,7 @@ from MedDIFTLib.core.io import PointSet  # noqa: E402
 from MedDIFTLib.core.io.points import UNRELIABLE_TAG  # noqa: E402
 from MedDIFTLib.core.options import MatchOptions, RunSettings, to_json  # noqa: E402
 from MedDIFTLib.slicer import cursor, live, nodes, overlays, qa, results, scene_run, session, views  # noqa: E402
+from MedDIFTLib.slicer.track_run import TrackInputs  # noqa: E402
 from MedDIFTLib.worker.events import Error, Exit, Log, Progress, Result  # noqa: E402
 
 RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
@@ -965,7 +966,7 @@ def test_session_cursor_match_runs_in_the_background_and_leaves_the_scene_alone(
     assert cursor.cursor_match_from(None) is None
 
 
-def test_session_on_a_server_uses_the_remote_client_and_refuses_overlays(scene):
+def test_session_on_a_server_uses_the_remote_client_and_refuses_lesion_points(scene):
     import socket
 
     with socket.socket() as probe:  # a port nothing listens on
@@ -974,8 +975,8 @@ def test_session_on_a_server_uses_the_remote_client_and_refuses_overlays(scene):
     fixed, moving, landmarks = job_scene(scene)
     remote = session.WorkerSession(scene, server_url=f"http://127.0.0.1:{port}", token="secret", start_timeout_s=5.0)
     try:
-        with pytest.raises(BadInputError, match="this computer only"):
-            remote.run(scene_run.RunInputs(fixed, moving, landmarks, compute_overlays=True), RunSettings())
+        with pytest.raises(BadInputError, match="lesion points .* are tracked on this computer only"):
+            remote.run_track(TrackInputs(fixed, moving, landmarks), RunSettings())
         nodes_before = scene.GetNumberOfNodes()
         with pytest.raises(MedDIFTError) as refused:
             remote.run(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())

@@ -1,7 +1,8 @@
 """``meddift serve`` driven for real on 127.0.0.1 (uvicorn in a thread, or a subprocess when it
-must be killed): match and register round trips equal to the local worker's, the token, the bind
-check, upload and request limits, path-style loads refused, session isolation and clean-up,
-cancel on disconnect, and a server killed mid-job."""
+must be killed): match, register, overlays and track round trips equal to the local worker's (the
+Slicer panel's session on the server too), a failed or cancelled track leaving its folder as it was,
+the token, the bind check, upload and request limits, path-style loads refused, session isolation
+and clean-up, cancel on disconnect, and a server killed mid-job."""
 
 from __future__ import annotations
 
@@ -25,17 +26,20 @@ import SimpleITK as sitk
 import uvicorn
 from conftest import CHEST_DIR, require
 from scipy import ndimage
+from test_lesions import GEOMETRY, ball, labelmap_volume, lung_with_nodules
 
 import MedDIFTLib
 from MedDIFTLib.core.environment import PACKAGE_PARENT
-from MedDIFTLib.core.errors import BadInputError, BadRequestError, MedDIFTError
+from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, RunSettings, parse_options
+from MedDIFTLib.lesions.outputs import FILES
 from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_transport import read_token_file
-from MedDIFTLib.worker.protocol import Limits
+from MedDIFTLib.worker.protocol import Limits, OverlaysRequest, TrackRequest, encode_request
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
@@ -254,19 +258,6 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
     assert "not found in <server path>" in maisi["message"] and str(Path.home()) not in maisi["message"]
 
 
-def test_track_and_overlays_are_refused_on_a_server_with_a_clear_message(server, remote):
-    base = f"/sessions/{remote.session_id}/requests"
-    for request_type in ("track", "overlays"):
-        line = {"id": request_type, "type": request_type, "baseline_id": "v1", "followup_id": "v2",
-                "lesions": "/tmp/lesions.nii.gz", "out_dir": "/tmp/out"}
-        status, body = server.raw("POST", base, json.dumps(line).encode())
-        refused = json.loads(body)
-        assert status == 400 and refused["id"] == request_type and refused["kind"] == "bad_request"
-        assert f"'{request_type}'" in refused["message"] and "this computer" in refused["message"]
-    with pytest.raises(BadRequestError, match="this computer"):
-        remote.call("track", timeout=TIMEOUT_S, baseline_id="v1", followup_id="v2", lesions="l.nii.gz", out_dir="o")
-
-
 def test_upload_over_the_limit_is_refused(server, remote):
     big = _small_volume(2, (64, 64, 64))
     body, headers = encode_volume(big)
@@ -362,6 +353,181 @@ def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(re
     # the same computation in two processes whose float32 sums may run in another order: equal to 1 um
     np.testing.assert_allclose(remote_field, local_field, atol=1e-3)
     assert sitk.ReadImage(str(out / "warped.nrrd")).GetSize() == (57, 78, 64)
+
+
+def _call_overlays(client, fixed_id: str, moving_id: str, transform: str | None, out: Path) -> dict:
+    """An overlays request built as every client builds it (protocol dataclass, encode_request), its result."""
+    with_field = transform is not None
+    request = OverlaysRequest(fixed_id=fixed_id, moving_id=moving_id, transform=transform,
+                              out_confidence=str(out / "confidence.nii.gz"),
+                              out_jacobian=str(out / "jacobian.nrrd") if with_field else None,
+                              out_magnitude=str(out / "magnitude.mha") if with_field else None,
+                              lattice=parse_options(FieldLevel, {"spacing_mm": 10.0, "search_radius_mm": 6.0}),
+                              settings=RunSettings(backbone="mind", device="cpu"))
+    request_type, fields = encode_request(request)
+    return client.call(request_type, timeout=TIMEOUT_S, **fields)
+
+
+def test_overlays_round_trip_uploads_the_field_and_equals_the_local_worker(remote, local, pair, tmp_path):
+    worker, local_ids = local
+    field = tmp_path / "field.h5"
+    worker.call("register", timeout=TIMEOUT_S, out_transform=str(field), backbone="mind", device="cpu",
+                options=QUICK_FIELD, **local_ids)
+    expected = _call_overlays(worker, local_ids["fixed_id"], local_ids["moving_id"], str(field), tmp_path / "local")
+    ids = {"fixed_id": remote.call("load", path=pair["fixed"])["volume_id"],
+           "moving_id": remote.call("load", path=pair["moving"])["volume_id"]}
+    out = tmp_path / "remote"
+    got = _call_overlays(remote, ids["fixed_id"], ids["moving_id"], str(field), out)
+    assert sorted(p.name for p in out.iterdir()) == ["confidence.nii.gz", "jacobian.nrrd", "magnitude.mha"]
+    assert sorted(got) == sorted(expected) == ["confidence", "jacobian", "magnitude"]
+    for name, summary in got.items():
+        assert summary["path"] == str(out / Path(expected[name]["path"]).name)
+        local_voxels = read_volume(expected[name]["path"]).voxels
+        remote_voxels = read_volume(summary["path"]).voxels
+        assert remote_voxels.shape == local_voxels.shape == read_volume(pair["fixed"]).voxels.shape
+        # the same computation in two processes whose float32 sums may run in another order
+        np.testing.assert_allclose(remote_voxels, local_voxels, atol=1e-3, err_msg=name)
+        for key in ("min", "max", "mean"):
+            assert summary[key] == pytest.approx(expected[name][key], abs=1e-3)
+    assert np.ptp(read_volume(out / "magnitude.mha").voxels) > 0
+    confidence_only = _call_overlays(remote, ids["fixed_id"], ids["moving_id"], None, tmp_path / "plain")
+    assert list(confidence_only) == ["confidence"] and (tmp_path / "plain" / "confidence.nii.gz").is_file()
+
+
+def test_overlays_on_a_server_take_only_an_uploaded_field(server, remote, tmp_path):
+    line = {"id": "o", "type": "overlays", "fixed_id": "v1", "moving_id": "v2", "transform": "/etc/passwd",
+            "out_confidence": "confidence.nii.gz"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    refused = json.loads(body)
+    assert status == 400 and refused["id"] == "o" and "a field uploaded to this session" in refused["message"]
+    not_a_field = tmp_path / "image.nii.gz"
+    write_volume(_small_volume(15), not_a_field)
+    with pytest.raises(BadInputError, match="3 components per voxel"):
+        _call_overlays(remote, "v1", "v2", str(not_a_field), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ lesion tracking on a server
+
+NODULES = [((-8.0, 0.0, 0.0), 5.0), ((10.0, 4.0, 4.0), 4.5)]
+SHIFT_LPS = np.array([4.0, -3.0, 2.0])
+TRACK_FIELD = {"levels": [{"spacing_mm": 8.0, "search_radius_mm": 12.0}], "optimise_iterations": 0}
+
+
+@pytest.fixture(scope="module")
+def track_files(tmp_path_factory) -> dict:
+    """A baseline with two nodules, a follow-up moved by SHIFT_LPS (new noise) and the baseline labelmap."""
+    folder = tmp_path_factory.mktemp("serve_track")
+    baseline = lung_with_nodules(GEOMETRY, NODULES)
+    followup = lung_with_nodules(GEOMETRY, [(np.asarray(c) + SHIFT_LPS, r) for c, r in NODULES], seed=1)
+    labelmap = labelmap_volume([(ball(GEOMETRY, c, r), n + 1) for n, (c, r) in enumerate(NODULES)], GEOMETRY)
+    for name, volume in (("baseline", baseline), ("followup", followup), ("lesions", labelmap)):
+        write_volume(volume, folder / f"{name}.nii.gz")
+    return {name: str(folder / f"{name}.nii.gz") for name in ("baseline", "followup", "lesions")}
+
+
+def _call_track(client, track_files: dict, lesions: str, out_dir: Path, field: dict = TRACK_FIELD) -> dict:
+    """A track request built as every client builds it (protocol dataclass, encode_request), its result."""
+    ids = {name: client.call("load", path=track_files[source], timeout=TIMEOUT_S)["volume_id"]
+           for name, source in (("baseline_id", "baseline"), ("followup_id", "followup"))}
+    request = TrackRequest(**ids, lesions=lesions, out_dir=str(out_dir), lesion_options=LesionOptions(),
+                           settings=RunSettings(backbone="mind", device="cpu",
+                                                field=parse_options(FieldOptions, field)))
+    request_type, fields = encode_request(request)
+    return client.call(request_type, timeout=TIMEOUT_S, **fields)
+
+
+def test_track_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(remote, local, track_files,
+                                                                                 tmp_path):
+    worker, _ = local
+    expected = _call_track(worker, track_files, track_files["lesions"], tmp_path / "local")
+    out = tmp_path / "remote"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    got = _call_track(remote, track_files, track_files["lesions"], out)
+    assert got["files"] == {key: str(out / name) for key, name in FILES.items()}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "notes.txt"])
+    assert (out / "notes.txt").read_text() == "mine"
+    for lesion, want in zip(got["lesions"], expected["lesions"], strict=True):
+        assert (lesion["label"], lesion["name"], lesion["status"]) == (want["label"], want["name"], want["status"])
+        np.testing.assert_allclose(lesion["centre_lps_mm"], want["centre_lps_mm"], atol=1e-3)
+    np.testing.assert_array_equal(read_volume(out / FILES["labelmap"]).voxels,
+                                  read_volume(tmp_path / "local" / FILES["labelmap"]).voxels)
+    local_rows = (tmp_path / "local" / FILES["csv"]).read_text().splitlines()
+    assert (out / FILES["csv"]).read_text().splitlines() == local_rows and len(local_rows) == 3
+    assert (out / FILES["sheet"]).read_bytes().startswith(b"\x89PNG")
+    assert "<server path>" not in (out / FILES["report"]).read_text()
+
+
+def test_a_remote_track_that_fails_or_is_cancelled_leaves_out_dir_as_it_was(remote, track_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / FILES["csv"]).write_text("the user's own table")
+    bad = labelmap_volume([(ball(GEOMETRY, (0, 0, 0), 3.0), 0.5)], GEOMETRY)
+    write_volume(bad, tmp_path / "bad.nii.gz")
+    with pytest.raises(BadInputError, match="label values must be integers") as refused:
+        _call_track(remote, track_files, str(tmp_path / "bad.nii.gz"), out)
+    assert str(tmp_path) not in str(refused.value)
+    assert sorted(p.name for p in out.iterdir()) == [FILES["csv"]]
+
+    slow = {"levels": [{"spacing_mm": 3.0, "search_radius_mm": 12.0}], "optimise_iterations": 200}
+    ids = {name: remote.call("load", path=track_files[source], timeout=TIMEOUT_S)["volume_id"]
+           for name, source in (("baseline_id", "baseline"), ("followup_id", "followup"))}
+    request = TrackRequest(**ids, lesions=track_files["lesions"], out_dir=str(out), lesion_options=LesionOptions(),
+                           settings=RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, slow)))
+    request_type, fields = encode_request(request)
+    job = remote.send(request_type, **fields)
+    events = remote.events(job, timeout=TIMEOUT_S)
+    assert isinstance(next(events), Progress)  # the server runs it: cancel it there
+    remote.cancel(job)
+    final = list(events)[-1]
+    assert isinstance(final, Error) and final.kind == CancelledError.kind
+    assert sorted(p.name for p in out.iterdir()) == [FILES["csv"]]
+    assert (out / FILES["csv"]).read_text() == "the user's own table"
+
+
+def test_remote_track_lesions_must_be_an_uploaded_labelmap(server, remote, track_files, tmp_path):
+    points = tmp_path / "points.csv"
+    points.write_text("label,l,p,s\nA,-7.0,1.0,0.0\n")
+    with pytest.raises(BadRequestError, match="point files and .seg.nrrd segment names are read by a local worker"):
+        _call_track(remote, track_files, str(points), tmp_path / "out")
+    line = {"id": "t", "type": "track", "baseline_id": "v1", "followup_id": "v2", "lesions": "/etc/passwd",
+            "out_dir": "track"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    refused = json.loads(body)
+    assert status == 400 and "volume id of a labelmap uploaded to this session" in refused["message"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server, track_files):
+    slicer_core = pytest.importorskip("slicer_core", reason="slicer-core is not installed")
+    from test_lesions import volume_node
+
+    from MedDIFTLib.slicer.scene_run import RunInputs
+    from MedDIFTLib.slicer.session import WorkerSession
+    from MedDIFTLib.slicer.track_run import TrackInputs
+
+    scene = slicer_core.vtkMRMLScene()
+    baseline, followup = (volume_node(scene, read_volume(track_files[name]).voxels, GEOMETRY, name=name)
+                          for name in ("baseline", "followup"))
+    source = volume_node(scene, read_volume(track_files["lesions"]).voxels.astype(np.uint8), GEOMETRY,
+                         "vtkMRMLLabelMapVolumeNode", "source")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
+    assert slicer_core.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation)
+    scene.RemoveNode(source)
+    settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, TRACK_FIELD))
+    panel = WorkerSession(scene, server_url=server.url, token=TOKEN)
+    try:
+        outputs = panel.run(RunInputs(baseline, followup, compute_landmarks=False, compute_transform=True,
+                                      compute_overlays=True), settings, timeout_s=TIMEOUT_S)
+        tracked = panel.run_track(TrackInputs(baseline, followup, segmentation), settings, timeout_s=TIMEOUT_S)
+    finally:
+        panel.shutdown()
+    assert sorted(outputs.overlays) == ["confidence", "jacobian", "magnitude"]
+    assert sorted(outputs.overlay_summary) == ["confidence", "jacobian", "magnitude"]
+    assert all(node.GetImageData().GetDimensions() == GEOMETRY.shape_ijk for node in outputs.overlays.values())
+    assert [row.status for row in tracked.rows] == ["ok", "ok"]
+    assert tracked.followup_lesions.GetSegmentation().GetNumberOfSegments() == 2
 
 
 def test_a_dropped_stream_cancels_its_job(server, remote):

@@ -19,14 +19,12 @@ import torch
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.atomic import atomic_output
+from ..core.io.fields import FIELD_TRANSFORM_SUFFIXES, field_suffix, read_field_file
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
 from ..matching import node_grid
 from ..matching.sampling import sample
 from . import grids
-
-FIELD_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-FIELD_TRANSFORM_SUFFIXES = (".h5", ".hdf5")
 
 
 @dataclass
@@ -201,20 +199,9 @@ def invert(
     return DisplacementField.from_tensor(inverse, geometry)
 
 
-def _field_suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in FIELD_IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    raise BadInputError(
-        f"{path}: unknown displacement field format; use one of "
-        + ", ".join(FIELD_IMAGE_SUFFIXES + FIELD_TRANSFORM_SUFFIXES)
-    )
-
-
 def check_field_path(path: str | os.PathLike) -> None:
     """Raise :class:`BadInputError` unless ``path`` names a field format this module writes."""
-    _field_suffix(Path(path))
+    field_suffix(path)
 
 
 def to_sitk_image(field: DisplacementField) -> sitk.Image:
@@ -231,7 +218,7 @@ def write_field(field: DisplacementField, path: str | os.PathLike) -> None:
     an ITK ``DisplacementFieldTransform`` (``.h5``, double precision, as ITK's transform holds it);
     both load in Slicer, ITK and SimpleITK."""
     target = Path(path)
-    suffix = _field_suffix(target)
+    suffix = field_suffix(target)
     with atomic_output(target) as tmp:
         if suffix in FIELD_TRANSFORM_SUFFIXES:
             sitk.WriteTransform(sitk.DisplacementFieldTransform(to_sitk_image(field)), str(tmp))
@@ -241,22 +228,4 @@ def write_field(field: DisplacementField, path: str | os.PathLike) -> None:
 
 def read_field(path: str | os.PathLike) -> DisplacementField:
     """Read a displacement field written by :func:`write_field` (or by ITK tools)."""
-    source = Path(path)
-    if not source.is_file():
-        raise BadInputError(f"{source}: no such file")
-    suffix = _field_suffix(source)
-    try:
-        if suffix in FIELD_TRANSFORM_SUFFIXES:
-            transform = sitk.ReadTransform(str(source))
-            if transform.GetName() == "CompositeTransform":
-                transform = sitk.CompositeTransform(transform).GetNthTransform(0)
-            image = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
-        else:
-            image = sitk.ReadImage(str(source))
-    except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "unknown error"
-        raise BadInputError(f"{source}: not a displacement field ({first_line})") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
-        raise BadInputError(f"{source}: a displacement field needs 3 components per voxel in 3D")
-    geometry = Geometry.create(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return DisplacementField(sitk.GetArrayFromImage(image).astype(np.float32), geometry)
+    return DisplacementField(*read_field_file(path))

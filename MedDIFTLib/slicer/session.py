@@ -210,9 +210,6 @@ class WorkerSession:
 
     def _steps(self, inputs: RunInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
         self._check_idle()
-        if self.server_url is not None and inputs.compute_overlays:
-            raise BadInputError("QA overlays are computed on this computer only; choose 'Compute on: this computer' "
-                                "or turn the overlays off")
         return SceneRun(self.scene, inputs, settings, self.folder).steps(control_point_indices)
 
     def _new_client(self):
@@ -245,8 +242,10 @@ class WorkerSession:
 
     def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
         self._check_idle()
-        if self.server_url is not None:
-            raise BadInputError("lesion tracking runs on this computer only; choose 'Compute on: this computer'")
+        lesions = inputs.baseline_lesions
+        if self.server_url is not None and lesions is not None and lesions.IsA("vtkMRMLMarkupsNode"):
+            raise BadInputError("lesion points (markups) are tracked on this computer only: choose 'Compute on: "
+                                "this computer', or give a segmentation of the lesions")
         return track_steps(self.scene, inputs, settings, self.folder, options)
 
     def start_track(self, inputs: TrackInputs, settings: RunSettings, on_done: DoneCallback,

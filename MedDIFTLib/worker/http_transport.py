@@ -6,13 +6,18 @@ It differs from the local worker process only where a network must: :meth:`HttpT
 opens a session, :meth:`~HttpTransport.close` closes it (the server deletes its data); a ``load``
 reads the volume here and uploads it unless this session holds its content already; a
 ``register`` writes its outputs on the server, then downloads them to the local paths it was given
-(all written atomically, only once all arrived). A dropped connection ends each unanswered request
-with an :class:`~.events.Error` (kind ``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
+(all written atomically, only once all arrived); ``overlays`` uploads its field (``transform``,
+read here) and comes back the same way; a ``track`` uploads its lesion labelmap as a load does and
+downloads the files of ``meddift track`` into its local ``out_dir`` the same way. Each is sent as
+:func:`~.protocol.encode_request` writes it, server-side names in place of the local paths. A
+dropped connection ends each unanswered request with an :class:`~.events.Error` (kind
+``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -29,7 +34,7 @@ from .events import Error, Result, WorkerError, error_from_event, parse_event
 from .transports import Deliver, Transport, request_line
 
 API = "/v1"
-OUTPUT_NAMES = ("transform", "inverse", "warped")
+OUTPUT_NAMES = {"register": ("transform", "inverse", "warped"), "overlays": ("confidence", "jacobian", "magnitude")}
 MIN_TOKEN_CHARS = 16
 
 
@@ -144,6 +149,10 @@ class HttpTransport(Transport):
                 self._deliver(Result(request_id, self._upload(params)))
             elif type == "register":
                 self._register(request_id, params)
+            elif type == "overlays":
+                self._overlays(request_id, params)
+            elif type == "track":
+                self._track(request_id, params)
             else:
                 self._stream(request_id, request_line(request_id, type, params))
         except MedDIFTError as error:
@@ -161,37 +170,88 @@ class HttpTransport(Transport):
     def _upload(self, params: dict[str, Any]) -> dict[str, Any]:
         """Read the volume here; upload it unless this session holds its content; the load result."""
         from ..core.io import read_volume
-        from .remote.wire import encode_volume
 
         if set(params) != {"path"}:
             raise BadRequestError("a load takes only 'path': a volume file or DICOM folder on this computer")
-        volume = read_volume(params["path"])
+        return self._upload_volume(read_volume(params["path"]), params["path"])
+
+    def _upload_volume(self, volume: Any, source: str) -> dict[str, Any]:
+        """Upload ``volume`` (a :class:`~MedDIFTLib.core.io.Volume` read from ``source``) unless this
+        session holds its content; the load result."""
+        from .remote.wire import encode_volume
+
         volume_path = self._session(f"/volumes/{volume.content_hash()}")
         status, found = self._request("GET", volume_path)
         if status == 200:
             return found
         body, headers = encode_volume(volume)
+        self._check_upload_size(source, body)
+        return self._json("PUT", volume_path, body=body, headers=headers)
+
+    def _check_upload_size(self, source: str, body: bytes) -> None:
+        """Refuse, before sending, an upload of ``source`` over the server's limit."""
         limit = self.info.get("limits", {}).get("max_upload_bytes")
         if limit is not None and len(body) > limit:
-            raise BadRequestError(f"{params['path']}: {describe_bytes(len(body), limit)} compressed exceeds the "
+            raise BadRequestError(f"{source}: {describe_bytes(len(body), limit)} compressed exceeds the "
                                   f"server's upload limit of {describe_bytes(limit, len(body))}")
-        return self._json("PUT", volume_path, body=body, headers=headers)
 
     def _register(self, request_id: str, params: dict[str, Any]) -> None:
         """Send a register with output names only; download its outputs to the local paths."""
-        from ..core.io import check_output_path
+        from .protocol import parse_request
 
-        local = {name: params[f"out_{name}"] for name in OUTPUT_NAMES if params.get(f"out_{name}") is not None}
-        for path in local.values():
-            if _ending(str(path)) in (".nhdr", ".mhd"):
-                raise BadRequestError(f"{path}: a two-file format cannot come back from a server; "
-                                      "use .nii.gz, .nrrd or .mha")
-            check_output_path(path)
-        sent = {**params, **{f"out_{name}": f"{name}{_ending(str(path))}" for name, path in local.items()}}
-        final = self._stream(request_id, request_line(request_id, "register", sent), deliver_final=False)
+        request = parse_request("register", params)
+        local = _local_outputs("register", request)
+        final = self._stream(request_id, _line(request_id, _output_names(request, local)), deliver_final=False)
         if isinstance(final, Result):
             self._download(request_id, local)
             final = Result(request_id, {**final.payload, **{name: str(path) for name, path in local.items()}})
+        self._deliver(final)
+
+    def _overlays(self, request_id: str, params: dict[str, Any]) -> None:
+        """Upload the field (``transform``, read here) and send the overlays with its hash and output
+        names only; download the overlays to the local paths."""
+        from ..core.io.fields import read_field_file
+        from .protocol import parse_request
+        from .remote.wire import encode_field, field_hash
+
+        request = parse_request("overlays", params)
+        local = _local_outputs("overlays", request)
+        sent = _output_names(request, local)
+        if request.transform is not None:
+            displacement, geometry = read_field_file(request.transform)
+            body, headers = encode_field(displacement, geometry)
+            self._check_upload_size(request.transform, body)
+            uploaded = self._json("PUT", self._session(f"/fields/{field_hash(displacement, geometry)}"), body=body,
+                                  headers=headers)
+            sent = dataclasses.replace(sent, transform=uploaded["field"])
+        final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
+        if isinstance(final, Result):
+            self._download(request_id, local)
+            final = Result(request_id, {name: {**summary, "path": str(local[name])}
+                                        for name, summary in final.payload.items() if name in local})
+        self._deliver(final)
+
+    def _track(self, request_id: str, params: dict[str, Any]) -> None:
+        """Upload the lesion labelmap and send the track with its volume id; download the files of
+        ``meddift track`` into the local ``out_dir`` (nothing there changes unless all arrived)."""
+        from ..core.io import read_volume
+        from ..lesions.inputs import LABELMAP_SUFFIXES
+        from ..lesions.outputs import check_outputs
+        from .protocol import parse_request
+
+        request = parse_request("track", params)
+        name = request.lesions.lower()
+        if not name.endswith(LABELMAP_SUFFIXES) or name.endswith(".seg.nrrd"):
+            raise BadRequestError(f"{request.lesions}: on a server the lesions must be a labelmap volume "
+                                  f"({', '.join(s for s in LABELMAP_SUFFIXES if s != '.seg.nrrd')}); point files "
+                                  "and .seg.nrrd segment names are read by a local worker only")
+        local = check_outputs(request.out_dir)
+        labelmap = self._upload_volume(read_volume(request.lesions), request.lesions)
+        sent = dataclasses.replace(request, lesions=labelmap["volume_id"], out_dir="track")
+        final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
+        if isinstance(final, Result):
+            self._download(request_id, local)
+            final = Result(request_id, {**final.payload, "files": {key: str(path) for key, path in local.items()}})
         self._deliver(final)
 
     def _download(self, request_id: str, local: dict[str, Any]) -> None:
@@ -308,6 +368,32 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as error:
         reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
         raise BadRequestError(f"{ca_file}: cannot use as the server's certificate ({reason})") from None
+
+
+def _local_outputs(request_type: str, request: Any) -> dict[str, str]:
+    """The local paths of a register or overlays request's outputs by name, checked before any work
+    (one-file formats only: a two-file one cannot come back from a server)."""
+    from ..core.io import check_output_path
+
+    local = {name: path for name in OUTPUT_NAMES[request_type] if (path := getattr(request, f"out_{name}")) is not None}
+    for path in local.values():
+        if _ending(path) in (".nhdr", ".mhd"):
+            raise BadRequestError(f"{path}: a two-file format cannot come back from a server; "
+                                  "use .nii.gz, .nrrd or .mha")
+        check_output_path(path)
+    return local
+
+
+def _output_names(request: Any, local: dict[str, str]) -> Any:
+    """``request`` with each local output path replaced by the name the server takes (``name.ending``)."""
+    return dataclasses.replace(request, **{f"out_{name}": f"{name}{_ending(path)}" for name, path in local.items()})
+
+
+def _line(request_id: str, request: Any) -> bytes:
+    """The wire line of a typed request (:mod:`.protocol`), as :func:`~.protocol.encode_request` writes it."""
+    from .protocol import encode_request
+
+    return request_line(request_id, *encode_request(request))
 
 
 def _ending(path: str) -> str:

@@ -131,7 +131,8 @@ class TrackRequest:
     (LesionOptions) is ``lesion_options``; ``field_options`` (FieldOptions) becomes
     ``settings.field``. Result: ``files`` (path by key: labelmap, csv, report, sheet), ``lesions``
     (label, name, status, flags, confidence, volumes in mL, follow-up centre in LPS mm),
-    ``seconds`` (per step) and ``features_cached``."""
+    ``seconds`` (per step) and ``features_cached``. On ``meddift serve`` the client uploads the
+    labelmap and names it by its volume id, and gives ``out_dir`` as a name (:mod:`.remote.app`)."""
 
     baseline_id: str
     followup_id: str
@@ -155,7 +156,8 @@ class OverlaysRequest:
     confidence in [0, 1] of the engine's lattice, ``lattice`` (FieldLevel) nodes, searched around
     the field in ``transform`` when given) and, from that field, ``out_jacobian`` (Jacobian
     determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result: the
-    written paths and each overlay's ``min``, ``max`` and ``mean``."""
+    written paths and each overlay's ``min``, ``max`` and ``mean``. On ``meddift serve`` the client
+    uploads the field and names it by its hash, and gives output names (:mod:`.remote.app`)."""
 
     fixed_id: str
     moving_id: str

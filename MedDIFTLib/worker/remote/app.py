@@ -3,18 +3,24 @@
 - ``GET  /info``: version, device and limits (the client's "Test connection");
 - ``POST /sessions``, ``GET|DELETE /sessions/{sid}``: open, describe, close a session;
 - ``GET|PUT /sessions/{sid}/volumes/{content_hash}``: was this volume uploaded / upload it (:mod:`.wire`);
+- ``PUT /sessions/{sid}/fields/{field_hash}``: upload a displacement field (:mod:`.wire`), the
+  ``transform`` an ``overlays`` request names by its hash;
 - ``POST /sessions/{sid}/requests``: one protocol request line as the body; its events come back as
   server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
   stream closing early cancels the request;
-- ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` request
-  (the request id URL-quoted; it may hold ``/``).
+- ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` or
+  ``overlays`` request (``name``: :data:`.wire.OUTPUT_NAMES`) or a ``track`` request (labelmap, csv,
+  report, sheet: the files of ``meddift track``), written in the session's folder (the request id
+  URL-quoted; it may hold ``/``).
 
 Every route is rate-limited per client address (429; failed token attempts count) and needs
 ``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals, unknown
 routes and unexpected failures alike are ``{"kind", "message"}`` JSON, never a path or a traceback.
-A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded. Each session may hold
-``session_memory_bytes`` of uploaded voxels, and each of its jobs is refused up front when its
-memory estimate (:mod:`MedDIFTLib.core.budget`) exceeds that.
+A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded, and so are the lesion
+labelmap of a ``track`` (its ``lesions`` names the uploaded volume) and the field of ``overlays``
+(its ``transform`` names the upload). Each session may hold ``session_memory_bytes`` of uploaded
+voxels, and each of its jobs is refused up front when its memory estimate
+(:mod:`MedDIFTLib.core.budget`) exceeds that.
 """
 
 from __future__ import annotations
@@ -41,11 +47,19 @@ from ..protocol import Limits, LoadRequest, RejectedRequest, parse_line
 from ..stream import error_event
 from .security import RateLimiter, token_matches
 from .sessions import INTERNAL_MESSAGE, ServerSession, SessionStore, hide_paths
-from .wire import API, CONTENT_HASH, GEOMETRY_HEADER, NAME_HEADER, OUTPUT_NAMES, decode_volume
+from .wire import (
+    API,
+    CONTENT_HASH,
+    GEOMETRY_HEADER,
+    NAME_HEADER,
+    OUTPUT_NAMES,
+    decode_field,
+    decode_volume,
+    field_hash,
+)
 
-REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "cancel")
-DEVICE_TYPES = ("features", "match", "register")
-LOCAL_TYPES = ("overlays", "track")  # they read or write files beside the worker: local workers only
+REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "overlays", "track", "cancel")
+DEVICE_TYPES = ("features", "match", "register", "overlays", "track")
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
 SESSION_LIMIT = "this session's memory limit (meddift serve --session-memory-mb)"
@@ -199,6 +213,25 @@ def create_app(config: ServeConfig) -> Starlette:
         finally:
             session.events.close(request_id)
 
+    async def upload_field(request: Request, session: ServerSession) -> Response:
+        content_hash = request.path_params["field_hash"]
+        if not CONTENT_HASH.fullmatch(content_hash):
+            return refusal(400, "bad_request", "a field is named by its 40-digit hash")
+        try:
+            body = await read_body(request, config.max_upload_bytes)
+        except BodyTooLarge:
+            return refusal(413, "bad_request", f"upload over the server's limit of "
+                           f"{describe_bytes(config.max_upload_bytes)}")
+        try:
+            displacement, geometry = await asyncio.to_thread(decode_field, body, request.headers.get(GEOMETRY_HEADER),
+                                                             config.max_upload_bytes)
+        except MedDIFTError as error:
+            return refusal(400, error.kind, str(error))
+        if field_hash(displacement, geometry) != content_hash:
+            return refusal(400, "bad_request", "the uploaded field does not have the hash it was sent under")
+        await asyncio.to_thread(session.add_field, content_hash, displacement, geometry)
+        return JSONResponse({"field": content_hash})
+
     async def post_request(request: Request, session: ServerSession) -> Response:
         try:
             body = await read_body(request, config.limits.max_request_bytes)
@@ -209,9 +242,13 @@ def create_app(config: ServeConfig) -> Starlette:
             request_id, request_type, fields = parse_line(body)
             if request_type not in REMOTE_TYPES:
                 raise RejectedRequest(_not_remote(request_type), request_id)
-            if request_type == "register":
-                fields = session.output_paths(request_id, fields)
             fields = server_options(request_type, fields, config)
+            if request_type == "register":
+                fields = session.output_paths(request_id, request_type, fields)
+            elif request_type == "overlays":
+                fields = session.overlays_paths(request_id, fields)
+            elif request_type == "track":
+                fields = await asyncio.to_thread(session.track_paths, request_id, fields)
         except RejectedRequest as error:
             return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
         except BadRequestError as error:
@@ -237,7 +274,7 @@ def create_app(config: ServeConfig) -> Starlette:
     async def get_output(request: Request, session: ServerSession) -> Response:
         name = request.path_params["name"]
         path = session.outputs.get(request.path_params["request_id"], {}).get(name)
-        if name not in OUTPUT_NAMES or path is None or not path.is_file():
+        if path is None or not path.is_file():
             return refusal(404, "bad_request", "no such output of this session")
         return FileResponse(path, media_type="application/octet-stream")
 
@@ -263,6 +300,7 @@ def create_app(config: ServeConfig) -> Starlette:
         Route(session_path, guarded(close_session), methods=["DELETE"]),
         Route(session_path + "/volumes/{content_hash}", guarded(find_volume), methods=["GET"]),
         Route(session_path + "/volumes/{content_hash}", guarded(upload_volume), methods=["PUT"]),
+        Route(session_path + "/fields/{field_hash}", guarded(upload_field), methods=["PUT"]),
         Route(session_path + "/requests", guarded(post_request), methods=["POST"]),
         Route(session_path + "/outputs/{request_id:path}/{name}", guarded(get_output), methods=["GET"]),
     ]
@@ -303,9 +341,6 @@ def server_options(request_type: str, fields: dict[str, Any], config: ServeConfi
 def _not_remote(request_type: str) -> str:
     if request_type == "load":
         return "the server never reads its own files: upload the volume (RemoteWorkerClient's load does)"
-    if request_type in LOCAL_TYPES:
-        return (f"'{request_type}' reads or writes files on the computer that runs it, so it is not available on a "
-                "server; run it on this computer (a local worker)")
     return f"'{request_type}' is not available on a server; close the session instead"
 
 
@@ -330,10 +365,15 @@ async def _stream(session: ServerSession, request_id: str, request_type: str, qu
 
 
 def _public_result(request_type: str, result: dict[str, Any]) -> dict[str, Any]:
-    """What a client may see of a result: a register's outputs by name (the client maps them to its
-    paths), a probe without the server's process id and with path-free backbone messages."""
+    """What a client may see of a result: a register's or overlays' outputs and a track's files by
+    name (the client maps them to its paths), a probe without the server's process id and with
+    path-free backbone messages."""
     if request_type == "register":
-        return {**result, **{name: name for name in OUTPUT_NAMES if result.get(name)}}
+        return {**result, **{name: name for name in OUTPUT_NAMES[request_type] if result.get(name)}}
+    if request_type == "overlays":
+        return {name: {**summary, "path": name} for name, summary in result.items()}
+    if request_type == "track":
+        return {**result, "files": {key: key for key in result["files"]}}
     if request_type == "probe":
         backbones = [{**backbone, "message": hide_paths(backbone["message"])} for backbone in result["backbones"]]
         return {**{key: value for key, value in result.items() if key not in ("pid", "platform")},

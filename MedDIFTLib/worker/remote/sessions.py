@@ -1,7 +1,9 @@
 """Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
-job queue) and its own folder of outputs under the server's cache folder; another session can
-neither name nor reach them. Jobs of all sessions share the device: one computes at a time, and an
-idle session fills its partly computed features behind only while no job computes.
+job queue) and its own folder under the server's cache folder (the jobs' outputs, and the files a
+job reads, the lesion labelmap of a ``track`` and the field of ``overlays``, written there by the
+server from an upload); another session can neither name nor reach them. Jobs of all sessions
+share the device: one computes at a time, and an idle session fills its partly computed features
+behind only while no job computes.
 
 Events of a session's worker are routed by request id to the HTTP stream that asked (an
 :class:`asyncio.Queue` per request), with file paths taken out of every message.
@@ -11,25 +13,31 @@ Idle sessions are closed and their folders deleted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import secrets
 import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...core.budget import Budget
 from ...core.errors import BadRequestError
+from ...core.geometry import Geometry
+from ...core.io import write_volume
+from ...field import DisplacementField, write_field
+from ...lesions.outputs import output_paths
 from ..jobs import Job
 from ..protocol import Limits
 from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES
 
-COMPUTE_TYPES = frozenset({"features", "match", "register"})
+COMPUTE_TYPES = frozenset({"features", "match", "register", "overlays", "track"})
 RECENT_OUTCOMES = 64
 OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
@@ -132,7 +140,8 @@ class ServerSession:
     last_used: float = field(default_factory=time.monotonic)
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
-    _jobs: int = 0
+    uploaded_fields: dict[str, Path] = field(default_factory=dict)
+    _job_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -152,13 +161,31 @@ class ServerSession:
             return None
         return found
 
-    def output_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of a register request with its output names (only their endings count) turned
-        into files of this session's folder."""
-        self._jobs += 1
-        folder = self.folder / f"job{self._jobs}"
+    def add_field(self, field_hash: str, displacement_lps_mm: Any, geometry: Geometry) -> None:
+        """Keep an uploaded displacement field (``[k, j, i, 3]``, LPS mm) as a file of this session's
+        folder, named by its hash for the ``transform`` of an ``overlays`` request."""
+        path = self.folder / "fields" / f"{field_hash}.nii.gz"
+        write_field(DisplacementField(displacement_lps_mm, geometry), path)
+        self.uploaded_fields[field_hash] = path
+
+    def overlays_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of an overlays request with ``transform`` (on a server: the hash of a field
+        uploaded to this session) and its output names turned into files of this session's folder."""
+        transform = fields.get("transform")
+        if transform is not None:
+            path = self.uploaded_fields.get(transform) if isinstance(transform, str) else None
+            if path is None:
+                raise BadRequestError("'transform' on a server must name a field uploaded to this session "
+                                      "(RemoteWorkerClient's overlays uploads it)")
+            fields = {**fields, "transform": str(path)}
+        return self.output_paths(request_id, "overlays", fields)
+
+    def output_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of a register or overlays request with its output names (only their endings
+        count) turned into files of this session's folder."""
+        folder = self._job_folder()
         paths = {}
-        for name in OUTPUT_NAMES:
+        for name in OUTPUT_NAMES[request_type]:
             given = fields.get(f"out_{name}")
             if given is None:
                 continue
@@ -168,6 +195,26 @@ class ServerSession:
             paths[name] = folder / f"{name}{ending.group(0)}"
         self.outputs[request_id] = paths
         return {**fields, **{f"out_{name}": str(path) for name, path in paths.items()}}
+
+    def track_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of a track request with ``lesions`` (on a server: the volume id of a labelmap
+        uploaded to this session) written as a file of this session's folder, and ``out_dir`` a
+        folder of it whose files of ``meddift track`` are the request's outputs."""
+        lesions = fields.get("lesions")
+        volume = self.worker.state.volumes.get(lesions) if isinstance(lesions, str) else None
+        if volume is None:
+            raise BadRequestError("'lesions' on a server must be the volume id of a labelmap uploaded to this "
+                                  "session (RemoteWorkerClient's track uploads it)")
+        folder = self._job_folder()
+        labelmap = folder / "lesions.nii.gz"
+        write_volume(volume, labelmap)
+        out_dir = folder / "track"
+        self.outputs[request_id] = output_paths(out_dir)
+        return {**fields, "lesions": str(labelmap), "out_dir": str(out_dir)}
+
+    def _job_folder(self) -> Path:
+        """A new folder name for one job's files in this session's folder (made when written)."""
+        return self.folder / f"job{next(self._job_numbers)}"
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Cancel its jobs, stop its worker and delete its folder."""
