@@ -174,15 +174,21 @@ def create_app(config: ServeConfig) -> Starlette:
             return refusal(404, "bad_request", "not uploaded to this session")
         return JSONResponse(found)
 
-    async def upload_volume(request: Request, session: ServerSession) -> Response:
-        content_hash = request.path_params["content_hash"]
+    async def read_upload(request: Request, content_hash: str, what: str) -> bytes | Response:
+        """The body of an upload named by its 40-digit hash, or the refusal of a bad name or size."""
         if not CONTENT_HASH.fullmatch(content_hash):
-            return refusal(400, "bad_request", "a volume is named by its 40-digit content hash")
+            return refusal(400, "bad_request", f"{what} is named by its 40-digit content hash")
         try:
-            body = await read_body(request, config.max_upload_bytes)
+            return await read_body(request, config.max_upload_bytes)
         except BodyTooLarge:
             return refusal(413, "bad_request", f"upload over the server's limit of "
                            f"{describe_bytes(config.max_upload_bytes)}")
+
+    async def upload_volume(request: Request, session: ServerSession) -> Response:
+        content_hash = request.path_params["content_hash"]
+        body = await read_upload(request, content_hash, "a volume")
+        if isinstance(body, Response):
+            return body
         held = session.held_bytes()
         room = config.session_memory_bytes - held
         limit, limit_name, limit_note = config.max_upload_bytes, "the server's limit", ""
@@ -215,13 +221,9 @@ def create_app(config: ServeConfig) -> Starlette:
 
     async def upload_field(request: Request, session: ServerSession) -> Response:
         content_hash = request.path_params["field_hash"]
-        if not CONTENT_HASH.fullmatch(content_hash):
-            return refusal(400, "bad_request", "a field is named by its 40-digit hash")
-        try:
-            body = await read_body(request, config.max_upload_bytes)
-        except BodyTooLarge:
-            return refusal(413, "bad_request", f"upload over the server's limit of "
-                           f"{describe_bytes(config.max_upload_bytes)}")
+        body = await read_upload(request, content_hash, "a field")
+        if isinstance(body, Response):
+            return body
         try:
             displacement, geometry = await asyncio.to_thread(decode_field, body, request.headers.get(GEOMETRY_HEADER),
                                                              config.max_upload_bytes)
