@@ -39,3 +39,21 @@ def test_downsampled_grid_matches_trilinear_upsampling():
         i, j, k = corner + offset
         expected += weight * float(values[0, 0, k, j, i])
     assert abs(float(upsampled[2, 4, 3]) - expected) < 1e-12
+
+
+def test_voxels_up_to_five_percent_apart_count_as_cubic_for_features_and_baselines_alike():
+    """One rule (Geometry.cubic) decides thick slices for MIND's working grid and ConvexAdam's grid."""
+    from MedDIFTLib.core.io import Volume
+    from MedDIFTLib.evaluation.baselines import convexadam_spacing_mm
+    from MedDIFTLib.features.mind import MindFeaturizer
+
+    near_cubic = Geometry.create((20, 20, 20), (1.0, 1.0, 1.05))
+    thick = Geometry.create((20, 20, 8), (1.37, 1.37, 4.0))
+    assert near_cubic.cubic and not thick.cubic
+    assert convexadam_spacing_mm(near_cubic, near_cubic) == 2.0
+    assert convexadam_spacing_mm(thick, thick) == 1.37
+    def working_grid(geometry: Geometry) -> Geometry:
+        return MindFeaturizer().working_image(Volume(np.zeros(geometry.shape_kji, np.float32), geometry)).geometry
+
+    assert working_grid(near_cubic) == near_cubic
+    assert np.allclose(working_grid(thick).spacing_mm, 1.37)

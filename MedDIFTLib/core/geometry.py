@@ -13,6 +13,10 @@ from functools import cached_property
 
 import numpy as np
 
+CUBIC_TOLERANCE = 1.05
+"""Largest over smallest voxel spacing up to which voxels count as cubic (:attr:`Geometry.cubic`):
+no isotropic working grid for the features, the native grid for the baselines."""
+
 FINEST_WORKING_MM = 1.25
 """The finest isotropic working grid the features take by default for voxels that are not cubic
 (thick slices): a full-resolution CT of 2 mm slices is not doubled in memory."""
@@ -115,6 +119,11 @@ class Geometry:
     def anisotropy(self) -> float:
         """Largest over smallest voxel spacing (1 for cubic voxels)."""
         return float(max(self.spacing_mm) / min(self.spacing_mm))
+
+    @property
+    def cubic(self) -> bool:
+        """Whether the voxels count as cubic: anisotropy at most :data:`CUBIC_TOLERANCE` (else thick slices)."""
+        return self.anisotropy <= CUBIC_TOLERANCE
 
     def same_grid(self, other: Geometry, tol: float = 1e-4) -> bool:
         return self.shape_ijk == other.shape_ijk and np.allclose(

@@ -34,7 +34,6 @@ from ..core.options import BSplineOptions, ConvexAdamOptions, parse_options
 from ..core.progress import ProgressFn, no_progress
 
 CLIP_HU = (-1000.0, 1500.0)
-CUBIC_TOLERANCE = 1.05  # voxels whose largest / smallest spacing is at most this count as cubic
 
 BASELINE_OPTIONS: dict[str, type] = {"bspline": BSplineOptions, "convexadam": ConvexAdamOptions}
 
@@ -64,14 +63,14 @@ def convexadam_spacing_mm(
 ) -> float:
     """The spacing (mm) of ConvexAdam's isotropic working grid for a pair of image grids.
 
-    Where either image's voxels are not cubic (largest over smallest spacing above
-    :data:`CUBIC_TOLERANCE`, e.g. MRI of 1.37 x 1.37 x 4 mm) and ``thick_slices_at_finest``: the finest
-    spacing of the pair, so the in-plane detail is kept (1.37 mm there). Otherwise
-    ``working_spacing_mm``, or the pair's finest spacing where that is coarser. The grid covers the fixed
-    image and is never finer than its finest spacing (:meth:`Geometry.working_grid`).
+    Where either image's voxels are not cubic (:attr:`Geometry.cubic`, e.g. MRI of 1.37 x 1.37 x 4 mm)
+    and ``thick_slices_at_finest``: the finest spacing of the pair, so the in-plane detail is kept
+    (1.37 mm there). Otherwise ``working_spacing_mm``, or the pair's finest spacing where that is
+    coarser. The grid covers the fixed image and is never finer than its finest spacing
+    (:meth:`Geometry.working_grid`).
     """
     finest = float(min(min(fixed.spacing_mm), min(moving.spacing_mm)))
-    thick_slices = max(fixed.anisotropy, moving.anisotropy) > CUBIC_TOLERANCE
+    thick_slices = not (fixed.cubic and moving.cubic)
     if thick_slices and thick_slices_at_finest:
         return finest
     return max(float(working_spacing_mm), finest)

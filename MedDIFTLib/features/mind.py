@@ -47,7 +47,6 @@ SSC_PAIRS = [
 ]
 VARIANCE_FLOOR = 1e-5
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-CUBIC_TOLERANCE = 1.05  # voxels whose largest / smallest spacing is below this count as cubic
 
 
 def _shifted(padded: torch.Tensor, offset_kji: np.ndarray, pad: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -169,7 +168,7 @@ class MindFeaturizer:
         ``FINEST_WORKING_MM``) when ``isotropic`` and its voxels are not cubic (or another spacing is
         asked for)."""
         geometry = volume.geometry
-        if not self.isotropic or (self.spacing_mm is None and geometry.anisotropy < CUBIC_TOLERANCE):
+        if not self.isotropic or (self.spacing_mm is None and geometry.cubic):
             return WorkingImage(volume, geometry)
         grid = geometry.working_grid(self.spacing_mm or FINEST_WORKING_MM)
         if np.allclose(grid.spacing_mm, geometry.spacing_mm, rtol=0.05):
