@@ -61,6 +61,26 @@ def labelmap_volume(masks_and_labels, geometry: Geometry) -> Volume:
     return Volume(labels, geometry, "lesions")
 
 
+TRACK_NODULES = [((-8.0, 0.0, 0.0), 5.0), ((10.0, 4.0, 4.0), 4.5)]
+TRACK_SHIFT_LPS = np.array([4.0, -3.0, 2.0])
+
+
+def write_tracking_pair(folder) -> dict[str, str]:
+    """A baseline with TRACK_NODULES, a follow-up moved by TRACK_SHIFT_LPS (new noise) and the baseline
+    labelmap, written to ``folder``; their paths by name (baseline, followup, lesions)."""
+    nodules = TRACK_NODULES
+    volumes = {
+        "baseline": lung_with_nodules(GEOMETRY, nodules),
+        "followup": lung_with_nodules(GEOMETRY, [(np.asarray(c) + TRACK_SHIFT_LPS, r) for c, r in nodules], seed=1),
+        "lesions": labelmap_volume([(ball(GEOMETRY, c, r), n + 1) for n, (c, r) in enumerate(nodules)], GEOMETRY),
+    }
+    paths = {}
+    for name, volume in volumes.items():
+        paths[name] = str(folder / f"{name}.nii.gz")
+        write_volume(volume, paths[name])
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurements
 

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 import uvicorn
 from conftest import CHEST_DIR, require
 from scipy import ndimage
-from test_lesions import GEOMETRY, ball, labelmap_volume, lung_with_nodules
+from test_lesions import GEOMETRY, ball, labelmap_volume, write_tracking_pair
 
 import MedDIFTLib
 from MedDIFTLib.core.environment import PACKAGE_PARENT
@@ -409,21 +409,13 @@ def test_overlays_on_a_server_take_only_an_uploaded_field(server, remote, tmp_pa
 
 # ------------------------------------------------------------------ lesion tracking on a server
 
-NODULES = [((-8.0, 0.0, 0.0), 5.0), ((10.0, 4.0, 4.0), 4.5)]
-SHIFT_LPS = np.array([4.0, -3.0, 2.0])
 TRACK_FIELD = {"levels": [{"spacing_mm": 8.0, "search_radius_mm": 12.0}], "optimise_iterations": 0}
 
 
 @pytest.fixture(scope="module")
 def track_files(tmp_path_factory) -> dict:
-    """A baseline with two nodules, a follow-up moved by SHIFT_LPS (new noise) and the baseline labelmap."""
-    folder = tmp_path_factory.mktemp("serve_track")
-    baseline = lung_with_nodules(GEOMETRY, NODULES)
-    followup = lung_with_nodules(GEOMETRY, [(np.asarray(c) + SHIFT_LPS, r) for c, r in NODULES], seed=1)
-    labelmap = labelmap_volume([(ball(GEOMETRY, c, r), n + 1) for n, (c, r) in enumerate(NODULES)], GEOMETRY)
-    for name, volume in (("baseline", baseline), ("followup", followup), ("lesions", labelmap)):
-        write_volume(volume, folder / f"{name}.nii.gz")
-    return {name: str(folder / f"{name}.nii.gz") for name in ("baseline", "followup", "lesions")}
+    """The tracking pair of test_lesions.write_tracking_pair (two nodules, moved by TRACK_SHIFT_LPS)."""
+    return write_tracking_pair(tmp_path_factory.mktemp("serve_track"))
 
 
 def _call_track(client, track_files: dict, lesions: str, out_dir: Path, field: dict = TRACK_FIELD) -> dict:

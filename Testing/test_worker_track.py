@@ -8,7 +8,15 @@ import csv
 
 import numpy as np
 import pytest
-from test_lesions import GEOMETRY, ball, labelmap_volume, lung_with_nodules, volume_node
+from test_lesions import (
+    GEOMETRY,
+    TRACK_NODULES,
+    TRACK_SHIFT_LPS,
+    ball,
+    labelmap_volume,
+    volume_node,
+    write_tracking_pair,
+)
 
 from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError
 from MedDIFTLib.core.io import read_volume, write_volume
@@ -19,8 +27,7 @@ from MedDIFTLib.worker.events import Error, Result
 from MedDIFTLib.worker.protocol import TrackRequest, parse_request
 
 TIMEOUT_S = 120
-NODULES = [((-8.0, 0.0, 0.0), 5.0), ((10.0, 4.0, 4.0), 4.5)]
-SHIFT_LPS = np.array([4.0, -3.0, 2.0])
+NODULES, SHIFT_LPS = TRACK_NODULES, TRACK_SHIFT_LPS
 FAST_FIELD = {"levels": [{"spacing_mm": 8.0, "search_radius_mm": 12.0}], "optimise_iterations": 0}
 
 
@@ -64,15 +71,8 @@ def test_bad_track_fields_name_the_field(changes, error_class, words):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
-    """A baseline with two nodules, a follow-up moved by SHIFT_LPS (new noise) and the baseline labelmap."""
-    folder = tmp_path_factory.mktemp("track_pair")
-    baseline = lung_with_nodules(GEOMETRY, NODULES)
-    followup = lung_with_nodules(GEOMETRY, [(np.asarray(c) + SHIFT_LPS, r) for c, r in NODULES], seed=1)
-    labelmap = labelmap_volume([(ball(GEOMETRY, c, r), n + 1) for n, (c, r) in enumerate(NODULES)], GEOMETRY)
-    paths = {name: folder / f"{name}.nii.gz" for name in ("baseline", "followup", "lesions")}
-    for name, volume in (("baseline", baseline), ("followup", followup), ("lesions", labelmap)):
-        write_volume(volume, paths[name])
-    return {name: str(path) for name, path in paths.items()}
+    """The tracking pair of test_lesions.write_tracking_pair (two nodules, moved by TRACK_SHIFT_LPS)."""
+    return write_tracking_pair(tmp_path_factory.mktemp("track_pair"))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ from .events import Error, Result, WorkerError, error_from_event, parse_event
 from .transports import Deliver, Transport, request_line
 
 API = "/v1"
-OUTPUT_NAMES = {"register": ("transform", "inverse", "warped"), "overlays": ("confidence", "jacobian", "magnitude")}
 MIN_TOKEN_CHARS = 16
 
 
@@ -374,6 +373,7 @@ def _local_outputs(request_type: str, request: Any) -> dict[str, str]:
     """The local paths of a register or overlays request's outputs by name, checked before any work
     (one-file formats only: a two-file one cannot come back from a server)."""
     from ..core.io import check_output_path
+    from .remote.wire import OUTPUT_NAMES
 
     local = {name: path for name in OUTPUT_NAMES[request_type] if (path := getattr(request, f"out_{name}")) is not None}
     for path in local.values():
