@@ -39,7 +39,7 @@ from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_transport import read_token_file
-from MedDIFTLib.worker.protocol import Limits, OverlaysRequest, TrackRequest, encode_request
+from MedDIFTLib.worker.protocol.requests import Limits, OverlaysRequest, TrackRequest, encode_request
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents

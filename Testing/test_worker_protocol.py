@@ -19,7 +19,7 @@ from MedDIFTLib.core.errors import ERROR_KINDS, BadInputError, BadRequestError
 from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings
 from MedDIFTLib.worker import events
 from MedDIFTLib.worker.jobs import Job, JobQueue
-from MedDIFTLib.worker.protocol import (
+from MedDIFTLib.worker.protocol.requests import (
     REQUEST_TYPES,
     CancelRequest,
     FeaturesRequest,
@@ -42,7 +42,7 @@ from MedDIFTLib.worker.stream import EventWriter, error_event, oversized, progre
 
 def test_protocol_and_job_queue_import_neither_torch_nor_monai():
     code = (
-        "import sys, MedDIFTLib.worker.protocol, MedDIFTLib.worker.jobs; "
+        "import sys, MedDIFTLib.worker.protocol.requests, MedDIFTLib.worker.jobs; "
         "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}

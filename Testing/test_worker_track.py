@@ -24,7 +24,7 @@ from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, pa
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Result
-from MedDIFTLib.worker.protocol import TrackRequest, parse_request
+from MedDIFTLib.worker.protocol.requests import TrackRequest, parse_request
 
 TIMEOUT_S = 120
 NODULES, SHIFT_LPS = TRACK_NODULES, TRACK_SHIFT_LPS

@@ -41,7 +41,7 @@ def connect(args: argparse.Namespace):
 
 def _send(client, request, progress=None) -> dict[str, Any]:
     """Send one typed request (:mod:`MedDIFTLib.worker.protocol`) as ``encode_request`` writes it; its result."""
-    from ..worker.protocol import encode_request
+    from ..worker.protocol.requests import encode_request
 
     request_type, fields = encode_request(request)
     return client.call(request_type, progress=progress, **fields)
@@ -54,7 +54,7 @@ def _settings(args: argparse.Namespace, **part: Any) -> RunSettings:
 
 
 def _load(client, path: str) -> str:
-    from ..worker.protocol import LoadRequest
+    from ..worker.protocol.requests import LoadRequest
 
     return _send(client, LoadRequest(path))["volume_id"]
 
@@ -72,7 +72,7 @@ def match_remotely(args: argparse.Namespace, points, options: MatchOptions, prog
     import numpy as np
 
     from ..matching import Correspondences
-    from ..worker.protocol import MatchRequest
+    from ..worker.protocol.requests import MatchRequest
 
     with connect(args) as client:
         fixed_id, moving_id = _volumes(client, args, progress)
@@ -93,7 +93,7 @@ def match_remotely(args: argparse.Namespace, points, options: MatchOptions, prog
 
 def register_remotely(args: argparse.Namespace, options: FieldOptions, progress) -> dict[str, Any]:
     """The summary of a registration run on the server, its outputs written to the local paths."""
-    from ..worker.protocol import RegisterRequest
+    from ..worker.protocol.requests import RegisterRequest
 
     with connect(args) as client:
         fixed_id, moving_id = _volumes(client, args, progress)

@@ -22,7 +22,7 @@ from ..core.errors import BadInputError, MedDIFTError
 from ..core.io import PointSet
 from ..core.io.points import RAS_FROM_LPS
 from ..core.options import FieldLevel, RunSettings
-from ..worker.protocol import LoadRequest, MatchRequest, OverlaysRequest, RegisterRequest, Request
+from ..worker.protocol.requests import LoadRequest, MatchRequest, OverlaysRequest, RegisterRequest, Request
 from .nodes import (
     fill_transform_node,
     fill_volume_node,

@@ -23,7 +23,7 @@ from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import LesionOptions, RunSettings
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
-from ..worker.protocol import Request, encode_request
+from ..worker.protocol.requests import Request, encode_request
 from ..worker.remote_client import RemoteWorkerClient
 from .scene_run import RunInputs, RunOutputs, SceneRun, Steps, WorkerFiles
 from .track_run import TrackInputs, TrackOutputs, track_steps
@@ -48,7 +48,7 @@ def describe_server(server_url: str, token: str | None = None, timeout_s: float 
 def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
                  timeout_s: float | None = None) -> RunOutputs:
     """Drive a job to its end with blocking ``client.call`` requests (each step's typed request,
-    encoded by :func:`~MedDIFTLib.worker.protocol.encode_request`); ``timeout_s`` bounds the wait
+    encoded by :func:`~MedDIFTLib.worker.protocol.requests.encode_request`); ``timeout_s`` bounds the wait
     for each worker event."""
     try:
         request = next(steps)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..core.errors import BadInputError
 from ..core.options import LesionOptions, RunSettings
-from ..worker.protocol import TrackRequest
+from ..worker.protocol.requests import TrackRequest
 from .lesion_nodes import (
     LesionRow,
     LesionSegment,

@@ -32,7 +32,7 @@ from ..lesions.inputs import read_lesions
 from ..lesions.outputs import check_outputs, write_outputs
 from ..lesions.track import track_lesions
 from ..matching import match_points
-from .protocol import (
+from .protocol.requests import (
     FeaturesRequest,
     LoadRequest,
     MatchRequest,

@@ -9,7 +9,7 @@ reads the volume here and uploads it unless this session holds its content alrea
 (all written atomically, only once all arrived); ``overlays`` uploads its field (``transform``,
 read here) and comes back the same way; a ``track`` uploads its lesion labelmap as a load does and
 downloads the files of ``meddift track`` into its local ``out_dir`` the same way. Each is sent as
-:func:`~.protocol.encode_request` writes it, server-side names in place of the local paths. A
+:func:`~.protocol.requests.encode_request` writes it, server-side names in place of the local paths. A
 dropped connection ends each unanswered request with an :class:`~.events.Error` (kind
 ``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
 """
@@ -196,7 +196,7 @@ class HttpTransport(Transport):
 
     def _register(self, request_id: str, params: dict[str, Any]) -> None:
         """Send a register with output names only; download its outputs to the local paths."""
-        from .protocol import parse_request
+        from .protocol.requests import parse_request
 
         request = parse_request("register", params)
         local = _local_outputs("register", request)
@@ -210,7 +210,7 @@ class HttpTransport(Transport):
         """Upload the field (``transform``, read here) and send the overlays with its hash and output
         names only; download the overlays to the local paths."""
         from ..core.io.fields import read_field_file
-        from .protocol import parse_request
+        from .protocol.requests import parse_request
         from .remote.wire import encode_field, field_hash
 
         request = parse_request("overlays", params)
@@ -236,7 +236,7 @@ class HttpTransport(Transport):
         from ..core.io import read_volume
         from ..lesions.inputs import LABELMAP_SUFFIXES
         from ..lesions.outputs import check_outputs
-        from .protocol import parse_request
+        from .protocol.requests import parse_request
 
         request = parse_request("track", params)
         name = request.lesions.lower()
@@ -390,8 +390,8 @@ def _output_names(request: Any, local: dict[str, str]) -> Any:
 
 
 def _line(request_id: str, request: Any) -> bytes:
-    """The wire line of a typed request (:mod:`.protocol`), as :func:`~.protocol.encode_request` writes it."""
-    from .protocol import encode_request
+    """The wire line of a typed request (:mod:`.protocol`), as :func:`~.protocol.requests.encode_request` writes it."""
+    from .protocol.requests import encode_request
 
     return request_line(request_id, *encode_request(request))
 

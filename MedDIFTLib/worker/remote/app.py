@@ -43,7 +43,7 @@ from ...core.budget import Budget, describe_bytes
 from ...core.errors import BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
 from ..jobs import Job
-from ..protocol import Limits, LoadRequest, RejectedRequest, parse_line
+from ..protocol.requests import Limits, LoadRequest, RejectedRequest, parse_line
 from ..stream import error_event
 from .security import RateLimiter, token_matches
 from .sessions import INTERNAL_MESSAGE, ServerSession, SessionStore, hide_paths

@@ -1,17 +1,11 @@
-"""The worker protocol, defined once: request lines in, event lines out (torch-free).
+"""The requests of the worker protocol, typed once: one dataclass per request type (torch-free).
 
-JSON lines: one request per line, one event per line. A request is ``{"id": str, "type": str,
-...fields}``; fields a request type does not use are ignored. Each request type has one small
-dataclass below, built by :func:`parse_request`, which checks every field once (types, shapes,
-limits; option ranges through :func:`MedDIFTLib.core.options.parse_options`). What needs the
-worker's state (does a volume id exist, does a device exist) is checked when the job runs.
-Clients build their requests as these dataclasses too and send what :func:`encode_request`, the
-inverse of :func:`parse_request`, makes of them: no client writes a request's fields by hand.
-
-The stream around it (bounded line reading, the event lines written back) is :mod:`.stream`.
-Coordinates are LPS mm.
-
-Imports neither torch nor monai, so a client or an HTTP front end can share it.
+Fields a request type does not use are ignored. :func:`parse_request` builds each dataclass from its
+fields and checks every field once (types, shapes, limits; option ranges through
+:func:`MedDIFTLib.core.options.parse_options`). What needs the worker's state (does a volume id
+exist, does a device exist) is checked when the job runs. Clients build their requests as these
+dataclasses too and send what :func:`encode_request`, the inverse of :func:`parse_request`, makes of
+them: no client writes a request's fields by hand. Coordinates are LPS mm.
 """
 
 from __future__ import annotations
@@ -23,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.budget import MAX_POINTS
-from ..core.errors import BadRequestError
-from ..core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options, to_json
+from ...core.budget import MAX_POINTS
+from ...core.errors import BadRequestError
+from ...core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options, to_json
 
 MAX_REQUEST_BYTES = 16 * 2**20
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
