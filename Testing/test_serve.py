@@ -516,7 +516,7 @@ def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server
     finally:
         panel.shutdown()
     assert sorted(outputs.overlays) == ["confidence", "jacobian", "magnitude"]
-    assert sorted(outputs.overlay_summary) == ["confidence", "jacobian", "magnitude"]
+    assert sorted(outputs.overlay_summary.overlays) == ["confidence", "jacobian", "magnitude"]
     assert all(node.GetImageData().GetDimensions() == GEOMETRY.shape_ijk for node in outputs.overlays.values())
     assert [row.status for row in tracked.rows] == ["ok", "ok"]
     assert tracked.followup_lesions.GetSegmentation().GetNumberOfSegments() == 2

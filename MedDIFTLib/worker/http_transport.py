@@ -200,11 +200,7 @@ class HttpTransport(Transport):
 
         request = parse_request("register", params)
         local = _local_outputs("register", request)
-        final = self._stream(request_id, _line(request_id, _output_names(request, local)), deliver_final=False)
-        if isinstance(final, Result):
-            self._download(request_id, local)
-            final = Result(request_id, {**final.payload, **{name: str(path) for name, path in local.items()}})
-        self._deliver(final)
+        self._with_outputs(request_id, "register", _output_names(request, local), local)
 
     def _overlays(self, request_id: str, params: dict[str, Any]) -> None:
         """Upload the field (``transform``, read here) and send the overlays with its hash and output
@@ -223,12 +219,7 @@ class HttpTransport(Transport):
             uploaded = self._json("PUT", self._session(f"/fields/{field_hash(displacement, geometry)}"), body=body,
                                   headers=headers)
             sent = dataclasses.replace(sent, transform=uploaded["field"])
-        final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
-        if isinstance(final, Result):
-            self._download(request_id, local)
-            final = Result(request_id, {name: {**summary, "path": str(local[name])}
-                                        for name, summary in final.payload.items() if name in local})
-        self._deliver(final)
+        self._with_outputs(request_id, "overlays", sent, local)
 
     def _track(self, request_id: str, params: dict[str, Any]) -> None:
         """Upload the lesion labelmap and send the track with its volume id; download the files of
@@ -237,6 +228,7 @@ class HttpTransport(Transport):
         from ..lesions.inputs import LABELMAP_SUFFIXES
         from ..lesions.outputs import check_outputs
         from .protocol.requests import parse_request
+        from .protocol.results import parse_result
 
         request = parse_request("track", params)
         name = request.lesions.lower()
@@ -245,12 +237,19 @@ class HttpTransport(Transport):
                                   f"({', '.join(s for s in LABELMAP_SUFFIXES if s != '.seg.nrrd')}); point files "
                                   "and .seg.nrrd segment names are read by a local worker only")
         local = check_outputs(request.out_dir)
-        labelmap = self._upload_volume(read_volume(request.lesions), request.lesions)
-        sent = dataclasses.replace(request, lesions=labelmap["volume_id"], out_dir="track")
+        labelmap = parse_result("load", self._upload_volume(read_volume(request.lesions), request.lesions))
+        sent = dataclasses.replace(request, lesions=labelmap.volume_id, out_dir="track")
+        self._with_outputs(request_id, "track", sent, {key: str(path) for key, path in local.items()})
+
+    def _with_outputs(self, request_id: str, request_type: str, sent: Any, local: dict[str, str]) -> None:
+        """Send ``sent`` (a typed request naming its outputs by server-side names); once it succeeded,
+        download its outputs to ``local`` (output name -> local path) and deliver its result naming them."""
+        from .protocol.results import encode_result, parse_result
+
         final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
         if isinstance(final, Result):
             self._download(request_id, local)
-            final = Result(request_id, {**final.payload, "files": {key: str(path) for key, path in local.items()}})
+            final = Result(request_id, encode_result(parse_result(request_type, final.payload).moved(local)))
         self._deliver(final)
 
     def _download(self, request_id: str, local: dict[str, Any]) -> None:

@@ -58,8 +58,7 @@ class ProbeRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Read a volume file or DICOM folder. Result: ``volume_id`` (the same content keeps its id),
-    ``name``, ``geometry`` (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major ``direction``).
+    """Read a volume file or DICOM folder. Result: :class:`~.results.LoadResult`.
 
     ``volume`` (a :class:`MedDIFTLib.core.io.Volume`) is set only by the HTTP server, from an
     upload; ``path`` then holds the volume's name. No wire line can set it."""
@@ -78,8 +77,7 @@ class UnloadRequest:
 @dataclass(frozen=True)
 class FeaturesRequest:
     """Features of one volume with ``settings`` (fields ``backbone`` (default mind),
-    ``backbone_options``, ``device``: auto | cpu | cuda | cuda:N). Result: ``cached``, ``seconds``,
-    ``bytes``, ``levels`` (name, channels, shape_ijk)."""
+    ``backbone_options``, ``device``: auto | cpu | cuda | cuda:N). Result: :class:`~.results.FeaturesResult`."""
 
     volume_id: str
     settings: RunSettings
@@ -89,9 +87,7 @@ class FeaturesRequest:
 class MatchRequest:
     """Fixed points (N, 3 LPS mm) matched into the moving volume; ``labels`` pair inputs with
     outputs; ``priors_lps_mm`` (N, 3) centres each search; the ``options`` field (MatchOptions)
-    becomes ``settings.match``. Result: ``labels``, ``points_lps_mm``, ``similarity``,
-    ``confidence``, ``forward_backward_mm``, ``reliable``, ``seconds``, ``match_seconds``,
-    ``features_cached``."""
+    becomes ``settings.match``. Result: :class:`~.results.MatchResult`."""
 
     fixed_id: str
     moving_id: str
@@ -104,8 +100,7 @@ class MatchRequest:
 @dataclass(frozen=True)
 class RegisterRequest:
     """Dense registration; the ``options`` field (FieldOptions) becomes ``settings.field``; only
-    ``out_transform`` is required. Result: the summary of :func:`MedDIFTLib.field.register_and_write`
-    (outputs written atomically)."""
+    ``out_transform`` is required. Result: :class:`~.results.RegisterResult` (outputs written atomically)."""
 
     fixed_id: str
     moving_id: str
@@ -123,9 +118,7 @@ class TrackRequest:
     or a point file, as ``meddift track --lesions`` takes; ``out_dir`` gets the files of ``meddift
     track`` (:mod:`MedDIFTLib.lesions.outputs`, each written atomically). The ``options`` field
     (LesionOptions) is ``lesion_options``; ``field_options`` (FieldOptions) becomes
-    ``settings.field``. Result: ``files`` (path by key: labelmap, csv, report, sheet), ``lesions``
-    (label, name, status, flags, confidence, volumes in mL, follow-up centre in LPS mm),
-    ``seconds`` (per step) and ``features_cached``. On ``meddift serve`` the client uploads the
+    ``settings.field``. Result: :class:`~.results.TrackResult`. On ``meddift serve`` the client uploads the
     labelmap and names it by its volume id, and gives ``out_dir`` as a name (:mod:`.remote.app`)."""
 
     baseline_id: str
@@ -149,8 +142,8 @@ class OverlaysRequest:
     """QA overlays on the fixed grid, written atomically as volume files: ``out_confidence`` (match
     confidence in [0, 1] of the engine's lattice, ``lattice`` (FieldLevel) nodes, searched around
     the field in ``transform`` when given) and, from that field, ``out_jacobian`` (Jacobian
-    determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result: the
-    written paths and each overlay's ``min``, ``max`` and ``mean``. On ``meddift serve`` the client
+    determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result:
+    :class:`~.results.OverlaysResult`. On ``meddift serve`` the client
     uploads the field and names it by its hash, and gives output names (:mod:`.remote.app`)."""
 
     fixed_id: str
