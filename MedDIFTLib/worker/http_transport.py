@@ -31,9 +31,9 @@ from typing import Any
 from ..core.budget import describe_bytes
 from ..core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from .events import Error, Result, WorkerError, error_from_event, parse_event
+from .remote.wire import API, OUTPUT_NAMES, encode_field, encode_volume, field_hash
 from .transports import Deliver, Transport, request_line
 
-API = "/v1"
 MIN_TOKEN_CHARS = 16
 
 
@@ -177,8 +177,6 @@ class HttpTransport(Transport):
     def _upload_volume(self, volume: Any, source: str) -> dict[str, Any]:
         """Upload ``volume`` (a :class:`~MedDIFTLib.core.io.Volume` read from ``source``) unless this
         session holds its content; the load result."""
-        from .remote.wire import encode_volume
-
         volume_path = self._session(f"/volumes/{volume.content_hash()}")
         status, found = self._request("GET", volume_path)
         if status == 200:
@@ -207,7 +205,6 @@ class HttpTransport(Transport):
         names only; download the overlays to the local paths."""
         from ..core.io.fields import read_field_file
         from .protocol.requests import parse_request
-        from .remote.wire import encode_field, field_hash
 
         request = parse_request("overlays", params)
         local = _local_outputs("overlays", request)
@@ -372,7 +369,6 @@ def _local_outputs(request_type: str, request: Any) -> dict[str, str]:
     """The local paths of a register or overlays request's outputs by name, checked before any work
     (one-file formats only: a two-file one cannot come back from a server)."""
     from ..core.io import check_output_path
-    from .remote.wire import OUTPUT_NAMES
 
     local = {name: path for name in OUTPUT_NAMES[request_type] if (path := getattr(request, f"out_{name}")) is not None}
     for path in local.values():
