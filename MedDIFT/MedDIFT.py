@@ -407,7 +407,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     def describeTrack(outputs) -> str:
         """One line about a finished tracking run: lesions tracked, flagged ones, time."""
         flagged = sum(row.status != "ok" for row in outputs.rows)
-        seconds = ((outputs.summary or {}).get("seconds") or {}).get("total", float("nan"))
+        seconds = outputs.summary.seconds.get("total", float("nan")) if outputs.summary else float("nan")
         return _("{total} lesions tracked, {flagged} flagged ({seconds:.1f} s)").format(
             total=len(outputs.rows), flagged=flagged, seconds=seconds
         )
@@ -426,7 +426,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
                     found=found, total=len(matches), unreliable=unreliable, seconds=matches.seconds, cached=cached
                 )
             )
-        jacobian = (outputs.register_summary or {}).get("jacobian") or {}
+        jacobian = outputs.register_summary.jacobian if outputs.register_summary else {}
         if jacobian:
             parts.append(
                 _("transform Jacobian {low:.2f} to {high:.2f}, {folding:.3%} folding").format(

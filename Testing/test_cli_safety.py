@@ -15,7 +15,7 @@ from MedDIFTLib.core import budget
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, read_points, write_points
 from MedDIFTLib.core.options import FieldOptions
-from MedDIFTLib.worker.protocol import Limits
+from MedDIFTLib.worker.protocol.requests import Limits
 
 SIZE = 40  # voxels per axis, 1.5 mm
 

@@ -29,6 +29,7 @@ from MedDIFTLib.lesions.measure import measure
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
 from MedDIFTLib.lesions.refine import learned_threshold, refine_lesion, segment_from_seed
 from MedDIFTLib.lesions.track import track_lesions
+from MedDIFTLib.worker.protocol.results import TrackedLesion
 
 FAST_FIELD = FieldOptions(levels=(FieldLevel(spacing_mm=8.0, search_radius_mm=12.0),), optimise_iterations=0)
 GEOMETRY = Geometry.create((40, 36, 30), (1.5, 1.5, 2.0), (-30.0, -25.0, -20.0))
@@ -364,18 +365,17 @@ def test_scene_glue_round_trip_keeps_segments(scene, tmp_path):
     assert np.array_equal(exported == 1, followup_labels == 1) and not (exported == 2).any()
 
 
-def test_scene_glue_table_and_jump(scene, tmp_path):
+def test_scene_glue_table_and_jump(scene):
     import slicer_core
 
     from MedDIFTLib.slicer import lesion_nodes as glue
 
     segments = [glue.LesionSegment(1, "s1", "nodule A", (1.0, 0.0, 0.0), (8.0, 0.0, 0.0)),
                 glue.LesionSegment(2, "s2", "nodule B", (0.0, 0.0, 1.0), None)]
-    with (tmp_path / "lesions.csv").open("w") as handle:
-        handle.write(",".join(CSV_COLUMNS) + "\n")
-        handle.write("1,-6.0,2.0,3.0,0.9,0.5,1.0,100.0,10.0,12.6,ok\n")
-        handle.write("2,nan,nan,nan,0.1,0.3,0,-100.0,8.0,nan,not_found;low_confidence\n")
-    rows = glue.read_lesion_rows(tmp_path / "lesions.csv", segments)
+    lesions = [TrackedLesion(1, "nodule A", "ok", [], 0.9, 0.5, 1.0, 100.0, 10.0, 12.6, (-6.0, 2.0, 3.0)),
+               TrackedLesion(2, "nodule B", "not_found;low_confidence", ["not_found", "low_confidence"], 0.1, 0.3,
+                             0.0, -100.0, 8.0, math.nan, (math.nan,) * 3)]
+    rows = glue.lesion_rows(lesions, segments)
     assert rows[0].followup_ras == pytest.approx((6.0, -2.0, 3.0)) and rows[1].followup_ras is None
     assert rows[0].diameter_change_pct == pytest.approx(26.0) and math.isnan(rows[1].diameter_change_pct)
     table = glue.fill_lesion_table(scene, rows)

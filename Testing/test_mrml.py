@@ -15,12 +15,21 @@ import SimpleITK as sitk
 slicer_core = pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML without Qt) is not installed")
 
 from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  # noqa: E402
+from MedDIFTLib.core.geometry import Geometry  # noqa: E402
 from MedDIFTLib.core.io import PointSet  # noqa: E402
 from MedDIFTLib.core.io.points import UNRELIABLE_TAG  # noqa: E402
 from MedDIFTLib.core.options import MatchOptions, RunSettings, to_json  # noqa: E402
 from MedDIFTLib.slicer import cursor, live, nodes, overlays, qa, results, scene_run, session, views  # noqa: E402
 from MedDIFTLib.slicer.track_run import TrackInputs  # noqa: E402
+from MedDIFTLib.worker.client import WorkerClient  # noqa: E402
 from MedDIFTLib.worker.events import Error, Exit, Log, Progress, Result  # noqa: E402
+from MedDIFTLib.worker.protocol.results import (  # noqa: E402
+    LoadResult,
+    MatchResult,
+    RegisterResult,
+    encode_result,
+    parse_result,
+)
 
 RAS_FROM_LPS = np.array([-1.0, -1.0, 1.0])
 ROTATED_DIRECTION = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
@@ -243,6 +252,7 @@ def worker_match_result(labels, points_lps, confidence, reliable, forward_backwa
         "forward_backward_mm": forward_backward or [0.5] * count,
         "reliable": reliable,
         "seconds": 1.5,
+        "match_seconds": 1.0,
         "features_cached": True,
     }
 
@@ -254,7 +264,7 @@ def test_matches_into_markups_with_missing_and_unreliable(scene):
         [0.91, None, 0.2],
         [True, False, False],
     )
-    matches = results.MatchResult.from_worker(result)
+    matches = parse_result("match", result)
     assert [matches.found(row) for row in range(3)] == [True, False, False]
 
     user_node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "moving")
@@ -277,11 +287,11 @@ def test_matches_into_markups_with_missing_and_unreliable(scene):
 
 
 def test_live_update_changes_only_the_matched_label(scene):
-    first = results.MatchResult.from_worker(
+    first = parse_result("match",
         worker_match_result(["a", "b"], [[1, 2, 3], [4, 5, 6]], [0.9, 0.9], [True, True])
     )
     node = results.write_matches_to_markups(scene, first)
-    update = results.MatchResult.from_worker(worker_match_result(["b", "new"], [[0, 0, 1], [2, 2, 2]], [0.1, 0.8],
+    update = parse_result("match", worker_match_result(["b", "new"], [[0, 0, 1], [2, 2, 2]], [0.1, 0.8],
                                                               [False, True]))
     results.write_matches_to_markups(scene, update, node, replace_all=False)
     assert [node.GetNthControlPointLabel(i) for i in range(3)] == ["a", "b", "new"]
@@ -294,9 +304,9 @@ def test_live_update_changes_only_the_matched_label(scene):
 def test_a_match_without_a_reliable_flag_is_unreliable(scene):
     result = worker_match_result(["a", "b"], [[1, 2, 3], [4, 5, 6]], [0.9, 0.9], [True, True])
     del result["reliable"]
-    matches = results.MatchResult.from_worker(result)
+    matches = parse_result("match", result)
     assert not matches.reliable.any()
-    assert not results.MatchResult.from_worker({**result, "reliable": [None, True]}).reliable[0]
+    assert not parse_result("match", {**result, "reliable": [None, True]}).reliable[0]
     node = results.write_matches_to_markups(scene, matches)
     assert not node.GetNthControlPointSelected(0)
     assert node.GetNthControlPointDescription(0).startswith(UNRELIABLE_TAG)
@@ -308,14 +318,14 @@ def test_a_match_without_a_reliable_flag_is_unreliable(scene):
 
 def test_malformed_match_result_is_an_error():
     with pytest.raises(MedDIFTError, match="2 points for 3 labels"):
-        results.MatchResult.from_worker(worker_match_result(["a", "b", "c"], [[0, 0, 0]] * 2, [1] * 3, [True] * 3))
+        parse_result("match", worker_match_result(["a", "b", "c"], [[0, 0, 0]] * 2, [1] * 3, [True] * 3))
     with pytest.raises(MedDIFTError, match="malformed"):
-        results.MatchResult.from_worker({"labels": ["a"]})
+        parse_result("match", {"labels": ["a"]})
 
 
 def test_pair_rows_and_jump_to_pair(scene):
     fixed = add_fiducials(scene, [[1, 2, 3], [4, 5, 6]], ["a", "b"])
-    matches = results.MatchResult.from_worker(
+    matches = parse_result("match",
         worker_match_result(["a", "b"], [[-10.0, -20.0, 30.0], None], [0.75, None], [True, False], [1.25, None])
     )
     moving = results.write_matches_to_markups(scene, matches)
@@ -377,7 +387,8 @@ class FakeClient:
         if request_type == "load":
             image = sitk.ReadImage(params["path"])
             self.paths[f"v{len(self.requests)}"] = params["path"]
-            return {"volume_id": f"v{len(self.requests)}", "name": "x", "geometry": {"size": image.GetSize()}}
+            geometry = Geometry.create(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+            return encode_result(LoadResult(f"v{len(self.requests)}", "x", geometry))
         if request_type == "overlays":
             fixed = sitk.ReadImage(self.paths[params["fixed_id"]])
             summary = {}
@@ -396,8 +407,11 @@ class FakeClient:
             write_translation_field(params["out_transform"], self.translation_lps)
             if "out_warped" in params:
                 sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkFloat32), params["out_warped"])
-            return {"transform": params["out_transform"], "jacobian": {"min": 1.0, "max": 1.0}}
+            return encode_result(RegisterResult(params["out_transform"], None, params.get("out_warped"),
+                                                {"min": 1.0, "max": 1.0}, {"mean": 6.2, "max": 6.2}, {"total": 0.1}))
         raise AssertionError(request_type)
+
+    run = WorkerClient.run
 
     def call(self, request_type, progress=None, timeout=None, **params):
         if progress is not None:
@@ -772,7 +786,7 @@ def test_live_propagation_rematches_only_moved_points(scene):
 
 def _qa_matches(scene):
     fixed = add_fiducials(scene, [[0.0, 0.0, float(z)] for z in range(4)], ["a", "b", "c", "d"])
-    matches = results.MatchResult(
+    matches = MatchResult(
         labels=["a", "b", "c", "d"],
         points_lps_mm=np.array([[0.0, 0.0, float(z)] for z in range(4)]),
         similarity=np.full(4, 0.5),

@@ -18,7 +18,7 @@ from MedDIFTLib.features.mind import MindFeaturizer, mind_ssc
 from MedDIFTLib.features.regions import BLOCK, READ_AHEAD, RegionFiller
 from MedDIFTLib.matching import match_points
 from MedDIFTLib.matching.sampling import sample, sample_stored
-from MedDIFTLib.worker.protocol import Limits
+from MedDIFTLib.worker.protocol.requests import Limits
 from MedDIFTLib.worker.state import WorkerState
 
 

@@ -39,7 +39,7 @@ from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_transport import read_token_file
-from MedDIFTLib.worker.protocol import Limits, OverlaysRequest, TrackRequest, encode_request
+from MedDIFTLib.worker.protocol.requests import Limits, OverlaysRequest, TrackRequest, encode_request
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
@@ -516,7 +516,7 @@ def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server
     finally:
         panel.shutdown()
     assert sorted(outputs.overlays) == ["confidence", "jacobian", "magnitude"]
-    assert sorted(outputs.overlay_summary) == ["confidence", "jacobian", "magnitude"]
+    assert sorted(outputs.overlay_summary.overlays) == ["confidence", "jacobian", "magnitude"]
     assert all(node.GetImageData().GetDimensions() == GEOMETRY.shape_ijk for node in outputs.overlays.values())
     assert [row.status for row in tracked.rows] == ["ok", "ok"]
     assert tracked.followup_lesions.GetSegmentation().GetNumberOfSegments() == 2

@@ -159,7 +159,7 @@ def test_worker_overlays_of_a_translation_are_on_the_fixed_grid(tmp_path):
     from MedDIFTLib.core.io import Volume, read_volume
     from MedDIFTLib.field import DisplacementField, write_field
     from MedDIFTLib.worker import handlers
-    from MedDIFTLib.worker.protocol import Limits, parse_request
+    from MedDIFTLib.worker.protocol.requests import Limits, parse_request
     from MedDIFTLib.worker.state import WorkerState
 
     rng = np.random.default_rng(3)

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,10 +17,11 @@ import pytest
 from MedDIFTLib.core import errors
 from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import ERROR_KINDS, BadInputError, BadRequestError
+from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings
 from MedDIFTLib.worker import events
 from MedDIFTLib.worker.jobs import Job, JobQueue
-from MedDIFTLib.worker.protocol import (
+from MedDIFTLib.worker.protocol.requests import (
     REQUEST_TYPES,
     CancelRequest,
     FeaturesRequest,
@@ -37,12 +39,28 @@ from MedDIFTLib.worker.protocol import (
     parse_line,
     parse_request,
 )
+from MedDIFTLib.worker.protocol.results import (
+    RESULT_TYPES,
+    FeatureLevelSummary,
+    FeaturesResult,
+    LoadResult,
+    MalformedResult,
+    MatchResult,
+    OverlaysResult,
+    OverlaySummary,
+    RegisterResult,
+    TrackedLesion,
+    TrackResult,
+    encode_result,
+    parse_result,
+)
 from MedDIFTLib.worker.stream import EventWriter, error_event, oversized, progress_event
 
 
 def test_protocol_and_job_queue_import_neither_torch_nor_monai():
     code = (
-        "import sys, MedDIFTLib.worker.protocol, MedDIFTLib.worker.jobs; "
+        "import sys, MedDIFTLib.worker.protocol.requests, MedDIFTLib.worker.protocol.results, "
+        "MedDIFTLib.worker.jobs; "
         "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
@@ -216,6 +234,114 @@ def test_what_a_request_type_does_not_carry_is_refused_by_the_encoder():
         encode_request(LoadRequest("ct", volume=object()))
     with pytest.raises(TypeError, match="not a request"):
         encode_request({"type": "load", "path": "ct.nii.gz"})
+
+
+# ---------------------------------------------------------------------- results
+
+NAN = float("nan")
+GEOMETRY = Geometry.create((4, 5, 6), (0.7, 0.7, 2.5), (-10.0, 20.5, 3.0), (0, 1, 0, 1, 0, 0, 0, 0, -1))
+ENCODED_RESULTS = [
+    ("load", LoadResult("v1", "ct", GEOMETRY)),
+    ("features", FeaturesResult(False, 1.25, 4096, [FeatureLevelSummary("mind", 12, (4, 5, 6)),
+                                                    FeatureLevelSummary("up_blocks.3", 64, (2, 2, 3))])),
+    ("features", FeaturesResult(True, NAN, 0, [])),
+    ("match", MatchResult(["a", "b", "c"], np.array([[1.0, 2.0, 3.0], [NAN] * 3, [4.0, 5.0, 6.0]]),
+                          np.array([0.9, NAN, 0.1]), np.array([0.8, NAN, 0.05]), np.array([0.5, NAN, 9.0]),
+                          np.array([True, False, False]), seconds=2.5, match_seconds=0.5, features_cached=True)),
+    ("match", MatchResult([], np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool),
+                          seconds=0.1, match_seconds=0.0)),
+    ("register", RegisterResult("t.nii.gz", None, "w.nrrd", {"min": 0.4, "fraction_folding": 0.0, "folding_voxels": 0},
+                                {"mean": 3.5, "max": NAN}, {"register": 1.5, "total": 2.0})),
+    ("overlays", OverlaysResult({"confidence": OverlaySummary("c.nrrd", 0.0, 1.0, 0.5),
+                                 "jacobian": OverlaySummary("j.nrrd", -0.1, 1.5, NAN)})),
+    ("overlays", OverlaysResult({})),
+    ("track", TrackResult({"csv": "out/lesions.csv", "labelmap": "out/followup_lesions.nii.gz"},
+                          [TrackedLesion(1, "A", "ok", [], 0.9, 0.5, 0.6, 20.0, 10.0, 11.0, (1.0, 2.0, 3.0)),
+                           TrackedLesion(2, "B", "not_found", ["not_found"], NAN, 0.3, NAN, NAN, 8.0, NAN,
+                                         (NAN, NAN, NAN))],
+                          {"total": 3.0}, features_cached=False)),
+    ("track", TrackResult({})),
+]
+
+
+def same_value(one, other) -> bool:
+    """Equal, NaN equal to NaN, arrays of the same shape element-wise, dataclasses field by field."""
+    if dataclasses.is_dataclass(one) and type(one) is type(other):
+        return all(same_value(getattr(one, field.name), getattr(other, field.name))
+                   for field in dataclasses.fields(one))
+    if isinstance(one, np.ndarray) or isinstance(other, np.ndarray):
+        return (isinstance(one, np.ndarray) and isinstance(other, np.ndarray) and one.dtype == other.dtype
+                and one.shape == other.shape and np.array_equal(one, other, equal_nan=one.dtype.kind == "f"))
+    if isinstance(one, dict) and isinstance(other, dict):
+        return one.keys() == other.keys() and all(same_value(one[key], other[key]) for key in one)
+    if isinstance(one, (list, tuple)) and type(one) is type(other):
+        return len(one) == len(other) and all(map(same_value, one, other))
+    if isinstance(one, float) and isinstance(other, float) and np.isnan(one) and np.isnan(other):
+        return True
+    return type(one) is type(other) and one == other
+
+
+@pytest.mark.parametrize(("request_type", "result"), ENCODED_RESULTS,
+                         ids=[f"{kind}-{n}" for n, (kind, _) in enumerate(ENCODED_RESULTS)])
+def test_an_encoded_result_parses_back_to_itself_through_json(request_type, result):
+    payload = json.loads(json.dumps(encode_result(result), allow_nan=False))
+    assert same_value(parse_result(request_type, payload), result)
+
+
+def test_every_typed_result_has_an_encoding_and_the_others_have_none():
+    assert sorted({kind for kind, _ in ENCODED_RESULTS}) == sorted(RESULT_TYPES)
+    with pytest.raises(ValueError, match="no typed result"):
+        parse_result("probe", {"version": "1"})
+    with pytest.raises(TypeError, match="not a result"):
+        encode_result({"volume_id": "v1"})
+
+
+def test_a_match_without_reliable_flags_is_unreliable_and_null_points_are_missing():
+    payload = encode_result(ENCODED_RESULTS[3][1])
+    matches = parse_result("match", {**payload, "reliable": None, "points_lps_mm": [None, None, [1, 2, 3]]})
+    assert not matches.reliable.any() and [matches.found(row) for row in range(3)] == [False, False, True]
+    assert not parse_result("match", {**payload, "reliable": [None, "yes", True]}).reliable[:2].any()
+
+
+def test_outputs_move_to_the_paths_given_by_name():
+    register = ENCODED_RESULTS[5][1]
+    assert register.output_files == {"transform": "t.nii.gz", "warped": "w.nrrd"}
+    assert register.moved({"transform": "/here/t.nii.gz"}).output_files["transform"] == "/here/t.nii.gz"
+    overlays = ENCODED_RESULTS[6][1].moved({"jacobian": "jacobian"})
+    assert overlays.output_files == {"confidence": "c.nrrd", "jacobian": "jacobian"}
+    track = ENCODED_RESULTS[8][1].moved({"csv": "csv"})
+    assert track.output_files == {"csv": "csv", "labelmap": "out/followup_lesions.nii.gz"}
+
+
+MATCH_PAYLOAD = encode_result(ENCODED_RESULTS[3][1])
+
+
+@pytest.mark.parametrize(
+    ("request_type", "payload", "words"),
+    [
+        ("match", ["not", "an", "object"], "malformed match result: not a JSON object"),
+        ("match", {"labels": ["a"]}, "'points_lps_mm' must be a list"),
+        ("match", {**MATCH_PAYLOAD, "points_lps_mm": MATCH_PAYLOAD["points_lps_mm"][:2]}, "2 points for 3 labels"),
+        ("match", {**MATCH_PAYLOAD, "points_lps_mm": [[1, 2], None, None]}, "[l, p, s] points"),
+        ("match", {**MATCH_PAYLOAD, "confidence": ["high", 0.1, 0.2]}, "'confidence' must be a list of numbers"),
+        ("match", {**MATCH_PAYLOAD, "similarity": [0.1]}, "'similarity' has 1 values, not 3"),
+        ("match", {**MATCH_PAYLOAD, "reliable": [True]}, "'reliable' must be a list of 3 flags"),
+        ("match", {**MATCH_PAYLOAD, "features_cached": "yes"}, "'features_cached' must be true or false"),
+        ("load", {"volume_id": "v1", "name": "ct", "geometry": {"shape_ijk": [4, 5]}}, "'shape_ijk' must be a list"),
+        ("load", {"volume_id": "v1", "name": "ct"}, "malformed load result (geometry): not a JSON object"),
+        ("features", {"cached": True, "seconds": 1, "bytes": 1.5, "levels": []}, "'bytes' must be a whole number"),
+        ("register", {"transform": 3}, "'transform' must be a string"),
+        ("register", {**encode_result(ENCODED_RESULTS[5][1]), "seconds": {"total": "1 s"}}, "'seconds' must be"),
+        ("overlays", {"confidence": {"path": "c.nrrd", "min": "low", "max": 1, "mean": 0}}, "'min' must be"),
+        ("track", {"files": {"csv": 3}}, "'files' must be an object of file paths"),
+        ("track", {"files": {}, "lesions": [{"label": 1.5}], "seconds": {}, "features_cached": False},
+         "track result (lesions[0]): 'label' must be a whole number"),
+    ],
+)
+def test_a_malformed_result_is_a_worker_error_naming_the_field(request_type, payload, words):
+    with pytest.raises(MalformedResult, match=re.escape(words)) as raised:
+        parse_result(request_type, payload)
+    assert raised.value.kind == "internal" and str(raised.value).startswith("the worker returned a malformed")
 
 
 # ---------------------------------------------------------------------- events

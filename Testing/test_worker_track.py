@@ -24,7 +24,8 @@ from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, pa
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Result
-from MedDIFTLib.worker.protocol import TrackRequest, parse_request
+from MedDIFTLib.worker.protocol.requests import TrackRequest, parse_request
+from MedDIFTLib.worker.protocol.results import parse_result
 
 TIMEOUT_S = 120
 NODULES, SHIFT_LPS = TRACK_NODULES, TRACK_SHIFT_LPS
@@ -104,6 +105,10 @@ def test_track_writes_the_files_of_meddift_track_and_reuses_the_features(worker,
     with (tmp_path / "out" / "lesions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == CSV_COLUMNS and [row["status"] for row in rows] == ["ok", "ok"]
+    for lesion, row in zip(parse_result("track", result).lesions, rows, strict=True):
+        assert lesion.label == int(row["label"])
+        for name in ("confidence", "volume_change_pct", "diameter_baseline_mm", "diameter_followup_mm"):
+            assert getattr(lesion, name) == pytest.approx(float(row[name]), abs=0.051), name
     followup_labels = read_volume(tmp_path / "out" / "followup_lesions.nii.gz")
     assert followup_labels.geometry.same_grid(GEOMETRY) and set(np.unique(followup_labels.voxels)) == {0, 1, 2}
     assert result["features_cached"] is False and {"features", "match", "track"} <= {s for s, _ in stages}

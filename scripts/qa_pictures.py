@@ -22,7 +22,7 @@ from MedDIFTLib.core.io import atomic_output, read_volume  # noqa: E402
 from MedDIFTLib.evaluation.simulate import make_synthetic_pair, phantom_ct  # noqa: E402
 from MedDIFTLib.slicer import overlays  # noqa: E402
 from MedDIFTLib.worker import handlers  # noqa: E402
-from MedDIFTLib.worker.protocol import Limits, parse_request  # noqa: E402
+from MedDIFTLib.worker.protocol.requests import Limits, parse_request  # noqa: E402
 from MedDIFTLib.worker.state import WorkerState  # noqa: E402
 
 HU_WINDOW = (-1000.0, 400.0)

@@ -128,9 +128,9 @@ class SelfTestSteps:
             for node in outputs.overlays.values():
                 self.test.assertTrue(nodes.volume_geometry(node).same_grid(nodes.volume_geometry(fixed)))
                 self.test.assertIsNotNone(node.GetDisplayNode().GetColorNodeID())
-            self.test.assertGreater(outputs.overlay_summary["jacobian"]["min"], 0.0)
-            self.test.assertAlmostEqual(outputs.overlay_summary["magnitude"]["mean"], float(np.linalg.norm(shiftRas)),
-                                   delta=2.0)
+            self.test.assertGreater(outputs.overlay_summary.overlays["jacobian"].min, 0.0)
+            self.test.assertAlmostEqual(outputs.overlay_summary.overlays["magnitude"].mean,
+                                        float(np.linalg.norm(shiftRas)), delta=2.0)
 
             self.delayDisplay("Correspondence cursor through the field, then by the worker during a run")
             fixedRas = [24.0, 32.0, 28.0]

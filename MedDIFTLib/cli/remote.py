@@ -39,14 +39,6 @@ def connect(args: argparse.Namespace):
     return client
 
 
-def _send(client, request, progress=None) -> dict[str, Any]:
-    """Send one typed request (:mod:`MedDIFTLib.worker.protocol`) as ``encode_request`` writes it; its result."""
-    from ..worker.protocol import encode_request
-
-    request_type, fields = encode_request(request)
-    return client.call(request_type, progress=progress, **fields)
-
-
 def _settings(args: argparse.Namespace, **part: Any) -> RunSettings:
     """The backbone, its options and the device of ``args``, with the options ``part`` a request carries."""
     return RunSettings(backbone=args.backbone, device=args.device,
@@ -54,9 +46,9 @@ def _settings(args: argparse.Namespace, **part: Any) -> RunSettings:
 
 
 def _load(client, path: str) -> str:
-    from ..worker.protocol import LoadRequest
+    from ..worker.protocol.requests import LoadRequest
 
-    return _send(client, LoadRequest(path))["volume_id"]
+    return client.run(LoadRequest(path)).volume_id
 
 
 def _volumes(client, args: argparse.Namespace, progress) -> tuple[str, str]:
@@ -69,31 +61,26 @@ def _volumes(client, args: argparse.Namespace, progress) -> tuple[str, str]:
 def match_remotely(args: argparse.Namespace, points, options: MatchOptions, progress):
     """The engine's :class:`~MedDIFTLib.matching.Correspondences` of ``points`` (a PointSet), computed
     on the server; and the server's version."""
-    import numpy as np
-
     from ..matching import Correspondences
-    from ..worker.protocol import MatchRequest
+    from ..worker.protocol.requests import MatchRequest
 
     with connect(args) as client:
         fixed_id, moving_id = _volumes(client, args, progress)
         request = MatchRequest(fixed_id=fixed_id, moving_id=moving_id, points_lps_mm=points.points_lps_mm,
                                labels=[str(label) for label in points.labels], priors_lps_mm=None,
                                settings=_settings(args, match=options))
-        found = _send(client, request, progress)
+        found = client.run(request, progress)
         version = client.version
-
-    def column(name: str) -> np.ndarray:
-        return np.asarray(found[name], dtype=float)
-
-    result = Correspondences(points.points_lps_mm, column("points_lps_mm").reshape(-1, 3), column("similarity"),
-                             column("confidence"), column("forward_backward_mm"),
-                             np.asarray(found["reliable"], dtype=bool))
+    result = Correspondences(points.points_lps_mm, found.points_lps_mm, found.similarity, found.confidence,
+                             found.forward_backward_mm, found.reliable)
     return result, version
 
 
 def register_remotely(args: argparse.Namespace, options: FieldOptions, progress) -> dict[str, Any]:
-    """The summary of a registration run on the server, its outputs written to the local paths."""
-    from ..worker.protocol import RegisterRequest
+    """The summary of a registration run on the server, as :func:`MedDIFTLib.field.register_and_write`
+    returns it here (its typed result, re-encoded), its outputs written to the local paths."""
+    from ..worker.protocol.requests import RegisterRequest
+    from ..worker.protocol.results import encode_result
 
     with connect(args) as client:
         fixed_id, moving_id = _volumes(client, args, progress)
@@ -101,4 +88,4 @@ def register_remotely(args: argparse.Namespace, options: FieldOptions, progress)
         request = RegisterRequest(fixed_id=fixed_id, moving_id=moving_id, out_transform=args.out_transform,
                                   out_inverse=args.out_inverse, out_warped=args.out_warped, mask_id=mask_id,
                                   settings=_settings(args, field=options))
-        return _send(client, request, progress)
+        return encode_result(client.run(request, progress))

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from ..core.errors import BadInputError
 from ..core.io.points import RAS_FROM_LPS
 from ..core.options import RunSettings
+from ..worker.protocol.results import MatchResult
 from .nodes import add_markups_node, ensure_markups_display
-from .results import MatchResult
 from .views import MOVING_VIEW, slice_node
 
 CURSOR_NODE_NAME = "MedDIFT cursor"

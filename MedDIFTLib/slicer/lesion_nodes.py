@@ -7,16 +7,16 @@
 - :func:`fill_followup_segmentation`: ``followup_lesions.nii.gz`` into a segmentation node with
   the same segment IDs, names and colours (a given node is filled in place: its segments are
   replaced, the node is kept; a lesion not found stays as an empty segment).
-- :func:`read_lesion_rows` / :func:`fill_lesion_table`: ``lesions.csv`` as typed rows and as a
-  table node (lesion, status, volumes, diameters, changes, confidence); :func:`jump_to_lesion`
-  centres the baseline and follow-up views on a row's lesion.
+- :func:`lesion_rows` / :func:`fill_lesion_table`: the lesions of a ``track`` result
+  (:class:`~MedDIFTLib.worker.protocol.results.TrackedLesion`, the rows of ``lesions.csv``) as typed
+  rows and as a table node (lesion, status, volumes, diameters, changes, confidence);
+  :func:`jump_to_lesion` centres the baseline and follow-up views on a row's lesion.
 
 Torch-free; the scene is RAS, the files LPS (x and y negate at this boundary only).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ import numpy as np
 from ..core.errors import BadInputError
 from ..core.io import write_points
 from ..core.io.points import RAS_FROM_LPS
+from ..worker.protocol.results import TrackedLesion
 from .nodes import markups_to_points, read_volume_file, volume_geometry, write_volume_node
 from .views import FIXED_VIEW, MOVING_VIEW, slice_node
 
@@ -48,7 +49,7 @@ class LesionSegment:
 
 @dataclass(frozen=True)
 class LesionRow:
-    """One row of ``lesions.csv`` with its segment: volumes (mL), longest axial diameters (mm),
+    """One tracked lesion (a row of ``lesions.csv``) with its segment: volumes (mL), longest axial diameters (mm),
     changes (%), the centre match's confidence, the follow-up centre (RAS mm) and the status."""
 
     segment: LesionSegment
@@ -184,27 +185,18 @@ def fill_followup_segmentation(scene, labelmap_path: str | Path, segments: list[
     return segmentation_node
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return math.nan
-
-
-def read_lesion_rows(csv_path: str | Path, segments: list[LesionSegment]) -> list[LesionRow]:
-    """The rows of ``lesions.csv``, each with its segment (matched by label value)."""
+def lesion_rows(lesions: list[TrackedLesion], segments: list[LesionSegment]) -> list[LesionRow]:
+    """The rows of a ``track`` result's lesions, each with its segment (matched by label value)."""
     by_label = {segment.label: segment for segment in segments}
-    rows = []
-    with Path(csv_path).open(newline="", encoding="utf-8") as handle:
-        for record in csv.DictReader(handle):
-            label = int(record["label"])
-            segment = by_label.get(label) or LesionSegment(label, str(label), str(label), DEFAULT_COLOR, None)
-            rows.append(LesionRow(
-                segment, record["status"], _float(record["volume_baseline_ml"]), _float(record["volume_followup_ml"]),
-                _float(record["volume_change_pct"]), _float(record["diameter_baseline_mm"]),
-                _float(record["diameter_followup_mm"]), _float(record["confidence"]),
-                _ras([_float(record[axis]) for axis in "lps"])))
-    return rows
+    return [
+        LesionRow(
+            by_label.get(lesion.label) or LesionSegment(lesion.label, str(lesion.label), str(lesion.label),
+                                                       DEFAULT_COLOR, None),
+            lesion.status, lesion.volume_baseline_ml, lesion.volume_followup_ml, lesion.volume_change_pct,
+            lesion.diameter_baseline_mm, lesion.diameter_followup_mm, lesion.confidence, _ras(lesion.centre_lps_mm),
+        )
+        for lesion in lesions
+    ]
 
 
 def _cell(value: float, digits: int) -> str:

@@ -1,105 +1,25 @@
-"""Worker results in the scene: match results parsed once, written into markups, read back as table rows.
+"""Worker results in the scene: match results (:class:`~MedDIFTLib.worker.protocol.results.MatchResult`,
+parsed once by the protocol) written into markups, read back as table rows.
 
 Positions in the worker's results are LPS mm; in the scene RAS mm (x and y negate). A match
-counts as reliable only when the worker says so: a missing or null ``reliable`` flag is
-unreliable (fail closed), and so is a match without a point.
+counts as reliable only when the worker says so (a missing flag reads as unreliable) and has a point.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from ..core.errors import MedDIFTError
 from ..core.io.points import RAS_FROM_LPS
-from ..core.match_text import describe_match
+from ..worker.protocol.results import MatchResult, json_number
 from .nodes import add_markups_node, ensure_markups_display, positions_ras_by_label
 
 MATCH_SCORES_ATTRIBUTE = "MedDIFT.matchScores"  # JSON: label -> confidence, forward-backward mm, reliable
 REVIEW_ATTRIBUTE = "MedDIFT.review"  # JSON: label -> ACCEPTED | REJECTED (see .qa)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
-
-
-def _float_array(values: Sequence, count: int, name: str) -> np.ndarray:
-    if len(values) != count:
-        raise MedDIFTError(f"the worker returned {len(values)} {name} values for {count} points")
-    return np.array([math.nan if value is None else float(value) for value in values], float)
-
-
-def _json_number(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    """The worker's matches, one row per fixed label; a row without a finite point is missing.
-
-    ``points_lps_mm`` (N, 3) in LPS mm, ``confidence`` in [0, 1], ``forward_backward_mm`` in mm,
-    ``reliable`` per row, ``seconds`` the worker's time for the request.
-    """
-
-    labels: list[str]
-    points_lps_mm: np.ndarray
-    similarity: np.ndarray
-    confidence: np.ndarray
-    forward_backward_mm: np.ndarray
-    reliable: np.ndarray
-    seconds: float = math.nan
-    features_cached: bool = False
-
-    @staticmethod
-    def from_worker(result: dict[str, Any]) -> MatchResult:
-        """Parse a worker ``match`` result; JSON ``null`` or NaN marks a missing value, and a
-        missing ``reliable`` flag marks the match unreliable."""
-        try:
-            labels = [str(label) for label in result["labels"]]
-            count = len(labels)
-            rows = result["points_lps_mm"]
-            if len(rows) != count:
-                raise MedDIFTError(f"the worker returned {len(rows)} points for {count} labels")
-            points = np.array(
-                [[math.nan] * 3 if row is None else [math.nan if v is None else float(v) for v in row] for row in rows],
-                float,
-            ).reshape(count, 3)
-            reliable = result.get("reliable") or [False] * count
-            if len(reliable) != count:
-                raise MedDIFTError(f"the worker returned {len(reliable)} reliability flags for {count} points")
-            return MatchResult(
-                labels=labels,
-                points_lps_mm=points,
-                similarity=_float_array(result.get("similarity", [None] * count), count, "similarity"),
-                confidence=_float_array(result.get("confidence", [None] * count), count, "confidence"),
-                forward_backward_mm=_float_array(
-                    result.get("forward_backward_mm", [None] * count), count, "forward-backward"
-                ),
-                reliable=np.array([flag is True for flag in reliable], bool),
-                seconds=float(result.get("seconds", math.nan)),
-                features_cached=bool(result.get("features_cached", False)),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise MedDIFTError(f"the worker returned a malformed match result ({error!r})") from None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def found(self, row: int) -> bool:
-        return bool(np.isfinite(self.points_lps_mm[row]).all())
-
-    def usable(self, row: int) -> bool:
-        """Found and reliable."""
-        return self.found(row) and bool(self.reliable[row])
-
-    def description(self, row: int) -> str:
-        """Text for the control point: the library's one match description, or that there is no match."""
-        if not self.found(row):
-            return "MedDIFT: no match"
-        return describe_match(float(self.confidence[row]), float(self.forward_backward_mm[row]), self.usable(row))
 
 
 def _set_match(markups_node, index: int, matches: MatchResult, row: int) -> None:
@@ -161,8 +81,8 @@ def write_matches_to_markups(scene, matches: MatchResult, markups_node=None, nam
                 index = markups_node.AddControlPointWorld([0.0, 0.0, 0.0], label)
             _set_match(markups_node, index, matches, row)
             scores[label] = {
-                "confidence": _json_number(matches.confidence[row]),
-                "forward_backward_mm": _json_number(matches.forward_backward_mm[row]),
+                "confidence": json_number(matches.confidence[row]),
+                "forward_backward_mm": json_number(matches.forward_backward_mm[row]),
                 "reliable": matches.usable(row),
             }
             decisions.pop(label, None)

@@ -3,9 +3,10 @@
 A :class:`SceneRun` checks its inputs when its steps are asked for (so bad inputs fail at
 once, before any request), then yields typed requests of the worker protocol
 (:mod:`MedDIFTLib.worker.protocol`; the driver sends what ``encode_request`` makes of them) and
-receives each request's result payload. Only after every request has succeeded are the outputs
-written into the scene, so a failed or cancelled run changes nothing. Points travel in LPS mm;
-options are the typed :class:`~MedDIFTLib.core.options.RunSettings`.
+receives each request's typed result (what ``parse_result`` makes of its payload). Only after
+every request has succeeded are the outputs written into the scene, so a failed or cancelled run
+changes nothing. Points travel in LPS mm; options are the typed
+:class:`~MedDIFTLib.core.options.RunSettings`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import BadInputError, MedDIFTError
+from ..core.errors import BadInputError
 from ..core.io import PointSet
 from ..core.io.points import RAS_FROM_LPS
 from ..core.options import FieldLevel, RunSettings
-from ..worker.protocol import LoadRequest, MatchRequest, OverlaysRequest, RegisterRequest, Request
+from ..worker.protocol.requests import LoadRequest, MatchRequest, OverlaysRequest, RegisterRequest, Request
+from ..worker.protocol.results import LoadResult, MatchResult, OverlaysResult, RegisterResult, WorkerResult
 from .nodes import (
     fill_transform_node,
     fill_volume_node,
@@ -35,9 +37,9 @@ from .nodes import (
     write_volume_node,
 )
 from .overlays import KINDS, existing_overlay, put_overlay, read_overlay
-from .results import MatchResult, write_matches_to_markups
+from .results import write_matches_to_markups
 
-Steps = Generator[Request, dict, "RunOutputs"]
+Steps = Generator[Request, WorkerResult, "RunOutputs"]
 
 
 @dataclass
@@ -66,9 +68,9 @@ class RunOutputs:
     transform: Any = None
     warped_volume: Any = None
     overlays: dict[str, Any] = field(default_factory=dict)
-    overlay_summary: dict[str, Any] | None = None
+    overlay_summary: OverlaysResult | None = None
     matches: MatchResult | None = None
-    register_summary: dict[str, Any] | None = None
+    register_summary: RegisterResult | None = None
 
 
 class WorkerFiles:
@@ -91,7 +93,7 @@ class WorkerFiles:
         """A file name in the folder that no earlier call returned."""
         return self.path / f"{stem}-{next(self._file_numbers)}{suffix}"
 
-    def volume_id(self, volume_node, include_parent_transform: bool = True) -> Generator[Request, dict, str]:
+    def volume_id(self, volume_node, include_parent_transform: bool = True) -> Generator[Request, LoadResult, str]:
         """Steps that give the worker volume id of ``volume_node`` (writing and loading it if new)."""
         signature = volume_node_signature(volume_node, include_parent_transform)
         node_id = volume_node.GetID()
@@ -100,11 +102,7 @@ class WorkerFiles:
             return cached[2]
         path = cached[1] if cached is not None else self.new_path("volume")
         write_volume_node(volume_node, path, include_parent_transform)
-        result = yield LoadRequest(str(path))
-        try:
-            volume_id = str(result["volume_id"])
-        except (KeyError, TypeError):
-            raise MedDIFTError("the worker returned a malformed load result") from None
+        volume_id = (yield LoadRequest(str(path))).volume_id
         self._loaded[node_id] = (signature, path, volume_id)
         return volume_id
 
@@ -197,7 +195,7 @@ class SceneRun:
         matches = yield from self._match(fixed_id, moving_id, point)
         return RunOutputs(matches=matches)
 
-    def _volume_ids(self) -> Generator[Request, dict, tuple[str, str]]:
+    def _volume_ids(self) -> Generator[Request, LoadResult, tuple[str, str]]:
         inputs = self.inputs
         fixed_id = yield from self.folder.volume_id(inputs.fixed_volume)
         moving_id = yield from self.folder.volume_id(
@@ -205,11 +203,11 @@ class SceneRun:
         )
         return fixed_id, moving_id
 
-    def _match(self, fixed_id: str, moving_id: str, points: PointSet) -> Generator[Request, dict, MatchResult]:
+    def _match(self, fixed_id: str, moving_id: str, points: PointSet) -> Generator[Request, MatchResult, MatchResult]:
         request = MatchRequest(fixed_id=fixed_id, moving_id=moving_id, points_lps_mm=points.points_lps_mm,
                                labels=list(points.labels), priors_lps_mm=None,
                                settings=request_settings(self.settings, match=self.settings.match))
-        return MatchResult.from_worker((yield request))
+        return (yield request)
 
     def _moving_landmarks_name(self) -> str:
         return f"{self.inputs.fixed_landmarks.GetName()} in {_volume_name(self.inputs.moving_volume)}"
@@ -263,7 +261,7 @@ class SceneRun:
                 if path is not None and path.exists():
                     path.unlink()
 
-    def _apply(self, matches: MatchResult | None, summary: dict | None, transform_path: Path | None,
+    def _apply(self, matches: MatchResult | None, summary: RegisterResult | None, transform_path: Path | None,
                warped_path: Path | None) -> RunOutputs:
         """Write every output into the scene; files are read into detached nodes first."""
         inputs = self.inputs

@@ -23,7 +23,8 @@ from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import LesionOptions, RunSettings
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
-from ..worker.protocol import Request, encode_request
+from ..worker.protocol.requests import Request, encode_request
+from ..worker.protocol.results import parse_result
 from ..worker.remote_client import RemoteWorkerClient
 from .scene_run import RunInputs, RunOutputs, SceneRun, Steps, WorkerFiles
 from .track_run import TrackInputs, TrackOutputs, track_steps
@@ -47,15 +48,12 @@ def describe_server(server_url: str, token: str | None = None, timeout_s: float 
 
 def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
                  timeout_s: float | None = None) -> RunOutputs:
-    """Drive a job to its end with blocking ``client.call`` requests (each step's typed request,
-    encoded by :func:`~MedDIFTLib.worker.protocol.encode_request`); ``timeout_s`` bounds the wait
-    for each worker event."""
+    """Drive a job to its end with blocking ``client.run`` requests (each step's typed request in, its
+    typed result out); ``timeout_s`` bounds the wait for each worker event."""
     try:
         request = next(steps)
         while True:
-            request_type, fields = encode_request(request)
-            result = client.call(request_type, progress=progress, timeout=timeout_s, **fields)
-            request = steps.send(result)
+            request = steps.send(client.run(request, progress, timeout_s))
     except StopIteration as finished:
         return finished.value
 
@@ -77,6 +75,7 @@ class RunDriver:
         self._on_progress = on_progress
         self._on_log = on_log
         self._request_id: str | None = None
+        self._request_type = ""
         self.finished = False
 
     def start(self) -> None:
@@ -85,8 +84,8 @@ class RunDriver:
 
     def _advance(self, step: Callable[[], Request]) -> None:
         try:
-            request_type, fields = encode_request(step())
-            self._request_id = self._client.send(request_type, **fields)
+            self._request_type, fields = encode_request(step())
+            self._request_id = self._client.send(self._request_type, **fields)
         except StopIteration as finished:
             self._finish(finished.value, None)
         except Exception as error:
@@ -123,7 +122,7 @@ class RunDriver:
             elif isinstance(event, Progress) and self._on_progress is not None:
                 self._on_progress(event.stage, event.fraction, event.message)
             elif isinstance(event, Result):
-                self._advance(lambda payload=event.payload: self._steps.send(payload))
+                self._advance(lambda payload=event.payload: self._steps.send(parse_result(self._request_type, payload)))
             elif isinstance(event, Error):
                 self.fail(error_from_event(event))
         return not self.finished

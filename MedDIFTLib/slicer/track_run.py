@@ -5,7 +5,8 @@ loaded into the worker (through the session's :class:`~.scene_run.WorkerFiles`, 
 not sent again), the baseline lesions (a segmentation or markups node) are written as the
 ``--lesions`` file (:func:`~.lesion_nodes.write_baseline_lesions`), the worker's ``track`` request writes
 the files of ``meddift track`` into the worker files' folder, and only then are the follow-up segmentation node
-(filled in place when given: same segment IDs, names and colours) and the lesion table node filled.
+(filled in place when given: same segment IDs, names and colours; from the result's labelmap file) and the
+lesion table node (from the result's lesions) filled.
 A failed or cancelled run leaves both nodes as they were.
 """
 
@@ -16,13 +17,14 @@ from typing import Any
 
 from ..core.errors import BadInputError
 from ..core.options import LesionOptions, RunSettings
-from ..worker.protocol import TrackRequest
+from ..worker.protocol.requests import TrackRequest
+from ..worker.protocol.results import TrackResult
 from .lesion_nodes import (
     LesionRow,
     LesionSegment,
     fill_followup_segmentation,
     fill_lesion_table,
-    read_lesion_rows,
+    lesion_rows,
     write_baseline_lesions,
 )
 from .nodes import node_label, set_input_references
@@ -44,13 +46,13 @@ class TrackInputs:
 @dataclass
 class TrackOutputs:
     """What a run put into the scene: the follow-up segmentation and table nodes, one row per lesion
-    (with its baseline segment), the worker's result (``summary``) and the job's files by key."""
+    (with its baseline segment), the worker's typed result (``summary``) and the job's files by key."""
 
     followup_lesions: Any = None
     table: Any = None
     rows: list[LesionRow] = field(default_factory=list)
     segments: list[LesionSegment] = field(default_factory=list)
-    summary: dict[str, Any] | None = None
+    summary: TrackResult | None = None
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -99,12 +101,11 @@ def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: WorkerFile
         lesion_options=options,
         settings=request_settings(settings, field=settings.field),
     )
-    files = {str(key): str(path) for key, path in (summary.get("files") or {}).items()}
-    rows = read_lesion_rows(files["csv"], segments)
+    rows = lesion_rows(summary.lesions, segments)
     followup_name = inputs.followup_volume.GetName() or "follow-up"
     followup_lesions = fill_followup_segmentation(
         scene,
-        files["labelmap"],
+        summary.files["labelmap"],
         segments,
         inputs.followup_lesions,
         inputs.followup_volume,
@@ -113,4 +114,4 @@ def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: WorkerFile
     set_input_references(followup_lesions, inputs.baseline_volume, inputs.followup_volume)
     table = fill_lesion_table(scene, rows, inputs.table, name=f"Lesions {followup_name}")
     lesions_path.unlink(missing_ok=True)
-    return TrackOutputs(followup_lesions, table, rows, segments, summary, files)
+    return TrackOutputs(followup_lesions, table, rows, segments, summary, summary.output_files)

@@ -8,7 +8,9 @@ parsed once into a typed event (:mod:`.events`); the client routes them.
 
 Two ways to consume events:
 - GUI: :meth:`send` a request, then call :meth:`poll` from a timer (never blocks);
-- scripts and tests: :meth:`call` (blocking, returns the result payload or raises) or :meth:`events`.
+- scripts and tests: :meth:`run` (blocking: a typed request of :mod:`.protocol.requests` in, its
+  typed result of :mod:`.protocol.results` out, or raises), :meth:`call` (the same with the wire's
+  type, fields and result payload) or :meth:`events`.
 Events of a request that :meth:`events`/:meth:`call` is waiting for go to that waiter only;
 all others (including :class:`~.events.Ready` and events without a request id) go to :meth:`poll`.
 If the worker dies, every unanswered request gets an :class:`~.events.Error` (kind
@@ -178,6 +180,17 @@ class WorkerClient:
             elif isinstance(event, Error):
                 raise error_from_event(event)
         raise WorkerError(f"request {request_id} ended without a result")
+
+    def run(self, request: Any, progress: Callable[[str, float, str], None] | None = None,
+            timeout: float | None = None) -> Any:
+        """:meth:`call` of a typed request (:mod:`.protocol.requests`, sent as ``encode_request`` writes
+        it); returns its typed result (:func:`~.protocol.results.parse_result`). The protocol is imported
+        here: it needs NumPy, which the client's other uses do not."""
+        from .protocol.requests import encode_request
+        from .protocol.results import parse_result
+
+        request_type, fields = encode_request(request)
+        return parse_result(request_type, self.call(request_type, progress, timeout, **fields))
 
     def stderr_tail(self, max_lines: int = 50) -> str:
         """The worker's last ``max_lines`` lines of stderr (logs, tracebacks); '' where the transport

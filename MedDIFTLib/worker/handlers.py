@@ -1,10 +1,11 @@
 """One function per request type: ``handler(state, request, progress) -> result``.
 
-Each takes the worker's :class:`~.state.WorkerState`, its typed request (:mod:`.protocol`)
-and a progress callback (which raises ``CancelledError`` once the job is cancelled), and
-returns the JSON-ready result. Errors are raised as :class:`MedDIFTLib.core.errors.MedDIFTError`.
-Coordinates are LPS mm; geometry is reported in SimpleITK order (``shape_ijk``, ``spacing_mm``,
-``origin_lps_mm``, row-major ``direction``).
+Each takes the worker's :class:`~.state.WorkerState`, its typed request (:mod:`.protocol.requests`)
+and a progress callback (which raises ``CancelledError`` once the job is cancelled), and returns the
+JSON-ready result: its typed result (:mod:`.protocol.results`) as ``encode_result`` writes it, or for
+``probe`` and ``unload`` a plain object. Errors are raised as
+:class:`MedDIFTLib.core.errors.MedDIFTError`. Coordinates are LPS mm; geometry is reported in
+SimpleITK order (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major ``direction``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..lesions.inputs import read_lesions
 from ..lesions.outputs import check_outputs, write_outputs
 from ..lesions.track import track_lesions
 from ..matching import match_points
-from .protocol import (
+from .protocol.requests import (
     FeaturesRequest,
     LoadRequest,
     MatchRequest,
@@ -41,6 +42,18 @@ from .protocol import (
     RegisterRequest,
     TrackRequest,
     UnloadRequest,
+)
+from .protocol.results import (
+    FeatureLevelSummary,
+    FeaturesResult,
+    LoadResult,
+    MatchResult,
+    OverlaysResult,
+    OverlaySummary,
+    RegisterResult,
+    TrackedLesion,
+    TrackResult,
+    encode_result,
 )
 from .state import WorkerState, device_name
 
@@ -135,17 +148,7 @@ def load(state: WorkerState, request: LoadRequest, progress: ProgressFn) -> dict
     volume_id = state.load(request.path) if request.volume is None else state.add(request.volume)
     volume = state.volumes[volume_id]
     progress("load", 1.0, f"loaded {volume.name}")
-    geometry = volume.geometry
-    return {
-        "volume_id": volume_id,
-        "name": volume.name,
-        "geometry": {
-            "shape_ijk": list(geometry.shape_ijk),
-            "spacing_mm": list(geometry.spacing_mm),
-            "origin_lps_mm": list(geometry.origin_lps_mm),
-            "direction": list(geometry.direction),
-        },
-    }
+    return encode_result(LoadResult(volume_id, volume.name, volume.geometry))
 
 
 def unload(state: WorkerState, request: UnloadRequest, progress: ProgressFn) -> dict[str, Any]:
@@ -156,15 +159,9 @@ def features(state: WorkerState, request: FeaturesRequest, progress: ProgressFn)
     """Extract (or find in the cache) one volume's features; describes their levels."""
     volume = state.volume(request.volume_id, "volume_id")
     found = state.features(request.settings, volume, device_name(request.settings.device), progress)
-    return {
-        "cached": found.cached,
-        "seconds": found.seconds,
-        "bytes": found.pyramid.nbytes,
-        "levels": [
-            {"name": level.name, "channels": level.channels, "shape_ijk": list(level.geometry.shape_ijk)}
-            for level in found.pyramid.levels
-        ],
-    }
+    levels = [FeatureLevelSummary(level.name, level.channels, level.geometry.shape_ijk)
+              for level in found.pyramid.levels]
+    return encode_result(FeaturesResult(found.cached, found.seconds, found.pyramid.nbytes, levels))
 
 
 def match(state: WorkerState, request: MatchRequest, progress: ProgressFn) -> dict[str, Any]:
@@ -182,17 +179,17 @@ def match(state: WorkerState, request: MatchRequest, progress: ProgressFn) -> di
         pair.fixed_pyramid, pair.moving_pyramid, request.points_lps_mm, request.priors_lps_mm, settings.match, progress
     )
     match_seconds = time.perf_counter() - match_started
-    return {
-        "labels": request.labels,
-        "points_lps_mm": result.points_lps_mm,
-        "similarity": result.similarity,
-        "confidence": result.confidence,
-        "forward_backward_mm": result.forward_backward_mm,
-        "reliable": [bool(flag) for flag in result.reliable],
-        "seconds": time.perf_counter() - started,
-        "match_seconds": match_seconds,
-        "features_cached": pair.cached,
-    }
+    return encode_result(MatchResult(
+        labels=[str(label) for label in request.labels],
+        points_lps_mm=result.points_lps_mm,
+        similarity=result.similarity,
+        confidence=result.confidence,
+        forward_backward_mm=result.forward_backward_mm,
+        reliable=result.reliable,
+        seconds=time.perf_counter() - started,
+        match_seconds=match_seconds,
+        features_cached=pair.cached,
+    ))
 
 
 def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn) -> dict[str, Any]:
@@ -203,7 +200,7 @@ def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn)
                                          state.volume(request.moving_id, "moving_id").geometry, settings.field))
     pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
     progress("register", 0.0, "registering")
-    return register_and_write(
+    summary = register_and_write(
         pair.fixed,
         pair.moving,
         pair.fixed_pyramid,
@@ -215,6 +212,7 @@ def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn)
         progress=progress,
         mask=mask,
     )
+    return encode_result(RegisterResult(**summary))
 
 
 def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn) -> dict[str, Any]:
@@ -240,14 +238,13 @@ def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn)
     values = qa_overlays(pair.fixed_pyramid, pair.moving_pyramid, request.lattice, field, progress)
     progress("overlays", 0.9, "writing the overlays")
     geometry = pair.fixed_pyramid.image_geometry
-    result: dict[str, Any] = {}
+    written = {}
     for name, path in outputs.items():
         voxels = values[name]
         write_volume(Volume(voxels, geometry, name=name), path)
-        result[name] = {"path": str(path), "min": float(voxels.min()), "max": float(voxels.max()),
-                        "mean": float(voxels.mean())}
+        written[name] = OverlaySummary(str(path), float(voxels.min()), float(voxels.max()), float(voxels.mean()))
     progress("overlays", 1.0, "done")
-    return result
+    return encode_result(OverlaysResult(written))
 
 
 def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> dict[str, Any]:
@@ -277,24 +274,24 @@ def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> di
     progress("track", 0.95, "writing the lesion files")
     paths = write_outputs(result, baseline, followup, request.out_dir)
     progress("track", 1.0, "done")
-    return {
-        "files": {key: str(path) for key, path in paths.items()},
-        "lesions": [
-            {
-                "label": lesion.label,
-                "name": lesion.name,
-                "status": lesion.status,
-                "flags": list(lesion.flags),
-                "confidence": lesion.confidence,
-                "volume_baseline_ml": lesion.baseline.volume_ml,
-                "volume_followup_ml": lesion.followup.volume_ml,
-                "centre_lps_mm": lesion.centre_lps_mm,
-            }
-            for lesion in result.lesions
-        ],
-        "seconds": result.seconds,
-        "features_cached": pair.cached,
-    }
+    lesions = [
+        TrackedLesion(
+            label=int(lesion.label),
+            name=lesion.name,
+            status=lesion.status,
+            flags=list(lesion.flags),
+            confidence=lesion.confidence,
+            volume_baseline_ml=lesion.baseline.volume_ml,
+            volume_followup_ml=lesion.followup.volume_ml,
+            volume_change_pct=lesion.volume_change_pct,
+            diameter_baseline_mm=lesion.baseline.long_mm,
+            diameter_followup_mm=lesion.followup.long_mm,
+            centre_lps_mm=tuple(float(value) for value in lesion.centre_lps_mm),
+        )
+        for lesion in result.lesions
+    ]
+    files = {key: str(path) for key, path in paths.items()}
+    return encode_result(TrackResult(files, lesions, result.seconds, pair.cached))
 
 
 HANDLERS: dict[str, Handler] = {

@@ -9,7 +9,7 @@ reads the volume here and uploads it unless this session holds its content alrea
 (all written atomically, only once all arrived); ``overlays`` uploads its field (``transform``,
 read here) and comes back the same way; a ``track`` uploads its lesion labelmap as a load does and
 downloads the files of ``meddift track`` into its local ``out_dir`` the same way. Each is sent as
-:func:`~.protocol.encode_request` writes it, server-side names in place of the local paths. A
+:func:`~.protocol.requests.encode_request` writes it, server-side names in place of the local paths. A
 dropped connection ends each unanswered request with an :class:`~.events.Error` (kind
 ``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
 """
@@ -31,9 +31,9 @@ from typing import Any
 from ..core.budget import describe_bytes
 from ..core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from .events import Error, Result, WorkerError, error_from_event, parse_event
+from .remote.wire import API, OUTPUT_NAMES, encode_field, encode_volume, field_hash
 from .transports import Deliver, Transport, request_line
 
-API = "/v1"
 MIN_TOKEN_CHARS = 16
 
 
@@ -177,8 +177,6 @@ class HttpTransport(Transport):
     def _upload_volume(self, volume: Any, source: str) -> dict[str, Any]:
         """Upload ``volume`` (a :class:`~MedDIFTLib.core.io.Volume` read from ``source``) unless this
         session holds its content; the load result."""
-        from .remote.wire import encode_volume
-
         volume_path = self._session(f"/volumes/{volume.content_hash()}")
         status, found = self._request("GET", volume_path)
         if status == 200:
@@ -196,22 +194,17 @@ class HttpTransport(Transport):
 
     def _register(self, request_id: str, params: dict[str, Any]) -> None:
         """Send a register with output names only; download its outputs to the local paths."""
-        from .protocol import parse_request
+        from .protocol.requests import parse_request
 
         request = parse_request("register", params)
         local = _local_outputs("register", request)
-        final = self._stream(request_id, _line(request_id, _output_names(request, local)), deliver_final=False)
-        if isinstance(final, Result):
-            self._download(request_id, local)
-            final = Result(request_id, {**final.payload, **{name: str(path) for name, path in local.items()}})
-        self._deliver(final)
+        self._with_outputs(request_id, "register", _output_names(request, local), local)
 
     def _overlays(self, request_id: str, params: dict[str, Any]) -> None:
         """Upload the field (``transform``, read here) and send the overlays with its hash and output
         names only; download the overlays to the local paths."""
         from ..core.io.fields import read_field_file
-        from .protocol import parse_request
-        from .remote.wire import encode_field, field_hash
+        from .protocol.requests import parse_request
 
         request = parse_request("overlays", params)
         local = _local_outputs("overlays", request)
@@ -223,12 +216,7 @@ class HttpTransport(Transport):
             uploaded = self._json("PUT", self._session(f"/fields/{field_hash(displacement, geometry)}"), body=body,
                                   headers=headers)
             sent = dataclasses.replace(sent, transform=uploaded["field"])
-        final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
-        if isinstance(final, Result):
-            self._download(request_id, local)
-            final = Result(request_id, {name: {**summary, "path": str(local[name])}
-                                        for name, summary in final.payload.items() if name in local})
-        self._deliver(final)
+        self._with_outputs(request_id, "overlays", sent, local)
 
     def _track(self, request_id: str, params: dict[str, Any]) -> None:
         """Upload the lesion labelmap and send the track with its volume id; download the files of
@@ -236,7 +224,8 @@ class HttpTransport(Transport):
         from ..core.io import read_volume
         from ..lesions.inputs import LABELMAP_SUFFIXES
         from ..lesions.outputs import check_outputs
-        from .protocol import parse_request
+        from .protocol.requests import parse_request
+        from .protocol.results import parse_result
 
         request = parse_request("track", params)
         name = request.lesions.lower()
@@ -245,12 +234,19 @@ class HttpTransport(Transport):
                                   f"({', '.join(s for s in LABELMAP_SUFFIXES if s != '.seg.nrrd')}); point files "
                                   "and .seg.nrrd segment names are read by a local worker only")
         local = check_outputs(request.out_dir)
-        labelmap = self._upload_volume(read_volume(request.lesions), request.lesions)
-        sent = dataclasses.replace(request, lesions=labelmap["volume_id"], out_dir="track")
+        labelmap = parse_result("load", self._upload_volume(read_volume(request.lesions), request.lesions))
+        sent = dataclasses.replace(request, lesions=labelmap.volume_id, out_dir="track")
+        self._with_outputs(request_id, "track", sent, {key: str(path) for key, path in local.items()})
+
+    def _with_outputs(self, request_id: str, request_type: str, sent: Any, local: dict[str, str]) -> None:
+        """Send ``sent`` (a typed request naming its outputs by server-side names); once it succeeded,
+        download its outputs to ``local`` (output name -> local path) and deliver its result naming them."""
+        from .protocol.results import encode_result, parse_result
+
         final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
         if isinstance(final, Result):
             self._download(request_id, local)
-            final = Result(request_id, {**final.payload, "files": {key: str(path) for key, path in local.items()}})
+            final = Result(request_id, encode_result(parse_result(request_type, final.payload).moved(local)))
         self._deliver(final)
 
     def _download(self, request_id: str, local: dict[str, Any]) -> None:
@@ -373,7 +369,6 @@ def _local_outputs(request_type: str, request: Any) -> dict[str, str]:
     """The local paths of a register or overlays request's outputs by name, checked before any work
     (one-file formats only: a two-file one cannot come back from a server)."""
     from ..core.io import check_output_path
-    from .remote.wire import OUTPUT_NAMES
 
     local = {name: path for name in OUTPUT_NAMES[request_type] if (path := getattr(request, f"out_{name}")) is not None}
     for path in local.values():
@@ -390,8 +385,8 @@ def _output_names(request: Any, local: dict[str, str]) -> Any:
 
 
 def _line(request_id: str, request: Any) -> bytes:
-    """The wire line of a typed request (:mod:`.protocol`), as :func:`~.protocol.encode_request` writes it."""
-    from .protocol import encode_request
+    """The wire line of a typed request (:mod:`.protocol`), as :func:`~.protocol.requests.encode_request` writes it."""
+    from .protocol.requests import encode_request
 
     return request_line(request_id, *encode_request(request))
 

@@ -11,7 +11,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
-from .protocol import Request, ShutdownRequest
+from .protocol.requests import Request, ShutdownRequest
 
 
 @dataclass(eq=False)

@@ -32,7 +32,7 @@ from ..core.progress import ProgressFn
 from .cache import DEFAULT_CACHE_BYTES
 from .handlers import HANDLERS
 from .jobs import Job, JobQueue
-from .protocol import (
+from .protocol.requests import (
     DEFAULT_LIMITS,
     MAX_POINTS,
     MAX_REQUEST_BYTES,

@@ -23,7 +23,7 @@ from ..core.progress import ProgressFn
 from ..features import FeaturePyramid, Featurizer, create_featurizer
 from ..features.registry import RUN_OPTIONS
 from .cache import CacheKey, FeatureCache
-from .protocol import Limits
+from .protocol.requests import Limits
 
 DEVICE_COPIES = 2
 FILL_STEP_VOXELS = 2**18  # one background fill step: a fraction of a second of MIND on the CPU

@@ -43,7 +43,8 @@ from ...core.budget import Budget, describe_bytes
 from ...core.errors import BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
 from ..jobs import Job
-from ..protocol import Limits, LoadRequest, RejectedRequest, parse_line
+from ..protocol.requests import Limits, LoadRequest, RejectedRequest, parse_line
+from ..protocol.results import encode_result, parse_result
 from ..stream import error_event
 from .security import RateLimiter, token_matches
 from .sessions import INTERNAL_MESSAGE, ServerSession, SessionStore, hide_paths
@@ -52,7 +53,6 @@ from .wire import (
     CONTENT_HASH,
     GEOMETRY_HEADER,
     NAME_HEADER,
-    OUTPUT_NAMES,
     decode_field,
     decode_volume,
     field_hash,
@@ -367,15 +367,12 @@ async def _stream(session: ServerSession, request_id: str, request_type: str, qu
 
 
 def _public_result(request_type: str, result: dict[str, Any]) -> dict[str, Any]:
-    """What a client may see of a result: a register's or overlays' outputs and a track's files by
-    name (the client maps them to its paths), a probe without the server's process id and with
-    path-free backbone messages."""
-    if request_type == "register":
-        return {**result, **{name: name for name in OUTPUT_NAMES[request_type] if result.get(name)}}
-    if request_type == "overlays":
-        return {name: {**summary, "path": name} for name, summary in result.items()}
-    if request_type == "track":
-        return {**result, "files": {key: key for key in result["files"]}}
+    """What a client may see of a result: the output files of a register, overlays or track by
+    their names (the client maps them to its paths), a probe without the server's process id and
+    with path-free backbone messages."""
+    if request_type in ("register", "overlays", "track"):
+        typed = parse_result(request_type, result)
+        return encode_result(typed.moved({name: name for name in typed.output_files}))
     if request_type == "probe":
         backbones = [{**backbone, "message": hide_paths(backbone["message"])} for backbone in result["backbones"]]
         return {**{key: value for key, value in result.items() if key not in ("pid", "platform")},

@@ -32,7 +32,7 @@ from ...core.io import write_volume
 from ...field import DisplacementField, write_field
 from ...lesions.outputs import output_paths
 from ..jobs import Job
-from ..protocol import Limits
+from ..protocol.requests import Limits
 from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES

@@ -1,17 +1,11 @@
-"""The worker protocol, defined once: request lines in, event lines out (torch-free).
+"""The requests of the worker protocol, typed once: one dataclass per request type (torch-free).
 
-JSON lines: one request per line, one event per line. A request is ``{"id": str, "type": str,
-...fields}``; fields a request type does not use are ignored. Each request type has one small
-dataclass below, built by :func:`parse_request`, which checks every field once (types, shapes,
-limits; option ranges through :func:`MedDIFTLib.core.options.parse_options`). What needs the
-worker's state (does a volume id exist, does a device exist) is checked when the job runs.
-Clients build their requests as these dataclasses too and send what :func:`encode_request`, the
-inverse of :func:`parse_request`, makes of them: no client writes a request's fields by hand.
-
-The stream around it (bounded line reading, the event lines written back) is :mod:`.stream`.
-Coordinates are LPS mm.
-
-Imports neither torch nor monai, so a client or an HTTP front end can share it.
+Fields a request type does not use are ignored. :func:`parse_request` builds each dataclass from its
+fields and checks every field once (types, shapes, limits; option ranges through
+:func:`MedDIFTLib.core.options.parse_options`). What needs the worker's state (does a volume id
+exist, does a device exist) is checked when the job runs. Clients build their requests as these
+dataclasses too and send what :func:`encode_request`, the inverse of :func:`parse_request`, makes of
+them: no client writes a request's fields by hand. Coordinates are LPS mm.
 """
 
 from __future__ import annotations
@@ -23,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ..core.budget import MAX_POINTS
-from ..core.errors import BadRequestError
-from ..core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options, to_json
+from ...core.budget import MAX_POINTS
+from ...core.errors import BadRequestError
+from ...core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options, to_json
 
 MAX_REQUEST_BYTES = 16 * 2**20
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
@@ -64,8 +58,7 @@ class ProbeRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Read a volume file or DICOM folder. Result: ``volume_id`` (the same content keeps its id),
-    ``name``, ``geometry`` (``shape_ijk``, ``spacing_mm``, ``origin_lps_mm``, row-major ``direction``).
+    """Read a volume file or DICOM folder. Result: :class:`~.results.LoadResult`.
 
     ``volume`` (a :class:`MedDIFTLib.core.io.Volume`) is set only by the HTTP server, from an
     upload; ``path`` then holds the volume's name. No wire line can set it."""
@@ -84,8 +77,7 @@ class UnloadRequest:
 @dataclass(frozen=True)
 class FeaturesRequest:
     """Features of one volume with ``settings`` (fields ``backbone`` (default mind),
-    ``backbone_options``, ``device``: auto | cpu | cuda | cuda:N). Result: ``cached``, ``seconds``,
-    ``bytes``, ``levels`` (name, channels, shape_ijk)."""
+    ``backbone_options``, ``device``: auto | cpu | cuda | cuda:N). Result: :class:`~.results.FeaturesResult`."""
 
     volume_id: str
     settings: RunSettings
@@ -95,9 +87,7 @@ class FeaturesRequest:
 class MatchRequest:
     """Fixed points (N, 3 LPS mm) matched into the moving volume; ``labels`` pair inputs with
     outputs; ``priors_lps_mm`` (N, 3) centres each search; the ``options`` field (MatchOptions)
-    becomes ``settings.match``. Result: ``labels``, ``points_lps_mm``, ``similarity``,
-    ``confidence``, ``forward_backward_mm``, ``reliable``, ``seconds``, ``match_seconds``,
-    ``features_cached``."""
+    becomes ``settings.match``. Result: :class:`~.results.MatchResult`."""
 
     fixed_id: str
     moving_id: str
@@ -110,8 +100,7 @@ class MatchRequest:
 @dataclass(frozen=True)
 class RegisterRequest:
     """Dense registration; the ``options`` field (FieldOptions) becomes ``settings.field``; only
-    ``out_transform`` is required. Result: the summary of :func:`MedDIFTLib.field.register_and_write`
-    (outputs written atomically)."""
+    ``out_transform`` is required. Result: :class:`~.results.RegisterResult` (outputs written atomically)."""
 
     fixed_id: str
     moving_id: str
@@ -129,9 +118,7 @@ class TrackRequest:
     or a point file, as ``meddift track --lesions`` takes; ``out_dir`` gets the files of ``meddift
     track`` (:mod:`MedDIFTLib.lesions.outputs`, each written atomically). The ``options`` field
     (LesionOptions) is ``lesion_options``; ``field_options`` (FieldOptions) becomes
-    ``settings.field``. Result: ``files`` (path by key: labelmap, csv, report, sheet), ``lesions``
-    (label, name, status, flags, confidence, volumes in mL, follow-up centre in LPS mm),
-    ``seconds`` (per step) and ``features_cached``. On ``meddift serve`` the client uploads the
+    ``settings.field``. Result: :class:`~.results.TrackResult`. On ``meddift serve`` the client uploads the
     labelmap and names it by its volume id, and gives ``out_dir`` as a name (:mod:`.remote.app`)."""
 
     baseline_id: str
@@ -155,8 +142,8 @@ class OverlaysRequest:
     """QA overlays on the fixed grid, written atomically as volume files: ``out_confidence`` (match
     confidence in [0, 1] of the engine's lattice, ``lattice`` (FieldLevel) nodes, searched around
     the field in ``transform`` when given) and, from that field, ``out_jacobian`` (Jacobian
-    determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result: the
-    written paths and each overlay's ``min``, ``max`` and ``mean``. On ``meddift serve`` the client
+    determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result:
+    :class:`~.results.OverlaysResult`. On ``meddift serve`` the client
     uploads the field and names it by its hash, and gives output names (:mod:`.remote.app`)."""
 
     fixed_id: str
