@@ -243,3 +243,27 @@ def test_one_followup_keeps_the_pair_outputs_and_bad_series_input_writes_nothing
     assert [path.name for path in (tmp_path / "taken").iterdir()] == [labelmap_name(2)]
     with pytest.raises(SystemExit):  # no follow-up at all: argparse's usage error
         main(["track", scans[0], "--lesions", lesions, "--out", str(out)])
+
+
+def test_a_lesion_that_leaves_the_field_of_view_is_reported_and_its_time_point_not_evaluable(series_files):
+    """Follow-up 2 is cropped above S = 10 mm: lesion 3 (S = 18 mm) is outside it."""
+    from MedDIFTLib.core.options import FieldLevel, FieldOptions
+    from MedDIFTLib.features import create_featurizer
+    from MedDIFTLib.lesions.inputs import lesions_from_labelmap
+    from MedDIFTLib.lesions.series import track_series
+
+    _, scans, lesions_path = series_files
+    baseline, first, second = (read_volume(path) for path in scans[:3])
+    cropped = Geometry.create((40, 36, 16), GEOMETRY.spacing_mm, GEOMETRY.origin_lps_mm)
+    second = Volume(second.voxels[:16].copy(), cropped, "cropped")
+    featurizer = create_featurizer("mind", device="cpu")
+    fast = FieldOptions(levels=(FieldLevel(spacing_mm=8.0, search_radius_mm=12.0),), optimise_iterations=0)
+    result = track_series(baseline, [first, second], lesions_from_labelmap(read_volume(lesions_path), baseline),
+                          featurizer.extract, series_options=SeriesOptions(route="direct", measurable_mm=8.0),
+                          field_options=fast)
+    assert result.targets == [1, 2, 3]
+    assert [visit.status for visit in result.timeline(3)[:2]] == ["ok", "ok"]
+    assert "leaves_volume" in result.timeline(3)[2].flags and not result.timeline(3)[2].evaluable
+    assert result.timeline(3)[2].gone and result.labelmaps[2].shape == cropped.shape_kji
+    assert result.timeline(1)[2].status == "ok"
+    assert [response.category for response in result.responses] == [None, "PR", "NE"]

@@ -1,7 +1,7 @@
 """The growth curves of a lesion series (``growth.png``): volume (mL) and longest axial diameter (mm)
 at each time point, one line per lesion (a lesion gone is drawn at 0; a hollow marker where its size
 is not the lesion's, see :data:`.series.NOT_EVALUABLE`), the RECIST 1.1 response of each follow-up
-written above it (matplotlib, no display needed)."""
+written under it (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ def growth_figure(result) -> bytes:
             if hollow:
                 axis.plot(time_points[hollow], np.asarray(values)[hollow], marker="o", linestyle="none",
                           markerfacecolor="white", color=line.get_color())
+    ticks = ["baseline", *(f"T{r.time_point}\n{r.category}" for r in result.responses[1:])]
     for axis, title in ((axes[0], "volume (mL)"), (axes[1], "longest axial diameter (mm)")):
         axis.set_title(title, fontsize=10)
-        axis.set_xticks(time_points, ["baseline", *(f"T{n}" for n in time_points[1:])])
+        axis.set_xticks(time_points, ticks)
+        for tick, response in zip(axis.get_xticklabels()[1:], result.responses[1:]):
+            tick.set_color(CATEGORY_COLORS[response.category])
+            tick.set_fontweight("bold")
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        for response in result.responses[1:]:
-            axis.annotate(response.category, (response.time_point, 1.0), xycoords=("data", "axes fraction"),
-                          xytext=(0, 3), textcoords="offset points", ha="center", fontsize=9, fontweight="bold",
-                          color=CATEGORY_COLORS[response.category])
     axes[1].legend(fontsize=8, loc="best")
     figure.suptitle("Lesions over time (response: RECIST 1.1 on the target lesions)", fontsize=10, y=0.99)
     figure.tight_layout()

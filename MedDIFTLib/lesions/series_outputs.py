@@ -115,20 +115,20 @@ def report_text(result) -> str:
         lines.append(f"| {_when(response.time_point)} | {names[response.time_point]} | {_number(response.sld_mm, 1)} "
                      f"| {_number(response.change_from_baseline_pct, 1)} | {_number(response.nadir_mm, 1)} | "
                      f"{_number(response.change_from_nadir_pct, 1)} | {response.category or '-'} |")
-    lines += ["", f"CR: every target lesion gone. PD: SLD at least {PD_INCREASE:.0%} and at least "
-              f"{PD_INCREASE_MM:g} mm above the nadir. PR: SLD at least {PR_DECREASE:.0%} below baseline. SD: "
+    lines += ["", f"CR: every target lesion gone. PD: SLD at least {100 * PD_INCREASE:g} % and at least "
+              f"{PD_INCREASE_MM:g} mm above the nadir. PR: SLD at least {100 * PR_DECREASE:g} % below baseline. SD: "
               "none of these. NE: a target lesion could not be measured (it reaches or leaves the field of view, "
               "or the image does not support its size). Non-target and new lesions are not assessed here. "
               f"Source: {RECIST_SOURCE}.", "", "## Lesions", "",
-              "| lesion | time point | status | volume | change % | diameters | mean HU | confidence | route | "
-              "centre (L, P, S) |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| lesion | target | time point | status | volume | change % | diameters | mean HU | confidence | "
+              "route | centre (L, P, S) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     flagged = []
     for label in [visit.label for visit in result.visits[0]]:
         for visit in result.timeline(label):
             measured = visit.measurement
             centre = ", ".join(_number(v, 1) for v in visit.centre_lps_mm)
-            target = " target" if label in result.targets else ""
-            lines.append(f"| {visit.name} ({label}{target}) | {_when(visit.time_point)} | {visit.status} | "
+            target = "yes" if label in result.targets else "no"
+            lines.append(f"| {visit.name} ({label}) | {target} | {_when(visit.time_point)} | {visit.status} | "
                          f"{_number(measured.volume_ml, 3)} | {_number(result.volume_change_pct(visit), 1)} | "
                          f"{_number(measured.long_mm, 1)} x {_number(measured.short_mm, 1)} | "
                          f"{_number(measured.mean_hu, 0)} | {_number(visit.confidence, 2)} | {visit.route or '-'} | "
