@@ -14,8 +14,8 @@ centres are further apart than the lesion's baseline equivalent radius and ``agr
 route segments the lesion and the other finds nothing. The kept lesions make follow-up k's
 labelmap (a voxel claimed by two lesions stays with the lower label; both are flagged ``merges``).
 
-Each scan's features are extracted once (``extract``); only the baseline's, the previous and the
-current follow-up's are held at a time.
+Each scan's features are extracted once (``extract``); at most the baseline's, the previous and the
+current follow-up's are held at a time (a route that no longer needs one lets it go).
 
 Per lesion and time point (:class:`LesionVisit`): the centre (LPS mm: at baseline the lesion's centre
 of mass, at a follow-up the engine's match, which exists even where the lesion is gone), the match's
@@ -272,8 +272,10 @@ def track_series(
         step_visits, labelmap = _followup_visits(runs, kept, time_point, followup)
         visits.append(step_visits)
         labelmaps.append(labelmap)
-        if time_point > 1:
-            pyramids.pop(time_point - 1, None)
+        needed = {0} if route != "chained" else set()  # the next step's origins: baseline, this follow-up
+        needed |= {time_point} if route != "direct" else set()
+        for index in set(pyramids) - needed:
+            del pyramids[index]
         seconds[f"follow-up {time_point}"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - start
     targets = choose_targets(visits[0], series_options)
