@@ -246,15 +246,17 @@ def track_series(
         mark = time.perf_counter()
         step = scaled(progress, (time_point - 1) / len(followups), time_point / len(followups))
         followup = scans[time_point]
-        origin = features(0, scaled(step, 0.0, 0.1))
+        run_direct = time_point == 1 or route in ("direct", "auto")
+        run_chained = time_point > 1 and route in ("chained", "auto")
+        origin = features(0, scaled(step, 0.0, 0.1)) if run_direct else None
         current = features(time_point, scaled(step, 0.1, 0.2))
         runs: dict[str, TrackResult] = {}
-        if time_point > 1 and route in ("chained", "auto"):
+        if run_chained:
             runs["chained"] = track_lesions(
                 scans[time_point - 1], followup, _lesions_at(visits[-1], labelmaps[-1], direct_input.seeds_lps_mm),
                 features(time_point - 1, no_progress), current, options, field_options,
                 progress=scaled(step, 0.2, 0.6 if route == "auto" else 1.0))
-        if time_point == 1 or route in ("direct", "auto"):
+        if run_direct:
             runs["direct"] = track_lesions(baseline, followup, direct_input, origin, current, options, field_options,
                                            progress=scaled(step, 0.6 if "chained" in runs else 0.2, 1.0))
         if time_point == 1:
