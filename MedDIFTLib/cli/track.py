@@ -1,10 +1,12 @@
-"""``meddift track BASELINE FOLLOWUP --lesions LESIONS --out DIR``: find, segment and measure lesions."""
+"""``meddift track BASELINE FOLLOWUP [FOLLOWUP ...] --lesions LESIONS --out DIR``: find, segment and measure
+lesions in one follow-up (the pair's files, :mod:`MedDIFTLib.lesions.outputs`) or through a series
+(:mod:`MedDIFTLib.lesions.series`, its files: :mod:`MedDIFTLib.lesions.series_outputs`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..core.options import FieldOptions, LesionOptions
+from ..core.options import FieldOptions, LesionOptions, SeriesOptions, describe
 from .common import (
     FIELD_FLAGS,
     ProgressBar,
@@ -24,7 +26,8 @@ CSV_COLUMNS = ("label,l,p,s,confidence,volume_baseline_ml,volume_followup_ml,vol
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "track",
-        help="track lesions from a baseline to a follow-up CT: centre, segmentation, volume and diameters",
+        help="track lesions from a baseline to one or more follow-up CTs: centre, segmentation, volume, diameters "
+        "and, over a series, the RECIST 1.1 response",
         description="Track each lesion of BASELINE into FOLLOWUP. LESIONS is a labelmap on the baseline grid "
         "(one positive integer label per lesion: .nii.gz, .nrrd, .seg.nrrd) or a point file (one point per "
         "lesion, labels kept: .mrk.json, .fcsv, .csv), segmented at baseline from the point. The labelmap is "
@@ -33,10 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "its segmentation is refined to the follow-up image. DIR gets followup_lesions.nii.gz (same label "
         f"values), lesions.csv ({CSV_COLUMNS}; l,p,s = follow-up centre, LPS mm; status ok or flags joined by ';': "
         "not_found, leaves_volume, merges, low_confidence, touches_border, unsupported_growth), report.md and "
-        "lesions.png.",
+        "lesions.png. With several FOLLOWUPs (in time order) each lesion is followed through all of them, "
+        "chained (from the previous follow-up), direct (from the baseline) or auto (both; the more confident where "
+        "they disagree): DIR gets followup_1_lesions.nii.gz, followup_2_lesions.nii.gz, ..., lesions.csv (one row "
+        "per lesion and time point), response.csv (sum of the target lesions' longest diameters and the RECIST 1.1 "
+        "response per time point), report.md, growth.png and lesions.png.",
     )
     parser.add_argument("baseline", help="baseline CT: NIfTI, NRRD, MHA or a DICOM folder")
-    parser.add_argument("followup", help="follow-up CT: NIfTI, NRRD, MHA or a DICOM folder")
+    parser.add_argument("followup", nargs="+", help="follow-up CT(s) in time order: NIfTI, NRRD, MHA or DICOM folders")
     parser.add_argument("--lesions", required=True, help="baseline labelmap (.nii.gz, .nrrd, .seg.nrrd) or points "
                         "(.mrk.json, .fcsv, .csv)")
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
@@ -48,6 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "seed_radius_mm")
     add_option(parser, LesionOptions, "centre_search_radius_mm")
     add_option(parser, LesionOptions, "confidence_threshold")
+    add_option(parser, SeriesOptions, "route", "--series",
+               help="several follow-ups: " + describe(SeriesOptions, "route"))
+    add_option(parser, SeriesOptions, "agreement_mm")
+    add_option(parser, SeriesOptions, "measurable_mm")
+    add_option(parser, SeriesOptions, "max_targets")
     add_field_level_options(parser, smoothness=False)
     add_option(parser, FieldOptions, "optimise_iterations")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -55,6 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return _run_pair(args) if len(args.followup) == 1 else _run_series(args)
+
+
+def _run_pair(args: argparse.Namespace) -> int:
     from ..core.budget import estimate_register
     from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.io import check_outputs_apart, check_overlap, read_volume
@@ -64,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
     from ..lesions.track import track_lesions
 
     paths = check_outputs(args.out)
+    followup_path = args.followup[0]
     check_outputs_apart({f"--out {path.name}": path for path in paths.values()},
-                        {"BASELINE": args.baseline, "FOLLOWUP": args.followup, "--lesions": args.lesions})
+                        {"BASELINE": args.baseline, "FOLLOWUP": followup_path, "--lesions": args.lesions})
     options = options_from_args(args, LesionOptions)
     field_options = field_options_from_args(args)
     device = resolve_device(args.device)
     baseline = read_volume(args.baseline)
-    followup = read_volume(args.followup)
+    followup = read_volume(followup_path)
     check_overlap(baseline, followup)
     lesions = read_lesions(args.lesions, baseline)
     check_memory_here(estimate_register(followup.geometry, baseline.geometry, field_options, FIELD_FLAGS, "track"))
@@ -87,6 +104,53 @@ def run(args: argparse.Namespace) -> int:
     for lesion in result.lesions:
         print(f"  {lesion.name:<12}{lesion.status:<18}{lesion.baseline.volume_ml:10.3f}"
               f"{lesion.followup.volume_ml:10.3f}{lesion.volume_change_pct:10.1f}{lesion.confidence:6.2f}")
+    for path in paths.values():
+        print(f"Wrote {path}")
+    return 0
+
+
+def _run_series(args: argparse.Namespace) -> int:
+    from ..core.budget import estimate_register
+    from ..core.devices import out_of_memory_as_error, resolve_device
+    from ..core.io import check_outputs_apart, read_volume
+    from ..lesions.inputs import read_lesions
+    from ..lesions.series import check_series, track_series
+    from ..lesions.series_outputs import check_series_outputs, write_series_outputs
+
+    paths = check_series_outputs(args.out, len(args.followup))
+    inputs = {"BASELINE": args.baseline, "--lesions": args.lesions}
+    inputs.update({f"FOLLOWUP {k}": path for k, path in enumerate(args.followup, start=1)})
+    check_outputs_apart({f"--out {path.name}": path for path in paths.values()}, inputs)
+    options = options_from_args(args, LesionOptions)
+    series_options = options_from_args(args, SeriesOptions)
+    field_options = field_options_from_args(args)
+    device = resolve_device(args.device)
+    baseline = read_volume(args.baseline)
+    followups = [read_volume(path) for path in args.followup]
+    check_series(baseline, followups)
+    lesions = read_lesions(args.lesions, baseline)
+    scans = [baseline, *followups]
+    pairs = [(scans[1], scans[0])]  # the pairs run (fixed = follow-up): baseline -> 1, then each route's
+    if series_options.route != "chained":
+        pairs += [(scans[k], scans[0]) for k in range(2, len(scans))]
+    if series_options.route != "direct":
+        pairs += [(scans[k], scans[k - 1]) for k in range(2, len(scans))]
+    estimates = [estimate_register(fixed.geometry, moving.geometry, field_options, FIELD_FLAGS, "track")
+                 for fixed, moving in pairs]
+    check_memory_here(max(estimates, key=lambda estimate: estimate.total_bytes))
+    featurizer = featurizer_from_args(args, device)
+    with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
+        result = track_series(baseline, followups, lesions,
+                              lambda volume, step: featurizer.extract(volume, step).to(device), options,
+                              series_options, field_options, progress)
+    write_series_outputs(result, scans, args.out)
+    print(f"Tracked {len(lesions.labels)} lesion(s) through {len(followups)} follow-ups ({result.route}) with "
+          f"backbone '{featurizer.name}' on {device} in {result.seconds['total']:.1f} s.")
+    print(f"  {'time point':<12}{'SLD mm':>8}{'vs baseline %':>15}{'vs nadir %':>12}  response")
+    for response in result.responses:
+        when = "baseline" if response.time_point == 0 else f"T{response.time_point}"
+        print(f"  {when:<12}{response.sld_mm:8.1f}{response.change_from_baseline_pct:15.1f}"
+              f"{response.change_from_nadir_pct:12.1f}  {response.category or '-'}")
     for path in paths.values():
         print(f"Wrote {path}")
     return 0

@@ -1,7 +1,7 @@
 """Every user-facing knob, once: typed option dataclasses and the one parser that builds them.
 
 The CLI, the worker, the evaluation methods and the Slicer panel all take their defaults from
-these classes (matching, the field, a run, lesion tracking, synthetic pairs, the evaluation's
+these classes (matching, the field, a run, lesion tracking and series, synthetic pairs, the evaluation's
 B-spline and ConvexAdam baselines) and build them through :func:`parse_options`, which checks
 names, types and ranges and names the bad key. Distances are in mm. This module imports neither
 torch nor numpy, so the Slicer side (and ``--help``) can read it.
@@ -316,6 +316,25 @@ class LesionOptions(Options):
 
 STATUSES = ("ok", "not_found", "leaves_volume", "merges", "low_confidence", "touches_border", "unsupported_growth")
 
+SERIES_ROUTES = ("chained", "direct", "auto")
+
+
+@dataclass(frozen=True)
+class SeriesOptions(Options):
+    """How lesions are followed through several follow-ups and which of them the response (RECIST 1.1)
+    is measured on (distances in mm)."""
+
+    route: str = option("auto", choices=SERIES_ROUTES, help="how follow-up k is reached: chained (from follow-up "
+                        "k-1's tracked lesions), direct (from the baseline), auto (both; where they disagree, the "
+                        "more confident centre match)")
+    agreement_mm: float = option(3.0, minimum=0.0, help="auto: the two routes agree on a lesion when their centres "
+                                 "are at most this far apart or within the lesion's baseline equivalent radius, "
+                                 "and both or neither segment it, mm")
+    measurable_mm: float = option(10.0, above=0.0, help="a target lesion has a longest axial diameter of at least "
+                                  "this at baseline, mm (RECIST 1.1: 10)")
+    max_targets: int = option(5, minimum=1, help="at most this many target lesions, the largest measurable ones "
+                              "(RECIST 1.1: 5)")
+
 
 @dataclass(frozen=True)
 class SimulationOptions(Options):
@@ -380,6 +399,7 @@ __all__ = [
     "BSPLINE_METRICS",
     "DATASET_LAYOUTS",
     "SEARCH_RADIUS_MM",
+    "SERIES_ROUTES",
     "STATUSES",
     "BSplineOptions",
     "ConvexAdamOptions",
@@ -389,6 +409,7 @@ __all__ = [
     "MatchOptions",
     "Options",
     "RunSettings",
+    "SeriesOptions",
     "SimulationOptions",
     "describe",
     "option",

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import BadInputError
+from ..core.io import is_ct_in_hu
 from ..core.io.atomic import atomic_output
 from .metrics import confidence_correlation, error_stats
 
@@ -37,7 +38,6 @@ POINT_COLUMNS = ("label", "fixed_l", "fixed_p", "fixed_s", "true_l", "true_p", "
                  "predicted_p", "predicted_s", "initial_mm", "error_mm", "confidence")
 OVERALL = "ALL"
 HU_WINDOW = (-1000.0, 400.0)
-AIR_HU = -500.0  # an image holding values at or below this is a CT in HU (air); MR signal never is
 ROBUST_PERCENTILES = (1.0, 99.0)
 WINDOW_SAMPLES = 1_000_000  # voxels the robust range is estimated from (an even stride through the volume)
 
@@ -270,11 +270,11 @@ def plot_error_vs_initial(path: Path, points_by_method: dict[str, tuple[np.ndarr
 
 def display_window(volume) -> tuple[float, float]:
     """The grey-level window (low, high) to draw ``volume`` (:class:`Volume`) in: :data:`HU_WINDOW` for a
-    CT in HU (values at or below :data:`AIR_HU`: air), else the image's own :data:`ROBUST_PERCENTILES`
+    CT in HU (:func:`~MedDIFTLib.core.io.is_ct_in_hu`: it holds air), else the image's own :data:`ROBUST_PERCENTILES`
     (1st to 99th percentile, so an MRI is not washed out by a CT window nor by a few bright voxels)."""
-    values = np.ravel(volume.voxels)
-    if values.min() <= AIR_HU:
+    if is_ct_in_hu(volume):
         return HU_WINDOW
+    values = np.ravel(volume.voxels)
     values = values[:: max(1, values.size // WINDOW_SAMPLES)]
     low, high = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
     return (low, high) if high > low else (low, low + 1.0)

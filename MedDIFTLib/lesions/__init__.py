@@ -5,6 +5,10 @@ segmented at both time points by :mod:`.refine`). :mod:`.inputs` reads and check
 :mod:`.carry` pulls the labelmap onto the follow-up grid through the field (label-preserving),
 :mod:`.refine` fits each carried lesion to the follow-up image, :mod:`.measure` gives volumes,
 RECIST-style axial diameters and mean HU, :mod:`.track` runs the whole job and :mod:`.outputs`
-writes ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md`` and ``lesions.png``. The knobs
-(:class:`~MedDIFTLib.core.options.LesionOptions`) live in :mod:`MedDIFTLib.core.options`.
+writes ``followup_lesions.nii.gz``, ``lesions.csv``, ``report.md`` and ``lesions.png``. Over several
+follow-ups, :mod:`.series` follows each lesion through all of them (pairs of :mod:`.track`, chained
+or direct), :mod:`.response` applies the RECIST 1.1 rules, :mod:`.growth` draws the growth curves and
+:mod:`.series_outputs` writes the series' files. The knobs
+(:class:`~MedDIFTLib.core.options.LesionOptions`, :class:`~MedDIFTLib.core.options.SeriesOptions`)
+live in :mod:`MedDIFTLib.core.options`.
 """

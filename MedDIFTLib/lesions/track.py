@@ -96,10 +96,10 @@ def _baseline_labelmap(lesions: Lesions, baseline: Volume, options: LesionOption
 def _centre_priors(carried: np.ndarray, labels: list[int], seeds: np.ndarray, geometry) -> np.ndarray:
     """Where to search each centre: the carried lesion's centre of mass, else the seed's world position."""
     priors = seeds.copy()
-    found = ndimage.center_of_mass(np.ones_like(carried), carried, labels) if carried.any() else []
-    for n, label in enumerate(labels):
-        if found and (carried == label).any():
-            priors[n] = geometry.ijk_to_lps(np.asarray(found[n])[::-1][None])[0]
+    present = [label for label in labels if (carried == label).any()]
+    found = ndimage.center_of_mass(np.ones_like(carried), carried, present) if present else []
+    for label, centre_kji in zip(present, found):
+        priors[labels.index(label)] = geometry.ijk_to_lps(np.asarray(centre_kji)[::-1][None])[0]
     return priors
 
 

@@ -118,6 +118,25 @@ class Volume:
         return self._digest[0]
 
 
+AIR_HU = -500.0
+"""An image holding values at or below this is a CT in HU (air); MR signal never is."""
+
+
+def is_ct_in_hu(volume: Volume) -> bool:
+    """True for a CT in HU: ``volume`` holds air (a value at or below :data:`AIR_HU`)."""
+    return bool(volume.voxels.min() <= AIR_HU)
+
+
+def check_same_modality(reference: Volume, other: Volume) -> None:
+    """Refuse ``other`` when it is a CT in HU and ``reference`` is not, or the other way round
+    (:func:`is_ct_in_hu`): intensities learned on one cannot be read on the other."""
+    if is_ct_in_hu(reference) != is_ct_in_hu(other):
+        kinds = {True: "a CT in HU (it holds air)", False: f"not a CT in HU (no value at or below {AIR_HU:g})"}
+        raise BadInputError(f"{other.name or 'follow-up'} is {kinds[is_ct_in_hu(other)]} but "
+                            f"{reference.name or 'baseline'} is {kinds[is_ct_in_hu(reference)]}: "
+                            "another modality? Every scan must be of the baseline's kind")
+
+
 def check_overlap(fixed: Volume, moving: Volume) -> None:
     """Refuse two volumes whose world boxes (LPS mm) do not meet: the moving scan is not of this
     patient's same region (or its geometry is wrong), so no match could be right."""
