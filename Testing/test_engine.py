@@ -133,7 +133,7 @@ def test_global_mode_finds_the_brute_force_maximum():
     fixed, moving = _diffusion_shaped(11), _diffusion_shaped(12)
     fixed_ijk = np.random.default_rng(3).integers(4, np.asarray(GLOBAL_IMAGE.shape_ijk) - 4, (10, 3))
     points = GLOBAL_IMAGE.ijk_to_lps(fixed_ijk.astype(float))
-    options = MatchOptions(mode="global", subvoxel=False, backward_check=False)
+    options = MatchOptions(mode="global", subvoxel=False, backward_check=False, context_mm=0.0)
     found = match_points(fixed, moving, points, options=options)
     k, j, i = np.meshgrid(*[np.arange(n) for n in GLOBAL_IMAGE.shape_kji], indexing="ij")
     voxels_lps = GLOBAL_IMAGE.ijk_to_lps(np.stack([i, j, k], -1).reshape(-1, 3)).reshape(*GLOBAL_IMAGE.shape_kji, 3)

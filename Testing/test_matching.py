@@ -245,3 +245,28 @@ def test_a_working_grid_somewhat_coarser_than_the_pixels_is_scored_natively_wher
     exact = match_points(fixed, moving, points, options=MatchOptions(**{**options.__dict__, "exact": True}))
     assert np.abs(native.points_lps_mm - truth).max() < 0.3, native.points_lps_mm - truth
     assert np.abs(exact.points_lps_mm - truth).max() < 0.3, exact.points_lps_mm - truth
+
+
+def test_an_unreliable_match_is_placed_by_its_reliable_neighbours(pulmonary_ct):
+    """A point whose anatomy is erased in the moving image matches somewhere wrong and is flagged;
+    with context placement it lands where its neighbours' motion carries it, still flagged, with
+    the confidence of its own match; a reliable match is not moved."""
+    shift_ijk = np.array([3, -2, 2])
+    geometry = pulmonary_ct.geometry
+    moved = np.roll(pulmonary_ct.voxels, shift_ijk[::-1], axis=(0, 1, 2))
+    points = forstner_keypoints(pulmonary_ct, _everywhere(pulmonary_ct), 12, margin_mm=35.0)
+    truth = geometry.ijk_to_lps(geometry.lps_to_ijk(points) + shift_ijk)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in geometry.shape_kji], indexing="ij")
+    world = geometry.ijk_to_lps(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1)).reshape(*k.shape, 3)
+    moved[np.linalg.norm(world - truth[0], axis=-1) < 7.0] = float(np.median(pulmonary_ct.voxels))
+    featurizer = create_featurizer("mind", scales=(1, 2))
+    fixed, moving = featurizer.extract(pulmonary_ct), featurizer.extract(Volume(moved, geometry))
+    alone = match_points(fixed, moving, points, options=MatchOptions(search_radius_mm=12.0, context_mm=0.0))
+    placed = match_points(fixed, moving, points, options=MatchOptions(search_radius_mm=12.0, context_mm=8.0))
+    error_alone = np.linalg.norm(alone.points_lps_mm - truth, axis=1)
+    error_placed = np.linalg.norm(placed.points_lps_mm - truth, axis=1)
+    assert not alone.reliable[0] and error_alone[0] > 3.0
+    assert error_placed[0] < 1.0
+    assert not placed.reliable[0]
+    np.testing.assert_array_equal(placed.confidence, alone.confidence)
+    np.testing.assert_array_equal(placed.points_lps_mm[alone.reliable], alone.points_lps_mm[alone.reliable])

@@ -205,6 +205,12 @@ class MatchOptions(Options):
     confidence_threshold: float = option(
         0.5, minimum=0.0, maximum=1.0, help="matches below this confidence are flagged unreliable"
     )
+    context_mm: float = option(
+        8.0,
+        minimum=0.0,
+        help="an unreliable match is placed by the median motion of the reliable matches of 26 points this "
+        "far around it (twice as far if fewer than 4 are reliable), mm; it stays flagged unreliable; 0: off",
+    )
     memory_budget_mb: float = option(64.0, above=0.0, help="bound on the working tensors of one batch, MB")
 
 

@@ -6,7 +6,8 @@
    given field) carries the labelmap onto the follow-up grid (:mod:`.carry`).
 3. Each lesion's baseline centre is matched into the follow-up by the correspondence engine
    (:func:`MedDIFTLib.matching.match_points`), searched around the carried lesion's centre; the
-   match carries the confidence and forward-backward distance.
+   match carries the confidence and forward-backward distance. An unreliable centre match is not
+   placed by the engine's context (``context_mm = 0``): the carried lesion is its context (step 4).
 4. Refinement (:mod:`.refine`) grows each lesion in the follow-up image from its match, the carried
    lesion as a fallback prior.
 5. Measurements at both time points (:mod:`.measure`) and status flags: ``not_found`` (nothing left
@@ -141,7 +142,7 @@ def track_lesions(
     priors = _centre_priors(carried, lesions.labels, seeds, geometry)
     matches = match_points(baseline_pyramid, followup_pyramid, seeds, priors,
                            MatchOptions(search_radius_mm=options.centre_search_radius_mm,
-                                        confidence_threshold=options.confidence_threshold),
+                                        confidence_threshold=options.confidence_threshold, context_mm=0.0),
                            scaled(progress, 0.75, 0.9))
     seconds["centres"] = time.perf_counter() - mark
     mark = time.perf_counter()

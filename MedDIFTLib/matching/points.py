@@ -8,9 +8,19 @@ The coarse lattice is scored on the levels that resolve its step (:func:`.scorer
 finer ones would only alias), the fine window on all. The best candidate is refined by a parabola
 (:mod:`.subvoxel`), every match runs backwards (moving -> fixed) and the forward-backward distance
 and the peak similarity give the confidence (:mod:`.correspondences`).
+
+A match that comes out unreliable is then placed by its context (``context_mm``): the median
+motion of the reliable matches of 26 points around it, on the faces, edges and corners of a cube,
+each ``context_mm`` from it (twice that if fewer than ``CONTEXT_MIN_RELIABLE`` are reliable). Its
+similarity, forward-backward distance and confidence stay those of its own match, so it stays
+flagged unreliable: where the descriptor is ambiguous (homogeneous tissue, repeated vessels) the
+neighbourhood's motion is a better guess than a far, untrusted peak.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import numpy as np
 import torch
@@ -27,6 +37,9 @@ from .search import dense_candidates, local_search
 
 DENSE_CANDIDATES = 16
 DENSE_SHARE = 0.5
+CONTEXT_MIN_RELIABLE = 4
+_CUBE = np.array([step for step in itertools.product((-1, 0, 1), repeat=3) if any(step)], float)
+CONTEXT_DIRECTIONS = _CUBE / np.linalg.norm(_CUBE, axis=1, keepdims=True)
 
 
 def _distinct(candidates: np.ndarray, count: int, separation_mm: float) -> np.ndarray:
@@ -119,6 +132,41 @@ def check_points(geometry: Geometry, points_lps_mm: np.ndarray) -> np.ndarray:
     return points
 
 
+def _placed_by_context(
+    fixed: FeaturePyramid,
+    moving: FeaturePyramid,
+    found: Correspondences,
+    priors_lps_mm: np.ndarray,
+    options: MatchOptions,
+) -> np.ndarray:
+    """Matched positions (N, 3) LPS mm with each unreliable one moved to its fixed point plus the
+    median motion of the reliable matches among :data:`CONTEXT_DIRECTIONS` points at
+    ``options.context_mm`` around it, then at twice that distance, where at least
+    :data:`CONTEXT_MIN_RELIABLE` of them are reliable (inside the fixed volume, each searched
+    around the same prior offset as the point); the others are kept."""
+    points = found.fixed_points_lps_mm
+    positions = found.points_lps_mm.copy()
+    waiting = np.flatnonzero(~found.reliable)
+    without_context = dataclasses.replace(options, context_mm=0.0)
+    for distance_mm in (options.context_mm, 2 * options.context_mm):
+        if not len(waiting):
+            break
+        around = points[waiting, None] + distance_mm * CONTEXT_DIRECTIONS[None]
+        prior_offsets = np.broadcast_to((priors_lps_mm - points)[waiting, None], around.shape)
+        inside = fixed.image_geometry.contains_lps(around.reshape(-1, 3)).reshape(around.shape[:2])
+        motion_mm = np.full(around.shape, np.nan)
+        if inside.any():
+            neighbours = match_points(fixed, moving, around[inside], around[inside] + prior_offsets[inside],
+                                      without_context)
+            moved = neighbours.points_lps_mm - neighbours.fixed_points_lps_mm
+            motion_mm[inside] = np.where(neighbours.reliable[:, None], moved, np.nan)
+        enough = np.sum(np.isfinite(motion_mm[..., 0]), axis=1) >= CONTEXT_MIN_RELIABLE
+        placed = waiting[enough]
+        positions[placed] = points[placed] + np.nanmedian(motion_mm[enough], axis=1)
+        waiting = waiting[~enough]
+    return positions
+
+
 def match_points(
     fixed: FeaturePyramid,
     moving: FeaturePyramid,
@@ -132,12 +180,14 @@ def match_points(
     ``priors_lps_mm`` centres the local search (default: the same world position); the backward
     check then starts from each match minus the same prior offset. Points outside the fixed
     volume are rejected; a point whose window misses the moving volume is returned at its prior
-    with confidence 0.
+    with confidence 0. Unreliable matches are placed by their context (``options.context_mm``,
+    module docstring).
     """
     options = options or MatchOptions()
     points = check_points(fixed.image_geometry, points_lps_mm)
     priors = points if priors_lps_mm is None else np.asarray(priors_lps_mm, float).reshape(points.shape)
-    forward_share = 0.5 if options.backward_check else 1.0
+    searched_share = 0.9 if options.context_mm > 0 else 1.0
+    forward_share = searched_share / 2 if options.backward_check else searched_share
     with torch.inference_mode():
         matched, similarity = _match_one_way(
             fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match"
@@ -145,9 +195,17 @@ def match_points(
         if options.backward_check:
             back_priors = matched - (priors - points)
             back, _ = _match_one_way(
-                moving, fixed, matched, back_priors, options, scaled(progress, forward_share, 1.0), "backward check"
+                moving, fixed, matched, back_priors, options, scaled(progress, forward_share, searched_share),
+                "backward check",
             )
             forward_backward = np.linalg.norm(back - points, axis=1)
         else:
             forward_backward = np.full(len(points), np.nan)
-    return Correspondences.scored(points, matched, similarity, forward_backward, options)
+    found = Correspondences.scored(points, matched, similarity, forward_backward, options)
+    if options.context_mm > 0:
+        unreliable = int(np.sum(~found.reliable))
+        progress("context", searched_share, f"placing {unreliable} unreliable matches by their neighbours")
+        if unreliable:
+            found = dataclasses.replace(found, points_lps_mm=_placed_by_context(fixed, moving, found, priors, options))
+        progress("context", 1.0, f"{unreliable} unreliable matches placed by their neighbours")
+    return found
