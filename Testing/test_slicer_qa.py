@@ -236,8 +236,7 @@ def test_library_qa_overlays_are_the_lattice_confidence_and_the_field_on_the_fix
     coarse = DisplacementField(np.stack([3.0 + 0.2 * ii, 0.1 * jj * kk, -0.3 * kk], -1).astype(np.float32), coarse_grid)
 
     def lattice_confidence(field):
-        prior = None if field is None else (field.as_tensor(), field.geometry)
-        lattice = match_lattice(fixed, moving, 8.0, level.match_options(), prior, 1)
+        lattice = match_lattice(fixed, moving, 8.0, level.match_options(), field, 1)
         return resample(lattice.on_grid(lattice.matches.confidence)[None], lattice.grid, geometry)[0].numpy()
 
     overlays = qa_overlays(fixed, moving, level, smooth)
