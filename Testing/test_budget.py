@@ -9,8 +9,8 @@ from MedDIFTLib.core import budget
 from MedDIFTLib.core.errors import OutOfMemoryError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.options import FieldLevel, FieldOptions
+from MedDIFTLib.grid.nodes import node_grid
 from MedDIFTLib.matching.candidates import CandidateLattice
-from MedDIFTLib.matching.nodes import node_grid
 
 ELASTIX = Geometry.create((57, 78, 64), (2.732, 2.732, 5.0))  # the elastix crop's grid
 GRIDS = [ELASTIX, Geometry.create((122, 102, 112), (1.5, 1.5, 1.5)),

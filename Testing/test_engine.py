@@ -8,7 +8,8 @@ import torch
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.options import MatchOptions
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid
-from MedDIFTLib.matching import Correspondences, confidence, match_lattice, match_points, node_grid
+from MedDIFTLib.grid.nodes import node_grid
+from MedDIFTLib.matching import Correspondences, confidence, match_lattice, match_points
 from MedDIFTLib.matching.candidates import CandidateLattice
 
 IMAGE = Geometry.create((28, 24, 14), (1.0, 1.25, 2.0), (10.0, -20.0, 5.0))
@@ -147,7 +148,7 @@ def test_global_mode_finds_the_brute_force_maximum():
 def test_windows_repeat_the_border_like_clipped_indices():
     """Boxes inside, across and wholly outside the grid equal gathering at clipped indices, for
     half-precision storage too."""
-    from MedDIFTLib.matching.sampling import windows
+    from MedDIFTLib.grid.sampling import windows
 
     features = torch.rand((3, 5, 6, 7), generator=torch.Generator().manual_seed(2)).half()
     sizes = [4, 3, 5]

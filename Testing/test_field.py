@@ -18,20 +18,20 @@ from MedDIFTLib.core.io import PointSet, Volume, read_points, read_volume, write
 from MedDIFTLib.core.options import MatchOptions
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid, create_featurizer
 from MedDIFTLib.field import (
-    DisplacementField,
     FieldLevel,
     FieldOptions,
-    grids,
     invert,
     jacobian_determinant,
     jacobian_stats,
     read_field,
     register,
     register_and_write,
-    transform_points,
     warp_volume,
     write_field,
 )
+from MedDIFTLib.field.smoothing import gaussian_filter
+from MedDIFTLib.grid.cells import cell_average, cell_grid
+from MedDIFTLib.grid.displacement_field import DisplacementField
 from MedDIFTLib.matching import match_points
 
 SHAPE_IJK = (40, 36, 32)
@@ -138,7 +138,7 @@ OBLIQUE = Geometry.create(
 def test_translation_recovered_with_sign_and_magnitude(translated_pair):
     fixed, _, _, _, field, shift_mm = translated_pair
     points = _interior_points(fixed.geometry)
-    displacement = transform_points(field, points) - points
+    displacement = field.transform_points(points) - points
     error = np.linalg.norm(displacement - shift_mm, axis=1)
     assert np.allclose(displacement.mean(axis=0), shift_mm, atol=TRANSLATION_TOLERANCE_MM)
     assert np.median(error) < TRANSLATION_TOLERANCE_MM
@@ -151,7 +151,7 @@ def test_coarse_to_fine_levels_without_optimisation(translated_pair):
     field = register(fixed_pyramid, moving_pyramid, fixed,
                      FieldOptions(levels=levels, optimise_iterations=0, automatic_region=False))
     points = _interior_points(fixed.geometry)
-    assert np.allclose(np.median(transform_points(field, points) - points, axis=0), shift_mm, atol=0.5)
+    assert np.allclose(np.median(field.transform_points(points) - points, axis=0), shift_mm, atol=0.5)
 
 
 def test_smooth_deformation_recovered(deformed_pair):
@@ -159,7 +159,7 @@ def test_smooth_deformation_recovered(deformed_pair):
     points = _interior_points(fixed.geometry)
     truth = _true_moving(pull, fixed.geometry, points)
     initial = np.linalg.norm(truth - points, axis=1).mean()
-    error = np.linalg.norm(transform_points(field, points) - truth, axis=1)
+    error = np.linalg.norm(field.transform_points(points) - truth, axis=1)
     assert initial > 2.0
     assert error.mean() < DEFORMATION_TOLERANCE_MM
     assert error.mean() < 0.3 * initial
@@ -174,7 +174,7 @@ def test_field_points_land_on_direct_matches(deformed_pair):
     matches = match_points(fixed_pyramid, moving_pyramid, points, options=options)
     reliable = matches.reliable
     assert reliable.mean() > 0.5
-    distance = np.linalg.norm(transform_points(field, points[reliable]) - matches.points_lps_mm[reliable], axis=1)
+    distance = np.linalg.norm(field.transform_points(points[reliable]) - matches.points_lps_mm[reliable], axis=1)
     assert np.median(distance) < 1.0
     assert np.percentile(distance, 90) < 2.0
 
@@ -205,7 +205,7 @@ def test_any_backbone_wide_coarse_pyramid(translated_pair):
 
     field = register(pyramid(fixed), pyramid(moving), fixed, WHOLE_GRID)
     points = _interior_points(fixed.geometry)
-    displacement = transform_points(field, points) - points
+    displacement = field.transform_points(points) - points
     assert np.allclose(np.median(displacement, axis=0), shift_mm, atol=1.0)
 
 
@@ -223,7 +223,7 @@ def test_field_file_maps_points_as_sitk_displacement_field(tmp_path, suffix):
         transform = sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
     points = OBLIQUE.ijk_to_lps(np.random.default_rng(1).uniform(0, np.asarray(OBLIQUE.shape_ijk) - 1, (50, 3)))
     through_sitk = np.array([transform.TransformPoint([float(v) for v in p]) for p in points])
-    np.testing.assert_allclose(transform_points(field, points), through_sitk, atol=1e-4)
+    np.testing.assert_allclose(field.transform_points(points), through_sitk, atol=1e-4)
     back = read_field(path)
     assert back.geometry.same_grid(field.geometry)
     np.testing.assert_allclose(back.displacement_lps_mm, field.displacement_lps_mm, atol=1e-6)
@@ -232,7 +232,7 @@ def test_field_file_maps_points_as_sitk_displacement_field(tmp_path, suffix):
 def test_points_far_outside_the_grid_do_not_move():
     field = _random_field(OBLIQUE)
     outside = OBLIQUE.ijk_to_lps(np.array([[-5.0, 3.0, 3.0], [3.0, 3.0, 40.0]]))
-    np.testing.assert_allclose(transform_points(field, outside), outside)
+    np.testing.assert_allclose(field.transform_points(outside), outside)
 
 
 def test_warp_equals_sitk_resample_through_the_field(tmp_path):
@@ -255,8 +255,8 @@ def test_inverse_maps_moving_points_back():
     inverse = invert(field, moving_geometry)
     assert inverse.geometry.same_grid(moving_geometry)
     points = OBLIQUE.ijk_to_lps(np.random.default_rng(2).uniform(3, np.asarray(OBLIQUE.shape_ijk) - 4, (40, 3)))
-    moved = transform_points(field, points)
-    np.testing.assert_allclose(transform_points(inverse, moved), points, atol=0.05)
+    moved = field.transform_points(points)
+    np.testing.assert_allclose(inverse.transform_points(moved), points, atol=0.05)
 
 
 def test_jacobian_of_a_linear_field_and_of_a_fold():
@@ -284,7 +284,7 @@ def test_register_and_write_outputs(tmp_path, translated_pair):
     inverse = read_field(tmp_path / "inverse.h5")
     assert inverse.geometry.same_grid(moving.geometry)
     centre = _interior_points(fixed.geometry, margin_voxels=14, step=8)
-    np.testing.assert_allclose(transform_points(inverse, centre) - centre, -np.tile(shift_mm, (len(centre), 1)),
+    np.testing.assert_allclose(inverse.transform_points(centre) - centre, -np.tile(shift_mm, (len(centre), 1)),
                                atol=1.0)
     warped = read_volume(tmp_path / "warped.nrrd")
     inner = (slice(8, -8),) * 3
@@ -342,7 +342,7 @@ def test_real_ct_synthetic_breathing_pair(elastix_ct):
     mind = create_featurizer("mind")
     field = register(mind.extract(pair.fixed), mind.extract(pair.moving), pair.fixed)
     truth = pair.moving_points.points_lps_mm
-    error = np.linalg.norm(transform_points(field, pair.fixed_points.points_lps_mm) - truth, axis=1)
+    error = np.linalg.norm(field.transform_points(pair.fixed_points.points_lps_mm) - truth, axis=1)
     initial = np.linalg.norm(truth - pair.fixed_points.points_lps_mm, axis=1)
     assert error.mean() < 0.5 * initial.mean()
     assert jacobian_stats(field)["fraction_folding"] < 1e-3
@@ -353,7 +353,7 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     then exact): the optimisation's gradient and Hessian halves are half the data energy's
     derivatives, for a moving grid whose axes are not the fixed one's."""
     from MedDIFTLib.field.optimise import _linearise, _SimilarityTerm
-    from MedDIFTLib.matching.nodes import channels_last
+    from MedDIFTLib.grid.sampling import channels_last
 
     generator = torch.Generator().manual_seed(3)
     channels, count = 5, 7
@@ -419,12 +419,12 @@ def test_cells_of_about_the_spacing_average_a_linear_ramp_exactly(spacing_mm, vo
     """Cell averages of a field linear in the position equal the field at the cell nodes, whether
     the nodes are whole-voxel cell centres or lie between voxels (resampled)."""
     geometry = Geometry.create((23, 20, 17), voxels_mm, (5.0, -3.0, 11.0))
-    grid = grids.cell_grid(geometry, spacing_mm)
+    grid = cell_grid(geometry, spacing_mm)
     assert np.allclose(grid.spacing_mm, nodes_mm)
     kji = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape_kji], indexing="ij"), axis=-1)
     lps = geometry.ijk_to_lps(kji[..., ::-1].reshape(-1, 3).astype(float))
     ramp = torch.as_tensor((lps @ np.array([0.3, -0.2, 0.5])).reshape(1, *geometry.shape_kji), dtype=torch.float32)
-    averaged, averaged_grid = grids.cell_average(ramp, geometry, spacing_mm)
+    averaged, averaged_grid = cell_average(ramp, geometry, spacing_mm)
     assert averaged_grid.same_grid(grid) and averaged.shape[1:] == grid.shape_kji
     node_kji = np.stack(np.meshgrid(*[np.arange(n) for n in grid.shape_kji], indexing="ij"), axis=-1)
     nodes = grid.ijk_to_lps(node_kji[..., ::-1].reshape(-1, 3).astype(float))
@@ -452,7 +452,7 @@ def _sliding_error(sliding_pair, break_gradient) -> tuple[np.ndarray, np.ndarray
     points = _interior_points(fixed.geometry, margin_voxels=8, step=2)
     truth = points - pull[0, 0, 0] * np.where(fixed.geometry.lps_to_ijk(points)[:, 2:3] < 15.5, 1.0, -1.0)
     distance_voxels = np.abs(fixed.geometry.lps_to_ijk(points)[:, 2] - 15.5)
-    return np.linalg.norm(transform_points(field, points) - truth, axis=1), distance_voxels, field
+    return np.linalg.norm(field.transform_points(points) - truth, axis=1), distance_voxels, field
 
 
 def test_the_field_breaks_where_the_motion_slides(sliding_pair):
@@ -479,7 +479,7 @@ def test_the_field_honours_confident_consistent_matches(sliding_pair, deformed_p
         matches = match_points(fixed_pyramid, moving_pyramid, points, options=MatchOptions(search_radius_mm=12.0))
         trusted = matches.reliable & (matches.forward_backward_mm < 2.0)
         assert trusted.mean() > 0.5
-        distance = np.linalg.norm(transform_points(field, points[trusted]) - matches.points_lps_mm[trusted], axis=1)
+        distance = np.linalg.norm(field.transform_points(points[trusted]) - matches.points_lps_mm[trusted], axis=1)
         assert np.median(distance) < 1.0
         assert np.percentile(distance, 90) < 2.0
 
@@ -495,7 +495,7 @@ def _unfolded_over_the_whole_grid(field: torch.Tensor, grid: Geometry) -> torch.
         if not folding.any():
             break
         near = torch.from_numpy(ndimage.maximum_filter(folding, 2 * FOLD_MARGIN + 1))
-        field = torch.where(near, grids.gaussian_filter(field, (1.0, 1.0, 1.0)), field)
+        field = torch.where(near, gaussian_filter(field, (1.0, 1.0, 1.0)), field)
     return field
 
 

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from MedDIFTLib.core.geometry import Geometry
+from MedDIFTLib.grid.sampling import channels_last, sample
 from MedDIFTLib.matching.lattice import _aggregate
-from MedDIFTLib.matching.nodes import channels_last
-from MedDIFTLib.matching.sampling import sample
 
 
 def test_aggregation_is_the_replicate_padded_box_mean():
@@ -31,7 +30,7 @@ def test_channels_last_sampling_gives_the_same_samples():
 
 def test_sampling_split_among_threads_gives_the_same_samples():
     """Many points of one volume are sampled in one part per thread: the same values, in order."""
-    from MedDIFTLib.matching.sampling import SPLIT_POINTS
+    from MedDIFTLib.grid.sampling import SPLIT_POINTS
 
     generator = torch.Generator().manual_seed(2)
     values = torch.randn((5, 6, 7, 8), generator=generator)
@@ -50,7 +49,7 @@ def test_sampling_split_among_threads_gives_the_same_samples():
 
 
 def test_unit_vectors_and_lengths_equal_normalize_and_norm():
-    from MedDIFTLib.matching.sampling import unit_vectors, vector_lengths
+    from MedDIFTLib.grid.vectors import unit_vectors, vector_lengths
 
     values = torch.randn((4, 12, 9), generator=torch.Generator().manual_seed(3))
     values[1, :, 2] = 0.0  # a zero vector stays zero, as F.normalize leaves it

@@ -22,7 +22,7 @@ from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions
 from MedDIFTLib.evaluation.simulate import phantom_ct
 from MedDIFTLib.evaluation.synthetic_lesions import dice, lesion_metrics, make_lesion_pair, summarise
 from MedDIFTLib.features import create_featurizer
-from MedDIFTLib.field import DisplacementField
+from MedDIFTLib.grid.displacement_field import DisplacementField
 from MedDIFTLib.lesions.carry import carry_labelmap
 from MedDIFTLib.lesions.inputs import lesions_from_labelmap, lesions_from_points, read_lesions
 from MedDIFTLib.lesions.measure import measure

@@ -618,11 +618,12 @@ def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
 def test_field_written_by_the_library_moves_points_in_slicer_as_in_medDIFT(scene, tmp_path):
     field_module = pytest.importorskip("MedDIFTLib.field")
     from MedDIFTLib.core.geometry import Geometry
+    from MedDIFTLib.grid.displacement_field import DisplacementField
 
     geometry = Geometry.create((10, 9, 8), (2.0, 2.5, 3.0), (-10.0, 5.0, -4.0), ROTATED_DIRECTION)
     k, j, i = np.meshgrid(*(np.arange(n) for n in geometry.shape_kji), indexing="ij")
     displacement = np.stack([np.sin(i / 3.0) * 2.0, np.cos(j / 4.0) * 1.5, (k - 4.0) * 0.3], axis=-1)
-    field = field_module.DisplacementField(displacement.astype(np.float32), geometry)
+    field = DisplacementField(displacement.astype(np.float32), geometry)
     field_module.write_field(field, tmp_path / "field.nrrd")
     node = nodes.load_transform_file(scene, tmp_path / "field.nrrd")
 

@@ -16,8 +16,8 @@ from MedDIFTLib.core.io import Volume
 from MedDIFTLib.core.options import MatchOptions, RunSettings
 from MedDIFTLib.features.mind import MindFeaturizer, mind_ssc
 from MedDIFTLib.features.regions import BLOCK, READ_AHEAD, RegionFiller
+from MedDIFTLib.grid.sampling import sample, sample_stored
 from MedDIFTLib.matching import match_points
-from MedDIFTLib.matching.sampling import sample, sample_stored
 from MedDIFTLib.worker.protocol.requests import Limits
 from MedDIFTLib.worker.state import WorkerState
 

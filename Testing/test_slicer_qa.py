@@ -157,7 +157,8 @@ def test_worker_overlays_of_a_translation_are_on_the_fixed_grid(tmp_path):
     from MedDIFTLib.core.errors import BadRequestError
     from MedDIFTLib.core.geometry import Geometry
     from MedDIFTLib.core.io import Volume, read_volume
-    from MedDIFTLib.field import DisplacementField, write_field
+    from MedDIFTLib.field import write_field
+    from MedDIFTLib.grid.displacement_field import DisplacementField
     from MedDIFTLib.worker import handlers
     from MedDIFTLib.worker.protocol.requests import Limits, parse_request
     from MedDIFTLib.worker.state import WorkerState
@@ -210,8 +211,10 @@ def test_library_qa_overlays_are_the_lattice_confidence_and_the_field_on_the_fix
     from MedDIFTLib.core.io import Volume
     from MedDIFTLib.core.options import FieldLevel, MatchOptions
     from MedDIFTLib.features import create_featurizer
-    from MedDIFTLib.field import DisplacementField, grids, jacobian_determinant
+    from MedDIFTLib.field import jacobian_determinant
     from MedDIFTLib.field.overlays import OVERLAY_NAMES, qa_overlays
+    from MedDIFTLib.grid.displacement_field import DisplacementField
+    from MedDIFTLib.grid.sampling import resample
     from MedDIFTLib.matching import match_lattice
 
     level = FieldLevel(spacing_mm=8.0, search_radius_mm=6.0, aggregation_nodes=1)
@@ -233,9 +236,8 @@ def test_library_qa_overlays_are_the_lattice_confidence_and_the_field_on_the_fix
     coarse = DisplacementField(np.stack([3.0 + 0.2 * ii, 0.1 * jj * kk, -0.3 * kk], -1).astype(np.float32), coarse_grid)
 
     def lattice_confidence(field):
-        prior = None if field is None else (field.as_tensor(), field.geometry)
-        lattice = match_lattice(fixed, moving, 8.0, level.match_options(), prior, 1)
-        return grids.resample(lattice.on_grid(lattice.matches.confidence)[None], lattice.grid, geometry)[0].numpy()
+        lattice = match_lattice(fixed, moving, 8.0, level.match_options(), field, 1)
+        return resample(lattice.on_grid(lattice.matches.confidence)[None], lattice.grid, geometry)[0].numpy()
 
     overlays = qa_overlays(fixed, moving, level, smooth)
     assert tuple(overlays) == OVERLAY_NAMES
@@ -246,7 +248,7 @@ def test_library_qa_overlays_are_the_lattice_confidence_and_the_field_on_the_fix
     np.testing.assert_array_equal(overlays["magnitude"], np.linalg.norm(smooth.displacement_lps_mm, axis=-1))
 
     overlays = qa_overlays(fixed, moving, level, coarse)
-    on_fixed = DisplacementField.from_tensor(grids.resample(coarse.as_tensor(), coarse_grid, geometry), geometry)
+    on_fixed = DisplacementField.from_tensor(resample(coarse.as_tensor(), coarse_grid, geometry), geometry)
     np.testing.assert_array_equal(overlays["confidence"], lattice_confidence(coarse))
     np.testing.assert_array_equal(overlays["jacobian"], jacobian_determinant(on_fixed))
     np.testing.assert_array_equal(overlays["magnitude"], np.linalg.norm(on_fixed.displacement_lps_mm, axis=-1))

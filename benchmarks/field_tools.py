@@ -61,7 +61,7 @@ def _to_sitk(field):
 def _from_sitk(image, geometry):
     import SimpleITK as sitk
 
-    from MedDIFTLib.field import DisplacementField
+    from MedDIFTLib.grid.displacement_field import DisplacementField
 
     return DisplacementField(sitk.GetArrayFromImage(image).astype(np.float32), geometry)
 
@@ -82,7 +82,8 @@ def _measure(geometry, amplitude_mm: float, grid_name: str) -> list[dict]:
     """Every method's error and seconds on the analytic field on ``geometry``."""
     import SimpleITK as sitk
 
-    from MedDIFTLib.field import DisplacementField, invert, jacobian_determinant, transform_points
+    from MedDIFTLib.field import invert, jacobian_determinant
+    from MedDIFTLib.grid.displacement_field import DisplacementField
     from MedDIFTLib.matching import grid_points
 
     rows: list[dict] = []
@@ -110,7 +111,7 @@ def _measure(geometry, amplitude_mm: float, grid_name: str) -> list[dict]:
         v = inverse.displacement_lps_mm.reshape(-1, 3).astype(float)
         landing = geometry.lps_to_ijk(points + v)
         inside = np.all((landing >= 1) & (landing <= np.asarray(geometry.shape_ijk) - 2), axis=1) & interior
-        residual = np.linalg.norm(v + (transform_points(field, points + v) - (points + v)), axis=1)[inside]
+        residual = np.linalg.norm(v + (field.transform_points(points + v) - (points + v)), axis=1)[inside]
         rows.append({"grid": grid_name, "step": "inverse", "method": name,
                      "mean_error": float(residual.mean()), "max_error": float(residual.max()), "seconds": seconds})
 

@@ -45,9 +45,10 @@ METRICS = {"centre_error_mean_mm": "centre error mean (mm)", "hit_rate_radius": 
 
 def _field_on(field, geometry):
     """``field`` resampled (trilinear) onto ``geometry``."""
-    from MedDIFTLib.field import DisplacementField, grids
+    from MedDIFTLib.grid.displacement_field import DisplacementField
+    from MedDIFTLib.grid.sampling import resample
 
-    return DisplacementField.from_tensor(grids.resample(field.as_tensor(), field.geometry, geometry), geometry)
+    return DisplacementField.from_tensor(resample(field.as_tensor(), field.geometry, geometry), geometry)
 
 
 def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, popi_spacing_mm: float) -> dict:

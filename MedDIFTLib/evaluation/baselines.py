@@ -91,7 +91,7 @@ def _field_from_transform(transform, geometry: Geometry):
     """The displacement field of a SimpleITK transform sampled on ``geometry`` (LPS mm)."""
     import SimpleITK as sitk
 
-    from ..field import DisplacementField
+    from ..grid.displacement_field import DisplacementField
 
     image = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, [int(n) for n in geometry.shape_ijk],
                                               geometry.origin_lps_mm, geometry.spacing_mm, geometry.direction)
@@ -186,7 +186,7 @@ def convexadam(
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    from ..field import DisplacementField
+    from ..grid.displacement_field import DisplacementField
 
     settings = dataclasses.asdict(parse_options(ConvexAdamOptions, options, "convexadam"))
     spacing_mm = convexadam_spacing_mm(fixed.geometry, moving.geometry, settings.pop("working_spacing_mm"),

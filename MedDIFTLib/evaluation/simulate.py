@@ -29,7 +29,8 @@ from ..core.geometry import Geometry
 from ..core.io.points import PointSet
 from ..core.io.volumes import Volume
 from ..core.options import SimulationOptions, parse_options
-from ..field import DisplacementField, jacobian_determinant
+from ..field import jacobian_determinant
+from ..grid.displacement_field import DisplacementField
 from .dirlab_motion import DIRLAB_MOTIONS, dirlab_pull_field
 
 LUNG_HU = -400.0

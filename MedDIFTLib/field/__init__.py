@@ -1,18 +1,17 @@
 """Dense displacement fields from feature matches: fit, refine, invert, warp, check and save;
 the QA overlays of a registration (:mod:`MedDIFTLib.field.overlays`).
 
-See :mod:`MedDIFTLib.field.register` for the method and :mod:`MedDIFTLib.field.displacement`
-for the field's convention (ITK: fixed grid, maps fixed points to moving points, LPS mm).
+See :mod:`MedDIFTLib.field.register` for the method; the field itself is
+:class:`MedDIFTLib.grid.displacement_field.DisplacementField`, whose module states its convention
+(ITK: fixed grid, maps fixed points to moving points, LPS mm).
 """
 
 from .displacement import (
-    DisplacementField,
     invert,
     jacobian_determinant,
     jacobian_stats,
     read_field,
     to_sitk_image,
-    transform_points,
     warp_volume,
     write_field,
 )
@@ -22,7 +21,6 @@ from .region import Region, automatic_region, region_from_mask
 from .register import FieldLevel, FieldOptions, register, register_and_write
 
 __all__ = [
-    "DisplacementField",
     "FieldLevel",
     "FieldOptions",
     "Region",
@@ -38,7 +36,6 @@ __all__ = [
     "register_and_write",
     "summary_path",
     "to_sitk_image",
-    "transform_points",
     "warp_volume",
     "write_field",
     "write_summary",

@@ -1,15 +1,12 @@
-"""The dense displacement field and what is done with it: map points, warp, invert, check, save.
+"""What is done with a dense displacement field: warp, invert, check, save.
 
-Convention (ITK, DESIGN.md): the field lives on the **fixed** grid and maps a fixed point ``x``
-(LPS mm) to ``x + u(x)`` in the **moving** image; it is what resamples the moving image onto the
-fixed one. The vectors are LPS mm (world components, not voxel steps). Between voxel centres the
-field is trilinear; as in ITK, a point more than half a voxel outside the grid is not moved.
+The field is :class:`MedDIFTLib.grid.displacement_field.DisplacementField`, whose module states the
+convention (ITK: fixed grid, fixed point ``x`` -> ``x + u(x)`` in the moving image, LPS mm).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,57 +19,10 @@ from ..core.io.atomic import atomic_output
 from ..core.io.fields import FIELD_TRANSFORM_SUFFIXES, field_suffix, read_field_file
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
-from ..matching import node_grid
-from ..matching.sampling import sample
-from . import grids
-
-
-@dataclass
-class DisplacementField:
-    """``displacement_lps_mm`` ``[k, j, i, 3]`` (float32, LPS mm) on ``geometry`` (the fixed grid)."""
-
-    displacement_lps_mm: np.ndarray
-    geometry: Geometry
-
-    def __post_init__(self) -> None:
-        expected = (*self.geometry.shape_kji, 3)
-        if self.displacement_lps_mm.shape != expected:
-            raise ValueError(f"displacement array {self.displacement_lps_mm.shape} does not fit grid {expected}")
-        self.displacement_lps_mm = np.ascontiguousarray(self.displacement_lps_mm, dtype=np.float32)
-
-    @staticmethod
-    def from_tensor(values: torch.Tensor, geometry: Geometry) -> DisplacementField:
-        """From a ``(3, K, J, I)`` tensor of LPS mm displacements on ``geometry``."""
-        return DisplacementField(values.permute(1, 2, 3, 0).cpu().numpy(), geometry)
-
-    def as_tensor(self) -> torch.Tensor:
-        """The field as a ``(3, K, J, I)`` float32 tensor (a copy)."""
-        return torch.from_numpy(self.displacement_lps_mm).permute(3, 0, 1, 2).contiguous()
-
-    def transform_points(self, points_lps_mm: np.ndarray) -> np.ndarray:
-        """Fixed points ``(N, 3)`` -> moving points ``x + u(x)`` (LPS mm)."""
-        return transform_points(self, points_lps_mm)
-
-
-def _displacements_at(field: DisplacementField, points_lps_mm: np.ndarray) -> np.ndarray:
-    """Trilinear ``u`` (N, 3) at LPS points; zero beyond half a voxel outside the grid (as ITK)."""
-    points = np.asarray(points_lps_mm, float).reshape(-1, 3)
-    if not np.isfinite(points).all():
-        raise BadInputError("some points have non-finite coordinates")
-    ijk = field.geometry.lps_to_ijk(points)
-    inside = field.geometry.contains_lps(points, margin_voxels=0.5) if len(points) else np.zeros(0, bool)
-    displacement = np.zeros_like(points)
-    if inside.any():
-        values = torch.from_numpy(field.displacement_lps_mm).permute(3, 0, 1, 2)
-        samples = sample(values, torch.as_tensor(ijk[inside], dtype=torch.float32))
-        displacement[inside] = samples.double().numpy()
-    return displacement
-
-
-def transform_points(field: DisplacementField, points_lps_mm: np.ndarray) -> np.ndarray:
-    """Map fixed points ``(N, 3)`` LPS mm to the moving image: ``x + u(x)``."""
-    points = np.asarray(points_lps_mm, float).reshape(-1, 3)
-    return points + _displacements_at(field, points)
+from ..grid.displacement_field import DisplacementField
+from ..grid.nodes import node_grid
+from ..grid.sampling import resample, sample
+from ..grid.slabs import SLAB_VOXELS, slab_lps, slabs
 
 
 def warp_volume(
@@ -94,8 +44,8 @@ def warp_volume(
     upper = torch.tensor(moving_geometry.shape_ijk, dtype=torch.float64) - 0.5
     output = np.empty(geometry.shape_kji, np.float32)
     size_k = geometry.shape_ijk[2]
-    for k_start, k_stop in grids.slabs(geometry):
-        positions = grids.slab_lps(geometry, k_start, k_stop)
+    for k_start, k_stop in slabs(geometry):
+        positions = slab_lps(geometry, k_start, k_stop)
         positions += torch.from_numpy(field.displacement_lps_mm[k_start:k_stop].reshape(-1, 3)).double()
         moving_ijk = positions @ matrix + offset
         values = sample(moving_tensor, moving_ijk)[:, 0]
@@ -125,7 +75,7 @@ def determinant_of_tensor(values: torch.Tensor, geometry: Geometry) -> np.ndarra
     )
     size_k = geometry.shape_ijk[2]
     output = np.empty(geometry.shape_kji, np.float32)
-    for k_start, k_stop in grids.slabs(geometry, grids.SLAB_VOXELS // 4):
+    for k_start, k_stop in slabs(geometry, SLAB_VOXELS // 4):
         lower, upper = max(k_start - 1, 0), min(k_stop + 1, size_k)
         block = values[:, lower:upper].float()
         steps = []  # d u / d (i, j, k): (3 components, ...) each
@@ -185,9 +135,9 @@ def invert(
     matrix = torch.as_tensor(lps_to_fixed[:3, :3].T, dtype=torch.float32)
     offset = torch.as_tensor(lps_to_fixed[:3, 3], dtype=torch.float32)
     inverse = torch.empty((3, *solve_geometry.shape_kji), dtype=torch.float32)
-    slab_list = list(grids.slabs(solve_geometry))
+    slab_list = list(slabs(solve_geometry))
     for count, (k_start, k_stop) in enumerate(slab_list):
-        positions = grids.slab_lps(solve_geometry, k_start, k_stop).float()
+        positions = slab_lps(solve_geometry, k_start, k_stop).float()
         base_ijk = positions @ matrix + offset
         solution = -sample(forward, base_ijk)
         for _ in range(iterations - 1):
@@ -195,7 +145,7 @@ def invert(
         inverse[:, k_start:k_stop] = solution.T.reshape(3, k_stop - k_start, *solve_geometry.shape_kji[1:])
         progress("inverse", (count + 1) / len(slab_list), "")
     if solve_geometry != geometry:
-        inverse = grids.resample(inverse, solve_geometry, geometry)
+        inverse = resample(inverse, solve_geometry, geometry)
     return DisplacementField.from_tensor(inverse, geometry)
 
 

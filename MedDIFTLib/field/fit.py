@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from ..core.geometry import Geometry
-from ..matching.nodes import grid_points
-from ..matching.sampling import vector_lengths
-from .grids import gaussian_filter
+from ..grid.displacement_field import DisplacementField
+from ..grid.nodes import grid_points
+from ..grid.vectors import vector_lengths
+from .smoothing import gaussian_filter
 from .solver import MatchTerm, minimise
 
 FILL_WIDTH = 4.0
@@ -70,27 +71,29 @@ def gaussian_fit(
 
 
 def robust_fit(
-    displacements_lps_mm: torch.Tensor,
+    matched: DisplacementField,
     confidence: torch.Tensor,
-    grid: Geometry,
     smoothness_mm: float,
     break_gradient: float | None,
     robust_iterations: int = 3,
     iterations: int = FIT_ITERATIONS,
-) -> torch.Tensor:
-    """The field ``(3, K, J, I)`` fitted to the lattice's matches: :func:`gaussian_fit`, then
+) -> DisplacementField:
+    """The field on the lattice fitted to its ``matched`` displacements, each weighted by its node's
+    ``confidence`` ``(K, J, I)`` (0: no match): :func:`gaussian_fit`, then
     ``iterations`` steps of the robust, edge-preserving fit (:func:`.solver.minimise`) of the
     matches (Charbonnier, scale ``MATCH_SCALE_MM``, weighted by ``confidence``) under the
     regulariser with ``break_gradient``, whose weight gives a smoothing length of about
     ``smoothness_mm``, so the field follows the matches on each side of a sliding interface."""
-    fitted, _ = gaussian_fit(displacements_lps_mm, confidence, grid, smoothness_mm, robust_iterations)
-    matched = confidence > 0
-    if iterations <= 0 or not bool(matched.any()):
-        return fitted
+    grid = matched.geometry
+    fitted, _ = gaussian_fit(matched.as_tensor(), confidence, grid, smoothness_mm, robust_iterations)
+    found = confidence > 0
+    if iterations <= 0 or not bool(found.any()):
+        return DisplacementField.from_tensor(fitted, grid)
     nodes = grid_points(grid)
     term = MatchTerm.at_points(
-        grid, nodes, displacements_lps_mm.reshape(3, -1).T.numpy(), confidence.reshape(-1).numpy(), MATCH_SCALE_MM
+        grid, nodes, matched.displacement_lps_mm.reshape(-1, 3), confidence.reshape(-1).numpy(), MATCH_SCALE_MM
     )
-    regularisation = float(smoothness_mm) ** 2 * float(confidence[matched].median())
+    regularisation = float(smoothness_mm) ** 2 * float(confidence[found].median())
     max_step_mm = float(min(grid.spacing_mm))
-    return minimise(fitted, grid, regularisation, break_gradient, iterations, max_step_mm, matches=term)
+    fitted = minimise(fitted, grid, regularisation, break_gradient, iterations, max_step_mm, matches=term)
+    return DisplacementField.from_tensor(fitted, grid)

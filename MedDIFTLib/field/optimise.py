@@ -8,7 +8,7 @@ directly, as ConvexAdam does with MIND-SSC, on the energy
 where ``f`` / ``g`` are the fixed / moving descriptors of the pyramid's finest level (L2-normalised
 per voxel and averaged over the cells of the node grid, as ConvexAdam pools MIND to half
 resolution; nodes about ``optimise_spacing_mm`` apart, resampled between voxels where whole-voxel
-cells would miss that spacing: :func:`.grids.cell_average`), ``u`` the displacement (mm) on that
+cells would miss that spacing: :func:`MedDIFTLib.grid.cells.cell_average`), ``u`` the displacement (mm) on that
 node grid, the data term taken at the nodes inside the mask and the diffusion term (mm/mm) over
 the whole grid.
 
@@ -35,8 +35,9 @@ import torch
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeatureLevel, FeaturePyramid
-from ..matching.sampling import sample, unit_descriptors
-from . import grids
+from ..grid.cells import cell_average
+from ..grid.sampling import sample, sample_lps
+from ..matching.descriptors import unit_descriptors
 from .solver import minimise
 
 MAX_CHANNELS = 16
@@ -59,8 +60,8 @@ class _SimilarityTerm:
 
 def pooled_descriptors(level: FeatureLevel, spacing_mm: float | np.ndarray) -> tuple[torch.Tensor, Geometry]:
     """The level's descriptors L2-normalised per voxel, then averaged over cells of about
-    ``spacing_mm`` (one value or one per axis, :func:`.grids.cell_average`)."""
-    return grids.cell_average(unit_descriptors(level), level.geometry, spacing_mm)
+    ``spacing_mm`` (one value or one per axis, :func:`MedDIFTLib.grid.cells.cell_average`)."""
+    return cell_average(unit_descriptors(level), level.geometry, spacing_mm)
 
 
 def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -108,7 +109,7 @@ def _similarity_term(
     if fixed_geometry.same_grid(param_grid):
         fixed_at_nodes = fixed_features.reshape(fixed_features.shape[0], -1)[:, node_index]
     else:
-        fixed_at_nodes = grids.sample_lps(fixed_features, fixed_geometry, nodes_lps_mm).T
+        fixed_at_nodes = sample_lps(fixed_features, fixed_geometry, nodes_lps_mm).T
     return _SimilarityTerm(
         fixed_features=fixed_at_nodes.contiguous(),
         moving_base_ijk=torch.as_tensor(moving_ijk, dtype=torch.float32),

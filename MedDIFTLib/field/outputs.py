@@ -11,7 +11,8 @@ import numpy as np
 
 from ..core.io import PointSet, atomic_output
 from ..core.io.points import UNRELIABLE_TAG
-from .displacement import DisplacementField, jacobian_determinant, transform_points
+from ..grid.displacement_field import DisplacementField
+from .displacement import jacobian_determinant
 
 
 def summary_path(out_transform: str | os.PathLike) -> Path:
@@ -47,5 +48,5 @@ def carried_points(field: DisplacementField, points: PointSet) -> PointSet:
         text += f"; Jacobian determinant {determinant:.2f}" if inside else "; outside the field's grid: not moved"
         descriptions.append(text if ok else f"{UNRELIABLE_TAG}; {text}")
     missing = np.full(len(points), np.nan)
-    return PointSet(transform_points(field, fixed), points.labels, descriptions, unreliable=~reliable,
+    return PointSet(field.transform_points(fixed), points.labels, descriptions, unreliable=~reliable,
                     attributes={"confidence": missing, "similarity": missing, "forward_backward_mm": missing})

@@ -19,9 +19,10 @@ from ..core.geometry import Geometry
 from ..core.options import FieldLevel
 from ..core.progress import ProgressFn, no_progress
 from ..features.protocol import FeaturePyramid
+from ..grid.displacement_field import DisplacementField
+from ..grid.sampling import resample
 from ..matching import match_lattice
-from . import grids
-from .displacement import DisplacementField, jacobian_determinant
+from .displacement import jacobian_determinant
 
 CONFIDENCE = "confidence"
 JACOBIAN = "jacobian"
@@ -51,12 +52,12 @@ def qa_overlays(
         moving_pyramid,
         lattice.spacing_mm,
         lattice.match_options(),
-        None if field is None else (field.as_tensor(), field.geometry),
+        field,
         lattice.aggregation_nodes,
         progress,
     )
     confidence = matched.on_grid(matched.matches.confidence)[None]
-    overlays = {CONFIDENCE: grids.resample(confidence, matched.grid, geometry)[0]}
+    overlays = {CONFIDENCE: resample(confidence, matched.grid, geometry)[0]}
     if field is not None:
         on_fixed = _on_grid(field, geometry)
         overlays[JACOBIAN] = jacobian_determinant(on_fixed)
@@ -69,5 +70,5 @@ def _on_grid(field: DisplacementField, geometry: Geometry) -> DisplacementField:
     if field.geometry.same_grid(geometry):
         values = field.as_tensor()
     else:
-        values = grids.resample(field.as_tensor(), field.geometry, geometry)
+        values = resample(field.as_tensor(), field.geometry, geometry)
     return DisplacementField.from_tensor(values, geometry)

@@ -23,7 +23,7 @@ from scipy import ndimage
 from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume
-from . import grids
+from ..grid.cells import pool, pool_factors, pooled_grid
 
 CELL_MM = 3.0
 WINDOW_CELLS = 3
@@ -74,11 +74,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def automatic_region(volume: Volume) -> Region:
     """The region of ``volume`` (see the module notes), on cells of about ``CELL_MM``."""
     geometry = volume.geometry
-    factors = grids.pool_factors(geometry, CELL_MM)
+    factors = pool_factors(geometry, CELL_MM)
     voxels = torch.from_numpy(volume.voxels)[None]
-    mean = grids.pool(voxels, factors)[0].double().numpy()
-    mean_square = grids.pool(voxels.double() * voxels.double(), factors)[0].numpy()
-    cells = grids.pooled_grid(geometry, factors)
+    mean = pool(voxels, factors)[0].double().numpy()
+    mean_square = pool(voxels.double() * voxels.double(), factors)[0].numpy()
+    cells = pooled_grid(geometry, factors)
     local_mean = ndimage.uniform_filter(mean, WINDOW_CELLS, mode="nearest")
     local_square = ndimage.uniform_filter(mean_square, WINDOW_CELLS, mode="nearest")
     local_std = np.sqrt(np.maximum(local_square - local_mean**2, 0.0))

@@ -24,15 +24,15 @@ import numpy as np
 import torch
 
 from ..core.errors import BadInputError
-from ..core.geometry import Geometry
 from ..core.io.volumes import Volume, write_volume
 from ..core.options import FieldLevel, FieldOptions
 from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
+from ..grid.cells import cell_grid
+from ..grid.displacement_field import DisplacementField
+from ..grid.sampling import resample
 from ..matching import match_lattice
-from . import grids
 from .displacement import (
-    DisplacementField,
     check_field_path,
     invert,
     jacobian_stats,
@@ -71,11 +71,10 @@ def register(
         region = automatic_region(fixed)
     else:
         region = Region.whole(geometry)
-    param_grid = grids.cell_grid(geometry, options.optimise_spacing_mm)
+    param_grid = cell_grid(geometry, options.optimise_spacing_mm)
     level_count = len(options.levels)
     matching_share = 0.7 if options.optimise_iterations > 0 else 0.95
-    values: torch.Tensor | None = None
-    values_grid: Geometry | None = None
+    fitted: DisplacementField | None = None
     with torch.no_grad():
         for index, level in enumerate(options.levels):
             report = scaled(progress, matching_share * index / level_count, matching_share * (index + 1) / level_count)
@@ -84,7 +83,7 @@ def register(
                 moving_pyramid,
                 level.spacing_mm,
                 level.match_options(),
-                None if values is None else (values, values_grid),
+                fitted,
                 level.aggregation_nodes,
                 scaled(report, 0.0, 0.8),
             )
@@ -96,20 +95,18 @@ def register(
                     "use a larger mask or a finer lattice"
                 )
             report("fit", 0.8, f"level {index + 1}: fitting {int(inside.sum())} matches")
-            values = robust_fit(
-                lattice.on_grid(matches.displacement_lps_mm),
+            fitted = robust_fit(
+                lattice.displacement_field(),
                 lattice.on_grid(np.where(inside, matches.confidence, 0.0)),
-                lattice.grid,
                 level.smoothness_mm,
                 options.break_gradient,
                 options.robust_iterations,
             )
-            values_grid = lattice.grid
             report("fit", 1.0, f"level {index + 1} done")
-    if values is None:
+    if fitted is None:
         initial = torch.zeros((3, *param_grid.shape_kji))
     else:
-        initial = grids.resample(values, values_grid, param_grid)
+        initial = resample(fitted.as_tensor(), fitted.geometry, param_grid)
     if options.optimise_iterations > 0:
         initial = instance_optimise(
             fixed_pyramid,
@@ -123,7 +120,7 @@ def register(
             break_gradient=options.break_gradient,
         )
     progress("field", 0.98, "dense field on the fixed grid")
-    dense = grids.resample(initial, param_grid, geometry)
+    dense = resample(initial, param_grid, geometry)
     progress("field", 1.0, "done")
     return DisplacementField.from_tensor(dense, geometry)
 

@@ -28,9 +28,9 @@ from scipy import ndimage
 
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn, no_progress
-from ..matching.sampling import vector_lengths
+from ..grid.vectors import vector_lengths
 from .displacement import determinant_of_tensor
-from .grids import gaussian_filter, gaussian_reach
+from .smoothing import gaussian_filter, gaussian_reach
 
 CG_ITERATIONS = 10
 FOLD_DETERMINANT = 0.1

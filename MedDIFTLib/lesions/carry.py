@@ -14,7 +14,8 @@ import torch
 from scipy import ndimage
 
 from ..core.geometry import Geometry
-from ..field import DisplacementField, grids
+from ..grid.displacement_field import DisplacementField
+from ..grid.slabs import slab_lps, slabs
 
 
 def _label_boxes(labelmap: np.ndarray, labels: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -36,8 +37,8 @@ def carry_labelmap(labelmap: np.ndarray, baseline_geometry: Geometry, labels: li
     boxes = _label_boxes(labelmap, labels)
     carried = np.zeros(geometry.shape_kji, np.int32)
     lps_to_baseline = np.linalg.inv(baseline_geometry.affine_ijk_to_lps)
-    for k_start, k_stop in grids.slabs(geometry):
-        positions = grids.slab_lps(geometry, k_start, k_stop)
+    for k_start, k_stop in slabs(geometry):
+        positions = slab_lps(geometry, k_start, k_stop)
         positions += torch.from_numpy(field.displacement_lps_mm[k_start:k_stop].reshape(-1, 3)).double()
         baseline_kji = (positions.numpy() @ lps_to_baseline[:3, :3].T + lps_to_baseline[:3, 3])[:, ::-1]
         best = np.full(len(baseline_kji), 0.5, np.float32)

@@ -32,7 +32,8 @@ from ..core.io.volumes import Volume
 from ..core.options import FieldOptions, LesionOptions, MatchOptions
 from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
-from ..field import DisplacementField, register
+from ..field import register
+from ..grid.displacement_field import DisplacementField
 from ..matching import match_points
 from .carry import carry_labelmap
 from .inputs import Lesions, centroids_lps_mm, touches_border

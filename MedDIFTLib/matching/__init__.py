@@ -8,19 +8,16 @@ and return :class:`Correspondences` with one confidence formula in mm (:mod:`.co
 """
 
 from .correspondences import Correspondences, confidence
+from .descriptors import sample_descriptors
 from .lattice import LatticeMatches, match_lattice
-from .nodes import grid_points, node_grid
 from .points import check_points, match_points
-from .sampling import sample_descriptors
 
 __all__ = [
     "Correspondences",
     "LatticeMatches",
     "check_points",
     "confidence",
-    "grid_points",
     "match_lattice",
     "match_points",
-    "node_grid",
     "sample_descriptors",
 ]

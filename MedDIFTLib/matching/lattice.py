@@ -28,9 +28,10 @@ from ..core.geometry import Geometry
 from ..core.options import MatchOptions
 from ..core.progress import ProgressFn, no_progress, scaled
 from ..features.protocol import FeaturePyramid
+from ..grid.displacement_field import DisplacementField, displacement_at
+from ..grid.nodes import grid_points, node_grid
 from .candidates import CandidateLattice
 from .correspondences import Correspondences
-from .nodes import FieldOnGrid, displacement_at, grid_points, node_grid
 from .scorer import Scorer, resolving_levels
 from .shared_shifts import level_similarity
 from .subvoxel import parabola_vertex
@@ -44,11 +45,12 @@ class LatticeMatches:
     matches: Correspondences
 
     def on_grid(self, values: np.ndarray) -> torch.Tensor:
-        """Per-node values ``(N,)`` or ``(N, C)`` as ``(K, J, I)`` or ``(C, K, J, I)``."""
-        tensor = torch.as_tensor(np.asarray(values), dtype=torch.float32)
-        if tensor.dim() == 1:
-            return tensor.reshape(self.grid.shape_kji)
-        return tensor.T.reshape(-1, *self.grid.shape_kji).contiguous()
+        """Per-node values ``(N,)`` (e.g. the confidence) as a float32 ``(K, J, I)`` map."""
+        return torch.as_tensor(np.asarray(values), dtype=torch.float32).reshape(self.grid.shape_kji)
+
+    def displacement_field(self) -> DisplacementField:
+        """The matched displacements (LPS mm, fixed node -> its match) as a field on :attr:`grid`."""
+        return DisplacementField(self.matches.displacement_lps_mm.reshape(*self.grid.shape_kji, 3), self.grid)
 
 
 def _neighbours(lattice: CandidateLattice, kept: np.ndarray) -> np.ndarray:
@@ -117,14 +119,15 @@ def match_lattice(
     moving: FeaturePyramid,
     spacing_mm: float,
     options: MatchOptions | None = None,
-    prior: FieldOnGrid | None = None,
+    prior: DisplacementField | None = None,
     aggregation_nodes: int = 0,
     progress: ProgressFn = no_progress,
 ) -> LatticeMatches:
-    """Match every node of a ``spacing_mm`` lattice of the fixed image (:func:`.nodes.node_grid`).
+    """Match every node of a ``spacing_mm`` lattice of the fixed image
+    (:func:`MedDIFTLib.grid.nodes.node_grid`).
 
-    ``prior`` is a field ``(values (3, K, J, I), grid)`` (LPS mm, fixed point to moving point)
-    the search starts from (none: identity). Returns the nodes' Correspondences.
+    ``prior`` is the field (any grid, fixed point to moving point) the search starts from (none:
+    identity). Returns the nodes' Correspondences.
     """
     options = options or MatchOptions()
     scorer = Scorer(fixed, moving, options)
@@ -163,8 +166,8 @@ def match_lattice(
             backward = _aggregate(backward, grid, aggregation_nodes)
             _mask_outside(backward, nodes, -shifts_mm, image)
             _, back_offsets = _best(backward, lattice, kept, options.subvoxel)
-            back_field = torch.as_tensor((-back_offsets @ to_mm).T.reshape(3, *grid.shape_kji), dtype=torch.float32)
-            returned = shifted + displacement_at((back_field, grid), shifted)
+            back_field = DisplacementField((-back_offsets @ to_mm).reshape(*grid.shape_kji, 3), grid)
+            returned = shifted + displacement_at(back_field, shifted)
             forward_backward = np.linalg.norm(returned - nodes, axis=1)
         else:
             forward_backward = np.full(len(nodes), np.nan)

@@ -28,8 +28,10 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
+from ..grid.sampling import interpolate, sample_stored, windows
+from ..grid.vectors import unit_vectors
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
-from .sampling import ensure_read, interpolate, sample_patches, sample_stored, unit_descriptors, unit_vectors, windows
+from .descriptors import ensure_read, sample_patches, unit_descriptors
 
 NATIVE_SPAN = 2.5
 """Widest level voxel, in lattice steps, whose similarity map is interpolated at the candidates

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..grid.sampling import interpolate
 from .candidates import CandidateLattice, patch_taps
-from .sampling import interpolate, level_ijk, unit_descriptors
+from .descriptors import level_ijk, unit_descriptors
 from .scorer import Scorer, resolving_levels
 from .subvoxel import subvoxel_offsets
 

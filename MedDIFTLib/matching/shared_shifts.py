@@ -19,9 +19,12 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.progress import ProgressFn
 from ..features.protocol import FeatureLevel
+from ..grid.displacement_field import DisplacementField, displacement_at
+from ..grid.nodes import grid_points
+from ..grid.sampling import channels_last, sample
+from ..grid.vectors import unit_vectors
 from .candidates import patch_taps
-from .nodes import FieldOnGrid, channels_last, displacement_at, grid_points
-from .sampling import sample, unit_descriptors, unit_vectors
+from .descriptors import unit_descriptors
 
 BATCH_BYTES = 2**26
 
@@ -93,7 +96,7 @@ class NodeSampler:
 
 
 def _moving_on_level(
-    source: FeatureLevel, target: FeatureLevel, pad_ijk: np.ndarray, prior: FieldOnGrid | None
+    source: FeatureLevel, target: FeatureLevel, pad_ijk: np.ndarray, prior: DisplacementField | None
 ) -> torch.Tensor:
     """Normalised target descriptors at the source level's voxels grown by ``pad_ijk`` each side,
     sampled through the prior, ``(C, K + 2 pad_k, J + 2 pad_j, I + 2 pad_i)``."""
@@ -131,7 +134,7 @@ def level_similarity(
     radius: int,
     grid: Geometry,
     shifts_mm: np.ndarray,
-    prior: FieldOnGrid | None,
+    prior: DisplacementField | None,
     progress: ProgressFn,
     step: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:

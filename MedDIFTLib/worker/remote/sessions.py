@@ -29,7 +29,8 @@ from ...core.budget import Budget
 from ...core.errors import BadRequestError
 from ...core.geometry import Geometry
 from ...core.io import write_volume
-from ...field import DisplacementField, write_field
+from ...field import write_field
+from ...grid.displacement_field import DisplacementField
 from ...lesions.outputs import output_paths
 from ..jobs import Job
 from ..protocol.requests import Limits

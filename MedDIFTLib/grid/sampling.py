@@ -1,8 +1,9 @@
-"""Trilinear sampling of feature and vector volumes: the one ``grid_sample`` wrapper.
+"""Trilinear sampling of feature and vector volumes: the one ``grid_sample`` wrapper, at points and
+onto other grids.
 
 Volumes are ``(C, K, J, I)`` tensors (or batched ``(B, C, K, J, I)``) on a :class:`Geometry`;
-coordinates are continuous voxel indices ``ijk`` (SimpleITK order, 0-based). Outside the grid
-the border value is repeated, as ``F.interpolate`` does.
+coordinates are continuous voxel indices ``ijk`` (SimpleITK order, 0-based); points are LPS mm
+``(N, 3)``. Outside the grid the border value is repeated, as ``F.interpolate`` does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features.protocol import FeatureLevel
+from ..core.geometry import Geometry
+from .slabs import slab_ijk, slabs
 
 SPLIT_POINTS = 8192
 """Fewest points per thread worth sampling apart (:func:`interpolate`)."""
@@ -82,63 +84,6 @@ def sample_stored(values: torch.Tensor, ijk: torch.Tensor) -> torch.Tensor:
     return torch.einsum("cmn,mn->nc", corners, weights.float())
 
 
-def level_ijk(level: FeatureLevel, points_lps_mm: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Continuous voxel coordinates (..., 3) on ``level``'s grid of LPS points (..., 3)."""
-    points = np.asarray(points_lps_mm, float)
-    ijk = level.geometry.lps_to_ijk(points.reshape(-1, 3)).reshape(points.shape)
-    return torch.as_tensor(ijk, dtype=torch.float32, device=device)
-
-
-def ensure_read(level: FeatureLevel, ijk: torch.Tensor, reach: int = 0) -> None:
-    """Make ``level`` valid where trilinear reads at ``ijk`` (B, N, 3 continuous voxel coordinates)
-    and ``reach`` voxels around them land: one box per row (a no-op on a complete level)."""
-    if level.complete:
-        return
-    rows = ijk.cpu().double().numpy().reshape(len(ijk), -1, 3)
-    level.ensure_boxes(np.floor(rows.min(axis=1)) - reach - 1, np.floor(rows.max(axis=1)) + reach + 3)
-
-
-def vector_lengths(values: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
-    """L2 lengths of ``values`` along ``dim`` (``torch.linalg.vector_norm``, behind ``F.normalize``
-    and ``Tensor.norm``, reduces a short axis such as 3 coordinates or 12 channels far slower on the CPU)."""
-    return values.pow(2).sum(dim, keepdim=keepdim).sqrt_()
-
-
-def unit_vectors(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``values`` divided by their L2 length along ``dim`` (at least 1e-12), as ``F.normalize``."""
-    return values / vector_lengths(values, dim, keepdim=True).clamp_(min=1e-12)
-
-
-def unit_descriptors(level: FeatureLevel, features: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
-    """``features`` (default: the whole level, ``(C, ...)``; channels along ``dim``) as float32 with
-    unit L2 norm along channels; stored unit-norm levels are only converted, not normalised again."""
-    values = (level.features if features is None else features).float()
-    return values if level.unit_norm else unit_vectors(values, dim)
-
-
-def sample_descriptors(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
-    """L2-normalised descriptors (..., C) of ``level`` at LPS points (..., 3), trilinear."""
-    points = np.asarray(points_lps_mm, float)
-    coords = level_ijk(level, points.reshape(-1, 3), level.features.device)
-    ensure_read(level, coords.reshape(points.shape if points.ndim > 1 else (1, 3)))
-    samples = sample_stored(level.features, coords)
-    return unit_vectors(samples, 1).reshape(*points.shape[:-1], level.channels)
-
-
-def sample_patches(level: FeatureLevel, points_lps_mm: np.ndarray) -> torch.Tensor:
-    """L2-normalised descriptors (B, n, C) of ``level`` at B patches of n LPS points (B, n, 3),
-    trilinear as :func:`sample_descriptors`: each patch's bounding box of voxels is copied once and
-    sampled there (a patch is compact; gathers over the whole channel-first level are not)."""
-    points = np.asarray(points_lps_mm, float)
-    coords = level.geometry.lps_to_ijk(points.reshape(-1, 3)).reshape(points.shape)
-    start = np.floor(coords.min(axis=1)).astype(int)
-    sizes = (np.floor(coords.max(axis=1)).astype(int) - start).max(axis=0) + 2
-    level.ensure_boxes(start, start + sizes)
-    boxes = windows(level.features, start, sizes.tolist())
-    relative = torch.as_tensor(coords - start[:, None, :], dtype=torch.float32, device=boxes.device)
-    return unit_vectors(interpolate(boxes, relative), 1).transpose(1, 2)
-
-
 def _clipped_span(start: int, size: int, length: int) -> tuple[slice, int, int]:
     """The part of ``[start, start + size)`` inside ``[0, length)`` and how many border copies go
     before and after it (one border voxel when the span lies wholly outside)."""
@@ -167,3 +112,36 @@ def windows(features: torch.Tensor, start_ijk: np.ndarray, sizes_ijk: list[int])
         else:
             boxes[row].copy_(box)
     return boxes
+
+
+def channels_last(values: torch.Tensor) -> torch.Tensor:
+    """``(C, K, J, I)`` stored with the channel axis fastest (same values): trilinear sampling of
+    many channels at many points then reads each corner's channels together, several times faster."""
+    return values.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+def sample_lps(values: torch.Tensor, geometry: Geometry, points_lps_mm: np.ndarray) -> torch.Tensor:
+    """Trilinear samples ``(N, C)`` of ``values`` on ``geometry`` at LPS points ``(N, 3)``."""
+    ijk = geometry.lps_to_ijk(np.asarray(points_lps_mm, float).reshape(-1, 3))
+    return sample(values, torch.as_tensor(ijk, dtype=values.dtype, device=values.device))
+
+
+def index_map(source: Geometry, target: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix, offset)`` with ``source_ijk = matrix @ target_ijk + offset``."""
+    source_affine = source.affine_ijk_to_lps
+    target_affine = target.affine_ijk_to_lps
+    matrix = np.linalg.solve(source_affine[:3, :3], target_affine[:3, :3])
+    offset = np.linalg.solve(source_affine[:3, :3], target_affine[:3, 3] - source_affine[:3, 3])
+    return matrix, offset
+
+
+def resample(values: torch.Tensor, source: Geometry, target: Geometry) -> torch.Tensor:
+    """``values`` ``(C, K, J, I)`` on ``source`` resampled (trilinear) onto ``target``'s voxels."""
+    matrix, offset = index_map(source, target)
+    matrix_t = torch.as_tensor(matrix.T, dtype=torch.float32)
+    offset_t = torch.as_tensor(offset, dtype=torch.float32)
+    output = torch.empty((values.shape[0], *target.shape_kji), dtype=values.dtype)
+    for k_start, k_stop in slabs(target):
+        source_ijk = slab_ijk(target, k_start, k_stop) @ matrix_t + offset_t
+        output[:, k_start:k_stop] = sample(values, source_ijk).T.reshape(-1, k_stop - k_start, *target.shape_kji[1:])
+    return output
