@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -165,8 +165,25 @@ class TrackedLesion:
     centre_lps_mm: tuple[float, float, float]
 
 
+_WithFiles = TypeVar("_WithFiles", bound="_FilesByKey")
+
+
+class _FilesByKey:
+    """The output files of a result dataclass whose ``files`` field maps output keys to paths."""
+
+    files: dict[str, str]
+
+    @property
+    def output_files(self) -> dict[str, str]:
+        return dict(self.files)
+
+    def moved(self: _WithFiles, paths: Mapping[str, str]) -> _WithFiles:
+        """This result with the files named in ``paths`` (key -> path) there."""
+        return dataclasses.replace(self, files={**self.files, **paths})
+
+
 @dataclass(frozen=True)
-class TrackResult:
+class TrackResult(_FilesByKey):
     """The files of ``meddift track`` by key (labelmap, csv, report, sheet), the lesions, seconds
     per step and whether both volumes' features came from the cache."""
 
@@ -174,14 +191,6 @@ class TrackResult:
     lesions: list[TrackedLesion] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     features_cached: bool = False
-
-    @property
-    def output_files(self) -> dict[str, str]:
-        return dict(self.files)
-
-    def moved(self, paths: Mapping[str, str]) -> TrackResult:
-        """This result with the files named in ``paths`` (key -> path) there."""
-        return dataclasses.replace(self, files={**self.files, **paths})
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ class TimePointResponse:
 
 
 @dataclass(frozen=True)
-class TrackSeriesResult:
+class TrackSeriesResult(_FilesByKey):
     """The files of ``meddift track`` over a series by key (``labelmap_<k>`` for follow-up k, csv,
     response, report, growth, sheet), the scans' names (baseline first), one visit per lesion and time
     point (lesion by lesion, each through time), the response per time point, the ``route`` option,
@@ -242,14 +251,6 @@ class TrackSeriesResult:
     route: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     features_cached: bool = False
-
-    @property
-    def output_files(self) -> dict[str, str]:
-        return dict(self.files)
-
-    def moved(self, paths: Mapping[str, str]) -> TrackSeriesResult:
-        """This result with the files named in ``paths`` (key -> path) there."""
-        return dataclasses.replace(self, files={**self.files, **paths})
 
 
 WorkerResult = (LoadResult | FeaturesResult | MatchResult | RegisterResult | OverlaysResult | TrackResult
