@@ -5,8 +5,8 @@ Before anything runs, each row's inputs are hashed (:func:`~.job.row_hash`); a r
 ``OUT/<id>/row.json`` has that hash and status ``ok`` is done and kept. For the others, each distinct
 volume (one baseline against its follow-ups, an atlas against many subjects, the scans of a series)
 gets one feature task, keyed by its content and the backbone recipe, whose result feeds each row's
-task that uses it (:mod:`.features`). A worker that dies takes its tasks with it; the scheduler reruns them
-(and the feature tasks whose results were lost) on the others. Rows finish in any order;
+task that uses it (:mod:`.features`). A worker that dies takes its tasks with it; the scheduler
+reruns them (and the feature tasks whose results were lost) on the others. Rows finish in any order;
 ``summary.csv`` is rewritten after each. An interrupted run cancels what has not started; once its
 workers have stopped, :func:`discard_staging` deletes the unfinished rows' staging folders.
 """

@@ -26,7 +26,7 @@ from ..core.io import Volume, write_volume
 from ..core.io.volumes import check_overlap, check_volume_output
 from ..core.options import FieldOptions
 from ..core.progress import ProgressFn, scaled
-from ..features import available_backbones, backbone_spec
+from ..features import FeaturePyramid, available_backbones, backbone_spec
 from ..field import read_field, register_and_write
 from ..field.overlays import CONFIDENCE, JACOBIAN, MAGNITUDE, qa_overlays
 from ..lesions import series as lesion_series
@@ -319,7 +319,7 @@ def track_series(state: WorkerState, request: TrackSeriesRequest, progress: Prog
     lesions = read_lesions(request.lesions, baseline)
     cached = []
 
-    def extract(volume: Volume, step: ProgressFn):
+    def extract(volume: Volume, step: ProgressFn) -> FeaturePyramid:
         found = state.features(settings, volume, device, step)
         cached.append(found.cached)
         return state.on_device(found, device)
