@@ -1,9 +1,9 @@
 """Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
 job queue) and its own folder under the server's cache folder (the jobs' outputs, and the files a
-job reads, the lesion labelmap of a ``track`` and the field of ``overlays``, written there by the
-server from an upload); another session can neither name nor reach them. Jobs of all sessions
-share the device: one computes at a time, and an idle session fills its partly computed features
-behind only while no job computes.
+job reads, the lesion labelmap of a ``track`` or ``track_series`` and the field of ``overlays``,
+written there by the server from an upload); another session can neither name nor reach them. Jobs
+of all sessions share the device: one computes at a time, and an idle session fills its partly
+computed features behind only while no job computes.
 
 Events of a session's worker are routed by request id to the HTTP stream that asked (an
 :class:`asyncio.Queue` per request), with file paths taken out of every message.
