@@ -1,10 +1,12 @@
 """``meddift batch`` on Dask: a LocalCluster of two worker processes (and a scheduler and workers started
-as separate processes on 127.0.0.1), tiny synthetic volumes and the weight-free MIND backbone."""
+as separate processes on 127.0.0.1), tiny synthetic volumes and the weight-free MIND backbone; a lesion
+series as one row (the 4-scan series of test_lesion_series)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +28,7 @@ from MedDIFTLib.core.environment import child_environment
 from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import PointSet, Volume, read_points, write_points, write_volume
-from MedDIFTLib.core.options import FieldOptions, MatchOptions
+from MedDIFTLib.core.options import FieldLevel, FieldOptions, MatchOptions, SeriesOptions
 
 SHAPE_IJK = (26, 24, 22)
 SPACING_MM = (2.0, 2.0, 2.0)
@@ -296,6 +298,47 @@ def test_track_rows_equal_the_single_pair_command(series, client, tmp_path):
     names = sorted(p.name for p in (tmp_path / "single").iterdir())
     assert sorted(p.name for p in (tmp_path / "out" / "t0").iterdir()) == sorted([*names, "row.json"])
     assert (tmp_path / "out" / "t0" / "lesions.csv").read_text() == (tmp_path / "single" / "lesions.csv").read_text()
+
+
+def test_a_series_row_follows_its_lesions_on_features_shared_with_the_other_rows(client, tmp_path):
+    """The 4-scan series of test_lesion_series as one row (moving: its follow-ups joined by ';') beside a
+    pair row of the same baseline and first follow-up: one feature task per scan, the series files."""
+    from distributed import get_task_stream
+    from test_lesion_series import assert_series_outputs, write_series
+
+    scans, _ = write_series(tmp_path)
+    names = [Path(path).name for path in scans]
+    manifest = tmp_path / "series.csv"
+    manifest.write_text(f"id,fixed,moving,lesions\nseries,{names[0]},{';'.join(names[1:])},lesions.nii.gz\n"
+                        f"pair,{names[0]},{names[1]},lesions.nii.gz\n")
+    rows = read_manifest(manifest)
+    assert rows[0].followups == tuple(scans[1:]) and rows[1].followups == (scans[1],)
+    fast = FieldOptions(levels=(FieldLevel(spacing_mm=8.0, search_radius_mm=12.0),), optimise_iterations=0)
+    job = BatchJob(task="track", recipe=FeatureRecipe("mind", {}, "cpu"), field_options=fast,
+                   series_options=SeriesOptions(route="chained"))
+    with get_task_stream(client) as tasks:
+        records = run_batch(rows, job, tmp_path / "out", client)
+    assert [record["status"] for record in records] == ["ok", "ok"], records
+    assert sum(str(task["key"]).startswith("meddift-features") for task in tasks.data) == 4
+    assert_series_outputs(tmp_path / "out" / "series", "chained")
+    assert (tmp_path / "out" / "pair" / "followup_lesions.nii.gz").is_file()
+    series = {line["id"]: line for line in read_summary(tmp_path / "out" / "summary.csv")}["series"]
+    assert (series["lesions"], series["lesions_ok"], series["response"]) == ("3", "2", "PD")  # 2 is gone
+    assert series["moving"] == ";".join(scans[1:]) and series["features_recomputed"] == "0"
+
+    assert [record["status"] for record in run_batch(rows, job, tmp_path / "out", client)] == ["done", "done"]
+    other = dataclasses.replace(job, series_options=SeriesOptions(route="chained", max_targets=1))
+    assert [record["status"] for record in run_batch(rows, other, tmp_path / "out", client)] == ["ok", "done"]
+    [refused] = run_batch(rows[:1], _job(), tmp_path / "match", client)
+    assert refused["status"] == "failed" and refused["kind"] == "bad_input"
+    assert "several moving volumes (a series) are for --task track only" in refused["error"]
+
+
+def test_a_series_cell_with_an_empty_followup_is_refused(tmp_path):
+    manifest = tmp_path / "gap.csv"
+    manifest.write_text("fixed,moving\nb.nii.gz,m1.nii.gz;;m3.nii.gz\n")
+    with pytest.raises(BadInputError, match="line 2: an empty follow-up in its moving cell"):
+        read_manifest(manifest)
 
 
 # ------------------------------------------------------------------ nothing silently wrong (issue 26)

@@ -208,7 +208,7 @@ def test_register_field_options_come_from_the_option_classes():
 def test_track_lesion_options_come_from_the_option_class():
     from MedDIFTLib.cli import build_parser
     from MedDIFTLib.cli.common import options_from_args
-    from MedDIFTLib.core.options import LesionOptions
+    from MedDIFTLib.core.options import LesionOptions, SeriesOptions
 
     parser = build_parser()
     base = ["track", "b.nii.gz", "f.nii.gz", "--lesions", "l.nii.gz", "--out", "out"]
@@ -219,6 +219,10 @@ def test_track_lesion_options_come_from_the_option_class():
     batch = options_from_args(parser.parse_args(["batch", "rows.csv", "--out", "o", "--task", "track", *flags]),
                               LesionOptions)
     assert batch == options
+    series = ["--series", "chained", "--measurable-mm", "8", "--max-targets", "2"]
+    for command in (base, ["batch", "rows.csv", "--out", "o", "--task", "track"]):
+        assert options_from_args(parser.parse_args([*command, *series]), SeriesOptions) == SeriesOptions(
+            route="chained", measurable_mm=8.0, max_targets=2)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,9 +135,9 @@ def truth(time_point: int, lesion: int) -> tuple[np.ndarray, float]:
     return np.asarray(CENTRES[lesion]) + SHIFTS_LPS_MM[time_point], RADII_MM[time_point][lesion]
 
 
-@pytest.fixture(scope="module")
-def series_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("series")
+def write_series(folder: Path) -> tuple[list[str], str]:
+    """The 4-scan series (``scan0.nii.gz`` = baseline, then follow-ups 1-3) and the baseline labelmap
+    (``lesions.nii.gz``) written to ``folder``: the scans' paths and the labelmap's."""
     paths = []
     for time_point in range(4):
         nodules = [truth(time_point, n) for n in range(3) if RADII_MM[time_point][n] > 0]
@@ -144,39 +145,26 @@ def series_files(tmp_path_factory):
         write_volume(lung_with_nodules(GEOMETRY, nodules, seed=time_point), paths[-1])
     lesions = labelmap_volume([(ball(GEOMETRY, *truth(0, n)), n + 1) for n in range(3)], GEOMETRY)
     write_volume(lesions, folder / "lesions.nii.gz")
-    return folder, paths, str(folder / "lesions.nii.gz")
+    return paths, str(folder / "lesions.nii.gz")
 
 
-def run_series(series_files, route: str, out) -> tuple[list[dict], list[dict]]:
-    _, scans, lesions = series_files
-    code = main(["track", *scans, "--lesions", lesions, "--out", str(out), "--series", route, *FAST])
-    assert code == 0
+@pytest.fixture(scope="module")
+def series_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("series")
+    return folder, *write_series(folder)
+
+
+def assert_series_outputs(out: Path, route: str) -> tuple[list[dict], list[dict]]:
+    """What every way of running the series (command, worker, server, batch) writes into ``out`` with
+    ``route``: the files, one row per lesion and time point with the truth's volumes and centres, lesion
+    2 reported gone at every follow-up, the routes kept, the RECIST responses, the labelmaps and the
+    report. Returns the rows of lesions.csv and response.csv."""
     with (out / "lesions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     with (out / "response.csv").open() as handle:
         responses = list(csv.DictReader(handle))
-    return rows, responses
-
-
-@pytest.mark.parametrize("route", ["chained", "direct", "auto"])
-def test_series_through_the_command(series_files, route, tmp_path, monkeypatch):
-    from MedDIFTLib.cli import track
-
-    extracted = []
-    build = track.featurizer_from_args
-
-    def counting_featurizer(args, device):
-        featurizer = build(args, device)
-        extract = featurizer.extract
-        monkeypatch.setattr(featurizer, "extract", lambda volume, progress: extracted.append(volume.name)
-                            or extract(volume, progress))
-        return featurizer
-
-    monkeypatch.setattr(track, "featurizer_from_args", counting_featurizer)
-    rows, responses = run_series(series_files, route, tmp_path)
-    assert extracted == [f"scan{t}.nii.gz" for t in range(4)]  # each scan's features once, whatever the route
     expected_files = {*FILES.values(), *(labelmap_name(k) for k in (1, 2, 3))}
-    assert {path.name for path in tmp_path.iterdir()} == expected_files
+    assert expected_files <= {path.name for path in out.iterdir()}
     assert list(rows[0]) == CSV_COLUMNS and list(responses[0]) == RESPONSE_COLUMNS
 
     assert [(row["label"], row["time_point"]) for row in rows] == [(str(n), str(t)) for n in (1, 2, 3)
@@ -208,15 +196,38 @@ def test_series_through_the_command(series_files, route, tmp_path, monkeypatch):
     assert float(responses[3]["nadir_mm"]) == pytest.approx(sld[1], abs=0.01)
 
     for t in (1, 2, 3):
-        labels = read_volume(tmp_path / labelmap_name(t))
+        labels = read_volume(out / labelmap_name(t))
         assert labels.geometry.same_grid(GEOMETRY)
         assert set(np.unique(labels.voxels)) == {0, 1, 3}
         assert dice(labels.voxels == 1, ball(GEOMETRY, *truth(t, 0))) > 0.85
-    report = (tmp_path / "report.md").read_text()
+    report = (out / "report.md").read_text()
     assert "| T3 | scan3.nii.gz |" in report and "| PD |" in report and "Eur J Cancer 2009;45:228-247" in report
     assert "- 2 at T1: not found in the follow-up" in report
     for picture in ("growth.png", "lesions.png"):
-        assert (tmp_path / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows, responses
+
+
+@pytest.mark.parametrize("route", ["chained", "direct", "auto"])
+def test_series_through_the_command(series_files, route, tmp_path, monkeypatch):
+    from MedDIFTLib.cli import track
+
+    extracted = []
+    build = track.featurizer_from_args
+
+    def counting_featurizer(args, device):
+        featurizer = build(args, device)
+        extract = featurizer.extract
+        monkeypatch.setattr(featurizer, "extract", lambda volume, progress: extracted.append(volume.name)
+                            or extract(volume, progress))
+        return featurizer
+
+    monkeypatch.setattr(track, "featurizer_from_args", counting_featurizer)
+    _, scans, lesions = series_files
+    assert main(["track", *scans, "--lesions", lesions, "--out", str(tmp_path), "--series", route, *FAST]) == 0
+    assert extracted == [f"scan{t}.nii.gz" for t in range(4)]  # each scan's features once, whatever the route
+    assert {path.name for path in tmp_path.iterdir()} == {*FILES.values(), *(labelmap_name(k) for k in (1, 2, 3))}
+    assert_series_outputs(tmp_path, route)
 
 
 def test_one_followup_keeps_the_pair_outputs_and_bad_series_input_writes_nothing(series_files, tmp_path, capsys):

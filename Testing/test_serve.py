@@ -1,6 +1,6 @@
 """``meddift serve`` driven for real on 127.0.0.1 (uvicorn in a thread, or a subprocess when it
-must be killed): match, register, overlays and track round trips equal to the local worker's (the
-Slicer panel's session on the server too), a failed or cancelled track leaving its folder as it was,
+must be killed): match, register, overlays, track and track_series round trips equal to the local
+worker's (the Slicer panel's session on the server too), a failed or cancelled track leaving its folder as it was,
 the token, the bind check, upload and request limits, path-style loads refused, session isolation
 and clean-up, cancel on disconnect, and a server killed mid-job."""
 
@@ -26,6 +26,7 @@ import SimpleITK as sitk
 import uvicorn
 from conftest import CHEST_DIR, require
 from scipy import ndimage
+from test_lesion_series import assert_series_outputs, write_series
 from test_lesions import GEOMETRY, ball, labelmap_volume, write_tracking_pair
 
 import MedDIFTLib
@@ -33,13 +34,21 @@ from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
-from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, RunSettings, parse_options
+from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, RunSettings, SeriesOptions, parse_options
 from MedDIFTLib.lesions.outputs import FILES
+from MedDIFTLib.lesions.series_outputs import labelmap_name, series_output_paths
 from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_transport import read_token_file
-from MedDIFTLib.worker.protocol.requests import Limits, OverlaysRequest, TrackRequest, encode_request
+from MedDIFTLib.worker.protocol.requests import (
+    Limits,
+    OverlaysRequest,
+    TrackRequest,
+    TrackSeriesRequest,
+    encode_request,
+)
+from MedDIFTLib.worker.protocol.results import encode_result
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
@@ -489,6 +498,41 @@ def test_remote_track_lesions_must_be_an_uploaded_labelmap(server, remote, track
     refused = json.loads(body)
     assert status == 400 and "volume id of a labelmap uploaded to this session" in refused["message"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_series_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(server, remote, local,
+                                                                                  tmp_path_factory, tmp_path):
+    """The 4-scan series of test_lesion_series: each scan uploaded once, the series files downloaded."""
+    scans, lesions = write_series(tmp_path_factory.mktemp("serve_series"))
+    settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, TRACK_FIELD))
+
+    def run(client, out: Path):
+        ids = [client.call("load", path=path, timeout=TIMEOUT_S)["volume_id"] for path in scans]
+        request = TrackSeriesRequest(ids[0], tuple(ids[1:]), lesions, str(out), LesionOptions(),
+                                     SeriesOptions(route="chained"), settings)
+        return client.run(request, timeout=TIMEOUT_S)
+
+    worker, _ = local
+    expected = run(worker, tmp_path / "local")
+    out = tmp_path / "remote"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    got = run(remote, out)
+    paths = series_output_paths(out, 3)
+    assert got.files == {key: str(path) for key, path in paths.items()}
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(path.name for path in paths.values()), "notes.txt"])
+    assert_series_outputs(out, "chained")
+    for name in ("lesions.csv", "response.csv", *(labelmap_name(k) for k in (1, 2, 3))):
+        assert (out / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert "<server path>" not in (out / "report.md").read_text()
+    same = {"files": None, "seconds": None}
+    assert {**encode_result(got), **same} == {**encode_result(expected), **same}
+
+    labelmap = remote.call("load", path=lesions, timeout=TIMEOUT_S)["volume_id"]
+    line = {"id": "s", "type": "track_series", "baseline_id": "v1", "followup_ids": [], "lesions": labelmap,
+            "out_dir": "track"}
+    status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
+    assert status == 400 and "'followup_ids' must be a list of one or more" in json.loads(body)["message"]
 
 
 def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server, track_files):

@@ -18,7 +18,14 @@ from MedDIFTLib.core import errors
 from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import ERROR_KINDS, BadInputError, BadRequestError
 from MedDIFTLib.core.geometry import Geometry
-from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings
+from MedDIFTLib.core.options import (
+    FieldLevel,
+    FieldOptions,
+    LesionOptions,
+    MatchOptions,
+    RunSettings,
+    SeriesOptions,
+)
 from MedDIFTLib.worker import events
 from MedDIFTLib.worker.jobs import Job, JobQueue
 from MedDIFTLib.worker.protocol.requests import (
@@ -34,6 +41,7 @@ from MedDIFTLib.worker.protocol.requests import (
     RejectedRequest,
     ShutdownRequest,
     TrackRequest,
+    TrackSeriesRequest,
     UnloadRequest,
     encode_request,
     parse_line,
@@ -49,8 +57,11 @@ from MedDIFTLib.worker.protocol.results import (
     OverlaysResult,
     OverlaySummary,
     RegisterResult,
+    SeriesVisit,
+    TimePointResponse,
     TrackedLesion,
     TrackResult,
+    TrackSeriesResult,
     encode_result,
     parse_result,
 )
@@ -183,6 +194,9 @@ ENCODED = [
                     RUN),
     TrackRequest("v1", "v2", "lesions.mrk.json", "out", LesionOptions(refine=False, growth_margin_mm=2.0),
                  dataclasses.replace(RUN, field=FIELD)),
+    TrackSeriesRequest("v1", ("v2", "v3", "v4"), "lesions.nii.gz", "series", LesionOptions(refine=False),
+                       SeriesOptions(route="chained", measurable_mm=8.0, max_targets=2),
+                       dataclasses.replace(RUN, field=FIELD)),
     CancelRequest("r7"),
     ShutdownRequest(),
     ProbeRequest({}),
@@ -261,6 +275,17 @@ ENCODED_RESULTS = [
                                          (NAN, NAN, NAN))],
                           {"total": 3.0}, features_cached=False)),
     ("track", TrackResult({})),
+    ("track_series", TrackSeriesResult(
+        {"labelmap_1": "s/followup_1_lesions.nii.gz", "csv": "s/lesions.csv", "response": "s/response.csv"},
+        ["base", "m06"],
+        [SeriesVisit(1, "A", 0, "base", "ok", [], True, "", (1.0, 2.0, 3.0), NAN, NAN, 0.5, 0.0, 12.0, 9.0, 40.0,
+                     NAN),
+         SeriesVisit(1, "A", 1, "m06", "not_found;low_confidence", ["not_found", "low_confidence"], True, "direct",
+                     (1.5, 2.0, 3.0), 0.2, 4.5, 0.0, -100.0, NAN, NAN, NAN, 2.5)],
+        [TimePointResponse(0, "base", 12.0, 0.0, 12.0, 0.0, None), TimePointResponse(1, "m06", 0.0, -100.0, 12.0,
+                                                                                    -100.0, "CR")],
+        "auto", {"follow-up 1": 2.0, "total": 2.5}, features_cached=True)),
+    ("track_series", TrackSeriesResult({})),
 ]
 
 
@@ -311,9 +336,13 @@ def test_outputs_move_to_the_paths_given_by_name():
     assert overlays.output_files == {"confidence": "c.nrrd", "jacobian": "jacobian"}
     track = ENCODED_RESULTS[8][1].moved({"csv": "csv"})
     assert track.output_files == {"csv": "csv", "labelmap": "out/followup_lesions.nii.gz"}
+    series = ENCODED_RESULTS[10][1].moved({"labelmap_1": "/here/followup_1_lesions.nii.gz"})
+    assert series.output_files == {"labelmap_1": "/here/followup_1_lesions.nii.gz", "csv": "s/lesions.csv",
+                                   "response": "s/response.csv"}
 
 
 MATCH_PAYLOAD = encode_result(ENCODED_RESULTS[3][1])
+SERIES_PAYLOAD = encode_result(ENCODED_RESULTS[10][1])
 
 
 @pytest.mark.parametrize(
@@ -336,6 +365,11 @@ MATCH_PAYLOAD = encode_result(ENCODED_RESULTS[3][1])
         ("track", {"files": {"csv": 3}}, "'files' must be an object of file paths"),
         ("track", {"files": {}, "lesions": [{"label": 1.5}], "seconds": {}, "features_cached": False},
          "track result (lesions[0]): 'label' must be a whole number"),
+        ("track_series", {**SERIES_PAYLOAD, "scans": ["base", 2]}, "'scans' must be a list of strings"),
+        ("track_series", {**SERIES_PAYLOAD, "visits": [{**SERIES_PAYLOAD["visits"][0], "target": 1}]},
+         "track_series result (visits[0]): 'target' must be true or false"),
+        ("track_series", {**SERIES_PAYLOAD, "responses": [{**SERIES_PAYLOAD["responses"][1], "category": 3}]},
+         "track_series result (responses[0]): 'category' must be a string or null"),
     ],
 )
 def test_a_malformed_result_is_a_worker_error_naming_the_field(request_type, payload, words):

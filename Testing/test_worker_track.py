@@ -1,13 +1,17 @@
 """Lesion tracking through the background worker: the ``track`` request parsed, run end to end on a
-small synthetic pair (the files of ``meddift track``, progress, the feature cache, cancel), and the
-Slicer layer's tracking job on slicer-core's real segmentation nodes through a worker session."""
+small synthetic pair (the files of ``meddift track``, progress, the feature cache, cancel), the
+``track_series`` request on the 4-scan series of test_lesion_series (its files and typed rows, each
+scan's features once, bad input, cancel between pairs), and the Slicer layer's tracking job on
+slicer-core's real segmentation nodes through a worker session."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
+from test_lesion_series import assert_series_outputs, write_series
 from test_lesions import (
     GEOMETRY,
     TRACK_NODULES,
@@ -19,12 +23,13 @@ from test_lesions import (
 )
 
 from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError
-from MedDIFTLib.core.io import read_volume, write_volume
-from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, parse_options
+from MedDIFTLib.core.io import Volume, read_volume, write_volume
+from MedDIFTLib.core.options import FieldOptions, LesionOptions, RunSettings, SeriesOptions, parse_options
 from MedDIFTLib.lesions.outputs import CSV_COLUMNS, FILES
+from MedDIFTLib.lesions.series_outputs import series_output_paths
 from MedDIFTLib.worker.client import WorkerClient
-from MedDIFTLib.worker.events import Error, Result
-from MedDIFTLib.worker.protocol.requests import TrackRequest, parse_request
+from MedDIFTLib.worker.events import Error, Progress, Result
+from MedDIFTLib.worker.protocol.requests import TrackRequest, TrackSeriesRequest, encode_request, parse_request
 from MedDIFTLib.worker.protocol.results import parse_result
 
 TIMEOUT_S = 120
@@ -144,6 +149,95 @@ def test_cancel_stops_a_track_job_and_writes_nothing(worker, files, tmp_path):
     final = next(event for event in client.events(request_id, TIMEOUT_S) if isinstance(event, (Result, Error)))
     assert isinstance(final, Error) and final.kind == CancelledError.kind
     assert not (tmp_path / "out" / "lesions.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A series of scans
+
+
+def test_track_series_request_takes_one_or_more_followups_and_the_series_options():
+    fields = {"baseline_id": "v1", "followup_ids": ["v2", "v3"], "lesions": "l.nii.gz", "out_dir": "o",
+              "series_options": {"route": "direct", "max_targets": 2}, "field_options": {"optimise_iterations": 0}}
+    request = parse_request("track_series", fields)
+    assert isinstance(request, TrackSeriesRequest) and request.followup_ids == ("v2", "v3")
+    assert request.series_options == SeriesOptions(route="direct", max_targets=2)
+    assert request.settings.field == FieldOptions(optimise_iterations=0) and request.lesion_options == LesionOptions()
+    assert parse_request("track_series", {**fields, "followup_ids": ["v2"]}).followup_ids == ("v2",)
+    for followups in ([], "v2", ["v2", ""], ["v2", 3], None):
+        with pytest.raises(BadRequestError, match="'followup_ids' must be a list of one or more volume ids"):
+            parse_request("track_series", {**fields, "followup_ids": followups})
+    with pytest.raises(BadInputError, match="route"):
+        parse_request("track_series", {**fields, "series_options": {"route": "sideways"}})
+
+
+@pytest.fixture(scope="module")
+def series(worker, tmp_path_factory) -> tuple[TrackSeriesRequest, str]:
+    """The 4-scan series loaded into the worker, as a chained track_series request (out_dir to set)."""
+    client, _ = worker
+    scans, lesions = write_series(tmp_path_factory.mktemp("series"))
+    ids = [client.call("load", path=path, timeout=TIMEOUT_S)["volume_id"] for path in scans]
+    settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, FAST_FIELD))
+    return TrackSeriesRequest(ids[0], tuple(ids[1:]), lesions, "", LesionOptions(), SeriesOptions(route="chained"),
+                              settings), scans
+
+
+def test_a_series_through_the_worker_writes_the_series_files_and_typed_rows(worker, series, tmp_path):
+    client, _ = worker
+    request, scans = series
+    out = tmp_path / "series"
+    result = client.run(dataclasses.replace(request, out_dir=str(out)), timeout=TIMEOUT_S)
+    rows, responses = assert_series_outputs(out, "chained")
+    assert result.files == {key: str(path) for key, path in series_output_paths(out, 3).items()}
+    assert result.scans == [f"scan{t}.nii.gz" for t in range(4)] and result.route == "chained"
+    assert [(visit.label, visit.time_point) for visit in result.visits] == [(int(row["label"]), int(row["time_point"]))
+                                                                            for row in rows]
+    for visit, row in zip(result.visits, rows, strict=True):
+        assert (visit.scan, visit.status, visit.route, int(visit.target)) == (row["scan"], row["status"],
+                                                                              row["route"], int(row["target"]))
+        assert visit.volume_ml == pytest.approx(float(row["volume_ml"]), abs=1e-4)
+        assert visit.centre_lps_mm == pytest.approx([float(row[axis]) for axis in "lps"], abs=1e-3)
+    assert [response.category for response in result.responses] == [None, "PR", "PR", "PD"]
+    assert [response.sld_mm for response in result.responses] == pytest.approx(
+        [float(row["sld_mm"]) for row in responses], abs=0.01)
+    # each scan's features extracted once, and kept in the worker's cache for the next job
+    assert result.features_cached is False
+    cached = [entry["volume"] for entry in client.call("probe", timeout=TIMEOUT_S)["cache"]["entries"]]
+    assert sorted(name for name in cached if name.startswith("scan")) == [f"scan{t}.nii.gz" for t in range(4)]
+
+
+def test_a_bad_series_is_refused_before_any_output_and_a_cancel_stops_it_between_pairs(worker, series, tmp_path):
+    client, _ = worker
+    request, _ = series
+    out = tmp_path / "out"
+    unknown = dataclasses.replace(request, followup_ids=(*request.followup_ids[:2], "v99"), out_dir=str(out))
+    with pytest.raises(BadRequestError, match=r"followup_ids\[2\]: unknown volume id 'v99'"):
+        client.run(unknown, timeout=TIMEOUT_S)
+    mri = client.call("load", path=write_mri(tmp_path), timeout=TIMEOUT_S)["volume_id"]
+    with pytest.raises(BadInputError, match="another modality"):
+        client.run(dataclasses.replace(request, followup_ids=(request.followup_ids[0], mri), out_dir=str(out)),
+                   timeout=TIMEOUT_S)
+    with pytest.raises(BadRequestError, match="'followup_ids' must be a list of one or more"):
+        client.call("track_series", timeout=TIMEOUT_S, baseline_id=request.baseline_id, followup_ids=[],
+                    lesions=request.lesions, out_dir=str(out))
+    assert not out.exists()
+
+    request_type, fields = encode_request(dataclasses.replace(request, out_dir=str(out)))
+    job = client.send(request_type, **fields)
+    events = client.events(job, TIMEOUT_S)
+    for event in events:  # follow-up 1 done: the job is in its second pair
+        if isinstance(event, Progress) and event.fraction > 0.4:
+            client.cancel(job)
+            break
+    final = list(events)[-1]
+    assert isinstance(final, Error) and final.kind == CancelledError.kind
+    assert not out.exists() or not any(out.iterdir())
+
+
+def write_mri(folder) -> str:
+    """A volume of the series' grid that is not a CT in HU, written to ``folder``; its path."""
+    path = str(folder / "mri.nii.gz")
+    write_volume(Volume(np.full(GEOMETRY.shape_kji, 300.0, np.float32), GEOMETRY, "mri"), path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
-"""The batch's Dask task graph: one feature task per distinct volume, one task per row fed by them.
+"""The batch's Dask task graph: one feature task per distinct volume, one task per row (a pair or a
+series) fed by them.
 
 Before anything runs, each row's inputs are hashed (:func:`~.job.row_hash`); a row whose folder
-``OUT/<id>/row.json`` has that hash and status ``ok`` is done and kept. For the others, a volume used
-by several rows (one baseline against its follow-ups, an atlas against many subjects) gets one
-feature task, keyed by its content and the backbone recipe, whose result feeds each of those rows'
-tasks (:mod:`.features`). A worker that dies takes its tasks with it; the scheduler reruns them
-(and the feature tasks whose results were lost) on the others. Rows finish in any order;
+``OUT/<id>/row.json`` has that hash and status ``ok`` is done and kept. For the others, each distinct
+volume (one baseline against its follow-ups, an atlas against many subjects, the scans of a series)
+gets one feature task, keyed by its content and the backbone recipe, whose result feeds each row's
+task that uses it (:mod:`.features`). A worker that dies takes its tasks with it; the scheduler
+reruns them (and the feature tasks whose results were lost) on the others. Rows finish in any order;
 ``summary.csv`` is rewritten after each. An interrupted run cancels what has not started; once its
 workers have stopped, :func:`discard_staging` deletes the unfinished rows' staging folders.
 """
@@ -18,7 +19,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.errors import MedDIFTError
+from ..core.errors import BadInputError, MedDIFTError
 from ..core.progress import ProgressFn, no_progress
 from .features import volume_features
 from .job import BatchJob, file_digest, row_hash
@@ -49,7 +50,7 @@ def _failed(row: Row, job: BatchJob, error: BaseException) -> dict:
     kind = error.kind if isinstance(error, MedDIFTError) else "internal"
     text = str(error) if isinstance(error, MedDIFTError) else f"{type(error).__name__}: {error}"
     return {"id": row.id, "task": job.task, "status": "failed", "error": text, "kind": kind,
-            "fixed": row.fixed, "moving": row.moving}
+            "fixed": row.fixed, "moving": row.moving_cell}
 
 
 def run_batch(
@@ -71,10 +72,14 @@ def run_batch(
     out.mkdir(parents=True, exist_ok=True)
     discard_staging(out)
     records: dict[str, dict] = {row.id: {"id": row.id, "task": job.task, "status": "pending", "fixed": row.fixed,
-                                          "moving": row.moving} for row in rows}
+                                          "moving": row.moving_cell} for row in rows}
     digests: dict[str, str] = {}
     todo: list[tuple[Row, str]] = []
     for row in rows:
+        if row.later_moving and job.task != "track":
+            records[row.id] = _failed(row, job, BadInputError(
+                f"row {row.id}: several moving volumes (a series) are for --task track only"))
+            continue
         try:
             for path in row.input_paths().values():
                 if path not in digests:
@@ -104,8 +109,9 @@ def run_batch(
 
     futures = {}
     for row, input_hash in todo:
-        future = client.submit(run_row, row, job, input_hash, features_of(row.fixed), features_of(row.moving),
-                               str(out), key=f"meddift-row-{row.id}-{input_hash[:12]}", pure=False)
+        future = client.submit(run_row, row, job, input_hash, features_of(row.fixed),
+                               [features_of(path) for path in row.followups], str(out),
+                               key=f"meddift-row-{row.id}-{input_hash[:12]}", pure=False)
         futures[future] = row
     feature_futures.clear()
     finished = len(rows) - len(todo)

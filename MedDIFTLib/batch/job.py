@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.errors import BadInputError
-from ..core.options import FieldOptions, LesionOptions, MatchOptions, to_json
+from ..core.options import FieldOptions, LesionOptions, MatchOptions, SeriesOptions, to_json
 from .manifest import Row
 
 TASKS = ("match", "register", "track")
@@ -41,13 +41,15 @@ class FeatureRecipe:
 @dataclass(frozen=True)
 class BatchJob:
     """The task (``match``, ``register`` or ``track``), its options, the backbone recipe and register's extra
-    outputs. ``track`` reads ``field_options`` and ``lesion_options``."""
+    outputs. ``track`` reads ``field_options`` and ``lesion_options``, and ``series_options`` for a row
+    with several follow-ups."""
 
     task: str
     recipe: FeatureRecipe
     match_options: MatchOptions = field(default_factory=MatchOptions)
     field_options: FieldOptions = field(default_factory=FieldOptions)
     lesion_options: LesionOptions = field(default_factory=LesionOptions)
+    series_options: SeriesOptions = field(default_factory=SeriesOptions)
     write_inverse: bool = False
     write_warped: bool = False
     share_limit_bytes: int = 1 << 31
@@ -56,14 +58,17 @@ class BatchJob:
         if self.task not in TASKS:
             raise BadInputError(f"unknown batch task {self.task!r}; choose one of: {', '.join(TASKS)}")
 
-    def describe(self) -> dict:
-        """The settings that decide the outputs (what the row hash covers besides the inputs)."""
+    def describe(self, series: bool = False) -> dict:
+        """The settings that decide the outputs of a row, a ``series`` or a pair (what the row hash
+        covers besides the inputs)."""
         if self.task == "match":
             options = to_json(self.match_options)
         elif self.task == "register":
             options = to_json(self.field_options)
         else:
             options = {"field": to_json(self.field_options), "lesions": to_json(self.lesion_options)}
+            if series:
+                options["series"] = to_json(self.series_options)
         extra = {"inverse": self.write_inverse, "warped": self.write_warped} if self.task == "register" else {}
         recipe = {"backbone": self.recipe.backbone, "options": self.recipe.options}
         return {"task": self.task, "options": options, "backbone": recipe, **extra, "meddift_version": __version__}
@@ -92,5 +97,5 @@ def file_digest(path: str | os.PathLike) -> str:
 def row_hash(row: Row, job: BatchJob, digests: dict[str, str]) -> str:
     """The row's content hash; ``digests`` maps each input path to its :func:`file_digest`."""
     inputs = {column: digests[path] for column, path in row.input_paths().items()}
-    text = json.dumps({"inputs": inputs, "job": job.describe()}, sort_keys=True)
+    text = json.dumps({"inputs": inputs, "job": job.describe(series=bool(row.later_moving))}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -1,6 +1,8 @@
-"""The batch manifest: one CSV row per pair, paths relative to the manifest.
+"""The batch manifest: one CSV row per pair (or series), paths relative to the manifest.
 
-Columns (header names, case-insensitive): ``fixed`` and ``moving`` (volumes; required);
+Columns (header names, case-insensitive): ``fixed`` and ``moving`` (volumes; required; for
+``track`` a ``moving`` cell may list several follow-ups separated by ``;``, in time order: the row is
+then a series, :func:`MedDIFTLib.lesions.series.track_series`);
 ``points`` (fixed points to match or carry; ``fixed_points`` is read the same, so a manifest of
 ``meddift simulate --manifest`` runs as it is); ``moving_points`` (ground truth in the moving
 volume, same labels and order: gives TRE); ``mask`` or ``fixed_mask`` (fixed-image mask for
@@ -29,11 +31,13 @@ COLUMNS = {
     "id": ("id", "case"),
 }
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SERIES_SEPARATOR = ";"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One pair of the manifest; paths are absolute (or None when the column is absent or empty)."""
+    """One pair of the manifest, or a series (``later_moving``: the follow-ups after ``moving``, in
+    time order); paths are absolute (or None when the column is absent or empty)."""
 
     id: str
     line: int
@@ -43,11 +47,23 @@ class Row:
     moving_points: str | None = None
     mask: str | None = None
     lesions: str | None = None
+    later_moving: tuple[str, ...] = ()
+
+    @property
+    def followups(self) -> tuple[str, ...]:
+        """Every moving volume in time order: ``moving``, then ``later_moving``."""
+        return (self.moving, *self.later_moving)
+
+    @property
+    def moving_cell(self) -> str:
+        """The moving volumes as one cell (the summary's ``moving``): joined by ``;``."""
+        return SERIES_SEPARATOR.join(self.followups)
 
     def input_paths(self) -> dict[str, str]:
-        """The row's input files by column, those given only."""
+        """The row's input files by column, those given only; a series' later follow-ups as ``moving_2``, ..."""
         names = ("fixed", "moving", "points", "moving_points", "mask", "lesions")
-        return {name: getattr(self, name) for name in names if getattr(self, name)}
+        paths = {name: getattr(self, name) for name in names if getattr(self, name)}
+        return {**paths, **{f"moving_{k}": path for k, path in enumerate(self.later_moving, start=2)}}
 
 
 def _column(header: list[str], names: tuple[str, ...]) -> str | None:
@@ -88,8 +104,13 @@ def read_manifest(path: str | Path) -> list[Row]:
         if row_id in seen:
             raise BadInputError(f"{manifest}: line {number}: id {row_id!r} is used twice")
         seen.add(row_id)
+        followups = [part.strip() for part in values.pop("moving").split(SERIES_SEPARATOR)]
+        if not all(followups):
+            raise BadInputError(f"{manifest}: line {number}: an empty follow-up in its moving cell (several are "
+                                f"separated by '{SERIES_SEPARATOR}')")
         paths = {field: str(base / value) if value else None for field, value in values.items()}
-        rows.append(Row(id=row_id, line=number, **paths))
+        rows.append(Row(id=row_id, line=number, moving=str(base / followups[0]),
+                        later_moving=tuple(str(base / path) for path in followups[1:]), **paths))
     return rows
 
 

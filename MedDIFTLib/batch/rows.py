@@ -4,10 +4,11 @@ The outputs are those of ``meddift match`` (``matched.csv``), ``meddift register
 (``transform.nii.gz``; its summary ``transform.nii.gz.json``, naming the files of the row's folder;
 ``points.csv`` when the row has points; ``inverse.nii.gz`` and ``warped.nii.gz`` when asked) or
 ``meddift track`` (fixed = baseline, moving = follow-up: ``followup_lesions.nii.gz``, ``lesions.csv``,
-``report.md``, ``lesions.png``). They are written into a staging folder ``OUT/.staging/<id>.<random>/``
-with the row's record ``row.json`` last, and the folder is renamed to ``OUT/<id>/`` only when
-complete: a row's folder holds all of its outputs or does not exist. A failing row returns a record
-with its error and kind; nothing of it is left behind.
+``report.md``, ``lesions.png``; a row with several follow-ups, those of ``meddift track`` over a series:
+:mod:`MedDIFTLib.lesions.series_outputs`, on the pyramids of its scans' feature tasks). They are
+written into a staging folder ``OUT/.staging/<id>.<random>/`` with the row's record ``row.json`` last,
+and the folder is renamed to ``OUT/<id>/`` only when complete: a row's folder holds all of its outputs
+or does not exist. A failing row returns a record with its error and kind; nothing of it is left behind.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from ..core.budget import Budget, MemoryEstimate, check_memory, default_budget, estimate_match, estimate_register
+from ..core.budget import Budget, check_memory, default_budget, estimate_match, estimate_register
 from ..core.errors import BadInputError, MedDIFTError
 from ..core.io import check_overlap, read_points, read_volume, write_points
 from .features import VolumeFeatures, pyramid_for, this_worker
@@ -75,14 +76,20 @@ def _register(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyra
     return points, predicted, details
 
 
-def _track(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid, device, folder: Path):
+def _lesions(row: Row, baseline):
+    """The row's baseline lesions (:func:`MedDIFTLib.lesions.inputs.read_lesions`)."""
     from ..lesions.inputs import read_lesions
-    from ..lesions.outputs import write_outputs
-    from ..lesions.track import track_lesions
 
     if not row.lesions:
         raise BadInputError(f"row {row.id}: the track task needs a lesions column")
-    lesions = read_lesions(row.lesions, fixed)
+    return read_lesions(row.lesions, baseline)
+
+
+def _track(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid, device, folder: Path):
+    from ..lesions.outputs import write_outputs
+    from ..lesions.track import track_lesions
+
+    lesions = _lesions(row, fixed)
     result = track_lesions(fixed, moving, lesions, fixed_pyramid.to(device), moving_pyramid.to(device),
                            job.lesion_options, job.field_options)
     paths = write_outputs(result, fixed, moving, folder)
@@ -93,6 +100,25 @@ def _track(row: Row, job: BatchJob, fixed, moving, fixed_pyramid, moving_pyramid
 
 
 TASK_FUNCTIONS = {"match": _match, "register": _register, "track": _track}
+
+
+def _track_series(row: Row, job: BatchJob, baseline, followups, pyramids, device, folder: Path) -> dict:
+    """A series row (several follow-ups, ``track``): :func:`MedDIFTLib.lesions.series.track_series` on the
+    scans' shared ``pyramids`` (baseline first); its record's details. ``lesions`` and ``lesions_ok`` count
+    at the last follow-up; ``response`` is its RECIST 1.1 response."""
+    from ..lesions.series import track_series
+    from ..lesions.series_outputs import write_series_outputs
+
+    scans = [baseline, *followups]
+    by_scan = {id(scan): pyramid for scan, pyramid in zip(scans, pyramids)}
+    result = track_series(baseline, followups, _lesions(row, baseline),
+                          lambda volume, progress: by_scan[id(volume)].to(device), job.lesion_options,
+                          job.series_options, job.field_options)
+    paths = write_series_outputs(result, scans, folder)
+    last = result.visits[-1]
+    details = {"lesions": len(last), "lesions_ok": sum(visit.status == "ok" for visit in last),
+               "response": result.responses[-1].category, "outputs": [path.name for path in paths.values()]}
+    return details
 
 
 def _tre(row: Row, moving, points, predicted) -> dict:
@@ -123,13 +149,25 @@ def _publish(staging: Path, target: Path) -> None:
 FIELD_FLAGS = {"spacing_mm": "--grid-spacing-mm", "search_radius_mm": "--field-search-radius-mm"}
 
 
-def _estimate(job: BatchJob, fixed, moving) -> MemoryEstimate:
-    """The row's memory estimate (:mod:`MedDIFTLib.core.budget`): the engine's batches for ``match``,
-    the field's lattice for ``register`` and ``track`` (whose fixed image is the follow-up)."""
-    if job.task == "match":
-        return estimate_match(fixed.geometry, moving.geometry, job.match_options.memory_budget_mb)
-    first, second = (moving, fixed) if job.task == "track" else (fixed, moving)
-    return estimate_register(first.geometry, second.geometry, job.field_options, FIELD_FLAGS, job.task)
+def _check_inputs(job: BatchJob, fixed, followups: list) -> None:
+    """Refuse, before any work, volumes that do not overlap (a series: or not of the baseline's kind) and a
+    row whose memory estimate (:mod:`MedDIFTLib.core.budget`) exceeds the budget: the engine's batches for
+    ``match``, the field's lattice for ``register`` and ``track`` (whose fixed image is the follow-up; a
+    series: its largest pair)."""
+    from ..lesions.series import check_series, series_estimate
+
+    if len(followups) > 1:
+        check_series(fixed, followups)
+        estimate = series_estimate([fixed, *followups], job.series_options.route, job.field_options, FIELD_FLAGS)
+    else:
+        moving = followups[0]
+        check_overlap(fixed, moving)
+        if job.task == "match":
+            estimate = estimate_match(fixed.geometry, moving.geometry, job.match_options.memory_budget_mb)
+        else:
+            first, second = (moving, fixed) if job.task == "track" else (fixed, moving)
+            estimate = estimate_register(first.geometry, second.geometry, job.field_options, FIELD_FLAGS, job.task)
+    check_memory(estimate, _budget())
 
 
 def _budget() -> Budget | None:
@@ -147,16 +185,17 @@ def _budget() -> Budget | None:
 
 
 def run_row(row: Row, job: BatchJob, input_hash: str, fixed_features: VolumeFeatures,
-            moving_features: VolumeFeatures, out: str) -> dict:
-    """The Dask task of one row: run it, publish its folder, return its record (never raises for the row's own
-    failure; the record says ``failed`` with the error and its kind)."""
+            moving_features: list[VolumeFeatures], out: str) -> dict:
+    """The Dask task of one row (``moving_features``: one per moving volume, :attr:`Row.followups`): run
+    it, publish its folder, return its record (never raises for the row's own failure; the record says
+    ``failed`` with the error and its kind)."""
     import torch
 
     from ..core.devices import out_of_memory_as_error, resolve_device
     from ..evaluation.runner import PeakMemory
 
     record = {"id": row.id, "task": job.task, "status": "failed", "error": "", "kind": "", "input_hash": input_hash,
-              "worker": this_worker(), "fixed": row.fixed, "moving": row.moving}
+              "worker": this_worker(), "fixed": row.fixed, "moving": row.moving_cell}
     staging = Path(out) / STAGING / f"{row.id}.{uuid.uuid4().hex[:12]}"
     try:
         device = resolve_device(job.recipe.device)
@@ -165,21 +204,25 @@ def run_row(row: Row, job: BatchJob, input_hash: str, fixed_features: VolumeFeat
             torch.cuda.reset_peak_memory_stats(device)
         with PeakMemory() as memory, out_of_memory_as_error(device):
             started = time.perf_counter()
-            fixed, moving = read_volume(row.fixed), read_volume(row.moving)
-            check_overlap(fixed, moving)
-            check_memory(_estimate(job, fixed, moving), _budget())
-            fixed_pyramid, fixed_seconds = pyramid_for(fixed_features, row.fixed, job.recipe)
-            moving_pyramid, moving_seconds = pyramid_for(moving_features, row.moving, job.recipe)
+            fixed, followups = read_volume(row.fixed), [read_volume(path) for path in row.followups]
+            _check_inputs(job, fixed, followups)
+            features = [fixed_features, *moving_features]
+            found = [pyramid_for(shared, path, job.recipe) for shared, path in zip(features, [row.fixed,
+                                                                                              *row.followups])]
+            pyramids = [pyramid for pyramid, _ in found]
             staging.mkdir(parents=True)
             pair_started = time.perf_counter()
-            points, predicted, details = TASK_FUNCTIONS[job.task](row, job, fixed, moving, fixed_pyramid,
-                                                                  moving_pyramid, device, staging)
-            record.update(_tre(row, moving, points, predicted))
+            if row.later_moving:
+                details = _track_series(row, job, fixed, followups, pyramids, device, staging)
+            else:
+                points, predicted, details = TASK_FUNCTIONS[job.task](row, job, fixed, followups[0], *pyramids,
+                                                                      device, staging)
+                record.update(_tre(row, followups[0], points, predicted))
             seconds_pair = time.perf_counter() - pair_started
+        recomputed = [seconds for _, seconds in found]
         record.update(details, status="ok", seconds_pair=seconds_pair, seconds_row=time.perf_counter() - started,
-                      seconds_features=fixed_features.seconds + moving_features.seconds + fixed_seconds
-                      + moving_seconds, features_recomputed=int(fixed_seconds > 0) + int(moving_seconds > 0),
-                      peak_rss_mb=memory.peak_mb,
+                      seconds_features=sum(shared.seconds for shared in features) + sum(recomputed),
+                      features_recomputed=sum(seconds > 0 for seconds in recomputed), peak_rss_mb=memory.peak_mb,
                       peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
         (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _publish(staging, Path(out) / row.id)

@@ -8,7 +8,9 @@ the other rows of the same volume, so summed over rows it counts a shared volume
 worker. ``peak_rss_mb`` is the peak resident memory of the worker process while it ran the row (it
 includes what the worker held already: its cached features and networks); ``peak_gpu_mb`` the peak
 allocated on the GPU. TRE columns (mm) are filled where the manifest has ``moving_points``;
-``lesions`` and ``lesions_ok`` count a ``track`` row's lesions and those tracked without a flag.
+``lesions`` and ``lesions_ok`` count a ``track`` row's lesions and those tracked without a flag (a
+series: at its last follow-up, whose RECIST 1.1 response is ``response``); ``moving`` lists a series'
+follow-ups joined by ``;``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from ..core.io import atomic_output
 
 FILE_NAME = "summary.csv"
 COLUMNS = (
-    "id", "task", "status", "error", "kind", "points", "reliable", "lesions", "lesions_ok", "tre_mean_mm",
-    "tre_p50_mm", "tre_p95_mm", "tre_max_mm", "initial_mean_mm", "jacobian_min", "folding_fraction",
+    "id", "task", "status", "error", "kind", "points", "reliable", "lesions", "lesions_ok", "response",
+    "tre_mean_mm", "tre_p50_mm", "tre_p95_mm", "tre_max_mm", "initial_mean_mm", "jacobian_min", "folding_fraction",
     "seconds_features", "seconds_pair", "seconds_row", "features_recomputed", "peak_rss_mb", "peak_gpu_mb",
     "worker", "fixed", "moving", "input_hash",
 )

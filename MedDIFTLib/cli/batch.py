@@ -1,11 +1,12 @@
-"""``meddift batch MANIFEST --out DIR``: every pair of a manifest through match or register, on Dask."""
+"""``meddift batch MANIFEST --out DIR``: every pair (or lesion series) of a manifest through match, register or
+track, on Dask."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..batch.job import TASKS
-from ..core.options import FieldOptions, LesionOptions, MatchOptions
+from ..core.options import FieldOptions, LesionOptions, MatchOptions, SeriesOptions, describe
 from .common import (
     ProgressBar,
     add_backbone_arguments,
@@ -23,17 +24,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run the single-pair command (--task match, register or track) on each row of MANIFEST, a CSV "
         "with columns fixed, moving (required), points (or fixed_points), moving_points (ground truth: gives TRE), "
         "mask (or fixed_mask), lesions (baseline labelmap or points, for track), id (or case: the row's output "
-        "folder); paths relative to the manifest. Each row's outputs, the same as the single-pair command's "
-        "(match: matched.csv; register: transform.nii.gz, transform.nii.gz.json, points.csv; track: "
-        "followup_lesions.nii.gz, lesions.csv, report.md, lesions.png), appear in DIR/<id>/ complete or not at "
-        "all; DIR/summary.csv lists every row with its status, times, peak memory and TRE. Each volume's "
-        "features are computed once and shared by the rows that use it. A rerun skips rows finished with the same "
-        "inputs and options (content hash) and runs the rest; a failing row is recorded and the others go on.",
+        "folder); paths relative to the manifest. For track, a moving cell may list several follow-ups separated "
+        "by ';' (in time order): the row follows its lesions through the series. Each row's outputs, the same "
+        "as the single-pair command's (match: matched.csv; register: transform.nii.gz, transform.nii.gz.json, "
+        "points.csv; track: followup_lesions.nii.gz, lesions.csv, report.md, lesions.png; a series: "
+        "followup_<k>_lesions.nii.gz, lesions.csv, response.csv, report.md, growth.png, lesions.png), appear in "
+        "DIR/<id>/ complete or not at all; DIR/summary.csv lists every row with its status, times, peak memory "
+        "and TRE. Each volume's features are computed once and shared by the rows that use it. A rerun skips rows "
+        "finished with the same inputs and options (content hash) and runs the rest; a failing row is recorded and "
+        "the others go on.",
     )
     parser.add_argument("manifest", help="CSV manifest of pairs")
     parser.add_argument("--out", required=True, help="output folder (created; rerun into it to resume)")
     parser.add_argument("--task", choices=TASKS, default="match", help="what to do to each pair (default match; "
-                        "track: fixed = baseline, moving = follow-up, lesions column)")
+                        "track: fixed = baseline, moving = follow-up(s), lesions column)")
     parser.add_argument("--scheduler", default="local", help="'local' (default: a cluster of worker processes "
                         "on this machine) or a Dask scheduler address (tcp://host:8786) or scheduler file")
     parser.add_argument("--workers", type=int, default=1, help="local cluster: worker processes (default 1)")
@@ -59,6 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "seed_radius_mm")
     add_option(parser, LesionOptions, "centre_search_radius_mm")
     add_option(parser, LesionOptions, "confidence_threshold", "--lesion-confidence-threshold")
+    add_option(parser, SeriesOptions, "route", "--series",
+               help="track, rows with several follow-ups: " + describe(SeriesOptions, "route"))
+    add_option(parser, SeriesOptions, "agreement_mm")
+    add_option(parser, SeriesOptions, "measurable_mm")
+    add_option(parser, SeriesOptions, "max_targets")
     parser.add_argument("--inverse", action="store_true", help="register: also write inverse.nii.gz")
     parser.add_argument("--warped", action="store_true", help="register: also write warped.nii.gz")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-row lines")
@@ -71,6 +80,8 @@ def _line(record: dict) -> str:
         return f"{text} ({record.get('kind')}): {record.get('error')}"
     if record.get("tre_mean_mm") is not None:
         text += f", TRE mean {record['tre_mean_mm']:.2f} mm"
+    if record.get("response") is not None:
+        text += f", response at the last follow-up {record['response']}"
     if record["status"] == "done":
         return text + " (kept from an earlier run)"
     return text + f", {record.get('seconds_row', 0.0):.1f} s on {record.get('worker')}"
@@ -111,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         match_options=options_from_args(args, MatchOptions),
         field_options=field_options_from_args(args),
         lesion_options=options_from_args(args, LesionOptions),
+        series_options=options_from_args(args, SeriesOptions),
         write_inverse=args.inverse,
         write_warped=args.warped,
         share_limit_bytes=int(args.share_features_mb * 2**20),

@@ -110,11 +110,10 @@ def _run_pair(args: argparse.Namespace) -> int:
 
 
 def _run_series(args: argparse.Namespace) -> int:
-    from ..core.budget import estimate_register
     from ..core.devices import out_of_memory_as_error, resolve_device
     from ..core.io import check_outputs_apart, read_volume
     from ..lesions.inputs import read_lesions
-    from ..lesions.series import check_series, track_series
+    from ..lesions.series import check_series, series_estimate, track_series
     from ..lesions.series_outputs import check_series_outputs, write_series_outputs
 
     paths = check_series_outputs(args.out, len(args.followup))
@@ -130,14 +129,7 @@ def _run_series(args: argparse.Namespace) -> int:
     check_series(baseline, followups)
     lesions = read_lesions(args.lesions, baseline)
     scans = [baseline, *followups]
-    pairs = [(scans[1], scans[0])]  # the pairs run (fixed = follow-up): baseline -> 1, then each route's
-    if series_options.route != "chained":
-        pairs += [(scans[k], scans[0]) for k in range(2, len(scans))]
-    if series_options.route != "direct":
-        pairs += [(scans[k], scans[k - 1]) for k in range(2, len(scans))]
-    estimates = [estimate_register(fixed.geometry, moving.geometry, field_options, FIELD_FLAGS, "track")
-                 for fixed, moving in pairs]
-    check_memory_here(max(estimates, key=lambda estimate: estimate.total_bytes))
+    check_memory_here(series_estimate(scans, series_options.route, field_options, FIELD_FLAGS))
     featurizer = featurizer_from_args(args, device)
     with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
         result = track_series(baseline, followups, lesions,

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.budget import OPTION_NAMES, MemoryEstimate, estimate_register
 from ..core.errors import BadInputError
 from ..core.io import check_overlap, check_same_modality
 from ..core.io.volumes import Volume
@@ -127,6 +128,22 @@ def check_series(baseline: Volume, followups: Sequence[Volume]) -> None:
     for followup in followups:
         check_same_modality(baseline, followup)
         check_overlap(baseline, followup)
+
+
+def series_estimate(scans: Sequence[Volume], route: str, field_options: FieldOptions,
+                    names: Mapping[str, str] = OPTION_NAMES) -> MemoryEstimate:
+    """The memory of the largest pair :func:`track_series` runs over ``scans`` (baseline first) by
+    ``route`` (its pairs run one after another): baseline -> 1, then each later follow-up from the
+    baseline (``direct``, ``auto``) and from the follow-up before (``chained``, ``auto``). ``names``:
+    the option names the advice gives (:func:`MedDIFTLib.core.budget.estimate_register`)."""
+    pairs = [(scans[1], scans[0])]  # (fixed = follow-up, moving = where its lesions come from)
+    if route != "chained":
+        pairs += [(scans[k], scans[0]) for k in range(2, len(scans))]
+    if route != "direct":
+        pairs += [(scans[k], scans[k - 1]) for k in range(2, len(scans))]
+    estimates = [estimate_register(fixed.geometry, moving.geometry, field_options, names, "track")
+                 for fixed, moving in pairs]
+    return max(estimates, key=lambda estimate: estimate.total_bytes)
 
 
 def _baseline_visits(result: TrackResult, seeds_lps_mm: np.ndarray) -> list[LesionVisit]:

@@ -26,11 +26,13 @@ from ..core.io import Volume, write_volume
 from ..core.io.volumes import check_overlap, check_volume_output
 from ..core.options import FieldOptions
 from ..core.progress import ProgressFn, scaled
-from ..features import available_backbones, backbone_spec
+from ..features import FeaturePyramid, available_backbones, backbone_spec
 from ..field import read_field, register_and_write
 from ..field.overlays import CONFIDENCE, JACOBIAN, MAGNITUDE, qa_overlays
+from ..lesions import series as lesion_series
 from ..lesions.inputs import read_lesions
 from ..lesions.outputs import check_outputs, write_outputs
+from ..lesions.series_outputs import check_series_outputs, write_series_outputs
 from ..lesions.track import track_lesions
 from ..matching import match_points
 from .protocol.requests import (
@@ -41,6 +43,7 @@ from .protocol.requests import (
     ProbeRequest,
     RegisterRequest,
     TrackRequest,
+    TrackSeriesRequest,
     UnloadRequest,
 )
 from .protocol.results import (
@@ -51,8 +54,11 @@ from .protocol.results import (
     OverlaysResult,
     OverlaySummary,
     RegisterResult,
+    SeriesVisit,
+    TimePointResponse,
     TrackedLesion,
     TrackResult,
+    TrackSeriesResult,
     encode_result,
 )
 from .state import WorkerState, device_name
@@ -294,6 +300,65 @@ def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> di
     return encode_result(TrackResult(files, lesions, result.seconds, pair.cached))
 
 
+def track_series(state: WorkerState, request: TrackSeriesRequest, progress: ProgressFn) -> dict[str, Any]:
+    """Follow the baseline lesions through the follow-ups (:func:`MedDIFTLib.lesions.series.track_series`)
+    and write the files of ``meddift track`` over a series (:mod:`MedDIFTLib.lesions.series_outputs`).
+    Each scan's features come from the cache, extracted once. The output folder, the volumes (ids,
+    modality, overlap), the memory of the largest pair and the lesions are checked before any work; a
+    cancel stops the job at its next progress report, between pairs or within one."""
+    check_series_outputs(request.out_dir, len(request.followup_ids))
+    settings = request.settings
+    device = device_name(settings.device)
+    baseline = state.volume(request.baseline_id, "baseline_id")
+    followups = [state.volume(volume_id, f"followup_ids[{index}]") for index, volume_id in
+                 enumerate(request.followup_ids)]
+    lesion_series.check_series(baseline, followups)
+    scans = [baseline, *followups]
+    state.check_memory(lesion_series.series_estimate(scans, request.series_options.route, settings.field))
+    progress("track", 0.0, f"reading the lesions {os.path.basename(request.lesions)}")
+    lesions = read_lesions(request.lesions, baseline)
+    cached = []
+
+    def extract(volume: Volume, step: ProgressFn) -> FeaturePyramid:
+        found = state.features(settings, volume, device, step)
+        cached.append(found.cached)
+        return state.on_device(found, device)
+
+    result = lesion_series.track_series(baseline, followups, lesions, extract, request.lesion_options,
+                                        request.series_options, settings.field, scaled(progress, 0.0, 0.95))
+    progress("track", 0.95, "writing the series files")
+    paths = write_series_outputs(result, scans, request.out_dir)
+    progress("track", 1.0, "done")
+    files = {key: str(path) for key, path in paths.items()}
+    return encode_result(TrackSeriesResult(files, result.scan_names, _series_visits(result),
+                                           _series_responses(result), result.route, result.seconds, all(cached)))
+
+
+def _series_visits(result: lesion_series.SeriesResult) -> list[SeriesVisit]:
+    """The visits of ``result``, lesion by lesion, each through time (the rows of its ``lesions.csv``)."""
+    visits = []
+    for label in [visit.label for visit in result.visits[0]]:
+        for visit in result.timeline(label):
+            measured = visit.measurement
+            visits.append(SeriesVisit(
+                label=int(visit.label), name=visit.name, time_point=visit.time_point,
+                scan=result.scan_names[visit.time_point], status=visit.status, flags=list(visit.flags),
+                target=label in result.targets, route=visit.route,
+                centre_lps_mm=tuple(float(value) for value in visit.centre_lps_mm), confidence=visit.confidence,
+                forward_backward_mm=visit.forward_backward_mm, volume_ml=measured.volume_ml,
+                volume_change_pct=result.volume_change_pct(visit), diameter_long_mm=measured.long_mm,
+                diameter_short_mm=measured.short_mm, mean_hu=measured.mean_hu,
+                routes_apart_mm=visit.routes_apart_mm))
+    return visits
+
+
+def _series_responses(result: lesion_series.SeriesResult) -> list[TimePointResponse]:
+    """The response of ``result`` per time point (the rows of its ``response.csv``)."""
+    return [TimePointResponse(response.time_point, result.scan_names[response.time_point], response.sld_mm,
+                              response.change_from_baseline_pct, response.nadir_mm, response.change_from_nadir_pct,
+                              response.category) for response in result.responses]
+
+
 HANDLERS: dict[str, Handler] = {
     "probe": probe,
     "load": load,
@@ -303,4 +368,5 @@ HANDLERS: dict[str, Handler] = {
     "register": register,
     "overlays": overlays,
     "track": track,
+    "track_series": track_series,
 }

@@ -8,7 +8,8 @@ reads the volume here and uploads it unless this session holds its content alrea
 ``register`` writes its outputs on the server, then downloads them to the local paths it was given
 (all written atomically, only once all arrived); ``overlays`` uploads its field (``transform``,
 read here) and comes back the same way; a ``track`` uploads its lesion labelmap as a load does and
-downloads the files of ``meddift track`` into its local ``out_dir`` the same way. Each is sent as
+downloads the files of ``meddift track`` into its local ``out_dir`` the same way, and so does a
+``track_series``. Each is sent as
 :func:`~.protocol.requests.encode_request` writes it, server-side names in place of the local paths. A
 dropped connection ends each unanswered request with an :class:`~.events.Error` (kind
 ``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
@@ -150,8 +151,8 @@ class HttpTransport(Transport):
                 self._register(request_id, params)
             elif type == "overlays":
                 self._overlays(request_id, params)
-            elif type == "track":
-                self._track(request_id, params)
+            elif type in ("track", "track_series"):
+                self._track(request_id, type, params)
             else:
                 self._stream(request_id, request_line(request_id, type, params))
         except MedDIFTError as error:
@@ -218,25 +219,30 @@ class HttpTransport(Transport):
             sent = dataclasses.replace(sent, transform=uploaded["field"])
         self._with_outputs(request_id, "overlays", sent, local)
 
-    def _track(self, request_id: str, params: dict[str, Any]) -> None:
-        """Upload the lesion labelmap and send the track with its volume id; download the files of
-        ``meddift track`` into the local ``out_dir`` (nothing there changes unless all arrived)."""
+    def _track(self, request_id: str, request_type: str, params: dict[str, Any]) -> None:
+        """Upload the lesion labelmap and send the ``track`` or ``track_series`` with its volume id;
+        download the files of ``meddift track`` (over a pair or a series) into the local ``out_dir``
+        (nothing there changes unless all arrived)."""
         from ..core.io import read_volume
         from ..lesions.inputs import LABELMAP_SUFFIXES
         from ..lesions.outputs import check_outputs
+        from ..lesions.series_outputs import check_series_outputs
         from .protocol.requests import parse_request
         from .protocol.results import parse_result
 
-        request = parse_request("track", params)
+        request = parse_request(request_type, params)
         name = request.lesions.lower()
         if not name.endswith(LABELMAP_SUFFIXES) or name.endswith(".seg.nrrd"):
             raise BadRequestError(f"{request.lesions}: on a server the lesions must be a labelmap volume "
                                   f"({', '.join(s for s in LABELMAP_SUFFIXES if s != '.seg.nrrd')}); point files "
                                   "and .seg.nrrd segment names are read by a local worker only")
-        local = check_outputs(request.out_dir)
+        if request_type == "track":
+            local = check_outputs(request.out_dir)
+        else:
+            local = check_series_outputs(request.out_dir, len(request.followup_ids))
         labelmap = parse_result("load", self._upload_volume(read_volume(request.lesions), request.lesions))
         sent = dataclasses.replace(request, lesions=labelmap.volume_id, out_dir="track")
-        self._with_outputs(request_id, "track", sent, {key: str(path) for key, path in local.items()})
+        self._with_outputs(request_id, request_type, sent, {key: str(path) for key, path in local.items()})
 
     def _with_outputs(self, request_id: str, request_type: str, sent: Any, local: dict[str, str]) -> None:
         """Send ``sent`` (a typed request naming its outputs by server-side names); once it succeeded,

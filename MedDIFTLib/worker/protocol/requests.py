@@ -19,7 +19,16 @@ import numpy as np
 
 from ...core.budget import MAX_POINTS
 from ...core.errors import BadRequestError
-from ...core.options import FieldLevel, FieldOptions, LesionOptions, MatchOptions, RunSettings, parse_options, to_json
+from ...core.options import (
+    FieldLevel,
+    FieldOptions,
+    LesionOptions,
+    MatchOptions,
+    RunSettings,
+    SeriesOptions,
+    parse_options,
+    to_json,
+)
 
 MAX_REQUEST_BYTES = 16 * 2**20
 # The ``kind`` of an error event: the ``kind`` of a MedDIFTLib.core.errors class.
@@ -130,6 +139,25 @@ class TrackRequest:
 
 
 @dataclass(frozen=True)
+class TrackSeriesRequest:
+    """Lesions followed from the ``baseline_id`` volume through the ``followup_ids`` volumes (one or
+    more, in time order; :func:`MedDIFTLib.lesions.series.track_series`), each scan's features from
+    the worker's cache. ``lesions``, ``lesion_options`` (the ``options`` field) and ``settings`` (with
+    ``field_options``) as in :class:`TrackRequest`; ``series_options`` (SeriesOptions: route, RECIST
+    targets) is the ``series_options`` field. ``out_dir`` gets the files of ``meddift track`` over a
+    series (:mod:`MedDIFTLib.lesions.series_outputs`, each written atomically), whatever the number of
+    follow-ups. Result: :class:`~.results.TrackSeriesResult`. On ``meddift serve`` as :class:`TrackRequest`."""
+
+    baseline_id: str
+    followup_ids: tuple[str, ...]
+    lesions: str
+    out_dir: str
+    lesion_options: LesionOptions
+    series_options: SeriesOptions
+    settings: RunSettings
+
+
+@dataclass(frozen=True)
 class CancelRequest:
     """Cancel ``job_id``, or else the running or the oldest queued job. Result: ``cancelled`` (that
     job's id or null); the cancelled job ends with an ``error`` of kind ``cancelled``."""
@@ -171,6 +199,7 @@ Request = (
     | RegisterRequest
     | OverlaysRequest
     | TrackRequest
+    | TrackSeriesRequest
     | CancelRequest
     | ShutdownRequest
 )
@@ -336,6 +365,25 @@ def _parse_track(fields: dict[str, Any], limits: Limits) -> TrackRequest:
     )
 
 
+def _parse_track_series(fields: dict[str, Any], limits: Limits) -> TrackSeriesRequest:
+    """A track request's fields (:func:`_parse_track`), ``followup_ids`` for its ``followup_id``, and
+    the series options."""
+    followups = fields.get("followup_ids")
+    if not isinstance(followups, list) or not followups or not all(isinstance(v, str) and v for v in followups):
+        raise BadRequestError("'followup_ids' must be a list of one or more volume ids returned by 'load' requests "
+                              "(the follow-ups in time order)")
+    track = _parse_track({**fields, "followup_id": followups[0]}, limits)
+    return TrackSeriesRequest(
+        baseline_id=track.baseline_id,
+        followup_ids=tuple(followups),
+        lesions=track.lesions,
+        out_dir=track.out_dir,
+        lesion_options=track.lesion_options,
+        series_options=parse_options(SeriesOptions, fields.get("series_options"), "track_series"),
+        settings=track.settings,
+    )
+
+
 def _parse_cancel(fields: dict[str, Any], limits: Limits) -> CancelRequest:
     job_id = fields.get("job_id")
     if job_id is not None and not isinstance(job_id, str):
@@ -356,6 +404,7 @@ _PARSERS = {
     "register": _parse_register,
     "overlays": _parse_overlays,
     "track": _parse_track,
+    "track_series": _parse_track_series,
     "cancel": _parse_cancel,
     "shutdown": _parse_shutdown,
 }
@@ -465,6 +514,19 @@ def _encode_track(request: TrackRequest) -> tuple[str, dict[str, Any]]:
     }
 
 
+def _encode_track_series(request: TrackSeriesRequest) -> tuple[str, dict[str, Any]]:
+    return "track_series", {
+        "baseline_id": request.baseline_id,
+        "followup_ids": list(request.followup_ids),
+        "lesions": request.lesions,
+        "out_dir": request.out_dir,
+        "options": to_json(request.lesion_options),
+        "series_options": to_json(request.series_options),
+        "field_options": to_json(request.settings.field),
+        **_run_fields(request.settings, "track_series", carries="field"),
+    }
+
+
 def _encode_cancel(request: CancelRequest) -> tuple[str, dict[str, Any]]:
     return "cancel", {"job_id": request.job_id}
 
@@ -482,6 +544,7 @@ _ENCODERS = {
     RegisterRequest: _encode_register,
     OverlaysRequest: _encode_overlays,
     TrackRequest: _encode_track,
+    TrackSeriesRequest: _encode_track_series,
     CancelRequest: _encode_cancel,
     ShutdownRequest: _encode_shutdown,
 }

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -165,8 +165,25 @@ class TrackedLesion:
     centre_lps_mm: tuple[float, float, float]
 
 
+_WithFiles = TypeVar("_WithFiles", bound="_FilesByKey")
+
+
+class _FilesByKey:
+    """The output files of a result dataclass whose ``files`` field maps output keys to paths."""
+
+    files: dict[str, str]
+
+    @property
+    def output_files(self) -> dict[str, str]:
+        return dict(self.files)
+
+    def moved(self: _WithFiles, paths: Mapping[str, str]) -> _WithFiles:
+        """This result with the files named in ``paths`` (key -> path) there."""
+        return dataclasses.replace(self, files={**self.files, **paths})
+
+
 @dataclass(frozen=True)
-class TrackResult:
+class TrackResult(_FilesByKey):
     """The files of ``meddift track`` by key (labelmap, csv, report, sheet), the lesions, seconds
     per step and whether both volumes' features came from the cache."""
 
@@ -175,16 +192,69 @@ class TrackResult:
     seconds: dict[str, float] = field(default_factory=dict)
     features_cached: bool = False
 
-    @property
-    def output_files(self) -> dict[str, str]:
-        return dict(self.files)
 
-    def moved(self, paths: Mapping[str, str]) -> TrackResult:
-        """This result with the files named in ``paths`` (key -> path) there."""
-        return dataclasses.replace(self, files={**self.files, **paths})
+@dataclass(frozen=True)
+class SeriesVisit:
+    """One lesion at one time point of a ``track_series`` result, as a row of its ``lesions.csv``
+    (:mod:`MedDIFTLib.lesions.series_outputs`): ``time_point`` 0 = baseline, ``scan`` its name,
+    ``centre_lps_mm`` (at baseline the centre of mass, at a follow-up the engine's match), the match's
+    ``confidence`` in [0, 1] and ``forward_backward_mm`` (NaN at baseline), ``volume_ml``, its change
+    from baseline in percent, the longest axial diameter and its perpendicular (mm; NaN for a lesion
+    gone), ``mean_hu``, whether it is a RECIST ``target``, its flags, the ``route`` kept (``""`` at
+    baseline) and how far apart the two routes of ``auto`` put its centre (mm; NaN otherwise)."""
+
+    label: int
+    name: str
+    time_point: int
+    scan: str
+    status: str
+    flags: list[str]
+    target: bool
+    route: str
+    centre_lps_mm: tuple[float, float, float]
+    confidence: float
+    forward_backward_mm: float
+    volume_ml: float
+    volume_change_pct: float
+    diameter_long_mm: float
+    diameter_short_mm: float
+    mean_hu: float
+    routes_apart_mm: float
 
 
-WorkerResult = LoadResult | FeaturesResult | MatchResult | RegisterResult | OverlaysResult | TrackResult
+@dataclass(frozen=True)
+class TimePointResponse:
+    """The RECIST 1.1 response at one time point, as a row of ``response.csv``: the sum of the target
+    lesions' longest diameters (``sld_mm``), the nadir (mm) and the changes from baseline and nadir
+    (%; NaN where the reference is 0); ``category`` CR, PR, SD, PD or NE, None at baseline."""
+
+    time_point: int
+    scan: str
+    sld_mm: float
+    change_from_baseline_pct: float
+    nadir_mm: float
+    change_from_nadir_pct: float
+    category: str | None
+
+
+@dataclass(frozen=True)
+class TrackSeriesResult(_FilesByKey):
+    """The files of ``meddift track`` over a series by key (``labelmap_<k>`` for follow-up k, csv,
+    response, report, growth, sheet), the scans' names (baseline first), one visit per lesion and time
+    point (lesion by lesion, each through time), the response per time point, the ``route`` option,
+    seconds per step and whether every scan's features came from the cache."""
+
+    files: dict[str, str]
+    scans: list[str] = field(default_factory=list)
+    visits: list[SeriesVisit] = field(default_factory=list)
+    responses: list[TimePointResponse] = field(default_factory=list)
+    route: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    features_cached: bool = False
+
+
+WorkerResult = (LoadResult | FeaturesResult | MatchResult | RegisterResult | OverlaysResult | TrackResult
+                | TrackSeriesResult)
 
 
 # ---------------------------------------------------------------------- encoding
@@ -263,8 +333,33 @@ def _encode_track(result: TrackResult) -> dict[str, Any]:
     }
 
 
+def _encode_track_series(result: TrackSeriesResult) -> dict[str, Any]:
+    return {
+        "files": dict(result.files),
+        "scans": list(result.scans),
+        "visits": [
+            {"label": visit.label, "name": visit.name, "time_point": visit.time_point, "scan": visit.scan,
+             "status": visit.status, "flags": list(visit.flags), "target": visit.target, "route": visit.route,
+             "centre_lps_mm": _numbers(visit.centre_lps_mm),
+             **{name: json_number(getattr(visit, name)) for name in _VISIT_NUMBERS}}
+            for visit in result.visits
+        ],
+        "responses": [
+            {"time_point": response.time_point, "scan": response.scan, "category": response.category,
+             **{name: json_number(getattr(response, name)) for name in _RESPONSE_NUMBERS}}
+            for response in result.responses
+        ],
+        "route": result.route,
+        "seconds": _number_map(result.seconds),
+        "features_cached": result.features_cached,
+    }
+
+
 _LESION_NUMBERS = ("confidence", "volume_baseline_ml", "volume_followup_ml", "volume_change_pct",
                    "diameter_baseline_mm", "diameter_followup_mm")
+_VISIT_NUMBERS = ("confidence", "forward_backward_mm", "volume_ml", "volume_change_pct", "diameter_long_mm",
+                  "diameter_short_mm", "mean_hu", "routes_apart_mm")
+_RESPONSE_NUMBERS = ("sld_mm", "change_from_baseline_pct", "nadir_mm", "change_from_nadir_pct")
 
 
 # ---------------------------------------------------------------------- parsing
@@ -300,6 +395,11 @@ class _Fields:
     def text(self, name: str, optional: bool = False) -> str | None:
         return self.get(name, lambda v: isinstance(v, str) or (optional and v is None),
                         "a string" + (" or null" if optional else ""))
+
+    def texts(self, name: str) -> list[str]:
+        """A list of strings."""
+        return list(self.get(name, lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
+                             "a list of strings"))
 
     def flag(self, name: str) -> bool:
         return self.get(name, lambda v: isinstance(v, bool), "true or false")
@@ -416,9 +516,15 @@ def _parse_overlays(fields: _Fields) -> OverlaysResult:
     return OverlaysResult(overlays)
 
 
-def _parse_track(fields: _Fields) -> TrackResult:
+def _files(fields: _Fields) -> dict[str, str]:
+    """The ``files`` of a track result: output key -> path."""
     files = fields.get("files", lambda v: isinstance(v, Mapping) and all(isinstance(p, str) for p in v.values()),
                        "an object of file paths")
+    return {str(key): path for key, path in files.items()}
+
+
+def _parse_track(fields: _Fields) -> TrackResult:
+    files = _files(fields)
     lesions = [
         TrackedLesion(
             label=lesion.whole("label"),
@@ -430,8 +536,36 @@ def _parse_track(fields: _Fields) -> TrackResult:
         )
         for lesion in fields.objects("lesions")
     ]
-    return TrackResult({str(key): path for key, path in files.items()}, lesions, fields.number_map("seconds"),
-                       fields.flag("features_cached"))
+    return TrackResult(files, lesions, fields.number_map("seconds"), fields.flag("features_cached"))
+
+
+def _parse_track_series(fields: _Fields) -> TrackSeriesResult:
+    visits = [
+        SeriesVisit(
+            label=visit.whole("label"),
+            name=visit.text("name"),
+            time_point=visit.whole("time_point"),
+            scan=visit.text("scan"),
+            status=visit.text("status"),
+            flags=visit.texts("flags"),
+            target=visit.flag("target"),
+            route=visit.text("route"),
+            centre_lps_mm=tuple(float(value) for value in visit.numbers("centre_lps_mm", 3)),
+            **{name: visit.number(name) for name in _VISIT_NUMBERS},
+        )
+        for visit in fields.objects("visits")
+    ]
+    responses = [
+        TimePointResponse(
+            time_point=response.whole("time_point"),
+            scan=response.text("scan"),
+            category=response.text("category", optional=True),
+            **{name: response.number(name) for name in _RESPONSE_NUMBERS},
+        )
+        for response in fields.objects("responses")
+    ]
+    return TrackSeriesResult(_files(fields), fields.texts("scans"), visits, responses, fields.text("route"),
+                             fields.number_map("seconds"), fields.flag("features_cached"))
 
 
 _ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {
@@ -441,6 +575,7 @@ _ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {
     RegisterResult: _encode_register,
     OverlaysResult: _encode_overlays,
     TrackResult: _encode_track,
+    TrackSeriesResult: _encode_track_series,
 }
 _PARSERS: dict[str, Callable[[_Fields], WorkerResult]] = {
     "load": _parse_load,
@@ -449,6 +584,7 @@ _PARSERS: dict[str, Callable[[_Fields], WorkerResult]] = {
     "register": _parse_register,
     "overlays": _parse_overlays,
     "track": _parse_track,
+    "track_series": _parse_track_series,
 }
 RESULT_TYPES = tuple(_PARSERS)
 """The request types whose results are typed here."""

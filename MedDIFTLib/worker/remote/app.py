@@ -9,15 +9,16 @@
   server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
   stream closing early cancels the request;
 - ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` or
-  ``overlays`` request (``name``: :data:`.wire.OUTPUT_NAMES`) or a ``track`` request (labelmap, csv,
-  report, sheet: the files of ``meddift track``), written in the session's folder (the request id
-  URL-quoted; it may hold ``/``).
+  ``overlays`` request (``name``: :data:`.wire.OUTPUT_NAMES`), a ``track`` request (labelmap, csv,
+  report, sheet: the files of ``meddift track``) or a ``track_series`` request (labelmap_1 ...
+  labelmap_N, csv, response, report, growth, sheet), written in the session's folder (the request
+  id URL-quoted; it may hold ``/``).
 
 Every route is rate-limited per client address (429; failed token attempts count) and needs
 ``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals, unknown
 routes and unexpected failures alike are ``{"kind", "message"}`` JSON, never a path or a traceback.
 A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded, and so are the lesion
-labelmap of a ``track`` (its ``lesions`` names the uploaded volume) and the field of ``overlays``
+labelmap of a ``track`` or ``track_series`` (its ``lesions`` names the uploaded volume) and the field of ``overlays``
 (its ``transform`` names the upload). Each session may hold ``session_memory_bytes`` of uploaded
 voxels, and each of its jobs is refused up front when its memory estimate
 (:mod:`MedDIFTLib.core.budget`) exceeds that.
@@ -40,7 +41,7 @@ from starlette.routing import Route
 
 from ... import __version__
 from ...core.budget import Budget, describe_bytes
-from ...core.errors import BadRequestError, MedDIFTError
+from ...core.errors import BadInputError, BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
 from ..jobs import Job
 from ..protocol.requests import Limits, LoadRequest, RejectedRequest, parse_line
@@ -58,8 +59,8 @@ from .wire import (
     field_hash,
 )
 
-REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "overlays", "track", "cancel")
-DEVICE_TYPES = ("features", "match", "register", "overlays", "track")
+REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "overlays", "track", "track_series", "cancel")
+DEVICE_TYPES = ("features", "match", "register", "overlays", "track", "track_series")
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
 SESSION_LIMIT = "this session's memory limit (meddift serve --session-memory-mb)"
@@ -249,11 +250,11 @@ def create_app(config: ServeConfig) -> Starlette:
                 fields = session.output_paths(request_id, request_type, fields)
             elif request_type == "overlays":
                 fields = session.overlays_paths(request_id, fields)
-            elif request_type == "track":
-                fields = await asyncio.to_thread(session.track_paths, request_id, fields)
+            elif request_type in ("track", "track_series"):
+                fields = await asyncio.to_thread(session.track_paths, request_id, request_type, fields)
         except RejectedRequest as error:
             return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
-        except BadRequestError as error:
+        except BadInputError as error:
             return JSONResponse(error_event(request_id, error.kind, str(error)), status_code=400)
         queue = session.events.open(request_id, asyncio.get_running_loop())
         if queue is None:
@@ -370,7 +371,7 @@ def _public_result(request_type: str, result: dict[str, Any]) -> dict[str, Any]:
     """What a client may see of a result: the output files of a register, overlays or track by
     their names (the client maps them to its paths), a probe without the server's process id and
     with path-free backbone messages."""
-    if request_type in ("register", "overlays", "track"):
+    if request_type in ("register", "overlays", "track", "track_series"):
         typed = parse_result(request_type, result)
         return encode_result(typed.moved({name: name for name in typed.output_files}))
     if request_type == "probe":

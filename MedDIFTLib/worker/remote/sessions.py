@@ -1,9 +1,9 @@
 """Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
 job queue) and its own folder under the server's cache folder (the jobs' outputs, and the files a
-job reads, the lesion labelmap of a ``track`` and the field of ``overlays``, written there by the
-server from an upload); another session can neither name nor reach them. Jobs of all sessions
-share the device: one computes at a time, and an idle session fills its partly computed features
-behind only while no job computes.
+job reads, the lesion labelmap of a ``track`` or ``track_series`` and the field of ``overlays``,
+written there by the server from an upload); another session can neither name nor reach them. Jobs
+of all sessions share the device: one computes at a time, and an idle session fills its partly
+computed features behind only while no job computes.
 
 Events of a session's worker are routed by request id to the HTTP stream that asked (an
 :class:`asyncio.Queue` per request), with file paths taken out of every message.
@@ -32,13 +32,14 @@ from ...core.io import write_volume
 from ...field import write_field
 from ...grid.displacement_field import DisplacementField
 from ...lesions.outputs import output_paths
+from ...lesions.series_outputs import series_output_paths
 from ..jobs import Job
-from ..protocol.requests import Limits
+from ..protocol.requests import Limits, parse_request
 from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES
 
-COMPUTE_TYPES = frozenset({"features", "match", "register", "overlays", "track"})
+COMPUTE_TYPES = frozenset({"features", "match", "register", "overlays", "track", "track_series"})
 RECENT_OUTCOMES = 64
 OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
@@ -197,20 +198,23 @@ class ServerSession:
         self.outputs[request_id] = paths
         return {**fields, **{f"out_{name}": str(path) for name, path in paths.items()}}
 
-    def track_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of a track request with ``lesions`` (on a server: the volume id of a labelmap
-        uploaded to this session) written as a file of this session's folder, and ``out_dir`` a
-        folder of it whose files of ``meddift track`` are the request's outputs."""
+    def track_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` of a ``track`` or ``track_series`` request with ``lesions`` (on a server: the
+        volume id of a labelmap uploaded to this session) written as a file of this session's folder,
+        and ``out_dir`` a folder of it whose files of ``meddift track`` (over a pair or a series)
+        are the request's outputs."""
         lesions = fields.get("lesions")
         volume = self.worker.state.volumes.get(lesions) if isinstance(lesions, str) else None
         if volume is None:
             raise BadRequestError("'lesions' on a server must be the volume id of a labelmap uploaded to this "
                                   "session (RemoteWorkerClient's track uploads it)")
+        series = None if request_type == "track" else parse_request(request_type, fields, self.worker.limits)
         folder = self._job_folder()
         labelmap = folder / "lesions.nii.gz"
         write_volume(volume, labelmap)
         out_dir = folder / "track"
-        self.outputs[request_id] = output_paths(out_dir)
+        self.outputs[request_id] = (output_paths(out_dir) if series is None
+                                    else series_output_paths(out_dir, len(series.followup_ids)))
         return {**fields, "lesions": str(labelmap), "out_dir": str(out_dir)}
 
     def _job_folder(self) -> Path:
