@@ -43,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                help="score every voxel of the search sphere (default: a coarse lattice first, then refine)")
     add_option(parser, MatchOptions, "exact")
     add_option(parser, MatchOptions, "confidence_threshold")
+    add_option(parser, MatchOptions, "context_mm")
     add_server_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
