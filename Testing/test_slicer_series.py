@@ -237,3 +237,44 @@ def test_dicom_date_prefers_the_acquisition_date_of_the_first_instance(scene):
     assert series_nodes.dicom_date(node, database) == "20240102"
     node.SetAttribute("DICOM.instanceUIDs", "4.5")
     assert series_nodes.dicom_date(node, database) == "20230101"
+
+
+def test_a_real_series_through_the_worker_session(scene, tmp_path):
+    """Baseline and two follow-ups of test_lesion_series's series through the worker process: lesion 1
+    shrinks (PR, PR), lesion 2 is gone from T1 on; the scene gets what the worker measured."""
+    from test_lesion_series import truth, write_series
+    from test_worker_track import FAST_FIELD, TIMEOUT_S
+
+    from MedDIFTLib.core.io import read_volume
+    from MedDIFTLib.core.options import FieldOptions, parse_options
+    from MedDIFTLib.slicer.lesion_nodes import write_baseline_lesions
+    from MedDIFTLib.slicer.session import WorkerSession
+
+    scans, lesions_path = write_series(tmp_path)
+    volumes = [volume_node(scene, read_volume(path).voxels, GEOMETRY, name=f"scan{t}")
+               for t, path in enumerate(scans[:3])]
+    source = volume_node(scene, read_volume(lesions_path).voxels.astype(np.uint8), GEOMETRY,
+                         "vtkMRMLLabelMapVolumeNode", "source")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
+    assert slicer_core.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, segmentation)
+    scene.RemoveNode(source)
+    settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, FAST_FIELD))
+    session = WorkerSession(scene)
+    try:
+        outputs = session.run_series(SeriesInputs(volumes[0], volumes[1:], segmentation), settings,
+                                     series_options=SeriesOptions(route="chained"), timeout_s=TIMEOUT_S)
+    finally:
+        session.shutdown()
+    assert [point.scan for point in outputs.time_points] == ["scan0", "scan1", "scan2"]  # node names
+    assert [outputs.time_point_table.GetCellText(k, 7) for k in range(3)] == ["", "PR", "PR"]
+    assert outputs.table.GetNumberOfRows() == 3 and outputs.chart.GetNumberOfPlotSeriesNodes() == 3
+    statuses = [outputs.table.GetCellText(1, 3 * k + 4) for k in range(3)]
+    assert statuses[0] == "ok" and all(status.startswith("not_found") for status in statuses[1:])
+    first = outputs.lesions[0]
+    for k in (1, 2):
+        centre, _ = truth(k, 0)
+        assert first.centre_ras(k) == pytest.approx(tuple(centre * [-1, -1, 1]), abs=1.5)
+    assert outputs.followup_lesions[1].GetSegmentation().GetNumberOfSegments() == 3
+    write_baseline_lesions(scene, outputs.followup_lesions[1], volumes[2], tmp_path / "check.nii.gz")
+    exported = read_volume(tmp_path / "check.nii.gz").voxels  # the worker's folder went with the session
+    assert (exported == 1)[ball(GEOMETRY, *truth(2, 0))].mean() > 0.8 and not (exported == 2).any()
