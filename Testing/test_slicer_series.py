@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_lesions import GEOMETRY, ball, labelmap_volume, volume_node
+from test_lesions import GEOMETRY, add_slice_views, ball, labelmap_volume, volume_node
 
 from MedDIFTLib.core.errors import BadInputError
 from MedDIFTLib.core.io import write_volume
@@ -88,19 +88,6 @@ def series_scene(scene):
         segmentation.GetSegmentation().GetNthSegment(index).SetName(name)
         segmentation.GetSegmentation().GetNthSegment(index).SetColor(*color)
     return volumes, segmentation
-
-
-def add_slice_views(scene):
-    slicer_core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    views = {}
-    for name in ("Red", "Yellow"):
-        views[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-        views[name].SetLayoutName(name)
-        views[name].SetOrientation("Axial")
-        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
-        composite.SetLayoutName(name)
-        views[name + " composite"] = composite
-    return views
 
 
 def slice_centre(slice_node):

@@ -147,20 +147,11 @@ def fill_series_table(scene, lesions: list[SeriesLesion], points: list[TimePoint
     return table_node
 
 
-def _double_column(table_node, name: str, values: Sequence[float]) -> None:
-    from vtkmodules.vtkCommonCore import vtkDoubleArray
+def _add_column(table_node, name: str, values: Sequence[float] | Sequence[str]) -> None:
+    """A numeric (``vtkDoubleArray``) or text (``vtkStringArray``) column, by the type of ``values``."""
+    from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkStringArray
 
-    column = vtkDoubleArray()
-    column.SetName(name)
-    for value in values:
-        column.InsertNextValue(value)
-    table_node.AddColumn(column)
-
-
-def _string_column(table_node, name: str, values: Sequence[str]) -> None:
-    from vtkmodules.vtkCommonCore import vtkStringArray
-
-    column = vtkStringArray()
+    column = vtkStringArray() if values and isinstance(values[0], str) else vtkDoubleArray()
     column.SetName(name)
     for value in values:
         column.InsertNextValue(value)
@@ -181,16 +172,16 @@ def fill_time_point_table(scene, responses: list[TimePointResponse], lesions: li
     (``days`` NaN without dates; response empty at baseline; ``responses`` from :func:`series_responses`),
     then one volume column (mL) per lesion."""
     table_node = _new_or_cleared_table(scene, table_node, name)
-    _double_column(table_node, "time point", [float(point.index) for point in points])
-    _double_column(table_node, "days", [math.nan if point.days is None else point.days for point in points])
-    _string_column(table_node, "scan", [point.scan for point in points])
-    _string_column(table_node, "date", [point.date or "" for point in points])
-    _double_column(table_node, "SLD (mm)", [response.sld_mm for response in responses])
-    _double_column(table_node, "change from baseline (%)", [r.change_from_baseline_pct for r in responses])
-    _double_column(table_node, "change from nadir (%)", [r.change_from_nadir_pct for r in responses])
-    _string_column(table_node, "response", [response.category or "" for response in responses])
+    _add_column(table_node, "time point", [float(point.index) for point in points])
+    _add_column(table_node, "days", [math.nan if point.days is None else point.days for point in points])
+    _add_column(table_node, "scan", [point.scan for point in points])
+    _add_column(table_node, "date", [point.date or "" for point in points])
+    _add_column(table_node, "SLD (mm)", [response.sld_mm for response in responses])
+    _add_column(table_node, "change from baseline (%)", [r.change_from_baseline_pct for r in responses])
+    _add_column(table_node, "change from nadir (%)", [r.change_from_nadir_pct for r in responses])
+    _add_column(table_node, "response", [response.category or "" for response in responses])
     for lesion in lesions:
-        _double_column(table_node, lesion.volume_column, [visit.volume_ml for visit in lesion.visits])
+        _add_column(table_node, lesion.volume_column, [visit.volume_ml for visit in lesion.visits])
     table_node.Modified()
     return table_node
 
