@@ -321,6 +321,21 @@ def volume_node(scene, voxels_kji, geometry: Geometry, node_class="vtkMRMLScalar
     return node
 
 
+def add_slice_views(scene) -> dict:
+    """Axial slice views Red and Yellow, each with its composite node (keys ``Red``, ``Red composite``, ...)."""
+    import slicer_core
+
+    slicer_core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    views = {}
+    for name in ("Red", "Yellow"):
+        views[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        views[name].SetLayoutName(name)
+        views[name].SetOrientation("Axial")
+        views[f"{name} composite"] = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        views[f"{name} composite"].SetLayoutName(name)
+    return views
+
+
 def test_scene_glue_round_trip_keeps_segments(scene, tmp_path):
     from slicer_core import vtkSlicerSegmentationsModuleLogic
 
@@ -366,8 +381,6 @@ def test_scene_glue_round_trip_keeps_segments(scene, tmp_path):
 
 
 def test_scene_glue_table_and_jump(scene):
-    import slicer_core
-
     from MedDIFTLib.slicer import lesion_nodes as glue
 
     segments = [glue.LesionSegment(1, "s1", "nodule A", (1.0, 0.0, 0.0), (8.0, 0.0, 0.0)),
@@ -383,12 +396,7 @@ def test_scene_glue_table_and_jump(scene):
     assert [table.GetColumnName(n) for n in range(table.GetNumberOfColumns())] == list(glue.TABLE_COLUMNS)
     assert glue.fill_lesion_table(scene, rows[:1], table) is table and table.GetNumberOfRows() == 1
 
-    slicer_core.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    views = {}
-    for name in ("Red", "Yellow"):
-        views[name] = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-        views[name].SetLayoutName(name)
-        views[name].SetOrientation("Axial")
+    views = add_slice_views(scene)
     glue.jump_to_lesion(scene, rows[0])
     assert [views["Red"].GetSliceToRAS().GetElement(axis, 3) for axis in range(3)] == pytest.approx([8.0, 0.0, 0.0])
     assert [views["Yellow"].GetSliceToRAS().GetElement(axis, 3) for axis in range(3)] == pytest.approx([6.0, -2.0, 3.0])

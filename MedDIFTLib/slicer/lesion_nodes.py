@@ -28,7 +28,7 @@ from ..core.io import write_points
 from ..core.io.points import RAS_FROM_LPS
 from ..worker.protocol.results import TrackedLesion
 from .nodes import markups_to_points, read_volume_file, volume_geometry, write_volume_node
-from .views import FIXED_VIEW, MOVING_VIEW, slice_node
+from .views import FIXED_VIEW, MOVING_VIEW, centre_views
 
 DEFAULT_COLOR = (1.0, 0.8, 0.0)
 TABLE_COLUMNS = ("lesion", "status", "volume baseline (mL)", "volume follow-up (mL)", "volume change (%)",
@@ -69,7 +69,8 @@ class LesionRow:
         return 100.0 * (self.diameter_followup_mm / self.diameter_baseline_mm - 1.0)
 
 
-def _ras(lps) -> tuple[float, float, float] | None:
+def lps_to_ras(lps) -> tuple[float, float, float] | None:
+    """A point of the job files (LPS mm) in the scene (RAS mm); None when not finite (a lesion not found)."""
     values = np.asarray(lps, float) * RAS_FROM_LPS
     return tuple(float(v) for v in values) if np.all(np.isfinite(values)) else None
 
@@ -112,7 +113,7 @@ def write_baseline_lesions(scene, lesions_node, baseline_volume_node, path: str 
     if lesions_node.IsA("vtkMRMLMarkupsNode"):
         points = markups_to_points(lesions_node)
         write_points(points, path)
-        return [LesionSegment(n + 1, label, label, DEFAULT_COLOR, _ras(point))
+        return [LesionSegment(n + 1, label, label, DEFAULT_COLOR, lps_to_ras(point))
                 for n, (label, point) in enumerate(zip(points.labels, points.points_lps_mm))]
     if not lesions_node.IsA("vtkMRMLSegmentationNode"):
         raise BadInputError(f"'{lesions_node.GetName()}' is neither a segmentation nor a markups node")
@@ -142,7 +143,7 @@ def write_baseline_lesions(scene, lesions_node, baseline_volume_node, path: str 
     for n, segment_id in enumerate(segment_ids):
         segment = lesions_node.GetSegmentation().GetSegment(segment_id)
         kji = np.argwhere(voxels == n + 1)
-        centre = _ras(geometry.ijk_to_lps(kji.mean(axis=0)[::-1][None])[0]) if len(kji) else None
+        centre = lps_to_ras(geometry.ijk_to_lps(kji.mean(axis=0)[::-1][None])[0]) if len(kji) else None
         segments.append(LesionSegment(n + 1, segment_id, segment.GetName(), tuple(segment.GetColor()), centre))
     return segments
 
@@ -193,13 +194,15 @@ def lesion_rows(lesions: list[TrackedLesion], segments: list[LesionSegment]) -> 
             by_label.get(lesion.label) or LesionSegment(lesion.label, str(lesion.label), str(lesion.label),
                                                        DEFAULT_COLOR, None),
             lesion.status, lesion.volume_baseline_ml, lesion.volume_followup_ml, lesion.volume_change_pct,
-            lesion.diameter_baseline_mm, lesion.diameter_followup_mm, lesion.confidence, _ras(lesion.centre_lps_mm),
+            lesion.diameter_baseline_mm, lesion.diameter_followup_mm, lesion.confidence,
+            lps_to_ras(lesion.centre_lps_mm),
         )
         for lesion in lesions
     ]
 
 
-def _cell(value: float, digits: int) -> str:
+def cell_text(value: float, digits: int) -> str:
+    """A table cell: ``value`` with ``digits`` decimals, empty when not finite."""
     return f"{value:.{digits}f}" if math.isfinite(value) else ""
 
 
@@ -212,9 +215,10 @@ def fill_lesion_table(scene, rows: list[LesionRow], table_node=None, name: str =
         table_node.AddColumn().SetName(title)
     for row in rows:
         index = table_node.AddEmptyRow()
-        cells = (row.segment.name, row.status, _cell(row.volume_baseline_ml, 3), _cell(row.volume_followup_ml, 3),
-                 _cell(row.volume_change_pct, 1), _cell(row.diameter_baseline_mm, 1),
-                 _cell(row.diameter_followup_mm, 1), _cell(row.diameter_change_pct, 1), _cell(row.confidence, 2))
+        cells = (row.segment.name, row.status, cell_text(row.volume_baseline_ml, 3),
+                 cell_text(row.volume_followup_ml, 3), cell_text(row.volume_change_pct, 1),
+                 cell_text(row.diameter_baseline_mm, 1), cell_text(row.diameter_followup_mm, 1),
+                 cell_text(row.diameter_change_pct, 1), cell_text(row.confidence, 2))
         for column, text in enumerate(cells):
             table_node.SetCellText(index, column, text)
     return table_node
@@ -222,6 +226,4 @@ def fill_lesion_table(scene, rows: list[LesionRow], table_node=None, name: str =
 
 def jump_to_lesion(scene, row: LesionRow, baseline_view: str = FIXED_VIEW, followup_view: str = MOVING_VIEW) -> None:
     """Centre the baseline view on the lesion's baseline centre and the follow-up view on its match."""
-    for view, position in ((baseline_view, row.segment.baseline_ras), (followup_view, row.followup_ras)):
-        if position is not None:
-            slice_node(scene, view).JumpSliceByCentering(*position)
+    centre_views(scene, ((baseline_view, row.segment.baseline_ras), (followup_view, row.followup_ras)))

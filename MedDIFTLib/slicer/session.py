@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import BadInputError, CancelledError, MedDIFTError
-from ..core.options import LesionOptions, RunSettings
+from ..core.options import LesionOptions, RunSettings, SeriesOptions
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
 from ..worker.protocol.requests import Request, encode_request
 from ..worker.protocol.results import parse_result
 from ..worker.remote_client import RemoteWorkerClient
 from .scene_run import RunInputs, RunOutputs, SceneRun, Steps, WorkerFiles
+from .series_run import SeriesInputs, SeriesOutputs, series_steps
 from .track_run import TrackInputs, TrackOutputs, track_steps
 
 ProgressCallback = Callable[[str, float, str], None]
@@ -239,12 +240,14 @@ class WorkerSession:
         steps = SceneRun(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras)
         self._start(steps, on_done, None, None, cursor=True)
 
-    def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
+    def _check_lesions_here(self, lesions) -> None:
         self._check_idle()
-        lesions = inputs.baseline_lesions
         if self.server_url is not None and lesions is not None and lesions.IsA("vtkMRMLMarkupsNode"):
             raise BadInputError("lesion points (markups) are tracked on this computer only: choose 'Compute on: "
                                 "this computer', or give a segmentation of the lesions")
+
+    def _track_steps(self, inputs: TrackInputs, settings: RunSettings, options: LesionOptions | None) -> Steps:
+        self._check_lesions_here(inputs.baseline_lesions)
         return track_steps(self.scene, inputs, settings, self.folder, options)
 
     def start_track(self, inputs: TrackInputs, settings: RunSettings, on_done: DoneCallback,
@@ -258,6 +261,24 @@ class WorkerSession:
                   progress: ProgressCallback | None = None, timeout_s: float | None = None) -> TrackOutputs:
         """Track the baseline lesions and wait; the scene is unchanged on failure."""
         return self._wait(self._track_steps(inputs, settings, options), progress, timeout_s)
+
+    def _series_steps(self, inputs: SeriesInputs, settings: RunSettings, options: LesionOptions | None,
+                      series_options: SeriesOptions | None) -> Steps:
+        self._check_lesions_here(inputs.baseline_lesions)
+        return series_steps(self.scene, inputs, settings, self.folder, options, series_options)
+
+    def start_series(self, inputs: SeriesInputs, settings: RunSettings, on_done: DoneCallback,
+                     on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
+                     options: LesionOptions | None = None, series_options: SeriesOptions | None = None) -> None:
+        """Track the baseline lesions through the follow-ups in the background (:func:`~.series_run.series_steps`);
+        ``on_done(outputs, error)`` gets a :class:`~.series_run.SeriesOutputs`. Bad inputs raise at once."""
+        self._start(self._series_steps(inputs, settings, options, series_options), on_done, on_progress, on_log)
+
+    def run_series(self, inputs: SeriesInputs, settings: RunSettings, options: LesionOptions | None = None,
+                   series_options: SeriesOptions | None = None, progress: ProgressCallback | None = None,
+                   timeout_s: float | None = None) -> SeriesOutputs:
+        """Track the baseline lesions through the follow-ups and wait; the scene is unchanged on failure."""
+        return self._wait(self._series_steps(inputs, settings, options, series_options), progress, timeout_s)
 
     def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
                on_log: LogCallback | None, cursor: bool = False) -> None:

@@ -13,6 +13,7 @@ A failed or cancelled run leaves both nodes as they were.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..core.errors import BadInputError
@@ -56,23 +57,41 @@ class TrackOutputs:
     files: dict[str, str] = field(default_factory=dict)
 
 
+def check_baseline_lesions(lesions) -> None:
+    """Refuse baseline lesions that are neither a segmentation nor a markups node."""
+    if lesions is None:
+        raise BadInputError("choose the baseline lesions (a segmentation or markups node)")
+    if not (lesions.IsA("vtkMRMLSegmentationNode") or lesions.IsA("vtkMRMLMarkupsNode")):
+        raise BadInputError(f"the baseline lesions {node_label(lesions)} are neither a segmentation nor markups")
+
+
+def check_table_node(node) -> None:
+    """Refuse a node given as an output table that is not a table node (None: created)."""
+    if node is not None and not node.IsA("vtkMRMLTableNode"):
+        raise BadInputError(f"{node_label(node)} is not a table node")
+
+
+def write_lesions_file(scene, lesions_node, baseline_volume, folder: WorkerFiles) -> tuple[Path, list[LesionSegment]]:
+    """Write the baseline lesions as the job's ``--lesions`` file in ``folder`` (a labelmap for a
+    segmentation, points for markups); the file's path and one segment per lesion."""
+    is_points = lesions_node.IsA("vtkMRMLMarkupsNode")
+    path = folder.new_path("lesions", ".mrk.json" if is_points else ".nii.gz")
+    return path, write_baseline_lesions(scene, lesions_node, baseline_volume, path)
+
+
 def _check(inputs: TrackInputs) -> None:
     if inputs.baseline_volume is None or inputs.followup_volume is None:
         raise BadInputError("choose the baseline (fixed) and follow-up (moving) volumes")
     if inputs.baseline_volume is inputs.followup_volume:
         raise BadInputError("the baseline and follow-up volumes must be two different nodes")
+    check_baseline_lesions(inputs.baseline_lesions)
     lesions = inputs.baseline_lesions
-    if lesions is None:
-        raise BadInputError("choose the baseline lesions (a segmentation or markups node)")
-    if not (lesions.IsA("vtkMRMLSegmentationNode") or lesions.IsA("vtkMRMLMarkupsNode")):
-        raise BadInputError(f"the baseline lesions {node_label(lesions)} are neither a segmentation nor markups")
     output = inputs.followup_lesions
     if output is not None and not output.IsA("vtkMRMLSegmentationNode"):
         raise BadInputError(f"the follow-up lesions {node_label(output)} are not a segmentation node")
     if output is not None and output is lesions:
         raise BadInputError("the follow-up segmentation must be another node than the baseline lesions")
-    if inputs.table is not None and not inputs.table.IsA("vtkMRMLTableNode"):
-        raise BadInputError(f"{node_label(inputs.table)} is not a table node")
+    check_table_node(inputs.table)
 
 
 def track_steps(
@@ -89,9 +108,7 @@ def track_steps(
 def _track(scene, inputs: TrackInputs, settings: RunSettings, folder: WorkerFiles, options: LesionOptions) -> Steps:
     baseline_id = yield from folder.volume_id(inputs.baseline_volume)
     followup_id = yield from folder.volume_id(inputs.followup_volume)
-    is_points = inputs.baseline_lesions.IsA("vtkMRMLMarkupsNode")
-    lesions_path = folder.new_path("lesions", ".mrk.json" if is_points else ".nii.gz")
-    segments = write_baseline_lesions(scene, inputs.baseline_lesions, inputs.baseline_volume, lesions_path)
+    lesions_path, segments = write_lesions_file(scene, inputs.baseline_lesions, inputs.baseline_volume, folder)
     out_dir = folder.new_path("track", "")
     summary = yield TrackRequest(
         baseline_id=baseline_id,

@@ -7,6 +7,7 @@ slice-composite nodes; positions are RAS mm.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -59,7 +60,12 @@ def show_volumes_in_pair_views(scene, fixed_volume, moving_volume, fixed_view: s
 
 def jump_to_pair(scene, row: PairRow, fixed_view: str = FIXED_VIEW, moving_view: str = MOVING_VIEW) -> None:
     """Centre the fixed view on the fixed landmark and the moving view on its match (RAS mm)."""
-    for view, position in ((fixed_view, row.fixed_ras), (moving_view, row.moving_ras)):
+    centre_views(scene, ((fixed_view, row.fixed_ras), (moving_view, row.moving_ras)))
+
+
+def centre_views(scene, positions: Iterable[tuple[str, Sequence[float] | None]]) -> None:
+    """Centre each named slice view on its position (RAS mm); a view whose position is None stays."""
+    for view, position in positions:
         if position is not None:
             slice_node(scene, view).JumpSliceByCentering(*position)
 
