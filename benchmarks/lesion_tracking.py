@@ -43,12 +43,23 @@ METRICS = {"centre_error_mean_mm": "centre error mean (mm)", "hit_rate_radius": 
            "volume_change_error_median_points": "volume-change error median (points)"}
 
 
-def _field_on(field, geometry):
+def field_on(field, geometry):
     """``field`` resampled (trilinear) onto ``geometry``."""
     from MedDIFTLib.grid.displacement_field import DisplacementField
     from MedDIFTLib.grid.sampling import resample
 
     return DisplacementField.from_tensor(resample(field.as_tensor(), field.geometry, geometry), geometry)
+
+
+def carried_centres(labelmap: np.ndarray, labels: list[int], geometry) -> np.ndarray:
+    """The centre of mass (LPS mm) of each of ``labels`` in ``labelmap`` (on ``geometry``); NaN where absent."""
+    from MedDIFTLib.lesions.inputs import centroids_lps_mm
+
+    present = [label for label in labels if (labelmap == label).any()]
+    centres = np.full((len(labels), 3), np.nan)
+    for label, centre in zip(present, centroids_lps_mm(labelmap, present, geometry)):
+        centres[labels.index(label)] = centre
+    return centres
 
 
 def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, popi_spacing_mm: float) -> dict:
@@ -59,7 +70,7 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, po
     from MedDIFTLib.features import create_featurizer
     from MedDIFTLib.field import register
     from MedDIFTLib.lesions.carry import carry_labelmap
-    from MedDIFTLib.lesions.inputs import centroids_lps_mm, lesions_from_labelmap
+    from MedDIFTLib.lesions.inputs import lesions_from_labelmap
     from MedDIFTLib.lesions.track import track_lesions
 
     ct = load_case(case, popi_spacing_mm)
@@ -70,17 +81,12 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, po
     seconds: dict[str, float] = {}
 
     def carried_rows(labelmap):
-        present = [label for label in pair.labels if (labelmap == label).any()]
-        centres = np.full((len(pair.labels), 3), np.nan)
-        found = centroids_lps_mm(labelmap, present, pair.followup.geometry)
-        for label, centre in zip(present, found):
-            centres[pair.labels.index(label)] = centre
-        return lesion_metrics(pair, labelmap, centres)
+        return lesion_metrics(pair, labelmap, carried_centres(labelmap, pair.labels, pair.followup.geometry))
 
     if unavailable_reason("convexadam") is None:
         start = time.perf_counter()
         output = convexadam(pair.followup, pair.baseline, np.zeros((1, 3)))
-        field = _field_on(output.field, pair.followup.geometry)
+        field = field_on(output.field, pair.followup.geometry)
         carried = carry_labelmap(pair.baseline_labelmap, pair.baseline.geometry, pair.labels, field)
         seconds["convexadam-carry"] = time.perf_counter() - start
         rows["convexadam-carry"] = carried_rows(carried)
@@ -171,7 +177,7 @@ def main() -> None:
         motions = list(dict.fromkeys(pair["motion"] for pair in stored["pairs"]))
         markdown, figures = _table(stored["pairs"], motions)
         header = stored["markdown"].split("\n\n")[0] + "\n\n"
-        _write(Path(args.out), header + markdown, figures, stored["pairs"])
+        write_results(Path(args.out), header + markdown, figures, {"pairs": stored["pairs"]})
         return
     pairs = []
     for motion in args.motion:
@@ -189,13 +195,15 @@ def main() -> None:
     header = (f"Lesion tracking on {len(pairs)} generated pairs ({', '.join(args.cases)}{popi_text}; seeds "
               f"{', '.join(map(str, args.seeds))}; up to {args.nodules} nodules each; {motion_text}; "
               f"0.5x-2x volume change; MIND features, CPU).\n\n")
-    _write(Path(args.out), header + markdown, figures, pairs)
+    write_results(Path(args.out), header + markdown, figures, {"pairs": pairs})
 
 
-def _write(out: Path, markdown: str, figures: dict, pairs: list[dict]) -> None:
+def write_results(out: Path, markdown: str, figures: dict, records: dict[str, list[dict]]) -> None:
+    """Print ``markdown`` and write it to ``out`` (JSON) with the ``figures`` and the per-case ``records``
+    (e.g. ``{"pairs": [...]}``)."""
     print(markdown)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"markdown": markdown, "figures": figures, "pairs": pairs}, indent=2, default=float),
+    out.write_text(json.dumps({"markdown": markdown, "figures": figures, **records}, indent=2, default=float),
                    encoding="utf-8")
 
 
