@@ -100,11 +100,11 @@ def result(centre, confidence: float, volume_ml: float = 1.0) -> LesionResult:
     return LesionResult(1, "1", np.asarray(centre, float), np.asarray(centre, float), confidence, 0.5, after, after)
 
 
-def test_auto_keeps_the_chained_lesion_unless_the_routes_disagree_and_direct_is_more_confident():
-    assert choose_route(result((0, 0, 0), 0.6), result((2, 0, 0), 0.9), 4.0, 3.0) == "chained"  # agree
+def test_auto_keeps_the_direct_lesion_unless_the_routes_disagree_and_chained_is_more_confident():
+    assert choose_route(result((0, 0, 0), 0.9), result((2, 0, 0), 0.6), 4.0, 3.0) == "direct"  # agree
     assert choose_route(result((0, 0, 0), 0.6), result((5, 0, 0), 0.9), 4.0, 3.0) == "direct"
     assert choose_route(result((0, 0, 0), 0.9), result((5, 0, 0), 0.6), 4.0, 3.0) == "chained"
-    assert choose_route(result((0, 0, 0), 0.6), result((0, 0, 0), 0.7), 4.0, 3.0) == "chained"
+    assert choose_route(result((0, 0, 0), 0.9), result((0, 0, 0), 0.7), 4.0, 3.0) == "direct"
     assert choose_route(result((0, 0, 0), 0.6, 0.0), result((1, 0, 0), 0.7), 4.0, 3.0) == "direct"  # only one found
 
 
@@ -184,7 +184,7 @@ def assert_series_outputs(out: Path, route: str) -> tuple[list[dict], list[dict]
         assert float(row["volume_ml"]) == 0 and row["diameter_long_mm"] == "nan"
         assert row["l"] != "nan"
     expected_routes = {"chained": ["", "direct", "chained", "chained"], "direct": ["", "direct", "direct", "direct"],
-                       "auto": ["", "direct", "chained", "chained"]}[route]
+                       "auto": ["", "direct", "direct", "direct"]}[route]
     assert [row["route"] for row in by_lesion[1]] == expected_routes
     assert (by_lesion[1][2]["routes_apart_mm"] != "nan") == (route == "auto")
 

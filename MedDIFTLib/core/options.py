@@ -331,8 +331,8 @@ class SeriesOptions(Options):
     is measured on (distances in mm)."""
 
     route: str = option("auto", choices=SERIES_ROUTES, help="how follow-up k is reached: chained (from follow-up "
-                        "k-1's tracked lesions), direct (from the baseline), auto (both; where they disagree, the "
-                        "more confident centre match)")
+                        "k-1's tracked lesions), direct (from the baseline), auto (both; direct where they agree, "
+                        "else the more confident centre match)")
     agreement_mm: float = option(3.0, minimum=0.0, help="auto: the two routes agree on a lesion when their centres "
                                  "are at most this far apart or within the lesion's baseline equivalent radius, "
                                  "and both or neither segment it, mm")

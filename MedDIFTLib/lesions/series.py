@@ -172,13 +172,14 @@ def _lesions_at(visits: list[LesionVisit], labelmap: np.ndarray, fallback_lps_mm
 
 
 def choose_route(chained: LesionResult, direct: LesionResult, radius_mm: float, agreement_mm: float) -> str:
-    """``auto``'s choice for one lesion: ``chained`` where the routes agree, else the more confident
-    centre match. They disagree when their centres are more than ``radius_mm`` and ``agreement_mm``
-    apart, or only one of them segments the lesion."""
+    """``auto``'s choice for one lesion: ``direct`` where the routes agree (its error does not add up
+    over the series), else the more confident centre match (``direct`` on a tie). They disagree when
+    their centres are more than ``radius_mm`` and ``agreement_mm`` apart, or only one of them
+    segments the lesion."""
     apart_mm = float(np.linalg.norm(chained.centre_lps_mm - direct.centre_lps_mm))
     found = (chained.followup.volume_ml > 0, direct.followup.volume_ml > 0)
     disagree = apart_mm > max(radius_mm, agreement_mm) or found[0] != found[1]
-    return "direct" if disagree and direct.confidence > chained.confidence else "chained"
+    return "chained" if disagree and chained.confidence > direct.confidence else "direct"
 
 
 def _followup_visits(runs: dict[str, TrackResult], kept: list[str], time_point: int, followup: Volume
