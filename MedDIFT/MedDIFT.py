@@ -404,6 +404,24 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         )
 
     @staticmethod
+    def seriesInputs(parameterNode, scans, previous=None):
+        """Scene nodes of a series run: baseline = fixed volume, then the moving volume and the further follow-ups
+        of ``scans`` (a ``MedDIFTLib.slicer.series_run.SeriesScans``) with their dates (typed, else from Slicer's
+        DICOM database); the tables and chart of ``previous`` (a ``SeriesOutputs``) are filled again."""
+        return scans.inputs(slicer.mrmlScene, parameterNode.fixedVolume, parameterNode.movingVolume,
+                            parameterNode.baselineLesions, getattr(slicer, "dicomDatabase", None), previous)
+
+    @staticmethod
+    def describeSeries(outputs) -> str:
+        """One line about a finished series run: lesions, time points, the last response, time."""
+        responses = outputs.summary.responses if outputs.summary else []
+        last = max(responses, key=lambda response: response.time_point).category if responses else None
+        seconds = outputs.summary.seconds.get("total", float("nan")) if outputs.summary else float("nan")
+        return _("{total} lesions tracked through {scans} scans, last response {response} ({seconds:.1f} s)").format(
+            total=len(outputs.lesions), scans=len(outputs.time_points), response=last or "-", seconds=seconds
+        )
+
+    @staticmethod
     def describeTrack(outputs) -> str:
         """One line about a finished tracking run: lesions tracked, flagged ones, time."""
         flagged = sum(row.status != "ok" for row in outputs.rows)
@@ -491,6 +509,12 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         ``onDone(outputs, error)`` gets a ``TrackOutputs``. Raises MedDIFTError at once for bad inputs."""
         self.session.start_track(inputs, settings, onDone, on_progress=onProgress, on_log=onLog)
 
+    def startSeries(self, inputs, settings, onDone, onProgress=None, onLog=None) -> None:
+        """Track lesions through a series in the background (``inputs``: a
+        ``MedDIFTLib.slicer.series_run.SeriesInputs``); ``onDone(outputs, error)`` gets a ``SeriesOutputs``.
+        Raises MedDIFTError at once for bad inputs."""
+        self.session.start_series(inputs, settings, onDone, on_progress=onProgress, on_log=onLog)
+
     def startCursorMatch(self, inputs, settings, fixedRas, onDone) -> None:
         """Match one fixed point (RAS mm) in the background for the correspondence cursor."""
         self.session.start_cursor_match(inputs, settings, fixedRas, onDone)
@@ -498,6 +522,10 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
     def runTrack(self, inputs, settings=None, progress=None, timeout=None):
         """Track lesions and wait (scripts and tests); returns ``MedDIFTLib.slicer.track_run.TrackOutputs``."""
         return self.session.run_track(inputs, settings or RunSettings(), progress=progress, timeout_s=timeout)
+
+    def runSeries(self, inputs, settings=None, progress=None, timeout=None):
+        """Track lesions through a series and wait (scripts and tests); returns a ``SeriesOutputs``."""
+        return self.session.run_series(inputs, settings or RunSettings(), progress=progress, timeout_s=timeout)
 
     def pollJob(self) -> bool:
         """Advance what runs in the worker (call from a GUI timer); False once nothing does."""
@@ -543,7 +571,7 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         for test in (self.test_PackagesAndBackboneOptions, self.test_MatchShiftedVolume, self.test_VisualQA,
-                     self.test_TrackLesions, self.test_WeightsTransfersInBackground):
+                     self.test_TrackLesions, self.test_TrackLesionSeries, self.test_WeightsTransfersInBackground):
             self.setUp()
             test()
 
@@ -563,6 +591,9 @@ class MedDIFTTest(ScriptedLoadableModuleTest):
 
     def test_TrackLesions(self):
         self._steps().trackLesions()
+
+    def test_TrackLesionSeries(self):
+        self._steps().trackLesionSeries()
 
     def test_WeightsTransfersInBackground(self):
         self._steps().weightsTransfersInBackground()

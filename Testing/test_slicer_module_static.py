@@ -597,6 +597,8 @@ def test_self_test_runs_the_logic_on_slicer_core_with_the_real_worker(monkeypatc
          and scene.GetFirstNodeByName("F in moving").GetNumberOfControlPoints() == 3),
         ("test_VisualQA", lambda: scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 3),
         ("test_TrackLesions", lambda: scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems() == 1),
+        ("test_TrackLesionSeries", lambda: scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 1
+         and scene.GetNodesByClass("vtkMRMLPlotSeriesNode").GetNumberOfItems() == 1),
         ("test_WeightsTransfersInBackground", lambda: True),
     ):
         result = unittest.TestResult()

@@ -265,3 +265,50 @@ def test_a_real_series_through_the_worker_session(scene, tmp_path):
     write_baseline_lesions(scene, outputs.followup_lesions[1], volumes[2], tmp_path / "check.nii.gz")
     exported = read_volume(tmp_path / "check.nii.gz").voxels  # the worker's folder went with the session
     assert (exported == 1)[ball(GEOMETRY, *truth(2, 0))].mean() > 0.8 and not (exported == 2).any()
+
+
+def test_panel_scans_keep_scan_order_and_dates_and_make_the_inputs(scene, tmp_path):
+    """The panel's further follow-ups: added once, moved, removed, forgotten with their node; typed dates win
+    over DICOM dates; the inputs fill the previous run's tables and chart while they are in the scene."""
+    from MedDIFTLib.slicer.series_run import SeriesScans
+
+    volumes, segmentation = series_scene(scene)
+    extra = [volume_node(scene, np.zeros(GEOMETRY.shape_kji, np.float32), GEOMETRY, name=f"extra {n}")
+             for n in range(2)]
+    scans = SeriesScans()
+    assert not scans.add(None)
+    for node in (volumes[2], *extra):
+        assert scans.add(node)
+    assert not scans.add(extra[0]), "listed once"
+    assert scans.move(2, -5) == 0 and scans.move(0, 1) == 1 and scans.move(7, 1) == 7
+    assert scans.followups(scene) == [volumes[2], extra[1], extra[0]]
+    scans.remove(2)
+    scene.RemoveNode(extra[1])
+    scans.set_date(volumes[2], "2024-07-01")
+    scans.set_date(extra[1], "2024-08-01")
+    scans.forget_missing(scene)
+    assert scans.followup_ids == [volumes[2].GetID()] and list(scans.dates) == [volumes[2].GetID()]
+
+    database = FakeDicomDatabase({("1.2.3", "0008,0022"): "20240102", ("1.2.4", "0008,0022"): "20240402"})
+    volumes[0].SetAttribute("DICOM.instanceUIDs", "1.2.3")
+    volumes[1].SetAttribute("DICOM.instanceUIDs", "1.2.4")
+    scans.set_date(volumes[1], "2024-04-01")
+    assert [scans.date(volume, database) for volume in volumes] == ["20240102", "2024-04-01", "2024-07-01"]
+    assert scans.date(volumes[0]) == "", "no database: no DICOM date"
+    scans.set_date(volumes[1], " ")
+    assert scans.date(volumes[1], database) == "20240402", "an emptied date falls back to DICOM"
+
+    inputs = scans.inputs(scene, volumes[0], volumes[1], segmentation, database)
+    assert inputs.followup_volumes == volumes[1:] and inputs.dates == ["20240102", "20240402", "2024-07-01"]
+    assert (inputs.table, inputs.time_point_table, inputs.chart) == (None, None, None)
+    assert SeriesScans().inputs(scene, volumes[0], volumes[1], segmentation).dates is None
+
+    outputs = run_blocking(FakeWorker(), series_steps(scene, inputs, RunSettings(), WorkerFiles(tmp_path)))
+    scene.RemoveNode(outputs.time_point_table)
+    again = scans.inputs(scene, volumes[0], volumes[1], segmentation, database, outputs)
+    assert again.table is outputs.table and again.chart is outputs.chart and again.time_point_table is None
+
+    cells = series_nodes.series_cells(outputs.lesions, series_nodes.series_responses(outputs.summary))
+    assert cells[0] == ["nodule B", "0.110", "0.000 not_found", "0.000 not_found"]
+    assert cells[1] == ["nodule A", "0.270", "0.200", "0.520"]
+    assert cells[2] == ["response", "SLD 8.0 mm", "SD SLD 6.4 mm", "PD SLD 10.5 mm"]

@@ -167,11 +167,10 @@ class SelfTestSteps:
             logic.shutdown()
         self.delayDisplay("Test passed")
 
-    def trackLesions(self):
-        """Lesion tracking: a baseline segmentation into an existing follow-up segmentation node and a table."""
+    def _nodulePair(self):
+        """The synthetic pair with a bright nodule (in the moving volume too, shifted) and the baseline
+        segmentation of the nodule: (fixed, moving, shift in RAS mm, segmentation node)."""
         import numpy as np
-
-        from MedDIFTLib.slicer.track_run import TrackInputs
 
         fixed, moving, shiftRas = self._syntheticPair()
         kji = np.indices((32, 32, 32))
@@ -185,6 +184,15 @@ class SelfTestSteps:
                                                   name="lesion", nodeClassName="vtkMRMLLabelMapVolumeNode")
         baselineLesions = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules")
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, baselineLesions)
+        return fixed, moving, shiftRas, baselineLesions
+
+    def trackLesions(self):
+        """Lesion tracking: a baseline segmentation into an existing follow-up segmentation node and a table."""
+        import numpy as np
+
+        from MedDIFTLib.slicer.track_run import TrackInputs
+
+        fixed, moving, shiftRas, baselineLesions = self._nodulePair()
         followupLesions = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nodules follow-up")
         colorTables = slicer.mrmlScene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems()
         logic = self.Logic()
@@ -200,6 +208,47 @@ class SelfTestSteps:
             self.test.assertGreater(row.volume_followup_ml, 0.5 * row.volume_baseline_ml)
             self.test.assertEqual(slicer.mrmlScene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems(),
                              colorTables)
+        finally:
+            logic.shutdown()
+        self.delayDisplay("Test passed")
+
+    def trackLesionSeries(self):
+        """A 3-scan series (the nodule pair, then the follow-up shifted once more) through the panel's scan list:
+        follow-up segmentations, the tables, the growth chart over days, the lesion at each time point."""
+        import numpy as np
+
+        from MedDIFTLib.slicer.series_nodes import series_cells
+        from MedDIFTLib.slicer.series_run import SeriesScans
+
+        fixed, moving, shiftRas, baselineLesions = self._nodulePair()
+        later = slicer.util.addVolumeFromArray(np.roll(slicer.util.arrayFromVolume(moving), (2, -1, 3), axis=(0, 1, 2)),
+                                               np.diag([2.0, 2.0, 2.0, 1.0]), name="later")
+        scans = SeriesScans()
+        self.test.assertTrue(scans.add(later))
+        for node, date in ((fixed, "2024-01-01"), (moving, "2024-04-01"), (later, "20240701")):
+            scans.set_date(node, date)
+        parameterNode = self.Logic().getParameterNode()
+        parameterNode.fixedVolume, parameterNode.movingVolume = fixed, moving
+        parameterNode.baselineLesions = baselineLesions
+        inputs = self.Logic.seriesInputs(parameterNode, scans)
+        self.test.assertEqual(inputs.followup_volumes, [moving, later])
+        logic = self.Logic()
+        try:
+            self.delayDisplay("Lesion tracking through a series of three scans")
+            outputs = logic.runSeries(inputs, self._settings(), timeout=600)
+            self.test.assertEqual(len(outputs.followup_lesions), 2)
+            self.test.assertEqual(outputs.table.GetNumberOfRows(), 1)
+            self.test.assertEqual(outputs.time_point_table.GetNumberOfRows(), 3)
+            self.test.assertEqual(outputs.chart.GetNumberOfPlotSeriesNodes(), 1)
+            self.test.assertEqual([point.days for point in outputs.time_points], [0.0, 91.0, 182.0])
+            lesion = outputs.lesions[0]
+            for timePoint in (1, 2):
+                np.testing.assert_allclose(np.subtract(lesion.centre_ras(timePoint), lesion.centre_ras(0)),
+                                           timePoint * shiftRas, atol=1.5)
+            self.test.assertEqual(len(series_cells(outputs.lesions, outputs.summary.responses)), 2)
+            again = logic.runSeries(self.Logic.seriesInputs(parameterNode, scans, outputs), self._settings(),
+                                    timeout=600)
+            self.test.assertIs(again.chart, outputs.chart, "a second run fills the same chart")
         finally:
             logic.shutdown()
         self.delayDisplay("Test passed")

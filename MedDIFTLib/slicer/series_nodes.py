@@ -7,6 +7,7 @@
   status; :func:`fill_time_point_table`: one row per time point, the response (:func:`series_responses`: SLD,
   changes, RECIST category) and one numeric volume column per lesion, which :func:`fill_growth_chart` plots (a plot
   chart node, one plot series node per lesion, volume over days or over the time point).
+- :func:`series_cells`: the panel's lesion table (a column per time point, a response row).
 - :func:`jump_to_lesion_at`: the baseline view on the lesion's baseline centre, the follow-up view on
   follow-up k's volume at the lesion's centre there.
 
@@ -212,6 +213,27 @@ def fill_growth_chart(scene, time_point_table, lesions: list[SeriesLesion], by_d
         series.SetColor(*lesion.segment.color)
         chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
     return chart_node
+
+
+def _response_text(response: TimePointResponse) -> str:
+    """``PR SLD 6.4 mm``: the RECIST category (none at baseline) and the sum of longest diameters."""
+    sld = cell_text(response.sld_mm, 1)
+    return " ".join(part for part in (response.category or "", f"SLD {sld} mm" if sld else "") if part)
+
+
+def series_cells(lesions: list[SeriesLesion], responses: Sequence[TimePointResponse] = ()) -> list[list[str]]:
+    """The panel's lesion table: per lesion its name then, per time point, its volume (mL) when found, else its
+    status; then, with ``responses`` (one per time point), a row of the response category (SLD mm) per time point."""
+    rows = []
+    for lesion in lesions:
+        cells = [lesion.segment.name]
+        for visit in lesion.visits:
+            volume = cell_text(visit.volume_ml, 3)
+            cells.append(volume if visit.status == "ok" and volume else f"{volume} {visit.status}".strip())
+        rows.append(cells)
+    if responses:
+        rows.append(["response"] + [_response_text(response) for response in responses])
+    return rows
 
 
 def jump_to_lesion_at(scene, lesion: SeriesLesion, time_point: int, volumes: Sequence, baseline_view: str = FIXED_VIEW,

@@ -9,6 +9,7 @@ volume column per lesion) and the growth chart (:mod:`.series_nodes`). A failed 
 
 Dates are the user's strings (one per scan, baseline first; None or "" when unknown); in Slicer,
 :func:`~.series_nodes.dicom_date` reads them from the DICOM database for volumes loaded from DICOM.
+:class:`SeriesScans` is the panel's list of further follow-ups and typed dates, and makes the :class:`SeriesInputs`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .scene_run import Steps, WorkerFiles, request_settings
 from .series_nodes import (
     SeriesLesion,
     TimePoint,
+    dicom_date,
     fill_growth_chart,
     fill_series_table,
     fill_time_point_table,
@@ -65,6 +67,82 @@ class SeriesOutputs:
     segments: list[LesionSegment] = field(default_factory=list)
     summary: TrackSeriesResult | None = None
     files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SeriesScans:
+    """The panel's further follow-ups (volume node IDs in scan order, after the first follow-up) and the
+    dates typed for scans (by node ID); a scan without a typed date takes its DICOM date when it has one."""
+
+    followup_ids: list[str] = field(default_factory=list)
+    dates: dict[str, str] = field(default_factory=dict)
+
+    def add(self, node) -> bool:
+        """Append ``node`` as the last follow-up; False (nothing added) for None or a node already listed."""
+        if node is None or node.GetID() in self.followup_ids:
+            return False
+        self.followup_ids.append(node.GetID())
+        return True
+
+    def remove(self, index: int) -> None:
+        if 0 <= index < len(self.followup_ids):
+            del self.followup_ids[index]
+
+    def move(self, index: int, step: int) -> int:
+        """Move follow-up ``index`` by ``step`` places (clamped); returns its new index."""
+        if not 0 <= index < len(self.followup_ids):
+            return index
+        target = min(max(index + step, 0), len(self.followup_ids) - 1)
+        self.followup_ids.insert(target, self.followup_ids.pop(index))
+        return target
+
+    def forget_missing(self, scene) -> None:
+        """Drop the follow-ups and dates of nodes no longer in ``scene``."""
+        self.followup_ids = [node_id for node_id in self.followup_ids if scene.GetNodeByID(node_id) is not None]
+        self.dates = {node_id: date for node_id, date in self.dates.items() if scene.GetNodeByID(node_id) is not None}
+
+    def clear(self) -> None:
+        self.followup_ids.clear()
+        self.dates.clear()
+
+    def followups(self, scene) -> list[Any]:
+        """The further follow-up nodes still in ``scene``, in scan order."""
+        nodes = [scene.GetNodeByID(node_id) for node_id in self.followup_ids]
+        return [node for node in nodes if node is not None]
+
+    def set_date(self, node, text: str) -> None:
+        """The date typed for ``node`` ("" forgets it: the DICOM date, if any, is used again)."""
+        if node is None:
+            return
+        if text.strip():
+            self.dates[node.GetID()] = text.strip()
+        else:
+            self.dates.pop(node.GetID(), None)
+
+    def date(self, node, database=None) -> str:
+        """The date typed for ``node``, else its DICOM date from ``database`` (Slicer's ``slicer.dicomDatabase``;
+        None: none), else ""."""
+        if node is None:
+            return ""
+        typed = self.dates.get(node.GetID())
+        if typed:
+            return typed
+        return (dicom_date(node, database) if database is not None else None) or ""
+
+    def inputs(self, scene, baseline, first_followup, lesions, database=None, previous: SeriesOutputs | None = None
+               ) -> SeriesInputs:
+        """The series run of ``baseline``, ``first_followup`` and the further follow-ups, with their dates (None
+        when no scan has one), filling the tables and chart of ``previous`` when they are still in ``scene``."""
+        volumes = [baseline, first_followup, *self.followups(scene)]
+        dates = [self.date(volume, database) or None for volume in volumes]
+
+        def kept(node):
+            return node if node is not None and scene.IsNodePresent(node) else None
+
+        return SeriesInputs(baseline, volumes[1:], lesions, dates if any(dates) else None,
+                            table=kept(previous.table) if previous else None,
+                            time_point_table=kept(previous.time_point_table) if previous else None,
+                            chart=kept(previous.chart) if previous else None)
 
 
 def _check(inputs: SeriesInputs) -> None:
