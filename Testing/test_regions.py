@@ -119,6 +119,22 @@ def test_mind_boxes_equal_the_whole_volume(scales):
         assert torch.equal(level.features, reference.features)
 
 
+def test_level_readers_fill_what_they_read_and_equal_a_complete_level():
+    volume = _textured_volume((23, 30, 26))
+    featurizer = MindFeaturizer()
+    whole = featurizer.extract(volume).levels[0]
+    level = featurizer.extract_regions(volume).levels[0]
+    rng = np.random.default_rng(2)
+    ijk = torch.as_tensor(rng.uniform(-1, 4, (3, 4, 3)), dtype=torch.float32)  # a corner: reads stay local
+    taps = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, -1.0]])
+    assert torch.equal(level.samples(ijk, taps), whole.samples(ijk, taps))
+    assert torch.equal(level.samples(ijk), whole.samples(ijk))
+    start = rng.integers(-2, 3, (5, 3))
+    assert torch.equal(level.boxes(start, [4, 6, 3]), whole.boxes(start, [4, 6, 3]))
+    assert not level.complete  # only what was read is filled
+    assert torch.equal(level.values(), whole.values()) and level.complete
+
+
 def test_mind_is_local_and_floored():
     image = torch.rand(12, 13, 14)
     changed = image.clone()

@@ -40,7 +40,7 @@ from MedDIFTLib.lesions.series_outputs import labelmap_name, series_output_paths
 from MedDIFTLib.slicer.session import describe_server
 from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
-from MedDIFTLib.worker.http_transport import read_token_file
+from MedDIFTLib.worker.http_session import read_token_file
 from MedDIFTLib.worker.protocol.requests import (
     Limits,
     OverlaysRequest,
@@ -633,7 +633,7 @@ def test_server_killed_mid_job_is_reported_and_nothing_is_written(pair, tmp_path
 def test_remote_client_imports_neither_torch_nor_qt():
     heavy = ("torch", "monai", "qt", "PythonQt", "PyQt5", "PySide2", "starlette", "uvicorn")
     code = (f"import sys, MedDIFTLib.worker.remote_client, MedDIFTLib.worker.http_transport, "
-            f"MedDIFTLib.worker.remote.wire; "
+            f"MedDIFTLib.worker.http_session, MedDIFTLib.worker.remote.wire; "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -20,13 +20,16 @@ the ``results.json`` schema, plots) is :mod:`MedDIFTLib.evaluation.campaign`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from ..core.options import DATASET_LAYOUTS, RunSettings
-from ..evaluation.methods import IDENTITY
+from ..core.options import DATASET_LAYOUTS
+from ..evaluation.campaign import CampaignSettings
 from .common import add_device_argument
 
 LAYOUT_CHOICES = ("auto", *DATASET_LAYOUTS)
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(CampaignSettings)}
+"""The defaults of ``meddift eval``'s flags: those of :class:`CampaignSettings`."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(e.g. mind:search_radius_mm=15). One failing case is recorded and the others go on.",
     )
     parser.add_argument("dataset", help="dataset folder, pair folder(s) or CSV manifest")
-    methods = [IDENTITY, RunSettings.backbone]
+    methods = list(DEFAULTS["methods"])
     parser.add_argument("--methods", nargs="+", default=methods, metavar="METHOD",
                         help=f"methods to compare (default: {' '.join(methods)})")
     parser.add_argument("--out", required=True, help="output folder (created; new or empty unless --resume or "
@@ -53,37 +56,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="finish an earlier run in --out: keep its successful runs, run the rest")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
-    parser.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto", help="dataset layout (default: detect)")
-    parser.add_argument("--split", choices=("val", "train", "test", "all"), default="val",
-                        help="Learn2Reg pairs to use (default val)")
+    parser.add_argument("--layout", choices=LAYOUT_CHOICES, default=DEFAULTS["layout"],
+                        help="dataset layout (default: detect)")
+    parser.add_argument("--split", choices=("val", "train", "test", "all"), default=DEFAULTS["split"],
+                        help=f"Learn2Reg pairs to use (default {DEFAULTS['split']})")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (default: all)")
     add_device_argument(parser)
     parser.add_argument("--weights-dir", help="folder holding the pretrained weights of backbones that need them")
-    parser.add_argument("--timeout-s", type=float, default=3600.0,
-                        help="stop a (case, method) run after this many seconds (default 3600)")
-    parser.add_argument("--worst", type=int, default=3, help="worst points shown per method (default 3)")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULTS["timeout_s"],
+                        help=f"stop a (case, method) run after this many seconds (default {DEFAULTS['timeout_s']:g})")
+    parser.add_argument("--worst", type=int, default=DEFAULTS["worst"],
+                        help=f"worst points shown per method (default {DEFAULTS['worst']})")
     parser.add_argument("--in-process", action="store_true",
                         help="run every case in this process (no isolation; for debugging)")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=int, default=DEFAULTS["workers"],
                         help="runs at once: worker processes of the local Dask cluster, each starting one fresh "
-                        "process per (case, method) (default 1, so times and memory are not shared)")
-    parser.add_argument("--scheduler", default="local",
-                        help="'local' (default) or the address or scheduler file of a Dask cluster to run on")
+                        f"process per (case, method) (default {DEFAULTS['workers']}, so times and memory are not "
+                        "shared)")
+    parser.add_argument("--scheduler", default=DEFAULTS["scheduler"],
+                        help=f"'{DEFAULTS['scheduler']}' (default) or the address or scheduler file of a Dask "
+                        "cluster to run on")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.campaign import CampaignSettings, describe_record, prepare_campaign
+    from ..evaluation.campaign import describe_record, prepare_campaign
     from ..evaluation.report import markdown_tables
     from .common import ProgressBar
 
-    settings = CampaignSettings(
-        dataset=args.dataset, methods=args.methods, out=args.out, resume=args.resume, overwrite=args.overwrite,
-        layout=args.layout, split=args.split, cases=args.cases, device=args.device, weights_dir=args.weights_dir,
-        timeout_s=args.timeout_s, worst=args.worst, in_process=args.in_process, workers=args.workers,
-        scheduler=args.scheduler)
-    campaign = prepare_campaign(settings)
+    campaign = prepare_campaign(CampaignSettings(**{name: getattr(args, name) for name in DEFAULTS}))
 
     def open_client():
         from ..batch import dask_client

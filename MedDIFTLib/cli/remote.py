@@ -20,7 +20,7 @@ def server_client(args: argparse.Namespace):
     """The :class:`~MedDIFTLib.worker.remote_client.RemoteWorkerClient` of ``--server``, not connected
     yet: a bad address, token file or ``--ca-file`` is refused here, before any work."""
     from ..core.errors import BadInputError
-    from ..worker.http_transport import read_token_file
+    from ..worker.http_session import read_token_file
     from ..worker.remote_client import RemoteWorkerClient
 
     if args.weights_dir:

@@ -30,11 +30,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from ..core.options import RunSettings
+
 # runner and baselines are used through their modules, so that tests can replace runner.evaluate
 # and baselines.unavailable_reason
 from . import baselines, runner
 from .datasets import Dataset, load_case, open_dataset
-from .methods import MethodSpec, parse_method
+from .methods import IDENTITY, MethodSpec, parse_method
 from .report import make_plots, read_point_table, summarise, write_tables
 
 OUTPUTS = ("results.json", "results.csv", "results.md", "points", "logs", "plots")
@@ -49,14 +51,14 @@ class CampaignSettings:
     """What to evaluate and how (the arguments of ``meddift eval``)."""
 
     dataset: str
-    methods: Sequence[str]
     out: str | Path
+    methods: Sequence[str] = (IDENTITY, RunSettings.backbone)
     resume: bool = False
     overwrite: bool = False
     layout: str = "auto"
     split: str = "val"
     cases: Sequence[str] | None = None
-    device: str = "auto"
+    device: str = RunSettings.device
     weights_dir: str | None = None
     timeout_s: float = 3600.0
     worst: int = 3

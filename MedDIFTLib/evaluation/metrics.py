@@ -61,11 +61,11 @@ def naive_full_resolution_similarity(fixed, moving, fixed_ijk, level_weights=Non
     i, j, k = (int(v) for v in fixed_ijk)
     fused = None
     for fixed_level, moving_level, weight in zip(fixed.levels, moving.levels, weights):
-        fixed_full = F.interpolate(fixed_level.features[None].float(), size=fixed.image_geometry.shape_kji,
+        fixed_full = F.interpolate(fixed_level.values()[None].float(), size=fixed.image_geometry.shape_kji,
                                    mode="trilinear", align_corners=False)[0]
         descriptor = F.normalize(fixed_full[:, k, j, i], dim=0)
         del fixed_full
-        moving_full = F.interpolate(moving_level.features[None].float(), size=moving.image_geometry.shape_kji,
+        moving_full = F.interpolate(moving_level.values()[None].float(), size=moving.image_geometry.shape_kji,
                                     mode="trilinear", align_corners=False)[0]
         similarity = torch.einsum("ckji,c->kji", F.normalize(moving_full, dim=0), descriptor) * (weight / total)
         fused = similarity if fused is None else fused + similarity

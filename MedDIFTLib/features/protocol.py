@@ -5,9 +5,10 @@ Each level holds a ``(C, K, J, I)`` float tensor on its own grid (a :class:`Geom
 this contract, never a backbone's internals.
 
 A level with a ``filler`` (:mod:`.regions`, from ``extract_regions`` of a backbone with local
-descriptors) is valid only where it has been filled: the point matcher asks for each box it reads
-(:meth:`FeatureLevel.ensure_boxes`); every other consumer takes a complete pyramid
-(:meth:`FeaturePyramid.fill`).
+descriptors) is valid only where it has been filled. Its values are read through its readers,
+which fill what they read and no more: :meth:`FeatureLevel.values` (the whole level),
+:meth:`FeatureLevel.boxes` (boxes of voxels) and :meth:`FeatureLevel.samples` (trilinear samples).
+``FeatureLevel.features`` is the storage they read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ..core.geometry import Geometry
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
+from ..grid.sampling import sample_stored, windows
 from .regions import RegionFiller
 
 
@@ -33,7 +35,8 @@ class FeatureLevel:
     with a wide receptive field (diffusion features) need 0; very local ones (MIND) need more.
     ``unit_norm`` says every voxel's descriptor already has unit L2 norm, so matching can take the
     stored values as they are instead of normalising each window it reads. ``filler`` (None: the
-    tensor is complete) computes boxes of the tensor on demand.
+    tensor is complete) computes boxes of the tensor on demand: read the values through
+    :meth:`values`, :meth:`boxes` or :meth:`samples`, never ``features`` directly.
     """
 
     name: str
@@ -71,6 +74,30 @@ class FeatureLevel:
         """Make the level valid in the voxel boxes ``[lo, hi)`` (B, 3 ``ijk``; clipped to the grid)."""
         if not self.complete:
             self.filler.ensure_boxes(self.features, lo_ijk, hi_ijk)
+
+    def values(self) -> torch.Tensor:
+        """The whole ``(C, K, J, I)`` tensor, filled first."""
+        self.fill()
+        return self.features
+
+    def boxes(self, start_ijk: np.ndarray, sizes_ijk: list[int]) -> torch.Tensor:
+        """Float32 ``(B, C, K, J, I)`` boxes ``sizes_ijk`` voxels long from each ``start_ijk`` row
+        (B, 3; :func:`~MedDIFTLib.grid.sampling.windows`), filled first where they lie."""
+        start = np.asarray(start_ijk, int).reshape(-1, 3)
+        self.ensure_boxes(start, start + np.asarray(sizes_ijk))
+        return windows(self.features, start, sizes_ijk)
+
+    def samples(self, ijk: torch.Tensor, taps_ijk: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 trilinear samples ``(N, C)`` at the continuous voxel coordinates ``ijk``
+        (B, n, 3), or at each of them plus each whole-voxel tap offset of ``taps_ijk`` (T, 3):
+        N = B * n (* T) in that order. Filled first in one box per row ``b`` around its reads."""
+        rows = ijk.reshape(len(ijk), -1, 3)
+        if not self.complete:
+            reach = 0 if taps_ijk is None else int(taps_ijk.abs().max())
+            corners = rows.cpu().double().numpy()
+            self.ensure_boxes(np.floor(corners.min(axis=1)) - reach - 1, np.floor(corners.max(axis=1)) + reach + 3)
+        positions = rows if taps_ijk is None else rows[:, :, None, :] + taps_ijk[None, None]
+        return sample_stored(self.features, positions.reshape(-1, 3))
 
     def fill(self) -> None:
         """Make the whole level valid."""

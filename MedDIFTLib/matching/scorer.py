@@ -28,10 +28,10 @@ from ..core.errors import BadInputError
 from ..core.geometry import Geometry
 from ..core.options import MatchOptions
 from ..features.protocol import FeatureLevel, FeaturePyramid
-from ..grid.sampling import interpolate, sample_stored, windows
+from ..grid.sampling import interpolate
 from ..grid.vectors import unit_vectors
 from .candidates import CandidateLattice, patch_offsets_ijk, patch_taps
-from .descriptors import ensure_read, sample_patches, unit_descriptors
+from .descriptors import sample_patches, unit_descriptors
 
 NATIVE_SPAN = 2.5
 """Widest level voxel, in lattice steps, whose similarity map is interpolated at the candidates
@@ -155,9 +155,7 @@ class Scorer:
     ) -> torch.Tensor:
         batch, count, _ = coords.shape
         offsets = torch.tensor(patch_offsets_ijk(radius, step).tolist(), dtype=coords.dtype, device=coords.device)
-        ensure_read(level, coords, radius)
-        positions = (coords[:, :, None, :] + offsets[None, None]).reshape(-1, 3)
-        samples = sample_stored(level.features, positions).T
+        samples = level.samples(coords, offsets).T
         samples = unit_vectors(samples.reshape(level.channels, batch, count, len(offsets)), 0)
         return torch.einsum("cbnd,bdc->bn", samples, descriptor) / len(offsets)
 
@@ -179,8 +177,7 @@ class Scorer:
         centre = np.floor(centres_level_ijk + 1e-6).astype(int)
         first = centre - stride * half
         sizes = [2 * (radius + s * h) + 2 for s, h in zip(stride, half)]
-        level.ensure_boxes(first - radius, first - radius + np.asarray(sizes))
-        features = unit_descriptors(level, windows(level.features, first - radius, sizes), dim=1)
+        features = unit_descriptors(level, level.boxes(first - radius, sizes), dim=1)
         batch = features.shape[0]
         taps = patch_taps(radius, step)[1]
         kernels = descriptor.transpose(1, 2).reshape(batch, level.channels, taps, taps, taps)

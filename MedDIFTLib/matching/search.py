@@ -80,7 +80,6 @@ def dense_candidates(
         taps = patch_taps(radius, step)[1]
         batch = descriptors[n].shape[0]
         kernels = descriptors[n].transpose(1, 2).reshape(batch, level.channels, taps, taps, taps)
-        level.fill()
         features = unit_descriptors(level)[None]
         similarity = F.conv3d(features, kernels.to(features.dtype), padding=radius, dilation=step)[0] / taps**3
         coords = level_ijk(level, lattice_lps, similarity.device)

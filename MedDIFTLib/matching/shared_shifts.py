@@ -110,7 +110,7 @@ def _moving_on_level(
     positions = grid_points(grown)
     positions = positions + displacement_at(prior, positions)
     ijk = torch.as_tensor(target.geometry.lps_to_ijk(positions), dtype=torch.float32)
-    values = sample(channels_last(target.features.float()), ijk)
+    values = sample(channels_last(target.values().float()), ijk)
     return unit_vectors(values, 1).T.reshape(-1, *grown.shape_kji)
 
 

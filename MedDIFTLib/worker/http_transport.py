@@ -1,6 +1,6 @@
 """The transport of a :class:`~.client.WorkerClient` whose worker is ``meddift serve`` on another
 machine (HTTP or HTTPS, standard library only; imports neither torch nor Qt, so it runs inside
-Slicer), and the token file both sides read.
+Slicer): what each request sends and brings back, over the session of :mod:`.http_session`.
 
 It differs from the local worker process only where a network must: :meth:`HttpTransport.open`
 opens a session, :meth:`~HttpTransport.close` closes it (the server deletes its data); a ``load``
@@ -21,108 +21,52 @@ import contextlib
 import dataclasses
 import http.client
 import json
-import os
-import socket
-import ssl
 import threading
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
 from ..core.budget import describe_bytes
-from ..core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
-from .events import Error, Result, WorkerError, error_from_event, parse_event
-from .remote.wire import API, OUTPUT_NAMES, encode_field, encode_volume, field_hash
+from ..core.errors import BadRequestError, CancelledError, MedDIFTError
+from .events import Error, Result, WorkerError, parse_event
+from .http_session import HttpSession
+from .remote.wire import OUTPUT_NAMES, encode_field, encode_volume, field_hash
 from .transports import Deliver, Transport, request_line
-
-MIN_TOKEN_CHARS = 16
-
-
-def read_token_file(path: str | os.PathLike) -> str:
-    """The token in ``path`` (its first line, stripped); refuses a missing, empty or short token.
-    The client reads its token with it, and ``meddift serve`` the one it expects."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"{path}: cannot read the token file ({error})") from None
-    if not token or len(token[0].strip()) < MIN_TOKEN_CHARS:
-        raise BadInputError(f"{path}: the token must be at least {MIN_TOKEN_CHARS} characters on its first line "
-                            "(e.g. python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
-    return token[0].strip()
 
 
 class HttpTransport(Transport):
-    """One session on the server at ``url`` (``http://host:port`` or ``https://...``).
-
-    ``token``: the server's token (sent as ``Authorization: Bearer``); ``ca_file``: the certificate
-    (or its CA) to trust for HTTPS when it is not in the system's store; ``timeout_s`` bounds each
-    network wait, a long job keeps its stream alive with comments.
-    """
+    """One session on the server at ``url`` (``http://host:port`` or ``https://...``; the arguments
+    are :class:`~.http_session.HttpSession`'s, kept as ``http``)."""
 
     def __init__(self, url: str, token: str | None = None, ca_file: str | None = None,
                  timeout_s: float = 60.0) -> None:
-        shape = f"server URL {url!r} must look like http://host:port or https://host:port"
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise BadRequestError(shape)
-        try:
-            port = parsed.port
-        except ValueError:
-            raise BadRequestError(f"{shape}, with a port from 1 to 65535") from None
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
-        self.info: dict[str, Any] = {}
-        self.session_id: str | None = None
-        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, port
-        self._base = parsed.path.rstrip("/") + API
-        self._tls = _tls_context(ca_file) if parsed.scheme == "https" else None
-        self._connections: set[http.client.HTTPConnection] = set()
+        self.http = HttpSession(url, token=token, ca_file=ca_file, timeout_s=timeout_s)
         self._deliver: Deliver | None = None
-        self._killed = False
 
     # ----------------------------------------------------------------- lifecycle
 
     @property
     def running(self) -> bool:
-        return self.session_id is not None
+        return self.http.session_id is not None
 
     @property
     def killed(self) -> bool:
-        return self._killed
-
-    def test_connection(self) -> dict[str, Any]:
-        """The server's ``info`` (version, device, device_label, limits) without opening a session;
-        raises :class:`~.events.WorkerError` (unreachable) or BadRequestError (refused, e.g. the token)."""
-        return self._json("GET", "/info")
+        return self.http.killed
 
     def open(self, deliver: Deliver, timeout: float) -> str | None:
         """Open a session on the server; its version."""
         if self.running:
             raise WorkerError("the session is already open")
-        self._killed = False
         self._deliver = deliver
-        self.info = self._json("POST", "/sessions", timeout_s=timeout)
-        self.session_id = self.info["session_id"]
-        return self.info.get("version")
+        return self.http.open_session(timeout).get("version")
 
     def close(self, timeout: float, shutdown_id: str) -> None:
         """Close the session (the server deletes its volumes and outputs); closing is its shutdown,
         so ``shutdown_id`` is not used."""
-        if self.session_id is None:
-            return None
-        with contextlib.suppress(MedDIFTError):
-            self._json("DELETE", self._session(""), timeout_s=timeout)
-        self.session_id = None
-        return None
+        self.http.close_session(timeout)
 
     def kill(self, grace: float = 2.0) -> None:
         """Drop every open connection at once (the server cancels their jobs)."""
-        self._killed = True
-        for connection in list(self._connections):
-            if connection.sock is not None:
-                with contextlib.suppress(OSError):
-                    connection.sock.shutdown(socket.SHUT_RDWR)
+        self.http.drop_connections()
 
     def stderr_tail(self, max_lines: int = 50) -> str:
         """'': the server's stderr stays on the server (its log)."""
@@ -161,10 +105,10 @@ class HttpTransport(Transport):
             self._deliver(self._lost(request_id, error))
 
     def _lost(self, request_id: str, error: Exception) -> Error:
-        if self._killed:
+        if self.http.killed:
             return Error(request_id, CancelledError.kind, "the request was stopped")
         reason = str(error) or type(error).__name__
-        return Error(request_id, WorkerError.kind, f"lost the connection to the server {self.url} ({reason}); "
+        return Error(request_id, WorkerError.kind, f"lost the connection to the server {self.http.url} ({reason}); "
                      "nothing was written")
 
     def _upload(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -178,17 +122,17 @@ class HttpTransport(Transport):
     def _upload_volume(self, volume: Any, source: str) -> dict[str, Any]:
         """Upload ``volume`` (a :class:`~MedDIFTLib.core.io.Volume` read from ``source``) unless this
         session holds its content; the load result."""
-        volume_path = self._session(f"/volumes/{volume.content_hash()}")
-        status, found = self._request("GET", volume_path)
+        volume_path = self.http.path(f"/volumes/{volume.content_hash()}")
+        status, found = self.http.request("GET", volume_path)
         if status == 200:
             return found
         body, headers = encode_volume(volume)
         self._check_upload_size(source, body)
-        return self._json("PUT", volume_path, body=body, headers=headers)
+        return self.http.json("PUT", volume_path, body=body, headers=headers)
 
     def _check_upload_size(self, source: str, body: bytes) -> None:
         """Refuse, before sending, an upload of ``source`` over the server's limit."""
-        limit = self.info.get("limits", {}).get("max_upload_bytes")
+        limit = self.http.info.get("limits", {}).get("max_upload_bytes")
         if limit is not None and len(body) > limit:
             raise BadRequestError(f"{source}: {describe_bytes(len(body), limit)} compressed exceeds the "
                                   f"server's upload limit of {describe_bytes(limit, len(body))}")
@@ -214,7 +158,7 @@ class HttpTransport(Transport):
             displacement, geometry = read_field_file(request.transform)
             body, headers = encode_field(displacement, geometry)
             self._check_upload_size(request.transform, body)
-            uploaded = self._json("PUT", self._session(f"/fields/{field_hash(displacement, geometry)}"), body=body,
+            uploaded = self.http.json("PUT", self.http.path(f"/fields/{field_hash(displacement, geometry)}"), body=body,
                                   headers=headers)
             sent = dataclasses.replace(sent, transform=uploaded["field"])
         self._with_outputs(request_id, "overlays", sent, local)
@@ -263,23 +207,23 @@ class HttpTransport(Transport):
             for name, path in local.items():
                 tmp = stack.enter_context(atomic_output(path))
                 output = f"/outputs/{urllib.parse.quote(request_id, safe='')}/{name}"
-                connection, response = self._open("GET", self._session(output))
+                connection, response = self.http.open("GET", self.http.path(output))
                 try:
                     if response.status != 200:
-                        raise self._refusal(response)
+                        raise self.http.refusal(response)
                     with open(tmp, "wb") as handle:
                         while chunk := response.read(2**20):
                             handle.write(chunk)
                 finally:
-                    self._done(connection)
+                    self.http.done(connection)
 
     def _stream(self, request_id: str | None, line: bytes, deliver_final: bool = True) -> Any:
         """Post one request line and deliver its server-sent events; returns its final event."""
-        connection, response = self._open("POST", self._session("/requests"), body=line,
+        connection, response = self.http.open("POST", self.http.path("/requests"), body=line,
                                           headers={"Content-Type": "application/json"})
         try:
             if response.status != 200:
-                final = Error(request_id, *self._refusal_of(response))
+                final = Error(request_id, *self.http.refusal_of(response))
                 if deliver_final:
                     self._deliver(final)
                 return final
@@ -294,81 +238,7 @@ class HttpTransport(Transport):
                 self._deliver(event)
             raise http.client.IncompleteRead(b"", None)
         finally:
-            self._done(connection)
-
-    # ----------------------------------------------------------------- HTTP
-
-    def _session(self, path: str) -> str:
-        if self.session_id is None:
-            raise WorkerError("no session is open on the server")
-        return f"/sessions/{self.session_id}{path}"
-
-    def _open(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-              timeout_s: float | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        timeout = timeout_s or self.timeout_s
-        if self._tls is not None:
-            connection = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls)
-        else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        sent = dict(headers or {})
-        if self.token is not None:
-            sent["Authorization"] = f"Bearer {self.token}"
-        self._connections.add(connection)
-        try:
-            connection.request(method, self._base + path, body=body, headers=sent)
-            return connection, connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
-            self._done(connection)
-            if self._killed:
-                raise CancelledError("the request was stopped") from None
-            raise WorkerError(f"cannot reach the server {self.url} ({error or type(error).__name__})") from None
-
-    def _done(self, connection: http.client.HTTPConnection) -> None:
-        self._connections.discard(connection)
-        connection.close()
-
-    def _request(self, method: str, path: str, **options: Any) -> tuple[int, dict[str, Any]]:
-        connection, response = self._open(method, path, **options)
-        try:
-            data = response.read()
-            return response.status, json.loads(data) if data else {}
-        finally:
-            self._done(connection)
-
-    def _json(self, method: str, path: str, **options: Any) -> dict[str, Any]:
-        """The JSON answer of a plain request; a refusal raises its error."""
-        connection, response = self._open(method, path, **options)
-        try:
-            if response.status != 200:
-                raise self._refusal(response)
-            return json.loads(response.read())
-        finally:
-            self._done(connection)
-
-    def _refusal_of(self, response: http.client.HTTPResponse) -> tuple[str, str]:
-        """``(kind, message)`` of a refused request (its body: ``{"kind", "message", ...}``); an
-        answer without them did not come from ``meddift serve`` (another server, a proxy, a wrong path)."""
-        try:
-            answer = json.loads(response.read())
-            kind, message = str(answer["kind"]), str(answer["message"])
-        except (ValueError, TypeError, KeyError):
-            kind = "internal"
-            message = (f"{response.reason or 'no reason given'}; {self.url} does not answer as meddift serve "
-                       "(check the address and port)")
-        return kind, f"the server refused (HTTP {response.status}): {message}"
-
-    def _refusal(self, response: http.client.HTTPResponse) -> MedDIFTError:
-        """The MedDIFTLib exception of a refused request."""
-        return error_from_event(Error(None, *self._refusal_of(response)))
-
-
-def _tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """The TLS settings of an https server: the system's trusted certificates, or ``ca_file``'s."""
-    try:
-        return ssl.create_default_context(cafile=ca_file)
-    except (OSError, ssl.SSLError) as error:
-        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
-        raise BadRequestError(f"{ca_file}: cannot use as the server's certificate ({reason})") from None
+            self.http.done(connection)
 
 
 def _local_outputs(request_type: str, request: Any) -> dict[str, str]:

@@ -30,19 +30,19 @@ class RemoteWorkerClient(WorkerClient):
 
     @property
     def url(self) -> str:
-        return self.transport.url
+        return self.transport.http.url
 
     @property
     def session_id(self) -> str | None:
         """The open session's id on the server, None while none is open."""
-        return self.transport.session_id
+        return self.transport.http.session_id
 
     @property
     def info(self) -> dict[str, Any]:
         """The server's answer to the session's opening (version, device, limits, session_id)."""
-        return self.transport.info
+        return self.transport.http.info
 
     def test_connection(self) -> dict[str, Any]:
         """The server's ``info`` (version, device, device_label, limits) without opening a session;
         raises :class:`~.events.WorkerError` (unreachable) or BadRequestError (refused, e.g. the token)."""
-        return self.transport.test_connection()
+        return self.transport.http.test_connection()

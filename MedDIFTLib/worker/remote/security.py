@@ -1,6 +1,6 @@
 """Who may use ``meddift serve`` and how much: the bind check, the token, the request rate.
 
-The token file is read by :func:`~MedDIFTLib.worker.http_transport.read_token_file`, the client's.
+The token file is read by :func:`~MedDIFTLib.worker.http_session.read_token_file`, the client's.
 """
 
 from __future__ import annotations
