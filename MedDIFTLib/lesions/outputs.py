@@ -50,7 +50,8 @@ def check_outputs(out_dir: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
-def _number(value: float, digits: int) -> str:
+def csv_number(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, ``nan`` where it is not finite: how the output files write numbers."""
     return "nan" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -60,10 +61,11 @@ def csv_text(result) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for lesion in result.lesions:
-        writer.writerow([lesion.label, *(_number(v, 3) for v in lesion.centre_lps_mm), _number(lesion.confidence, 3),
-                         _number(lesion.baseline.volume_ml, 4), _number(lesion.followup.volume_ml, 4),
-                         _number(lesion.volume_change_pct, 1), _number(lesion.baseline.long_mm, 2),
-                         _number(lesion.followup.long_mm, 2), lesion.status])
+        writer.writerow([lesion.label, *(csv_number(v, 3) for v in lesion.centre_lps_mm),
+                         csv_number(lesion.confidence, 3),
+                         csv_number(lesion.baseline.volume_ml, 4), csv_number(lesion.followup.volume_ml, 4),
+                         csv_number(lesion.volume_change_pct, 1), csv_number(lesion.baseline.long_mm, 2),
+                         csv_number(lesion.followup.long_mm, 2), lesion.status])
     return buffer.getvalue()
 
 
@@ -77,13 +79,14 @@ def report_text(result, baseline_name: str, followup_name: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lesion in result.lesions:
         before, after = lesion.baseline, lesion.followup
-        centre = ", ".join(_number(v, 1) for v in lesion.centre_lps_mm)
+        centre = ", ".join(csv_number(v, 1) for v in lesion.centre_lps_mm)
         lines.append(
-            f"| {lesion.name} ({lesion.label}) | {lesion.status} | {_number(before.volume_ml, 3)} | "
-            f"{_number(after.volume_ml, 3)} | {_number(lesion.volume_change_pct, 1)} | "
-            f"{_number(before.long_mm, 1)} x {_number(before.short_mm, 1)} | "
-            f"{_number(after.long_mm, 1)} x {_number(after.short_mm, 1)} | {_number(lesion.diameter_change_pct, 1)} | "
-            f"{_number(before.mean_hu, 0)} / {_number(after.mean_hu, 0)} | {_number(lesion.confidence, 2)} | "
+            f"| {lesion.name} ({lesion.label}) | {lesion.status} | {csv_number(before.volume_ml, 3)} | "
+            f"{csv_number(after.volume_ml, 3)} | {csv_number(lesion.volume_change_pct, 1)} | "
+            f"{csv_number(before.long_mm, 1)} x {csv_number(before.short_mm, 1)} | "
+            f"{csv_number(after.long_mm, 1)} x {csv_number(after.short_mm, 1)} | "
+            f"{csv_number(lesion.diameter_change_pct, 1)} | "
+            f"{csv_number(before.mean_hu, 0)} / {csv_number(after.mean_hu, 0)} | {csv_number(lesion.confidence, 2)} | "
             f"{centre} |")
     flagged = [lesion for lesion in result.lesions if lesion.flags]
     if flagged:

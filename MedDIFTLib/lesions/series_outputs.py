@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from ..core.io import atomic_output, check_output_path, write_volume
 from ..core.io.volumes import Volume
 from .growth import growth_figure
-from .outputs import STATUS_TEXT
+from .outputs import STATUS_TEXT, csv_number
 from .response import PD_INCREASE, PD_INCREASE_MM, PR_DECREASE
 from .sheet import series_sheet
 
@@ -59,10 +59,6 @@ def check_series_outputs(out_dir: str | os.PathLike, followups: int) -> dict[str
     return paths
 
 
-def _number(value: float, digits: int) -> str:
-    return "nan" if not np.isfinite(value) else f"{value:.{digits}f}"
-
-
 def csv_text(result) -> str:
     """``lesions.csv`` of a :class:`~.series.SeriesResult`: lesion by lesion, each through time."""
     buffer = io.StringIO()
@@ -73,11 +69,11 @@ def csv_text(result) -> str:
             measured = visit.measurement
             writer.writerow([
                 visit.label, visit.name, visit.time_point, result.scan_names[visit.time_point],
-                *(_number(v, 3) for v in visit.centre_lps_mm), _number(visit.confidence, 3),
-                _number(visit.forward_backward_mm, 3), _number(measured.volume_ml, 4),
-                _number(result.volume_change_pct(visit), 1), _number(measured.long_mm, 2),
-                _number(measured.short_mm, 2), _number(measured.mean_hu, 1), int(label in result.targets),
-                visit.status, visit.route, _number(visit.routes_apart_mm, 2)])
+                *(csv_number(v, 3) for v in visit.centre_lps_mm), csv_number(visit.confidence, 3),
+                csv_number(visit.forward_backward_mm, 3), csv_number(measured.volume_ml, 4),
+                csv_number(result.volume_change_pct(visit), 1), csv_number(measured.long_mm, 2),
+                csv_number(measured.short_mm, 2), csv_number(measured.mean_hu, 1), int(label in result.targets),
+                visit.status, visit.route, csv_number(visit.routes_apart_mm, 2)])
     return buffer.getvalue()
 
 
@@ -87,9 +83,9 @@ def response_csv_text(result) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(RESPONSE_COLUMNS)
     for response in result.responses:
-        writer.writerow([response.time_point, result.scan_names[response.time_point], _number(response.sld_mm, 2),
-                         _number(response.change_from_baseline_pct, 1), _number(response.nadir_mm, 2),
-                         _number(response.change_from_nadir_pct, 1), response.category or "baseline"])
+        writer.writerow([response.time_point, result.scan_names[response.time_point], csv_number(response.sld_mm, 2),
+                         csv_number(response.change_from_baseline_pct, 1), csv_number(response.nadir_mm, 2),
+                         csv_number(response.change_from_nadir_pct, 1), response.category or "baseline"])
     return buffer.getvalue()
 
 
@@ -112,9 +108,10 @@ def report_text(result) -> str:
              "| time point | scan | SLD (mm) | change from baseline % | nadir (mm) | change from nadir % | response |",
              "|---|---|---|---|---|---|---|"]
     for response in result.responses:
-        lines.append(f"| {_when(response.time_point)} | {names[response.time_point]} | {_number(response.sld_mm, 1)} "
-                     f"| {_number(response.change_from_baseline_pct, 1)} | {_number(response.nadir_mm, 1)} | "
-                     f"{_number(response.change_from_nadir_pct, 1)} | {response.category or '-'} |")
+        lines.append(f"| {_when(response.time_point)} | {names[response.time_point]} | "
+                     f"{csv_number(response.sld_mm, 1)} | {csv_number(response.change_from_baseline_pct, 1)} | "
+                     f"{csv_number(response.nadir_mm, 1)} | "
+                     f"{csv_number(response.change_from_nadir_pct, 1)} | {response.category or '-'} |")
     lines += ["", f"CR: every target lesion gone. PD: SLD at least {100 * PD_INCREASE:g} % and at least "
               f"{PD_INCREASE_MM:g} mm above the nadir. PR: SLD at least {100 * PR_DECREASE:g} % below baseline. SD: "
               "none of these. NE: a target lesion could not be measured (it reaches or leaves the field of view, "
@@ -126,12 +123,13 @@ def report_text(result) -> str:
     for label in [visit.label for visit in result.visits[0]]:
         for visit in result.timeline(label):
             measured = visit.measurement
-            centre = ", ".join(_number(v, 1) for v in visit.centre_lps_mm)
+            centre = ", ".join(csv_number(v, 1) for v in visit.centre_lps_mm)
             target = "yes" if label in result.targets else "no"
             lines.append(f"| {visit.name} ({label}) | {target} | {_when(visit.time_point)} | {visit.status} | "
-                         f"{_number(measured.volume_ml, 3)} | {_number(result.volume_change_pct(visit), 1)} | "
-                         f"{_number(measured.long_mm, 1)} x {_number(measured.short_mm, 1)} | "
-                         f"{_number(measured.mean_hu, 0)} | {_number(visit.confidence, 2)} | {visit.route or '-'} | "
+                         f"{csv_number(measured.volume_ml, 3)} | {csv_number(result.volume_change_pct(visit), 1)} | "
+                         f"{csv_number(measured.long_mm, 1)} x {csv_number(measured.short_mm, 1)} | "
+                         f"{csv_number(measured.mean_hu, 0)} | {csv_number(visit.confidence, 2)} | "
+                         f"{visit.route or '-'} | "
                          f"{centre} |")
             if visit.flags:
                 flagged.append(f"- {visit.name} at {_when(visit.time_point)}: "
