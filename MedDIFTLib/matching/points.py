@@ -207,5 +207,5 @@ def match_points(
         progress("context", searched_share, f"placing {unreliable} unreliable matches by their neighbours")
         if unreliable:
             found = dataclasses.replace(found, points_lps_mm=_placed_by_context(fixed, moving, found, priors, options))
-        progress("context", 1.0, f"{unreliable} unreliable matches placed by their neighbours")
+        progress("context", 1.0, f"{unreliable} unreliable matches: placed where enough neighbours are reliable")
     return found
