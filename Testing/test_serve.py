@@ -144,6 +144,12 @@ def _small_volume(seed: int, shape_kji=(12, 14, 16)) -> Volume:
     return Volume(voxels, Geometry.create(shape_kji[::-1], (1.5, 1.0, 2.0), (-10.0, 5.0, 3.0)), f"small{seed}")
 
 
+def _server_files(server: ThreadServer, client: RemoteWorkerClient) -> list[str]:
+    """What the server keeps on its disk for ``client``'s session (its outputs until downloaded)."""
+    folder = server.app.state.sessions.get(client.session_id).folder
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
 def _stream_events(body: bytes) -> list[dict]:
     return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
 
@@ -345,7 +351,8 @@ def test_match_round_trip_equals_the_local_worker(remote, local, pair):
     assert remote.call("match", timeout=TIMEOUT_S, **ids, **request)["features_cached"] is True
 
 
-def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(remote, local, pair, tmp_path):
+def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(server, remote, local, pair,
+                                                                              tmp_path):
     worker, local_ids = local
     options = {"backbone": "mind", "device": "cpu", "options": QUICK_FIELD}
     worker.call("register", timeout=TIMEOUT_S, out_transform=str(tmp_path / "local.nii.gz"), **local_ids, **options)
@@ -357,6 +364,7 @@ def test_register_round_trip_equals_the_local_worker_and_outputs_land_locally(re
     assert summary["transform"] == str(out / "field.nii.gz") and summary["warped"] == str(out / "warped.nrrd")
     assert summary["inverse"] is None
     assert sorted(p.name for p in out.iterdir()) == ["field.nii.gz", "warped.nrrd"]
+    assert _server_files(server, remote) == [], "the downloaded outputs are deleted on the server"
     local_field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.nii.gz")))
     remote_field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "field.nii.gz")))
     # the same computation in two processes whose float32 sums may run in another order: equal to 1 um
@@ -377,7 +385,7 @@ def _call_overlays(client, fixed_id: str, moving_id: str, transform: str | None,
     return client.call(request_type, timeout=TIMEOUT_S, **fields)
 
 
-def test_overlays_round_trip_uploads_the_field_and_equals_the_local_worker(remote, local, pair, tmp_path):
+def test_overlays_round_trip_uploads_the_field_and_equals_the_local_worker(server, remote, local, pair, tmp_path):
     worker, local_ids = local
     field = tmp_path / "field.h5"
     worker.call("register", timeout=TIMEOUT_S, out_transform=str(field), backbone="mind", device="cpu",
@@ -388,6 +396,7 @@ def test_overlays_round_trip_uploads_the_field_and_equals_the_local_worker(remot
     out = tmp_path / "remote"
     got = _call_overlays(remote, ids["fixed_id"], ids["moving_id"], str(field), out)
     assert sorted(p.name for p in out.iterdir()) == ["confidence.nii.gz", "jacobian.nrrd", "magnitude.mha"]
+    assert _server_files(server, remote) == [], "the field is held in memory, the outputs deleted once downloaded"
     assert sorted(got) == sorted(expected) == ["confidence", "jacobian", "magnitude"]
     for name, summary in got.items():
         assert summary["path"] == str(out / Path(expected[name]["path"]).name)
@@ -438,7 +447,7 @@ def _call_track(client, track_files: dict, lesions: str, out_dir: Path, field: d
     return client.call(request_type, timeout=TIMEOUT_S, **fields)
 
 
-def test_track_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(remote, local, track_files,
+def test_track_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(server, remote, local, track_files,
                                                                                  tmp_path):
     worker, _ = local
     expected = _call_track(worker, track_files, track_files["lesions"], tmp_path / "local")
@@ -447,6 +456,7 @@ def test_track_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(
     (out / "notes.txt").write_text("mine")
     got = _call_track(remote, track_files, track_files["lesions"], out)
     assert got["files"] == {key: str(out / name) for key, name in FILES.items()}
+    assert _server_files(server, remote) == [], "the labelmap is held in memory, the outputs deleted once downloaded"
     assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), "notes.txt"])
     assert (out / "notes.txt").read_text() == "mine"
     for lesion, want in zip(got["lesions"], expected["lesions"], strict=True):
@@ -460,7 +470,8 @@ def test_track_round_trip_equals_the_local_worker_and_its_files_land_in_out_dir(
     assert "<server path>" not in (out / FILES["report"]).read_text()
 
 
-def test_a_remote_track_that_fails_or_is_cancelled_leaves_out_dir_as_it_was(remote, track_files, tmp_path):
+def test_a_remote_track_that_fails_or_is_cancelled_leaves_out_dir_as_it_was(server, remote, track_files,
+                                                                            tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / FILES["csv"]).write_text("the user's own table")
@@ -470,6 +481,7 @@ def test_a_remote_track_that_fails_or_is_cancelled_leaves_out_dir_as_it_was(remo
         _call_track(remote, track_files, str(tmp_path / "bad.nii.gz"), out)
     assert str(tmp_path) not in str(refused.value)
     assert sorted(p.name for p in out.iterdir()) == [FILES["csv"]]
+    assert _server_files(server, remote) == []
 
     slow = {"levels": [{"spacing_mm": 3.0, "search_radius_mm": 12.0}], "optimise_iterations": 200}
     ids = {name: remote.call("load", path=track_files[source], timeout=TIMEOUT_S)["volume_id"]
@@ -485,6 +497,7 @@ def test_a_remote_track_that_fails_or_is_cancelled_leaves_out_dir_as_it_was(remo
     assert isinstance(final, Error) and final.kind == CancelledError.kind
     assert sorted(p.name for p in out.iterdir()) == [FILES["csv"]]
     assert (out / FILES["csv"]).read_text() == "the user's own table"
+    assert _server_files(server, remote) == [], "a cancelled job's outputs are deleted on the server"
 
 
 def test_remote_track_lesions_must_be_an_uploaded_labelmap(server, remote, track_files, tmp_path):
@@ -503,8 +516,10 @@ def test_remote_track_lesions_must_be_an_uploaded_labelmap(server, remote, track
 def _rounded(value, digits: int = 3):
     """``value`` (a decoded JSON document) with every float rounded to ``digits`` decimals, as the
     series CSV files write them. The typed results of the local and the remote worker differed once in
-    the last float bits while the files were byte-identical (the cause is not pinned down), so they are
-    compared at the precision of the files."""
+    the last float bits while the files were byte-identical: the dense field's fit is not bit-identical
+    across torch thread counts (1 and 2 threads differ by about 1e-6 mm, 2 and 3 agree; the features
+    do not differ), and the worker subprocess and this test process need not run with the same
+    count, so they are compared at the precision of the files."""
     if isinstance(value, float):
         return round(value, digits)
     if isinstance(value, dict):
@@ -534,6 +549,7 @@ def test_a_series_round_trip_equals_the_local_worker_and_its_files_land_in_out_d
     got = run(remote, out)
     paths = series_output_paths(out, 3)
     assert got.files == {key: str(path) for key, path in paths.items()}
+    assert _server_files(server, remote) == []
     assert sorted(p.name for p in out.iterdir()) == sorted([*(path.name for path in paths.values()), "notes.txt"])
     assert_series_outputs(out, "chained")
     for name in ("lesions.csv", "response.csv", *(labelmap_name(k) for k in (1, 2, 3))):
@@ -543,7 +559,7 @@ def test_a_series_round_trip_equals_the_local_worker_and_its_files_land_in_out_d
     assert _rounded({**encode_result(got), **same}) == _rounded({**encode_result(expected), **same})
 
     labelmap = remote.call("load", path=lesions, timeout=TIMEOUT_S)["volume_id"]
-    line = {"id": "s", "type": "track_series", "baseline_id": "v1", "followup_ids": [], "lesions": labelmap,
+    line = {"id": "s", "type": "track_series", "baseline_id": "v1", "followup_ids": [], "lesions_id": labelmap,
             "out_dir": "track"}
     status, body = server.raw("POST", f"/sessions/{remote.session_id}/requests", json.dumps(line).encode())
     assert status == 400 and "'followup_ids' must be a list of one or more" in json.loads(body)["message"]

@@ -204,7 +204,25 @@ ENCODED = [
     RegisterRequest("v1", "v2", "t.nii.gz", None, None, None, RunSettings()),
     OverlaysRequest("v1", "v2", None, "c.nrrd", None, None, FieldLevel(), RunSettings()),
     CancelRequest(None),
+    # the inputs a client of meddift serve uploads: a field and a lesion labelmap, named by id
+    OverlaysRequest("v1", "v2", None, "c.nrrd", "j.nrrd", None, FieldLevel(), RunSettings(), transform_id="f" * 40),
+    TrackRequest("v1", "v2", None, "out", LesionOptions(), RunSettings(), lesions_id="v3"),
+    TrackSeriesRequest("v1", ("v2",), None, "out", LesionOptions(), SeriesOptions(), RunSettings(), lesions_id="v3"),
 ]
+
+
+@pytest.mark.parametrize("request_type, fields, message", [
+    ("overlays", {"transform": "t.nrrd", "transform_id": "f" * 40}, "'transform' .* or 'transform_id'"),
+    ("track", {"lesions": "l.nii.gz", "lesions_id": "v3"}, "'lesions' .* or 'lesions_id'"),
+    ("track_series", {"followup_ids": ["v2"], "lesions": "l.nii.gz", "lesions_id": "v3"},
+     "'lesions' .* or 'lesions_id'"),
+    ("track", {}, "'lesions' must be the path"),
+])
+def test_an_input_is_given_by_path_or_by_id_never_both(request_type, fields, message):
+    base = {"fixed_id": "v1", "moving_id": "v2", "out_confidence": "c.nrrd", "baseline_id": "v1", "followup_id": "v2",
+            "out_dir": "out"}
+    with pytest.raises(BadRequestError, match=message):
+        parse_request(request_type, {**base, **fields})
 
 
 def same_request(one, other) -> bool:

@@ -30,7 +30,7 @@ from ..features import FeaturePyramid, available_backbones, backbone_spec
 from ..field import read_field, register_and_write
 from ..field.overlays import CONFIDENCE, JACOBIAN, MAGNITUDE, qa_overlays
 from ..lesions import series as lesion_series
-from ..lesions.inputs import read_lesions
+from ..lesions.inputs import Lesions, lesions_from_labelmap, read_lesions
 from ..lesions.outputs import check_outputs, write_outputs
 from ..lesions.series_outputs import check_series_outputs, write_series_outputs
 from ..lesions.track import track_lesions
@@ -240,7 +240,10 @@ def overlays(state: WorkerState, request: OverlaysRequest, progress: ProgressFn)
                                          state.volume(request.moving_id, "moving_id").geometry, lattice_only,
                                          what="overlays"))
     pair = state.pair(settings, request.fixed_id, request.moving_id, device_name(settings.device), progress)
-    field = None if request.transform is None else read_field(request.transform)
+    if request.transform is not None:
+        field = read_field(request.transform)
+    else:
+        field = None if request.transform_id is None else state.field(request.transform_id)
     values = qa_overlays(pair.fixed_pyramid, pair.moving_pyramid, request.lattice, field, progress)
     progress("overlays", 0.9, "writing the overlays")
     geometry = pair.fixed_pyramid.image_geometry
@@ -263,8 +266,7 @@ def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> di
     followup = state.volume(request.followup_id, "followup_id")
     check_overlap(baseline, followup)
     state.check_memory(estimate_register(followup.geometry, baseline.geometry, settings.field, what="track"))
-    progress("track", 0.0, f"reading the lesions {os.path.basename(request.lesions)}")
-    lesions = read_lesions(request.lesions, baseline)
+    lesions = _lesions(state, request, baseline, progress)
     pair = state.pair(settings, request.baseline_id, request.followup_id, device_name(settings.device),
                       scaled(progress, 0.0, 0.2))
     result = track_lesions(
@@ -315,8 +317,7 @@ def track_series(state: WorkerState, request: TrackSeriesRequest, progress: Prog
     lesion_series.check_series(baseline, followups)
     scans = [baseline, *followups]
     state.check_memory(lesion_series.series_estimate(scans, request.series_options.route, settings.field))
-    progress("track", 0.0, f"reading the lesions {os.path.basename(request.lesions)}")
-    lesions = read_lesions(request.lesions, baseline)
+    lesions = _lesions(state, request, baseline, progress)
     cached = []
 
     def extract(volume: Volume, step: ProgressFn) -> FeaturePyramid:
@@ -332,6 +333,15 @@ def track_series(state: WorkerState, request: TrackSeriesRequest, progress: Prog
     files = {key: str(path) for key, path in paths.items()}
     return encode_result(TrackSeriesResult(files, result.scan_names, _series_visits(result),
                                            _series_responses(result), result.route, result.seconds, all(cached)))
+
+
+def _lesions(state: WorkerState, request: TrackRequest | TrackSeriesRequest, baseline: Volume,
+             progress: ProgressFn) -> Lesions:
+    """The baseline lesions of a track request: its ``lesions`` file, or the loaded labelmap ``lesions_id``."""
+    if request.lesions_id is not None:
+        return lesions_from_labelmap(state.volume(request.lesions_id, "lesions_id"), baseline)
+    progress("track", 0.0, f"reading the lesions {os.path.basename(request.lesions)}")
+    return read_lesions(request.lesions, baseline)
 
 
 def _series_visits(result: lesion_series.SeriesResult) -> list[SeriesVisit]:

@@ -6,13 +6,13 @@ It differs from the local worker process only where a network must: :meth:`HttpT
 opens a session, :meth:`~HttpTransport.close` closes it (the server deletes its data); a ``load``
 reads the volume here and uploads it unless this session holds its content already; a
 ``register`` writes its outputs on the server, then downloads them to the local paths it was given
-(all written atomically, only once all arrived); ``overlays`` uploads its field (``transform``,
-read here) and comes back the same way; a ``track`` uploads its lesion labelmap as a load does and
+(all written atomically, only once all arrived), and then tells the server to delete them;
+``overlays`` uploads its field (``transform``, read here; sent as ``transform_id``) and comes back
+the same way; a ``track`` uploads its lesion labelmap as a load does (sent as ``lesions_id``) and
 downloads the files of ``meddift track`` into its local ``out_dir`` the same way, and so does a
-``track_series``. Each is sent as
-:func:`~.protocol.requests.encode_request` writes it, server-side names in place of the local paths. A
-dropped connection ends each unanswered request with an :class:`~.events.Error` (kind
-``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
+``track_series``. Each is sent as :func:`~.protocol.requests.encode_request` writes it, server-side
+names in place of the local paths. A dropped connection ends each unanswered request with an
+:class:`~.events.Error` (kind ``internal``; ``cancelled`` after :meth:`~HttpTransport.kill`).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class HttpTransport(Transport):
             self._check_upload_size(request.transform, body)
             uploaded = self.http.json("PUT", self.http.path(f"/fields/{field_hash(displacement, geometry)}"), body=body,
                                   headers=headers)
-            sent = dataclasses.replace(sent, transform=uploaded["field"])
+            sent = dataclasses.replace(sent, transform=None, transform_id=uploaded["field"])
         self._with_outputs(request_id, "overlays", sent, local)
 
     def _track(self, request_id: str, request_type: str, params: dict[str, Any]) -> None:
@@ -185,7 +185,7 @@ class HttpTransport(Transport):
         else:
             local = check_series_outputs(request.out_dir, len(request.followup_ids))
         labelmap = parse_result("load", self._upload_volume(read_volume(request.lesions), request.lesions))
-        sent = dataclasses.replace(request, lesions=labelmap.volume_id, out_dir="track")
+        sent = dataclasses.replace(request, lesions=None, lesions_id=labelmap.volume_id, out_dir="track")
         self._with_outputs(request_id, request_type, sent, {key: str(path) for key, path in local.items()})
 
     def _with_outputs(self, request_id: str, request_type: str, sent: Any, local: dict[str, str]) -> None:
@@ -195,9 +195,17 @@ class HttpTransport(Transport):
 
         final = self._stream(request_id, _line(request_id, sent), deliver_final=False)
         if isinstance(final, Result):
-            self._download(request_id, local)
+            try:
+                self._download(request_id, local)
+            finally:
+                self._drop_outputs(request_id)
             final = Result(request_id, encode_result(parse_result(request_type, final.payload).moved(local)))
         self._deliver(final)
+
+    def _drop_outputs(self, request_id: str) -> None:
+        """Ask the server to delete a request's outputs (the session's closing deletes them otherwise)."""
+        with contextlib.suppress(MedDIFTError, OSError, ValueError, http.client.HTTPException):
+            self.http.request("DELETE", self.http.path(f"/outputs/{urllib.parse.quote(request_id, safe='')}"))
 
     def _download(self, request_id: str, local: dict[str, Any]) -> None:
         """Fetch each output to a temporary file beside its path; rename all once all arrived."""

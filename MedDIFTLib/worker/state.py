@@ -1,12 +1,14 @@
-"""What the worker keeps between requests: loaded volumes, the last featurizer, the feature
-cache (CPU, see :mod:`.cache`) and the copies of recent pyramids on a GPU.
+"""What the worker keeps between requests: loaded volumes, the displacement fields uploaded to
+``meddift serve``, the last featurizer, the feature cache (CPU, see :mod:`.cache`) and the copies of
+recent pyramids on a GPU.
 
-Touched from the job thread only.
+Touched from the job thread only, but for the fields, which a server's upload adds from another thread.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,10 +24,12 @@ from ..core.options import RunSettings
 from ..core.progress import ProgressFn
 from ..features import FeaturePyramid, Featurizer, create_featurizer
 from ..features.registry import RUN_OPTIONS
+from ..grid.displacement_field import DisplacementField
 from .cache import CacheKey, FeatureCache
 from .protocol.requests import Limits
 
 DEVICE_COPIES = 2
+FIELDS_KEPT = 2  # uploaded displacement fields held for overlays requests, the most recent ones
 FILL_STEP_VOXELS = 2**18  # one background fill step: a fraction of a second of MIND on the CPU
 
 
@@ -71,6 +75,8 @@ class WorkerState:
         self.limits = limits
         self.memory_budget = memory_budget
         self.volumes: dict[str, Volume] = {}
+        self._fields: OrderedDict[str, DisplacementField] = OrderedDict()
+        self._fields_lock = threading.Lock()
         self._log = log
         self._volume_count = 0
         self._featurizer_key: tuple | None = None
@@ -103,6 +109,31 @@ class WorkerState:
         if volume is None:
             raise BadRequestError(f"{field}: unknown volume id {volume_id!r}; load the volume first")
         return volume
+
+    # ------------------------------------------------------------------ uploaded fields
+
+    def add_field(self, field_id: str, field: DisplacementField) -> None:
+        """Hold a displacement field uploaded to ``meddift serve`` as ``field_id`` (its hash), for the
+        ``transform_id`` of an overlays request; only the last :data:`FIELDS_KEPT` are kept."""
+        with self._fields_lock:
+            self._fields[field_id] = field
+            self._fields.move_to_end(field_id)
+            while len(self._fields) > FIELDS_KEPT:
+                self._fields.popitem(last=False)
+
+    def field(self, field_id: str) -> DisplacementField:
+        """The uploaded field ``field_id``."""
+        with self._fields_lock:
+            found = self._fields.get(field_id)
+        if found is None:
+            raise BadRequestError(f"transform_id: no uploaded field {field_id!r}; upload it first (a server keeps "
+                                  f"its session's last {FIELDS_KEPT})")
+        return found
+
+    def held_field_bytes(self) -> int:
+        """Bytes of the uploaded fields held."""
+        with self._fields_lock:
+            return sum(field.displacement_lps_mm.nbytes for field in self._fields.values())
 
     def check_memory(self, estimate: MemoryEstimate) -> None:
         """Refuse a job whose estimate exceeds this worker's budget or the machine's (:mod:`MedDIFTLib.core.budget`)."""

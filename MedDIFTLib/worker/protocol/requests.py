@@ -123,38 +123,41 @@ class RegisterRequest:
 @dataclass(frozen=True)
 class TrackRequest:
     """Lesion tracking (:func:`MedDIFTLib.lesions.track.track_lesions`) from the ``baseline_id``
-    volume into the ``followup_id`` volume. ``lesions`` is the path of a labelmap on the baseline grid
-    or a point file, as ``meddift track --lesions`` takes; ``out_dir`` gets the files of ``meddift
-    track`` (:mod:`MedDIFTLib.lesions.outputs`, each written atomically). The ``options`` field
-    (LesionOptions) is ``lesion_options``; ``field_options`` (FieldOptions) becomes
-    ``settings.field``. Result: :class:`~.results.TrackResult`. On ``meddift serve`` the client uploads the
-    labelmap and names it by its volume id, and gives ``out_dir`` as a name (:mod:`.remote.app`)."""
+    volume into the ``followup_id`` volume. The lesions are either ``lesions``, the path of a labelmap
+    on the baseline grid or a point file, as ``meddift track --lesions`` takes, or ``lesions_id``, the
+    volume id of a loaded labelmap (what a client of ``meddift serve`` sends: it uploads the labelmap);
+    ``out_dir`` gets the files of ``meddift track`` (:mod:`MedDIFTLib.lesions.outputs`, each written
+    atomically). The ``options`` field (LesionOptions) is ``lesion_options``; ``field_options``
+    (FieldOptions) becomes ``settings.field``. Result: :class:`~.results.TrackResult`. On ``meddift
+    serve`` ``out_dir`` is a name (:mod:`.remote.app`)."""
 
     baseline_id: str
     followup_id: str
-    lesions: str
+    lesions: str | None
     out_dir: str
     lesion_options: LesionOptions
     settings: RunSettings
+    lesions_id: str | None = None
 
 
 @dataclass(frozen=True)
 class TrackSeriesRequest:
     """Lesions followed from the ``baseline_id`` volume through the ``followup_ids`` volumes (one or
     more, in time order; :func:`MedDIFTLib.lesions.series.track_series`), each scan's features from
-    the worker's cache. ``lesions``, ``lesion_options`` (the ``options`` field) and ``settings`` (with
-    ``field_options``) as in :class:`TrackRequest`; ``series_options`` (SeriesOptions: route, RECIST
+    the worker's cache. ``lesions`` or ``lesions_id``, ``lesion_options`` (the ``options`` field) and
+    ``settings`` (with ``field_options``) as in :class:`TrackRequest`; ``series_options`` (SeriesOptions: route, RECIST
     targets) is the ``series_options`` field. ``out_dir`` gets the files of ``meddift track`` over a
     series (:mod:`MedDIFTLib.lesions.series_outputs`, each written atomically), whatever the number of
     follow-ups. Result: :class:`~.results.TrackSeriesResult`. On ``meddift serve`` as :class:`TrackRequest`."""
 
     baseline_id: str
     followup_ids: tuple[str, ...]
-    lesions: str
+    lesions: str | None
     out_dir: str
     lesion_options: LesionOptions
     series_options: SeriesOptions
     settings: RunSettings
+    lesions_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,10 +172,11 @@ class CancelRequest:
 class OverlaysRequest:
     """QA overlays on the fixed grid, written atomically as volume files: ``out_confidence`` (match
     confidence in [0, 1] of the engine's lattice, ``lattice`` (FieldLevel) nodes, searched around
-    the field in ``transform`` when given) and, from that field, ``out_jacobian`` (Jacobian
-    determinant; <= 0 folds) and ``out_magnitude`` (displacement magnitude, mm). Result:
-    :class:`~.results.OverlaysResult`. On ``meddift serve`` the client
-    uploads the field and names it by its hash, and gives output names (:mod:`.remote.app`)."""
+    the field when one is given) and, from that field, ``out_jacobian`` (Jacobian determinant; <= 0
+    folds) and ``out_magnitude`` (displacement magnitude, mm). The field is ``transform``, the path
+    of a displacement field file, or ``transform_id``, the hash of a field uploaded to ``meddift
+    serve`` (what its client sends). Result: :class:`~.results.OverlaysResult`. On ``meddift serve``
+    the outputs are names (:mod:`.remote.app`)."""
 
     fixed_id: str
     moving_id: str
@@ -182,6 +186,7 @@ class OverlaysRequest:
     out_magnitude: str | None
     lattice: FieldLevel
     settings: RunSettings
+    transform_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -341,12 +346,18 @@ def _parse_overlays(fields: dict[str, Any], limits: Limits) -> OverlaysRequest:
         for name in ("out_confidence", "out_jacobian", "out_magnitude")
     }
     transform = _text(fields, "transform", "the path of a displacement field file", optional=True)
-    if transform is None and (outputs["out_jacobian"] or outputs["out_magnitude"]):
+    transform_id = _text(fields, "transform_id", "the hash of a displacement field uploaded to the server",
+                         optional=True)
+    if transform is not None and transform_id is not None:
+        raise BadRequestError("give the field as 'transform' (a file path) or 'transform_id' (an uploaded field), "
+                              "not both")
+    if transform is None and transform_id is None and (outputs["out_jacobian"] or outputs["out_magnitude"]):
         raise BadRequestError("'out_jacobian' and 'out_magnitude' need the field: give 'transform'")
     return OverlaysRequest(
         fixed_id=_volume_id(fields, "fixed_id"),
         moving_id=_volume_id(fields, "moving_id"),
         transform=transform,
+        transform_id=transform_id,
         lattice=parse_options(FieldLevel, fields.get("lattice"), "overlays lattice"),
         settings=_settings(fields, "overlays"),
         **outputs,
@@ -355,13 +366,20 @@ def _parse_overlays(fields: dict[str, Any], limits: Limits) -> OverlaysRequest:
 
 def _parse_track(fields: dict[str, Any], limits: Limits) -> TrackRequest:
     field = parse_options(FieldOptions, fields.get("field_options"), "track field")
+    lesions_id = _volume_id(fields, "lesions_id", optional=True)
+    lesions = _text(fields, "lesions", "the path of a baseline lesion labelmap or point file",
+                    optional=lesions_id is not None)
+    if lesions is not None and lesions_id is not None:
+        raise BadRequestError("give the lesions as 'lesions' (a file path) or 'lesions_id' (a loaded labelmap), "
+                              "not both")
     return TrackRequest(
         baseline_id=_volume_id(fields, "baseline_id"),
         followup_id=_volume_id(fields, "followup_id"),
-        lesions=_text(fields, "lesions", "the path of a baseline lesion labelmap or point file"),
+        lesions=lesions,
         out_dir=_text(fields, "out_dir", "an output folder path"),
         lesion_options=parse_options(LesionOptions, fields.get("options"), "track"),
         settings=_settings(fields, "track", field=field),
+        lesions_id=lesions_id,
     )
 
 
@@ -381,6 +399,7 @@ def _parse_track_series(fields: dict[str, Any], limits: Limits) -> TrackSeriesRe
         lesion_options=track.lesion_options,
         series_options=parse_options(SeriesOptions, fields.get("series_options"), "track_series"),
         settings=track.settings,
+        lesions_id=track.lesions_id,
     )
 
 
@@ -494,6 +513,7 @@ def _encode_overlays(request: OverlaysRequest) -> tuple[str, dict[str, Any]]:
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "transform": request.transform,
+        "transform_id": request.transform_id,
         "out_confidence": request.out_confidence,
         "out_jacobian": request.out_jacobian,
         "out_magnitude": request.out_magnitude,
@@ -507,6 +527,7 @@ def _encode_track(request: TrackRequest) -> tuple[str, dict[str, Any]]:
         "baseline_id": request.baseline_id,
         "followup_id": request.followup_id,
         "lesions": request.lesions,
+        "lesions_id": request.lesions_id,
         "out_dir": request.out_dir,
         "options": to_json(request.lesion_options),
         "field_options": to_json(request.settings.field),
@@ -519,6 +540,7 @@ def _encode_track_series(request: TrackSeriesRequest) -> tuple[str, dict[str, An
         "baseline_id": request.baseline_id,
         "followup_ids": list(request.followup_ids),
         "lesions": request.lesions,
+        "lesions_id": request.lesions_id,
         "out_dir": request.out_dir,
         "options": to_json(request.lesion_options),
         "series_options": to_json(request.series_options),

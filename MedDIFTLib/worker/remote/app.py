@@ -3,8 +3,8 @@
 - ``GET  /info``: version, device and limits (the client's "Test connection");
 - ``POST /sessions``, ``GET|DELETE /sessions/{sid}``: open, describe, close a session;
 - ``GET|PUT /sessions/{sid}/volumes/{content_hash}``: was this volume uploaded / upload it (:mod:`.wire`);
-- ``PUT /sessions/{sid}/fields/{field_hash}``: upload a displacement field (:mod:`.wire`), the
-  ``transform`` an ``overlays`` request names by its hash;
+- ``PUT /sessions/{sid}/fields/{field_hash}``: upload a displacement field (:mod:`.wire`), held in
+  memory as the ``transform_id`` an ``overlays`` request names by its hash;
 - ``POST /sessions/{sid}/requests``: one protocol request line as the body; its events come back as
   server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
   stream closing early cancels the request;
@@ -12,14 +12,17 @@
   ``overlays`` request (``name``: :data:`.wire.OUTPUT_NAMES`), a ``track`` request (labelmap, csv,
   report, sheet: the files of ``meddift track``) or a ``track_series`` request (labelmap_1 ...
   labelmap_N, csv, response, report, growth, sheet), written in the session's folder (the request
-  id URL-quoted; it may hold ``/``).
+  id URL-quoted; it may hold ``/``);
+- ``DELETE /sessions/{sid}/outputs/{request_id}``: the client has its outputs, delete them (a request
+  that fails, or whose stream is gone before it ends, has its outputs deleted at once).
 
 Every route is rate-limited per client address (429; failed token attempts count) and needs
 ``Authorization: Bearer TOKEN`` when the server has a token (401 otherwise). Refusals, unknown
 routes and unexpected failures alike are ``{"kind", "message"}`` JSON, never a path or a traceback.
 A path-style ``load`` and ``shutdown`` are refused: volumes are uploaded, and so are the lesion
-labelmap of a ``track`` or ``track_series`` (its ``lesions`` names the uploaded volume) and the field of ``overlays``
-(its ``transform`` names the upload). Each session may hold ``session_memory_bytes`` of uploaded
+labelmap of a ``track`` or ``track_series`` (its ``lesions_id`` names the uploaded volume) and the
+field of ``overlays`` (its ``transform_id`` names the upload); the server writes nothing but the
+outputs a client asked for, and deletes them once downloaded. Each session may hold ``session_memory_bytes`` of uploaded
 voxels, and each of its jobs is refused up front when its memory estimate
 (:mod:`MedDIFTLib.core.budget`) exceeds that.
 """
@@ -43,6 +46,7 @@ from ... import __version__
 from ...core.budget import Budget, describe_bytes
 from ...core.errors import BadInputError, BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
+from ...grid.displacement_field import DisplacementField
 from ..jobs import Job
 from ..protocol.requests import Limits, LoadRequest, RejectedRequest, parse_line
 from ..protocol.results import encode_result, parse_result
@@ -54,6 +58,7 @@ from .wire import (
     CONTENT_HASH,
     GEOMETRY_HEADER,
     NAME_HEADER,
+    OUTPUT_NAMES,
     decode_field,
     decode_volume,
     field_hash,
@@ -232,7 +237,7 @@ def create_app(config: ServeConfig) -> Starlette:
             return refusal(400, error.kind, str(error))
         if field_hash(displacement, geometry) != content_hash:
             return refusal(400, "bad_request", "the uploaded field does not have the hash it was sent under")
-        await asyncio.to_thread(session.add_field, content_hash, displacement, geometry)
+        session.add_field(content_hash, DisplacementField(displacement, geometry))
         return JSONResponse({"field": content_hash})
 
     async def post_request(request: Request, session: ServerSession) -> Response:
@@ -246,12 +251,10 @@ def create_app(config: ServeConfig) -> Starlette:
             if request_type not in REMOTE_TYPES:
                 raise RejectedRequest(_not_remote(request_type), request_id)
             fields = server_options(request_type, fields, config)
-            if request_type == "register":
+            if request_type in OUTPUT_NAMES:
                 fields = session.output_paths(request_id, request_type, fields)
-            elif request_type == "overlays":
-                fields = session.overlays_paths(request_id, fields)
             elif request_type in ("track", "track_series"):
-                fields = await asyncio.to_thread(session.track_paths, request_id, request_type, fields)
+                fields = session.track_paths(request_id, request_type, fields)
         except RejectedRequest as error:
             return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
         except BadInputError as error:
@@ -275,11 +278,14 @@ def create_app(config: ServeConfig) -> Starlette:
         return refusal(500, "internal", INTERNAL_MESSAGE)
 
     async def get_output(request: Request, session: ServerSession) -> Response:
-        name = request.path_params["name"]
-        path = session.outputs.get(request.path_params["request_id"], {}).get(name)
-        if path is None or not path.is_file():
+        path = session.outputs.file(request.path_params["request_id"], request.path_params["name"])
+        if path is None:
             return refusal(404, "bad_request", "no such output of this session")
         return FileResponse(path, media_type="application/octet-stream")
+
+    async def drop_outputs(request: Request, session: ServerSession) -> Response:
+        await asyncio.to_thread(session.outputs.drop, request.path_params["request_id"])
+        return JSONResponse({"deleted": True})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -306,6 +312,7 @@ def create_app(config: ServeConfig) -> Starlette:
         Route(session_path + "/fields/{field_hash}", guarded(upload_field), methods=["PUT"]),
         Route(session_path + "/requests", guarded(post_request), methods=["POST"]),
         Route(session_path + "/outputs/{request_id:path}/{name}", guarded(get_output), methods=["GET"]),
+        Route(session_path + "/outputs/{request_id:path}", guarded(drop_outputs), methods=["DELETE"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_refusal, Exception: failed})

@@ -1,9 +1,10 @@
-"""Sessions of ``meddift serve``: each client session has its own worker (volumes, feature cache,
-job queue) and its own folder under the server's cache folder (the jobs' outputs, and the files a
-job reads, the lesion labelmap of a ``track`` or ``track_series`` and the field of ``overlays``,
-written there by the server from an upload); another session can neither name nor reach them. Jobs
-of all sessions share the device: one computes at a time, and an idle session fills its partly
-computed features behind only while no job computes.
+"""Sessions of ``meddift serve``: each client session has its own worker (volumes, uploaded fields,
+feature cache, job queue) and its own folder under the server's cache folder, which holds only the
+outputs of its jobs until the client has downloaded them (:class:`SessionOutputs`); what a job
+reads (volumes, the lesion labelmap of a ``track``, the field of ``overlays``) is uploaded and held
+in memory, never written here. Another session can neither name nor reach them. Jobs of all
+sessions share the device: one computes at a time, and an idle session fills its partly computed
+features behind only while no job computes.
 
 Events of a session's worker are routed by request id to the HTTP stream that asked (an
 :class:`asyncio.Queue` per request), with file paths taken out of every message.
@@ -20,16 +21,13 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...core.budget import Budget
 from ...core.errors import BadRequestError
-from ...core.geometry import Geometry
-from ...core.io import write_volume
-from ...field import write_field
 from ...grid.displacement_field import DisplacementField
 from ...lesions.outputs import output_paths
 from ...lesions.series_outputs import series_output_paths
@@ -52,14 +50,54 @@ def hide_paths(text: str) -> str:
     return SERVER_PATH.sub("<server path>", text)
 
 
+class SessionOutputs:
+    """The output files of a session's requests, each request's in a folder of its own under the
+    session's ``folder`` (made when written), kept until the client has downloaded them: deleted on
+    its word (:meth:`drop`), when the request fails, or when nobody is left to download them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._numbers = itertools.count(1)
+        self._files: dict[str, dict[str, Path]] = {}
+        self._folders: dict[str, Path] = {}
+        self._lock = threading.Lock()
+
+    def new_folder(self, request_id: str) -> Path:
+        """The folder of ``request_id``'s outputs (a new name; made when written)."""
+        with self._lock:
+            folder = self._folders[request_id] = self.folder / f"job{next(self._numbers)}"
+        return folder
+
+    def add(self, request_id: str, files: dict[str, Path]) -> None:
+        """The files (output name -> path in its folder) that ``request_id`` writes."""
+        with self._lock:
+            self._files[request_id] = dict(files)
+
+    def file(self, request_id: str, name: str) -> Path | None:
+        """The written output ``name`` of ``request_id`` (None when unknown or not written)."""
+        with self._lock:
+            path = self._files.get(request_id, {}).get(name)
+        return path if path is not None and path.is_file() else None
+
+    def drop(self, request_id: str) -> None:
+        """Delete ``request_id``'s outputs and forget them (nothing happens for an unknown request)."""
+        with self._lock:
+            self._files.pop(request_id, None)
+            folder = self._folders.pop(request_id, None)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class SessionEvents:
-    """The event writer of a session's worker: routes each event to its request's stream."""
+    """The event writer of a session's worker: routes each event to its request's stream; a request
+    that ends in an error, or with no stream left to hear it, has its outputs discarded (``discard``)."""
 
     broken = False
 
-    def __init__(self) -> None:
+    def __init__(self, discard: Callable[[str], None] = lambda request_id: None) -> None:
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
+        self._discard = discard
         self.outcomes: OrderedDict[str, str] = OrderedDict()
 
     def open(self, request_id: str, loop: asyncio.AbstractEventLoop) -> asyncio.Queue | None:
@@ -82,12 +120,15 @@ class SessionEvents:
     def emit(self, event: dict[str, Any]) -> bool:
         event = self.scrub(json_safe(event))
         request_id = event.get("id")
+        final = event.get("event") in ("result", "error") and request_id is not None
         with self._lock:
-            if event.get("event") in ("result", "error") and request_id is not None:
+            if final:
                 self.outcomes[request_id] = event.get("kind", "result")
                 while len(self.outcomes) > RECENT_OUTCOMES:
                     self.outcomes.popitem(last=False)
             route = self._routes.get(request_id) if request_id is not None else None
+        if final and (route is None or event["event"] == "error"):
+            self._discard(request_id)
         if route is not None:
             loop, queue = route
             try:
@@ -132,18 +173,16 @@ class SessionWorker(Worker):
 
 @dataclass(eq=False)
 class ServerSession:
-    """One client's worker, its thread, its output folder and the uploads it holds."""
+    """One client's worker, its thread, its jobs' outputs and the uploads it holds."""
 
     session_id: str
     folder: Path
     events: SessionEvents
     worker: SessionWorker
     thread: threading.Thread
+    outputs: SessionOutputs
     last_used: float = field(default_factory=time.monotonic)
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    outputs: dict[str, dict[str, Path]] = field(default_factory=dict)
-    uploaded_fields: dict[str, Path] = field(default_factory=dict)
-    _job_numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -153,8 +192,9 @@ class ServerSession:
         return self.events.open_count > 0 or self.worker.jobs.running is not None
 
     def held_bytes(self) -> int:
-        """Bytes of the voxels this session's worker holds."""
-        return sum(volume.voxels.nbytes for volume in list(self.worker.state.volumes.values()))
+        """Bytes of the voxels (volumes and fields) this session's worker holds."""
+        volumes = sum(volume.voxels.nbytes for volume in list(self.worker.state.volumes.values()))
+        return volumes + self.worker.state.held_field_bytes()
 
     def uploaded(self, content_hash: str) -> dict[str, Any] | None:
         """The load result of a volume uploaded before and still held (None otherwise)."""
@@ -163,30 +203,18 @@ class ServerSession:
             return None
         return found
 
-    def add_field(self, field_hash: str, displacement_lps_mm: Any, geometry: Geometry) -> None:
-        """Keep an uploaded displacement field (``[k, j, i, 3]``, LPS mm) as a file of this session's
-        folder, named by its hash for the ``transform`` of an ``overlays`` request."""
-        path = self.folder / "fields" / f"{field_hash}.nii.gz"
-        write_field(DisplacementField(displacement_lps_mm, geometry), path)
-        self.uploaded_fields[field_hash] = path
-
-    def overlays_paths(self, request_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of an overlays request with ``transform`` (on a server: the hash of a field
-        uploaded to this session) and its output names turned into files of this session's folder."""
-        transform = fields.get("transform")
-        if transform is not None:
-            path = self.uploaded_fields.get(transform) if isinstance(transform, str) else None
-            if path is None:
-                raise BadRequestError("'transform' on a server must name a field uploaded to this session "
-                                      "(RemoteWorkerClient's overlays uploads it)")
-            fields = {**fields, "transform": str(path)}
-        return self.output_paths(request_id, "overlays", fields)
+    def add_field(self, field_hash: str, field: DisplacementField) -> None:
+        """Hold an uploaded displacement field for the ``transform_id`` of an ``overlays`` request."""
+        self.worker.state.add_field(field_hash, field)
 
     def output_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
         """``fields`` of a register or overlays request with its output names (only their endings
-        count) turned into files of this session's folder."""
-        folder = self._job_folder()
-        paths = {}
+        count) turned into files of the request's output folder; an overlays request must name its
+        field by ``transform_id``."""
+        if request_type == "overlays" and fields.get("transform") is not None:
+            raise BadRequestError("'transform' on a server must be a field uploaded to this session, named by "
+                                  "'transform_id' (RemoteWorkerClient's overlays uploads it)")
+        names = {}
         for name in OUTPUT_NAMES[request_type]:
             given = fields.get(f"out_{name}")
             if given is None:
@@ -194,32 +222,24 @@ class ServerSession:
             ending = OUTPUT_SUFFIX.search(given.lower()) if isinstance(given, str) else None
             if ending is None:
                 raise BadRequestError(f"'out_{name}' must be a file name with a format ending, e.g. {name}.nii.gz")
-            paths[name] = folder / f"{name}{ending.group(0)}"
-        self.outputs[request_id] = paths
+            names[name] = f"{name}{ending.group(0)}"
+        folder = self.outputs.new_folder(request_id)
+        paths = {name: folder / file_name for name, file_name in names.items()}
+        self.outputs.add(request_id, paths)
         return {**fields, **{f"out_{name}": str(path) for name, path in paths.items()}}
 
     def track_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of a ``track`` or ``track_series`` request with ``lesions`` (on a server: the
-        volume id of a labelmap uploaded to this session) written as a file of this session's folder,
-        and ``out_dir`` a folder of it whose files of ``meddift track`` (over a pair or a series)
-        are the request's outputs."""
-        lesions = fields.get("lesions")
-        volume = self.worker.state.volumes.get(lesions) if isinstance(lesions, str) else None
-        if volume is None:
+        """``fields`` of a ``track`` or ``track_series`` request (its lesions: ``lesions_id``, a labelmap
+        uploaded to this session) with ``out_dir`` the request's output folder, whose files of
+        ``meddift track`` (over a pair or a series) are its outputs."""
+        if fields.get("lesions") is not None:
             raise BadRequestError("'lesions' on a server must be the volume id of a labelmap uploaded to this "
-                                  "session (RemoteWorkerClient's track uploads it)")
+                                  "session, as 'lesions_id' (RemoteWorkerClient's track uploads it)")
         series = None if request_type == "track" else parse_request(request_type, fields, self.worker.limits)
-        folder = self._job_folder()
-        labelmap = folder / "lesions.nii.gz"
-        write_volume(volume, labelmap)
-        out_dir = folder / "track"
-        self.outputs[request_id] = (output_paths(out_dir) if series is None
-                                    else series_output_paths(out_dir, len(series.followup_ids)))
-        return {**fields, "lesions": str(labelmap), "out_dir": str(out_dir)}
-
-    def _job_folder(self) -> Path:
-        """A new folder name for one job's files in this session's folder (made when written)."""
-        return self.folder / f"job{next(self._job_numbers)}"
+        out_dir = self.outputs.new_folder(request_id)
+        self.outputs.add(request_id, output_paths(out_dir) if series is None
+                         else series_output_paths(out_dir, len(series.followup_ids)))
+        return {**fields, "out_dir": str(out_dir)}
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Cancel its jobs, stop its worker and delete its folder."""
@@ -257,10 +277,11 @@ class SessionStore:
             session_id = secrets.token_urlsafe(24)
             folder = self.root / f"session-{secrets.token_hex(8)}"
             folder.mkdir(parents=True)
-            events = SessionEvents()
+            outputs = SessionOutputs(folder)
+            events = SessionEvents(outputs.drop)
             worker = SessionWorker(events, self.cache_bytes, self.limits, self.device_lock, self.memory_budget)
             thread = threading.Thread(target=worker.serve, name="meddift-session", daemon=True)
-            session = ServerSession(session_id, folder, events, worker, thread)
+            session = ServerSession(session_id, folder, events, worker, thread, outputs)
             self._sessions[session_id] = session
         thread.start()
         return session
