@@ -8,14 +8,16 @@ of two routes, each one :func:`.track.track_lesions` pair:
 
 At follow-up 1 the two are the same pair (baseline -> 1), run once and recorded as ``direct``.
 ``auto`` (:class:`~MedDIFTLib.core.options.SeriesOptions`) runs both, the chained one from auto's
-own result at k-1, and per lesion keeps the chained result where the two agree and the one whose
+own result at k-1, and per lesion keeps the direct result where the two agree and the one whose
 centre match (the correspondence engine's confidence) is more confident where they disagree: their
 centres are further apart than the lesion's baseline equivalent radius and ``agreement_mm``, or one
 route segments the lesion and the other finds nothing. The kept lesions make follow-up k's
 labelmap (a voxel claimed by two lesions stays with the lower label; both are flagged ``merges``).
 
 Each scan's features are extracted once (``extract``); at most the baseline's, the previous and the
-current follow-up's are held at a time (a route that no longer needs one lets it go).
+current follow-up's are held at a time (a route that no longer needs one lets it go). Several calls
+on the same scans (e.g. the routes compared) can share their pairs through :class:`PairRuns`: a pair
+with the same input lesions is run once and its result reused, as a fresh run would give it.
 
 Per lesion and time point (:class:`LesionVisit`): the centre (LPS mm: at baseline the lesion's centre
 of mass, at a follow-up the engine's match, which exists even where the lesion is gone), the match's
@@ -30,6 +32,8 @@ size the image does not support (``unsupported_growth``) makes its time point no
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -118,6 +122,52 @@ class SeriesResult:
     def volume_change_pct(self, visit: LesionVisit) -> float:
         """The change of ``visit``'s volume from the lesion's baseline volume, %."""
         return change_pct(self.timeline(visit.label)[0].measurement.volume_ml, visit.measurement.volume_ml)
+
+
+PairKey = tuple[int, int, str]
+"""A pair of a series: (from-scan index, to-scan index, fingerprint of its input lesions and options)."""
+
+
+@dataclass
+class PairRuns:
+    """Pair results (:func:`.track.track_lesions`) shared by :func:`track_series` calls on the same
+    scans (the same objects, in the same order), e.g. each route of one series: a pair is run once per
+    :data:`PairKey` and later calls get a copy of its result (it holds every pair's labelmaps until
+    dropped). ``seconds[key]`` is the pair's run time (s) and ``reused_seconds`` adds those of the
+    pairs served from here instead of run again."""
+
+    results: dict[PairKey, TrackResult] = field(default_factory=dict)
+    seconds: dict[PairKey, float] = field(default_factory=dict)
+    reused_seconds: float = 0.0
+    scans: tuple[Volume, ...] = ()
+
+    def bind(self, scans: Sequence[Volume]) -> None:
+        """Refuse scans other than those of the first call (their pairs are not these)."""
+        if not self.scans:
+            self.scans = tuple(scans)
+        elif len(scans) != len(self.scans) or any(a is not b for a, b in zip(scans, self.scans)):
+            raise ValueError("PairRuns holds the pairs of other scans: use one PairRuns per series")
+
+    def run(self, key: PairKey, track: Callable[[], TrackResult]) -> TrackResult:
+        """The result of pair ``key``: ``track()``'s, run here the first time, a copy of it later."""
+        if key in self.results:
+            self.reused_seconds += self.seconds[key]
+            return copy.deepcopy(self.results[key])
+        start = time.perf_counter()
+        result = track()
+        self.seconds[key] = time.perf_counter() - start
+        self.results[key] = copy.deepcopy(result)
+        return result
+
+
+def pair_key(from_index: int, to_index: int, lesions: Lesions, *options: object) -> PairKey:
+    """The :data:`PairKey` of a pair from scan ``from_index`` to ``to_index`` with input ``lesions``
+    (labelmap, labels, names, seeds, colours) and ``options`` (by their ``repr``)."""
+    digest = hashlib.sha1(np.ascontiguousarray(lesions.labelmap).tobytes())
+    digest.update(np.ascontiguousarray(lesions.seeds_lps_mm, dtype=float).tobytes())
+    digest.update(repr((lesions.labels, lesions.names, lesions.from_points, sorted(lesions.colors.items()),
+                        lesions.labelmap.shape, lesions.labelmap.dtype.str, options)).encode())
+    return from_index, to_index, digest.hexdigest()
 
 
 def check_series(baseline: Volume, followups: Sequence[Volume]) -> None:
@@ -240,13 +290,17 @@ def track_series(
     series_options: SeriesOptions | None = None,
     field_options: FieldOptions | None = None,
     progress: ProgressFn = no_progress,
+    pairs: PairRuns | None = None,
 ) -> SeriesResult:
     """Follow ``lesions`` of ``baseline`` through ``followups`` (HU volumes, in time order); ``extract``
-    gives a scan's features and is called once per scan."""
+    gives a scan's features and is called once per scan (not for a scan whose pairs all come from
+    ``pairs``, the pair results shared with other calls on these scans)."""
     check_series(baseline, followups)
     series_options = series_options or SeriesOptions()
     route = series_options.route
     scans = [baseline, *followups]
+    if pairs is not None:
+        pairs.bind(scans)
     start = time.perf_counter()
     pyramids: dict[int, FeaturePyramid] = {}
     seconds: dict[str, float] = {}
@@ -255,6 +309,18 @@ def track_series(
         if index not in pyramids:
             pyramids[index] = extract(scans[index], step_progress)
         return pyramids[index]
+
+    def pair(origin: int, target: int, pair_lesions: Lesions, step_progress: ProgressFn) -> TrackResult:
+        """Scan ``origin``'s ``pair_lesions`` tracked into scan ``target`` (or ``pairs``' result)."""
+        def track() -> TrackResult:
+            return track_lesions(scans[origin], scans[target], pair_lesions,
+                                 features(origin, scaled(step_progress, 0.0, 0.1)),
+                                 features(target, scaled(step_progress, 0.1, 0.2)), options, field_options,
+                                 progress=scaled(step_progress, 0.2, 1.0))
+
+        if pairs is None:
+            return track()
+        return pairs.run(pair_key(origin, target, pair_lesions, options, field_options), track)
 
     visits: list[list[LesionVisit]] = []
     labelmaps: list[np.ndarray] = []
@@ -266,17 +332,13 @@ def track_series(
         followup = scans[time_point]
         run_direct = time_point == 1 or route in ("direct", "auto")
         run_chained = time_point > 1 and route in ("chained", "auto")
-        origin = features(0, scaled(step, 0.0, 0.1)) if run_direct else None
-        current = features(time_point, scaled(step, 0.1, 0.2))
         runs: dict[str, TrackResult] = {}
         if run_chained:
-            runs["chained"] = track_lesions(
-                scans[time_point - 1], followup, _lesions_at(visits[-1], labelmaps[-1], direct_input.seeds_lps_mm),
-                features(time_point - 1, no_progress), current, options, field_options,
-                progress=scaled(step, 0.2, 0.6 if route == "auto" else 1.0))
+            runs["chained"] = pair(time_point - 1, time_point,
+                                   _lesions_at(visits[-1], labelmaps[-1], direct_input.seeds_lps_mm),
+                                   scaled(step, 0.0, 0.5 if route == "auto" else 1.0))
         if run_direct:
-            runs["direct"] = track_lesions(baseline, followup, direct_input, origin, current, options, field_options,
-                                           progress=scaled(step, 0.6 if "chained" in runs else 0.2, 1.0))
+            runs["direct"] = pair(0, time_point, direct_input, scaled(step, 0.5 if "chained" in runs else 0.0, 1.0))
         if time_point == 1:
             first = runs["direct"]
             visits.append(_baseline_visits(first, lesions.seeds_lps_mm))
