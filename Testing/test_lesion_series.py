@@ -108,6 +108,23 @@ def test_auto_keeps_the_direct_lesion_unless_the_routes_disagree_and_chained_is_
     assert choose_route(result((0, 0, 0), 0.6, 0.0), result((1, 0, 0), 0.7), 4.0, 3.0) == "direct"  # only one found
 
 
+def test_series_memory_counts_every_scan_read_and_auto_s_third_features():
+    """Three scans on one grid: a route holds the largest pair and the third scan's volume; ``auto`` holds
+    the third scan's features as well (baseline, previous and current follow-up)."""
+    from MedDIFTLib.core.budget import estimate_register
+    from MedDIFTLib.core.options import FieldOptions
+    from MedDIFTLib.lesions.series import series_estimate
+
+    scans = [Volume(np.zeros(GEOMETRY.shape_kji, np.float32), GEOMETRY)] * 3
+    pair = estimate_register(GEOMETRY, GEOMETRY, FieldOptions(), what="track")
+    by_route = {route: series_estimate(scans, route, FieldOptions()) for route in ("chained", "direct", "auto")}
+    for route, estimate in by_route.items():
+        assert estimate.parts["other scans' volumes"] == pair.parts["volumes"] // 2
+        assert ("a third scan's features" in estimate.parts) == (route == "auto")
+    assert by_route["auto"].total_bytes == by_route["direct"].total_bytes + pair.parts["features"] // 2
+    assert series_estimate(scans[:2], "auto", FieldOptions()).parts == pair.parts
+
+
 def test_series_inputs_are_checked():
     baseline = lung_with_nodules(GEOMETRY, [((0, 0, 0), 5.0)])
     with pytest.raises(BadInputError, match="at least one follow-up"):

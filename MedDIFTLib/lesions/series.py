@@ -182,18 +182,34 @@ def check_series(baseline: Volume, followups: Sequence[Volume]) -> None:
 
 def series_estimate(scans: Sequence[Volume], route: str, field_options: FieldOptions,
                     names: Mapping[str, str] = OPTION_NAMES) -> MemoryEstimate:
-    """The memory of the largest pair :func:`track_series` runs over ``scans`` (baseline first) by
-    ``route`` (its pairs run one after another): baseline -> 1, then each later follow-up from the
-    baseline (``direct``, ``auto``) and from the follow-up before (``chained``, ``auto``). ``names``:
-    the option names the advice gives (:func:`MedDIFTLib.core.budget.estimate_register`)."""
-    pairs = [(scans[1], scans[0])]  # (fixed = follow-up, moving = where its lesions come from)
+    """The memory of :func:`track_series` over ``scans`` (baseline first) by ``route``: its largest pair
+    (pairs run one after another: baseline -> 1, then each later follow-up from the baseline (``direct``,
+    ``auto``) and from the follow-up before (``chained``, ``auto``)), plus the other scans' volumes (every
+    scan is read before the work) and, with ``auto`` over two follow-ups or more, the features of a
+    third scan (auto holds the baseline's, the previous and the current follow-up's). ``names``: the
+    option names the advice gives (:func:`MedDIFTLib.core.budget.estimate_register`)."""
+    pairs = [(1, 0)]  # (fixed = follow-up, moving = where its lesions come from), scan indices
     if route != "chained":
-        pairs += [(scans[k], scans[0]) for k in range(2, len(scans))]
+        pairs += [(k, 0) for k in range(2, len(scans))]
     if route != "direct":
-        pairs += [(scans[k], scans[k - 1]) for k in range(2, len(scans))]
-    estimates = [estimate_register(fixed.geometry, moving.geometry, field_options, names, "track")
-                 for fixed, moving in pairs]
-    return max(estimates, key=lambda estimate: estimate.total_bytes)
+        pairs += [(k, k - 1) for k in range(2, len(scans))]
+    estimates = {pair: estimate_register(scans[pair[0]].geometry, scans[pair[1]].geometry, field_options, names,
+                                         "track") for pair in pairs}
+    largest_pair, largest = max(estimates.items(), key=lambda item: item[1].total_bytes)
+    others = [_scan_bytes(scan, field_options) for n, scan in enumerate(scans) if n not in largest_pair]
+    parts = dict(largest.parts)
+    if others:
+        parts["other scans' volumes"] = sum(other["volumes"] for other in others)
+    if route == "auto" and others:
+        parts["a third scan's features"] = max(other["features"] for other in others)
+    return MemoryEstimate(largest.what, parts, largest.advice)
+
+
+def _scan_bytes(scan: Volume, field_options: FieldOptions) -> dict[str, int]:
+    """One scan's ``volumes`` and ``features`` bytes: half those of a pair of the scan with itself (one
+    formula, :func:`~MedDIFTLib.core.budget.estimate_register`'s)."""
+    parts = estimate_register(scan.geometry, scan.geometry, field_options).parts
+    return {"volumes": parts["volumes"] // 2, "features": parts["features"] // 2}
 
 
 def _baseline_visits(result: TrackResult, seeds_lps_mm: np.ndarray) -> list[LesionVisit]:
