@@ -249,13 +249,17 @@ def test_series_through_the_command(series_files, route, tmp_path, monkeypatch):
 
 def test_one_followup_keeps_the_pair_outputs_and_bad_series_input_writes_nothing(series_files, tmp_path, capsys):
     folder, scans, lesions = series_files
-    assert main(["track", scans[0], scans[1], "--lesions", lesions, "--out", str(tmp_path / "pair"), *FAST]) == 0
+    assert main(["track", scans[0], scans[1], "--lesions", lesions, "--out", str(tmp_path / "pair"), "--series",
+                 "chained", "--max-targets", "2", *FAST]) == 0
     assert {path.name for path in (tmp_path / "pair").iterdir()} == set(PAIR_FILES.values())
-    capsys.readouterr()
+    assert "note: --series, --max-targets only act with several follow-ups" in capsys.readouterr().err
 
     mri = Volume(np.full(GEOMETRY.shape_kji, 300.0, np.float32), GEOMETRY)
     write_volume(mri, folder / "mri.nii.gz")
     out = tmp_path / "bad"
+    assert main(["track", scans[0], str(folder / "mri.nii.gz"), "--lesions", lesions, "--out", str(out),
+                 *FAST]) == 2  # one follow-up: its modality is checked too
+    assert "another modality" in capsys.readouterr().err
     assert main(["track", scans[0], scans[1], str(folder / "mri.nii.gz"), "--lesions", lesions, "--out", str(out),
                  *FAST]) == 2
     assert "another modality" in capsys.readouterr().err
