@@ -42,6 +42,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,8 @@ def meddift_routes(series) -> dict[str, dict]:
             extraction_seconds += time.perf_counter() - start
         return pyramids[id(volume)]
 
-    def report(route: str):
+    def report(route: str) -> Callable[..., None]:
+        """A progress callback logging each time point the route starts."""
         reported: set[int] = set()
 
         def progress(stage: str, fraction: float, message: str = "") -> None:
