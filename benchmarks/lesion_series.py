@@ -28,8 +28,8 @@ error over the first's and seconds per series (feature extraction and every pair
 that route, as if it ran alone), and per MedDIFT route the issue's done-when checks. Several motion
 families in one run (``--motion breathing dirlab1``): one series per case, motion and seed. Progress goes
 to stderr; the results file (``--out``, default ``benchmarks/results/lesion_series.json``: ``markdown``,
-``figures``, per-lesion ``series``) is rewritten after each series, so a run stopped early keeps what it
-finished. Run::
+``figures``, per-lesion ``series`` with each route's kept route and status per lesion and follow-up) is
+rewritten after each series, so a run stopped early keeps what it finished. Run::
 
     python benchmarks/lesion_series.py --cases pulmonary elastix --seeds 0 1 --time-points 4
     python benchmarks/lesion_series.py --summarise part1.json part2.json  # the table of these runs' series
@@ -145,6 +145,7 @@ def meddift_routes(series) -> dict[str, dict]:
         methods[f"meddift-{route}"] = scored(series, result.labelmaps, centres,
                                              [response.category for response in result.responses], seconds)
         methods[f"meddift-{route}"]["routes_kept"] = [[visit.route for visit in visits] for visits in result.visits[1:]]
+        methods[f"meddift-{route}"]["statuses"] = [[visit.status for visit in visits] for visits in result.visits[1:]]
     for found in methods.values():
         found["seconds"] += extraction_seconds
     return methods
