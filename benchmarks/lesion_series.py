@@ -31,7 +31,7 @@ to stderr; the results file (``--out``, default ``benchmarks/results/lesion_seri
 ``figures``, per-lesion ``series`` with each route's kept route and status per lesion and follow-up) is
 rewritten after each series, so a run stopped early keeps what it finished. Run::
 
-    python benchmarks/lesion_series.py --cases pulmonary elastix --seeds 0 1 --time-points 4
+    python benchmarks/lesion_series.py --cases elastix pulmonary --seeds 0 1 --time-points 4 --motion breathing dirlab1
     python benchmarks/lesion_series.py --summarise part1.json part2.json  # the table of these runs' series
 """
 
