@@ -108,6 +108,23 @@ def test_auto_keeps_the_direct_lesion_unless_the_routes_disagree_and_chained_is_
     assert choose_route(result((0, 0, 0), 0.6, 0.0), result((1, 0, 0), 0.7), 4.0, 3.0) == "direct"  # only one found
 
 
+def test_series_memory_counts_every_scan_read_and_auto_s_third_features():
+    """Three scans on one grid: a route holds the largest pair and the third scan's volume; ``auto`` holds
+    the third scan's features as well (baseline, previous and current follow-up)."""
+    from MedDIFTLib.core.budget import estimate_register
+    from MedDIFTLib.core.options import FieldOptions
+    from MedDIFTLib.lesions.series import series_estimate
+
+    scans = [Volume(np.zeros(GEOMETRY.shape_kji, np.float32), GEOMETRY)] * 3
+    pair = estimate_register(GEOMETRY, GEOMETRY, FieldOptions(), what="track")
+    by_route = {route: series_estimate(scans, route, FieldOptions()) for route in ("chained", "direct", "auto")}
+    for route, estimate in by_route.items():
+        assert estimate.parts["other scans' volumes"] == pair.parts["volumes"] // 2
+        assert ("a third scan's features" in estimate.parts) == (route == "auto")
+    assert by_route["auto"].total_bytes == by_route["direct"].total_bytes + pair.parts["features"] // 2
+    assert series_estimate(scans[:2], "auto", FieldOptions()).parts == pair.parts
+
+
 def test_series_inputs_are_checked():
     baseline = lung_with_nodules(GEOMETRY, [((0, 0, 0), 5.0)])
     with pytest.raises(BadInputError, match="at least one follow-up"):
@@ -232,13 +249,17 @@ def test_series_through_the_command(series_files, route, tmp_path, monkeypatch):
 
 def test_one_followup_keeps_the_pair_outputs_and_bad_series_input_writes_nothing(series_files, tmp_path, capsys):
     folder, scans, lesions = series_files
-    assert main(["track", scans[0], scans[1], "--lesions", lesions, "--out", str(tmp_path / "pair"), *FAST]) == 0
+    assert main(["track", scans[0], scans[1], "--lesions", lesions, "--out", str(tmp_path / "pair"), "--series",
+                 "chained", "--max-targets", "2", *FAST]) == 0
     assert {path.name for path in (tmp_path / "pair").iterdir()} == set(PAIR_FILES.values())
-    capsys.readouterr()
+    assert "note: --series, --max-targets only act with several follow-ups" in capsys.readouterr().err
 
     mri = Volume(np.full(GEOMETRY.shape_kji, 300.0, np.float32), GEOMETRY)
     write_volume(mri, folder / "mri.nii.gz")
     out = tmp_path / "bad"
+    assert main(["track", scans[0], str(folder / "mri.nii.gz"), "--lesions", lesions, "--out", str(out),
+                 *FAST]) == 2  # one follow-up: its modality is checked too
+    assert "another modality" in capsys.readouterr().err
     assert main(["track", scans[0], scans[1], str(folder / "mri.nii.gz"), "--lesions", lesions, "--out", str(out),
                  *FAST]) == 2
     assert "another modality" in capsys.readouterr().err
@@ -278,3 +299,50 @@ def test_a_lesion_that_leaves_the_field_of_view_is_reported_and_its_time_point_n
     assert result.timeline(3)[2].gone and result.labelmaps[2].shape == cropped.shape_kji
     assert result.timeline(1)[2].status == "ok"
     assert [response.category for response in result.responses] == [None, "PR", "NE"]
+
+
+def _visits_and_labelmaps(result) -> tuple:
+    """Everything a series result reports, comparable with ``==`` (arrays as bytes, NaN as a string)."""
+    def number(value: float) -> object:
+        return "nan" if math.isnan(value) else value
+
+    visits = [(visit.label, visit.time_point, visit.centre_lps_mm.tobytes(), number(visit.confidence),
+               number(visit.forward_backward_mm), repr(visit.measurement), visit.flags, visit.route,
+               number(visit.routes_apart_mm)) for visits in result.visits for visit in visits]
+    return (visits, [labelmap.tobytes() for labelmap in result.labelmaps], result.targets,
+            [repr(response) for response in result.responses])
+
+
+def test_routes_sharing_their_pairs_give_what_each_gives_alone(series_files, monkeypatch):
+    """One PairRuns for the three routes: each route's result is the same as run alone, and the pairs
+    they share (baseline -> T1, the direct pairs, T1 -> T2) run once."""
+    from MedDIFTLib.core.options import FieldLevel, FieldOptions
+    from MedDIFTLib.features import create_featurizer
+    from MedDIFTLib.lesions import series as series_module
+    from MedDIFTLib.lesions.inputs import lesions_from_labelmap
+
+    _, paths, lesions_path = series_files
+    scans = [read_volume(path) for path in paths]
+    lesions = lesions_from_labelmap(read_volume(lesions_path), scans[0])
+    featurizer = create_featurizer("mind", device="cpu")
+    fast = FieldOptions(levels=(FieldLevel(spacing_mm=8.0, search_radius_mm=12.0),), optimise_iterations=0)
+    runs = []
+    track = series_module.track_lesions
+    monkeypatch.setattr(series_module, "track_lesions",
+                        lambda *args, **kwargs: runs.append(1) or track(*args, **kwargs))
+
+    def route_results(pairs_for) -> dict[str, tuple]:
+        return {route: _visits_and_labelmaps(series_module.track_series(
+            scans[0], scans[1:], lesions, featurizer.extract, series_options=SeriesOptions(route=route),
+            field_options=fast, pairs=pairs_for(route))) for route in ("chained", "direct", "auto")}
+
+    alone = route_results(lambda route: None)
+    assert len(runs) == 3 + 3 + 5
+    shared_pairs = series_module.PairRuns()
+    runs.clear()
+    shared = route_results(lambda route: shared_pairs)
+    assert shared == alone
+    assert len(runs) == len(shared_pairs.results) <= 6  # 0->1, 0->2, 0->3, 1->2, and 2->3 from each chain
+    assert shared_pairs.reused_seconds > 0
+    with pytest.raises(ValueError, match="other scans"):
+        series_module.track_series(scans[0], scans[1:3], lesions, featurizer.extract, pairs=shared_pairs)

@@ -4,6 +4,7 @@ and its clean skip when the data is absent."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -115,19 +116,21 @@ def test_labelmap_responses_partial_then_complete_then_progression():
     assert responses[2].sld_mm == 0 and responses[3].nadir_mm == 0
 
 
-def _record(method_rows, categories, truth, seconds=10.0):
+def _record(method_rows, categories, truth, seconds=10.0, seed=0):
     """A made-up stored series: one lesion, one row per follow-up (centre error, Dice, volume error, gone)."""
     rows = [[{"centre_error_mm": c, "hit_radius": True, "hit_10mm": True, "dice": d,
               "volume_change_error_points": v, "time_point": t + 1, "truth_gone": gone}]
             for t, (c, d, v, gone) in enumerate(method_rows)]
-    return {"true_categories": truth, "methods": {
+    return {"case": "elastix", "motion": "breathing", "seed": seed, "labels": [1], "true_categories": truth,
+            "methods": {
         "meddift-auto": {"rows": rows, "categories": categories, "seconds": seconds},
         "convexadam-carry": {"rows": rows, "categories": truth, "seconds": 2 * seconds}}}
 
 
 def test_the_table_has_a_row_per_time_point_and_method_and_scores_responses():
     records = [_record([(0.4, 0.9, 2.0, False), (0.6, 0.95, 4.0, False)], [None, "PR", "SD"], [None, "PR", "PD"]),
-               _record([(0.2, 1.0, 0.0, True), (0.4, 0.85, 6.0, True)], [None, "SD", "PD"], [None, "SD", "PD"])]
+               _record([(0.2, 1.0, 0.0, True), (0.4, 0.85, 6.0, True)], [None, "SD", "PD"], [None, "SD", "PD"],
+                       seed=1)]
     markdown, figures = lesion_series.table(records)
     lines = markdown.splitlines()
     assert lines[0].startswith("| time point | method |") and {line.count("|") for line in lines[:6]} == {8}
@@ -147,3 +150,38 @@ def test_absent_data_is_skipped_with_a_message_and_nothing_written(tmp_path, mon
     message = capsys.readouterr().err
     assert "no-elastix" in message and "skipped" in message and "nothing to run" in message
     assert not out.exists()
+
+
+def test_done_when_checks_name_each_failing_time_point():
+    records = [_record([(0.4, 0.9, 2.0, False), (0.7, 0.95, 9.0, False)], [None, "PR", "PD"], [None, "PR", "PD"])]
+    carry = records[0]["methods"]["convexadam-carry"]
+    carry["rows"] = [[{**rows[0], "centre_error_mm": 0.3 if rows[0]["time_point"] == 1 else 0.9}]
+                     for rows in carry["rows"]]  # T1: carry's centre better, Dice and volume tied
+    markdown, figures = lesion_series.table(records)
+    checks = figures["meddift-auto"]["done_when"]
+    assert checks["centre error mean <= 0.6 mm"] == "unmet: T2 0.70"
+    assert checks["Dice median >= 0.88"] == "met" and checks["response right >= 95 %"] == "met"
+    assert checks["volume-change error median <= 8 points"] == "unmet: T2 9.0"
+    assert checks["better than convexadam-carry on each"] == ("unmet: T1 centre, T1 Dice, T1 volume change, T2 Dice, "
+                                                              "T2 volume change")
+    assert checks["last/first centre error <= 1.2"] == "unmet: 1.75"
+    assert "- meddift-auto: centre error mean <= 0.6 mm unmet: T2 0.70;" in markdown
+    assert "done_when" not in figures["convexadam-carry"]
+
+
+def test_results_files_merge_into_one_table_with_a_header_from_their_series(tmp_path):
+    first = _record([(0.4, 0.9, 2.0, False), (0.6, 0.95, 4.0, False)], [None, "PR", "SD"], [None, "PR", "PD"])
+    second = {**first, "case": "pulmonary", "motion": "dirlab1", "seed": 1}
+    for name, record in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(json.dumps({"markdown": "", "series": [record]}))
+    out = tmp_path / "merged.json"
+    assert lesion_series.main(["--summarise", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                               "--out", str(out)]) == 0
+    stored = json.loads(out.read_text())
+    assert [record["case"] for record in stored["series"]] == ["elastix", "pulmonary"]
+    assert stored["markdown"].startswith("Lesion series: 2 generated series of 3 time points (elastix, pulmonary; "
+                                         "seeds 0, 1; up to 1 nodules each")
+    assert "breathing motion, mean 7 mm" in stored["markdown"] and "dirlab1 motion (fitted" in stored["markdown"]
+    assert "| pulmonary | dirlab1 | 1 | 0.50 / 0.925 / 3.0 | 0.50 / 0.925 / 3.0 |" in stored["markdown"]
+    with pytest.raises(SystemExit, match="in an earlier file too"):
+        lesion_series.main(["--summarise", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(out)])

@@ -5,6 +5,7 @@ lesions in one follow-up (the pair's files, :mod:`MedDIFTLib.lesions.outputs`) o
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..core.options import FieldOptions, LesionOptions, SeriesOptions, describe
 from .common import (
@@ -16,8 +17,13 @@ from .common import (
     check_memory_here,
     featurizer_from_args,
     field_options_from_args,
+    given_options,
     options_from_args,
 )
+
+SERIES_FLAGS = {"route": "--series", "agreement_mm": "--agreement-mm", "measurable_mm": "--measurable-mm",
+                "max_targets": "--max-targets"}
+"""The flag of each :class:`SeriesOptions` field: they act only with several follow-ups."""
 
 CSV_COLUMNS = ("label,l,p,s,confidence,volume_baseline_ml,volume_followup_ml,volume_change_pct,"
                "diameter_baseline_mm,diameter_followup_mm,status")
@@ -55,11 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "seed_radius_mm")
     add_option(parser, LesionOptions, "centre_search_radius_mm")
     add_option(parser, LesionOptions, "confidence_threshold")
-    add_option(parser, SeriesOptions, "route", "--series",
+    add_option(parser, SeriesOptions, "route", SERIES_FLAGS["route"],
                help="several follow-ups: " + describe(SeriesOptions, "route"))
-    add_option(parser, SeriesOptions, "agreement_mm")
-    add_option(parser, SeriesOptions, "measurable_mm")
-    add_option(parser, SeriesOptions, "max_targets")
+    for name in ("agreement_mm", "measurable_mm", "max_targets"):
+        add_option(parser, SeriesOptions, name, SERIES_FLAGS[name])
     add_field_level_options(parser, smoothness=False)
     add_option(parser, FieldOptions, "optimise_iterations")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -73,12 +78,18 @@ def run(args: argparse.Namespace) -> int:
 def _run_pair(args: argparse.Namespace) -> int:
     from ..core.budget import estimate_register
     from ..core.devices import out_of_memory_as_error, resolve_device
-    from ..core.io import check_outputs_apart, check_overlap, read_volume
+    from ..core.io import check_outputs_apart, read_volume
     from ..core.progress import scaled
     from ..lesions.inputs import read_lesions
     from ..lesions.outputs import check_outputs, write_outputs
+    from ..lesions.series import check_series
     from ..lesions.track import track_lesions
 
+    series_given = given_options(args, SeriesOptions)  # checked as in a series, though unused
+    if series_given:
+        print(f"note: {', '.join(SERIES_FLAGS[name] for name in series_given)} only act with several follow-ups; "
+              "with one, the pair is tracked (baseline -> follow-up, as every route's first step) and no response "
+              "is assessed", file=sys.stderr)
     paths = check_outputs(args.out)
     followup_path = args.followup[0]
     check_outputs_apart({f"--out {path.name}": path for path in paths.values()},
@@ -88,7 +99,7 @@ def _run_pair(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     baseline = read_volume(args.baseline)
     followup = read_volume(followup_path)
-    check_overlap(baseline, followup)
+    check_series(baseline, [followup])  # the same modality and region as every series' follow-up
     lesions = read_lesions(args.lesions, baseline)
     check_memory_here(estimate_register(followup.geometry, baseline.geometry, field_options, FIELD_FLAGS, "track"))
     featurizer = featurizer_from_args(args, device)

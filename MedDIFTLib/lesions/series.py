@@ -8,14 +8,16 @@ of two routes, each one :func:`.track.track_lesions` pair:
 
 At follow-up 1 the two are the same pair (baseline -> 1), run once and recorded as ``direct``.
 ``auto`` (:class:`~MedDIFTLib.core.options.SeriesOptions`) runs both, the chained one from auto's
-own result at k-1, and per lesion keeps the chained result where the two agree and the one whose
+own result at k-1, and per lesion keeps the direct result where the two agree and the one whose
 centre match (the correspondence engine's confidence) is more confident where they disagree: their
 centres are further apart than the lesion's baseline equivalent radius and ``agreement_mm``, or one
 route segments the lesion and the other finds nothing. The kept lesions make follow-up k's
 labelmap (a voxel claimed by two lesions stays with the lower label; both are flagged ``merges``).
 
 Each scan's features are extracted once (``extract``); at most the baseline's, the previous and the
-current follow-up's are held at a time (a route that no longer needs one lets it go).
+current follow-up's are held at a time (a route that no longer needs one lets it go). Several calls
+on the same scans (e.g. the routes compared) can share their pairs through :class:`PairRuns`: a pair
+with the same input lesions is run once and its result reused, as a fresh run would give it.
 
 Per lesion and time point (:class:`LesionVisit`): the centre (LPS mm: at baseline the lesion's centre
 of mass, at a follow-up the engine's match, which exists even where the lesion is gone), the match's
@@ -30,6 +32,8 @@ size the image does not support (``unsupported_growth``) makes its time point no
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -120,6 +124,52 @@ class SeriesResult:
         return change_pct(self.timeline(visit.label)[0].measurement.volume_ml, visit.measurement.volume_ml)
 
 
+PairKey = tuple[int, int, str]
+"""A pair of a series: (from-scan index, to-scan index, fingerprint of its input lesions and options)."""
+
+
+@dataclass
+class PairRuns:
+    """Pair results (:func:`.track.track_lesions`) shared by :func:`track_series` calls on the same
+    scans (the same objects, in the same order), e.g. each route of one series: a pair is run once per
+    :data:`PairKey` and later calls get a copy of its result (it holds every pair's labelmaps until
+    dropped). ``seconds[key]`` is the pair's run time (s) and ``reused_seconds`` adds those of the
+    pairs served from here instead of run again."""
+
+    results: dict[PairKey, TrackResult] = field(default_factory=dict)
+    seconds: dict[PairKey, float] = field(default_factory=dict)
+    reused_seconds: float = 0.0
+    scans: tuple[Volume, ...] = ()
+
+    def bind(self, scans: Sequence[Volume]) -> None:
+        """Refuse scans other than those of the first call (their pairs are not these)."""
+        if not self.scans:
+            self.scans = tuple(scans)
+        elif len(scans) != len(self.scans) or any(a is not b for a, b in zip(scans, self.scans)):
+            raise ValueError("PairRuns holds the pairs of other scans: use one PairRuns per series")
+
+    def run(self, key: PairKey, track: Callable[[], TrackResult]) -> TrackResult:
+        """The result of pair ``key``: ``track()``'s, run here the first time, a copy of it later."""
+        if key in self.results:
+            self.reused_seconds += self.seconds[key]
+            return copy.deepcopy(self.results[key])
+        start = time.perf_counter()
+        result = track()
+        self.seconds[key] = time.perf_counter() - start
+        self.results[key] = copy.deepcopy(result)
+        return result
+
+
+def pair_key(from_index: int, to_index: int, lesions: Lesions, *options: object) -> PairKey:
+    """The :data:`PairKey` of a pair from scan ``from_index`` to ``to_index`` with input ``lesions``
+    (labelmap, labels, names, seeds, colours) and ``options`` (by their ``repr``)."""
+    digest = hashlib.sha1(np.ascontiguousarray(lesions.labelmap).tobytes())
+    digest.update(np.ascontiguousarray(lesions.seeds_lps_mm, dtype=float).tobytes())
+    digest.update(repr((lesions.labels, lesions.names, lesions.from_points, sorted(lesions.colors.items()),
+                        lesions.labelmap.shape, lesions.labelmap.dtype.str, options)).encode())
+    return from_index, to_index, digest.hexdigest()
+
+
 def check_series(baseline: Volume, followups: Sequence[Volume]) -> None:
     """Refuse, before any work, a series without follow-up, or a follow-up of another modality than the
     baseline or that does not show the baseline's region."""
@@ -132,18 +182,34 @@ def check_series(baseline: Volume, followups: Sequence[Volume]) -> None:
 
 def series_estimate(scans: Sequence[Volume], route: str, field_options: FieldOptions,
                     names: Mapping[str, str] = OPTION_NAMES) -> MemoryEstimate:
-    """The memory of the largest pair :func:`track_series` runs over ``scans`` (baseline first) by
-    ``route`` (its pairs run one after another): baseline -> 1, then each later follow-up from the
-    baseline (``direct``, ``auto``) and from the follow-up before (``chained``, ``auto``). ``names``:
-    the option names the advice gives (:func:`MedDIFTLib.core.budget.estimate_register`)."""
-    pairs = [(scans[1], scans[0])]  # (fixed = follow-up, moving = where its lesions come from)
+    """The memory of :func:`track_series` over ``scans`` (baseline first) by ``route``: its largest pair
+    (pairs run one after another: baseline -> 1, then each later follow-up from the baseline (``direct``,
+    ``auto``) and from the follow-up before (``chained``, ``auto``)), plus the other scans' volumes (every
+    scan is read before the work) and, with ``auto`` over two follow-ups or more, the features of a
+    third scan (auto holds the baseline's, the previous and the current follow-up's). ``names``: the
+    option names the advice gives (:func:`MedDIFTLib.core.budget.estimate_register`)."""
+    pairs = [(1, 0)]  # (fixed = follow-up, moving = where its lesions come from), scan indices
     if route != "chained":
-        pairs += [(scans[k], scans[0]) for k in range(2, len(scans))]
+        pairs += [(k, 0) for k in range(2, len(scans))]
     if route != "direct":
-        pairs += [(scans[k], scans[k - 1]) for k in range(2, len(scans))]
-    estimates = [estimate_register(fixed.geometry, moving.geometry, field_options, names, "track")
-                 for fixed, moving in pairs]
-    return max(estimates, key=lambda estimate: estimate.total_bytes)
+        pairs += [(k, k - 1) for k in range(2, len(scans))]
+    estimates = {pair: estimate_register(scans[pair[0]].geometry, scans[pair[1]].geometry, field_options, names,
+                                         "track") for pair in pairs}
+    largest_pair, largest = max(estimates.items(), key=lambda item: item[1].total_bytes)
+    others = [_scan_bytes(scan, field_options) for n, scan in enumerate(scans) if n not in largest_pair]
+    parts = dict(largest.parts)
+    if others:
+        parts["other scans' volumes"] = sum(other["volumes"] for other in others)
+    if route == "auto" and others:
+        parts["a third scan's features"] = max(other["features"] for other in others)
+    return MemoryEstimate(largest.what, parts, largest.advice)
+
+
+def _scan_bytes(scan: Volume, field_options: FieldOptions) -> dict[str, int]:
+    """One scan's ``volumes`` and ``features`` bytes: half those of a pair of the scan with itself (one
+    formula, :func:`~MedDIFTLib.core.budget.estimate_register`'s)."""
+    parts = estimate_register(scan.geometry, scan.geometry, field_options).parts
+    return {"volumes": parts["volumes"] // 2, "features": parts["features"] // 2}
 
 
 def _baseline_visits(result: TrackResult, seeds_lps_mm: np.ndarray) -> list[LesionVisit]:
@@ -240,13 +306,17 @@ def track_series(
     series_options: SeriesOptions | None = None,
     field_options: FieldOptions | None = None,
     progress: ProgressFn = no_progress,
+    pairs: PairRuns | None = None,
 ) -> SeriesResult:
     """Follow ``lesions`` of ``baseline`` through ``followups`` (HU volumes, in time order); ``extract``
-    gives a scan's features and is called once per scan."""
+    gives a scan's features and is called once per scan (not for a scan whose pairs all come from
+    ``pairs``, the pair results shared with other calls on these scans)."""
     check_series(baseline, followups)
     series_options = series_options or SeriesOptions()
     route = series_options.route
     scans = [baseline, *followups]
+    if pairs is not None:
+        pairs.bind(scans)
     start = time.perf_counter()
     pyramids: dict[int, FeaturePyramid] = {}
     seconds: dict[str, float] = {}
@@ -255,6 +325,18 @@ def track_series(
         if index not in pyramids:
             pyramids[index] = extract(scans[index], step_progress)
         return pyramids[index]
+
+    def pair(origin: int, target: int, pair_lesions: Lesions, step_progress: ProgressFn) -> TrackResult:
+        """Scan ``origin``'s ``pair_lesions`` tracked into scan ``target`` (or ``pairs``' result)."""
+        def track() -> TrackResult:
+            return track_lesions(scans[origin], scans[target], pair_lesions,
+                                 features(origin, scaled(step_progress, 0.0, 0.1)),
+                                 features(target, scaled(step_progress, 0.1, 0.2)), options, field_options,
+                                 progress=scaled(step_progress, 0.2, 1.0))
+
+        if pairs is None:
+            return track()
+        return pairs.run(pair_key(origin, target, pair_lesions, options, field_options), track)
 
     visits: list[list[LesionVisit]] = []
     labelmaps: list[np.ndarray] = []
@@ -266,17 +348,13 @@ def track_series(
         followup = scans[time_point]
         run_direct = time_point == 1 or route in ("direct", "auto")
         run_chained = time_point > 1 and route in ("chained", "auto")
-        origin = features(0, scaled(step, 0.0, 0.1)) if run_direct else None
-        current = features(time_point, scaled(step, 0.1, 0.2))
         runs: dict[str, TrackResult] = {}
         if run_chained:
-            runs["chained"] = track_lesions(
-                scans[time_point - 1], followup, _lesions_at(visits[-1], labelmaps[-1], direct_input.seeds_lps_mm),
-                features(time_point - 1, no_progress), current, options, field_options,
-                progress=scaled(step, 0.2, 0.6 if route == "auto" else 1.0))
+            runs["chained"] = pair(time_point - 1, time_point,
+                                   _lesions_at(visits[-1], labelmaps[-1], direct_input.seeds_lps_mm),
+                                   scaled(step, 0.0, 0.5 if route == "auto" else 1.0))
         if run_direct:
-            runs["direct"] = track_lesions(baseline, followup, direct_input, origin, current, options, field_options,
-                                           progress=scaled(step, 0.6 if "chained" in runs else 0.2, 1.0))
+            runs["direct"] = pair(0, time_point, direct_input, scaled(step, 0.5 if "chained" in runs else 0.0, 1.0))
         if time_point == 1:
             first = runs["direct"]
             visits.append(_baseline_visits(first, lesions.seeds_lps_mm))
