@@ -6,7 +6,8 @@ then the mean of ``D_e`` over the patch's taps (every ``s`` voxels from ``-r`` t
 point layout scores), sampled (trilinear) at the node. Box filter and sampling
 are separable, so they are three small matrices applied to a batch of maps. The backward check
 reads the same maps: the moving point ``y`` scores the fixed candidate ``y - e`` with ``D_e(y - e)``.
-A shift that is fractional in level voxels is interpolated between whole-voxel shifts.
+A shift that is fractional in level voxels reads the moving descriptors interpolated by that
+fraction (one interpolated copy per fraction, shared by the shifts that have it).
 """
 
 from __future__ import annotations
@@ -114,18 +115,24 @@ def _moving_on_level(
     return unit_vectors(values, 1).T.reshape(-1, *grown.shape_kji)
 
 
-def _interpolation_corners(shifts_level: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Whole-voxel shifts ``(M, 3)`` and, per shift and corner, index ``(Nc, 8)`` and weight ``(Nc, 8)``."""
-    low = np.floor(shifts_level + 1e-6)
-    fraction = np.where(shifts_level - low < 1e-6, 0.0, shifts_level - low)
-    corners = np.array([[(c >> axis) & 1 for axis in range(3)] for c in range(8)])
-    weights = np.prod(np.where(corners[None], fraction[:, None], 1.0 - fraction[:, None]), axis=2)
-    whole = (low[:, None, :] + corners[None]).astype(int)
-    used = weights > 0
-    unique, inverse = np.unique(whole[used], axis=0, return_inverse=True)
-    index = np.zeros(weights.shape, int)
-    index[used] = inverse.reshape(-1)
-    return unique, index, weights
+def _split_shifts(shifts_level: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shifts ``(M, 3)`` (level voxels, ijk) as whole voxels plus a fraction in ``[0, 1)`` per axis, and
+    the margin (voxels per axis) that every shift's window, its next voxel included, stays within."""
+    whole = np.floor(shifts_level + 1e-6)
+    fraction = shifts_level - whole
+    fraction[fraction < 1e-6] = 0.0
+    margin = np.maximum(np.abs(whole), whole + (fraction > 0)).max(axis=0).astype(int)
+    return whole.astype(int), fraction, margin
+
+
+def _moved_by_fraction(moving: torch.Tensor, fraction: np.ndarray) -> torch.Tensor:
+    """``(C, K, J, I)`` descriptors linearly interpolated a ``fraction`` (ijk, each in ``[0, 1)``) of a
+    voxel forward; an axis with a fraction loses its last voxel."""
+    for axis, part in zip((3, 2, 1), fraction):
+        if part > 0:
+            size = moving.shape[axis]
+            moving = torch.lerp(moving.narrow(axis, 0, size - 1), moving.narrow(axis, 1, size - 1), float(part))
+    return moving
 
 
 def level_similarity(
@@ -139,38 +146,36 @@ def level_similarity(
     step: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch-mean cosines ``(Nc, N)`` of one level for each shift (mm) at each node of ``grid``:
-    forward (node ``x`` against moving ``x + d``) and backward (moving ``x`` against fixed ``x - d``)."""
+    forward (node ``x`` against moving ``x + d``) and backward (moving ``x`` against fixed ``x - d``).
+
+    Shifts that share a fraction of a level voxel share one interpolated copy of the moving
+    descriptors, so each shift costs one map whether or not it falls on the level's voxels."""
     shifts_level = shifts_mm @ np.linalg.inv(source.geometry.affine_ijk_to_lps[:3, :3]).T
-    unique, index, weights = _interpolation_corners(shifts_level)
-    margin = np.abs(unique).max(axis=0)
+    whole, fraction, margin = _split_shifts(shifts_level)
     fixed = F.pad(unit_descriptors(source)[None], (radius,) * 6, mode="replicate")[0]
     moving = _moving_on_level(source, target, margin + radius, prior)
     sampler = NodeSampler(source.geometry, grid, radius, step)
     size_k, size_j, size_i = fixed.shape[1:]
-    forward = torch.empty((len(unique), sampler.count))
-    backward = torch.empty((len(unique), sampler.count))
+    forward = torch.empty((len(shifts_level), sampler.count))
+    backward = torch.empty((len(shifts_level), sampler.count))
     batch = max(1, BATCH_BYTES // (4 * fixed[0].numel()))
-    for begin in range(0, len(unique), batch):
-        shifts = unique[begin : begin + batch]
-        maps = torch.empty((len(shifts), size_k, size_j, size_i))
-        for row, shift in enumerate(shifts):
-            i, j, k = (int(v) for v in margin + shift)
-            window = moving[:, k : k + size_k, j : j + size_j, i : i + size_i]
-            torch.mul(fixed[0], window[0], out=maps[row])
-            for channel in range(1, fixed.shape[0]):
-                maps[row].addcmul_(fixed[channel], window[channel])
-        forward[begin : begin + len(shifts)] = sampler.apply(maps)
-        backward[begin : begin + len(shifts)] = sampler.apply(maps, shifts)
-        progress("lattice", min(1.0, (begin + batch) / len(unique)), source.name)
-    return _combine(forward, index, weights), _combine(backward, index, weights)
-
-
-def _combine(at_whole: torch.Tensor, index: np.ndarray, weights: np.ndarray) -> torch.Tensor:
-    """Values at fractional shifts ``(Nc, N)`` from values at whole shifts ``(M, N)``."""
-    result = torch.zeros((len(index), at_whole.shape[1]))
-    weights_t = torch.as_tensor(weights, dtype=torch.float32)
-    for corner in range(index.shape[1]):
-        if (weights[:, corner] > 0).any():
-            gathered = at_whole.index_select(0, torch.as_tensor(index[:, corner]))
-            result.addcmul_(gathered, weights_t[:, corner, None])
-    return result
+    fractions, group = np.unique(np.round(fraction, 6), axis=0, return_inverse=True)
+    done = 0
+    for number, part in enumerate(fractions):
+        moved = _moved_by_fraction(moving, part)
+        members = np.flatnonzero(group.reshape(-1) == number)
+        for begin in range(0, len(members), batch):
+            rows = members[begin : begin + batch]
+            maps = torch.empty((len(rows), size_k, size_j, size_i))
+            for slot, row in enumerate(rows):
+                i, j, k = (int(v) for v in margin + whole[row])
+                window = moved[:, k : k + size_k, j : j + size_j, i : i + size_i]
+                torch.mul(fixed[0], window[0], out=maps[slot])
+                for channel in range(1, fixed.shape[0]):
+                    maps[slot].addcmul_(fixed[channel], window[channel])
+            index = torch.as_tensor(rows)
+            forward[index] = sampler.apply(maps)
+            backward[index] = sampler.apply(maps, shifts_level[rows])
+            done += len(rows)
+            progress("lattice", done / len(shifts_level), source.name)
+    return forward, backward
