@@ -21,14 +21,14 @@ and ``OMP_NUM_THREADS`` are ``--threads``:
   match options): the first ``match`` of the new pair (one keypoint near the keypoints' centre), then at once,
   while the idle worker fills the features behind, ``--new-points`` keypoints far from it and from each other,
   one request each (ms per point; the share of features filled when they are done); after the fill, cached
-  re-matches of those points dragged a little on each of ``--repeats`` (1 point per request, and 10 points
-  per request: ms per point).
+  re-matches, dragged a little on each of ``--repeats``, of those points one per request and of 10 spread
+  keypoints (those among them) in one request (ms per point).
 
 ``--baseline PATH`` runs every step a second time on another checkout (e.g. ``git worktree add /tmp/old
 <commit>``), each right after this checkout's on the same pair, and checks the accuracy goal (mean and p95
 TRE not worse than the baseline's by more than 0.02 mm). Figures and the Markdown table go to ``--results``
-(default benchmarks/results/full_resolution.json, the README's table). The README's run (about 15 minutes on
-two cores)::
+(default benchmarks/results/full_resolution.json, the README's table). The README's run (17 minutes on
+two cores busy with other work)::
 
     python benchmarks/full_resolution.py --threads 2
     python benchmarks/full_resolution.py --steps worker --results /tmp/full.json  # one step, kept out of the README
