@@ -42,14 +42,17 @@ from MedDIFTLib.worker.client import WorkerClient
 from MedDIFTLib.worker.events import Error, Progress, Result, WorkerError
 from MedDIFTLib.worker.http_session import read_token_file
 from MedDIFTLib.worker.protocol.requests import (
+    CancelRequest,
+    FeaturesRequest,
     Limits,
     OverlaysRequest,
+    ProbeRequest,
     TrackRequest,
     TrackSeriesRequest,
     encode_request,
 )
 from MedDIFTLib.worker.protocol.results import encode_result
-from MedDIFTLib.worker.remote.app import ServeConfig, create_app
+from MedDIFTLib.worker.remote.app import ServeConfig, create_app, server_options
 from MedDIFTLib.worker.remote.security import RateLimiter, check_bind, token_matches
 from MedDIFTLib.worker.remote.sessions import INTERNAL_MESSAGE, SessionEvents
 from MedDIFTLib.worker.remote.wire import GEOMETRY_HEADER, decode_volume, encode_volume
@@ -205,6 +208,20 @@ def test_events_carry_no_server_path_and_no_internal_detail(tmp_path):
     assert internal["message"] == INTERNAL_MESSAGE
 
 
+def test_server_options_give_a_typed_request_the_servers_device_and_weights_folder(tmp_path):
+    config = _config(tmp_path, device="cpu", weights_dir=tmp_path / "weights")
+    asked = FeaturesRequest("v1", RunSettings(backbone="maisi", backbone_options={"timestep": 5}, device="cuda"))
+    served = RunSettings(backbone="maisi", backbone_options={"timestep": 5, "weights_dir": str(tmp_path / "weights")},
+                         device="cpu")
+    assert server_options(asked, config) == FeaturesRequest("v1", served)
+    assert server_options(ProbeRequest({"maisi": {}}), config) == ProbeRequest({"maisi": {}})
+    assert server_options(CancelRequest("r1"), config) == CancelRequest("r1")
+    with pytest.raises(BadRequestError, match="chosen by the server"):
+        server_options(ProbeRequest({"maisi": {"maisi.weights_dir": "/etc"}}), config)
+    with pytest.raises(BadRequestError, match="is not a device of this server"):
+        server_options(FeaturesRequest("v1", RunSettings(device="tpu")), _config(tmp_path, devices=("cpu",)))
+
+
 def test_volume_wire_round_trip_and_refusals():
     volume = _small_volume(1)
     body, headers = encode_volume(volume)
@@ -260,8 +277,9 @@ def test_path_load_shutdown_malformed_and_oversized_requests_are_refused_and_the
     assert status == 413 and json.loads(body)["kind"] == "bad_request"
     too_many = {"id": "d", "type": "match", "fixed_id": "v1", "moving_id": "v2", "points_lps_mm": [[0, 0, 0]] * 1001}
     status, body = server.raw("POST", base, json.dumps(too_many).encode())
-    assert status == 200 and _stream_events(body)[-1]["kind"] == "bad_request"
-    assert "limit of 1000" in _stream_events(body)[-1]["message"]
+    refused = json.loads(body)  # read as its typed request before any stream starts
+    assert status == 400 and refused["id"] == "d" and refused["kind"] == "bad_request"
+    assert "limit of 1000" in refused["message"]
     for options, message in (({"weights_dir": "/etc"}, "chosen by the server"),
                              ({"config": "/etc/passwd"}, "configuration dict or one of")):
         line = {"id": "e", "type": "features", "volume_id": "v1", "backbone": "maisi", "backbone_options": options}
@@ -322,8 +340,8 @@ def test_rate_limit_and_idle_sessions_are_closed_with_their_folders(tmp_path):
         folders = list(store.root.iterdir())
         assert len(folders) == 1
         deadline = time.monotonic() + 10
-        while len(store) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while (len(store) or list(store.root.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the reaper forgets the session, then stops its worker and deletes its folder
         assert len(store) == 0 and not list(store.root.iterdir()), "the idle session was not closed"
         with pytest.raises(BadRequestError, match="HTTP 404.*expired session"):
             client.call("probe", timeout=TIMEOUT_S)

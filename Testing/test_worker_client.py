@@ -36,6 +36,7 @@ from MedDIFTLib.worker.events import (
     error_from_event,
     parse_event,
 )
+from MedDIFTLib.worker.protocol.requests import CancelRequest, encode_request
 from MedDIFTLib.worker.transports import Transport
 
 TIMEOUT_S = 30
@@ -274,6 +275,16 @@ def test_stop_cancels_each_unanswered_request_then_closes_with_a_fresh_id():
     assert transport.closed_with not in {sent[0] for sent in transport.sent}
     with pytest.raises(ValueError, match="either a transport"):
         WorkerClient(python_executable=sys.executable, transport=transport)
+
+
+def test_cancel_sends_the_typed_cancel_request_as_encode_request_writes_it():
+    transport = ScriptedTransport()
+    client = WorkerClient(transport=transport)
+    client.start()
+    for job_id in ("r7", None):
+        cancel_id = client.cancel(job_id)
+        assert transport.sent[-1] == (cancel_id, *encode_request(CancelRequest(job_id)))
+    assert [sent[2] for sent in transport.sent] == [{"job_id": "r7"}, {}]
 
 
 def test_the_client_and_its_events_import_without_torch():

@@ -123,8 +123,13 @@ class WorkerClient:
         self.transport.send_line(line.encode() if isinstance(line, str) else bytes(line))
 
     def cancel(self, job_id: str | None = None) -> str:
-        """Ask the worker to cancel ``job_id`` (default: the running job); returns the cancel request's id."""
-        return self.send("cancel") if job_id is None else self.send("cancel", job_id=job_id)
+        """Ask the worker to cancel ``job_id`` (default: the running job) with a typed
+        :class:`~.protocol.requests.CancelRequest`; returns the cancel request's id. The protocol is
+        imported here, as in :meth:`run`."""
+        from .protocol.requests import CancelRequest, encode_request
+
+        request_type, fields = encode_request(CancelRequest(job_id))
+        return self.send(request_type, **fields)
 
     def poll(self) -> list[Event]:
         """Every event nobody is waiting for, oldest first; never blocks."""

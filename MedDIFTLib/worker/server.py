@@ -25,7 +25,7 @@ import warnings
 from typing import Any, BinaryIO, NoReturn
 
 from .. import __version__
-from ..core.budget import Budget
+from ..core.budget import MAX_POINTS, Budget
 from ..core.devices import is_out_of_memory
 from ..core.errors import CancelledError, MedDIFTError, OutOfMemoryError
 from ..core.progress import ProgressFn
@@ -34,7 +34,6 @@ from .handlers import HANDLERS
 from .jobs import Job, JobQueue
 from .protocol.requests import (
     DEFAULT_LIMITS,
-    MAX_POINTS,
     MAX_REQUEST_BYTES,
     CancelRequest,
     Limits,

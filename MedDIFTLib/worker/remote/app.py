@@ -5,9 +5,11 @@
 - ``GET|PUT /sessions/{sid}/volumes/{content_hash}``: was this volume uploaded / upload it (:mod:`.wire`);
 - ``PUT /sessions/{sid}/fields/{field_hash}``: upload a displacement field (:mod:`.wire`), held in
   memory as the ``transform_id`` an ``overlays`` request names by its hash;
-- ``POST /sessions/{sid}/requests``: one protocol request line as the body; its events come back as
-  server-sent events (``data: {event}``), the stream ending with its ``result`` or ``error``; the
-  stream closing early cancels the request;
+- ``POST /sessions/{sid}/requests``: one protocol request line as the body, read at once as its
+  typed request (a malformed or refused one is answered 400 with an ``error`` event), given the
+  server's options and output paths and sent on to the session's worker as ``encode_request``
+  writes it; its events come back as server-sent events (``data: {event}``), the stream ending with
+  its ``result`` or ``error``; the stream closing early cancels the request;
 - ``GET /sessions/{sid}/outputs/{request_id}/{name}``: an output file of a ``register`` or
   ``overlays`` request (``name``: :data:`.wire.OUTPUT_NAMES`), a ``track`` request (labelmap, csv,
   report, sheet: the files of ``meddift track``) or a ``track_series`` request (labelmap_1 ...
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,16 @@ from ...core.errors import BadInputError, BadRequestError, MedDIFTError
 from ...features.maisi import packaged_configs
 from ...grid.displacement_field import DisplacementField
 from ..jobs import Job
-from ..protocol.requests import Limits, LoadRequest, RejectedRequest, parse_line
+from ..protocol.requests import (
+    Limits,
+    LoadRequest,
+    ProbeRequest,
+    RejectedRequest,
+    encode_request,
+    parse_line,
+    parse_request,
+)
+from ..protocol.requests import Request as WireRequest
 from ..protocol.results import encode_result, parse_result
 from ..stream import error_event
 from .security import RateLimiter, token_matches
@@ -65,7 +77,6 @@ from .wire import (
 )
 
 REMOTE_TYPES = ("probe", "unload", "features", "match", "register", "overlays", "track", "track_series", "cancel")
-DEVICE_TYPES = ("features", "match", "register", "overlays", "track", "track_series")
 KEEPALIVE_S = 1.0
 REAP_INTERVAL_S = 10.0
 SESSION_LIMIT = "this session's memory limit (meddift serve --session-memory-mb)"
@@ -250,11 +261,11 @@ def create_app(config: ServeConfig) -> Starlette:
             request_id, request_type, fields = parse_line(body)
             if request_type not in REMOTE_TYPES:
                 raise RejectedRequest(_not_remote(request_type), request_id)
-            fields = server_options(request_type, fields, config)
+            job_request = server_options(parse_request(request_type, fields, config.limits), config)
             if request_type in OUTPUT_NAMES:
-                fields = session.output_paths(request_id, request_type, fields)
+                job_request = session.output_paths(request_id, request_type, job_request)
             elif request_type in ("track", "track_series"):
-                fields = session.track_paths(request_id, request_type, fields)
+                job_request = session.track_paths(request_id, job_request)
         except RejectedRequest as error:
             return JSONResponse(error_event(error.request_id, error.kind, str(error)), status_code=400)
         except BadInputError as error:
@@ -263,8 +274,8 @@ def create_app(config: ServeConfig) -> Starlette:
         if queue is None:
             message = f"request id {request_id!r} is already in use by a pending request"
             return JSONResponse(error_event(request_id, "bad_request", message), status_code=409)
-        line = json.dumps({"id": request_id, "type": request_type, **fields}).encode()
-        session.worker.handle_line(line)
+        request_type, fields = encode_request(job_request)
+        session.worker.handle_line(json.dumps({"id": request_id, "type": request_type, **fields}).encode())
         return StreamingResponse(_stream(session, request_id, request_type, queue), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
@@ -320,32 +331,39 @@ def create_app(config: ServeConfig) -> Starlette:
     return app
 
 
-def server_options(request_type: str, fields: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
-    """``fields`` with the server's device and weights folder; refuses backbone options that would
-    make the server read a file it was not started with (a weights folder, a configuration file)."""
-    options = fields.get("backbone_options") or {}
-    if not isinstance(options, dict):
-        return fields
-    for backbone_options in options.values() if request_type == "probe" else [options]:
-        for name, value in (backbone_options or {}).items() if isinstance(backbone_options, dict) else ():
-            option = str(name).rsplit(".", 1)[-1]
-            if option == "weights_dir":
-                raise BadRequestError("'weights_dir' is chosen by the server (meddift serve --weights-dir)")
-            if option == "config" and not (isinstance(value, dict) or value in packaged_configs()):
-                raise BadRequestError(f"'{name}' on a server must be a configuration dict or one of "
-                                      f"{', '.join(packaged_configs())}")
-    if request_type not in DEVICE_TYPES:
-        return fields
-    device = fields.get("device")
-    if config.device == "auto" and device is not None and device not in ("auto", *config.devices):
-        shown = repr(device)[:40]
+def server_options(request: WireRequest, config: ServeConfig) -> WireRequest:
+    """``request`` with the server's device and weights folder; refuses backbone options that would
+    make the server read a file it was not started with (a weights folder, a configuration file) and
+    a device the server lacks."""
+    if isinstance(request, ProbeRequest):
+        for options in request.backbone_options.values():
+            _check_backbone_options(options)
+        return request
+    settings = getattr(request, "settings", None)
+    if settings is None:
+        return request
+    _check_backbone_options(settings.backbone_options)
+    if config.device == "auto" and settings.device not in ("auto", *config.devices):
+        shown = repr(settings.device)[:40]
         raise BadRequestError(f"'device' {shown} is not a device of this server; ask for one of "
                               f"{', '.join(('auto', *config.devices))}")
     if config.weights_dir is not None:
-        fields = {**fields, "backbone_options": {**options, "weights_dir": str(config.weights_dir)}}
+        settings = dataclasses.replace(settings, backbone_options={**settings.backbone_options,
+                                                                   "weights_dir": str(config.weights_dir)})
     if config.device != "auto":
-        fields = {**fields, "device": config.device}
-    return fields
+        settings = dataclasses.replace(settings, device=config.device)
+    return dataclasses.replace(request, settings=settings)
+
+
+def _check_backbone_options(options: dict[str, Any]) -> None:
+    """Refuses a weights folder and a configuration file in one backbone's options."""
+    for name, value in options.items():
+        option = str(name).rsplit(".", 1)[-1]
+        if option == "weights_dir":
+            raise BadRequestError("'weights_dir' is chosen by the server (meddift serve --weights-dir)")
+        if option == "config" and not (isinstance(value, dict) or value in packaged_configs()):
+            raise BadRequestError(f"'{name}' on a server must be a configuration dict or one of "
+                                  f"{', '.join(packaged_configs())}")
 
 
 def _not_remote(request_type: str) -> str:

@@ -14,6 +14,7 @@ Idle sessions are closed and their folders deleted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import re
 import secrets
@@ -24,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ...core.budget import Budget
 from ...core.errors import BadRequestError
@@ -32,7 +33,7 @@ from ...grid.displacement_field import DisplacementField
 from ...lesions.outputs import output_paths
 from ...lesions.series_outputs import series_output_paths
 from ..jobs import Job
-from ..protocol.requests import Limits, parse_request
+from ..protocol.requests import Limits, OverlaysRequest, RegisterRequest, TrackRequest, TrackSeriesRequest
 from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES
@@ -43,6 +44,8 @@ OUTPUT_SUFFIX = re.compile(r"(\.[a-z0-9]{1,5})(\.gz)?$")
 INTERNAL_MESSAGE = "internal error on the server (details in the server's log)"
 FILL_LOCK_WAIT_S = 0.05  # an idle session's wait for the device lock before one step of filling features
 SERVER_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s'\"<>|:;,()/\\]+[/\\]?)+")
+_WritesFiles = TypeVar("_WritesFiles", RegisterRequest, OverlaysRequest)
+_Tracks = TypeVar("_Tracks", TrackRequest, TrackSeriesRequest)
 
 
 def hide_paths(text: str) -> str:
@@ -207,39 +210,38 @@ class ServerSession:
         """Hold an uploaded displacement field for the ``transform_id`` of an ``overlays`` request."""
         self.worker.state.add_field(field_hash, field)
 
-    def output_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of a register or overlays request with its output names (only their endings
-        count) turned into files of the request's output folder; an overlays request must name its
-        field by ``transform_id``."""
-        if request_type == "overlays" and fields.get("transform") is not None:
+    def output_paths(self, request_id: str, request_type: str, request: _WritesFiles) -> _WritesFiles:
+        """``request`` of ``request_type`` (register or overlays) with its output names (only their
+        endings count) turned into files of the request's output folder; an overlays request must
+        name its field by ``transform_id``."""
+        if isinstance(request, OverlaysRequest) and request.transform is not None:
             raise BadRequestError("'transform' on a server must be a field uploaded to this session, named by "
                                   "'transform_id' (RemoteWorkerClient's overlays uploads it)")
         names = {}
         for name in OUTPUT_NAMES[request_type]:
-            given = fields.get(f"out_{name}")
+            given = getattr(request, f"out_{name}")
             if given is None:
                 continue
-            ending = OUTPUT_SUFFIX.search(given.lower()) if isinstance(given, str) else None
+            ending = OUTPUT_SUFFIX.search(given.lower())
             if ending is None:
                 raise BadRequestError(f"'out_{name}' must be a file name with a format ending, e.g. {name}.nii.gz")
             names[name] = f"{name}{ending.group(0)}"
         folder = self.outputs.new_folder(request_id)
         paths = {name: folder / file_name for name, file_name in names.items()}
         self.outputs.add(request_id, paths)
-        return {**fields, **{f"out_{name}": str(path) for name, path in paths.items()}}
+        return dataclasses.replace(request, **{f"out_{name}": str(path) for name, path in paths.items()})
 
-    def track_paths(self, request_id: str, request_type: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """``fields`` of a ``track`` or ``track_series`` request (its lesions: ``lesions_id``, a labelmap
-        uploaded to this session) with ``out_dir`` the request's output folder, whose files of
-        ``meddift track`` (over a pair or a series) are its outputs."""
-        if fields.get("lesions") is not None:
+    def track_paths(self, request_id: str, request: _Tracks) -> _Tracks:
+        """``request`` (track or track_series; its lesions: ``lesions_id``, a labelmap uploaded to this
+        session) with ``out_dir`` the request's output folder, whose files of ``meddift track`` (over a
+        pair or a series) are its outputs."""
+        if request.lesions is not None:
             raise BadRequestError("'lesions' on a server must be the volume id of a labelmap uploaded to this "
                                   "session, as 'lesions_id' (RemoteWorkerClient's track uploads it)")
-        series = None if request_type == "track" else parse_request(request_type, fields, self.worker.limits)
         out_dir = self.outputs.new_folder(request_id)
-        self.outputs.add(request_id, output_paths(out_dir) if series is None
-                         else series_output_paths(out_dir, len(series.followup_ids)))
-        return {**fields, "out_dir": str(out_dir)}
+        self.outputs.add(request_id, output_paths(out_dir) if isinstance(request, TrackRequest)
+                         else series_output_paths(out_dir, len(request.followup_ids)))
+        return dataclasses.replace(request, out_dir=str(out_dir))
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Cancel its jobs, stop its worker and delete its folder."""
