@@ -160,11 +160,17 @@ class LesionsSection(Section):
 
         panel.run.start(begin, self.onSeriesDone, _("Tracking lesions through the series..."))
 
+    def _failed(self, error) -> bool:
+        """Report a tracking run's error as a run's and refresh the panel; whether there was one."""
+        if error is None:
+            return False
+        self.panel.run.finishWithError(error)
+        self.panel.updateGuiFromParameterNode()
+        return True
+
     def onTrackDone(self, outputs, error) -> None:
         """Select the follow-up segmentation and list the lesions; errors are reported as a run's."""
-        if error is not None:
-            self.panel.run.finishWithError(error)
-            self.panel.updateGuiFromParameterNode()
+        if self._failed(error):
             return
         self.ui.progressBar.hide()
         if self.panel.parameterNode is not None and self.panel.parameterNode.followupLesions is None:
@@ -176,9 +182,7 @@ class LesionsSection(Section):
 
     def onSeriesDone(self, outputs, error) -> None:
         """List the lesions with a column per time point and show the growth chart in a plot view."""
-        if error is not None:
-            self.panel.run.finishWithError(error)
-            self.panel.updateGuiFromParameterNode()
+        if self._failed(error):
             return
         self.ui.progressBar.hide()
         self.showSeries(outputs, self._pendingVolumes)
