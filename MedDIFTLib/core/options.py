@@ -189,7 +189,10 @@ class MatchOptions(Options):
     coarse_to_fine: bool = option(True, help="search a coarse lattice first, then refine at full resolution")
     coarse_step_mm: float = option(4.0, above=0.0, help="step of the coarse lattice, mm")
     exact: bool = option(False, help="interpolate features before the cosine (slower; for checks)")
-    subvoxel: bool = option(True, help="parabolic sub-voxel refinement of the best candidate")
+    subvoxel: bool = option(
+        True, help="sub-voxel refinement of the best candidate: a parabola through its lattice scores, then for "
+        "points a pattern search on the finest level"
+    )
     level_weights: tuple[float, ...] | None = option(
         None, minimum=0.0, help="per-level fusion weights (default: the backbone's)"
     )

@@ -3,8 +3,9 @@
 One scorer (:mod:`.scorer`, fused multi-level patch cosine) in two layouts: a set of points
 (:func:`match_points`, :mod:`.points`) and a lattice of fixed points (:func:`match_lattice`,
 :mod:`.lattice`, what the dense field is fitted from). Both search a candidate lattice
-(:mod:`.candidates`), refine the best by one parabola (:mod:`.subvoxel`), check forward-backward
-and return :class:`Correspondences` with one confidence formula in mm (:mod:`.correspondences`).
+(:mod:`.candidates`), refine the best by one parabola (:mod:`.subvoxel`; points then by a pattern
+search on the finest level), check forward-backward and return :class:`Correspondences` with one
+confidence formula in mm (:mod:`.correspondences`).
 """
 
 from .correspondences import Correspondences, confidence

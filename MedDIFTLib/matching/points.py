@@ -5,9 +5,11 @@ around its prior (default: the same world position): first every ``coarse_step_m
 voxel around the coarse best (``coarse_to_fine``), or the whole volume on the coarse lattice
 first (``mode="global"``, or a radius reaching beyond the volume), keeping a few distinct peaks.
 The coarse lattice is scored on the levels that resolve its step (:func:`.scorer.resolving_levels`;
-finer ones would only alias), the fine window on all. The best candidate is refined by a parabola
-(:mod:`.subvoxel`), every match runs backwards (moving -> fixed) and the forward-backward distance
-and the peak similarity give the confidence (:mod:`.correspondences`).
+finer ones would only alias), the fine window on all. The best candidate is refined by a parabola,
+then by a pattern search on the finest level alone within one of its voxels (:mod:`.subvoxel`: the
+lattice steps over the image's voxels, which may be thick slices, and the coarse levels' wide patches
+pull a peak towards the motion around it), every match runs backwards (moving -> fixed) and the
+forward-backward distance and the peak similarity give the confidence (:mod:`.correspondences`).
 
 A match that comes out unreliable is then placed by its context (``context_mm``): the median
 motion of the reliable matches of 26 points around it, on the faces, edges and corners of a cube,
@@ -34,6 +36,7 @@ from .candidates import CandidateLattice
 from .correspondences import Correspondences
 from .scorer import Scorer, resolving_levels
 from .search import dense_candidates, local_search
+from .subvoxel import pattern_refine
 
 DENSE_CANDIDATES = 16
 DENSE_SHARE = 0.5
@@ -113,6 +116,10 @@ def _match_one_way(
             if first is not None:
                 priors, _ = local_search(scorer, descriptors, priors, first, False, coarse_levels)
             positions[chunk], scores[chunk] = local_search(scorer, descriptors, priors, fine_lattice, options.subvoxel)
+        matched = begin + np.flatnonzero(np.isfinite(scores[chunk]))
+        if options.subvoxel and len(matched):
+            in_chunk = torch.as_tensor(matched - begin)
+            positions[matched] = pattern_refine(scorer, [d[in_chunk] for d in descriptors], positions[matched])
         done = min(begin + batch, len(points_lps_mm))
         progress(stage, done / len(points_lps_mm), f"{done}/{len(points_lps_mm)} points")
     return positions, scores
