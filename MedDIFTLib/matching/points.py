@@ -8,8 +8,10 @@ The coarse lattice is scored on the levels that resolve its step (:func:`.scorer
 finer ones would only alias), the fine window on all. The best candidate is refined by a parabola,
 then by a pattern search on the finest level alone within one of its voxels (:mod:`.subvoxel`: the
 lattice steps over the image's voxels, which may be thick slices, and the coarse levels' wide patches
-pull a peak towards the motion around it), every match runs backwards (moving -> fixed) and the
-forward-backward distance and the peak similarity give the confidence (:mod:`.correspondences`).
+pull a peak towards the motion around it). Every match runs backwards (moving -> fixed) from its
+lattice position, and that forward-backward distance and the peak similarity give the confidence
+(:mod:`.correspondences`): the pattern search moves a match within a voxel but does not change how far
+it is trusted (refined both ways, a wrong match comes back closer to where it started).
 
 A match that comes out unreliable is then placed by its context (``context_mm``): the median
 motion of the reliable matches of 26 points around it, on the faces, edges and corners of a cube,
@@ -68,8 +70,11 @@ def _match_one_way(
     options: MatchOptions,
     progress: ProgressFn,
     stage: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Match ``points_lps_mm`` of ``source`` into ``target``: positions (N, 3) and scores (N,).
+    refine: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Match ``points_lps_mm`` of ``source`` into ``target``: the lattice's positions (N, 3; with
+    the parabola when ``options.subvoxel``), the same moved by the pattern search on the finest
+    level when ``refine`` (else the lattice's again), and the lattice scores (N,).
 
     The first stage is the coarse lattice (``coarse_to_fine``), every voxel (otherwise), or the
     dense whole-volume lattice: in global mode, and whenever the local window would cover at least
@@ -98,6 +103,7 @@ def _match_one_way(
     radius = None if options.mode == "global" else options.search_radius_mm
     positions = np.zeros_like(points_lps_mm)
     scores = np.zeros(len(points_lps_mm))
+    refined = positions.copy()
     for begin in range(0, len(points_lps_mm), batch):
         chunk = slice(begin, begin + batch)
         descriptors = scorer.fixed_descriptors(points_lps_mm[chunk])
@@ -116,13 +122,14 @@ def _match_one_way(
             if first is not None:
                 priors, _ = local_search(scorer, descriptors, priors, first, False, coarse_levels)
             positions[chunk], scores[chunk] = local_search(scorer, descriptors, priors, fine_lattice, options.subvoxel)
+        refined[chunk] = positions[chunk]
         matched = begin + np.flatnonzero(np.isfinite(scores[chunk]))
-        if options.subvoxel and len(matched):
+        if refine and len(matched):
             in_chunk = torch.as_tensor(matched - begin)
-            positions[matched] = pattern_refine(scorer, [d[in_chunk] for d in descriptors], positions[matched])
+            refined[matched] = pattern_refine(scorer, [d[in_chunk] for d in descriptors], positions[matched])
         done = min(begin + batch, len(points_lps_mm))
         progress(stage, done / len(points_lps_mm), f"{done}/{len(points_lps_mm)} points")
-    return positions, scores
+    return positions, refined, scores
 
 
 def check_points(geometry: Geometry, points_lps_mm: np.ndarray) -> np.ndarray:
@@ -196,14 +203,14 @@ def match_points(
     searched_share = 0.9 if options.context_mm > 0 else 1.0
     forward_share = searched_share / 2 if options.backward_check else searched_share
     with torch.inference_mode():
-        matched, similarity = _match_one_way(
-            fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match"
+        on_lattice, matched, similarity = _match_one_way(
+            fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match", options.subvoxel
         )
         if options.backward_check:
-            back_priors = matched - (priors - points)
-            back, _ = _match_one_way(
-                moving, fixed, matched, back_priors, options, scaled(progress, forward_share, searched_share),
-                "backward check",
+            back_priors = on_lattice - (priors - points)
+            back, _, _ = _match_one_way(
+                moving, fixed, on_lattice, back_priors, options, scaled(progress, forward_share, searched_share),
+                "backward check", False,
             )
             forward_backward = np.linalg.norm(back - points, axis=1)
         else:
