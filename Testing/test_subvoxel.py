@@ -10,7 +10,7 @@ from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 from MedDIFTLib.matching import match_points
 from MedDIFTLib.matching.descriptors import sample_patches
 from MedDIFTLib.matching.scorer import Scorer
-from MedDIFTLib.matching.subvoxel import _PATTERN, _moved_patches, pattern_refine
+from MedDIFTLib.matching.subvoxel import _PATTERN, _moved_patches, pattern_applies, pattern_refine
 
 THICK = Geometry.create((40, 40, 12), (0.7, 0.7, 2.8), (3.0, -7.0, 11.0))
 """An image of thick slices; its isotropic working grid (1.4 mm) carries the features."""
@@ -76,3 +76,16 @@ def test_the_pattern_never_leaves_the_moving_volume():
     far = THICK.ijk_to_lps(np.array([[39.0, 39.0, 11.0]]))
     refined = pattern_refine(scorer, scorer.fixed_descriptors(far), far)
     assert THICK.contains_lps(refined, margin_voxels=0.0).all()
+
+
+def test_a_flat_score_does_not_drift_and_coarse_levels_are_not_searched():
+    grid = THICK.working_grid(1.4)
+    flat = FeaturePyramid([FeatureLevel("flat", torch.ones((4, *grid.shape_kji)), grid, 1.0, 1)], THICK, "flat")
+    points = THICK.ijk_to_lps(np.array([[14.3, 20.6, 5.2]]))
+    scorer = Scorer(flat, flat, MatchOptions())
+    np.testing.assert_allclose(pattern_refine(scorer, scorer.fixed_descriptors(points), points), points)
+    assert pattern_applies(_blob_pyramid(np.zeros(3)))
+    quarter = THICK.downsampled(4)
+    level = FeatureLevel("1/4", torch.ones((4, *quarter.shape_kji)), quarter, 1.0, 0)
+    coarse = FeaturePyramid([level], THICK, "diffusion")
+    assert not pattern_applies(coarse)

@@ -38,7 +38,7 @@ from .candidates import CandidateLattice
 from .correspondences import Correspondences
 from .scorer import Scorer, resolving_levels
 from .search import dense_candidates, local_search
-from .subvoxel import pattern_refine
+from .subvoxel import pattern_applies, pattern_refine
 
 DENSE_CANDIDATES = 16
 DENSE_SHARE = 0.5
@@ -204,7 +204,8 @@ def match_points(
     forward_share = searched_share / 2 if options.backward_check else searched_share
     with torch.inference_mode():
         on_lattice, matched, similarity = _match_one_way(
-            fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match", options.subvoxel
+            fixed, moving, points, priors, options, scaled(progress, 0.0, forward_share), "match",
+            options.subvoxel and pattern_applies(moving),
         )
         if options.backward_check:
             back_priors = on_lattice - (priors - points)

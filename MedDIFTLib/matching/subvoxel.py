@@ -5,7 +5,10 @@ The fused lattice score places a peak only as finely as the lattice (the moving 
 may be thick slices) and its coarse levels, whose patches span centimetres, pull the peak towards the
 motion of the surroundings. :func:`pattern_refine` therefore moves each match, within one voxel of the
 finest level, to where that level's patch cosine alone is highest: the 26 neighbours and the match
-itself at half, a quarter and an eighth of a finest-level voxel, the best kept at each step.
+itself at half, a quarter and an eighth of a finest-level voxel, the best kept at each step (a
+neighbour must beat the match by more than :data:`PATTERN_MARGIN`, so a flat score does not drift).
+It applies where that level is at least as fine as the image's widest voxel side
+(:func:`pattern_applies`: MIND's working grid, not diffusion levels several image voxels wide).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import itertools
 import numpy as np
 import torch
 
+from ..features.protocol import FeaturePyramid
 from ..grid.vectors import unit_vectors
 from .scorer import Scorer
 
 PATTERN_STEPS = (0.5, 0.25, 0.125)
 """Steps of the pattern search, in voxels of the finest level (it moves a match at most 0.875 voxel per axis)."""
+PATTERN_MARGIN = 1e-6
+"""Least gain in patch cosine for which the pattern search leaves its current position."""
 _PATTERN = np.array(list(itertools.product((-1, 0, 1), repeat=3)), float)
 _STAY = len(_PATTERN) // 2
 
@@ -82,14 +88,25 @@ def _moved_patches(boxes: torch.Tensor, centres: torch.Tensor, step: float, radi
     return patches.permute(0, 3, 2, 1, 5, 6, 7, 4).reshape(batch, 27, taps**3, channels)
 
 
+def _finest(pyramid: FeaturePyramid) -> int:
+    """Index of the level with the smallest voxels."""
+    return int(np.argmin([np.prod(level.geometry.spacing_mm) for level in pyramid.levels]))
+
+
+def pattern_applies(pyramid: FeaturePyramid) -> bool:
+    """Whether :func:`pattern_refine` refines matches into ``pyramid``: its finest level's voxels are
+    no wider than the widest side of the image's voxels (else the lattice is the finer grid)."""
+    finest = pyramid.levels[_finest(pyramid)].geometry.spacing_mm
+    return max(finest) <= max(pyramid.image_geometry.spacing_mm) + 1e-6
+
+
 def pattern_refine(scorer: Scorer, descriptors: list[torch.Tensor], positions_lps_mm: np.ndarray) -> np.ndarray:
     """``positions_lps_mm`` (B, 3; moving LPS mm) moved by the pattern search (module docstring) on the
     finest moving level, its patch cosine against the batch's fixed ``descriptors`` (per level, (B, taps, C),
     :meth:`Scorer.fixed_descriptors`). Candidates outside the moving volume's voxel centres are never
     chosen (a match stays where it is when all its neighbours are)."""
-    levels = scorer.moving.levels
-    finest = int(np.argmin([np.prod(level.geometry.spacing_mm) for level in levels]))
-    level, descriptor = levels[finest], descriptors[finest]
+    finest = _finest(scorer.moving)
+    level, descriptor = scorer.moving.levels[finest], descriptors[finest]
     radius, tap_step = scorer.radii[finest], scorer.steps[finest]
     start_ijk = level.geometry.lps_to_ijk(np.asarray(positions_lps_mm, float))
     start_voxel = np.floor(start_ijk)
@@ -103,6 +120,7 @@ def pattern_refine(scorer: Scorer, descriptors: list[torch.Tensor], positions_lp
         candidates = centres[:, None, :] + step * _PATTERN[None]
         lps = level.geometry.ijk_to_lps((candidates + start_voxel[:, None, :]).reshape(-1, 3))
         inside = scorer.moving.image_geometry.contains_lps(lps, margin_voxels=0.0).reshape(candidates.shape[:2])
-        inside[:, _STAY] = True
-        centres = candidates[rows, np.where(inside, scores, -np.inf).argmax(axis=1)]
+        gains = np.where(inside, scores - scores[:, _STAY, None], -np.inf)
+        gains[:, _STAY] = PATTERN_MARGIN
+        centres = candidates[rows, gains.argmax(axis=1)]
     return level.geometry.ijk_to_lps(centres + start_voxel)
