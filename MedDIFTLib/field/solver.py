@@ -82,13 +82,14 @@ class Smoothness:
             return torch.ones_like(squared)
         return (1.0 + squared / self.break_gradient**2).sqrt_()
 
-    def energy(self, field: torch.Tensor) -> float:
-        squared = self.squared_gradient(field)
+    def energy(self, squared: torch.Tensor) -> float:
+        """``sum_nodes phi`` from the field's :meth:`squared_gradient`."""
         return float((2.0 * squared / (1.0 + self._root(squared))).sum())
 
-    def edge_weights(self, field: torch.Tensor) -> list[torch.Tensor | None]:
-        """Per array axis, ``phi'`` over ``h^2`` on each edge (mean of its two nodes' ``phi'``)."""
-        node = self._root(self.squared_gradient(field)).reciprocal_()
+    def edge_weights(self, squared: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per array axis, ``phi'`` over ``h^2`` on each edge (mean of its two nodes' ``phi'``), from
+        the field's :meth:`squared_gradient`."""
+        node = self._root(squared).reciprocal_()
         weights: list[torch.Tensor | None] = []
         for axis, inverse_square in enumerate(self.inverse_squares):
             size = node.shape[axis]
@@ -129,12 +130,13 @@ class Smoothness:
 @dataclass
 class MatchTerm:
     """The engine's matches pulling the field: at points between the grid's nodes (trilinear, the
-    eight ``corners`` flat ``[k, j, i]`` node indices with ``corner_weights``), the energy
+    eight ``corners`` flat ``[k, j, i]`` node indices with ``corner_weights``; only the node itself where
+    every point lies on one), the energy
     ``weight * phi(|u - displacement|^2)`` with Charbonnier's ``phi`` of scale ``scale_mm`` (a match
     farther than that from the field pulls less: robust to wrong matches)."""
 
-    corners: torch.Tensor  # (M, 8)
-    corner_weights: torch.Tensor  # (M, 8)
+    corners: torch.Tensor  # (M, 8) or (M, 1)
+    corner_weights: torch.Tensor  # (M, 8) or (M, 1)
     displacement: torch.Tensor  # (3, M) LPS mm
     weight: torch.Tensor  # (M,)
     scale_mm: float
@@ -146,12 +148,17 @@ class MatchTerm:
         """The term for matches ``points -> points + displacement`` (N, 3) with ``weight`` (N,)."""
         shape = np.asarray(grid.shape_ijk)
         ijk = np.clip(grid.lps_to_ijk(np.asarray(points_lps_mm, float).reshape(-1, 3)), 0, shape - 1)
+        nearest = np.round(ijk)
+        ijk = np.where(np.abs(ijk - nearest) < 1e-6, nearest, ijk)  # a point on a node reads that node only
         low = np.minimum(np.floor(ijk), np.maximum(shape - 2, 0)).astype(int)
         fraction = ijk - low
         bits = np.array([[(corner >> axis) & 1 for axis in range(3)] for corner in range(8)])
         corner_ijk = np.minimum(low[:, None, :] + bits[None], shape - 1)
         weights = np.prod(np.where(bits[None] == 1, fraction[:, None], 1.0 - fraction[:, None]), axis=2)
         flat = (corner_ijk[..., 2] * shape[1] + corner_ijk[..., 1]) * shape[0] + corner_ijk[..., 0]
+        if (np.count_nonzero(weights, axis=1) == 1).all():  # every point on a node (the lattice's matches)
+            corner = np.argmax(weights, axis=1)[:, None]
+            flat, weights = np.take_along_axis(flat, corner, 1), np.take_along_axis(weights, corner, 1)
         return MatchTerm(
             torch.as_tensor(flat),
             torch.as_tensor(weights, dtype=torch.float32),
@@ -336,25 +343,30 @@ def minimise(
     if matches is not None:
         diagonal = diagonal + matches.diagonal(curvature, count)[:, None]
     damping = 1e-3 * float(diagonal.mean()) + 1e-9
+    squared = smoothness.squared_gradient(field)
+    energy = data + regularisation * smoothness.energy(squared)
     for iteration in range(iterations):
-        energy = data + regularisation * smoothness.energy(field)
-        edge_weights = smoothness.edge_weights(field)
-        rhs = Smoothness.apply(field, edge_weights).mul_(-regularisation)
-        rhs.view(3, -1).sub_(gradient)
+        if squared is not None:  # the field changed: reweight the regulariser
+            edge_weights = smoothness.edge_weights(squared)
+            rhs = Smoothness.apply(field, edge_weights).mul_(-regularisation)
+            rhs.view(3, -1).sub_(gradient)
         pull = None if matches is None else (matches, curvature)
         step = solve_step(hessian, rhs, edge_weights, regularisation, damping, pull)
         step *= (max_step_mm / vector_lengths(step, 0).clamp(min=1e-12)).clamp(max=1.0)
         candidate = field + step
         candidate_data, candidate_gradient, candidate_curvatures = data_of(candidate)
-        if candidate_data + regularisation * smoothness.energy(candidate) < energy:
-            field, data, gradient, (hessian, curvature) = (
+        squared = smoothness.squared_gradient(candidate)
+        candidate_energy = candidate_data + regularisation * smoothness.energy(squared)
+        if candidate_energy < energy:
+            field, energy, gradient, (hessian, curvature) = (
                 candidate,
-                candidate_data,
+                candidate_energy,
                 candidate_gradient,
                 candidate_curvatures,
             )
             damping /= 3.0
         else:
+            squared = None  # refused: the field, its weights and right-hand side stay
             damping *= 10.0
         progress(stage, (iteration + 1) / iterations, f"step {iteration + 1}/{iterations}")
     return unfolded(field, grid) if unfold else field
