@@ -205,7 +205,7 @@ def _symmetric_inverse(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def solve_step(
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     rhs: torch.Tensor,
     edge_weights: list[torch.Tensor | None],
     regularisation: float,
@@ -216,41 +216,58 @@ def solve_step(
     Laplacian with ``edge_weights`` (:class:`Smoothness`), ``M`` the match term's Hessian half at
     its points' ``curvature`` (``matches``: the term and the curvature).
 
-    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term).
+    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term);
+    None: no block term (with no matches or matches on nodes the preconditioner is then diagonal).
     """
     count = rhs[0].numel()
-    shift = Smoothness.diagonal(edge_weights, tuple(rhs.shape[1:])).reshape(-1).mul_(regularisation).add_(damping)
+    weights = [None if weight is None else weight * regularisation for weight in edge_weights]
+    shift = Smoothness.diagonal(weights, tuple(rhs.shape[1:])).reshape(-1).add_(damping)
     if matches is not None:
         shift += matches[0].diagonal(matches[1], count)
-    block_inverse = _symmetric_inverse(hessian + torch.eye(3)[:, :, None] * shift)
+    if hessian is None and matches is not None and matches[0].corners.shape[1] != 1:
+        hessian = rhs.new_zeros((3, 3, count))  # matches between nodes: block-Jacobi on their diagonal
+    if hessian is None:
+        damped, inverse_shift = None, shift.reciprocal()
+    else:
+        block_inverse = _symmetric_inverse(hessian + torch.eye(3)[:, :, None] * shift)
+        damped = hessian.clone()
+        damped.diagonal(dim1=0, dim2=1).add_(damping)
 
     def apply(vector: torch.Tensor) -> torch.Tensor:
-        result = Smoothness.apply(vector, edge_weights).mul_(regularisation).add_(vector, alpha=damping)
+        result = Smoothness.apply(vector, weights)
         flat = vector.view(3, -1)
-        result.view(3, -1).add_(_matvec(hessian, flat))
+        if damped is None:
+            result.add_(vector, alpha=damping)
+        else:
+            result.view(3, -1).add_(_matvec(damped, flat))
         if matches is not None:
             term, curvature = matches
             result.view(3, -1).add_(term.scatter(term.gather(flat) * curvature, count))
         return result
 
     def precondition(vector: torch.Tensor) -> torch.Tensor:
+        if damped is None:
+            return vector.view(3, -1).mul(inverse_shift).view_as(vector)
         return _matvec(block_inverse, vector.view(3, -1)).view_as(vector)
+
+    def dot(first: torch.Tensor, second: torch.Tensor) -> float:
+        return float(torch.dot(first.reshape(-1), second.reshape(-1)))
 
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
     preconditioned = precondition(residual)
     direction = preconditioned.clone()
-    product = float((residual * preconditioned).sum())
+    product = dot(residual, preconditioned)
     for _ in range(CG_ITERATIONS):
         image = apply(direction)
-        curvature = float((direction * image).sum())
+        curvature = dot(direction, image)
         if curvature <= 0 or product <= 0:
             break
         step = product / curvature
         solution.add_(direction, alpha=step)
         residual.sub_(image, alpha=step)
         preconditioned = precondition(residual)
-        new_product = float((residual * preconditioned).sum())
+        new_product = dot(residual, preconditioned)
         direction = preconditioned.add_(direction, alpha=new_product / product)
         product = new_product
     return solution
@@ -328,7 +345,7 @@ def minimise(
 
     def data_of(values: torch.Tensor):
         flat = values.reshape(3, -1)
-        data, gradient, hessian = 0.0, flat.new_zeros((3, count)), flat.new_zeros((3, 3, count))
+        data, gradient, hessian = 0.0, flat.new_zeros((3, count)), None
         if block_term is not None:
             data, gradient, hessian = block_term(flat)
         curvature = None
@@ -339,10 +356,11 @@ def minimise(
         return data, gradient, (hessian, curvature)
 
     data, gradient, (hessian, curvature) = data_of(field)
-    diagonal = hessian.diagonal(dim1=0, dim2=1)
+    damping = 1e-9
+    if hessian is not None:
+        damping += 1e-3 * float(hessian.diagonal(dim1=0, dim2=1).mean())
     if matches is not None:
-        diagonal = diagonal + matches.diagonal(curvature, count)[:, None]
-    damping = 1e-3 * float(diagonal.mean()) + 1e-9
+        damping += 1e-3 * float(matches.diagonal(curvature, count).mean())
     squared = smoothness.squared_gradient(field)
     energy = data + regularisation * smoothness.energy(squared)
     for iteration in range(iterations):
