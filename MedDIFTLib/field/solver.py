@@ -37,9 +37,10 @@ FOLD_DETERMINANT = 0.1
 FOLD_MARGIN = 1
 UNFOLD_ROUNDS = 20
 
-BlockTerm = Callable[[torch.Tensor], tuple[float, torch.Tensor, torch.Tensor]]
-"""A per-node data term: flat field ``(3, count)`` -> energy, gradient half ``(3, count)`` and
-Hessian half blocks ``(3, 3, count)`` (Gauss-Newton)."""
+BlockTerm = Callable[[torch.Tensor, bool], tuple[float, torch.Tensor | None, torch.Tensor | None]]
+"""A per-node data term: flat field ``(3, count)`` and whether derivatives are wanted -> energy,
+gradient half ``(3, count)`` and Hessian half blocks ``(3, 3, count)`` (Gauss-Newton; None when
+not wanted)."""
 
 
 def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -343,16 +344,17 @@ def minimise(
     count = field[0].numel()
     smoothness = Smoothness(tuple(float(s) for s in grid.spacing_mm[::-1]), break_gradient)
 
-    def data_of(values: torch.Tensor):
+    def data_of(values: torch.Tensor, derivatives: bool = True):
         flat = values.reshape(3, -1)
         data, gradient, hessian = 0.0, flat.new_zeros((3, count)), None
         if block_term is not None:
-            data, gradient, hessian = block_term(flat)
+            data, gradient, hessian = block_term(flat, derivatives)
         curvature = None
         if matches is not None:
             pull, pull_gradient, curvature = matches.linearise(flat)
             data += pull
-            gradient += pull_gradient
+            if derivatives:
+                gradient += pull_gradient
         return data, gradient, (hessian, curvature)
 
     data, gradient, (hessian, curvature) = data_of(field)
@@ -372,7 +374,8 @@ def minimise(
         step = solve_step(hessian, rhs, edge_weights, regularisation, damping, pull)
         step *= (max_step_mm / vector_lengths(step, 0).clamp(min=1e-12)).clamp(max=1.0)
         candidate = field + step
-        candidate_data, candidate_gradient, candidate_curvatures = data_of(candidate)
+        last = iteration + 1 == iterations  # the last candidate is only compared: no derivatives
+        candidate_data, candidate_gradient, candidate_curvatures = data_of(candidate, not last)
         squared = smoothness.squared_gradient(candidate)
         candidate_energy = candidate_data + regularisation * smoothness.energy(squared)
         if candidate_energy < energy:
