@@ -380,6 +380,33 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     assert energy == pytest.approx(float(data_energy(displacement.double())), rel=1e-4)
     assert torch.allclose(gradient.double(), 0.5 * expected_gradient.T, atol=1e-3)
     assert torch.allclose(hessian.double(), 0.5 * per_node.permute(1, 2, 0), atol=1e-3)
+    assert _linearise(term, displacement, derivatives=False) == (energy, None, None)
+
+
+def test_matches_on_nodes_read_their_node_and_fit_as_eight_corner_matches():
+    """The lattice's matches lie on the grid's nodes: the match term keeps one corner per match, and
+    the fit (no block term: diagonal preconditioner) equals the fit with all eight corners."""
+    from MedDIFTLib.field.solver import MatchTerm, minimise
+    from MedDIFTLib.grid.nodes import grid_points
+
+    grid = Geometry.create([7, 6, 5], [3.0, 2.5, 4.0], [10.0, -5.0, 2.0], np.eye(3))
+    generator = np.random.default_rng(8)
+    nodes = grid_points(grid)
+    displacement = generator.normal(size=nodes.shape)
+    weight = generator.uniform(0.2, 1.0, len(nodes))
+    term = MatchTerm.at_points(grid, nodes, displacement, weight, 2.0)
+    assert term.corners.shape == (len(nodes), 1)
+    assert np.array_equal(term.corners[:, 0].numpy(), np.arange(len(nodes)))
+    nudged = MatchTerm.at_points(grid, nodes + 1e-3, displacement, weight, 2.0)  # between nodes: eight corners
+    eight = MatchTerm(
+        nudged.corners, torch.nn.functional.one_hot(torch.zeros(len(nodes), dtype=torch.long), 8).float(),
+        term.displacement, term.weight, 2.0,
+    )
+    eight.corners[:, 0] = term.corners[:, 0]
+    start = torch.zeros((3, *grid.shape_kji))
+    one_corner = minimise(start, grid, 1.0, 0.2, 3, 3.0, matches=term)
+    eight_corners = minimise(start, grid, 1.0, 0.2, 3, 3.0, matches=eight)
+    assert torch.allclose(one_corner, eight_corners, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 6, 7), (2, 1, 2, 4), (4, 3, 1, 2)])

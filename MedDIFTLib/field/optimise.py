@@ -141,15 +141,19 @@ def _with_derivatives(features: torch.Tensor) -> torch.Tensor:
     return stack.permute(3, 0, 1, 2)
 
 
-def _linearise(term: _SimilarityTerm, displacement: torch.Tensor):
+def _linearise(term: _SimilarityTerm, displacement: torch.Tensor, derivatives: bool = True):
     """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N) at
-    node displacements ``(N, 3)``; descriptors are handled channel-first, ``(C, N)``."""
+    node displacements ``(N, 3)`` (without ``derivatives``: the energy, None, None; only the
+    descriptors are sampled); descriptors are handled channel-first, ``(C, N)``."""
     count = displacement.shape[0]
     channels = term.channels
-    samples = sample(term.moving_stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
+    stack = term.moving_stack if derivatives else term.moving_stack[:channels]
+    samples = sample(stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
     residual = samples[:channels] - term.fixed_features
-    derivative_ijk = samples[channels:].reshape(3, channels, count)
     energy = float(residual.pow(2).sum())
+    if not derivatives:
+        return energy, None, None
+    derivative_ijk = samples[channels:].reshape(3, channels, count)
     gradient_ijk = (derivative_ijk * residual).sum(dim=1)
     hessian_ijk = displacement.new_empty((3, 3, count))
     for row in range(3):
@@ -191,8 +195,10 @@ def instance_optimise(
     node_index = torch.as_tensor(np.flatnonzero(keep))
     term = _similarity_term(fixed, moving, param_grid, node_index, nodes[keep])
 
-    def similarity(flat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        energy, at_nodes_gradient, at_nodes_hessian = _linearise(term, flat[:, node_index].T)
+    def similarity(flat: torch.Tensor, derivatives: bool) -> tuple[float, torch.Tensor | None, torch.Tensor | None]:
+        energy, at_nodes_gradient, at_nodes_hessian = _linearise(term, flat[:, node_index].T, derivatives)
+        if not derivatives:
+            return energy, None, None
         gradient = flat.new_zeros((3, count))
         gradient[:, node_index] = at_nodes_gradient
         hessian = flat.new_zeros((3, 3, count))

@@ -37,9 +37,10 @@ FOLD_DETERMINANT = 0.1
 FOLD_MARGIN = 1
 UNFOLD_ROUNDS = 20
 
-BlockTerm = Callable[[torch.Tensor], tuple[float, torch.Tensor, torch.Tensor]]
-"""A per-node data term: flat field ``(3, count)`` -> energy, gradient half ``(3, count)`` and
-Hessian half blocks ``(3, 3, count)`` (Gauss-Newton)."""
+BlockTerm = Callable[[torch.Tensor, bool], tuple[float, torch.Tensor | None, torch.Tensor | None]]
+"""A per-node data term: flat field ``(3, count)`` and whether derivatives are wanted -> energy,
+gradient half ``(3, count)`` and Hessian half blocks ``(3, 3, count)`` (Gauss-Newton; None when
+not wanted)."""
 
 
 def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -82,13 +83,14 @@ class Smoothness:
             return torch.ones_like(squared)
         return (1.0 + squared / self.break_gradient**2).sqrt_()
 
-    def energy(self, field: torch.Tensor) -> float:
-        squared = self.squared_gradient(field)
+    def energy(self, squared: torch.Tensor) -> float:
+        """``sum_nodes phi`` from the field's :meth:`squared_gradient`."""
         return float((2.0 * squared / (1.0 + self._root(squared))).sum())
 
-    def edge_weights(self, field: torch.Tensor) -> list[torch.Tensor | None]:
-        """Per array axis, ``phi'`` over ``h^2`` on each edge (mean of its two nodes' ``phi'``)."""
-        node = self._root(self.squared_gradient(field)).reciprocal_()
+    def edge_weights(self, squared: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per array axis, ``phi'`` over ``h^2`` on each edge (mean of its two nodes' ``phi'``), from
+        the field's :meth:`squared_gradient`."""
+        node = self._root(squared).reciprocal_()
         weights: list[torch.Tensor | None] = []
         for axis, inverse_square in enumerate(self.inverse_squares):
             size = node.shape[axis]
@@ -129,12 +131,13 @@ class Smoothness:
 @dataclass
 class MatchTerm:
     """The engine's matches pulling the field: at points between the grid's nodes (trilinear, the
-    eight ``corners`` flat ``[k, j, i]`` node indices with ``corner_weights``), the energy
+    eight ``corners`` flat ``[k, j, i]`` node indices with ``corner_weights``; only the node itself where
+    every point lies on one), the energy
     ``weight * phi(|u - displacement|^2)`` with Charbonnier's ``phi`` of scale ``scale_mm`` (a match
     farther than that from the field pulls less: robust to wrong matches)."""
 
-    corners: torch.Tensor  # (M, 8)
-    corner_weights: torch.Tensor  # (M, 8)
+    corners: torch.Tensor  # (M, 8) or (M, 1)
+    corner_weights: torch.Tensor  # (M, 8) or (M, 1)
     displacement: torch.Tensor  # (3, M) LPS mm
     weight: torch.Tensor  # (M,)
     scale_mm: float
@@ -146,12 +149,17 @@ class MatchTerm:
         """The term for matches ``points -> points + displacement`` (N, 3) with ``weight`` (N,)."""
         shape = np.asarray(grid.shape_ijk)
         ijk = np.clip(grid.lps_to_ijk(np.asarray(points_lps_mm, float).reshape(-1, 3)), 0, shape - 1)
+        nearest = np.round(ijk)
+        ijk = np.where(np.abs(ijk - nearest) < 1e-6, nearest, ijk)  # a point on a node reads that node only
         low = np.minimum(np.floor(ijk), np.maximum(shape - 2, 0)).astype(int)
         fraction = ijk - low
         bits = np.array([[(corner >> axis) & 1 for axis in range(3)] for corner in range(8)])
         corner_ijk = np.minimum(low[:, None, :] + bits[None], shape - 1)
         weights = np.prod(np.where(bits[None] == 1, fraction[:, None], 1.0 - fraction[:, None]), axis=2)
         flat = (corner_ijk[..., 2] * shape[1] + corner_ijk[..., 1]) * shape[0] + corner_ijk[..., 0]
+        if (np.count_nonzero(weights, axis=1) == 1).all():  # every point on a node (the lattice's matches)
+            corner = np.argmax(weights, axis=1)[:, None]
+            flat, weights = np.take_along_axis(flat, corner, 1), np.take_along_axis(weights, corner, 1)
         return MatchTerm(
             torch.as_tensor(flat),
             torch.as_tensor(weights, dtype=torch.float32),
@@ -198,7 +206,7 @@ def _symmetric_inverse(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def solve_step(
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     rhs: torch.Tensor,
     edge_weights: list[torch.Tensor | None],
     regularisation: float,
@@ -209,41 +217,58 @@ def solve_step(
     Laplacian with ``edge_weights`` (:class:`Smoothness`), ``M`` the match term's Hessian half at
     its points' ``curvature`` (``matches``: the term and the curvature).
 
-    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term).
+    ``hessian`` (3, 3, K * J * I) holds every grid node's block (zero where there is no data term);
+    None: no block term (with no matches or matches on nodes the preconditioner is then diagonal).
     """
     count = rhs[0].numel()
-    shift = Smoothness.diagonal(edge_weights, tuple(rhs.shape[1:])).reshape(-1).mul_(regularisation).add_(damping)
+    weights = [None if weight is None else weight * regularisation for weight in edge_weights]
+    shift = Smoothness.diagonal(weights, tuple(rhs.shape[1:])).reshape(-1).add_(damping)
     if matches is not None:
         shift += matches[0].diagonal(matches[1], count)
-    block_inverse = _symmetric_inverse(hessian + torch.eye(3)[:, :, None] * shift)
+    if hessian is None and matches is not None and matches[0].corners.shape[1] != 1:
+        hessian = rhs.new_zeros((3, 3, count))  # matches between nodes: block-Jacobi on their diagonal
+    if hessian is None:
+        damped, inverse_shift = None, shift.reciprocal()
+    else:
+        block_inverse = _symmetric_inverse(hessian + torch.eye(3)[:, :, None] * shift)
+        damped = hessian.clone()
+        damped.diagonal(dim1=0, dim2=1).add_(damping)
 
     def apply(vector: torch.Tensor) -> torch.Tensor:
-        result = Smoothness.apply(vector, edge_weights).mul_(regularisation).add_(vector, alpha=damping)
+        result = Smoothness.apply(vector, weights)
         flat = vector.view(3, -1)
-        result.view(3, -1).add_(_matvec(hessian, flat))
+        if damped is None:
+            result.add_(vector, alpha=damping)
+        else:
+            result.view(3, -1).add_(_matvec(damped, flat))
         if matches is not None:
             term, curvature = matches
             result.view(3, -1).add_(term.scatter(term.gather(flat) * curvature, count))
         return result
 
     def precondition(vector: torch.Tensor) -> torch.Tensor:
+        if damped is None:
+            return vector.view(3, -1).mul(inverse_shift).view_as(vector)
         return _matvec(block_inverse, vector.view(3, -1)).view_as(vector)
+
+    def dot(first: torch.Tensor, second: torch.Tensor) -> float:
+        return float(torch.dot(first.reshape(-1), second.reshape(-1)))
 
     solution = torch.zeros_like(rhs)
     residual = rhs.clone()
     preconditioned = precondition(residual)
     direction = preconditioned.clone()
-    product = float((residual * preconditioned).sum())
+    product = dot(residual, preconditioned)
     for _ in range(CG_ITERATIONS):
         image = apply(direction)
-        curvature = float((direction * image).sum())
+        curvature = dot(direction, image)
         if curvature <= 0 or product <= 0:
             break
         step = product / curvature
         solution.add_(direction, alpha=step)
         residual.sub_(image, alpha=step)
         preconditioned = precondition(residual)
-        new_product = float((residual * preconditioned).sum())
+        new_product = dot(residual, preconditioned)
         direction = preconditioned.add_(direction, alpha=new_product / product)
         product = new_product
     return solution
@@ -319,42 +344,50 @@ def minimise(
     count = field[0].numel()
     smoothness = Smoothness(tuple(float(s) for s in grid.spacing_mm[::-1]), break_gradient)
 
-    def data_of(values: torch.Tensor):
+    def data_of(values: torch.Tensor, derivatives: bool = True):
         flat = values.reshape(3, -1)
-        data, gradient, hessian = 0.0, flat.new_zeros((3, count)), flat.new_zeros((3, 3, count))
+        data, gradient, hessian = 0.0, flat.new_zeros((3, count)), None
         if block_term is not None:
-            data, gradient, hessian = block_term(flat)
+            data, gradient, hessian = block_term(flat, derivatives)
         curvature = None
         if matches is not None:
             pull, pull_gradient, curvature = matches.linearise(flat)
             data += pull
-            gradient += pull_gradient
+            if derivatives:
+                gradient += pull_gradient
         return data, gradient, (hessian, curvature)
 
     data, gradient, (hessian, curvature) = data_of(field)
-    diagonal = hessian.diagonal(dim1=0, dim2=1)
+    damping = 1e-9
+    if hessian is not None:
+        damping += 1e-3 * float(hessian.diagonal(dim1=0, dim2=1).mean())
     if matches is not None:
-        diagonal = diagonal + matches.diagonal(curvature, count)[:, None]
-    damping = 1e-3 * float(diagonal.mean()) + 1e-9
+        damping += 1e-3 * float(matches.diagonal(curvature, count).mean())
+    squared = smoothness.squared_gradient(field)
+    energy = data + regularisation * smoothness.energy(squared)
     for iteration in range(iterations):
-        energy = data + regularisation * smoothness.energy(field)
-        edge_weights = smoothness.edge_weights(field)
-        rhs = Smoothness.apply(field, edge_weights).mul_(-regularisation)
-        rhs.view(3, -1).sub_(gradient)
+        if squared is not None:  # the field changed: reweight the regulariser
+            edge_weights = smoothness.edge_weights(squared)
+            rhs = Smoothness.apply(field, edge_weights).mul_(-regularisation)
+            rhs.view(3, -1).sub_(gradient)
         pull = None if matches is None else (matches, curvature)
         step = solve_step(hessian, rhs, edge_weights, regularisation, damping, pull)
         step *= (max_step_mm / vector_lengths(step, 0).clamp(min=1e-12)).clamp(max=1.0)
         candidate = field + step
-        candidate_data, candidate_gradient, candidate_curvatures = data_of(candidate)
-        if candidate_data + regularisation * smoothness.energy(candidate) < energy:
-            field, data, gradient, (hessian, curvature) = (
+        last = iteration + 1 == iterations  # the last candidate is only compared: no derivatives
+        candidate_data, candidate_gradient, candidate_curvatures = data_of(candidate, not last)
+        squared = smoothness.squared_gradient(candidate)
+        candidate_energy = candidate_data + regularisation * smoothness.energy(squared)
+        if candidate_energy < energy:
+            field, energy, gradient, (hessian, curvature) = (
                 candidate,
-                candidate_data,
+                candidate_energy,
                 candidate_gradient,
                 candidate_curvatures,
             )
             damping /= 3.0
         else:
+            squared = None  # refused: the field, its weights and right-hand side stay
             damping *= 10.0
         progress(stage, (iteration + 1) / iterations, f"step {iteration + 1}/{iterations}")
     return unfolded(field, grid) if unfold else field

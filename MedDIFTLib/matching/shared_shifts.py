@@ -28,6 +28,8 @@ from .candidates import patch_taps
 from .descriptors import unit_descriptors
 
 BATCH_BYTES = 2**26
+SLAB_VALUES = 2**16
+"""Values of one map per slab of slices (about 256 kB) that a cosine map is summed over channels in."""
 
 
 class NodeSampler:
@@ -159,6 +161,7 @@ def level_similarity(
     forward = torch.empty((len(shifts_level), sampler.count))
     backward = torch.empty((len(shifts_level), sampler.count))
     batch = max(1, BATCH_BYTES // (4 * fixed[0].numel()))
+    slab = max(1, SLAB_VALUES // (size_j * size_i))
     fractions, group = np.unique(np.round(fraction, 6), axis=0, return_inverse=True)
     done = 0
     for number, part in enumerate(fractions):
@@ -167,12 +170,15 @@ def level_similarity(
         for begin in range(0, len(members), batch):
             rows = members[begin : begin + batch]
             maps = torch.empty((len(rows), size_k, size_j, size_i))
-            for slot, row in enumerate(rows):
-                i, j, k = (int(v) for v in margin + whole[row])
-                window = moved[:, k : k + size_k, j : j + size_j, i : i + size_i]
-                torch.mul(fixed[0], window[0], out=maps[slot])
-                for channel in range(1, fixed.shape[0]):
-                    maps[slot].addcmul_(fixed[channel], window[channel])
+            for first in range(0, size_k, slab):  # slab by slab, so each map's part stays in cache
+                last = min(first + slab, size_k)
+                for slot, row in enumerate(rows):
+                    i, j, k = (int(v) for v in margin + whole[row])
+                    window = moved[:, k + first : k + last, j : j + size_j, i : i + size_i]
+                    part = maps[slot, first:last]
+                    torch.mul(fixed[0, first:last], window[0], out=part)
+                    for channel in range(1, fixed.shape[0]):
+                        part.addcmul_(fixed[channel, first:last], window[channel])
             index = torch.as_tensor(rows)
             forward[index] = sampler.apply(maps)
             backward[index] = sampler.apply(maps, shifts_level[rows])
