@@ -211,14 +211,15 @@ class MindFeaturizer:
     def extract_regions(self, volume: Volume) -> FeaturePyramid:
         """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
 
-        Each level is allocated full size (zero pages cost no memory until written) and holds
-        the working image to compute from.
+        Each level is allocated full size, uninitialised, in pages of the system's base size (so
+        a box touches, and costs, no more than the pages it writes), and holds the working image
+        to compute from.
         """
         image = self.working_image(volume)
         levels = []
         for n, scale in enumerate(self.scales):
             shape = image.geometry.downsampled(scale).shape_kji
-            features = torch.from_numpy(np.zeros((12, *shape), np.dtype(self.dtype)))
+            features = torch.empty((12, *shape), dtype=STORAGE_DTYPES[self.dtype])
 
             def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
                 return self._box(image, scale, lo_kji, hi_kji)
