@@ -15,7 +15,7 @@ from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume
 from MedDIFTLib.core.options import MatchOptions, RunSettings
 from MedDIFTLib.features.mind import MindFeaturizer, mind_ssc
-from MedDIFTLib.features.regions import BLOCK, READ_AHEAD, RegionFiller
+from MedDIFTLib.features.regions import BLOCK, MIN_BLOCK, READ_AHEAD, RegionFiller
 from MedDIFTLib.grid.sampling import sample, sample_stored
 from MedDIFTLib.matching import match_points
 from MedDIFTLib.worker.protocol.requests import Limits
@@ -219,3 +219,50 @@ def test_half_precision_storage_halves_memory_and_keeps_the_matches():
     np.testing.assert_allclose(results["float16"].similarity, results["float32"].similarity, atol=1e-3)
     with pytest.raises(BadInputError, match="dtype"):
         MindFeaturizer(dtype="int8")
+
+
+def test_a_pooled_levels_blocks_span_about_as_many_working_voxels_and_its_fill_steps_count_them():
+    calls = []
+
+    def compute(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+        calls.append((tuple(int(n) for n in lo_kji), tuple(int(n) for n in hi_kji)))
+        return torch.ones((1, *(np.asarray(hi_kji) - np.asarray(lo_kji))))
+
+    shape = (10, 12, 20)
+    features = torch.zeros((1, *shape))
+    filler = RegionFiller(compute, shape, scale=4)
+    assert filler.block == BLOCK // 4 and RegionFiller(compute, shape, scale=16).block == MIN_BLOCK
+    filler.ensure(features, np.array([4, 4, 4]), np.array([5, 5, 5]))
+    assert calls == [((2, 2, 2), (8, 8, 8))]  # its block and one block (two level voxels) around it
+    filler.fill_some(features, 4**3 * 2 * 2 * 20 * 3)  # working voxels of three rows of blocks
+    assert calls[1] == ((0, 0, 0), (2, 6, 20))
+
+
+def test_filling_behind_completes_the_coarsest_level_first():
+    pyramid = MindFeaturizer().extract_regions(_textured_volume((20, 24, 22)))
+    completed = []
+    while pyramid.fill_some(BLOCK**3):
+        completed += [level.name for level in pyramid.levels if level.complete and level.name not in completed]
+    assert completed == ["mind_1/4", "mind_1/2", "mind_1/1"]
+
+
+def test_a_pooled_level_filled_step_by_step_resamples_each_working_voxel_about_once(monkeypatch):
+    from MedDIFTLib.core.resample import WorkingImage
+
+    resampled = []
+    box = WorkingImage.box
+
+    def counted(self, lo_kji: np.ndarray, hi_kji: np.ndarray) -> np.ndarray:
+        resampled.append(np.prod(hi_kji - lo_kji))
+        return box(self, lo_kji, hi_kji)
+
+    monkeypatch.setattr(WorkingImage, "box", counted)
+    volume = _textured_volume((40, 48, 44))
+    featurizer = MindFeaturizer(scales=(4,))
+    level = featurizer.extract_regions(volume).levels[0]
+    steps = 0
+    while not level.complete:
+        level.fill_some(4**3 * 64)
+        steps += 1
+    assert steps > 3 and sum(resampled) <= 1.2 * np.prod(np.asarray(level.geometry.shape_kji) * 4)
+    assert torch.equal(level.features, featurizer.extract(volume).levels[0].features)

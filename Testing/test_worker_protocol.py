@@ -541,3 +541,55 @@ def test_running_out_of_memory_is_its_own_error_kind_with_advice(monkeypatch, er
     final = json.loads(stream.getvalue().splitlines()[0])
     assert (final["id"], final["kind"]) == ("f", "out_of_memory")
     assert final["message"].startswith("features: ") and words in final["message"]
+
+
+
+def _serve_with_fill_log(monkeypatch, pause_s: float) -> tuple:
+    """A worker serving on a thread with ``FILL_PAUSE_S = pause_s``; its fill steps are logged (never
+    done) with the count of events written before each."""
+    import threading
+
+    from MedDIFTLib.worker import server
+
+    monkeypatch.setattr(server, "FILL_PAUSE_S", pause_s)
+    stream = io.BytesIO()
+    worker = server.Worker(EventWriter(stream), cache_bytes=0)
+    fills = []
+    monkeypatch.setattr(worker.state, "fill_behind", lambda: fills.append(len(stream.getvalue().splitlines())) or True)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    return worker, stream, fills, thread
+
+
+def _wait_until(done) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+MATCH_LINE = b'{"id": "%s", "type": "match", "fixed_id": "v1", "moving_id": "v2", "points_lps_mm": [[0, 0, 0]]}'
+
+
+def test_a_match_sent_right_after_a_match_result_does_not_wait_for_filling_behind(monkeypatch):
+    worker, stream, fills, thread = _serve_with_fill_log(monkeypatch, pause_s=30.0)
+    worker.handle_line(MATCH_LINE % b"a")
+    _wait_until(lambda: len(stream.getvalue().splitlines()) == 1)
+    worker.handle_line(MATCH_LINE % b"b")  # the next point, sent on the result
+    _wait_until(lambda: len(stream.getvalue().splitlines()) == 2)
+    worker.jobs.stop()
+    thread.join(30)
+    assert not thread.is_alive() and fills == []
+    assert [json.loads(line)["id"] for line in stream.getvalue().splitlines()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("first", [MATCH_LINE % b"a", b'{"id": "a", "type": "probe"}'], ids=["match", "probe"])
+def test_the_idle_worker_fills_behind_after_a_match_pause_or_at_once(monkeypatch, first):
+    worker, stream, fills, thread = _serve_with_fill_log(monkeypatch, pause_s=0.01 if b"match" in first else 30.0)
+    worker.handle_line(first)
+    _wait_until(lambda: fills)  # a probe (polling, e.g. for the fill) never delays it
+    worker.jobs.stop()
+    thread.join(30)
+    assert not thread.is_alive() and fills[0] == 1  # after the job's result

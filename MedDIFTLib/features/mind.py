@@ -25,6 +25,7 @@ compute features only where a search reads them (:meth:`MindFeaturizer.extract_r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import combinations
 from typing import Any
 
@@ -40,6 +41,9 @@ from ..core.progress import ProgressFn, no_progress
 from ..core.resample import WorkingImage
 from .protocol import FeatureLevel, FeaturePyramid
 from .regions import RegionFiller
+
+ImageReader = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+"""``read(lo_kji, hi_kji)``: the voxels ``[lo, hi)`` of an image (e.g. a level's pooled image), float32."""
 
 SIX_NEIGHBOURHOOD = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 SSC_PAIRS = [
@@ -175,19 +179,38 @@ class MindFeaturizer:
             return WorkingImage(volume, geometry)
         return WorkingImage(volume, grid)
 
-    def _box(self, image: WorkingImage, scale: int, lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
-        """Unit-norm MIND-SSC ``(12, ...)`` of the level box ``[lo, hi)`` at pooling ``scale``,
-        computed from the working image within the descriptor's reach of the box (CPU)."""
-        reach = self.dilation + self.patch_radius
-        shape = np.asarray(image.geometry.downsampled(scale).shape_kji)
-        first = np.maximum(np.asarray(lo_kji) - reach, 0)
-        last = np.minimum(np.asarray(hi_kji) + reach, shape)
+    def _pooled(self, image: WorkingImage, scale: int) -> ImageReader:
+        """A reader of the working image clipped to ``hu_window``, scaled to [0, 1] and average-pooled
+        by ``scale``: float32 boxes of level voxels, on the device."""
         low, high = self.hu_window
-        voxels = np.clip(image.box(first * scale, last * scale), low, high)
-        image = torch.from_numpy(voxels).to(self.device, torch.float32)
-        image = (image - low) / (high - low)
-        pooled = F.avg_pool3d(image[None, None], scale, stride=scale)[0, 0] if scale > 1 else image
-        features = _unit_norm_(mind_ssc(pooled, self.dilation, self.patch_radius, self.variance_floor))
+
+        def read(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+            voxels = np.clip(image.box(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale), low, high)
+            normalised = (torch.from_numpy(voxels).to(self.device, torch.float32) - low) / (high - low)
+            return F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
+
+        return read
+
+    def _kept(self, read: ImageReader, shape_kji: tuple[int, int, int]) -> ImageReader:
+        """``read`` keeping (float32, CPU) the voxels it has computed, so the boxes of a level that
+        overlap (their reach, the fill's steps) resample the working image once."""
+        values = torch.empty((1, *shape_kji), dtype=torch.float32)
+        filler = RegionFiller(lambda lo, hi: read(lo, hi)[None], shape_kji, block=1)
+
+        def kept(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+            filler.ensure(values, lo_kji, hi_kji, ahead=0)
+            return values[(0, *(slice(int(a), int(b)) for a, b in zip(lo_kji, hi_kji)))].to(self.device)
+
+        return kept
+
+    def _box(self, pooled: ImageReader, shape_kji: tuple[int, int, int], lo_kji: np.ndarray,
+             hi_kji: np.ndarray) -> torch.Tensor:
+        """Unit-norm MIND-SSC ``(12, ...)`` of the box ``[lo, hi)`` of a level (``shape_kji``),
+        computed from its pooled image (``pooled``) within the descriptor's reach of the box (CPU)."""
+        reach = self.dilation + self.patch_radius
+        first = np.maximum(np.asarray(lo_kji) - reach, 0)
+        last = np.minimum(np.asarray(hi_kji) + reach, shape_kji)
+        features = _unit_norm_(mind_ssc(pooled(first, last), self.dilation, self.patch_radius, self.variance_floor))
         inner = tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(lo_kji, hi_kji, first))
         return features[(slice(None), *inner)].to("cpu", STORAGE_DTYPES[self.dtype])
 
@@ -203,25 +226,31 @@ class MindFeaturizer:
         levels = []
         for n, scale in enumerate(self.scales):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
-            shape = np.asarray(image.geometry.downsampled(scale).shape_kji)
-            levels.append(self._level(image, n, self._box(image, scale, np.zeros(3, int), shape), None))
+            shape = image.geometry.downsampled(scale).shape_kji
+            features = self._box(self._pooled(image, scale), shape, np.zeros(3, int), np.asarray(shape))
+            levels.append(self._level(image, n, features, None))
         progress("features", 1.0, "MIND-SSC done")
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)
 
     def extract_regions(self, volume: Volume) -> FeaturePyramid:
         """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
 
-        Each level is allocated full size (zero pages cost no memory until written) and holds
-        the working image to compute from.
+        Each level is allocated full size, uninitialised, in pages of the system's base size (so
+        a box touches, and costs, no more than the pages it writes). A pooled level keeps its
+        pooled image (float32, 1/8 of the working image or less) until it is complete.
         """
         image = self.working_image(volume)
         levels = []
         for n, scale in enumerate(self.scales):
             shape = image.geometry.downsampled(scale).shape_kji
-            features = torch.from_numpy(np.zeros((12, *shape), np.dtype(self.dtype)))
+            features = torch.empty((12, *shape), dtype=STORAGE_DTYPES[self.dtype])
+            pooled = self._pooled(image, scale)
+            if scale > 1:
+                pooled = self._kept(pooled, shape)
 
-            def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
-                return self._box(image, scale, lo_kji, hi_kji)
+            def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, pooled: ImageReader = pooled,
+                        shape: tuple[int, int, int] = shape) -> torch.Tensor:
+                return self._box(pooled, shape, lo_kji, hi_kji)
 
-            levels.append(self._level(image, n, features, RegionFiller(compute, shape)))
+            levels.append(self._level(image, n, features, RegionFiller(compute, shape, scale)))
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)

@@ -105,7 +105,8 @@ class FeatureLevel:
             self.filler.fill(self.features)
 
     def fill_some(self, voxels: int) -> None:
-        """Make about ``voxels`` more of the level valid (see :meth:`.regions.RegionFiller.fill_some`)."""
+        """Make about ``voxels`` working-grid voxels more of the level valid (see
+        :meth:`.regions.RegionFiller.fill_some`)."""
         if not self.complete:
             self.filler.fill_some(self.features, voxels)
 
@@ -140,12 +141,13 @@ class FeaturePyramid:
         return self
 
     def fill_some(self, voxels: int) -> bool:
-        """Fill about ``voxels`` more of the first incomplete level; False when all were complete."""
-        for level in self.levels:
-            if not level.complete:
-                level.fill_some(voxels)
-                return True
-        return False
+        """Fill about ``voxels`` more of the coarsest incomplete level (the one every search reads
+        widest, and the cheapest to complete); False when all were complete."""
+        incomplete = [level for level in self.levels if not level.complete]
+        if not incomplete:
+            return False
+        min(incomplete, key=lambda level: level.features[0].numel()).fill_some(voxels)
+        return True
 
     def to(self, device: torch.device | str) -> FeaturePyramid:
         """A copy on ``device`` (filled first: a copy could not be filled any more)."""

@@ -2,10 +2,11 @@
 
 A :class:`RegionFiller` belongs to one :class:`~.protocol.FeatureLevel`: the level's tensor is
 allocated full size but holds valid values only where the filler has computed them. It keeps a
-map of filled blocks (``BLOCK`` level voxels per axis) and, asked for a box, computes the
-bounding box of the blocks still missing there, grown by ``READ_AHEAD`` blocks, in one call of the
-backbone's ``compute``. A backbone offers this only when a voxel's descriptor depends on the image
-near it alone, so that a box computed on its own equals the same box of the whole-volume extraction.
+map of filled blocks (about ``BLOCK`` working-grid voxels per axis: ``BLOCK // scale`` voxels of a
+level pooled by ``scale``, at least ``MIN_BLOCK``) and, asked for a box, computes the bounding box
+of the blocks still missing there, grown by ``READ_AHEAD`` blocks, in one call of the backbone's
+``compute``. A backbone offers this only when a voxel's descriptor depends on the image near it
+alone, so that a box computed on its own equals the same box of the whole-volume extraction.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 BLOCK = 8
+MIN_BLOCK = 2
 READ_AHEAD = 1  # blocks computed beyond a request on each side, so a dragged point finds them ready
 
 RegionCompute = Callable[[np.ndarray, np.ndarray], torch.Tensor]
@@ -23,12 +25,19 @@ RegionCompute = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 
 
 class RegionFiller:
-    """Fills a level's ``(C, K, J, I)`` tensor where it is read; ``done`` once all of it is filled."""
+    """Fills a level's ``(C, K, J, I)`` tensor where it is read; ``done`` once all of it is filled.
 
-    def __init__(self, compute: RegionCompute, shape_kji: tuple[int, int, int]) -> None:
-        self._compute = compute
+    ``scale``: the level's voxel size in working-grid voxels (its pooling factor); it sets the
+    block size (unless ``block`` gives it, level voxels) and the cost of a voxel in :meth:`fill_some`.
+    """
+
+    def __init__(self, compute: RegionCompute, shape_kji: tuple[int, int, int], scale: int = 1,
+                 block: int | None = None) -> None:
+        self._compute: RegionCompute | None = compute
         self.shape_kji = np.asarray(shape_kji, int)
-        self._filled = np.zeros(-(-self.shape_kji // BLOCK), bool)
+        self.scale = int(scale)
+        self.block = max(MIN_BLOCK, BLOCK // self.scale) if block is None else int(block)
+        self._filled = np.zeros(-(-self.shape_kji // self.block), bool)
 
     @property
     def done(self) -> bool:
@@ -45,18 +54,21 @@ class RegionFiller:
         hi = np.clip(np.asarray(hi_kji, int), 0, self.shape_kji)
         if np.any(hi <= lo):
             return
-        first, last = lo // BLOCK, -(-hi // BLOCK)
+        block = self.block
+        first, last = lo // block, -(-hi // block)
         missing = np.argwhere(~self._filled[tuple(slice(a, b) for a, b in zip(first, last))])
         if not len(missing):
             return
         grid = np.asarray(self._filled.shape)
         block_lo = np.maximum(first + missing.min(axis=0) - ahead, 0)
         block_hi = np.minimum(first + missing.max(axis=0) + 1 + ahead, grid)
-        box_lo = block_lo * BLOCK
-        box_hi = np.minimum(block_hi * BLOCK, self.shape_kji)
+        box_lo = block_lo * block
+        box_hi = np.minimum(block_hi * block, self.shape_kji)
         box = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
         features[(slice(None), *box)] = self._compute(box_lo, box_hi).to(features.device, features.dtype)
         self._filled[tuple(slice(int(a), int(b)) for a, b in zip(block_lo, block_hi))] = True
+        if self.done:
+            self._compute = None  # lets go of what it computed from
 
     def ensure_boxes(self, features: torch.Tensor, lo_ijk: np.ndarray, hi_ijk: np.ndarray) -> None:
         """:meth:`ensure` for each row of ``lo_ijk`` / ``hi_ijk`` (B, 3), voxel index order ``ijk``
@@ -69,14 +81,16 @@ class RegionFiller:
         self.ensure(features, np.zeros(3, int), self.shape_kji)
 
     def fill_some(self, features: torch.Tensor, voxels: int) -> None:
-        """Fill about ``voxels`` more voxels (at least one block), from the first missing block in
-        raster order (k slowest) along rows of whole i lines, without read-ahead: one bounded step
-        of filling the rest of the level behind the searches."""
+        """Fill about ``voxels`` more working-grid voxels (``voxels / scale**3`` level voxels, at
+        least one block), from the first missing block in raster order (k slowest) along rows of
+        whole i lines, without read-ahead: one bounded step of filling the rest of the level behind
+        the searches."""
         missing = np.argwhere(~self._filled)
         if not len(missing):
             return
         k, j, _ = missing[0]
-        rows = max(1, int(voxels) // (BLOCK * BLOCK * int(self.shape_kji[2])))
-        lo = np.array([k, j, 0]) * BLOCK
-        hi = np.array([k + 1, j + rows, self._filled.shape[2]]) * BLOCK
+        block = self.block
+        rows = max(1, int(voxels) // (self.scale**3 * block * block * int(self.shape_kji[2])))
+        lo = np.array([k, j, 0]) * block
+        hi = np.array([k + 1, j + rows, self._filled.shape[2]]) * block
         self.ensure(features, lo, hi, ahead=0)

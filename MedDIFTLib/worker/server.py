@@ -8,7 +8,9 @@ queues the rest; jobs run one at a time, in arrival order, on the main thread, e
 handler in :mod:`.handlers` (a cancelled running job stops at its next progress report). EOF
 on stdin acts as ``shutdown`` after the queued jobs. While no job is queued, the worker fills the
 rest of the features that a point search computed only where it read them, one bounded step at a
-time (:meth:`.state.WorkerState.fill_behind`), so later jobs find them complete.
+time (:meth:`.state.WorkerState.fill_behind`), so later jobs find them complete. After a ``match`` it
+waits :data:`FILL_PAUSE_S` before filling, so the next point placed or dragged, sent right after the
+last result, does not wait for a fill step.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .stream import (
 
 PROGRESS_INTERVAL_S = 0.1
 IDLE_WAIT_S = 0.5
+FILL_PAUSE_S = 0.25  # seconds after a match before filling features behind resumes
 
 
 def _out_of_memory_advice(job_type: str, device: str) -> str:
@@ -95,6 +98,7 @@ class Worker:
         self.state = WorkerState(cache_bytes, limits, self.log, memory_budget)
         self.fill_behind = fill_behind
         self._fill_pending = False
+        self._fill_from = 0.0  # time.monotonic() from which filling may resume
 
     # ------------------------------------------------------------------ events
 
@@ -163,7 +167,8 @@ class Worker:
     def serve(self) -> int:
         """Run queued jobs until ``shutdown``; returns the exit code."""
         while True:
-            job = self.jobs.next(timeout_s=0.0 if self._fill_pending else IDLE_WAIT_S)
+            wait = max(0.0, self._fill_from - time.monotonic()) if self._fill_pending else IDLE_WAIT_S
+            job = self.jobs.next(timeout_s=wait)
             if job is None:
                 self._fill_step()
                 continue
@@ -172,6 +177,8 @@ class Worker:
                 return 0
             self.run_job(job)
             self._fill_pending = self.fill_behind
+            if job.type == "match":
+                self._fill_from = time.monotonic() + FILL_PAUSE_S
 
     def _fill_step(self) -> None:
         """Idle: one step of filling features computed only in part; a failure ends background filling."""

@@ -30,7 +30,7 @@ from .protocol.requests import Limits
 
 DEVICE_COPIES = 2
 FIELDS_KEPT = 2  # uploaded displacement fields held for overlays requests, the most recent ones
-FILL_STEP_VOXELS = 2**18  # one background fill step: a fraction of a second of MIND on the CPU
+FILL_STEP_VOXELS = 2**18  # working-grid voxels of one background fill step: a fraction of a second on the CPU
 
 
 def device_name(name: str) -> str:
