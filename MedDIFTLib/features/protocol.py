@@ -132,6 +132,11 @@ class FeaturePyramid:
     def complete(self) -> bool:
         return all(level.complete for level in self.levels)
 
+    @property
+    def finest_level(self) -> int:
+        """Index of the level with the smallest voxels (by volume)."""
+        return int(np.argmin([np.prod(level.geometry.spacing_mm) for level in self.levels]))
+
     def fill(self, progress: ProgressFn = no_progress) -> FeaturePyramid:
         """This pyramid with every level valid (filled in place)."""
         for n, level in enumerate(self.levels):

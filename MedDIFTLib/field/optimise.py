@@ -98,7 +98,7 @@ def _similarity_term(
     onto exactly ``param_grid`` is taken as is, so fixed and moving descriptors are pooled alike.
     """
     spacing_mm = np.asarray(param_grid.spacing_mm)
-    finest = int(np.argmin([np.prod(level.geometry.spacing_mm) for level in fixed.levels]))
+    finest = fixed.finest_level
     fixed_features, fixed_geometry = pooled_descriptors(fixed.levels[finest], spacing_mm)
     moving_features, moving_geometry = pooled_descriptors(moving.levels[finest], spacing_mm)
     projection = _principal_projection(fixed_features, moving_features, MAX_CHANNELS)

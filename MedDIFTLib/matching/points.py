@@ -103,7 +103,7 @@ def _match_one_way(
     radius = None if options.mode == "global" else options.search_radius_mm
     positions = np.zeros_like(points_lps_mm)
     scores = np.zeros(len(points_lps_mm))
-    refined = positions.copy()
+    refined = np.zeros_like(points_lps_mm)
     for begin in range(0, len(points_lps_mm), batch):
         chunk = slice(begin, begin + batch)
         descriptors = scorer.fixed_descriptors(points_lps_mm[chunk])

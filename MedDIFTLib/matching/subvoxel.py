@@ -88,15 +88,10 @@ def _moved_patches(boxes: torch.Tensor, centres: torch.Tensor, step: float, radi
     return patches.permute(0, 3, 2, 1, 5, 6, 7, 4).reshape(batch, 27, taps**3, channels)
 
 
-def _finest(pyramid: FeaturePyramid) -> int:
-    """Index of the level with the smallest voxels."""
-    return int(np.argmin([np.prod(level.geometry.spacing_mm) for level in pyramid.levels]))
-
-
 def pattern_applies(pyramid: FeaturePyramid) -> bool:
     """Whether :func:`pattern_refine` refines matches into ``pyramid``: its finest level's voxels are
     no wider than the widest side of the image's voxels (else the lattice is the finer grid)."""
-    finest = pyramid.levels[_finest(pyramid)].geometry.spacing_mm
+    finest = pyramid.levels[pyramid.finest_level].geometry.spacing_mm
     return max(finest) <= max(pyramid.image_geometry.spacing_mm) + 1e-6
 
 
@@ -105,7 +100,7 @@ def pattern_refine(scorer: Scorer, descriptors: list[torch.Tensor], positions_lp
     finest moving level, its patch cosine against the batch's fixed ``descriptors`` (per level, (B, taps, C),
     :meth:`Scorer.fixed_descriptors`). Candidates outside the moving volume's voxel centres are never
     chosen (a match stays where it is when all its neighbours are)."""
-    finest = _finest(scorer.moving)
+    finest = scorer.moving.finest_level
     level, descriptor = scorer.moving.levels[finest], descriptors[finest]
     radius, tap_step = scorer.radii[finest], scorer.steps[finest]
     start_ijk = level.geometry.lps_to_ijk(np.asarray(positions_lps_mm, float))
