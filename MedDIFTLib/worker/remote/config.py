@@ -12,6 +12,7 @@ from typing import Any
 
 from ... import __version__
 from ...core.errors import BadRequestError
+from ...core.options import ServeOptions
 from ...features.maisi import packaged_configs
 from ..protocol.requests import Limits, ProbeRequest, RejectedRequest, Request, parse_request
 from .wire import API
@@ -27,24 +28,37 @@ def available_devices() -> tuple[str, ...]:
     return ("cpu", *(("cuda",) if count else ()), *(f"cuda:{index}" for index in range(count)))
 
 
+MIB = 2**20
+_LIMITS = ServeOptions()
+
+
 @dataclass(frozen=True)
 class ServeConfig:
-    """What ``meddift serve`` was started with; sizes in bytes, times in seconds."""
+    """What ``meddift serve`` was started with; sizes in bytes, times in seconds. The limits'
+    defaults are :class:`~MedDIFTLib.core.options.ServeOptions`' (:meth:`from_options`)."""
 
     cache_dir: Path
     token: str | None = None
     device: str = "auto"
-    max_upload_bytes: int = 2048 * 2**20
-    max_sessions: int = 8
-    idle_timeout_s: float = 1800.0
-    requests_per_minute: int = 1200
-    cache_bytes: int = 2 * 2**30
+    max_upload_bytes: int = int(_LIMITS.max_upload_mb * MIB)
+    max_sessions: int = _LIMITS.max_sessions
+    idle_timeout_s: float = _LIMITS.idle_timeout_s
+    requests_per_minute: int = _LIMITS.requests_per_minute
+    cache_bytes: int = int(_LIMITS.cache_mb * MIB)
     limits: Limits = Limits()
     device_label: str = ""
     weights_dir: Path | None = None
-    session_memory_bytes: int = 16 * 2**30
+    session_memory_bytes: int = int(_LIMITS.session_memory_mb * MIB)
     devices: tuple[str, ...] = field(default_factory=available_devices)
     """The devices a request may name when ``device`` is ``auto`` (besides ``auto``)."""
+
+    @classmethod
+    def from_options(cls, options: ServeOptions, cache_dir: Path, **given: Any) -> ServeConfig:
+        """The configuration of ``options`` (MiB turned into bytes) and the ``given`` fields."""
+        return cls(cache_dir=cache_dir, max_upload_bytes=int(options.max_upload_mb * MIB),
+                   max_sessions=options.max_sessions, idle_timeout_s=options.idle_timeout_s,
+                   requests_per_minute=options.requests_per_minute, cache_bytes=int(options.cache_mb * MIB),
+                   session_memory_bytes=int(options.session_memory_mb * MIB), **given)
 
 
 def server_info(config: ServeConfig) -> dict[str, Any]:
