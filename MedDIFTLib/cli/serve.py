@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise BadInputError("meddift serve needs starlette and uvicorn: pip install 'meddift[serve]'") from None
     from ..worker.http_session import read_token_file
-    from ..worker.remote.app import ServeConfig, create_app
+    from ..worker.remote.app import create_app
+    from ..worker.remote.config import ServeConfig
     from ..worker.remote.security import check_bind
     from ..worker.state import device_name
 
