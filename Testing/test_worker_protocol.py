@@ -484,6 +484,32 @@ def test_worker_answers_bad_requests_at_once_and_runs_jobs_in_order():
     assert "load the volume first" in emitted[3]["message"]
 
 
+def test_a_typed_request_handed_in_is_served_as_its_line_would_be():
+    """``meddift serve`` hands typed requests to its sessions' workers (Worker.accept), not lines."""
+    from MedDIFTLib.worker.server import Worker
+
+    stream = io.BytesIO()
+    worker = Worker(EventWriter(stream), cache_bytes=0)
+    worker.accept("u", "unload", UnloadRequest("v9"))
+    worker.accept("c", "cancel", CancelRequest("u"))
+    worker.accept("v", "unload", UnloadRequest("v9"))
+    worker.accept("v", "unload", UnloadRequest("v8"))
+    worker.accept("s", "shutdown", ShutdownRequest())
+    assert worker.serve() == 0
+    handed_in = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert handed_in == _run([
+        b'{"id": "u", "type": "unload", "volume_id": "v9"}',
+        b'{"id": "c", "type": "cancel", "job_id": "u"}',
+        b'{"id": "v", "type": "unload", "volume_id": "v9"}',
+        b'{"id": "v", "type": "unload", "volume_id": "v8"}',
+        b'{"id": "s", "type": "shutdown"}',
+    ])
+    assert [(e["id"], e["event"], e.get("kind")) for e in handed_in] == [
+        ("c", "result", None), ("u", "error", "cancelled"), ("v", "error", "bad_request"),
+        ("v", "result", None), ("s", "result", None),
+    ]
+
+
 def test_device_inside_backbone_options_is_refused():
     from MedDIFTLib.worker.state import WorkerState
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.options import RunSettings, describe
+from ..core.options import RunSettings, ServeOptions, describe
+from .common import add_option, options_from_args
 
 DEFAULT_PORT = 8765
 
@@ -24,17 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token-file", help="file whose first line is the token clients must send")
     parser.add_argument("--tls-cert", help="TLS certificate (PEM); serve HTTPS")
     parser.add_argument("--tls-key", help="TLS private key (PEM) of --tls-cert")
-    parser.add_argument("--max-upload-mb", type=float, default=2048, help="largest volume upload (default: 2048)")
-    parser.add_argument("--max-sessions", type=int, default=8, help="sessions open at once (default: 8)")
-    parser.add_argument("--idle-timeout-s", type=float, default=1800,
-                        help="close a session and delete its data after this long unused (default: 1800)")
-    parser.add_argument("--requests-per-minute", type=int, default=1200,
-                        help="requests per client address and minute (default: 1200)")
-    parser.add_argument("--cache-mb", type=float, default=2048,
-                        help="feature cache of each session in MiB (default: 2048)")
-    parser.add_argument("--session-memory-mb", type=float, default=16384,
-                        help="memory each session may use in MiB: the voxels it holds, and each job's memory estimate "
-                        "(refused up front when over it) (default: 16384)")
+    for name in ("max_upload_mb", "max_sessions", "idle_timeout_s", "requests_per_minute", "cache_mb",
+                 "session_memory_mb"):
+        add_option(parser, ServeOptions, name)
     parser.add_argument("--cache-dir", help="folder for the sessions' outputs (default: a new temporary folder, "
                         "deleted at exit); nothing is written elsewhere")
     parser.add_argument("--weights-dir", help="folder of the backbones' pretrained weights on this machine "
@@ -45,7 +38,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
     import shutil
     import signal
     import tempfile
@@ -58,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise BadInputError("meddift serve needs starlette and uvicorn: pip install 'meddift[serve]'") from None
     from ..worker.http_session import read_token_file
-    from ..worker.remote.app import ServeConfig, create_app
+    from ..worker.remote.app import create_app
+    from ..worker.remote.config import ServeConfig
     from ..worker.remote.security import check_bind
     from ..worker.state import device_name
 
@@ -70,22 +63,14 @@ def run(args: argparse.Namespace) -> int:
         _check_tls(args.tls_cert, args.tls_key)
     if not 0 <= args.port <= 65535:
         raise BadInputError(f"--port must be from 0 to 65535, got {args.port}")
-    for name, value in (("--max-upload-mb", args.max_upload_mb), ("--max-sessions", args.max_sessions),
-                        ("--idle-timeout-s", args.idle_timeout_s), ("--requests-per-minute", args.requests_per_minute),
-                        ("--cache-mb", args.cache_mb), ("--session-memory-mb", args.session_memory_mb)):
-        if not value > 0 or not math.isfinite(value):
-            raise BadInputError(f"{name} must be a number > 0, got {value}")
+    limits = options_from_args(args, ServeOptions)
     device = device_name(args.device) if args.device != "auto" else "auto"
     label = _device_label(device_name(args.device))
     own_folder = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="meddift-serve-") if own_folder else args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    config = ServeConfig(cache_dir=cache_dir, token=token, device=device,
-                         max_upload_bytes=int(args.max_upload_mb * 2**20), max_sessions=args.max_sessions,
-                         idle_timeout_s=args.idle_timeout_s,
-                         requests_per_minute=args.requests_per_minute, cache_bytes=int(args.cache_mb * 2**20),
-                         device_label=label, weights_dir=Path(args.weights_dir) if args.weights_dir else None,
-                         session_memory_bytes=int(args.session_memory_mb * 2**20))
+    config = ServeConfig.from_options(limits, cache_dir=cache_dir, token=token, device=device, device_label=label,
+                                      weights_dir=Path(args.weights_dir) if args.weights_dir else None)
     scheme = "https" if args.tls_cert else "http"
     print(f"meddift serve: {scheme}://{args.host}:{args.port} on {label}; "
           f"{'token required' if token else 'no token (loopback only)'}", flush=True)

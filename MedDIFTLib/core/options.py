@@ -1,10 +1,10 @@
 """Every user-facing knob, once: typed option dataclasses and the one parser that builds them.
 
 The CLI, the worker, the evaluation methods and the Slicer panel all take their defaults from
-these classes (matching, the field, a run, lesion tracking and series, synthetic pairs, the evaluation's
-B-spline and ConvexAdam baselines) and build them through :func:`parse_options`, which checks
-names, types and ranges and names the bad key. Distances are in mm. This module imports neither
-torch nor numpy, so the Slicer side (and ``--help``) can read it.
+these classes (matching, the field, a run, lesion tracking and series, synthetic pairs, the limits of
+``meddift serve``, the evaluation's B-spline and ConvexAdam baselines) and build them through
+:func:`parse_options`, which checks names, types and ranges and names the bad key. Distances are in
+mm. This module imports neither torch nor numpy, so the Slicer side (and ``--help``) can read it.
 """
 
 from __future__ import annotations
@@ -365,6 +365,20 @@ class SimulationOptions(Options):
 
 
 DATASET_LAYOUTS = ("dirlab", "copdgene", "learn2reg", "manifest", "pairs")  # see MedDIFTLib.evaluation.datasets
+
+
+@dataclass(frozen=True)
+class ServeOptions(Options):
+    """The limits of ``meddift serve``: uploads and memory in MiB, times in seconds."""
+
+    max_upload_mb: float = option(2048.0, above=0.0, help="largest volume upload, MiB")
+    max_sessions: int = option(8, minimum=1, help="sessions open at once")
+    idle_timeout_s: float = option(1800.0, above=0.0, help="close a session and delete its data after this long "
+                                   "unused, s")
+    requests_per_minute: int = option(1200, minimum=1, help="requests per client address and minute")
+    cache_mb: float = option(2048.0, above=0.0, help="feature cache of each session, MiB")
+    session_memory_mb: float = option(16384.0, above=0.0, help="memory each session may use, MiB: the voxels it "
+                                      "holds, and each job's memory estimate (refused up front when over it)")
 
 
 BSPLINE_METRICS = ("meansquares", "correlation", "mattes")

@@ -40,6 +40,7 @@ from .protocol.requests import (
     CancelRequest,
     Limits,
     RejectedRequest,
+    Request,
     parse_line,
     parse_request,
 )
@@ -150,6 +151,11 @@ class Worker:
             message = f"internal error reading a request: {type(error).__name__}: {error} (details in the worker log)"
             self.emit(error_event(request_id, "internal", message))
             return
+        self.accept(request_id, request_type, request)
+
+    def accept(self, request_id: str, request_type: str, request: Request) -> None:
+        """Take one typed request of ``request_type``: answer a cancel at once, else queue it (a
+        request id already pending is refused). ``meddift serve`` hands its requests in here."""
         if isinstance(request, CancelRequest):
             self._cancel(request_id, request.job_id)
         elif not self.jobs.submit(Job(request_id, request_type, request)):

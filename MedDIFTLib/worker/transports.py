@@ -173,13 +173,16 @@ class ProcessTransport(Transport):
         self._write(data if data.endswith(b"\n") else data + b"\n")
 
     def close(self, timeout: float, shutdown_id: str) -> int | None:
-        """Send ``shutdown`` and end the worker's input, wait ``timeout`` s, then kill it; its exit code."""
+        """Send ``shutdown`` and end the worker's input, wait ``timeout`` s, then kill it; its exit code.
+        The protocol is imported here, as in :meth:`~.client.WorkerClient.run`."""
+        from .protocol.requests import ShutdownRequest, encode_request
+
         child = self._child
         if child is None:
             return None
         if self.running:
             try:
-                self.send(shutdown_id, "shutdown", {})
+                self.send(shutdown_id, *encode_request(ShutdownRequest()))
                 child.close_input()
             except (WorkerError, OSError):
                 pass

@@ -37,7 +37,7 @@ class TrackRequest:
     ``out_dir`` gets the files of ``meddift track`` (:mod:`MedDIFTLib.lesions.outputs`, each written
     atomically). The ``options`` field (LesionOptions) is ``lesion_options``; ``field_options``
     (FieldOptions) becomes ``settings.field``. Result: :class:`TrackResult`. On ``meddift serve``
-    ``out_dir`` is a name (:mod:`..remote.app`)."""
+    ``out_dir`` is a name (:meth:`..remote.sessions.ServerSession.place_outputs`)."""
 
     baseline_id: str
     followup_id: str

@@ -73,7 +73,7 @@ class OverlaysRequest:
     folds) and ``out_magnitude`` (displacement magnitude, mm). The field is ``transform``, the path
     of a displacement field file, or ``transform_id``, the hash of a field uploaded to ``meddift
     serve`` (what its client sends). Result: :class:`OverlaysResult`. On ``meddift serve`` the
-    outputs are names (:mod:`..remote.app`)."""
+    outputs are names (:meth:`..remote.sessions.ServerSession.place_outputs`)."""
 
     fixed_id: str
     moving_id: str

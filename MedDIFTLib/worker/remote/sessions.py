@@ -33,7 +33,14 @@ from ...grid.displacement_field import DisplacementField
 from ...lesions.outputs import output_paths
 from ...lesions.series_outputs import series_output_paths
 from ..jobs import Job
-from ..protocol.requests import Limits, OverlaysRequest, RegisterRequest, TrackRequest, TrackSeriesRequest
+from ..protocol.requests import (
+    Limits,
+    OverlaysRequest,
+    RegisterRequest,
+    Request,
+    TrackRequest,
+    TrackSeriesRequest,
+)
 from ..server import Worker
 from ..stream import json_safe
 from .wire import OUTPUT_NAMES
@@ -209,6 +216,15 @@ class ServerSession:
     def add_field(self, field_hash: str, field: DisplacementField) -> None:
         """Hold an uploaded displacement field for the ``transform_id`` of an ``overlays`` request."""
         self.worker.state.add_field(field_hash, field)
+
+    def place_outputs(self, request_id: str, request_type: str, request: Request) -> Request:
+        """``request`` with its outputs in this session's folder (:meth:`output_paths` of a register
+        or overlays, :meth:`track_paths` of a track or track_series); any other request as it is."""
+        if request_type in OUTPUT_NAMES:
+            return self.output_paths(request_id, request_type, request)
+        if request_type in ("track", "track_series"):
+            return self.track_paths(request_id, request)
+        return request
 
     def output_paths(self, request_id: str, request_type: str, request: _WritesFiles) -> _WritesFiles:
         """``request`` of ``request_type`` (register or overlays) with its output names (only their
