@@ -547,3 +547,16 @@ def test_folds_are_smoothed_away_in_boxes_as_over_the_whole_grid():
     assert torch.equal(result, _unfolded_over_the_whole_grid(field, grid))
     assert (determinant_of_tensor(result, grid) > 0).all()
     assert torch.equal(result[:, 12:18, 10:16, 14:22], field[:, 12:18, 10:16, 14:22])  # far from folds: kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_register_on_cuda_gives_the_cpu_field(deformed_pair):
+    """Features made on the GPU give the field the CPU gives, within floating-point reordering
+    (0.05 mm at interior points): ``meddift register --device cuda`` runs the whole field there."""
+    fixed, moving, _, _, cpu_field, _ = deformed_pair
+    gpu = create_featurizer("mind", device="cuda")
+    gpu_field = register(gpu.extract(fixed), gpu.extract(moving), fixed, WHOLE_GRID)
+    points = _interior_points(fixed.geometry)
+    difference = np.linalg.norm(gpu_field.transform_points(points) - cpu_field.transform_points(points), axis=1)
+    assert difference.max() < 0.05

@@ -45,6 +45,9 @@ with a message. The README's table (about an hour on two cores)::
     python benchmarks/registration.py --cases liver pulmonary elastix popi --seeds 0 1 \\
         --motion breathing dirlab1 --motion-scale 1 2 3 --threads 2
 
+``--device cuda`` runs ConvexAdam, the features and the field on the GPU (B-spline stays on the CPU) and adds
+each method's peak GPU memory to the peak column (``benchmarks/gpu_checks.sh`` runs it on a GPU machine).
+
 A quick subset, kept out of the README's results file::
 
     python benchmarks/registration.py --cases liver --methods identity match-mind --results /tmp/reg.json
@@ -110,9 +113,11 @@ def _peak_resident_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | None) -> dict:
+def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | None, device: str = "cpu") -> dict:
     """One method on one pair, in a fresh process: moved points, its field's Jacobian determinant (folding
-    share, min, max; None without a field), seconds, peak memory, and ConvexAdam's grid spacing (mm)."""
+    share, min, max; None without a field), seconds, peak memory, and ConvexAdam's grid spacing (mm).
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) runs ConvexAdam, the features and the field there (B-spline
+    is CPU only); on CUDA the timing waits for the device and the peak GPU memory is reported too."""
     import pickle
 
     _set_threads(threads)
@@ -120,6 +125,11 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
 
     with open(pair_file, "rb") as handle:
         fixed, moving, points = pickle.load(handle)
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = time.perf_counter(), time.process_time()
     field = None
     if method == "identity":
@@ -128,7 +138,7 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
         from MedDIFTLib.evaluation import baselines
 
         output = (baselines.bspline(fixed, moving, points, **BSPLINE_SETTINGS) if method == "bspline"
-                  else baselines.convexadam(fixed, moving, points))
+                  else baselines.convexadam(fixed, moving, points, device=device))
         moved, field = output.points_lps_mm, output.field
     else:
         from MedDIFTLib.features import create_featurizer
@@ -136,20 +146,23 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
         from MedDIFTLib.matching import match_points
 
         kind, backbone = method.split("-", 1)
-        featurizer = create_featurizer(backbone, **({"weights_dir": weights_dir} if weights_dir else {}))
+        featurizer = create_featurizer(backbone, device=device, **({"weights_dir": weights_dir} if weights_dir else {}))
         fixed_features, moving_features = featurizer.extract(fixed), featurizer.extract(moving)
         if kind == "match":
             moved = match_points(fixed_features, moving_features, points).points_lps_mm
         else:
             field = register(fixed_features, moving_features, fixed)
             moved = field.transform_points(points)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
     jacobian = jacobian_stats(field) if field is not None else None
     return {"moved": np.asarray(moved).tolist(), "peak_gb": _peak_resident_gb(), **seconds,
             "folding": None if jacobian is None else jacobian["fraction_folding"],
             "jacobian_min": None if jacobian is None else jacobian["min"],
             "jacobian_max": None if jacobian is None else jacobian["max"],
-            "grid_mm": float(field.geometry.spacing_mm[0]) if method == "convexadam" else None}
+            "grid_mm": float(field.geometry.spacing_mm[0]) if method == "convexadam" else None,
+            "device": device, "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
 
 
 def _methods(weights_dir: str | None) -> tuple[list[str], dict[str, str]]:
@@ -260,10 +273,11 @@ def markdown(rows: list[dict]) -> str:
                                  for g in LANDMARK_GROUPS)
         folding = "–" if row["folding"] is None else f"{100 * row['folding']:.3f}"
         jacobian = "–" if row["jacobian_min"] is None else f"{row['jacobian_min']:.2f} / {row['jacobian_max']:.2f}"
+        peak = f"{row['peak_gb']:.2f}" + ("" if row.get("peak_gpu_gb") is None else f" (GPU {row['peak_gpu_gb']:.2f})")
         lines.append(
             f"| {row['pair']} | {row['data']} | {row['method']} | {row['mean']:.2f} | {row['p95']:.2f} | "
             f"{group_cells} | {recovered} | {folding} | {jacobian} | {row['wall']:.1f} | {row['cpu']:.1f} | "
-            f"{row['peak_gb']:.2f} | {ratios} | {to_match} |"
+            f"{peak} | {ratios} | {to_match} |"
         )
     return "\n".join(lines)
 
@@ -316,7 +330,7 @@ def _header(args: argparse.Namespace, cases: list[str]) -> str:
         popi = f"; POPI at {args.popi_spacing_mm:g} mm" if "popi" in synthetic else ""
         parts.append(f"Synthetic pairs: real CTs {', '.join(synthetic)} x seeds {args.seeds}, "
                      f"warped by {motions}{popi}.")
-    parts.append(f"{args.threads} thread(s) per method, each method in its own process.")
+    parts.append(f"{args.threads} thread(s) per method, each method in its own process, device {args.device}.")
     return " ".join(parts)
 
 
@@ -340,7 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per method (torch and ITK), default 1")
     parser.add_argument("--weights-dir", help="MAISI weights, to include the maisi backbone")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: every one that runs here)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N: where ConvexAdam, the features and the field run (default cpu)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device is available here")
     if any(scale <= 0 for scale in args.motion_scale):
         parser.error("--motion-scale: factors must be above 0")
     cases = [case for case in dict.fromkeys(args.cases) if case_data_folder(case).is_dir()]
@@ -378,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     context = get_context("spawn")
                     with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
                         result = pool.submit(_run_method, method, str(pair_file), args.threads,
-                                             args.weights_dir).result()
+                                             args.weights_dir, args.device).result()
                     error = tre_mm(np.asarray(result["moved"]), pair.true_points_lps_mm)
                     errors.setdefault(f"{method} ({pair.data})", []).extend(error.tolist())
                     recovered = motion_recovered(pair.fixed_points_lps_mm, np.asarray(result["moved"]),
