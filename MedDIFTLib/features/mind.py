@@ -179,15 +179,23 @@ class MindFeaturizer:
             return WorkingImage(volume, geometry)
         return WorkingImage(volume, grid)
 
+    def _normalised(self, voxels: np.ndarray) -> torch.Tensor:
+        """Working-grid ``voxels`` (HU) clipped to ``hu_window`` and scaled to [0, 1]: float32, on the device."""
+        low, high = self.hu_window
+        return (torch.from_numpy(np.clip(voxels, low, high)).to(self.device, torch.float32) - low) / (high - low)
+
+    @staticmethod
+    def _pool(normalised: torch.Tensor, scale: int) -> torch.Tensor:
+        """``normalised`` (K, J, I) average-pooled by ``scale`` (itself when 1)."""
+        return F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
+
     def _pooled(self, image: WorkingImage, scale: int) -> ImageReader:
         """A reader of the working image clipped to ``hu_window``, scaled to [0, 1] and average-pooled
         by ``scale``: float32 boxes of level voxels, on the device."""
-        low, high = self.hu_window
 
         def read(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
-            voxels = np.clip(image.box(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale), low, high)
-            normalised = (torch.from_numpy(voxels).to(self.device, torch.float32) - low) / (high - low)
-            return F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
+            voxels = image.box(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale)
+            return self._pool(self._normalised(voxels), scale)
 
         return read
 
@@ -222,12 +230,21 @@ class MindFeaturizer:
         )
 
     def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid:
+        """Every level of the whole volume; the working image is resampled once, for all levels
+        (a box of it equals the same box of the whole, so each level reads the same values as alone)."""
         image = self.working_image(volume)
+        shapes = [image.geometry.downsampled(scale).shape_kji for scale in self.scales]
+        extent_kji = np.max([np.asarray(shape) * scale for shape, scale in zip(shapes, self.scales)], axis=0)
+        working = self._normalised(image.box(np.zeros(3, int), extent_kji))
         levels = []
-        for n, scale in enumerate(self.scales):
+        for n, (scale, shape) in enumerate(zip(self.scales, shapes)):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
-            shape = image.geometry.downsampled(scale).shape_kji
-            features = self._box(self._pooled(image, scale), shape, np.zeros(3, int), np.asarray(shape))
+
+            def read(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
+                box = tuple(slice(int(a) * scale, int(b) * scale) for a, b in zip(lo_kji, hi_kji))
+                return self._pool(working[box], scale)
+
+            features = self._box(read, shape, np.zeros(3, int), np.asarray(shape))
             levels.append(self._level(image, n, features, None))
         progress("features", 1.0, "MIND-SSC done")
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)
