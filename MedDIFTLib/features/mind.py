@@ -50,6 +50,7 @@ SSC_PAIRS = [
     (a, b) for a, b in combinations(range(6), 2) if np.sum((SIX_NEIGHBOURHOOD[a] - SIX_NEIGHBOURHOOD[b]) ** 2) == 2
 ]
 VARIANCE_FLOOR = 1e-5
+WORKING_BLOCK = 4  # working-grid voxels per axis of a block of the kept working image (lazily filled levels)
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -189,25 +190,31 @@ class MindFeaturizer:
         """``normalised`` (K, J, I) average-pooled by ``scale`` (itself when 1)."""
         return F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
 
-    def _pooled(self, image: WorkingImage, scale: int) -> ImageReader:
-        """A reader of the working image clipped to ``hu_window``, scaled to [0, 1] and average-pooled
-        by ``scale``: float32 boxes of level voxels, on the device."""
+    def _pooled(self, working: ImageReader, scale: int) -> ImageReader:
+        """A reader of level voxels: the boxes of ``working`` (a reader of :meth:`_normalised` working
+        voxels) that they cover, average-pooled by ``scale``."""
 
         def read(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
-            voxels = image.box(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale)
-            return self._pool(self._normalised(voxels), scale)
+            return self._pool(working(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale), scale)
 
         return read
 
-    def _kept(self, read: ImageReader, shape_kji: tuple[int, int, int]) -> ImageReader:
-        """``read`` keeping (float32, CPU) the voxels it has computed, so the boxes of a level that
-        overlap (their reach, the fill's steps) resample the working image once."""
-        values = torch.empty((1, *shape_kji), dtype=torch.float32)
-        filler = RegionFiller(lambda lo, hi: read(lo, hi)[None], shape_kji, block=1)
+    def _kept(self, image: WorkingImage) -> ImageReader:
+        """A reader of the working image's :meth:`_normalised` voxels that keeps (float32, CPU) what it
+        has computed, in blocks of ``WORKING_BLOCK`` voxels, so the boxes that overlap (every level's
+        boxes around a point, their reach, the fill's steps) resample each working voxel once. A box
+        reaching beyond the grid (a level pooled from more voxels than an axis has) is computed alone."""
+        shape = np.asarray(image.geometry.shape_kji)
+        values = torch.empty((1, *shape), dtype=torch.float32)
+        filler = RegionFiller(lambda lo, hi: self._normalised(image.box(lo, hi))[None].cpu(), tuple(shape),
+                              block=WORKING_BLOCK, around_filled=True)
 
         def kept(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
-            filler.ensure(values, lo_kji, hi_kji, ahead=0)
-            return values[(0, *(slice(int(a), int(b)) for a, b in zip(lo_kji, hi_kji)))].to(self.device)
+            lo, hi = np.asarray(lo_kji, int), np.asarray(hi_kji, int)
+            if np.any(hi > shape):
+                return self._normalised(image.box(lo, hi))
+            filler.ensure(values, lo, hi, ahead=0)
+            return values[(0, *(slice(int(a), int(b)) for a, b in zip(lo, hi)))].to(self.device)
 
         return kept
 
@@ -236,15 +243,14 @@ class MindFeaturizer:
         shapes = [image.geometry.downsampled(scale).shape_kji for scale in self.scales]
         extent_kji = np.max([np.asarray(shape) * scale for shape, scale in zip(shapes, self.scales)], axis=0)
         working = self._normalised(image.box(np.zeros(3, int), extent_kji))
+
+        def crop(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+            return working[tuple(slice(int(a), int(b)) for a, b in zip(lo_kji, hi_kji))]
+
         levels = []
         for n, (scale, shape) in enumerate(zip(self.scales, shapes)):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
-
-            def read(lo_kji: np.ndarray, hi_kji: np.ndarray, scale: int = scale) -> torch.Tensor:
-                box = tuple(slice(int(a) * scale, int(b) * scale) for a, b in zip(lo_kji, hi_kji))
-                return self._pool(working[box], scale)
-
-            features = self._box(read, shape, np.zeros(3, int), np.asarray(shape))
+            features = self._box(self._pooled(crop, scale), shape, np.zeros(3, int), np.asarray(shape))
             levels.append(self._level(image, n, features, None))
         progress("features", 1.0, "MIND-SSC done")
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)
@@ -253,17 +259,17 @@ class MindFeaturizer:
         """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
 
         Each level is allocated full size, uninitialised, in pages of the system's base size (so
-        a box touches, and costs, no more than the pages it writes). A pooled level keeps its
-        pooled image (float32, 1/8 of the working image or less) until it is complete.
+        a box touches, and costs, no more than the pages it writes). The levels read one kept working
+        image (float32, allocated the same way, filled where read: :meth:`_kept`), let go of once every
+        level is complete.
         """
         image = self.working_image(volume)
+        working = self._kept(image)
         levels = []
         for n, scale in enumerate(self.scales):
             shape = image.geometry.downsampled(scale).shape_kji
             features = torch.empty((12, *shape), dtype=STORAGE_DTYPES[self.dtype])
-            pooled = self._pooled(image, scale)
-            if scale > 1:
-                pooled = self._kept(pooled, shape)
+            pooled = self._pooled(working, scale)
 
             def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, pooled: ImageReader = pooled,
                         shape: tuple[int, int, int] = shape) -> torch.Tensor:
