@@ -255,6 +255,41 @@ def test_mind_descriptors_live_on_an_isotropic_grid_of_the_finest_spacing():
         create_featurizer("mind", spacing_mm=-1.0)
 
 
+@pytest.mark.parametrize("spacing_mm", [(1.5, 1.5, 4.5), (2.0, 2.0, 2.0)])
+def test_mind_levels_read_one_resampling_and_equal_each_level_computed_alone(spacing_mm, monkeypatch):
+    """``extract`` resamples the working image once for all levels, and each level is bitwise what
+    resampling, clipping, scaling, pooling and MIND-SSC of that level alone give (thick slices on a
+    resampled working grid, and cubic voxels read as they are)."""
+    import torch.nn.functional as F
+
+    from MedDIFTLib.core.resample import WorkingImage
+    from MedDIFTLib.features.mind import MindFeaturizer, _unit_norm_, mind_ssc
+
+    volume = _thick_slice_texture(spacing_mm)
+    featurizer = MindFeaturizer(scales=(1, 2, 3), dtype="float32")
+    image = featurizer.working_image(volume)
+    low, high = featurizer.hu_window
+    expected = []
+    for scale in featurizer.scales:
+        shape = np.asarray(image.geometry.downsampled(scale).shape_kji)
+        voxels = np.clip(image.box(np.zeros(3, int), shape * scale), low, high)
+        normalised = (torch.from_numpy(voxels) - low) / (high - low)
+        pooled = F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
+        expected.append(_unit_norm_(mind_ssc(pooled)))
+    resampled = []
+    box = WorkingImage.box
+
+    def counted(self, lo_kji: np.ndarray, hi_kji: np.ndarray) -> np.ndarray:
+        resampled.append((tuple(lo_kji), tuple(hi_kji)))
+        return box(self, lo_kji, hi_kji)
+
+    monkeypatch.setattr(WorkingImage, "box", counted)
+    levels = featurizer.extract(volume).levels
+    assert len(resampled) == 1
+    for level, values in zip(levels, expected):
+        assert torch.equal(level.features, values)
+
+
 def test_thick_slice_matches_are_reported_in_the_images_world_millimetres():
     """A thick-slice texture and the same texture moved by (2, -3, 5) mm: matches on the isotropic
     working grid come back in the input's LPS mm, within a fraction of the 4.5 mm slices."""

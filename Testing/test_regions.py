@@ -60,6 +60,32 @@ def test_region_filler_computes_only_missing_blocks():
     assert filler.done and torch.equal(features, compute(np.zeros(3, int), np.asarray(shape)))
 
 
+def test_a_filler_around_filled_blocks_computes_a_wider_box_without_them():
+    """A wide box asked for around a narrower filled one is computed in parts that skip it; when the
+    filled blocks inside do not form one box, the missing box is computed whole."""
+    calls = []
+
+    def compute(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+        calls.append((tuple(int(n) for n in lo_kji), tuple(int(n) for n in hi_kji)))
+        k, j, i = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo_kji, hi_kji)], indexing="ij")
+        return torch.from_numpy(np.stack([k, j, i]).astype(np.float32))
+
+    shape = (6 * BLOCK, 6 * BLOCK, 6 * BLOCK)
+    features = torch.full((3, *shape), -1.0)
+    filler = RegionFiller(compute, shape, block=BLOCK, around_filled=True)
+    filler.ensure(features, np.full(3, 2 * BLOCK), np.full(3, 4 * BLOCK), ahead=0)
+    filler.ensure(features, np.full(3, BLOCK), np.full(3, 5 * BLOCK), ahead=0)
+    computed = np.zeros(shape, int)
+    for lo, hi in calls:
+        computed[tuple(slice(a, b) for a, b in zip(lo, hi))] += 1
+    wide = (slice(BLOCK, 5 * BLOCK),) * 3
+    assert len(calls) == 7 and bool((computed[wide] == 1).all()) and computed.sum() == (4 * BLOCK) ** 3
+    filler.ensure(features, np.zeros(3, int), np.array([BLOCK, BLOCK, 6 * BLOCK]), ahead=0)
+    filler.ensure(features, np.zeros(3, int), np.full(3, 6 * BLOCK), ahead=0)  # filled: an L, not a box
+    assert calls[-1] == ((0, 0, 0), shape)
+    assert filler.done and torch.equal(features, compute(np.zeros(3, int), np.asarray(shape)))
+
+
 def test_fill_some_steps_through_the_level_in_raster_order_within_its_budget():
     calls = []
 

@@ -75,7 +75,7 @@ class WorkingImage:
         positions = [np.arange(a, b) * ratio for a, b, ratio in zip(lo, hi, self._ratio_kji)]
         first = np.maximum([int(np.floor(p[0])) if len(p) else 0 for p in positions] - self._reach_kji, 0)
         last = np.minimum([int(np.floor(p[-1])) + 2 if len(p) else 0 for p in positions] + self._reach_kji, sizes)
-        values = self.volume.voxels[tuple(slice(a, b) for a, b in zip(first, last))].astype(np.float32)
+        values = np.asarray(self.volume.voxels[tuple(slice(a, b) for a, b in zip(first, last))], np.float32)
         for axis in range(3):
             if self._sigma_kji[axis] > 0:
                 values = ndimage.gaussian_filter1d(values, self._sigma_kji[axis], axis=axis, mode="nearest",
@@ -84,5 +84,10 @@ class WorkingImage:
             low = np.clip(np.floor(index).astype(int), 0, values.shape[axis] - 1)
             high = np.minimum(low + 1, values.shape[axis] - 1)
             fraction = (index - low).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
-            values = np.take(values, low, axis=axis) * (1.0 - fraction) + np.take(values, high, axis=axis) * fraction
+            interpolated = np.take(values, low, axis=axis)
+            interpolated *= 1.0 - fraction
+            above = np.take(values, high, axis=axis)
+            above *= fraction
+            interpolated += above
+            values = interpolated
         return np.ascontiguousarray(values, dtype=np.float32)

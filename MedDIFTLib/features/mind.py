@@ -50,6 +50,7 @@ SSC_PAIRS = [
     (a, b) for a, b in combinations(range(6), 2) if np.sum((SIX_NEIGHBOURHOOD[a] - SIX_NEIGHBOURHOOD[b]) ** 2) == 2
 ]
 VARIANCE_FLOOR = 1e-5
+WORKING_BLOCK = 4  # working-grid voxels per axis of a block of the kept working image (lazily filled levels)
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -179,27 +180,41 @@ class MindFeaturizer:
             return WorkingImage(volume, geometry)
         return WorkingImage(volume, grid)
 
-    def _pooled(self, image: WorkingImage, scale: int) -> ImageReader:
-        """A reader of the working image clipped to ``hu_window``, scaled to [0, 1] and average-pooled
-        by ``scale``: float32 boxes of level voxels, on the device."""
+    def _normalised(self, voxels: np.ndarray) -> torch.Tensor:
+        """Working-grid ``voxels`` (HU) clipped to ``hu_window`` and scaled to [0, 1]: float32, on the device."""
         low, high = self.hu_window
+        return (torch.from_numpy(np.clip(voxels, low, high)).to(self.device, torch.float32) - low) / (high - low)
+
+    @staticmethod
+    def _pool(normalised: torch.Tensor, scale: int) -> torch.Tensor:
+        """``normalised`` (K, J, I) average-pooled by ``scale`` (itself when 1)."""
+        return F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
+
+    def _pooled(self, working: ImageReader, scale: int) -> ImageReader:
+        """A reader of level voxels: the boxes of ``working`` (a reader of :meth:`_normalised` working
+        voxels) that they cover, average-pooled by ``scale``."""
 
         def read(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
-            voxels = np.clip(image.box(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale), low, high)
-            normalised = (torch.from_numpy(voxels).to(self.device, torch.float32) - low) / (high - low)
-            return F.avg_pool3d(normalised[None, None], scale, stride=scale)[0, 0] if scale > 1 else normalised
+            return self._pool(working(np.asarray(lo_kji) * scale, np.asarray(hi_kji) * scale), scale)
 
         return read
 
-    def _kept(self, read: ImageReader, shape_kji: tuple[int, int, int]) -> ImageReader:
-        """``read`` keeping (float32, CPU) the voxels it has computed, so the boxes of a level that
-        overlap (their reach, the fill's steps) resample the working image once."""
-        values = torch.empty((1, *shape_kji), dtype=torch.float32)
-        filler = RegionFiller(lambda lo, hi: read(lo, hi)[None], shape_kji, block=1)
+    def _kept(self, image: WorkingImage) -> ImageReader:
+        """A reader of the working image's :meth:`_normalised` voxels that keeps (float32, CPU) what it
+        has computed, in blocks of ``WORKING_BLOCK`` voxels, so the boxes that overlap (every level's
+        boxes around a point, their reach, the fill's steps) resample each working voxel once. A box
+        reaching beyond the grid (a level pooled from more voxels than an axis has) is computed alone."""
+        shape = np.asarray(image.geometry.shape_kji)
+        values = torch.empty((1, *shape), dtype=torch.float32)
+        filler = RegionFiller(lambda lo, hi: self._normalised(image.box(lo, hi))[None].cpu(), tuple(shape),
+                              block=WORKING_BLOCK, around_filled=True)
 
         def kept(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
-            filler.ensure(values, lo_kji, hi_kji, ahead=0)
-            return values[(0, *(slice(int(a), int(b)) for a, b in zip(lo_kji, hi_kji)))].to(self.device)
+            lo, hi = np.asarray(lo_kji, int), np.asarray(hi_kji, int)
+            if np.any(hi > shape):
+                return self._normalised(image.box(lo, hi))
+            filler.ensure(values, lo, hi, ahead=0)
+            return values[(0, *(slice(int(a), int(b)) for a, b in zip(lo, hi)))].to(self.device)
 
         return kept
 
@@ -222,12 +237,20 @@ class MindFeaturizer:
         )
 
     def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid:
+        """Every level of the whole volume; the working image is resampled once, for all levels
+        (a box of it equals the same box of the whole, so each level reads the same values as alone)."""
         image = self.working_image(volume)
+        shapes = [image.geometry.downsampled(scale).shape_kji for scale in self.scales]
+        extent_kji = np.max([np.asarray(shape) * scale for shape, scale in zip(shapes, self.scales)], axis=0)
+        working = self._normalised(image.box(np.zeros(3, int), extent_kji))
+
+        def crop(lo_kji: np.ndarray, hi_kji: np.ndarray) -> torch.Tensor:
+            return working[tuple(slice(int(a), int(b)) for a, b in zip(lo_kji, hi_kji))]
+
         levels = []
-        for n, scale in enumerate(self.scales):
+        for n, (scale, shape) in enumerate(zip(self.scales, shapes)):
             progress("features", n / len(self.scales), f"MIND-SSC level {n + 1}/{len(self.scales)} (1/{scale})")
-            shape = image.geometry.downsampled(scale).shape_kji
-            features = self._box(self._pooled(image, scale), shape, np.zeros(3, int), np.asarray(shape))
+            features = self._box(self._pooled(crop, scale), shape, np.zeros(3, int), np.asarray(shape))
             levels.append(self._level(image, n, features, None))
         progress("features", 1.0, "MIND-SSC done")
         return FeaturePyramid(levels, volume.geometry, self.name, self.config)
@@ -236,17 +259,17 @@ class MindFeaturizer:
         """The pyramid of :meth:`extract`, computed box by box where it is read (see :mod:`.regions`).
 
         Each level is allocated full size, uninitialised, in pages of the system's base size (so
-        a box touches, and costs, no more than the pages it writes). A pooled level keeps its
-        pooled image (float32, 1/8 of the working image or less) until it is complete.
+        a box touches, and costs, no more than the pages it writes). The levels read one kept working
+        image (float32, allocated the same way, filled where read: :meth:`_kept`), let go of once every
+        level is complete.
         """
         image = self.working_image(volume)
+        working = self._kept(image)
         levels = []
         for n, scale in enumerate(self.scales):
             shape = image.geometry.downsampled(scale).shape_kji
             features = torch.empty((12, *shape), dtype=STORAGE_DTYPES[self.dtype])
-            pooled = self._pooled(image, scale)
-            if scale > 1:
-                pooled = self._kept(pooled, shape)
+            pooled = self._pooled(working, scale)
 
             def compute(lo_kji: np.ndarray, hi_kji: np.ndarray, pooled: ImageReader = pooled,
                         shape: tuple[int, int, int] = shape) -> torch.Tensor:

@@ -29,11 +29,14 @@ class RegionFiller:
 
     ``scale``: the level's voxel size in working-grid voxels (its pooling factor); it sets the
     block size (unless ``block`` gives it, level voxels) and the cost of a voxel in :meth:`fill_some`.
+    ``around_filled``: where the filled blocks inside a request's missing box form one box (a wider
+    box asked for around a narrower one), compute the missing box without them, in up to six boxes.
     """
 
     def __init__(self, compute: RegionCompute, shape_kji: tuple[int, int, int], scale: int = 1,
-                 block: int | None = None) -> None:
+                 block: int | None = None, around_filled: bool = False) -> None:
         self._compute: RegionCompute | None = compute
+        self.around_filled = bool(around_filled)
         self.shape_kji = np.asarray(shape_kji, int)
         self.scale = int(scale)
         self.block = max(MIN_BLOCK, BLOCK // self.scale) if block is None else int(block)
@@ -62,10 +65,12 @@ class RegionFiller:
         grid = np.asarray(self._filled.shape)
         block_lo = np.maximum(first + missing.min(axis=0) - ahead, 0)
         block_hi = np.minimum(first + missing.max(axis=0) + 1 + ahead, grid)
-        box_lo = block_lo * block
-        box_hi = np.minimum(block_hi * block, self.shape_kji)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
-        features[(slice(None), *box)] = self._compute(box_lo, box_hi).to(features.device, features.dtype)
+        parts = _around_filled(self._filled, block_lo, block_hi) if self.around_filled else [(block_lo, block_hi)]
+        for part_lo, part_hi in parts:
+            box_lo = part_lo * block
+            box_hi = np.minimum(part_hi * block, self.shape_kji)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(box_lo, box_hi))
+            features[(slice(None), *box)] = self._compute(box_lo, box_hi).to(features.device, features.dtype)
         self._filled[tuple(slice(int(a), int(b)) for a, b in zip(block_lo, block_hi))] = True
         if self.done:
             self._compute = None  # lets go of what it computed from
@@ -94,3 +99,24 @@ class RegionFiller:
         lo = np.array([k, j, 0]) * block
         hi = np.array([k + 1, j + rows, self._filled.shape[2]]) * block
         self.ensure(features, lo, hi, ahead=0)
+
+
+def _around_filled(filled: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Boxes of blocks ``[lo, hi)`` covering the box without its filled blocks when these form one box
+    (up to six: before and after it along k, then along j within its k range, then along i within
+    its k and j ranges); the whole box otherwise."""
+    inside = filled[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    where = np.argwhere(inside)
+    if not len(where):
+        return [(lo, hi)]
+    core_lo, core_hi = lo + where.min(axis=0), lo + where.max(axis=0) + 1
+    if len(where) != np.prod(core_hi - core_lo):
+        return [(lo, hi)]
+    parts = []
+    outer_lo, outer_hi = lo.copy(), hi.copy()
+    for axis in range(3):
+        before_hi, after_lo = outer_hi.copy(), outer_lo.copy()
+        before_hi[axis], after_lo[axis] = core_lo[axis], core_hi[axis]
+        parts += [(outer_lo.copy(), before_hi), (after_lo, outer_hi.copy())]
+        outer_lo[axis], outer_hi[axis] = core_lo[axis], core_hi[axis]
+    return [(a, b) for a, b in parts if np.all(b > a)]
