@@ -4,6 +4,7 @@ warps and inverts the same way; Jacobian statistics, outputs and the ``register`
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -348,10 +349,11 @@ def test_real_ct_synthetic_breathing_pair(elastix_ct):
     assert jacobian_stats(field)["fraction_folding"] < 1e-3
 
 
-def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
+def test_gauss_newton_terms_match_autograd_on_linear_descriptors(monkeypatch):
     """Descriptors linear in the voxel position (central differences and trilinear sampling are
     then exact): the optimisation's gradient and Hessian halves are half the data energy's
-    derivatives, for a moving grid whose axes are not the fixed one's."""
+    derivatives, for a moving grid whose axes are not the fixed one's; taken a few nodes at a time,
+    the same terms."""
     from MedDIFTLib.field.optimise import _linearise, _SimilarityTerm
     from MedDIFTLib.grid.sampling import channels_last
 
@@ -381,6 +383,11 @@ def test_gauss_newton_terms_match_autograd_on_linear_descriptors():
     assert torch.allclose(gradient.double(), 0.5 * expected_gradient.T, atol=1e-3)
     assert torch.allclose(hessian.double(), 0.5 * per_node.permute(1, 2, 0), atol=1e-3)
     assert _linearise(term, displacement, derivatives=False) == (energy, None, None)
+    monkeypatch.setattr(sys.modules["MedDIFTLib.field.optimise"], "LINEARISE_NODES", 3)  # 7 nodes: 3 + 3 + 1
+    chunked_energy, chunked_gradient, chunked_hessian = _linearise(term, displacement)
+    assert chunked_energy == pytest.approx(energy, rel=1e-6)
+    assert torch.allclose(chunked_gradient, gradient, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(chunked_hessian, hessian, rtol=1e-6, atol=1e-6)
 
 
 def test_matches_on_nodes_read_their_node_and_fit_as_eight_corner_matches():
@@ -458,6 +465,23 @@ def test_cells_of_about_the_spacing_average_a_linear_ramp_exactly(spacing_mm, vo
     full_cells = np.all(nodes <= lps.max(axis=0) - np.asarray(nodes_mm) / 2 + 1e-6, axis=1)  # partial last cells
     expected = nodes @ np.array([0.3, -0.2, 0.5])
     assert np.allclose(averaged.reshape(-1).numpy()[full_cells], expected[full_cells], atol=1e-4)
+
+
+@pytest.mark.parametrize("voxels_mm", [(2.0, 2.0, 1.0), (0.98, 0.98, 2.0), (2.73, 2.73, 5.0)])
+def test_descriptors_prepared_slab_by_slab_pool_as_the_whole_level(monkeypatch, voxels_mm):
+    """Normalising float16 descriptors slab by slab of whole cells (a few planes of cells at a time,
+    a partial last cell included) gives the cell averages of the whole level normalised at once (to float
+    rounding: the pooling may sum a cell in another order)."""
+    from MedDIFTLib.grid import cells
+    from MedDIFTLib.grid.vectors import unit_vectors
+
+    geometry = Geometry.create((21, 19, 23), voxels_mm, (5.0, -3.0, 11.0))
+    stored = torch.randn((6, *geometry.shape_kji), generator=torch.Generator().manual_seed(3)).half()
+    whole, whole_grid = cell_average(unit_vectors(stored.float(), 0), geometry, 3.0)
+    monkeypatch.setattr(cells, "SLAB_BYTES", 4 * 6 * 19 * 21 * 3)  # three planes: several slabs
+    prepared, grid = cell_average(stored, geometry, 3.0, lambda slab: unit_vectors(slab.float(), 0))
+    assert grid.same_grid(whole_grid)
+    assert torch.allclose(prepared, whole, rtol=0.0, atol=1e-6)  # the same cells; float sums may reorder
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ from .solver import minimise
 
 MAX_CHANNELS = 16
 MAX_STEP_VOXELS = 0.5
+LINEARISE_NODES = 1 << 17
 
 
 @dataclass
@@ -60,8 +61,9 @@ class _SimilarityTerm:
 
 def pooled_descriptors(level: FeatureLevel, spacing_mm: float | np.ndarray) -> tuple[torch.Tensor, Geometry]:
     """The level's descriptors L2-normalised per voxel, then averaged over cells of about
-    ``spacing_mm`` (one value or one per axis, :func:`MedDIFTLib.grid.cells.cell_average`)."""
-    return cell_average(unit_descriptors(level), level.geometry, spacing_mm)
+    ``spacing_mm`` (one value or one per axis, :func:`MedDIFTLib.grid.cells.cell_average`); normalised
+    slab by slab, so no float32 copy of the whole level is made."""
+    return cell_average(level.values(), level.geometry, spacing_mm, lambda slab: unit_descriptors(level, slab))
 
 
 def _principal_projection(fixed: torch.Tensor, moving: torch.Tensor, count: int) -> torch.Tensor | None:
@@ -144,12 +146,30 @@ def _with_derivatives(features: torch.Tensor) -> torch.Tensor:
 def _linearise(term: _SimilarityTerm, displacement: torch.Tensor, derivatives: bool = True):
     """Data energy, gradient half ``b`` (3, N) and Gauss-Newton Hessian half ``H`` (3, 3, N) at
     node displacements ``(N, 3)`` (without ``derivatives``: the energy, None, None; only the
-    descriptors are sampled); descriptors are handled channel-first, ``(C, N)``."""
+    descriptors are sampled), :data:`LINEARISE_NODES` nodes at a time (each node's terms are its own,
+    so the temporaries of a large grid stay bounded)."""
+    count = displacement.shape[0]
+    energy = 0.0
+    gradient = displacement.new_empty((3, count)) if derivatives else None
+    hessian = displacement.new_empty((3, 3, count)) if derivatives else None
+    for start in range(0, count, LINEARISE_NODES):
+        part = slice(start, start + LINEARISE_NODES)
+        part_energy, part_gradient, part_hessian = _linearise_nodes(term, displacement[part], part, derivatives)
+        energy += part_energy
+        if derivatives:
+            gradient[:, part] = part_gradient
+            hessian[:, :, part] = part_hessian
+    return energy, gradient, hessian
+
+
+def _linearise_nodes(term: _SimilarityTerm, displacement: torch.Tensor, nodes: slice, derivatives: bool):
+    """:func:`_linearise` for the term's ``nodes`` at their displacements ``(n, 3)``; descriptors are
+    handled channel-first, ``(C, n)``."""
     count = displacement.shape[0]
     channels = term.channels
     stack = term.moving_stack if derivatives else term.moving_stack[:channels]
-    samples = sample(stack, term.moving_base_ijk + displacement @ term.mm_to_moving_ijk).T
-    residual = samples[:channels] - term.fixed_features
+    samples = sample(stack, term.moving_base_ijk[nodes] + displacement @ term.mm_to_moving_ijk).T
+    residual = samples[:channels] - term.fixed_features[:, nodes]
     energy = float(residual.pow(2).sum())
     if not derivatives:
         return energy, None, None

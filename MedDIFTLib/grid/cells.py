@@ -6,6 +6,8 @@ Tensors are ``(C, K, J, I)`` on a :class:`Geometry`; factors are whole voxels pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from ..core.geometry import Geometry
 from .sampling import resample
 
 CELL_TOLERANCE = 0.1  # a whole-voxel cell may fall this share short of the asked spacing
+SLAB_BYTES = 256 * 2**20  # float32 bytes of the input that :func:`cell_average` prepares at a time
 
 
 def pooled_grid(geometry: Geometry, factors_ijk: np.ndarray) -> Geometry:
@@ -54,12 +57,30 @@ def cell_grid(geometry: Geometry, spacing_mm: float | np.ndarray) -> Geometry:
 
 
 def cell_average(
-    values: torch.Tensor, geometry: Geometry, spacing_mm: float | np.ndarray
+    values: torch.Tensor,
+    geometry: Geometry,
+    spacing_mm: float | np.ndarray,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Geometry]:
     """``values`` ``(C, K, J, I)`` on ``geometry`` averaged over whole-voxel cells and, where the
-    nodes lie between them, resampled (trilinear) onto :func:`cell_grid`; returns both."""
+    nodes lie between them, resampled (trilinear) onto :func:`cell_grid`; returns both.
+
+    ``prepare`` (e.g. float32 conversion and normalisation of stored descriptors) is applied to
+    slabs of whole cells along k, about :data:`SLAB_BYTES` of float32 each, before they are pooled:
+    the same cells as preparing the whole input, whose prepared copy then never exists whole."""
     factors, _ = cell_layout(geometry, spacing_mm)
-    pooled, pooled_geometry = pool(values, factors), pooled_grid(geometry, factors)
+    if prepare is None:
+        pooled = pool(values, factors)
+    else:
+        depth, factor_k = values.shape[1], int(factors[2])
+        plane_bytes = 4 * values.shape[0] * values.shape[2] * values.shape[3]
+        slab = factor_k * max(1, SLAB_BYTES // (plane_bytes * factor_k))
+        starts = list(range(0, depth, slab))
+        if len(starts) > 1 and depth - starts[-1] < factor_k:
+            starts.pop()  # a partial last cell thinner than a cell goes with the slab before it
+        ends = [*starts[1:], depth]
+        pooled = torch.cat([pool(prepare(values[:, start:end]), factors) for start, end in zip(starts, ends)], dim=1)
+    pooled_geometry = pooled_grid(geometry, factors)
     grid = cell_grid(geometry, spacing_mm)
     if grid.same_grid(pooled_geometry):
         return pooled, grid
