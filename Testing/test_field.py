@@ -478,7 +478,7 @@ def test_descriptors_prepared_slab_by_slab_pool_as_the_whole_level(monkeypatch, 
     geometry = Geometry.create((21, 19, 23), voxels_mm, (5.0, -3.0, 11.0))
     stored = torch.randn((6, *geometry.shape_kji), generator=torch.Generator().manual_seed(3)).half()
     whole, whole_grid = cell_average(unit_vectors(stored.float(), 0), geometry, 3.0)
-    monkeypatch.setattr(cells, "SLAB_BYTES", 4 * 6 * 19 * 21 * 3)  # three planes: several slabs
+    monkeypatch.setattr(cells, "SLAB_VOXELS", 6 * 19 * 21 * 3)  # three planes of six channels: several slabs
     prepared, grid = cell_average(stored, geometry, 3.0, lambda slab: unit_vectors(slab.float(), 0))
     assert grid.same_grid(whole_grid)
     assert torch.allclose(prepared, whole, rtol=0.0, atol=1e-6)  # the same cells; float sums may reorder

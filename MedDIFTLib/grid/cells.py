@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from ..core.geometry import Geometry
 from .sampling import resample
+from .slabs import SLAB_VOXELS, slabs
 
 CELL_TOLERANCE = 0.1  # a whole-voxel cell may fall this share short of the asked spacing
-SLAB_BYTES = 256 * 2**20  # float32 bytes of the input that :func:`cell_average` prepares at a time
 
 
 def pooled_grid(geometry: Geometry, factors_ijk: np.ndarray) -> Geometry:
@@ -66,20 +66,15 @@ def cell_average(
     nodes lie between them, resampled (trilinear) onto :func:`cell_grid`; returns both.
 
     ``prepare`` (e.g. float32 conversion and normalisation of stored descriptors) is applied to
-    slabs of whole cells along k, about :data:`SLAB_BYTES` of float32 each, before they are pooled:
-    the same cells as preparing the whole input, whose prepared copy then never exists whole."""
+    slabs of whole cells along k (:func:`.slabs.slabs`, at most ``SLAB_VOXELS`` voxels of every
+    channel) before they are pooled: the same cells as preparing the whole input, whose prepared
+    copy then never exists whole."""
     factors, _ = cell_layout(geometry, spacing_mm)
     if prepare is None:
         pooled = pool(values, factors)
     else:
-        depth, factor_k = values.shape[1], int(factors[2])
-        plane_bytes = 4 * values.shape[0] * values.shape[2] * values.shape[3]
-        slab = factor_k * max(1, SLAB_BYTES // (plane_bytes * factor_k))
-        starts = list(range(0, depth, slab))
-        if len(starts) > 1 and depth - starts[-1] < factor_k:
-            starts.pop()  # a partial last cell thinner than a cell goes with the slab before it
-        ends = [*starts[1:], depth]
-        pooled = torch.cat([pool(prepare(values[:, start:end]), factors) for start, end in zip(starts, ends)], dim=1)
+        ranges = slabs(geometry, max(1, SLAB_VOXELS // values.shape[0]), int(factors[2]))
+        pooled = torch.cat([pool(prepare(values[:, start:stop]), factors) for start, stop in ranges], dim=1)
     pooled_geometry = pooled_grid(geometry, factors)
     grid = cell_grid(geometry, spacing_mm)
     if grid.same_grid(pooled_geometry):
@@ -88,8 +83,9 @@ def cell_average(
 
 
 def pool(values: torch.Tensor, factors_ijk: np.ndarray) -> torch.Tensor:
-    """Average ``(C, K, J, I)`` over cells of ``factors_ijk`` voxels (partial cells at the end)."""
-    kernel = tuple(int(f) for f in np.asarray(factors_ijk)[::-1])
+    """Average ``(C, K, J, I)`` over cells of ``factors_ijk`` voxels (partial cells at the end; an
+    axis shorter than its factor is one partial cell)."""
+    kernel = tuple(min(int(f), size) for f, size in zip(np.asarray(factors_ijk)[::-1], values.shape[1:]))
     if max(kernel) == 1:
         return values
     return F.avg_pool3d(values[None], kernel, stride=kernel, ceil_mode=True)[0]

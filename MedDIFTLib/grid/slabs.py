@@ -13,11 +13,12 @@ SLAB_VOXELS = 2**21
 """Most voxels of one slab (:func:`slabs`)."""
 
 
-def slabs(geometry: Geometry, max_voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int]]:
-    """``(k_start, k_stop)`` ranges of whole ``k`` slices holding at most ``max_voxels`` each."""
+def slabs(geometry: Geometry, max_voxels: int = SLAB_VOXELS, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """``(k_start, k_stop)`` ranges of whole ``k`` slices holding at most ``max_voxels`` each (at
+    least ``multiple`` slices), every range but the last a whole ``multiple`` of slices."""
     size_k = geometry.shape_ijk[2]
     per_slice = geometry.shape_ijk[0] * geometry.shape_ijk[1]
-    step = max(1, max_voxels // max(per_slice, 1))
+    step = multiple * max(1, max_voxels // max(per_slice * multiple, 1))
     for start in range(0, size_k, step):
         yield start, min(start + step, size_k)
 
