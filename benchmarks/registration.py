@@ -120,15 +120,15 @@ def _run_method(method: str, pair_file: str, threads: int, weights_dir: str | No
     is CPU only); on CUDA the timing waits for the device and the peak GPU memory is reported too."""
     import pickle
 
+    import torch
+
     _set_threads(threads)
     from MedDIFTLib.field import jacobian_stats
 
     with open(pair_file, "rb") as handle:
         fixed, moving, points = pickle.load(handle)
-    cuda = device.startswith("cuda")
+    cuda = torch.device(device).type == "cuda"
     if cuda:
-        import torch
-
         torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = time.perf_counter(), time.process_time()
     field = None
@@ -357,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda or cuda:N: where ConvexAdam, the features and the field run (default cpu)")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda"):
-        import torch
+    from MedDIFTLib.core.devices import resolve_device
+    from MedDIFTLib.core.errors import BadInputError
 
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device is available here")
+    try:
+        args.device = str(resolve_device(args.device))
+    except BadInputError as error:
+        parser.error(f"--device: {error}")
     if any(scale <= 0 for scale in args.motion_scale):
         parser.error("--motion-scale: factors must be above 0")
     cases = [case for case in dict.fromkeys(args.cases) if case_data_folder(case).is_dir()]
