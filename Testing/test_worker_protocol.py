@@ -346,6 +346,20 @@ def test_a_match_without_reliable_flags_is_unreliable_and_null_points_are_missin
     assert not parse_result("match", {**payload, "reliable": [None, "yes", True]}).reliable[:2].any()
 
 
+def test_a_match_result_carries_the_engines_correspondences_both_ways():
+    from MedDIFTLib.matching import Correspondences
+
+    fixed = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    matches = Correspondences(fixed, np.array([[1.0, 1.0, 2.0], [NAN] * 3]), np.array([0.9, NAN]),
+                              np.array([0.8, 0.0]), np.array([0.5, NAN]), np.array([True, False]))
+    result = parse_result("match", encode_result(MatchResult.of([7, "b"], matches, seconds=2.0, match_seconds=1.5)))
+    assert result.labels == ["7", "b"] and (result.seconds, result.match_seconds) == (2.0, 1.5)
+    back = result.correspondences(fixed)
+    for name in ("fixed_points_lps_mm", "points_lps_mm", "similarity", "confidence", "forward_backward_mm",
+                 "reliable"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(matches, name))
+
+
 def test_outputs_move_to_the_paths_given_by_name():
     register = ENCODED_RESULTS[5][1]
     assert register.output_files == {"transform": "t.nii.gz", "warped": "w.nrrd"}
