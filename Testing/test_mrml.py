@@ -412,6 +412,7 @@ class FakeClient:
         raise AssertionError(request_type)
 
     run = WorkerClient.run
+    submit = WorkerClient.submit
 
     def call(self, request_type, progress=None, timeout=None, **params):
         if progress is not None:

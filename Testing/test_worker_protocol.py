@@ -46,6 +46,7 @@ from MedDIFTLib.worker.protocol.requests import (
     encode_request,
     parse_line,
     parse_request,
+    type_of,
 )
 from MedDIFTLib.worker.protocol.results import (
     RESULT_TYPES,
@@ -252,6 +253,7 @@ def test_an_encoded_request_parses_back_to_itself_through_a_json_line(request_):
 
 def test_every_request_type_has_an_encoding():
     assert sorted({encode_request(request_)[0] for request_ in ENCODED}) == sorted(REQUEST_TYPES)
+    assert all(type_of(request_) == encode_request(request_)[0] for request_ in ENCODED)
 
 
 def test_what_a_request_type_does_not_carry_is_refused_by_the_encoder():

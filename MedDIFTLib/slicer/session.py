@@ -23,7 +23,7 @@ from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import LesionOptions, RunSettings, SeriesOptions
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
-from ..worker.protocol.requests import Request, encode_request
+from ..worker.protocol.requests import Request, type_of
 from ..worker.protocol.results import parse_result
 from ..worker.remote_client import RemoteWorkerClient
 from .scene_run import RunInputs, RunOutputs, SceneRun, Steps, WorkerFiles
@@ -75,8 +75,8 @@ class RunDriver:
         self._on_done = on_done
         self._on_progress = on_progress
         self._on_log = on_log
+        self._request: Request | None = None
         self._request_id: str | None = None
-        self._request_type = ""
         self.finished = False
 
     def start(self) -> None:
@@ -85,8 +85,8 @@ class RunDriver:
 
     def _advance(self, step: Callable[[], Request]) -> None:
         try:
-            self._request_type, fields = encode_request(step())
-            self._request_id = self._client.send(self._request_type, **fields)
+            self._request = step()
+            self._request_id = self._client.submit(self._request)
         except StopIteration as finished:
             self._finish(finished.value, None)
         except Exception as error:
@@ -123,10 +123,14 @@ class RunDriver:
             elif isinstance(event, Progress) and self._on_progress is not None:
                 self._on_progress(event.stage, event.fraction, event.message)
             elif isinstance(event, Result):
-                self._advance(lambda payload=event.payload: self._steps.send(parse_result(self._request_type, payload)))
+                self._advance(lambda payload=event.payload: self._steps.send(self._result(payload)))
             elif isinstance(event, Error):
                 self.fail(error_from_event(event))
         return not self.finished
+
+    def _result(self, payload: Any):
+        """The typed result of the request in flight from its result payload."""
+        return parse_result(type_of(self._request), payload)
 
     def cancel(self) -> None:
         """Stop now: the worker's whole process tree is killed and nothing reaches the scene."""

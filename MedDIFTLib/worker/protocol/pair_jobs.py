@@ -147,8 +147,8 @@ def _parse_overlays(fields: dict[str, Any], limits: Limits) -> OverlaysRequest:
     )
 
 
-def _encode_match(request: MatchRequest) -> tuple[str, dict[str, Any]]:
-    return "match", {
+def _encode_match(request: MatchRequest) -> dict[str, Any]:
+    return {
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "points_lps_mm": point_list(request.points_lps_mm),
@@ -159,8 +159,8 @@ def _encode_match(request: MatchRequest) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _encode_register(request: RegisterRequest) -> tuple[str, dict[str, Any]]:
-    return "register", {
+def _encode_register(request: RegisterRequest) -> dict[str, Any]:
+    return {
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "mask_id": request.mask_id,
@@ -172,8 +172,8 @@ def _encode_register(request: RegisterRequest) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _encode_overlays(request: OverlaysRequest) -> tuple[str, dict[str, Any]]:
-    return "overlays", {
+def _encode_overlays(request: OverlaysRequest) -> dict[str, Any]:
+    return {
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "transform": request.transform,
@@ -187,7 +187,8 @@ def _encode_overlays(request: OverlaysRequest) -> tuple[str, dict[str, Any]]:
 
 
 REQUEST_PARSERS = {"match": _parse_match, "register": _parse_register, "overlays": _parse_overlays}
-REQUEST_ENCODERS = {MatchRequest: _encode_match, RegisterRequest: _encode_register, OverlaysRequest: _encode_overlays}
+REQUEST_ENCODERS = {MatchRequest: ("match", _encode_match), RegisterRequest: ("register", _encode_register),
+                    OverlaysRequest: ("overlays", _encode_overlays)}
 
 
 # ---------------------------------------------------------------------- results
