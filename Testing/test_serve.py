@@ -602,7 +602,7 @@ def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server
     settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, TRACK_FIELD))
     panel = WorkerSession(scene, server_url=server.url, token=TOKEN)
     try:
-        outputs = panel.run(RunInputs(baseline, followup, compute_landmarks=False, compute_transform=True,
+        outputs = panel.run_scene(RunInputs(baseline, followup, compute_landmarks=False, compute_transform=True,
                                       compute_overlays=True), settings, timeout_s=TIMEOUT_S)
         tracked = panel.run_track(TrackInputs(baseline, followup, segmentation), settings, timeout_s=TIMEOUT_S)
     finally:
