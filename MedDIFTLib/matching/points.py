@@ -79,10 +79,11 @@ class _Stages:
 
 
 def _stages(similarity: PatchSimilarity, options: MatchOptions) -> _Stages:
-    """The first stage is the coarse lattice (``coarse_to_fine``), every voxel (otherwise), or the
-    dense whole-volume lattice: in global mode, and whenever the local window would cover at least
-    ``DENSE_SHARE`` of the volume (a huge radius), so work and memory stay bounded by the volume.
-    The coarse lattice is scored on the levels that resolve its step, the fine lattice on all."""
+    """The searches of one direction under ``options``. The first stage is the coarse lattice
+    (``coarse_to_fine``), every voxel (otherwise), or the dense whole-volume lattice: in global mode,
+    and whenever the local window would cover at least ``DENSE_SHARE`` of the volume (a huge radius),
+    so work and memory stay bounded by the volume. The coarse lattice is scored on the levels that
+    resolve its step, the fine lattice (around the first stage's best) on all."""
     geometry = similarity.moving.image_geometry
     coarse = CandidateLattice.around(geometry, options.search_radius_mm, options.coarse_step_mm)
     refine_radius = float(np.linalg.norm(coarse.stride * np.asarray(geometry.spacing_mm)))
@@ -140,8 +141,12 @@ def _match_one_way(
             starts = local_search(similarity, descriptors, priors, stages.coarse, False)[0][:, None]
         else:
             starts = priors[:, None]
-        positions[chunk], scores[chunk] = _best_of_starts(similarity, descriptors, starts, stages.fine,
-                                                          options.subvoxel)
+        found = [local_search(similarity, descriptors, start, stages.fine, options.subvoxel)
+                 for start in starts.transpose(1, 0, 2)]
+        found_scores = np.stack([score for _, score in found])
+        choice, rows = np.argmax(found_scores, axis=0), np.arange(len(starts))
+        positions[chunk] = np.stack([position for position, _ in found])[choice, rows]
+        scores[chunk] = found_scores[choice, rows]
         refined[chunk] = positions[chunk]
         matched = begin + np.flatnonzero(np.isfinite(scores[chunk]))
         if refine and len(matched):
@@ -150,22 +155,6 @@ def _match_one_way(
         done = min(begin + batch, len(points_lps_mm))
         progress(stage, done / len(points_lps_mm), f"{done}/{len(points_lps_mm)} points")
     return positions, refined, scores
-
-
-def _best_of_starts(
-    similarity: PatchSimilarity,
-    descriptors: list[torch.Tensor],
-    starts_lps_mm: np.ndarray,
-    plan: ScoringPlan,
-    subvoxel: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per point, the best (B, 3 LPS mm; score (B,)) of the :func:`local_search` es on ``plan``
-    from each of its starts (B, M, 3)."""
-    found = [local_search(similarity, descriptors, start, plan, subvoxel) for start in starts_lps_mm.transpose(1, 0, 2)]
-    scores = np.stack([score for _, score in found])
-    choice = np.argmax(scores, axis=0)
-    rows = np.arange(len(choice))
-    return np.stack([position for position, _ in found])[choice, rows], scores[choice, rows]
 
 
 def local_search(
