@@ -10,9 +10,11 @@ the patch mean at a node is then the mean of ``D_e`` over the patch's taps, samp
 the node (:class:`NodeSampler`: box filter and sampling are separable, three small matrices applied
 to a batch of maps). The backward check reads the same maps: the moving point ``y`` scores the fixed
 candidate ``y - e`` with ``D_e(y - e)``. A shift that is fractional in level voxels reads the moving
-descriptors interpolated by that fraction (one interpolated copy per fraction, shared by the shifts
-that have it). Where a node sits on the level's voxels, the shifts are whole level voxels and no
-prior is given, the two layouts give the same match.
+unit descriptors interpolated by that fraction (one interpolated copy per fraction, shared by the
+shifts that have it; not normalised again). Where a node sits on the level's voxels, the shifts are
+whole level voxels and no prior is given, every value equals the reference evaluation and the two
+layouts give the same match; elsewhere the lattice interpolates on the fixed side (between nodes)
+where the point layout interpolates on the moving side (between candidates).
 
 It searches one candidate lattice: every ``coarse_step_mm`` when ``coarse_to_fine`` (its
 refinement is the caller's, e.g. the next field level), else every voxel; only the levels that
