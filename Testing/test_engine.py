@@ -168,10 +168,11 @@ def test_windows_repeat_the_border_like_clipped_indices():
     [((9, 11, 13), 3, 1, (1, 1, 1)), ((17, 10, 12), 3, 2, (2, 1, 3)), ((7, 7, 8), 1, 1, (1, 1, 1))],
 )
 def test_fft_correlation_equals_grouped_conv3d(box_kji, taps, dilation, stride_kji):
-    """The scorer's FFT correlation (kernel spectra from small DFT matrices) is the grouped
+    """The FFT correlation of a box per row (kernel spectra from small DFT matrices) is the grouped
     ``conv3d`` of each row's box with its kernels, summed over channels, on odd, prime and
-    padded lengths, dilated taps and strided samples."""
-    from MedDIFTLib.matching.scorer import _correlate
+    padded lengths, dilated taps and strided samples; one box shared by every row's kernels (the
+    conv3d path) gives the same."""
+    from MedDIFTLib.matching.similarity import correlate
 
     generator = torch.Generator().manual_seed(4)
     batch, channels = 3, 5
@@ -180,9 +181,13 @@ def test_fft_correlation_equals_grouped_conv3d(box_kji, taps, dilation, stride_k
     expected = torch.nn.functional.conv3d(inputs.reshape(1, batch * channels, *box_kji), kernels,
                                           dilation=dilation, groups=batch)[0]
     expected = expected[:, :: stride_kji[0], :: stride_kji[1], :: stride_kji[2]]
-    result = _correlate(inputs, kernels, dilation, np.asarray(stride_kji))
+    result = correlate(inputs, kernels, dilation, np.asarray(stride_kji))
     assert result.shape == expected.shape
     assert torch.allclose(result, expected, atol=1e-4 * channels * taps**3)
+    shared = correlate(inputs[:1], kernels, dilation, np.asarray(stride_kji))
+    per_row = correlate(inputs[:1].expand_as(inputs), kernels, dilation, np.asarray(stride_kji))
+    assert shared.shape == per_row.shape
+    assert torch.allclose(shared, per_row, atol=1e-4 * channels * taps**3)
 
 
 def test_subvoxel_vertex_of_a_sampled_paraboloid():

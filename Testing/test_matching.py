@@ -14,7 +14,7 @@ from MedDIFTLib.evaluation.metrics import naive_full_resolution_similarity, tre_
 from MedDIFTLib.evaluation.simulate import forstner_keypoints
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid, create_featurizer
 from MedDIFTLib.matching import match_points
-from MedDIFTLib.matching.candidates import patch_offsets_ijk, patch_taps
+from MedDIFTLib.matching.similarity import LevelPatch
 
 IMAGE = Geometry.create((32, 24, 16), (1.0, 1.25, 2.0), (10.0, -20.0, 5.0))
 
@@ -195,9 +195,10 @@ def test_backward_check_follows_the_priors(pulmonary_ct):
 @pytest.mark.parametrize("radius, step, expected", [(3, 1, (1, 7)), (3, 2, (2, 4)), (3, 4, (3, 3)), (2, 3, (2, 3)),
                                                      (0, 5, (1, 1))])
 def test_patch_taps_stay_symmetric(radius, step, expected):
-    assert patch_taps(radius, step) == expected
+    patch = LevelPatch.of(radius, step)
+    assert (patch.step, patch.taps) == expected
     spacing, count = expected
-    offsets = patch_offsets_ijk(radius, step)
+    offsets = patch.offsets_ijk()
     assert len(offsets) == count**3 and offsets.min() == -radius and offsets.max() == radius
 
 
@@ -228,7 +229,7 @@ def test_a_working_grid_somewhat_coarser_than_the_pixels_is_scored_natively_wher
     interpolating its similarity map (native, not the far slower exact scoring) and finds the
     motion as exact scoring does; a level of four lattice steps is scored exactly."""
     from MedDIFTLib.matching.candidates import CandidateLattice
-    from MedDIFTLib.matching.scorer import Scorer
+    from MedDIFTLib.matching.similarity import PatchSimilarity
 
     image = Geometry.create((48, 48, 16), (0.625, 0.625, 2.5), (3.0, -7.0, 11.0))
     grid = image.working_grid(1.25)
@@ -236,9 +237,9 @@ def test_a_working_grid_somewhat_coarser_than_the_pixels_is_scored_natively_wher
     moving = _smooth_level_pyramid(grid, image, 5, (2, 1, -1))
     options = MatchOptions(search_radius_mm=5.0, backward_check=False, coarse_to_fine=False)
     fine = CandidateLattice.around(image, 3.0)
-    assert Scorer(fixed, moving, options)._exact_levels(fine) == [False]
+    assert [level.exact for level in PatchSimilarity(fixed, moving, options).plan(fine).levels] == [False]
     coarse = _smooth_level_pyramid(image.working_grid(2.5), image, 6)
-    assert Scorer(coarse, coarse, options)._exact_levels(fine) == [True]
+    assert [level.exact for level in PatchSimilarity(coarse, coarse, options).plan(fine).levels] == [True]
     points = image.ijk_to_lps(np.array([[20.0, 24.0, 7.0], [28.0, 18.0, 9.0], [24.0, 30.0, 6.0]]))
     truth = points + np.array([-1.25, 1.25, 2.5])
     native = match_points(fixed, moving, points, options=options)

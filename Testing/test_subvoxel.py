@@ -9,7 +9,7 @@ from MedDIFTLib.core.options import MatchOptions
 from MedDIFTLib.features import FeatureLevel, FeaturePyramid
 from MedDIFTLib.matching import match_points
 from MedDIFTLib.matching.descriptors import sample_patches
-from MedDIFTLib.matching.scorer import Scorer
+from MedDIFTLib.matching.similarity import PatchSimilarity
 from MedDIFTLib.matching.subvoxel import _PATTERN, _moved_patches, pattern_applies, pattern_refine
 
 THICK = Geometry.create((40, 40, 12), (0.7, 0.7, 2.8), (3.0, -7.0, 11.0))
@@ -70,11 +70,11 @@ def test_a_fraction_of_a_thick_slice_is_recovered_to_a_seventh_of_a_working_voxe
 def test_the_pattern_never_leaves_the_moving_volume():
     fixed, moving = _blob_pyramid(np.zeros(3)), _blob_pyramid(np.array([-2.0, -2.0, -4.0]))
     corner = THICK.ijk_to_lps(np.zeros((1, 3)))
-    scorer = Scorer(fixed, moving, MatchOptions())
-    refined = pattern_refine(scorer, scorer.fixed_descriptors(corner), corner)
+    similarity = PatchSimilarity(fixed, moving, MatchOptions())
+    refined = pattern_refine(similarity, similarity.fixed_descriptors(corner), corner)
     assert THICK.contains_lps(refined, margin_voxels=0.0).all()
     far = THICK.ijk_to_lps(np.array([[39.0, 39.0, 11.0]]))
-    refined = pattern_refine(scorer, scorer.fixed_descriptors(far), far)
+    refined = pattern_refine(similarity, similarity.fixed_descriptors(far), far)
     assert THICK.contains_lps(refined, margin_voxels=0.0).all()
 
 
@@ -82,8 +82,8 @@ def test_a_flat_score_does_not_drift_and_coarse_levels_are_not_searched():
     grid = THICK.working_grid(1.4)
     flat = FeaturePyramid([FeatureLevel("flat", torch.ones((4, *grid.shape_kji)), grid, 1.0, 1)], THICK, "flat")
     points = THICK.ijk_to_lps(np.array([[14.3, 20.6, 5.2]]))
-    scorer = Scorer(flat, flat, MatchOptions())
-    np.testing.assert_allclose(pattern_refine(scorer, scorer.fixed_descriptors(points), points), points)
+    similarity = PatchSimilarity(flat, flat, MatchOptions())
+    np.testing.assert_allclose(pattern_refine(similarity, similarity.fixed_descriptors(points), points), points)
     assert pattern_applies(_blob_pyramid(np.zeros(3)))
     quarter = THICK.downsampled(4)
     level = FeatureLevel("1/4", torch.ones((4, *quarter.shape_kji)), quarter, 1.0, 0)

@@ -1,11 +1,13 @@
 """The correspondence engine: fixed points (LPS mm) matched into the moving volume.
 
-One scorer (:mod:`.scorer`, fused multi-level patch cosine) in two layouts: a set of points
-(:func:`match_points`, :mod:`.points`) and a lattice of fixed points (:func:`match_lattice`,
-:mod:`.lattice`, what the dense field is fitted from). Both search a candidate lattice
-(:mod:`.candidates`), refine the best by one parabola (:mod:`.subvoxel`; points then by a pattern
-search on the finest level), check forward-backward and return :class:`Correspondences` with one
-confidence formula in mm (:mod:`.correspondences`).
+One similarity (:mod:`.similarity`: the fused multi-level patch cosine, defined once, with a
+reference and a fast evaluation) in two layouts: a set of points (:func:`match_points`,
+:mod:`.points`, with its local and dense searches) and a lattice of fixed points
+(:func:`match_lattice`, :mod:`.lattice`, what the dense field is fitted from). Both search a
+candidate lattice (:mod:`.candidates`) with descriptors read at points (:mod:`.descriptors`),
+refine the best by one parabola (:mod:`.subvoxel`; points then by a pattern search on the finest
+level), check forward-backward and return :class:`Correspondences` with one confidence formula in
+mm (:mod:`.correspondences`).
 """
 
 from .correspondences import Correspondences, confidence

@@ -1,7 +1,7 @@
-"""Where the engine looks: the candidate lattice around a prior, and the patch offsets.
+"""Where the engine looks: the candidate lattice around a prior.
 
-Both are integer voxel offsets in ``[k, j, i]`` raster order (i fastest), returned as ``ijk``
-columns.
+Its offsets are integer voxel offsets in ``[k, j, i]`` raster order (i fastest), returned as ``ijk``
+columns (:func:`raster_offsets`, which also lays out a patch's taps).
 """
 
 from __future__ import annotations
@@ -53,19 +53,7 @@ class CandidateLattice:
         return CandidateLattice(np.minimum(half, reach), stride, radius_mm)
 
 
-def patch_taps(radius: int, step: int = 1) -> tuple[int, int]:
-    """Tap spacing and taps per axis of a patch of ``radius`` voxels: taps at ``-r, -r + s, ..., r``.
-
-    ``step`` is rounded down to a divisor of ``2r`` so that the taps stay symmetric about the centre.
-    """
-    span = 2 * int(radius)
-    usable = max(1, min(int(step), span)) if span else 1
-    while span and span % usable:
-        usable -= 1
-    return usable, span // usable + 1
-
-
-def _raster_offsets(axes: list[np.ndarray]) -> np.ndarray:
+def raster_offsets(axes: list[np.ndarray]) -> np.ndarray:
     """(n, 3) read-only ``ijk`` offsets of the grid ``axes`` (i, j, k values) in ``[k, j, i]`` raster order."""
     k, j, i = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
     offsets = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
@@ -75,13 +63,4 @@ def _raster_offsets(axes: list[np.ndarray]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _lattice_offsets(half: tuple[int, int, int], stride: tuple[int, int, int]) -> np.ndarray:
-    return _raster_offsets([np.arange(-h, h + 1) * s for h, s in zip(half, stride)])
-
-
-@functools.lru_cache(maxsize=64)
-def patch_offsets_ijk(radius: int, step: int = 1) -> np.ndarray:
-    """(n, 3) integer offsets of a patch's taps (:func:`patch_taps`) in ``[k, j, i]`` raster order
-    (i fastest); read-only, shared."""
-    spacing, count = patch_taps(radius, step)
-    steps = -radius + spacing * np.arange(count)
-    return _raster_offsets([steps, steps, steps])
+    return raster_offsets([np.arange(-h, h + 1) * s for h, s in zip(half, stride)])

@@ -20,7 +20,7 @@ import torch
 
 from ..features.protocol import FeaturePyramid
 from ..grid.vectors import unit_vectors
-from .scorer import Scorer
+from .similarity import PatchSimilarity
 
 PATTERN_STEPS = (0.5, 0.25, 0.125)
 """Steps of the pattern search, in voxels of the finest level (it moves a match at most 0.875 voxel per axis)."""
@@ -95,14 +95,16 @@ def pattern_applies(pyramid: FeaturePyramid) -> bool:
     return max(finest) <= max(pyramid.image_geometry.spacing_mm) + 1e-6
 
 
-def pattern_refine(scorer: Scorer, descriptors: list[torch.Tensor], positions_lps_mm: np.ndarray) -> np.ndarray:
+def pattern_refine(
+    similarity: PatchSimilarity, descriptors: list[torch.Tensor], positions_lps_mm: np.ndarray
+) -> np.ndarray:
     """``positions_lps_mm`` (B, 3; moving LPS mm) moved by the pattern search (module docstring) on the
     finest moving level, its patch cosine against the batch's fixed ``descriptors`` (per level, (B, taps, C),
-    :meth:`Scorer.fixed_descriptors`). Candidates outside the moving volume's voxel centres are never
-    chosen (a match stays where it is when all its neighbours are)."""
-    finest = scorer.moving.finest_level
-    level, descriptor = scorer.moving.levels[finest], descriptors[finest]
-    radius, tap_step = scorer.radii[finest], scorer.steps[finest]
+    :meth:`PatchSimilarity.fixed_descriptors`). Candidates outside the moving volume's voxel centres are
+    never chosen (a match stays where it is when all its neighbours are)."""
+    finest = similarity.moving.finest_level
+    level, descriptor = similarity.moving.levels[finest], descriptors[finest]
+    radius, tap_step = similarity.patches[finest].radius, similarity.patches[finest].step
     start_ijk = level.geometry.lps_to_ijk(np.asarray(positions_lps_mm, float))
     start_voxel = np.floor(start_ijk)
     boxes = level.boxes(start_voxel.astype(int) - radius - 1, [2 * radius + 4] * 3)
@@ -114,7 +116,7 @@ def pattern_refine(scorer: Scorer, descriptors: list[torch.Tensor], positions_lp
         scores = torch.einsum("bntc,btc->bn", patches, descriptor.to(patches.dtype)).cpu().numpy()
         candidates = centres[:, None, :] + step * _PATTERN[None]
         lps = level.geometry.ijk_to_lps((candidates + start_voxel[:, None, :]).reshape(-1, 3))
-        inside = scorer.moving.image_geometry.contains_lps(lps, margin_voxels=0.0).reshape(candidates.shape[:2])
+        inside = similarity.moving.image_geometry.contains_lps(lps, margin_voxels=0.0).reshape(candidates.shape[:2])
         gains = np.where(inside, scores - scores[:, _STAY, None], -np.inf)
         gains[:, _STAY] = PATTERN_MARGIN
         centres = candidates[rows, gains.argmax(axis=1)]
