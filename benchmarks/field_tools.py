@@ -84,7 +84,7 @@ def _measure(geometry, amplitude_mm: float, grid_name: str) -> list[dict]:
 
     from MedDIFTLib.field import invert, jacobian_determinant
     from MedDIFTLib.grid.displacement_field import DisplacementField
-    from MedDIFTLib.matching import grid_points
+    from MedDIFTLib.grid.nodes import grid_points
 
     rows: list[dict] = []
     points = grid_points(geometry)
