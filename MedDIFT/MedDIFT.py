@@ -243,8 +243,8 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.logic.jobRunning:
-            self.logic.cancelJob()
+        if self.logic.runInProgress:
+            self.logic.cancelRun()
         self.setParameterNode(None)
         for section in self.sections:
             section.reset()
@@ -275,7 +275,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.warpedVolumeSelector.enabled = parameterNode.computeWarped
             self.ui.computeWarpedCheckBox.enabled = parameterNode.computeTransform
             self.ui.fixedLandmarksPlaceWidget.setCurrentNode(parameterNode.fixedLandmarks)
-        running = self.logic.jobRunning
+        running = self.logic.runInProgress
         for section in self.sections:
             section.update(parameterNode, running)
 
@@ -299,7 +299,7 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = text
 
     def showSummary(self, text: str) -> None:
-        """A finished job's one line, in the status line and the log."""
+        """A finished run's one line, in the status line and the log."""
         self.showStatus(text)
         self.appendLog(text)
 
@@ -313,9 +313,10 @@ class MedDIFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedDIFTLogic(ScriptedLoadableModuleLogic):
-    """Runs MedDIFT jobs through a ``MedDIFTLib.slicer.session.WorkerSession``: a background worker
-    process that stays alive between runs (features stay cached). Non-blocking: :meth:`startJob`
-    then :meth:`pollJob` from a timer. Blocking: :meth:`run`, for scripts and tests."""
+    """Runs MedDIFT's scene, tracking and series runs through a ``MedDIFTLib.slicer.session.WorkerSession``:
+    a background worker process that stays alive between runs (features stay cached). Non-blocking:
+    :meth:`startSceneRun` (or :meth:`startTrack`, :meth:`startSeries`) then :meth:`pollWorker` from a
+    timer. Blocking: :meth:`run` (or :meth:`runTrack`, :meth:`runSeries`), for scripts and tests."""
 
     def __init__(self) -> None:
         if UNSUPPORTED_REASON:
@@ -373,7 +374,7 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         )
 
     @staticmethod
-    def jobInputs(parameterNode):
+    def sceneRunInputs(parameterNode):
         """Scene nodes of a run from the parameter node."""
         from MedDIFTLib.slicer.scene_run import RunInputs
 
@@ -473,9 +474,9 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         return self._session
 
     def setServer(self, serverUrl, token=None) -> None:
-        """Run jobs on the ``meddift serve`` server at ``serverUrl`` (None: the local worker).
+        """Run on the ``meddift serve`` server at ``serverUrl`` (None: the local worker).
 
-        A change stops the current worker or session (and a running job); the next job starts the new one."""
+        A change stops the current worker or session (and a run in progress); the next run starts the new one."""
         if (serverUrl, token) != self._server:
             self.shutdown()
             self._server = (serverUrl, token)
@@ -485,24 +486,26 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         return self._session is not None and self._session.worker_running
 
     @property
-    def busy(self) -> bool:
-        """True while anything runs in the worker: a job or a cursor match."""
-        return self._session is not None and self._session.busy
+    def workerBusy(self) -> bool:
+        """True while anything runs in the worker: a run or a cursor match."""
+        return self._session is not None and self._session.worker_busy
 
     @property
-    def jobRunning(self) -> bool:
-        """True while a job runs (or waits for a cursor match to end); Apply then reads Cancel."""
-        return self._session is not None and self._session.job_running
+    def runInProgress(self) -> bool:
+        """True while a scene, tracking or series run is in progress (or waits for a cursor match to end);
+        Apply then reads Cancel."""
+        return self._session is not None and self._session.run_in_progress
 
-    def startJob(self, inputs, settings, onDone, onProgress=None, onLog=None, controlPointIndices=None) -> None:
-        """Check the inputs, then run the job in the background (starting the worker if needed).
+    def startSceneRun(self, inputs, settings, onDone, onProgress=None, onLog=None, controlPointIndices=None) -> None:
+        """Check the inputs, then run the scene run (landmarks, transform, warped volume, overlays) in the
+        background (starting the worker if needed).
 
-        ``onDone(outputs, error)`` is called from :meth:`pollJob` (or :meth:`cancelJob`) when the
-        job ends. ``controlPointIndices``: re-match only these fixed control points (live
-        propagation). Raises MedDIFTError at once for bad inputs or when a job is already running.
+        ``onDone(outputs, error)`` is called from :meth:`pollWorker` (or :meth:`cancelRun`) when the
+        run ends. ``controlPointIndices``: re-match only these fixed control points (live
+        propagation). Raises MedDIFTError at once for bad inputs or when a run is already in progress.
         """
-        self.session.start_job(inputs, settings, onDone, on_progress=onProgress, on_log=onLog,
-                               control_point_indices=controlPointIndices)
+        self.session.start_scene_run(inputs, settings, onDone, on_progress=onProgress, on_log=onLog,
+                                     control_point_indices=controlPointIndices)
 
     def startTrack(self, inputs, settings, onDone, onProgress=None, onLog=None) -> None:
         """Track lesions in the background (``inputs``: a ``MedDIFTLib.slicer.track_run.TrackInputs``);
@@ -527,17 +530,17 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         """Track lesions through a series and wait (scripts and tests); returns a ``SeriesOutputs``."""
         return self.session.run_series(inputs, settings or RunSettings(), progress=progress, timeout_s=timeout)
 
-    def pollJob(self) -> bool:
+    def pollWorker(self) -> bool:
         """Advance what runs in the worker (call from a GUI timer); False once nothing does."""
         return self._session is not None and self._session.poll()
 
-    def cancelJob(self) -> None:
-        """Stop the job; the scene is unchanged (a cursor match in flight ends normally)."""
+    def cancelRun(self) -> None:
+        """Stop the run in progress; the scene is unchanged (a cursor match in flight ends normally)."""
         if self._session is not None:
             self._session.cancel()
 
     def run(self, inputs, settings=None, controlPointIndices=None, progress=None, timeout=None):
-        """Run a job and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.scene_run.RunOutputs``.
+        """Run the scene run and wait for it (scripts and tests); returns ``MedDIFTLib.slicer.scene_run.RunOutputs``.
 
         ``inputs``: a ``MedDIFTLib.slicer.scene_run.RunInputs``; ``settings``: a
         ``MedDIFTLib.core.options.RunSettings`` (default: the library's defaults).
@@ -545,11 +548,11 @@ class MedDIFTLogic(ScriptedLoadableModuleLogic):
         ``progress(stage, fraction, message)`` receives progress; ``timeout`` bounds the wait for
         each worker event (s). Raises MedDIFTError on failure, leaving the scene unchanged.
         """
-        return self.session.run(inputs, settings or RunSettings(), control_point_indices=controlPointIndices,
-                                progress=progress, timeout_s=timeout)
+        return self.session.run_scene(inputs, settings or RunSettings(), control_point_indices=controlPointIndices,
+                                      progress=progress, timeout_s=timeout)
 
     def shutdown(self) -> None:
-        """Stop the worker and delete the job files."""
+        """Stop the worker and delete its files."""
         if self._session is not None:
             self._session.shutdown()
             self._session = None

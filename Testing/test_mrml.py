@@ -412,6 +412,7 @@ class FakeClient:
         raise AssertionError(request_type)
 
     run = WorkerClient.run
+    submit = WorkerClient.submit
 
     def call(self, request_type, progress=None, timeout=None, **params):
         if progress is not None:
@@ -445,15 +446,15 @@ class FakeClient:
         return "last words"
 
 
-def job_scene(scene):
+def pair_scene(scene):
     fixed = add_volume_node(scene, np.zeros((4, 5, 6), np.float32), (1, 1, 1), (0, 0, 0), name="fixed")
     moving = add_volume_node(scene, np.ones((4, 5, 6), np.float32), (1, 1, 1), (0, 0, 0), name="moving")
     landmarks = add_fiducials(scene, [[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]], ["p1", "p2"])
     return fixed, moving, landmarks
 
 
-def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+def test_scene_run_sends_lps_points_and_creates_outputs(scene, tmp_path):
+    fixed, moving, landmarks = pair_scene(scene)
     inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True, compute_warped=True)
     settings = RunSettings(backbone="mind", device="cpu", match=MatchOptions(search_radius_mm=12.0))
     client = FakeClient()
@@ -503,7 +504,7 @@ def test_scene_job_sends_lps_points_and_creates_outputs(scene, tmp_path):
 
 
 def test_moving_volume_under_the_output_transform_is_registered_on_its_own_grid(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     write_translation_field(tmp_path / "old.nrrd", (9.0, 9.0, 9.0))
     transform = nodes.load_transform_file(scene, tmp_path / "old.nrrd")
     moving.SetAndObserveTransformNodeID(transform.GetID())
@@ -519,14 +520,14 @@ def test_moving_volume_under_the_output_transform_is_registered_on_its_own_grid(
 
 
 def test_failed_register_changes_nothing_in_the_scene(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     user_output = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "out")
     user_output.AddControlPointWorld([5.0, 5.0, 5.0], "keep")
     inputs = scene_run.RunInputs(fixed, moving, landmarks, moving_landmarks=user_output, compute_transform=True)
     nodes_before = scene.GetNumberOfNodes()
-    job = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+    pair_run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
     with pytest.raises(BadInputError, match="register failed on purpose"):
-        session.run_blocking(FakeClient(fail_on="register"), job.steps())
+        session.run_blocking(FakeClient(fail_on="register"), pair_run.steps())
     assert scene.GetNumberOfNodes() == nodes_before
     assert user_output.GetNumberOfControlPoints() == 1
     assert user_output.GetNthControlPointLabel(0) == "keep"
@@ -542,8 +543,8 @@ def test_failed_register_changes_nothing_in_the_scene(scene, tmp_path):
         ({"transform": "fixed_landmarks", "compute_transform": True}, "is not a vtkMRMLTransformNode"),
     ],
 )
-def test_scene_job_rejects_bad_inputs_before_any_request(scene, tmp_path, change, message):
-    fixed, moving, landmarks = job_scene(scene)
+def test_scene_run_rejects_bad_inputs_before_any_request(scene, tmp_path, change, message):
+    fixed, moving, landmarks = pair_scene(scene)
     inputs = scene_run.RunInputs(fixed, moving, landmarks)
     for name, value in change.items():
         setattr(inputs, name, landmarks if value == "fixed_landmarks" else value)
@@ -554,8 +555,8 @@ def test_scene_job_rejects_bad_inputs_before_any_request(scene, tmp_path, change
     assert client.requests == []
 
 
-def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+def test_run_driver_polls_to_the_end_and_live_update(scene, tmp_path):
+    fixed, moving, landmarks = pair_scene(scene)
     folder = scene_run.WorkerFiles(tmp_path)
     inputs = scene_run.RunInputs(fixed, moving, landmarks)
     client = FakeClient()
@@ -588,8 +589,8 @@ def test_job_runner_polls_to_the_end_and_live_update(scene, tmp_path):
     np.testing.assert_allclose(control_point_ras(outputs.moving_landmarks, 0), [1.0 - 2.0, 2.0 + 3.0, 3.0 + 5.0])
 
 
-def test_job_runner_reports_worker_errors_and_cancel(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+def test_run_driver_reports_worker_errors_and_cancel(scene, tmp_path):
+    fixed, moving, landmarks = pair_scene(scene)
     inputs = scene_run.RunInputs(fixed, moving, landmarks)
     done = []
     runner = session.RunDriver(FakeClient(fail_on="match"),
@@ -638,8 +639,8 @@ def test_field_written_by_the_library_moves_points_in_slicer_as_in_medDIFT(scene
 # ------------------------------------------------------------------------------------ session
 
 
-def test_job_runner_reads_typed_events_of_its_own_request_only(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+def test_run_driver_reads_typed_events_of_its_own_request_only(scene, tmp_path):
+    fixed, moving, landmarks = pair_scene(scene)
 
     class NoisyClient(FakeClient):
         def poll(self):
@@ -677,16 +678,16 @@ def test_job_runner_reads_typed_events_of_its_own_request_only(scene, tmp_path):
 
 
 def poll_to_the_end(worker_session):
-    """Poll as a GUI timer would (the worker starts in a thread) until the job ends."""
+    """Poll as a GUI timer would (the worker starts in a thread) until the run ends."""
     for _ in range(1000):
         if not worker_session.poll():
             return
         time.sleep(0.005)
-    raise AssertionError("the job never ended")
+    raise AssertionError("the run never ended")
 
 
-def test_session_starts_the_worker_runs_jobs_and_cleans_up(scene):
-    fixed, moving, landmarks = job_scene(scene)
+def test_session_starts_the_worker_runs_scene_runs_and_cleans_up(scene):
+    fixed, moving, landmarks = pair_scene(scene)
     clients = []
 
     def new_client():
@@ -697,18 +698,18 @@ def test_session_starts_the_worker_runs_jobs_and_cleans_up(scene):
     worker_session = session.WorkerSession(scene, client_factory=new_client)
     inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True)
     done = []
-    worker_session.start_job(inputs, RunSettings(), on_done=lambda outputs, error: done.append((outputs, error)))
-    assert worker_session.busy
-    with pytest.raises(MedDIFTError, match="already running"):
-        worker_session.run(inputs, RunSettings())
+    worker_session.start_scene_run(inputs, RunSettings(), on_done=lambda outputs, error: done.append((outputs, error)))
+    assert worker_session.worker_busy
+    with pytest.raises(MedDIFTError, match="already in progress"):
+        worker_session.run_scene(inputs, RunSettings())
     poll_to_the_end(worker_session)
     outputs, error = done[0]
-    assert error is None and not worker_session.busy and len(clients) == 1
+    assert error is None and not worker_session.worker_busy and len(clients) == 1
     assert [request_type for request_type, _ in clients[0].requests] == ["load", "load", "match", "register"]
 
     inputs.moving_landmarks = outputs.moving_landmarks
     landmarks.SetNthControlPointPositionWorld(0, 0.0, 0.0, 0.0)
-    live = worker_session.run(inputs, RunSettings(), control_point_indices=[0])
+    live = worker_session.run_scene(inputs, RunSettings(), control_point_indices=[0])
     assert live.moving_landmarks is outputs.moving_landmarks and len(clients) == 1
     assert [request_type for request_type, _ in clients[0].requests][4:] == ["match"]
 
@@ -719,7 +720,7 @@ def test_session_starts_the_worker_runs_jobs_and_cleans_up(scene):
 
 
 def test_session_reports_bad_inputs_at_once_and_a_failed_start_through_on_done(scene):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
 
     class NoStart(FakeClient):
         def start(self, timeout=None):
@@ -733,9 +734,9 @@ def test_session_reports_bad_inputs_at_once_and_a_failed_start_through_on_done(s
     worker_session = session.WorkerSession(scene, client_factory=new_client)
     done = []
     with pytest.raises(BadInputError, match="choose a fixed and a moving volume"):
-        worker_session.start_job(scene_run.RunInputs(None, moving, landmarks), RunSettings(), on_done=done.append)
-    assert not worker_session.busy
-    worker_session.start_job(scene_run.RunInputs(fixed, moving, landmarks), RunSettings(),
+        worker_session.start_scene_run(scene_run.RunInputs(None, moving, landmarks), RunSettings(), on_done=done.append)
+    assert not worker_session.worker_busy
+    worker_session.start_scene_run(scene_run.RunInputs(fixed, moving, landmarks), RunSettings(),
                              on_done=lambda outputs, error: done.append((outputs, error)))
     poll_to_the_end(worker_session)
     assert done[0][0] is None and isinstance(done[0][1], MedDIFTError) and "no such interpreter" in str(done[0][1])
@@ -744,16 +745,16 @@ def test_session_reports_bad_inputs_at_once_and_a_failed_start_through_on_done(s
 
 
 def test_session_cancel_kills_the_worker_and_leaves_the_scene_unchanged(scene):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     client = FakeClient()
     worker_session = session.WorkerSession(scene, client_factory=lambda: client)
-    worker_session.run(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())  # starts the worker
+    worker_session.run_scene(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())  # starts the worker
     nodes_before = scene.GetNumberOfNodes()
     done = []
-    worker_session.start_job(scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True), RunSettings(),
+    worker_session.start_scene_run(scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True), RunSettings(),
                              on_done=lambda outputs, error: done.append((outputs, error)))
     worker_session.cancel()
-    assert client.killed and isinstance(done[0][1], CancelledError) and not worker_session.busy
+    assert client.killed and isinstance(done[0][1], CancelledError) and not worker_session.worker_busy
     assert not worker_session.poll() and len(done) == 1
     assert scene.GetNumberOfNodes() == nodes_before
     worker_session.shutdown()
@@ -906,8 +907,8 @@ def test_overlays_are_volumes_on_the_fixed_grid_with_colour_tables(scene, tmp_pa
     landmarks = add_fiducials(scene, [[1.0, 2.0, 3.0]], ["p1"])
     client = FakeClient()
     inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_transform=True, compute_overlays=True)
-    job = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
-    outputs = session.run_blocking(client, job.steps())
+    pair_run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+    outputs = session.run_blocking(client, pair_run.steps())
     overlay_request = dict(client.requests)["overlays"]
     assert overlay_request["transform"].endswith(".nrrd")
     assert sorted(outputs.overlays) == ["confidence", "jacobian", "magnitude"]
@@ -948,17 +949,17 @@ def test_overlays_are_volumes_on_the_fixed_grid_with_colour_tables(scene, tmp_pa
 
 
 def test_overlays_without_a_transform_give_confidence_only(scene, tmp_path):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     client = FakeClient()
     inputs = scene_run.RunInputs(fixed, moving, landmarks, compute_overlays=True)
-    job = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
-    outputs = session.run_blocking(client, job.steps())
+    pair_run = scene_run.SceneRun(scene, inputs, RunSettings(), scene_run.WorkerFiles(tmp_path))
+    outputs = session.run_blocking(client, pair_run.steps())
     assert list(outputs.overlays) == ["confidence"]
     assert "transform" not in dict(client.requests)["overlays"], "no field: the key is left out"
 
 
 def test_session_cursor_match_runs_in_the_background_and_leaves_the_scene_alone(scene):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     client = FakeClient(translation_lps=(1.0, 2.0, 3.0))
     worker_session = session.WorkerSession(scene, client_factory=lambda: client)
     answers = []
@@ -987,14 +988,14 @@ def test_session_on_a_server_uses_the_remote_client_and_refuses_lesion_points(sc
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     remote = session.WorkerSession(scene, server_url=f"http://127.0.0.1:{port}", token="secret", start_timeout_s=5.0)
     try:
         with pytest.raises(BadInputError, match="lesion points .* are tracked on this computer only"):
             remote.run_track(TrackInputs(fixed, moving, landmarks), RunSettings())
         nodes_before = scene.GetNumberOfNodes()
         with pytest.raises(MedDIFTError) as refused:
-            remote.run(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())
+            remote.run_scene(scene_run.RunInputs(fixed, moving, landmarks), RunSettings())
         assert f"127.0.0.1:{port}" in str(refused.value), "the server was asked, not a local worker"
         assert scene.GetNumberOfNodes() == nodes_before
     finally:

@@ -92,3 +92,18 @@ def test_options_module_imports_neither_torch_nor_numpy():
             "assert not {'torch', 'numpy'} & set(sys.modules), sorted({'torch', 'numpy'} & set(sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_the_options_package_exports_every_public_name_of_its_modules():
+    import importlib
+    import pkgutil
+
+    from MedDIFTLib.core import options
+
+    for module_info in pkgutil.iter_modules(options.__path__):
+        module = importlib.import_module(f"{options.__name__}.{module_info.name}")
+        defined_here = {name for name, value in vars(module).items() if not name.startswith("_")
+                        and getattr(value, "__module__", module.__name__) == module.__name__
+                        and not isinstance(value, type(options)) and name not in ("T", "annotations")}
+        assert defined_here <= set(options.__all__), (module_info.name, defined_here - set(options.__all__))
+    assert all(getattr(options, name) is not None for name in options.__all__)

@@ -6,6 +6,7 @@ and clean-up, cancel on disconnect, and a server killed mid-job."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import itertools
 import json
@@ -34,7 +35,15 @@ from MedDIFTLib.core.environment import PACKAGE_PARENT
 from MedDIFTLib.core.errors import BadInputError, BadRequestError, CancelledError, MedDIFTError
 from MedDIFTLib.core.geometry import Geometry
 from MedDIFTLib.core.io import Volume, read_volume, write_volume
-from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions, RunSettings, SeriesOptions, parse_options
+from MedDIFTLib.core.options import (
+    FieldLevel,
+    FieldOptions,
+    LesionOptions,
+    RunSettings,
+    SeriesOptions,
+    ServeOptions,
+    parse_options,
+)
 from MedDIFTLib.lesions.outputs import FILES
 from MedDIFTLib.lesions.series_outputs import labelmap_name, series_output_paths
 from MedDIFTLib.slicer.session import describe_server
@@ -98,10 +107,13 @@ class ThreadServer:
             connection.close()
 
 
-def _config(tmp_path: Path, **overrides) -> ServeConfig:
-    settings = {"cache_dir": tmp_path, "token": TOKEN, "max_upload_bytes": 4 * 2**20, "max_sessions": 4,
-                "limits": Limits(max_request_bytes=256 * 2**10, max_points=1000), "cache_bytes": 64 * 2**20}
-    return ServeConfig(**{**settings, **overrides})
+def _config(tmp_path: Path, device: str = "auto", weights_dir: Path | None = None,
+            devices: tuple[str, ...] | None = None, **limits) -> ServeConfig:
+    """A test server's configuration; ``limits`` are ServeOptions fields (MiB, seconds)."""
+    options = ServeOptions(**{"max_upload_mb": 4.0, "max_sessions": 4, "cache_mb": 64.0, **limits})
+    config = ServeConfig(cache_dir=tmp_path, options=options, token=TOKEN, device=device, weights_dir=weights_dir,
+                         limits=Limits(max_request_bytes=256 * 2**10, max_points=1000))
+    return config if devices is None else dataclasses.replace(config, devices=devices)
 
 
 @pytest.fixture(scope="module")
@@ -602,7 +614,7 @@ def test_the_slicer_panels_session_runs_overlays_and_tracking_on_a_server(server
     settings = RunSettings(backbone="mind", device="cpu", field=parse_options(FieldOptions, TRACK_FIELD))
     panel = WorkerSession(scene, server_url=server.url, token=TOKEN)
     try:
-        outputs = panel.run(RunInputs(baseline, followup, compute_landmarks=False, compute_transform=True,
+        outputs = panel.run_scene(RunInputs(baseline, followup, compute_landmarks=False, compute_transform=True,
                                       compute_overlays=True), settings, timeout_s=TIMEOUT_S)
         tracked = panel.run_track(TrackInputs(baseline, followup, segmentation), settings, timeout_s=TIMEOUT_S)
     finally:
@@ -814,7 +826,7 @@ def test_size_messages_never_round_both_sides_to_the_same_number(limit_bytes):
 
 def test_a_session_holds_no_more_voxels_than_its_memory_limit(tmp_path):
     volume_bytes = 12 * 14 * 16 * 4
-    running = ThreadServer(_config(tmp_path, session_memory_bytes=int(2.5 * volume_bytes)))
+    running = ThreadServer(_config(tmp_path, session_memory_mb=int(2.5 * volume_bytes) / 2**20))
     try:
         client = RemoteWorkerClient(running.url, token=TOKEN, timeout_s=TIMEOUT_S)
         client.start()
@@ -837,7 +849,7 @@ def test_a_job_over_the_session_memory_limit_is_refused_before_any_work(tmp_path
     fine = {**QUICK_FIELD, "levels": [{"spacing_mm": 2.0, "search_radius_mm": 20.0}]}
     sizes = [estimate_register(volume.geometry, volume.geometry, parse_options(FieldOptions, options)).total_bytes
              for options in (QUICK_FIELD, fine)]
-    running = ThreadServer(_config(tmp_path, session_memory_bytes=sum(sizes) // 2))
+    running = ThreadServer(_config(tmp_path, session_memory_mb=sum(sizes) // 2 / 2**20))
     try:
         client = RemoteWorkerClient(running.url, token=TOKEN, timeout_s=TIMEOUT_S)
         client.start()

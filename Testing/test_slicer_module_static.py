@@ -631,6 +631,6 @@ def test_a_missing_weights_error_runs_again_only_after_the_transfers():
         return {ast.unparse(node.func) for node in ast.walk(body) if isinstance(node, ast.Call)}
 
     assert "self.panel.weights.offer" in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
-    assert "self.startJob" not in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
+    assert "self.startSceneRun" not in calls(PANEL_DIR / "run.py", "RunSection", "finishWithError")
     assert "then" not in calls(PANEL_DIR / "weights.py", "WeightsSection", "offer")
     assert "then" in calls(PANEL_DIR / "weights.py", "WeightsSection", "onTransfersDone")

@@ -10,7 +10,7 @@ import pytest
 
 slicer_core = pytest.importorskip("slicer_core", reason="slicer-core (Slicer's MRML without Qt) is not installed")
 
-from test_mrml import FakeClient, _slice_views, add_fiducials, add_volume_node, job_scene  # noqa: E402
+from test_mrml import FakeClient, _slice_views, add_fiducials, add_volume_node, pair_scene  # noqa: E402
 
 from MedDIFTLib.core.errors import BadInputError, CancelledError, MedDIFTError  # noqa: E402
 from MedDIFTLib.core.options import MatchOptions, RunSettings  # noqa: E402
@@ -28,7 +28,7 @@ def scene():
 def test_cursor_with_a_transform_node_not_yet_computed_asks_the_worker(scene):
     """"Create new" on the Output transform selector makes a bare vtkMRMLTransformNode (no transform)."""
     _slice_views(scene)
-    fixed, moving, _ = job_scene(scene)
+    fixed, moving, _ = pair_scene(scene)
     bare = scene.AddNewNodeByClass("vtkMRMLTransformNode", "new transform")
     assert not cursor.has_field(bare) and not cursor.has_field(None)
     state = cursor.CursorState(scene)
@@ -40,7 +40,7 @@ def test_cursor_with_a_transform_node_not_yet_computed_asks_the_worker(scene):
 
 
 def test_cursor_matches_are_forgotten_when_the_volumes_or_settings_change(scene):
-    fixed, moving, _ = job_scene(scene)
+    fixed, moving, _ = pair_scene(scene)
     state = cursor.CursorState(scene)
     _slice_views(scene)
     context = cursor.match_context(fixed, moving, RunSettings())
@@ -62,7 +62,7 @@ def test_cursor_matches_are_forgotten_when_the_volumes_or_settings_change(scene)
 
 def test_cursor_reset_after_close_scene_forgets_the_marker_and_the_matches(scene):
     _slice_views(scene)
-    fixed, moving, _ = job_scene(scene)
+    fixed, moving, _ = pair_scene(scene)
     context = cursor.match_context(fixed, moving, RunSettings())
     state = cursor.CursorState(scene)
     state.moved((1.0, 2.0, 3.0), None, moving, context)
@@ -73,7 +73,7 @@ def test_cursor_reset_after_close_scene_forgets_the_marker_and_the_matches(scene
     state.reset()
     assert (state.marker, state.match, state.fixed_ras) == (None, None, None)
     _slice_views(scene)
-    fixed, moving, _ = job_scene(scene)
+    fixed, moving, _ = pair_scene(scene)
     state.moved((1.0, 2.0, 3.0), None, moving, context)
     assert state.matcher.take_pending(now=1.0) == (1.0, 2.0, 3.0), "no match survives the scene"
     state.answered(cursor.CursorMatch((7.0, 8.0, 9.0), 0.9))
@@ -116,7 +116,7 @@ def test_nodes_medDIFT_adds_do_not_become_the_active_place_list(scene):
 
 def test_fade_refuses_to_replace_the_moving_volumes_own_transform(scene):
     _slice_views(scene)
-    fixed, moving, _ = job_scene(scene)
+    fixed, moving, _ = pair_scene(scene)
     users = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "user's")
     output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "output")
     moving.SetAndObserveTransformNodeID(users.GetID())
@@ -140,40 +140,41 @@ def poll_until_idle(worker_session) -> None:
 
 def test_apply_during_a_cursor_match_waits_for_it_and_keeps_the_worker(scene):
     """A run started while the cursor's match is in flight neither cancels it nor kills the worker."""
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     client = FakeClient()
     worker_session = session.WorkerSession(scene, client_factory=lambda: client)
     inputs = scene_run.RunInputs(fixed, moving, landmarks)
-    cursor_answers, job_answers = [], []
+    cursor_answers, run_answers = [], []
     try:
         worker_session.start_cursor_match(inputs, RunSettings(), (1.0, 2.0, 3.0),
                                           lambda outputs, error: cursor_answers.append(error))
-        assert worker_session.busy and not worker_session.job_running
-        worker_session.start_job(inputs, RunSettings(), lambda outputs, error: job_answers.append((outputs, error)))
-        assert worker_session.job_running, "the panel shows Cancel for the waiting run"
-        with pytest.raises(MedDIFTError, match="already running"):
-            worker_session.start_job(inputs, RunSettings(), lambda outputs, error: None)
+        assert worker_session.worker_busy and not worker_session.run_in_progress
+        worker_session.start_scene_run(inputs, RunSettings(),
+                                       lambda outputs, error: run_answers.append((outputs, error)))
+        assert worker_session.run_in_progress, "the panel shows Cancel for the waiting run"
+        with pytest.raises(MedDIFTError, match="already in progress"):
+            worker_session.start_scene_run(inputs, RunSettings(), lambda outputs, error: None)
         poll_until_idle(worker_session)
     finally:
         worker_session.shutdown()
     assert cursor_answers == [None], "the cursor match ends normally"
-    outputs, error = job_answers[0]
+    outputs, error = run_answers[0]
     assert error is None and outputs.moving_landmarks.GetNumberOfControlPoints() == 2
     assert not client.killed
 
 
 def test_cancel_of_a_run_waiting_for_the_cursor_drops_it_only(scene):
-    fixed, moving, landmarks = job_scene(scene)
+    fixed, moving, landmarks = pair_scene(scene)
     client = FakeClient()
     worker_session = session.WorkerSession(scene, client_factory=lambda: client)
     inputs = scene_run.RunInputs(fixed, moving, landmarks)
-    cursor_answers, job_answers = [], []
+    cursor_answers, run_answers = [], []
     try:
         worker_session.start_cursor_match(inputs, RunSettings(), (1.0, 2.0, 3.0),
                                           lambda outputs, error: cursor_answers.append(error))
-        worker_session.start_job(inputs, RunSettings(), lambda outputs, error: job_answers.append(error))
+        worker_session.start_scene_run(inputs, RunSettings(), lambda outputs, error: run_answers.append(error))
         worker_session.cancel()
-        assert isinstance(job_answers[0], CancelledError) and not worker_session.job_running
+        assert isinstance(run_answers[0], CancelledError) and not worker_session.run_in_progress
         poll_until_idle(worker_session)
     finally:
         worker_session.shutdown()

@@ -36,7 +36,7 @@ from MedDIFTLib.worker.events import (
     error_from_event,
     parse_event,
 )
-from MedDIFTLib.worker.protocol.requests import CancelRequest, encode_request
+from MedDIFTLib.worker.protocol.requests import CancelRequest, LoadRequest, encode_request, type_of
 from MedDIFTLib.worker.transports import Transport
 
 TIMEOUT_S = 30
@@ -285,6 +285,15 @@ def test_cancel_sends_the_typed_cancel_request_as_encode_request_writes_it():
         cancel_id = client.cancel(job_id)
         assert transport.sent[-1] == (cancel_id, *encode_request(CancelRequest(job_id)))
     assert [sent[2] for sent in transport.sent] == [{"job_id": "r7"}, {}]
+
+
+def test_submit_sends_a_typed_request_as_encode_request_writes_it():
+    transport = ScriptedTransport()
+    client = WorkerClient(transport=transport)
+    client.start()
+    load = LoadRequest("/data/ct.nii.gz")
+    request_id = client.submit(load)
+    assert transport.sent[-1] == (request_id, *encode_request(load)) and type_of(load) == "load"
 
 
 def test_the_client_and_its_events_import_without_torch():

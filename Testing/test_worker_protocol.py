@@ -46,6 +46,7 @@ from MedDIFTLib.worker.protocol.requests import (
     encode_request,
     parse_line,
     parse_request,
+    type_of,
 )
 from MedDIFTLib.worker.protocol.results import (
     RESULT_TYPES,
@@ -252,6 +253,7 @@ def test_an_encoded_request_parses_back_to_itself_through_a_json_line(request_):
 
 def test_every_request_type_has_an_encoding():
     assert sorted({encode_request(request_)[0] for request_ in ENCODED}) == sorted(REQUEST_TYPES)
+    assert all(type_of(request_) == encode_request(request_)[0] for request_ in ENCODED)
 
 
 def test_what_a_request_type_does_not_carry_is_refused_by_the_encoder():
@@ -344,6 +346,20 @@ def test_a_match_without_reliable_flags_is_unreliable_and_null_points_are_missin
     matches = parse_result("match", {**payload, "reliable": None, "points_lps_mm": [None, None, [1, 2, 3]]})
     assert not matches.reliable.any() and [matches.found(row) for row in range(3)] == [False, False, True]
     assert not parse_result("match", {**payload, "reliable": [None, "yes", True]}).reliable[:2].any()
+
+
+def test_a_match_result_carries_the_engines_correspondences_both_ways():
+    from MedDIFTLib.matching import Correspondences
+
+    fixed = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    matches = Correspondences(fixed, np.array([[1.0, 1.0, 2.0], [NAN] * 3]), np.array([0.9, NAN]),
+                              np.array([0.8, 0.0]), np.array([0.5, NAN]), np.array([True, False]))
+    result = parse_result("match", encode_result(MatchResult.of([7, "b"], matches, seconds=2.0, match_seconds=1.5)))
+    assert result.labels == ["7", "b"] and (result.seconds, result.match_seconds) == (2.0, 1.5)
+    back = result.correspondences(fixed)
+    for name in ("fixed_points_lps_mm", "points_lps_mm", "similarity", "confidence", "forward_backward_mm",
+                 "reliable"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(matches, name))
 
 
 def test_outputs_move_to_the_paths_given_by_name():

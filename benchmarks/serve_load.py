@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from real_cts import image_path  # noqa: E402
 
 from MedDIFTLib.core.io import Volume, read_volume, write_volume  # noqa: E402
+from MedDIFTLib.core.options import ServeOptions  # noqa: E402
 from MedDIFTLib.worker.client import WorkerClient  # noqa: E402
 from MedDIFTLib.worker.remote.app import ServeConfig, create_app  # noqa: E402
 from MedDIFTLib.worker.remote_client import RemoteWorkerClient  # noqa: E402
@@ -57,7 +58,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def start_server(folder: Path) -> tuple[uvicorn.Server, threading.Thread, str]:
-    config = ServeConfig(cache_dir=folder, token=TOKEN, max_sessions=16, cache_bytes=512 * 2**20)
+    config = ServeConfig(cache_dir=folder, options=ServeOptions(max_sessions=16, cache_mb=512.0), token=TOKEN)
     server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -35,9 +35,17 @@ def synopsis() -> str:
 
 
 def option_classes() -> list[type]:
-    """Every option class of MedDIFTLib.core.options, in the module's order, so none can be left out."""
-    return [value for value in vars(options).values()
-            if isinstance(value, type) and issubclass(value, options.Options) and value is not options.Options]
+    """Every option class of MedDIFTLib.core.options, in the order of its ``__all__``; one it leaves
+    out is refused, so none can be missing from the table."""
+    def is_option_class(value: object) -> bool:
+        return isinstance(value, type) and issubclass(value, options.Options) and value is not options.Options
+
+    listed = [getattr(options, name) for name in options.__all__ if is_option_class(getattr(options, name))]
+    unlisted = {value.__name__ for value in vars(options).values() if is_option_class(value)} - {
+        cls.__name__ for cls in listed}
+    if unlisted:
+        raise SystemExit(f"add to MedDIFTLib.core.options.__all__: {', '.join(sorted(unlisted))}")
+    return listed
 
 
 def default_text(cls: type, field: dataclasses.Field) -> str:

@@ -78,13 +78,13 @@ class CursorSection(Section, VTKObservationMixin):
     def onTimer(self) -> None:
         """Send the newest cursor point to the worker when nothing runs in it (throttled)."""
         parameterNode = self.panel.parameterNode
-        if parameterNode is None or self.panel.logic.busy or missing_requirements():
+        if parameterNode is None or self.panel.logic.workerBusy or missing_requirements():
             return
         point = self.state.matcher.take_pending(time.monotonic())
         if point is None:
             return
         try:
-            self.panel.logic.startCursorMatch(self.panel.logic.jobInputs(parameterNode), self.panel.runSettings(),
+            self.panel.logic.startCursorMatch(self.panel.logic.sceneRunInputs(parameterNode), self.panel.runSettings(),
                                               point, self.onMatched)
         except MedDIFTError as error:
             self.state.answered(None)

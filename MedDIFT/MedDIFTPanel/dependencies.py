@@ -18,8 +18,8 @@ POLL_INTERVAL_MS = 300
 
 
 class DependenciesSection(Section):
-    """Checks the worker's requirements before a job; installs the missing ones with pip in child
-    processes (Slicer's own pip is left as it is), then starts the job that asked for them."""
+    """Checks the worker's requirements before a run; installs the missing ones with pip in child
+    processes (Slicer's own pip is left as it is), then starts the run that asked for them."""
 
     def __init__(self, panel) -> None:
         super().__init__(panel)

@@ -102,7 +102,7 @@ class LesionsSection(Section):
         self.ui.scanDateLineEdit.text = self._scans.date(node, getattr(slicer, "dicomDatabase", None))
         further = row - 2
         count = len(self._scans.followup_ids)
-        running = self.panel.logic.jobRunning
+        running = self.panel.logic.runInProgress
         self.ui.removeFollowupButton.enabled = 0 <= further < count and not running
         self.ui.moveFollowupUpButton.enabled = 0 < further < count and not running
         self.ui.moveFollowupDownButton.enabled = 0 <= further < count - 1 and not running
@@ -137,7 +137,7 @@ class LesionsSection(Section):
 
     def onTrackButton(self) -> None:
         panel = self.panel
-        if panel.logic.jobRunning or panel.parameterNode is None:
+        if panel.logic.runInProgress or panel.parameterNode is None:
             return
         if not panel.dependencies.ensure(then=self.onTrackButton):
             return

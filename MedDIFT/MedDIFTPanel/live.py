@@ -17,7 +17,7 @@ LIVE_DELAY_MS = 300
 
 class LiveSection(Section, VTKObservationMixin):
     """Observes the fixed landmarks while live propagation is on, and starts a live update of the
-    points that moved (after a short pause; never during a drag or while a job runs)."""
+    points that moved (after a short pause; never during a drag or while a run is in progress)."""
 
     def __init__(self, panel) -> None:
         Section.__init__(self, panel)
@@ -42,8 +42,8 @@ class LiveSection(Section, VTKObservationMixin):
         self._timer.stop()
         self.removeObservers()
 
-    def jobEnded(self) -> None:
-        """A job ended: points moved meanwhile are re-matched now."""
+    def runEnded(self) -> None:
+        """A scene run ended: points moved meanwhile are re-matched now."""
         if self._pendingIds and self._observed is not None:
             self._timer.start()
 
@@ -90,7 +90,7 @@ class LiveSection(Section, VTKObservationMixin):
         parameterNode = self.panel.parameterNode
         if not self._pendingIds or parameterNode is None or not parameterNode.livePropagation:
             return
-        if self.panel.logic.busy or missing_requirements():
+        if self.panel.logic.workerBusy or missing_requirements():
             return
         if not (parameterNode.fixedVolume and parameterNode.movingVolume and parameterNode.fixedLandmarks):
             return
@@ -101,4 +101,4 @@ class LiveSection(Section, VTKObservationMixin):
             if index >= 0 and landmarks.GetNthControlPointPositionStatus(index) == defined)
         self._pendingIds.clear()
         if indices:
-            self.panel.run.startJob(controlPointIndices=indices)
+            self.panel.run.startSceneRun(controlPointIndices=indices)

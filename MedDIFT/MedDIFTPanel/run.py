@@ -17,7 +17,7 @@ POLL_INTERVAL_MS = 100
 
 
 class RunSection(Section):
-    """Starts runs (full or live) and any other background job of the worker, polls the worker
+    """Starts scene runs (full or live) and the other runs of the worker, polls the worker
     from one timer and reports how each ended; a missing-weights error offers the weights and
     runs again once they are in place."""
 
@@ -33,7 +33,7 @@ class RunSection(Section):
     def update(self, parameterNode, running: bool) -> None:
         if running:
             self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the running job; nothing is changed in the scene.")
+            self.ui.applyButton.toolTip = _("Stop the run in progress; nothing is changed in the scene.")
             self.ui.applyButton.enabled = True
             return
         ready = parameterNode is not None and bool(
@@ -49,22 +49,22 @@ class RunSection(Section):
         self._pollTimer.stop()
 
     def onApplyButton(self) -> None:
-        if self.panel.logic.jobRunning:
-            self.panel.logic.cancelJob()
-        elif self.panel.dependencies.ensure(then=self.startJob):
-            self.startJob()
+        if self.panel.logic.runInProgress:
+            self.panel.logic.cancelRun()
+        elif self.panel.dependencies.ensure(then=self.startSceneRun):
+            self.startSceneRun()
 
-    def startJob(self, controlPointIndices=None) -> None:
-        """A full run, or a live update of some fixed control points; returns at once."""
+    def startSceneRun(self, controlPointIndices=None) -> None:
+        """A full scene run, or a live update of some fixed control points; returns at once."""
         panel = self.panel
         self._live = controlPointIndices is not None
         status = _("Running...") if panel.logic.workerRunning else _("Starting the MedDIFT worker...")
-        self.start(lambda onDone, onProgress, onLog: panel.logic.startJob(
-            panel.logic.jobInputs(panel.parameterNode), panel.runSettings(), onDone=onDone, onProgress=onProgress,
-            onLog=onLog, controlPointIndices=controlPointIndices), self.onJobDone, status, quiet=self._live)
+        self.start(lambda onDone, onProgress, onLog: panel.logic.startSceneRun(
+            panel.logic.sceneRunInputs(panel.parameterNode), panel.runSettings(), onDone=onDone, onProgress=onProgress,
+            onLog=onLog, controlPointIndices=controlPointIndices), self.onSceneRunDone, status, quiet=self._live)
 
     def start(self, begin: Callable, onDone: Callable, status: str, quiet: bool = False) -> None:
-        """``begin(onDone, onProgress, onLog)`` starts a job on the logic; bad inputs are reported
+        """``begin(onDone, onProgress, onLog)`` starts a run on the logic; bad inputs are reported
         at once (in a dialog unless ``quiet``), else progress shows until ``onDone(outputs, error)``."""
         self.ui.progressBar.value = 0
         self.ui.progressBar.show()
@@ -83,7 +83,7 @@ class RunSection(Section):
         self._pollTimer.start()
 
     def onPollTimer(self) -> None:
-        if not self.panel.logic.pollJob():
+        if not self.panel.logic.pollWorker():
             self._pollTimer.stop()
 
     def onProgress(self, stage: str, fraction: float, message: str) -> None:
@@ -93,7 +93,7 @@ class RunSection(Section):
     def onWorkerLog(self, level: str, message: str) -> None:
         self.panel.appendLog(f"[worker {level}] {message}")
 
-    def onJobDone(self, outputs, error) -> None:
+    def onSceneRunDone(self, outputs, error) -> None:
         live, self._live = self._live, False
         if error is None:
             self.ui.progressBar.hide()
@@ -102,19 +102,19 @@ class RunSection(Section):
         else:
             self.finishWithError(error, quiet=live)
         self.panel.updateGuiFromParameterNode()
-        self.panel.live.jobEnded()
+        self.panel.live.runEnded()
 
     def finishWithError(self, error: Exception, quiet: bool = False) -> None:
-        """End a job that failed: missing weights are offered (the job runs again once they are in place)."""
+        """End a run that failed: missing weights are offered (the run starts again once they are in place)."""
         self.ui.progressBar.hide()
         if isinstance(error, MissingWeightsError) and not quiet:
             self.panel.showStatus(str(error))
-            self.panel.weights.offer(str(error), then=self.startJob)
+            self.panel.weights.offer(str(error), then=self.startSceneRun)
         else:
             self.report(error, quiet)
 
     def report(self, error: Exception, quiet: bool = False) -> None:
-        """Show how a job ended: cancelled, a MedDIFT error (in a dialog unless ``quiet``) or a bug."""
+        """Show how a run ended: cancelled, a MedDIFT error (in a dialog unless ``quiet``) or a bug."""
         if isinstance(error, CancelledError):
             self.panel.showStatus(_("Cancelled; the scene is unchanged."))
         elif isinstance(error, MedDIFTError):

@@ -139,10 +139,10 @@ class SelfTestSteps:
             answers = []
             logic.startCursorMatch(RunInputs(fixed, moving), settings, fixedRas,
                                    lambda out, error: answers.append(cursor.cursor_match_from(out.matches)))
-            logic.startJob(RunInputs(fixed, moving, landmarks, outputs.moving_landmarks), settings,
+            logic.startSceneRun(RunInputs(fixed, moving, landmarks, outputs.moving_landmarks), settings,
                            lambda out, error: answers.append(error))
             deadline = time.monotonic() + 600
-            while logic.pollJob() and time.monotonic() < deadline:
+            while logic.pollWorker() and time.monotonic() < deadline:
                 time.sleep(0.05)
             np.testing.assert_allclose(np.subtract(answers[0].moving_ras, fixedRas), shiftRas, atol=1.5)
             self.test.assertIsNone(answers[1], "the run waited for the cursor match and succeeded")
@@ -254,7 +254,8 @@ class SelfTestSteps:
         self.delayDisplay("Test passed")
 
     def weightsTransfersInBackground(self):
-        """Two weights transfers one after another: both run, and the job is told once, at the end."""
+        """Two weights transfers one after another: both run, and the run waiting for them is told once, at
+        the end."""
         import tempfile
         import time
 

@@ -16,7 +16,7 @@ SERVER_URL_SETTING = "MedDIFT/ServerURL"
 
 
 class ServerSection(Section):
-    """Where jobs run; the address is a setting of this computer, the token is never saved."""
+    """Where runs go; the address is a setting of this computer, the token is never saved."""
 
     def __init__(self, panel) -> None:
         super().__init__(panel)
@@ -32,7 +32,7 @@ class ServerSection(Section):
         self.onComputeOnChanged()
 
     def onComputeOnChanged(self, *args) -> None:
-        """A change takes effect with the next job (a running one is stopped)."""
+        """A change takes effect with the next run (one in progress is stopped)."""
         remote = self.ui.computeOnComboBox.currentIndex == 1
         url = self.ui.serverUrlLineEdit.text.strip()
         settings = qt.QSettings()

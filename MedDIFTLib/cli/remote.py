@@ -61,7 +61,6 @@ def _volumes(client, args: argparse.Namespace, progress) -> tuple[str, str]:
 def match_remotely(args: argparse.Namespace, points, options: MatchOptions, progress):
     """The engine's :class:`~MedDIFTLib.matching.Correspondences` of ``points`` (a PointSet), computed
     on the server; and the server's version."""
-    from ..matching import Correspondences
     from ..worker.protocol.requests import MatchRequest
 
     with connect(args) as client:
@@ -71,9 +70,7 @@ def match_remotely(args: argparse.Namespace, points, options: MatchOptions, prog
                                settings=_settings(args, match=options))
         found = client.run(request, progress)
         version = client.version
-    result = Correspondences(points.points_lps_mm, found.points_lps_mm, found.similarity, found.confidence,
-                             found.forward_backward_mm, found.reliable)
-    return result, version
+    return found.correspondences(points.points_lps_mm), version
 
 
 def register_remotely(args: argparse.Namespace, options: FieldOptions, progress) -> dict[str, Any]:

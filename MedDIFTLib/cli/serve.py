@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     own_folder = args.cache_dir is None
     cache_dir = Path(tempfile.mkdtemp(prefix="meddift-serve-") if own_folder else args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    config = ServeConfig.from_options(limits, cache_dir=cache_dir, token=token, device=device, device_label=label,
-                                      weights_dir=Path(args.weights_dir) if args.weights_dir else None)
+    config = ServeConfig(cache_dir=cache_dir, options=limits, token=token, device=device, device_label=label,
+                         weights_dir=Path(args.weights_dir) if args.weights_dir else None)
     scheme = "https" if args.tls_cert else "http"
     print(f"meddift serve: {scheme}://{args.host}:{args.port} on {label}; "
           f"{'token required' if token else 'no token (loopback only)'}", flush=True)

@@ -2,7 +2,7 @@
 
 A :class:`SceneRun` checks its inputs when its steps are asked for (so bad inputs fail at
 once, before any request), then yields typed requests of the worker protocol
-(:mod:`MedDIFTLib.worker.protocol`; the driver sends what ``encode_request`` makes of them) and
+(:mod:`MedDIFTLib.worker.protocol`; the driver submits them to the worker client) and
 receives each request's typed result (what ``parse_result`` makes of its payload). Only after
 every request has succeeded are the outputs written into the scene, so a failed or cancelled run
 changes nothing. Points travel in LPS mm; options are the typed

@@ -1,12 +1,14 @@
 """The module's worker session without Qt: one worker client, its :class:`~.scene_run.WorkerFiles` and the
-running job (a :class:`~.scene_run.SceneRun` or a tracking run, driven by a :class:`RunDriver`).
+run in progress (a scene run, :class:`~.scene_run.SceneRun`; a tracking or series run; or a cursor
+match), driven by a :class:`RunDriver`.
 
 :class:`WorkerSession` is what the Slicer module's Logic holds. Non-blocking use (the GUI):
-:meth:`WorkerSession.start_job`, then :meth:`WorkerSession.poll` from a timer until it returns False; the
-job's ``on_done(outputs, error)`` is called once. Blocking use (scripts, tests):
-:meth:`WorkerSession.run`. The worker is started on first use and kept alive between jobs, so its
-feature cache makes a re-match a matter of the search alone. A job started while a cursor match
-is in flight waits for it (the worker and its cache are kept), then runs. Events come typed from the
+:meth:`WorkerSession.start_scene_run` (or ``start_track``, ``start_series``), then
+:meth:`WorkerSession.poll` from a timer until it returns False; the run's ``on_done(outputs, error)``
+is called once. Blocking use (scripts, tests): :meth:`WorkerSession.run_scene` (or ``run_track``,
+``run_series``). The worker is started on first use and kept alive between runs, so its feature
+cache makes a re-match a matter of the search alone. A run started while a cursor match is in
+flight waits for it (the worker and its cache are kept), then starts. Events come typed from the
 client (:mod:`MedDIFTLib.worker.events`); nothing here reads the wire.
 """
 
@@ -23,7 +25,7 @@ from ..core.errors import BadInputError, CancelledError, MedDIFTError
 from ..core.options import LesionOptions, RunSettings, SeriesOptions
 from ..worker.client import WorkerClient
 from ..worker.events import Error, Exit, Log, Progress, Result, error_from_event
-from ..worker.protocol.requests import Request, encode_request
+from ..worker.protocol.requests import Request, type_of
 from ..worker.protocol.results import parse_result
 from ..worker.remote_client import RemoteWorkerClient
 from .scene_run import RunInputs, RunOutputs, SceneRun, Steps, WorkerFiles
@@ -49,7 +51,7 @@ def describe_server(server_url: str, token: str | None = None, timeout_s: float 
 
 def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
                  timeout_s: float | None = None) -> RunOutputs:
-    """Drive a job to its end with blocking ``client.run`` requests (each step's typed request in, its
+    """Drive a run to its end with blocking ``client.run`` requests (each step's typed request in, its
     typed result out); ``timeout_s`` bounds the wait for each worker event."""
     try:
         request = next(steps)
@@ -60,7 +62,7 @@ def run_blocking(client, steps: Steps, progress: ProgressCallback | None = None,
 
 
 class RunDriver:
-    """Drive a job without blocking: :meth:`poll` (from a GUI timer) handles the worker's events.
+    """Drive a run without blocking: :meth:`poll` (from a GUI timer) handles the worker's events.
 
     ``on_progress(stage, fraction, message)`` and ``on_log(level, message)`` report as events
     come; ``on_done(outputs, error)`` is called once, with the outputs or the exception (a
@@ -75,18 +77,18 @@ class RunDriver:
         self._on_done = on_done
         self._on_progress = on_progress
         self._on_log = on_log
+        self._request: Request | None = None
         self._request_id: str | None = None
-        self._request_type = ""
         self.finished = False
 
     def start(self) -> None:
-        """Send the first request (or finish at once when the job needs none)."""
+        """Send the first request (or finish at once when the run needs none)."""
         self._advance(lambda: next(self._steps))
 
     def _advance(self, step: Callable[[], Request]) -> None:
         try:
-            self._request_type, fields = encode_request(step())
-            self._request_id = self._client.send(self._request_type, **fields)
+            self._request = step()
+            self._request_id = self._client.submit(self._request)
         except StopIteration as finished:
             self._finish(finished.value, None)
         except Exception as error:
@@ -100,11 +102,11 @@ class RunDriver:
         self._on_done(outputs, error)
 
     def fail(self, error: Exception) -> None:
-        """End the job with ``error`` before or instead of its next request."""
+        """End the run with ``error`` before or instead of its next request."""
         self._finish(None, error)
 
     def poll(self) -> bool:
-        """Handle the events that arrived; True while the job is still running."""
+        """Handle the events that arrived; True while the run is still in progress."""
         if self.finished:
             return False
         for event in self._client.poll():
@@ -123,10 +125,14 @@ class RunDriver:
             elif isinstance(event, Progress) and self._on_progress is not None:
                 self._on_progress(event.stage, event.fraction, event.message)
             elif isinstance(event, Result):
-                self._advance(lambda payload=event.payload: self._steps.send(parse_result(self._request_type, payload)))
+                self._advance(lambda payload=event.payload: self._steps.send(self._result(payload)))
             elif isinstance(event, Error):
                 self.fail(error_from_event(event))
         return not self.finished
+
+    def _result(self, payload: Any):
+        """The typed result of the request in flight from its result payload."""
+        return parse_result(type_of(self._request), payload)
 
     def cancel(self) -> None:
         """Stop now: the worker's whole process tree is killed and nothing reaches the scene."""
@@ -138,7 +144,7 @@ class RunDriver:
 
 @dataclass
 class _QueuedRun:
-    """A job's steps and callbacks, waiting for the cursor match in flight."""
+    """A run's steps and callbacks, waiting for the cursor match in flight."""
 
     steps: Steps
     on_done: DoneCallback
@@ -148,7 +154,7 @@ class _QueuedRun:
 
 class WorkerSession:
     """One worker process (started on first use), its files (:class:`WorkerFiles`, in a temporary
-    folder removed by :meth:`shutdown`) and at most one running job, for scene ``scene``.
+    folder removed by :meth:`shutdown`) and at most one run in progress, for scene ``scene``.
 
     ``python_executable`` and ``environment`` are those of the worker process (the folder
     holding ``MedDIFTLib`` is put first on its PYTHONPATH). With ``server_url`` the work runs on
@@ -188,14 +194,15 @@ class WorkerSession:
         return self._client is not None and self._client.running
 
     @property
-    def busy(self) -> bool:
-        """True while anything runs in the worker (a job or a cursor match) or a job waits."""
+    def worker_busy(self) -> bool:
+        """True while anything runs in the worker (a run or a cursor match) or a run waits."""
         return (self._runner is not None and not self._runner.finished) or self._queued is not None
 
     @property
-    def job_running(self) -> bool:
-        """True while a job (not a cursor match) runs or waits for the cursor match in flight."""
-        return self._queued is not None or (self.busy and not self._runner_is_cursor)
+    def run_in_progress(self) -> bool:
+        """True while a scene, tracking or series run (not a cursor match) runs or waits for the
+        cursor match in flight; the panel's Apply then reads Cancel."""
+        return self._queued is not None or (self.worker_busy and not self._runner_is_cursor)
 
     @property
     def folder(self) -> WorkerFiles:
@@ -204,9 +211,9 @@ class WorkerSession:
         return self._folder
 
     def _check_idle(self) -> None:
-        """Refuse a second job; a cursor match in flight is no obstacle (the job waits for it)."""
-        if self.job_running:
-            raise MedDIFTError("a MedDIFT job is already running")
+        """Refuse a second run; a cursor match in flight is no obstacle (the run waits for it)."""
+        if self.run_in_progress:
+            raise MedDIFTError("a MedDIFT run is already in progress")
 
     def _steps(self, inputs: RunInputs, settings: RunSettings, control_point_indices: Sequence[int] | None) -> Steps:
         self._check_idle()
@@ -220,13 +227,14 @@ class WorkerSession:
         self._client = self._client_factory()
         return self._client
 
-    def start_job(self, inputs: RunInputs, settings: RunSettings, on_done: DoneCallback,
-                  on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
-                  control_point_indices: Sequence[int] | None = None) -> None:
-        """Check the inputs, then run the job in the background (starting the worker if needed).
+    def start_scene_run(self, inputs: RunInputs, settings: RunSettings, on_done: DoneCallback,
+                        on_progress: ProgressCallback | None = None, on_log: LogCallback | None = None,
+                        control_point_indices: Sequence[int] | None = None) -> None:
+        """Check the inputs, then run the scene run (:class:`~.scene_run.SceneRun`: landmarks,
+        transform, warped volume, overlays) in the background (starting the worker if needed).
 
         ``control_point_indices``: re-match only these fixed control points (live propagation).
-        Raises :class:`MedDIFTError` at once for bad inputs or when a job is already running;
+        Raises :class:`MedDIFTError` at once for bad inputs or when a run is already in progress;
         everything later reaches ``on_done``, called from :meth:`poll` or :meth:`cancel`.
         """
         self._start(self._steps(inputs, settings, control_point_indices), on_done, on_progress, on_log)
@@ -235,7 +243,7 @@ class WorkerSession:
                            on_done: DoneCallback) -> None:
         """Match one fixed point (RAS mm) in the background for the correspondence cursor; the scene
         is not changed and ``on_done(outputs, error)`` gets ``outputs.matches`` (one row)."""
-        if self.busy:
+        if self.worker_busy:
             raise MedDIFTError("the MedDIFT worker is busy")
         steps = SceneRun(self.scene, inputs, settings, self.folder).cursor_steps(fixed_ras)
         self._start(steps, on_done, None, None, cursor=True)
@@ -282,7 +290,7 @@ class WorkerSession:
 
     def _start(self, steps: Steps, on_done: DoneCallback, on_progress: ProgressCallback | None,
                on_log: LogCallback | None, cursor: bool = False) -> None:
-        if self.busy:  # a cursor match is in flight: the job starts when it ends (see poll)
+        if self.worker_busy:  # a cursor match is in flight: the run starts when it ends (see poll)
             self._queued = _QueuedRun(steps, on_done, on_progress, on_log)
             return
         client = self._client if self.worker_running else self._new_client()
@@ -303,7 +311,7 @@ class WorkerSession:
         self._starter.start()
 
     def poll(self) -> bool:
-        """Advance the running job (call from a GUI timer); False once it has ended (and no job waits)."""
+        """Advance the run in progress (call from a GUI timer); False once it has ended (and no run waits)."""
         if self._advance_runner():
             return True
         queued, self._queued = self._queued, None
@@ -330,7 +338,7 @@ class WorkerSession:
         return runner.poll()
 
     def cancel(self) -> None:
-        """Stop the job: one waiting for a cursor match is dropped (the worker keeps its cache); a
+        """Stop the run: one waiting for a cursor match is dropped (the worker keeps its cache); a
         running one kills the worker's process tree. It ends with CancelledError; the scene is unchanged."""
         queued, self._queued = self._queued, None
         if queued is not None:
@@ -340,7 +348,7 @@ class WorkerSession:
             self._kill_runner()
 
     def _kill_runner(self) -> None:
-        """End what runs in the worker (a job or a cursor match) by killing the worker's process tree."""
+        """End what runs in the worker (a run or a cursor match) by killing the worker's process tree."""
         runner = self._runner
         if runner is None or runner.finished:
             return
@@ -350,9 +358,9 @@ class WorkerSession:
             self._starter = None
         runner.cancel()
 
-    def run(self, inputs: RunInputs, settings: RunSettings, control_point_indices: Sequence[int] | None = None,
-            progress: ProgressCallback | None = None, timeout_s: float | None = None) -> RunOutputs:
-        """Run a job and wait for it; raises :class:`MedDIFTError` on failure, leaving the scene unchanged.
+    def run_scene(self, inputs: RunInputs, settings: RunSettings, control_point_indices: Sequence[int] | None = None,
+                  progress: ProgressCallback | None = None, timeout_s: float | None = None) -> RunOutputs:
+        """Run the scene run and wait for it; raises :class:`MedDIFTError` on failure, leaving the scene unchanged.
 
         ``progress(stage, fraction, message)`` receives progress; ``timeout_s`` bounds the wait
         for each worker event.
@@ -361,7 +369,7 @@ class WorkerSession:
 
     def _wait(self, steps: Steps, progress: ProgressCallback | None, timeout_s: float | None):
         """Drive ``steps`` to their outputs in this thread, starting the worker if needed."""
-        if self.busy:
+        if self.worker_busy:
             steps.close()
             raise MedDIFTError("the MedDIFT worker is busy")
         if not self.worker_running:
@@ -369,7 +377,7 @@ class WorkerSession:
         return run_blocking(self._client, steps, progress=progress, timeout_s=timeout_s)
 
     def shutdown(self) -> None:
-        """Stop the worker and delete the job files."""
+        """Stop the worker and delete its files."""
         self.cancel()
         self._kill_runner()
         if self._client is not None:

@@ -7,10 +7,12 @@ Imports neither torch nor Qt: it runs inside Slicer's process. Every line the wo
 parsed once into a typed event (:mod:`.events`); the client routes them.
 
 Two ways to consume events:
-- GUI: :meth:`send` a request, then call :meth:`poll` from a timer (never blocks);
+- GUI: :meth:`submit` a request, then call :meth:`poll` from a timer (never blocks);
 - scripts and tests: :meth:`run` (blocking: a typed request of :mod:`.protocol.requests` in, its
   typed result of :mod:`.protocol.results` out, or raises), :meth:`call` (the same with the wire's
   type, fields and result payload) or :meth:`events`.
+Clients send typed requests (:meth:`submit`, :meth:`run`); :meth:`send` and :meth:`call` take the
+wire's type and fields, for protocol tests and benchmarks.
 Events of a request that :meth:`events`/:meth:`call` is waiting for go to that waiter only;
 all others (including :class:`~.events.Ready` and events without a request id) go to :meth:`poll`.
 If the worker dies, every unanswered request gets an :class:`~.events.Error` (kind
@@ -25,7 +27,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import BadRequestError, CancelledError, MedDIFTError
 from .events import (
@@ -39,6 +41,10 @@ from .events import (
     error_from_event,
 )
 from .transports import ProcessTransport, Transport
+
+if TYPE_CHECKING:
+    from .protocol.requests import Request
+    from .protocol.results import WorkerResult
 
 
 class WorkerClient:
@@ -112,8 +118,19 @@ class WorkerClient:
 
     # ----------------------------------------------------------------- requests
 
+    def submit(self, request: Request) -> str:
+        """Send a typed request (:mod:`.protocol.requests`, as ``encode_request`` writes it) without
+        waiting; returns its id. Its :class:`~.events.Result` payload reads back with
+        ``parse_result(type_of(request), payload)``. The protocol is imported here, as in :meth:`run`."""
+        from .protocol.requests import encode_request
+
+        request_type, fields = encode_request(request)
+        return self.send(request_type, **fields)
+
     def send(self, type: str, **params: Any) -> str:
-        """Send one request; returns its id. Parameters must be JSON-serialisable (NumPy is converted)."""
+        """Send one request of the wire's ``type`` and fields (protocol tests and benchmarks; clients
+        :meth:`submit` typed requests); returns its id. Parameters must be JSON-serialisable (NumPy
+        is converted)."""
         request_id = self._new_id()
         self._send_request(request_id, type, params)
         return request_id
@@ -124,12 +141,10 @@ class WorkerClient:
 
     def cancel(self, job_id: str | None = None) -> str:
         """Ask the worker to cancel ``job_id`` (default: the running job) with a typed
-        :class:`~.protocol.requests.CancelRequest`; returns the cancel request's id. The protocol is
-        imported here, as in :meth:`run`."""
-        from .protocol.requests import CancelRequest, encode_request
+        :class:`~.protocol.requests.CancelRequest`; returns the cancel request's id."""
+        from .protocol.requests import CancelRequest
 
-        request_type, fields = encode_request(CancelRequest(job_id))
-        return self.send(request_type, **fields)
+        return self.submit(CancelRequest(job_id))
 
     def poll(self) -> list[Event]:
         """Every event nobody is waiting for, oldest first; never blocks."""
@@ -186,8 +201,8 @@ class WorkerClient:
                 raise error_from_event(event)
         raise WorkerError(f"request {request_id} ended without a result")
 
-    def run(self, request: Any, progress: Callable[[str, float, str], None] | None = None,
-            timeout: float | None = None) -> Any:
+    def run(self, request: Request, progress: Callable[[str, float, str], None] | None = None,
+            timeout: float | None = None) -> WorkerResult:
         """:meth:`call` of a typed request (:mod:`.protocol.requests`, sent as ``encode_request`` writes
         it); returns its typed result (:func:`~.protocol.results.parse_result`). The protocol is imported
         here: it needs NumPy, which the client's other uses do not."""

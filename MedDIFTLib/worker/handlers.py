@@ -185,17 +185,8 @@ def match(state: WorkerState, request: MatchRequest, progress: ProgressFn) -> di
         pair.fixed_pyramid, pair.moving_pyramid, request.points_lps_mm, request.priors_lps_mm, settings.match, progress
     )
     match_seconds = time.perf_counter() - match_started
-    return encode_result(MatchResult(
-        labels=[str(label) for label in request.labels],
-        points_lps_mm=result.points_lps_mm,
-        similarity=result.similarity,
-        confidence=result.confidence,
-        forward_backward_mm=result.forward_backward_mm,
-        reliable=result.reliable,
-        seconds=time.perf_counter() - started,
-        match_seconds=match_seconds,
-        features_cached=pair.cached,
-    ))
+    return encode_result(MatchResult.of(request.labels, result, seconds=time.perf_counter() - started,
+                                        match_seconds=match_seconds, features_cached=pair.cached))
 
 
 def register(state: WorkerState, request: RegisterRequest, progress: ProgressFn) -> dict[str, Any]:

@@ -38,13 +38,13 @@ def _parse_shutdown(fields: dict[str, Any], limits: Limits) -> ShutdownRequest:
     return ShutdownRequest()
 
 
-def _encode_cancel(request: CancelRequest) -> tuple[str, dict[str, Any]]:
-    return "cancel", {"job_id": request.job_id}
+def _encode_cancel(request: CancelRequest) -> dict[str, Any]:
+    return {"job_id": request.job_id}
 
 
-def _encode_shutdown(request: ShutdownRequest) -> tuple[str, dict[str, Any]]:
-    return "shutdown", {}
+def _encode_shutdown(request: ShutdownRequest) -> dict[str, Any]:
+    return {}
 
 
 REQUEST_PARSERS = {"cancel": _parse_cancel, "shutdown": _parse_shutdown}
-REQUEST_ENCODERS = {CancelRequest: _encode_cancel, ShutdownRequest: _encode_shutdown}
+REQUEST_ENCODERS = {CancelRequest: ("cancel", _encode_cancel), ShutdownRequest: ("shutdown", _encode_shutdown)}

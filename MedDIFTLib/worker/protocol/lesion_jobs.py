@@ -107,8 +107,8 @@ def _parse_track_series(fields: dict[str, Any], limits: Limits) -> TrackSeriesRe
     )
 
 
-def _encode_track(request: TrackRequest) -> tuple[str, dict[str, Any]]:
-    return "track", {
+def _encode_track(request: TrackRequest) -> dict[str, Any]:
+    return {
         "baseline_id": request.baseline_id,
         "followup_id": request.followup_id,
         "lesions": request.lesions,
@@ -120,8 +120,8 @@ def _encode_track(request: TrackRequest) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _encode_track_series(request: TrackSeriesRequest) -> tuple[str, dict[str, Any]]:
-    return "track_series", {
+def _encode_track_series(request: TrackSeriesRequest) -> dict[str, Any]:
+    return {
         "baseline_id": request.baseline_id,
         "followup_ids": list(request.followup_ids),
         "lesions": request.lesions,
@@ -135,7 +135,8 @@ def _encode_track_series(request: TrackSeriesRequest) -> tuple[str, dict[str, An
 
 
 REQUEST_PARSERS = {"track": _parse_track, "track_series": _parse_track_series}
-REQUEST_ENCODERS = {TrackRequest: _encode_track, TrackSeriesRequest: _encode_track_series}
+REQUEST_ENCODERS = {TrackRequest: ("track", _encode_track),
+                    TrackSeriesRequest: ("track_series", _encode_track_series)}
 
 
 # ---------------------------------------------------------------------- results

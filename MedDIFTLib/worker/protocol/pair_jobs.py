@@ -10,7 +10,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from .codec import (
     text,
     volume_id,
 )
+
+if TYPE_CHECKING:
+    from ...matching.correspondences import Correspondences
 
 # ---------------------------------------------------------------------- requests
 
@@ -144,8 +147,8 @@ def _parse_overlays(fields: dict[str, Any], limits: Limits) -> OverlaysRequest:
     )
 
 
-def _encode_match(request: MatchRequest) -> tuple[str, dict[str, Any]]:
-    return "match", {
+def _encode_match(request: MatchRequest) -> dict[str, Any]:
+    return {
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "points_lps_mm": point_list(request.points_lps_mm),
@@ -156,8 +159,8 @@ def _encode_match(request: MatchRequest) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _encode_register(request: RegisterRequest) -> tuple[str, dict[str, Any]]:
-    return "register", {
+def _encode_register(request: RegisterRequest) -> dict[str, Any]:
+    return {
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "mask_id": request.mask_id,
@@ -169,8 +172,8 @@ def _encode_register(request: RegisterRequest) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _encode_overlays(request: OverlaysRequest) -> tuple[str, dict[str, Any]]:
-    return "overlays", {
+def _encode_overlays(request: OverlaysRequest) -> dict[str, Any]:
+    return {
         "fixed_id": request.fixed_id,
         "moving_id": request.moving_id,
         "transform": request.transform,
@@ -184,7 +187,8 @@ def _encode_overlays(request: OverlaysRequest) -> tuple[str, dict[str, Any]]:
 
 
 REQUEST_PARSERS = {"match": _parse_match, "register": _parse_register, "overlays": _parse_overlays}
-REQUEST_ENCODERS = {MatchRequest: _encode_match, RegisterRequest: _encode_register, OverlaysRequest: _encode_overlays}
+REQUEST_ENCODERS = {MatchRequest: ("match", _encode_match), RegisterRequest: ("register", _encode_register),
+                    OverlaysRequest: ("overlays", _encode_overlays)}
 
 
 # ---------------------------------------------------------------------- results
@@ -207,6 +211,25 @@ class MatchResult:
     seconds: float = math.nan
     match_seconds: float = math.nan
     features_cached: bool = False
+
+    @classmethod
+    def of(cls, labels: list[Any], matches: Correspondences, seconds: float = math.nan,
+           match_seconds: float = math.nan, features_cached: bool = False) -> MatchResult:
+        """The result of the engine's ``matches`` of the fixed points under ``labels``; ``seconds``
+        the whole request, ``match_seconds`` the search alone."""
+        return cls(labels=[str(label) for label in labels], points_lps_mm=matches.points_lps_mm,
+                   similarity=matches.similarity, confidence=matches.confidence,
+                   forward_backward_mm=matches.forward_backward_mm, reliable=matches.reliable, seconds=seconds,
+                   match_seconds=match_seconds, features_cached=features_cached)
+
+    def correspondences(self, fixed_points_lps_mm: np.ndarray) -> Correspondences:
+        """The engine's :class:`~MedDIFTLib.matching.Correspondences` of ``fixed_points_lps_mm`` (N, 3
+        LPS mm, the request's points), as the search returned them: the inverse of :meth:`of`.
+        It imports the engine's package (torch): for the CLI, not for Slicer's process."""
+        from ...matching.correspondences import Correspondences
+
+        return Correspondences(np.asarray(fixed_points_lps_mm, float), self.points_lps_mm, self.similarity,
+                               self.confidence, self.forward_backward_mm, self.reliable)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -31,7 +31,7 @@ __all__ = [
     "DEFAULT_LIMITS", "MAX_REQUEST_BYTES", "REQUEST_TYPES", "CancelRequest", "FeaturesRequest", "Limits",
     "LoadRequest", "MatchRequest", "OverlaysRequest", "ProbeRequest", "RegisterRequest", "RejectedRequest", "Request",
     "ShutdownRequest", "TrackRequest", "TrackSeriesRequest", "UnloadRequest", "encode_request", "parse_line",
-    "parse_request",
+    "parse_request", "type_of",
 ]
 
 Request = (
@@ -52,8 +52,9 @@ _FAMILIES = (volume_jobs, pair_jobs, lesion_jobs, control)
 _PARSERS: dict[str, Callable[[dict[str, Any], Limits], Request]] = {
     request_type: parse for family in _FAMILIES for request_type, parse in family.REQUEST_PARSERS.items()
 }
-_ENCODERS: dict[type, Callable[[Any], tuple[str, dict[str, Any]]]] = {
-    request_class: encode for family in _FAMILIES for request_class, encode in family.REQUEST_ENCODERS.items()
+_ENCODERS: dict[type, tuple[str, Callable[[Any], dict[str, Any]]]] = {
+    request_class: typed_encoder for family in _FAMILIES
+    for request_class, typed_encoder in family.REQUEST_ENCODERS.items()
 }
 REQUEST_TYPES = tuple(_PARSERS)
 
@@ -110,8 +111,18 @@ def encode_request(request: Request) -> tuple[str, dict[str, Any]]:
     (match, as ``options``) or ``settings.field`` (register, as ``options``; track, as
     ``field_options``). A part a type does not carry must be left at its default, since the worker
     would not see it; so must a load's ``volume``, set only by the server. Either raises ValueError."""
-    encode = _ENCODERS.get(type(request))
-    if encode is None:
+    request_type, encode = _typed_encoder(request)
+    return request_type, {name: value for name, value in encode(request).items() if value is not None}
+
+
+def type_of(request: Request) -> str:
+    """The wire's type of ``request`` (``"match"`` for a :class:`MatchRequest`): what
+    :func:`~.results.parse_result` reads its result as."""
+    return _typed_encoder(request)[0]
+
+
+def _typed_encoder(request: Request) -> tuple[str, Callable[[Any], dict[str, Any]]]:
+    typed_encoder = _ENCODERS.get(type(request))
+    if typed_encoder is None:
         raise TypeError(f"{type(request).__name__} is not a request of the worker protocol")
-    request_type, fields = encode(request)
-    return request_type, {name: value for name, value in fields.items() if value is not None}
+    return typed_encoder

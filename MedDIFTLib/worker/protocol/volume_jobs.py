@@ -73,27 +73,27 @@ def _parse_features(fields: dict[str, Any], limits: Limits) -> FeaturesRequest:
     return FeaturesRequest(volume_id(fields, "volume_id"), run_settings(fields, "features"))
 
 
-def _encode_probe(request: ProbeRequest) -> tuple[str, dict[str, Any]]:
-    return "probe", {"backbone_options": {name: dict(options) for name, options in request.backbone_options.items()}}
+def _encode_probe(request: ProbeRequest) -> dict[str, Any]:
+    return {"backbone_options": {name: dict(options) for name, options in request.backbone_options.items()}}
 
 
-def _encode_load(request: LoadRequest) -> tuple[str, dict[str, Any]]:
+def _encode_load(request: LoadRequest) -> dict[str, Any]:
     if request.volume is not None:
         raise ValueError("a load carrying its volume is made by the server from an upload; send the path")
-    return "load", {"path": request.path}
+    return {"path": request.path}
 
 
-def _encode_unload(request: UnloadRequest) -> tuple[str, dict[str, Any]]:
-    return "unload", {"volume_id": request.volume_id}
+def _encode_unload(request: UnloadRequest) -> dict[str, Any]:
+    return {"volume_id": request.volume_id}
 
 
-def _encode_features(request: FeaturesRequest) -> tuple[str, dict[str, Any]]:
-    return "features", {"volume_id": request.volume_id, **run_fields(request.settings, "features")}
+def _encode_features(request: FeaturesRequest) -> dict[str, Any]:
+    return {"volume_id": request.volume_id, **run_fields(request.settings, "features")}
 
 
 REQUEST_PARSERS = {"probe": _parse_probe, "load": _parse_load, "unload": _parse_unload, "features": _parse_features}
-REQUEST_ENCODERS = {ProbeRequest: _encode_probe, LoadRequest: _encode_load, UnloadRequest: _encode_unload,
-                    FeaturesRequest: _encode_features}
+REQUEST_ENCODERS = {ProbeRequest: ("probe", _encode_probe), LoadRequest: ("load", _encode_load),
+                    UnloadRequest: ("unload", _encode_unload), FeaturesRequest: ("features", _encode_features)}
 
 
 # ---------------------------------------------------------------------- results

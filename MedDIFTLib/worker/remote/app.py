@@ -94,9 +94,9 @@ class ServerRoutes:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.store = SessionStore(config.cache_dir, config.max_sessions, config.idle_timeout_s, config.cache_bytes,
-                                  config.limits, Budget(config.session_memory_bytes, SESSION_LIMIT))
-        self.rate = RateLimiter(config.requests_per_minute)
+        self.store = SessionStore(config.cache_dir, config.options.max_sessions, config.options.idle_timeout_s,
+                                  config.cache_bytes, config.limits, Budget(config.session_memory_bytes, SESSION_LIMIT))
+        self.rate = RateLimiter(config.options.requests_per_minute)
         self.info = server_info(config)
 
     def table(self) -> list[Route]:
@@ -142,7 +142,7 @@ class ServerRoutes:
         the server runs; close them all when it stops."""
         async def reap() -> None:
             while True:
-                await asyncio.sleep(min(REAP_INTERVAL_S, self.config.idle_timeout_s))
+                await asyncio.sleep(min(REAP_INTERVAL_S, self.config.options.idle_timeout_s))
                 await asyncio.to_thread(self.store.close_idle)
 
         reaper = asyncio.create_task(reap())
@@ -160,7 +160,8 @@ class ServerRoutes:
     async def open_session(self, request: Request) -> Response:
         session = self.store.create()
         if session is None:
-            return refusal(503, "bad_request", f"the server holds its limit of {self.config.max_sessions} sessions")
+            return refusal(503, "bad_request",
+                           f"the server holds its limit of {self.config.options.max_sessions} sessions")
         return JSONResponse({"session_id": session.session_id, **self.info})
 
     async def describe_session(self, request: Request, session: ServerSession) -> Response:

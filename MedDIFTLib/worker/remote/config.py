@@ -29,36 +29,43 @@ def available_devices() -> tuple[str, ...]:
 
 
 MIB = 2**20
-_LIMITS = ServeOptions()
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """What ``meddift serve`` was started with; sizes in bytes, times in seconds. The limits'
-    defaults are :class:`~MedDIFTLib.core.options.ServeOptions`' (:meth:`from_options`)."""
+    """What ``meddift serve`` was started with: its limits as ``options`` (MiB and seconds, see
+    :class:`~MedDIFTLib.core.options.ServeOptions`; the MiB ones in bytes as :attr:`max_upload_bytes`,
+    :attr:`cache_bytes` and :attr:`session_memory_bytes`), its token, device and folders."""
 
     cache_dir: Path
+    options: ServeOptions = ServeOptions()
     token: str | None = None
     device: str = "auto"
-    max_upload_bytes: int = int(_LIMITS.max_upload_mb * MIB)
-    max_sessions: int = _LIMITS.max_sessions
-    idle_timeout_s: float = _LIMITS.idle_timeout_s
-    requests_per_minute: int = _LIMITS.requests_per_minute
-    cache_bytes: int = int(_LIMITS.cache_mb * MIB)
     limits: Limits = Limits()
     device_label: str = ""
     weights_dir: Path | None = None
-    session_memory_bytes: int = int(_LIMITS.session_memory_mb * MIB)
     devices: tuple[str, ...] = field(default_factory=available_devices)
     """The devices a request may name when ``device`` is ``auto`` (besides ``auto``)."""
 
-    @classmethod
-    def from_options(cls, options: ServeOptions, cache_dir: Path, **given: Any) -> ServeConfig:
-        """The configuration of ``options`` (MiB turned into bytes) and the ``given`` fields."""
-        return cls(cache_dir=cache_dir, max_upload_bytes=int(options.max_upload_mb * MIB),
-                   max_sessions=options.max_sessions, idle_timeout_s=options.idle_timeout_s,
-                   requests_per_minute=options.requests_per_minute, cache_bytes=int(options.cache_mb * MIB),
-                   session_memory_bytes=int(options.session_memory_mb * MIB), **given)
+    @property
+    def max_upload_bytes(self) -> int:
+        """The largest volume upload, bytes."""
+        return _bytes(self.options.max_upload_mb)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The feature cache of each session, bytes."""
+        return _bytes(self.options.cache_mb)
+
+    @property
+    def session_memory_bytes(self) -> int:
+        """The memory each session may use, bytes."""
+        return _bytes(self.options.session_memory_mb)
+
+
+def _bytes(mib: float) -> int:
+    """``mib`` MiB in whole bytes: the one place a limit of ``meddift serve`` turns into bytes."""
+    return int(mib * MIB)
 
 
 def server_info(config: ServeConfig) -> dict[str, Any]:
@@ -70,9 +77,10 @@ def server_info(config: ServeConfig) -> dict[str, Any]:
         "device": config.device,
         "device_label": config.device_label,
         "limits": {"max_upload_bytes": config.max_upload_bytes, "max_request_bytes": config.limits.max_request_bytes,
-                   "max_points": config.limits.max_points, "max_sessions": config.max_sessions,
+                   "max_points": config.limits.max_points, "max_sessions": config.options.max_sessions,
                    "session_memory_bytes": config.session_memory_bytes,
-                   "idle_timeout_s": config.idle_timeout_s, "requests_per_minute": config.requests_per_minute},
+                   "idle_timeout_s": config.options.idle_timeout_s,
+                   "requests_per_minute": config.options.requests_per_minute},
     }
 
 
