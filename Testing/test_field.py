@@ -155,6 +155,20 @@ def test_coarse_to_fine_levels_without_optimisation(translated_pair):
     assert np.allclose(np.median(field.transform_points(points) - points, axis=0), shift_mm, atol=0.5)
 
 
+def test_the_first_level_searches_around_the_initial_field(translated_pair):
+    """A search radius shorter than the motion finds it from an initial field near it, and not from identity."""
+    fixed, _, fixed_pyramid, moving_pyramid, _, shift_mm = translated_pair
+    options = FieldOptions(levels=(FieldLevel(6.0, 3.5, 10.0, step_mm=2.0),), optimise_iterations=0,
+                           automatic_region=False)
+    near = np.broadcast_to(shift_mm + [2.0, 2.0, 0.0], (*fixed.geometry.shape_kji, 3)).astype(np.float32)
+    initial = DisplacementField(near.copy(), fixed.geometry)
+    points = _interior_points(fixed.geometry)
+    for start, found in ((initial, True), (None, False)):
+        field = register(fixed_pyramid, moving_pyramid, fixed, options, initial=start)
+        error = np.median(np.linalg.norm(field.transform_points(points) - points - shift_mm, axis=1))
+        assert (error < TRANSLATION_TOLERANCE_MM) == found
+
+
 def test_smooth_deformation_recovered(deformed_pair):
     fixed, _, _, _, field, pull = deformed_pair
     points = _interior_points(fixed.geometry)

@@ -1,6 +1,7 @@
 """Geometry: LPS <-> ijk and the pooled-level convention used by every backbone."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +58,20 @@ def test_voxels_up_to_five_percent_apart_count_as_cubic_for_features_and_baselin
 
     assert working_grid(near_cubic) == near_cubic
     assert np.allclose(working_grid(thick).spacing_mm, 1.37)
+
+
+def test_box_is_the_sub_grid_and_covering_box_holds_the_reads(oblique_geometry):
+    lo, hi = np.array([2, 3, 1]), np.array([9, 7, 6])
+    box = oblique_geometry.box(lo, hi)
+    assert box.shape_ijk == (7, 4, 5) and box.spacing_mm == oblique_geometry.spacing_mm
+    ijk = np.array([[0.0, 0.0, 0.0], [6.0, 3.0, 4.0], [2.5, 1.25, 3.5]])
+    np.testing.assert_allclose(box.ijk_to_lps(ijk), oblique_geometry.ijk_to_lps(ijk + lo), atol=1e-9)
+    corners = oblique_geometry.box_corners_lps(lo, hi)
+    np.testing.assert_allclose(oblique_geometry.lps_to_ijk(corners).min(axis=0), lo, atol=1e-9)
+    np.testing.assert_allclose(oblique_geometry.lps_to_ijk(corners).max(axis=0), hi - 1, atol=1e-9)
+    # every trilinear read at these points lies in the covering box; clipped to the grid, grown by the margin
+    points = oblique_geometry.ijk_to_lps([[2.2, 3.7, 1.5], [5.5, 4.5, 2.5]])
+    np.testing.assert_array_equal(np.stack(oblique_geometry.covering_box(points)), [[2, 3, 1], [7, 6, 4]])
+    np.testing.assert_array_equal(np.stack(oblique_geometry.covering_box(points, 3)), [[0, 0, 0], [10, 9, 7]])
+    with pytest.raises(ValueError, match="empty box"):
+        oblique_geometry.box(lo, lo + [1, 0, 1])

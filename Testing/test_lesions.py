@@ -22,6 +22,7 @@ from MedDIFTLib.core.options import FieldLevel, FieldOptions, LesionOptions
 from MedDIFTLib.evaluation.simulate import phantom_ct
 from MedDIFTLib.evaluation.synthetic_lesions import dice, lesion_metrics, make_lesion_pair, summarise
 from MedDIFTLib.features import create_featurizer
+from MedDIFTLib.field import register
 from MedDIFTLib.grid.displacement_field import DisplacementField
 from MedDIFTLib.lesions.carry import carry_labelmap
 from MedDIFTLib.lesions.inputs import lesions_from_labelmap, lesions_from_points, read_lesions
@@ -250,6 +251,62 @@ def test_track_command_writes_the_four_files(tmp_path, moved_pair, capsys):
                  str(tmp_path / "bad.nii.gz"), "--out", str(tmp_path / "none"), "--backbone", "mind", *fast])
     assert code == 2 and "integers" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+WIDE = Geometry.create((80, 64, 40), (1.5, 1.5, 2.0), (-60.0, -48.0, -40.0))
+WIDE_NODULES = [((-38.0, 0.0, 0.0), 5.0), ((36.0, 10.0, 6.0), 4.5)]
+WIDE_SHIFT = np.array([4.0, -3.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def wide_pair():
+    """Two nodules far apart in a scan several times wider than them, moved by WIDE_SHIFT."""
+    baseline = lung_with_nodules(WIDE, WIDE_NODULES)
+    followup = lung_with_nodules(WIDE, [(np.asarray(c) + WIDE_SHIFT, r) for c, r in WIDE_NODULES], seed=1)
+    labelmap = labelmap_volume([(ball(WIDE, c, r), n + 1) for n, (c, r) in enumerate(WIDE_NODULES)], WIDE)
+    return baseline, followup, lesions_from_labelmap(labelmap, baseline)
+
+
+def test_the_field_around_each_lesion_tracks_as_the_whole_field_and_reads_only_near_them(wide_pair):
+    baseline, followup, lesions = wide_pair
+    featurizer = create_featurizer("mind", device="cpu")
+    whole = track_lesions(baseline, followup, lesions, featurizer.extract(baseline), featurizer.extract(followup),
+                          LesionOptions(field_margin_mm=0.0), FAST_FIELD)
+    baseline_regions, followup_regions = featurizer.extract_regions(baseline), featurizer.extract_regions(followup)
+    local = track_lesions(baseline, followup, lesions, baseline_regions, followup_regions, LesionOptions(), FAST_FIELD)
+    assert "carry" not in local.seconds and "carry" in whole.seconds  # the local fields carry as they go
+    for near, far, (centre, radius) in zip(local.lesions, whole.lesions, WIDE_NODULES):
+        truth = ball(WIDE, np.asarray(centre) + WIDE_SHIFT, radius)
+        assert near.status == far.status == "ok"
+        assert np.linalg.norm(near.centre_lps_mm - far.centre_lps_mm) < 0.5
+        carried = dice(local.carried_labelmap == near.label, truth)
+        assert carried > 0.9 and carried >= dice(whole.carried_labelmap == far.label, truth) - 0.02
+        assert dice(local.followup_labelmap == near.label, truth) == pytest.approx(
+            dice(whole.followup_labelmap == far.label, truth), abs=0.02)
+    assert not followup_regions.complete  # nothing read the whole follow-up (the lesions' boxes leave some out)
+
+
+def test_a_lesion_box_the_registration_refuses_is_carried_by_the_whole_field(wide_pair, monkeypatch):
+    import MedDIFTLib.lesions.local_fields as local_fields
+
+    baseline, followup, lesions = wide_pair
+    featurizer = create_featurizer("mind", device="cpu")
+    baseline_features, followup_features = featurizer.extract(baseline), featurizer.extract(followup)
+    whole = track_lesions(baseline, followup, lesions, baseline_features, followup_features,
+                          LesionOptions(field_margin_mm=0.0), FAST_FIELD)
+    registered = []
+
+    def refusing_boxes(fixed_pyramid, *args, **kwargs):
+        registered.append(fixed_pyramid.image_geometry)
+        if fixed_pyramid.image_geometry != followup.geometry:
+            raise BadInputError("only 3 lattice nodes fall inside the mask")
+        return register(fixed_pyramid, *args, **kwargs)
+
+    monkeypatch.setattr(local_fields, "register", refusing_boxes)
+    local = track_lesions(baseline, followup, lesions, baseline_features, followup_features, LesionOptions(),
+                          FAST_FIELD)
+    assert sum(geometry == followup.geometry for geometry in registered) == 1  # the whole field, computed once
+    np.testing.assert_array_equal(local.carried_labelmap, whole.carried_labelmap)
 
 
 def test_lesion_statuses_border_and_lost(moved_pair):

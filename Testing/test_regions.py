@@ -292,3 +292,21 @@ def test_a_pooled_level_filled_step_by_step_resamples_each_working_voxel_about_o
         steps += 1
     assert steps > 3 and sum(resampled) <= 1.2 * np.prod(np.asarray(level.geometry.shape_kji) * 4)
     assert torch.equal(level.features, featurizer.extract(volume).levels[0].features)
+
+
+def test_a_cropped_pyramid_holds_the_whole_volumes_descriptors_and_fills_only_its_box():
+    from MedDIFTLib.grid.sampling import sample_lps
+
+    volume = _textured_volume((23, 30, 26))
+    featurizer = MindFeaturizer()
+    whole, regions = featurizer.extract(volume), featurizer.extract_regions(volume)
+    lo, hi = np.array([6, 4, 3]), np.array([19, 15, 12])
+    cropped, cropped_regions = whole.cropped(lo, hi), regions.cropped(lo, hi)
+    assert cropped.image_geometry == volume.geometry.box(lo, hi) and cropped.complete
+    assert not regions.complete  # only the box (and the filler's blocks around it) was computed
+    rng = np.random.default_rng(2)
+    points = volume.geometry.ijk_to_lps(lo + rng.uniform(0.0, 1.0, (40, 3)) * (hi - 1 - lo))
+    for level, region_level, reference in zip(cropped.levels, cropped_regions.levels, whole.levels):
+        assert torch.equal(level.features, region_level.features) and level.geometry == region_level.geometry
+        np.testing.assert_allclose(sample_lps(level.features.float(), level.geometry, points),
+                                   sample_lps(reference.features.float(), reference.geometry, points), atol=1e-6)

@@ -15,8 +15,9 @@ and ``OMP_NUM_THREADS`` are ``--threads``:
   ``meddift register`` runs): wall and CPU seconds (all threads), peak RSS, mean and p95 TRE (mm) at the
   keypoints;
 - ``track``: MIND features plus :func:`MedDIFTLib.lesions.track.track_lesions` (default options, what
-  ``meddift track`` runs; it registers the pair itself): wall and CPU seconds, peak RSS, centre error (mm)
-  and Dice against the truth;
+  ``meddift track`` runs: it registers the pair itself, around each lesion with the features computed only
+  where it reads them, or, on an engine before that, over the whole scan with whole features): wall and CPU
+  seconds, peak RSS, centre error (mm) and Dice against the truth;
 - ``worker``: the worker subprocess through :class:`MedDIFTLib.worker.client.WorkerClient` (MIND, default
   match options): the first ``match`` of the new pair (one keypoint near the keypoints' centre), then at once,
   while the idle worker fills the features behind, ``--new-points`` keypoints far from it and from each other,
@@ -175,6 +176,14 @@ def _register_step(inputs: dict) -> dict:
     return {**_elapsed(start), "features_s": features_s, "moved": np.asarray(moved).tolist()}
 
 
+def _tracks_around_lesions() -> bool:
+    """Whether the engine's ``meddift track`` computes its field around each lesion, and so its MIND features
+    only where it reads them (``LesionOptions.field_margin_mm``); an engine before that computes both whole."""
+    from MedDIFTLib.core.options import LesionOptions
+
+    return getattr(LesionOptions(), "field_margin_mm", 0.0) > 0
+
+
 def _track_step(inputs: dict) -> dict:
     """Features and tracking of the lesion pair (``pair``, a LesionPair): seconds and errors against its truth."""
     from MedDIFTLib.core.io.volumes import Volume
@@ -188,7 +197,8 @@ def _track_step(inputs: dict) -> dict:
                                     pair.baseline)
     start = _timed_start()
     featurizer = create_featurizer("mind", device="cpu")
-    baseline_features, followup_features = featurizer.extract(pair.baseline), featurizer.extract(pair.followup)
+    extract = featurizer.extract_regions if _tracks_around_lesions() else featurizer.extract
+    baseline_features, followup_features = extract(pair.baseline), extract(pair.followup)
     features_s = time.perf_counter() - start[0]
     result = track_lesions(pair.baseline, pair.followup, lesions, baseline_features, followup_features)
     seconds = _elapsed(start)

@@ -13,14 +13,15 @@ pair per seed and motion. Methods, on the same pairs:
   labelmap (:func:`MedDIFTLib.lesions.carry.carry_labelmap`); centre = the carried lesion's centre of mass;
 - ``meddift-carry``: the same with MedDIFT's field (:func:`MedDIFTLib.field.register`, default options,
   MIND features), before refinement;
-- ``meddift-track``: :func:`MedDIFTLib.lesions.track.track_lesions` (the same field; centre = the engine's
-  match; segmentation refined to the follow-up). ``centre (segmentation)`` reports the refined lesion's
-  centre of mass as well.
+- ``meddift-track``: :func:`MedDIFTLib.lesions.track.track_lesions` as ``meddift track`` runs it (default
+  options: its own field around each lesion, MIND features computed only where it reads them; centre = the
+  engine's match; segmentation refined to the follow-up). ``centre (segmentation)`` reports the refined
+  lesion's centre of mass as well.
 
 Per method: centre error mean (mm), hit rate within the lesion radius and within 10 mm, Dice median
 of the follow-up segmentation, volume-change error median (percentage points, against the truth
 labelmaps' change: :func:`MedDIFTLib.evaluation.synthetic_lesions.lesion_metrics`) and seconds per pair
-(the field is shared by both MedDIFT rows and counted in each). Writes
+(``meddift-carry``: features and the whole field; ``meddift-track``: its own features and fields). Writes
 ``benchmarks/results/lesion_tracking.json`` (``markdown``, ``figures`` and the per-lesion ``pairs``). Run::
 
     python benchmarks/lesion_tracking.py --seeds 0 1 --motion breathing dirlab1 --cases elastix pulmonary popi
@@ -97,9 +98,16 @@ def run_pair(case: str, seed: int, count: int, motion_mm: float, motion: str, po
     field_seconds = time.perf_counter() - start
     for method, refine in (("meddift-carry", False), ("meddift-track", True)):
         start = time.perf_counter()
-        result = track_lesions(pair.baseline, pair.followup, lesions, baseline_features, followup_features,
-                               LesionOptions(refine=refine), displacement=field)
-        seconds[method] = field_seconds + time.perf_counter() - start
+        if refine:  # what meddift track runs: its own field around each lesion, features read only there
+            baseline_regions, followup_regions = (featurizer.extract_regions(pair.baseline),
+                                                  featurizer.extract_regions(pair.followup))
+            result = track_lesions(pair.baseline, pair.followup, lesions, baseline_regions, followup_regions,
+                                   LesionOptions())
+            seconds[method] = time.perf_counter() - start
+        else:
+            result = track_lesions(pair.baseline, pair.followup, lesions, baseline_features, followup_features,
+                                   LesionOptions(refine=False), displacement=field)
+            seconds[method] = field_seconds + time.perf_counter() - start
         if refine:
             rows[method] = lesion_metrics(pair, result.followup_labelmap,
                                           np.array([lesion.centre_lps_mm for lesion in result.lesions]))

@@ -62,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "largest_volume_factor")
     add_option(parser, LesionOptions, "seed_radius_mm")
     add_option(parser, LesionOptions, "centre_search_radius_mm")
+    add_option(parser, LesionOptions, "field_margin_mm")
     add_option(parser, LesionOptions, "confidence_threshold", "--lesion-confidence-threshold")
     add_option(parser, SeriesOptions, "route", "--series",
                help="track, rows with several follow-ups: " + describe(SeriesOptions, "route"))

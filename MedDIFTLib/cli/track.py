@@ -60,6 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_option(parser, LesionOptions, "largest_volume_factor")
     add_option(parser, LesionOptions, "seed_radius_mm")
     add_option(parser, LesionOptions, "centre_search_radius_mm")
+    add_option(parser, LesionOptions, "field_margin_mm")
     add_option(parser, LesionOptions, "confidence_threshold")
     add_option(parser, SeriesOptions, "route", SERIES_FLAGS["route"],
                help="several follow-ups: " + describe(SeriesOptions, "route"))
@@ -104,8 +105,9 @@ def _run_pair(args: argparse.Namespace) -> int:
     check_memory_here(estimate_register(followup.geometry, baseline.geometry, field_options, FIELD_FLAGS, "track"))
     featurizer = featurizer_from_args(args, device)
     with ProgressBar(enabled=not args.quiet) as progress, out_of_memory_as_error(device):
-        baseline_features = featurizer.extract(baseline, scaled(progress, 0.0, 0.15)).to(device)
-        followup_features = featurizer.extract(followup, scaled(progress, 0.15, 0.3)).to(device)
+        around_lesions = options.field_margin_mm > 0
+        baseline_features = _features(featurizer, baseline, device, around_lesions, scaled(progress, 0.0, 0.15))
+        followup_features = _features(featurizer, followup, device, around_lesions, scaled(progress, 0.15, 0.3))
         result = track_lesions(baseline, followup, lesions, baseline_features, followup_features, options,
                                field_options, progress=scaled(progress, 0.3, 1.0))
     write_outputs(result, baseline, followup, args.out)
@@ -118,6 +120,15 @@ def _run_pair(args: argparse.Namespace) -> int:
     for path in paths.values():
         print(f"Wrote {path}")
     return 0
+
+
+def _features(featurizer, volume, device, around_lesions: bool, progress):
+    """The volume's feature pyramid on ``device``: computed where tracking reads it (the boxes around the
+    lesions) when the field is computed only there and the backbone offers that on the CPU, else whole."""
+    extract_regions = getattr(featurizer, "extract_regions", None)
+    if around_lesions and device.type == "cpu" and extract_regions is not None:
+        return extract_regions(volume)
+    return featurizer.extract(volume, progress).to(device)
 
 
 def _run_series(args: argparse.Namespace) -> int:

@@ -88,6 +88,31 @@ class Geometry:
         upper = np.asarray(self.shape_ijk) - 1 + margin_voxels
         return np.all((ijk >= -margin_voxels) & (ijk <= upper), axis=1)
 
+    def box(self, lo_ijk, hi_ijk) -> Geometry:
+        """The sub-grid of the voxels ``[lo, hi)`` (ijk; same spacing and direction, voxel ``lo`` its first)."""
+        lo = np.asarray(lo_ijk, int)
+        shape = np.asarray(hi_ijk, int) - lo
+        if np.any(shape < 1):
+            raise ValueError(f"empty box {lo.tolist()} .. {np.asarray(hi_ijk, int).tolist()}")
+        origin = self.ijk_to_lps(lo[None].astype(float))[0]
+        return Geometry.create(shape, self.spacing_mm, origin, self.direction_matrix)
+
+    def covering_box(self, points_lps_mm, margin_voxels: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The voxels ``[lo, hi)`` (ijk) that trilinear reads at ``points_lps_mm`` (N, 3) touch, grown
+        by ``margin_voxels`` each side and clipped to the grid (``hi <= lo`` along an axis the points
+        miss)."""
+        ijk = self.lps_to_ijk(np.atleast_2d(points_lps_mm))
+        lo = np.floor(ijk.min(axis=0)).astype(int) - margin_voxels
+        hi = np.floor(ijk.max(axis=0)).astype(int) + 2 + margin_voxels
+        return np.clip(lo, 0, self.shape_ijk), np.clip(hi, 0, self.shape_ijk)
+
+    def box_corners_lps(self, lo_ijk, hi_ijk) -> np.ndarray:
+        """(8, 3) LPS mm of the corners of the voxel box ``[lo, hi)`` (its outer voxels' centres)."""
+        lo, last = np.asarray(lo_ijk, float), np.asarray(hi_ijk, float) - 1
+        corners = np.array([[(lo, last)[a][0], (lo, last)[b][1], (lo, last)[c][2]]
+                            for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        return self.ijk_to_lps(corners)
+
     def downsampled(self, factor: int | tuple[int, int, int]) -> Geometry:
         """The grid of ``factor``-times average pooling (voxel n covers voxels n*f .. n*f+f-1).
 

@@ -154,6 +154,22 @@ class FeaturePyramid:
         min(incomplete, key=lambda level: level.features[0].numel()).fill_some(voxels)
         return True
 
+    def cropped(self, lo_ijk: np.ndarray, hi_ijk: np.ndarray) -> FeaturePyramid:
+        """The pyramid of the image voxels ``[lo, hi)`` (ijk): each level's voxels that every read inside
+        that box touches (one voxel more each side, within the level), filled there and copied, so the
+        values are the whole volume's; its ``image_geometry`` is the box."""
+        box = self.image_geometry.box(lo_ijk, hi_ijk)
+        corners_lps_mm = self.image_geometry.box_corners_lps(lo_ijk, hi_ijk)
+        levels = []
+        for level in self.levels:
+            level_lo, level_hi = level.geometry.covering_box(corners_lps_mm, margin_voxels=1)
+            level.ensure_boxes(level_lo[None], level_hi[None])
+            window = tuple(slice(int(a), int(b)) for a, b in zip(level_lo[::-1], level_hi[::-1]))
+            features = level.features[(slice(None), *window)].clone()
+            levels.append(replace(level, features=features, geometry=level.geometry.box(level_lo, level_hi),
+                                  filler=None))
+        return FeaturePyramid(levels, box, self.backbone, dict(self.config))
+
     def to(self, device: torch.device | str) -> FeaturePyramid:
         """A copy on ``device`` (filled first: a copy could not be filled any more)."""
         self.fill()

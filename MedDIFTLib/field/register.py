@@ -53,11 +53,13 @@ def register(
     options: FieldOptions | None = None,
     mask: Volume | None = None,
     progress: ProgressFn = no_progress,
+    initial: DisplacementField | None = None,
 ) -> DisplacementField:
     """Dense displacement field (ITK convention, fixed grid, LPS mm) from two feature pyramids.
 
     ``fixed`` (the fixed image) gives the automatic region (:mod:`.region`); ``mask`` (non-zero =
-    inside, any grid) replaces it. Without either, the whole fixed grid is used.
+    inside, any grid) replaces it. Without either, the whole fixed grid is used. ``initial`` (any
+    grid; default identity) is the field the first level searches around.
     """
     options = options or FieldOptions()
     if len(fixed_pyramid.levels) != len(moving_pyramid.levels):
@@ -74,7 +76,7 @@ def register(
     param_grid = cell_grid(geometry, options.optimise_spacing_mm)
     level_count = len(options.levels)
     matching_share = 0.7 if options.optimise_iterations > 0 else 0.95
-    fitted: DisplacementField | None = None
+    fitted = initial
     with torch.no_grad():
         for index, level in enumerate(options.levels):
             report = scaled(progress, matching_share * index / level_count, matching_share * (index + 1) / level_count)
@@ -104,14 +106,14 @@ def register(
             )
             report("fit", 1.0, f"level {index + 1} done")
     if fitted is None:
-        initial = torch.zeros((3, *param_grid.shape_kji))
+        nodes = torch.zeros((3, *param_grid.shape_kji))
     else:
-        initial = resample(fitted.as_tensor(), fitted.geometry, param_grid)
+        nodes = resample(fitted.as_tensor(), fitted.geometry, param_grid)
     if options.optimise_iterations > 0:
-        initial = instance_optimise(
+        nodes = instance_optimise(
             fixed_pyramid,
             moving_pyramid,
-            initial,
+            nodes,
             param_grid,
             region.contains,
             options.optimise_iterations,
@@ -120,7 +122,7 @@ def register(
             break_gradient=options.break_gradient,
         )
     progress("field", 0.98, "dense field on the fixed grid")
-    dense = resample(initial, param_grid, geometry)
+    dense = resample(nodes, param_grid, geometry)
     progress("field", 1.0, "done")
     return DisplacementField.from_tensor(dense, geometry)
 

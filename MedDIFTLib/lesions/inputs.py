@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ..core.errors import BadInputError
 from ..core.io import PointSet, read_points, read_volume
@@ -50,13 +51,21 @@ def label_values(voxels: np.ndarray, what: str) -> np.ndarray:
     return labels
 
 
+def centres_kji(labelmap: np.ndarray, labels: list[int]) -> np.ndarray:
+    """Centre of mass (continuous ``[k, j, i]``, (N, 3)) of each label of ``labelmap`` (``[k, j, i]``
+    int, or bool with label 1), each read inside its bounding box; NaN where a label is absent."""
+    boxes = ndimage.find_objects(labelmap.view(np.int8) if labelmap.dtype == bool else labelmap)
+    centres = np.full((len(labels), 3), np.nan)
+    for n, label in enumerate(labels):
+        box = boxes[label - 1] if 0 < label <= len(boxes) else None
+        if box is not None:
+            centres[n] = np.argwhere(labelmap[box] == label).mean(axis=0) + [s.start for s in box]
+    return centres
+
+
 def centroids_lps_mm(labelmap: np.ndarray, labels: list[int], geometry) -> np.ndarray:
-    """Centre of mass (LPS mm) of each label of ``labelmap`` (``[k, j, i]``)."""
-    centres = []
-    for label in labels:
-        kji = np.argwhere(labelmap == label)
-        centres.append(geometry.ijk_to_lps(kji.mean(axis=0)[::-1][None])[0])
-    return np.asarray(centres, float).reshape(-1, 3)
+    """Centre of mass (LPS mm) of each label of ``labelmap`` (``[k, j, i]``; NaN where absent)."""
+    return geometry.ijk_to_lps(centres_kji(labelmap, labels)[:, ::-1])
 
 
 def touches_border(mask: np.ndarray) -> bool:

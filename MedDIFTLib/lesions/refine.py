@@ -38,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.geometry import Geometry
+from .inputs import centres_kji
 
 SHELL_MM = 3.0
 OPEN_SURFACE_LIMIT = 0.15
@@ -56,11 +57,12 @@ class Refinement:
     open_surface: float
 
 
-def _box(mask: np.ndarray, margin_kji: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of ``mask`` grown by ``margin_kji`` voxels, clipped to the grid."""
-    kji = np.argwhere(mask)
-    low = np.maximum(kji.min(axis=0) - margin_kji, 0)
-    high = np.minimum(kji.max(axis=0) + margin_kji + 1, mask.shape)
+def _box(first_kji: np.ndarray, last_kji: np.ndarray, margin_kji: np.ndarray,
+         shape_kji: tuple[int, ...]) -> tuple[slice, ...]:
+    """The voxels ``first_kji`` .. ``last_kji`` (inclusive) grown by ``margin_kji`` voxels, clipped to a
+    grid of ``shape_kji``."""
+    low = np.maximum(np.asarray(first_kji) - margin_kji, 0)
+    high = np.minimum(np.asarray(last_kji) + margin_kji + 1, shape_kji)
     return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
 
 
@@ -76,7 +78,9 @@ def _within(mask: np.ndarray, distance_mm: float, spacing_kji: np.ndarray) -> np
 def learned_threshold(mask: np.ndarray, image: np.ndarray, geometry: Geometry) -> float:
     """Half-way (HU) between the median inside ``mask`` and the median of a shell around it."""
     spacing = _spacing_kji(geometry)
-    box = _box(mask, np.ceil(2 * SHELL_MM / spacing).astype(int) + 1)
+    extent = ndimage.find_objects(mask.view(np.int8))[0]
+    box = _box([e.start for e in extent], [e.stop - 1 for e in extent], np.ceil(2 * SHELL_MM / spacing).astype(int) + 1,
+               mask.shape)
     inside = mask[box]
     shell = _within(inside, SHELL_MM, spacing) & ~_within(inside, 1.0, spacing)
     if not shell.any():
@@ -128,15 +132,13 @@ def fit_lesion(carried: np.ndarray, image: np.ndarray, geometry: Geometry, thres
         return Refinement(np.zeros_like(carried), threshold_hu, 0.0)
     spacing = _spacing_kji(geometry)
     reach_mm = baseline_radius_mm * largest_volume_factor ** (1.0 / 3.0) + growth_margin_mm
-    centre_kji = np.asarray(ndimage.center_of_mass(carried), float)
+    centre_kji = centres_kji(carried, [1])[0]
     if centre_lps_mm is not None:
         matched_kji = geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]
         if np.linalg.norm((matched_kji - centre_kji) * spacing) <= reach_mm:
             centre_kji = matched_kji
-    seed = np.round(centre_kji).astype(int)
-    point = np.zeros(carried.shape, bool)
-    point[tuple(np.clip(seed, 0, np.asarray(carried.shape) - 1))] = True
-    box = _box(point, np.ceil((reach_mm + SHELL_MM) / spacing).astype(int) + 1)
+    seed = np.clip(np.round(centre_kji).astype(int), 0, np.asarray(carried.shape) - 1)
+    box = _box(seed, seed, np.ceil((reach_mm + SHELL_MM) / spacing).astype(int) + 1, carried.shape)
     low = np.asarray([s.start for s in box])
     offsets = np.stack(np.meshgrid(*[np.arange(s.stop - s.start) for s in box], indexing="ij"), axis=-1)
     distance_mm = np.linalg.norm((offsets - (centre_kji - low)) * spacing, axis=-1)
@@ -170,9 +172,7 @@ def segment_from_seed(image: np.ndarray, geometry: Geometry, seed_lps_mm: np.nda
     spacing = _spacing_kji(geometry)
     seed = np.round(geometry.lps_to_ijk(np.asarray(seed_lps_mm, float)[None])[0][::-1]).astype(int)
     seed = np.clip(seed, 0, np.asarray(image.shape) - 1)
-    point = np.zeros(image.shape, bool)
-    point[tuple(seed)] = True
-    box = _box(point, np.ceil(max_radius_mm / spacing).astype(int) + 1)
+    box = _box(seed, seed, np.ceil(max_radius_mm / spacing).astype(int) + 1, image.shape)
     local_seed = seed - [s.start for s in box]
     offsets = np.stack(np.meshgrid(*[np.arange(s.stop - s.start) for s in box], indexing="ij"), axis=-1)
     sphere = np.linalg.norm((offsets - local_seed) * spacing, axis=-1) <= max_radius_mm

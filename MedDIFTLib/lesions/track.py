@@ -3,7 +3,8 @@
 1. From points only: each lesion is segmented at baseline (:func:`.refine.segment_from_seed`) and
    its centre of mass, not the clicked point, is the centre tracked.
 2. The field with fixed = follow-up and moving = baseline (:func:`MedDIFTLib.field.register`, or a
-   given field) carries the labelmap onto the follow-up grid (:mod:`.carry`).
+   given field) carries the labelmap onto the follow-up grid (:mod:`.carry`). Unless a field is given
+   or ``field_margin_mm`` is 0, it is computed only around each lesion (:mod:`.local_fields`).
 3. Each lesion's baseline centre is matched into the follow-up by the correspondence engine
    (:func:`MedDIFTLib.matching.match_points`), searched around the carried lesion's centre; the
    match carries the confidence and forward-backward distance. An unreliable centre match is not
@@ -26,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from ..core.io.volumes import Volume
 from ..core.options import FieldOptions, LesionOptions, MatchOptions
@@ -37,6 +37,7 @@ from ..grid.displacement_field import DisplacementField
 from ..matching import match_points
 from .carry import carry_labelmap
 from .inputs import Lesions, centroids_lps_mm, touches_border
+from .local_fields import carry_around_lesions
 from .measure import EMPTY, Measurement, change_pct, measure
 from .refine import OPEN_SURFACE_LIMIT, equivalent_radius_mm, fit_lesion, learned_threshold, segment_from_seed
 
@@ -97,12 +98,8 @@ def _baseline_labelmap(lesions: Lesions, baseline: Volume, options: LesionOption
 
 def _centre_priors(carried: np.ndarray, labels: list[int], seeds: np.ndarray, geometry) -> np.ndarray:
     """Where to search each centre: the carried lesion's centre of mass, else the seed's world position."""
-    priors = seeds.copy()
-    present = [label for label in labels if (carried == label).any()]
-    found = ndimage.center_of_mass(np.ones_like(carried), carried, present) if present else []
-    for label, centre_kji in zip(present, found):
-        priors[labels.index(label)] = geometry.ijk_to_lps(np.asarray(centre_kji)[::-1][None])[0]
-    return priors
+    centres = centroids_lps_mm(carried, labels, geometry)
+    return np.where(np.isfinite(centres), centres, seeds)
 
 
 def track_lesions(
@@ -131,14 +128,21 @@ def track_lesions(
     if lesions.from_points and present:
         seeds[[lesions.labels.index(label) for label in present]] = centroids_lps_mm(
             baseline_labelmap, present, baseline.geometry)
-    if displacement is None:
-        displacement = register(followup_pyramid, baseline_pyramid, followup, field_options,
-                                progress=scaled(progress, 0.0, 0.7))
-    seconds["field"] = time.perf_counter() - start
-    mark = time.perf_counter()
-    progress("carry", 0.7, "carrying the labelmap onto the follow-up grid")
-    carried = carry_labelmap(baseline_labelmap, baseline.geometry, present, displacement)
-    seconds["carry"] = time.perf_counter() - mark
+    if displacement is None and options.field_margin_mm > 0:
+        present_seeds = seeds[[lesions.labels.index(label) for label in present]]
+        carried = carry_around_lesions(baseline, followup, baseline_labelmap, present, present_seeds,
+                                       baseline_pyramid, followup_pyramid, field_options, options.field_margin_mm,
+                                       scaled(progress, 0.0, 0.75))
+        seconds["field"] = time.perf_counter() - start
+    else:
+        if displacement is None:
+            displacement = register(followup_pyramid, baseline_pyramid, followup, field_options,
+                                    progress=scaled(progress, 0.0, 0.7))
+        seconds["field"] = time.perf_counter() - start
+        mark = time.perf_counter()
+        progress("carry", 0.7, "carrying the labelmap onto the follow-up grid")
+        carried = carry_labelmap(baseline_labelmap, baseline.geometry, present, displacement)
+        seconds["carry"] = time.perf_counter() - mark
     mark = time.perf_counter()
     priors = _centre_priors(carried, lesions.labels, seeds, geometry)
     matches = match_points(baseline_pyramid, followup_pyramid, seeds, priors,

@@ -259,7 +259,7 @@ def track(state: WorkerState, request: TrackRequest, progress: ProgressFn) -> di
     state.check_memory(estimate_register(followup.geometry, baseline.geometry, settings.field, what="track"))
     lesions = _lesions(state, request, baseline, progress)
     pair = state.pair(settings, request.baseline_id, request.followup_id, device_name(settings.device),
-                      scaled(progress, 0.0, 0.2))
+                      scaled(progress, 0.0, 0.2), regions=request.lesion_options.field_margin_mm > 0)
     result = track_lesions(
         pair.fixed,
         pair.moving,

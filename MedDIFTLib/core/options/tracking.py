@@ -23,6 +23,8 @@ class LesionOptions(Options):
                                          help="a centre match below this confidence is flagged low_confidence")
     centre_search_radius_mm: float = option(15.0, above=0.0, help="the centre is searched this far around "
                                             "where the field carries it, mm")
+    field_margin_mm: float = option(15.0, minimum=0.0, help="the field is computed only around each lesion, this "
+                                    "far beyond it, mm (0: over the whole follow-up)")
 
 
 STATUSES = ("ok", "not_found", "leaves_volume", "merges", "low_confidence", "touches_border", "unsupported_growth")
