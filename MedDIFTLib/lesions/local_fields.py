@@ -68,11 +68,11 @@ def carry_around_lesions(
     centres = match_points(baseline_pyramid, followup_pyramid, seeds_lps_mm, None, search,
                            scaled(progress, 0.0, 0.2)).points_lps_mm
     carried = np.zeros(followup.geometry.shape_kji, np.int32)
-    whole: list[DisplacementField] = []
-    found = ndimage.find_objects(baseline_labelmap)
+    whole_field: DisplacementField | None = None
+    extents = ndimage.find_objects(baseline_labelmap)
     for n, label in enumerate(labels):
         report = scaled(progress, 0.2 + 0.8 * n / len(labels), 0.2 + 0.8 * (n + 1) / len(labels))
-        extent = found[label - 1] if label - 1 < len(found) else None
+        extent = extents[label - 1] if label - 1 < len(extents) else None
         if extent is None:
             continue
         lesion_lo = np.array([s.start for s in extent[::-1]])
@@ -84,11 +84,11 @@ def carry_around_lesions(
         part = _carried_in_box(baseline, followup, baseline_labelmap, label, shift_mm, fixed_lo, fixed_hi,
                                baseline_pyramid, followup_pyramid, field_options, margin_mm, report)
         if part is None:  # the box is refused: the whole follow-up's field, once
-            if not whole:
-                whole.append(register(followup_pyramid, baseline_pyramid, followup, field_options,
-                                      progress=scaled(report, 0.0, 0.9)))
-            part, fixed_lo, fixed_hi = (carry_labelmap(baseline_labelmap, baseline.geometry, [label], whole[0]),
-                                        np.zeros(3, int), np.asarray(followup.geometry.shape_ijk))
+            if whole_field is None:
+                whole_field = register(followup_pyramid, baseline_pyramid, followup, field_options,
+                                       progress=scaled(report, 0.0, 0.9))
+            part = carry_labelmap(baseline_labelmap, baseline.geometry, [label], whole_field)
+            fixed_lo, fixed_hi = np.zeros(3, int), np.asarray(followup.geometry.shape_ijk)
         window = tuple(slice(int(a), int(b)) for a, b in zip(fixed_lo[::-1], fixed_hi[::-1]))
         free = (part == label) & (carried[window] == 0)
         carried[window][free] = label
