@@ -9,7 +9,9 @@ farther than ``margin_mm`` around it, on their crops of the two feature pyramids
 (:meth:`~MedDIFTLib.features.protocol.FeaturePyramid.cropped`: the whole volumes' descriptors, so a
 lazily filled pyramid computes only those boxes), and the lesion is carried through that field
 (:func:`.carry.carry_labelmap`). A box the registration refuses (e.g. too little of it inside the
-automatic region) falls back to the field over the whole follow-up, computed once.
+automatic region), or a lesion whose centre the engine does not find reliably (e.g. one that left the
+follow-up's field of view, where the best candidate inside it is no match), falls back to the field over
+the whole follow-up, computed once.
 """
 
 from __future__ import annotations
@@ -65,8 +67,7 @@ def carry_around_lesions(
     field_options = field_options or FieldOptions()
     search = MatchOptions(search_radius_mm=field_options.levels[0].search_radius_mm) if field_options.levels \
         else MatchOptions()
-    centres = match_points(baseline_pyramid, followup_pyramid, seeds_lps_mm, None, search,
-                           scaled(progress, 0.0, 0.2)).points_lps_mm
+    centres = match_points(baseline_pyramid, followup_pyramid, seeds_lps_mm, None, search, scaled(progress, 0.0, 0.2))
     carried = np.zeros(followup.geometry.shape_kji, np.int32)
     whole_field: DisplacementField | None = None
     extents = ndimage.find_objects(baseline_labelmap)
@@ -77,13 +78,15 @@ def carry_around_lesions(
             continue
         lesion_lo = np.array([s.start for s in extent[::-1]])
         lesion_hi = np.array([s.stop for s in extent[::-1]])
-        shift_mm = centres[n] - seeds_lps_mm[n]  # baseline -> follow-up
+        shift_mm = centres.points_lps_mm[n] - seeds_lps_mm[n]  # baseline -> follow-up
         lesion_lps = baseline.geometry.box_corners_lps(lesion_lo, lesion_hi) + shift_mm
         fixed_lo, fixed_hi = _voxel_box(followup.geometry, lesion_lps, margin_mm)
         report("field", 0.0, f"lesion {label}: field around it")
-        part = _carried_in_box(baseline, followup, baseline_labelmap, label, shift_mm, fixed_lo, fixed_hi,
-                               baseline_pyramid, followup_pyramid, field_options, margin_mm, report)
-        if part is None:  # the box is refused: the whole follow-up's field, once
+        part = None
+        if centres.reliable[n]:
+            part = _carried_in_box(baseline, followup, baseline_labelmap, label, shift_mm, fixed_lo, fixed_hi,
+                                   baseline_pyramid, followup_pyramid, field_options, margin_mm, report)
+        if part is None:  # no reliable centre, or the box is refused: the whole follow-up's field, once
             if whole_field is None:
                 whole_field = register(followup_pyramid, baseline_pyramid, followup, field_options,
                                        progress=scaled(report, 0.0, 0.9))
