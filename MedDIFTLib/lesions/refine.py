@@ -137,8 +137,9 @@ def fit_lesion(carried: np.ndarray, image: np.ndarray, geometry: Geometry, thres
         matched_kji = geometry.lps_to_ijk(np.asarray(centre_lps_mm, float)[None])[0][::-1]
         if np.linalg.norm((matched_kji - centre_kji) * spacing) <= reach_mm:
             centre_kji = matched_kji
-    seed = np.clip(np.round(centre_kji).astype(int), 0, np.asarray(carried.shape) - 1)
-    box = _box(seed, seed, np.ceil((reach_mm + SHELL_MM) / spacing).astype(int) + 1, carried.shape)
+    seed = np.round(centre_kji).astype(int)
+    seed_in_grid = np.clip(seed, 0, np.asarray(carried.shape) - 1)
+    box = _box(seed_in_grid, seed_in_grid, np.ceil((reach_mm + SHELL_MM) / spacing).astype(int) + 1, carried.shape)
     low = np.asarray([s.start for s in box])
     offsets = np.stack(np.meshgrid(*[np.arange(s.stop - s.start) for s in box], indexing="ij"), axis=-1)
     distance_mm = np.linalg.norm((offsets - (centre_kji - low)) * spacing, axis=-1)
