@@ -125,8 +125,10 @@ def _run_pair(args: argparse.Namespace) -> int:
 def _features(featurizer, volume, device, around_lesions: bool, progress):
     """The volume's feature pyramid on ``device``: computed where tracking reads it (the boxes around the
     lesions) when the field is computed only there and the backbone offers that on the CPU, else whole."""
-    extract_regions = getattr(featurizer, "extract_regions", None)
-    if around_lesions and device.type == "cpu" and extract_regions is not None:
+    from ..features.protocol import region_extractor
+
+    extract_regions = region_extractor(featurizer, device) if around_lesions else None
+    if extract_regions is not None:
         return extract_regions(volume)
     return featurizer.extract(volume, progress).to(device)
 

@@ -22,6 +22,11 @@ FINEST_WORKING_MM = 1.25
 (thick slices): a full-resolution CT of 2 mm slices is not doubled in memory."""
 
 
+def box_slices(lo_ijk, hi_ijk) -> tuple[slice, slice, slice]:
+    """The ``[k, j, i]`` array slices of the voxel box ``[lo, hi)`` given in ``ijk``."""
+    return tuple(slice(int(a), int(b)) for a, b in zip(np.asarray(lo_ijk)[::-1], np.asarray(hi_ijk)[::-1]))
+
+
 @dataclass(frozen=True)
 class Geometry:
     shape_ijk: tuple[int, int, int]

@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.errors import BadInputError
-from ..core.geometry import Geometry
+from ..core.geometry import Geometry, box_slices
 from ..core.io.volumes import Volume
 from ..core.options import SeriesOptions, SimulationOptions
 from ..lesions.measure import measure
@@ -74,7 +74,7 @@ def _box_around(geometry: Geometry, centre_lps_mm: np.ndarray, half_mm: float) -
     half = np.ceil(half_mm / np.asarray(geometry.spacing_mm)) + 1
     low = np.maximum(np.floor(ijk - half), 0).astype(int)
     high = np.minimum(np.ceil(ijk + half) + 1, geometry.shape_ijk).astype(int)
-    return tuple(slice(int(a), int(b)) for a, b in zip(low[::-1], high[::-1]))
+    return box_slices(low, high)
 
 
 def nodule_sites(ct: Volume, count: int, radius_mm: tuple[float, float], largest_factor: float,

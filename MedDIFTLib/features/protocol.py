@@ -13,13 +13,14 @@ which fill what they read and no more: :meth:`FeatureLevel.values` (the whole le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..core.geometry import Geometry
+from ..core.geometry import Geometry, box_slices
 from ..core.io.volumes import Volume
 from ..core.progress import ProgressFn, no_progress
 from ..grid.sampling import sample_stored, windows
@@ -164,8 +165,7 @@ class FeaturePyramid:
         for level in self.levels:
             level_lo, level_hi = level.geometry.covering_box(corners_lps_mm, margin_voxels=1)
             level.ensure_boxes(level_lo[None], level_hi[None])
-            window = tuple(slice(int(a), int(b)) for a, b in zip(level_lo[::-1], level_hi[::-1]))
-            features = level.features[(slice(None), *window)].clone()
+            features = level.features[(slice(None), *box_slices(level_lo, level_hi))].clone()
             levels.append(replace(level, features=features, geometry=level.geometry.box(level_lo, level_hi),
                                   filler=None))
         return FeaturePyramid(levels, box, self.backbone, dict(self.config))
@@ -192,3 +192,10 @@ class Featurizer(Protocol):
     def config(self) -> dict[str, Any]: ...
 
     def extract(self, volume: Volume, progress: ProgressFn = no_progress) -> FeaturePyramid: ...
+
+
+def region_extractor(featurizer: Featurizer, device: torch.device | str) -> Callable[[Volume], FeaturePyramid] | None:
+    """The featurizer's ``extract_regions`` (a pyramid computed where it is read) when it offers one and
+    runs on the CPU; None otherwise (extract the whole volume)."""
+    extract_regions = getattr(featurizer, "extract_regions", None)
+    return extract_regions if torch.device(device).type == "cpu" else None

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.errors import BadInputError
-from ..core.geometry import Geometry
+from ..core.geometry import Geometry, box_slices
 from ..core.io.volumes import Volume
 from ..core.options import FieldOptions, MatchOptions
 from ..core.progress import ProgressFn, no_progress, scaled
@@ -76,23 +76,21 @@ def carry_around_lesions(
         extent = extents[label - 1] if label - 1 < len(extents) else None
         if extent is None:
             continue
-        lesion_lo = np.array([s.start for s in extent[::-1]])
-        lesion_hi = np.array([s.stop for s in extent[::-1]])
-        shift_mm = centres.points_lps_mm[n] - seeds_lps_mm[n]  # baseline -> follow-up
-        lesion_lps = baseline.geometry.box_corners_lps(lesion_lo, lesion_hi) + shift_mm
-        fixed_lo, fixed_hi = _voxel_box(followup.geometry, lesion_lps, margin_mm)
         report("field", 0.0, f"lesion {label}: field around it")
-        part = None
+        carried_part = None
         if centres.reliable[n]:
-            part = _carried_in_box(baseline, followup, baseline_labelmap, label, shift_mm, fixed_lo, fixed_hi,
-                                   baseline_pyramid, followup_pyramid, field_options, margin_mm, report)
-        if part is None:  # no reliable centre, or the box is refused: the whole follow-up's field, once
+            lesion_lps = baseline.geometry.box_corners_lps([s.start for s in extent[::-1]],
+                                                           [s.stop for s in extent[::-1]])
+            shift_mm = centres.points_lps_mm[n] - seeds_lps_mm[n]  # baseline -> follow-up
+            carried_part = _carried_in_box(baseline, followup, baseline_labelmap, label, lesion_lps, shift_mm,
+                                           baseline_pyramid, followup_pyramid, field_options, margin_mm, report)
+        if carried_part is None:  # no reliable centre, or the box is refused: the whole follow-up's field, once
             if whole_field is None:
                 whole_field = register(followup_pyramid, baseline_pyramid, followup, field_options,
                                        progress=scaled(report, 0.0, 0.9))
-            part = carry_labelmap(baseline_labelmap, baseline.geometry, [label], whole_field)
-            fixed_lo, fixed_hi = np.zeros(3, int), np.asarray(followup.geometry.shape_ijk)
-        window = tuple(slice(int(a), int(b)) for a, b in zip(fixed_lo[::-1], fixed_hi[::-1]))
+            carried_part = (carry_labelmap(baseline_labelmap, baseline.geometry, [label], whole_field),
+                            box_slices(np.zeros(3, int), followup.geometry.shape_ijk))
+        part, window = carried_part
         free = (part == label) & (carried[window] == 0)
         carried[window][free] = label
     return carried
@@ -103,24 +101,26 @@ def _carried_in_box(
     followup: Volume,
     baseline_labelmap: np.ndarray,
     label: int,
+    lesion_lps_mm: np.ndarray,
     shift_mm: np.ndarray,
-    fixed_lo: np.ndarray,
-    fixed_hi: np.ndarray,
     baseline_pyramid: FeaturePyramid,
     followup_pyramid: FeaturePyramid,
     field_options: FieldOptions,
     margin_mm: float,
     progress: ProgressFn,
-) -> np.ndarray | None:
-    """``label`` carried onto the follow-up voxels ``[fixed_lo, fixed_hi)`` (ijk) by the field registered
-    there (``[k, j, i]`` of that box); None when the box is too thin or the registration refuses it."""
+) -> tuple[np.ndarray, tuple[slice, slice, slice]] | None:
+    """``label`` (its baseline box's corners ``lesion_lps_mm``, moved by ``shift_mm`` into the follow-up)
+    carried onto the follow-up box around it by the field registered there: that box's ``[k, j, i]``
+    labels and its slices of the follow-up grid; None when the box is too thin or the registration
+    refuses it."""
+    fixed_lo, fixed_hi = _voxel_box(followup.geometry, lesion_lps_mm + shift_mm, margin_mm)
     if np.any(fixed_hi - fixed_lo < 2):
         return None
     fixed_corners = followup.geometry.box_corners_lps(fixed_lo, fixed_hi)
     moving_lo, moving_hi = _voxel_box(baseline.geometry, fixed_corners - shift_mm, margin_mm)
     if np.any(moving_hi - moving_lo < 2):
         return None
-    window = tuple(slice(int(a), int(b)) for a, b in zip(fixed_lo[::-1], fixed_hi[::-1]))
+    window = box_slices(fixed_lo, fixed_hi)
     fixed_box = followup.geometry.box(fixed_lo, fixed_hi)
     fixed = Volume(np.ascontiguousarray(followup.voxels[window]), fixed_box, followup.name)
     centre_shift = DisplacementField(np.broadcast_to(-shift_mm, (*fixed_box.shape_kji, 3)).copy(), fixed_box)
@@ -131,4 +131,4 @@ def _carried_in_box(
     except BadInputError:
         return None
     progress("carry", 0.9, f"lesion {label}: carrying it")
-    return carry_labelmap(baseline_labelmap, baseline.geometry, [label], field)
+    return carry_labelmap(baseline_labelmap, baseline.geometry, [label], field), window

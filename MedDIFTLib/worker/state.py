@@ -23,6 +23,7 @@ from ..core.io import Volume, read_volume
 from ..core.options import RunSettings
 from ..core.progress import ProgressFn
 from ..features import FeaturePyramid, Featurizer, create_featurizer
+from ..features.protocol import region_extractor
 from ..features.registry import RUN_OPTIONS
 from ..grid.displacement_field import DisplacementField
 from .cache import CacheKey, FeatureCache
@@ -192,9 +193,9 @@ class WorkerState:
                 return Features(pyramid, key, True, 0.0)
             pyramid.fill(report)
             return Features(pyramid, key, False, time.perf_counter() - started)
-        extract_regions = getattr(featurizer, "extract_regions", None)
+        extract_regions = region_extractor(featurizer, device) if regions else None
         what = f"{prefix}{featurizer.name} features of {volume.name or 'volume'}"
-        if regions and device == "cpu" and extract_regions is not None:
+        if extract_regions is not None:
             progress("features", 0.0, f"{what}, computed where the search reads them")
             pyramid = extract_regions(volume)
         else:
